@@ -1,0 +1,82 @@
+"""Command line: `python -m tinysam_export {export,fixtures} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import CONFIGS
+from .images import ImageError
+from .quantize import QuantOptions
+from .validate import FidelityError
+from .weights import CheckpointError
+
+log = logging.getLogger("tinysam_export")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tinysam_export", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="checkpoint or synthetic weights -> FP32 + INT8 ONNX, fidelity, manifest")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="tinysam.pth, tinysam_42.3.pth or mobile_sam.pt")
+    src.add_argument("--synthetic", action="store_true", help="deterministic random weights (not a trained model)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompt sampling")
+    e.add_argument("--config", choices=sorted(CONFIGS), default="full", help="full TinySAM or the reduced test size")
+    e.add_argument("--out", type=Path, required=True, help="output model directory")
+    e.add_argument("--int8-only", action="store_true", help="drop the FP32 files after quantizing")
+    e.add_argument("--decoder", choices=["auto", "int8", "fp32"], default="auto", help="shipped decoder precision")
+    e.add_argument("--per-channel", action="store_true", help="per-channel weight scales (slower in tract)")
+    e.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="percentile",
+                   help="encoder activation-range method (the decoder always uses min/max)")
+    e.add_argument("--int8-stem", action="store_true", help="quantize the encoder stem too (lower fidelity)")
+    e.add_argument("--calibration-image", type=Path, action="append", default=[], help="extra calibration photo")
+
+    f = sub.add_parser("fixtures", help="write the test-size models and golden tensors for the Rust tests")
+    f.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "tests" / "fixtures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "export":
+            from .build import BuildRequest, build
+
+            manifest = build(
+                BuildRequest(
+                    cfg=CONFIGS[args.config],
+                    out_dir=args.out,
+                    checkpoint=args.checkpoint,
+                    seed=args.seed,
+                    quant=QuantOptions(
+                        per_channel=args.per_channel,
+                        encoder_calibration=args.calibration,
+                        float_stem=not args.int8_stem,
+                    ),
+                    keep_fp32=not args.int8_only,
+                    decoder_precision=args.decoder,
+                    extra_calibration=tuple(args.calibration_image),
+                )
+            )
+            print(json.dumps(manifest["fidelity"], indent=2))
+        elif args.command == "fixtures":
+            from .fixtures import write_fixtures
+
+            write_fixtures(args.out)
+    except (CheckpointError, ImageError, FidelityError) as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

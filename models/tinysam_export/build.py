@@ -1,0 +1,183 @@
+"""One model directory end to end: weights -> FP32 ONNX -> INT8 ONNX -> fidelity -> manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .config import ModelConfig
+from .export import DEFAULT_OPSET, export_decoder, export_encoder, io_spec
+from .images import Photo, calibration_set, evaluation_set, sampled_prompts
+from .quantize import QuantOptions, integer_mac_share, quantize
+from .validate import MIN_MEAN_MASK_IOU, OnnxPipeline, check_fidelity, fidelity_report
+from .weights import file_sha256, load_checkpoint, synthetic_model
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+"""Version of manifest.json's layout; the Rust loader refuses others."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build and where."""
+
+    cfg: ModelConfig
+    out_dir: Path
+    checkpoint: Path | None = None
+    seed: int = 0
+    opset: int = DEFAULT_OPSET
+    quant: QuantOptions = QuantOptions()
+    keep_fp32: bool = True
+    decoder_precision: str = "auto"  # "int8", "fp32" or "auto" (int8 where fidelity holds)
+    calibration_prompts: int = 24
+    extra_calibration: tuple[Path, ...] = ()
+    enforce_fidelity: bool = True
+    use_shared_images: bool = True  # False: scikit-image photos only, reproducible anywhere
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def encoder_feeds(cfg: ModelConfig, photos: list[Photo]) -> Iterator[dict[str, np.ndarray]]:
+    """Calibration inputs of the encoder."""
+    from .preprocess import preprocess
+
+    for photo in tqdm(photos, desc="calibrate encoder", leave=False):
+        yield {"image": preprocess(photo.rgb, cfg)}
+
+
+def decoder_feeds(pipe: OnnxPipeline, photos: list[Photo], count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Calibration inputs of the decoder: prompts sampled on each photo, batched by point count,
+    plus one refinement step that feeds a predicted mask back as mask input."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for photo in tqdm(photos, desc="embed calibration photos", leave=False):
+        hw = photo.rgb.shape[:2]
+        emb = pipe.embed(photo.rgb)
+        prompts = sampled_prompts(hw[0], hw[1], rng, count)
+        by_n: dict[int, list] = {}
+        for p in prompts:
+            by_n.setdefault(len(p.labels), []).append(p)
+        for group in by_n.values():
+            feeds.append(pipe.decoder_feeds(emb, group, hw))
+        masks, iou = pipe.decode(emb, prompts[:1], hw)
+        best = masks[0, int(np.argmax(iou[0]))]
+        feeds.append(pipe.decoder_feeds(emb, prompts[:1], hw, mask=best))
+    return feeds
+
+
+def build(req: BuildRequest) -> dict:
+    """Build the model directory described by `req`; returns the manifest it wrote."""
+    started = time.monotonic()
+    out = req.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = req.cfg
+    if req.checkpoint is not None:
+        model = load_checkpoint(cfg, req.checkpoint)
+        weights = {"kind": "checkpoint", "file": req.checkpoint.name, "sha256": file_sha256(req.checkpoint)}
+    else:
+        log.info("building %s with synthetic weights (seed %d)", cfg.name, req.seed)
+        model = synthetic_model(cfg, req.seed)
+        weights = {
+            "kind": "synthetic",
+            "seed": req.seed,
+            "note": "deterministic random weights of the exact architecture: not a trained model",
+        }
+    paths = {
+        ("encoder", "fp32"): out / "encoder.fp32.onnx",
+        ("decoder", "fp32"): out / "decoder.fp32.onnx",
+        ("encoder", "int8"): out / "encoder.int8.onnx",
+        ("decoder", "int8"): out / "decoder.int8.onnx",
+    }
+    log.info("exporting FP32 graphs")
+    export_encoder(model, paths["encoder", "fp32"], req.opset)
+    export_decoder(model, paths["decoder", "fp32"], req.opset)
+    del model
+
+    calib = calibration_set(list(req.extra_calibration), req.use_shared_images)
+    log.info("quantizing on %d calibration photos: %s", len(calib), ", ".join(p.name for p in calib))
+    quantize(paths["encoder", "fp32"], paths["encoder", "int8"], encoder_feeds(cfg, calib), req.quant, req.quant.encoder_calibration)
+    fp32_pipe = OnnxPipeline.load(cfg, paths["encoder", "fp32"], paths["decoder", "fp32"])
+    dec_feeds = decoder_feeds(fp32_pipe, calib, req.calibration_prompts, req.seed)
+    quantize(
+        paths["decoder", "fp32"], paths["decoder", "int8"], tqdm(dec_feeds, desc="calibrate decoder", leave=False), req.quant,
+        req.quant.decoder_calibration,
+    )
+
+    log.info("measuring INT8 fidelity")
+    report = fidelity_report(
+        cfg,
+        (paths["encoder", "fp32"], paths["decoder", "fp32"]),
+        (paths["encoder", "int8"], paths["decoder", "int8"]),
+        evaluation_set(req.use_shared_images),
+    )
+    decoder_precision = req.decoder_precision
+    if decoder_precision == "auto":
+        s = report["summary"]
+        both = s["int8_encoder_int8_decoder"]["mean_mask_iou"]
+        enc_only = s["int8_encoder_fp32_decoder"]["mean_mask_iou"]
+        # The decoder is cheap next to the encoder at batch 1; keep it INT8 only if it costs
+        # at most 2 points of mask IoU.
+        decoder_precision = "int8" if both >= MIN_MEAN_MASK_IOU and enc_only - both <= 0.02 else "fp32"
+    report["chosen"] = {"encoder": "int8", "decoder": decoder_precision}
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    if req.enforce_fidelity:
+        check_fidelity(report, decoder_precision)
+
+    files = []
+    for (role, precision), path in paths.items():
+        shipped = req.keep_fp32 or precision == "int8" or (role == "decoder" and decoder_precision == "fp32")
+        if not shipped:
+            path.unlink()
+            continue
+        entry = {"role": role, "precision": precision, "path": path.name, "sha256": file_sha256(path)}
+        entry.update(io_spec(path))
+        if precision == "int8":
+            entry["mac_share"] = integer_mac_share(path)
+        files.append(entry)
+    quantization = req.quant.to_dict()
+    quantization["calibration_images"] = [p.name for p in calib]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model": cfg.name,
+        "config": cfg.to_dict(),
+        "weights": weights,
+        "preprocess": {
+            "input": "RGB, resized so the longest side is image_size (bilinear, antialiased), "
+            "normalised (x - mean) / std per channel, zero-padded bottom/right to image_size^2, NCHW float32",
+            "image_size": cfg.image_size,
+            "pixel_mean": list(cfg.pixel_mean),
+            "pixel_std": list(cfg.pixel_std),
+        },
+        "prompt": {
+            "coords": "model-input pixels (x, y) after the resize, before padding",
+            "labels": {"foreground": 1, "background": 0, "box_top_left": 2, "box_bottom_right": 3, "padding": -1},
+            "mask_input_size": cfg.low_res_mask_size,
+        },
+        "default": {"encoder": "int8", "decoder": decoder_precision},
+        "files": files,
+        "quantization": quantization,
+        "fidelity": report["summary"],
+        "opset": req.opset,
+        "tool": {"name": "tinysam_export", "version": __version__, "git_commit": _git_commit()},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("wrote %s in %.0f s", out, time.monotonic() - started)
+    return manifest

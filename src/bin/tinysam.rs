@@ -1,0 +1,263 @@
+//! `tinysam`: segment images from the command line, inspect models, benchmark.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tinysam_edge::model::{self, kernels, PrecisionChoice, Precision, Role};
+use tinysam_edge::overlay;
+use tinysam_edge::postprocess::MaskSummary;
+use tinysam_edge::prompt::{BoxPrompt, Prompt, PromptPoint};
+use tinysam_edge::segmenter::{MaskSelection, Segmenter};
+
+#[derive(Parser)]
+#[command(name = "tinysam", version, about = "TinySAM promptable segmentation on the CPU (tract, INT8)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model directory with manifest.json (default: $TINYSAM_MODEL, ./models/default, ...).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Encoder precision (default: the manifest's).
+    #[arg(long)]
+    encoder: Option<Precision>,
+    /// Decoder precision (default: the manifest's).
+    #[arg(long)]
+    decoder: Option<Precision>,
+    /// Threads for tract's matrix products.
+    #[arg(long, default_value_t = default_threads())]
+    threads: usize,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl ModelArgs {
+    fn dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(model::default_model_dir)
+    }
+
+    fn load(&self) -> anyhow::Result<Segmenter> {
+        model::set_threads(self.threads);
+        let dir = self.dir();
+        let choice = PrecisionChoice { encoder: self.encoder, decoder: self.decoder };
+        Segmenter::load(&dir, choice).with_context(|| format!("loading model directory {}", dir.display()))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Segment an image with point and box prompts; writes PNG masks, an overlay and JSON.
+    Segment(SegmentArgs),
+    /// Print a model's manifest summary, the CPU's ISA and the kernels tract chose.
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct SegmentArgs {
+    /// Image file (PNG or JPEG).
+    image: PathBuf,
+    /// A point prompt `x,y` or `x,y,label` (label 1 foreground, 0 background); repeat for more
+    /// points in the same prompt.
+    #[arg(long = "point")]
+    points: Vec<PromptPoint>,
+    /// A box prompt `x0,y0,x1,y1`; repeat for several objects (each box is its own prompt,
+    /// points join the first box).
+    #[arg(long = "box")]
+    boxes: Vec<BoxPrompt>,
+    /// Return all 3 masks per prompt instead of the best one.
+    #[arg(long)]
+    all_masks: bool,
+    /// Output prefix: writes PREFIX.json, PREFIX.overlay.png, PREFIX.mask-N.png.
+    #[arg(long, default_value = "out/segment")]
+    out: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// List every compute node with its kernel and MACs.
+    #[arg(long)]
+    nodes: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Serialize)]
+struct SegmentReport<'a> {
+    image: &'a Path,
+    width: u32,
+    height: u32,
+    model: &'a str,
+    encoder_ms: f64,
+    decoder_ms: f64,
+    prompts: Vec<PromptReport>,
+}
+
+#[derive(Serialize)]
+struct PromptReport {
+    prompt: usize,
+    error: Option<String>,
+    masks: Vec<MaskSummary>,
+}
+
+fn prompts_from(args: &SegmentArgs) -> Vec<Prompt> {
+    if args.boxes.is_empty() {
+        if args.points.is_empty() {
+            return Vec::new();
+        }
+        return vec![Prompt { points: args.points.clone(), ..Prompt::default() }];
+    }
+    args.boxes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Prompt {
+            points: if i == 0 { args.points.clone() } else { Vec::new() },
+            bbox: Some(*b),
+            mask_input: None,
+        })
+        .collect()
+}
+
+fn segment(args: SegmentArgs) -> anyhow::Result<()> {
+    let prompts = prompts_from(&args);
+    if prompts.is_empty() {
+        bail!("give at least one --point or --box");
+    }
+    let frame = image::open(&args.image)
+        .with_context(|| format!("reading image {}", args.image.display()))?
+        .to_rgb8();
+    let mut seg = args.model.load()?;
+    let t0 = Instant::now();
+    let embedding = seg.embed(&frame)?;
+    let encoder_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let selection = if args.all_masks { MaskSelection::All } else { MaskSelection::Best };
+    let t1 = Instant::now();
+    let outcomes = seg.segment(&embedding, &prompts, selection)?;
+    let decoder_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let prefix = args.out.to_string_lossy().to_string();
+    let mut overlay_img = frame.clone();
+    let mut drawn = Vec::new();
+    let mut reports = Vec::new();
+    let mut mask_no = 0;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            Ok(masks) => {
+                for m in masks {
+                    let path = format!("{prefix}.mask-{mask_no}.png");
+                    let png = image::GrayImage::from_raw(m.mask.width, m.mask.height, m.mask.data.iter().map(|v| v * 255).collect())
+                        .context("mask buffer size")?;
+                    png.save(&path).with_context(|| format!("writing {path}"))?;
+                    mask_no += 1;
+                    drawn.push(&m.mask);
+                }
+                reports.push(PromptReport { prompt: i, error: None, masks: masks.iter().map(MaskSummary::from).collect() });
+            }
+            Err(e) => {
+                eprintln!("prompt {i}: {e}");
+                reports.push(PromptReport { prompt: i, error: Some(e.to_string()), masks: Vec::new() });
+            }
+        }
+    }
+    overlay::draw_masks(&mut overlay_img, &drawn);
+    overlay::draw_prompts(&mut overlay_img, &prompts);
+    let overlay_path = format!("{prefix}.overlay.png");
+    overlay_img.save(&overlay_path).with_context(|| format!("writing {overlay_path}"))?;
+    let report = SegmentReport {
+        image: &args.image,
+        width: frame.width(),
+        height: frame.height(),
+        model: &seg.model.manifest.model,
+        encoder_ms,
+        decoder_ms,
+        prompts: reports,
+    };
+    let json_path = format!("{prefix}.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {json_path}"))?;
+    for r in &report.prompts {
+        for m in &r.masks {
+            println!(
+                "prompt {} mask {}: score {:.3} stability {:.3} area {} bbox {:?}",
+                r.prompt, m.index, m.score, m.stability, m.area, m.bbox
+            );
+        }
+    }
+    println!("encoder {encoder_ms:.1} ms, decoder {decoder_ms:.1} ms; wrote {json_path}, {overlay_path} and {mask_no} mask PNG(s)");
+    if report.prompts.iter().all(|r| r.error.is_some()) {
+        bail!("every prompt was refused");
+    }
+    Ok(())
+}
+
+fn info(args: InfoArgs) -> anyhow::Result<()> {
+    let seg = args.model.load()?;
+    let m = &seg.model;
+    let enc = kernels::analyse(m.encoder.model())?;
+    let dec_plan = m.decoder.model_for(1, 2)?;
+    let dec = kernels::analyse(dec_plan.model())?;
+    if args.json {
+        let v = serde_json::json!({
+            "dir": m.dir,
+            "model": m.manifest.model,
+            "weights": m.manifest.weights,
+            "isa": model::native_isa(),
+            "encoder": {"file": m.encoder.path, "precision": m.encoder.precision, "kernels": enc},
+            "decoder": {"file": m.decoder.path, "precision": m.decoder.precision, "kernels": dec},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model      {} ({})", m.manifest.model, m.dir.display());
+    println!("weights    {}", m.manifest.weights);
+    println!("input      {0}x{0}, embedding {1:?}", m.manifest.config.image_size, m.encoder.output_shape);
+    println!("available  encoder {:?}, decoder {:?}", m.manifest.precisions(Role::Encoder), m.manifest.precisions(Role::Decoder));
+    println!("cpu isa    {}", model::native_isa());
+    for (name, precision, rep) in [("encoder", m.encoder.precision, &enc), ("decoder", m.decoder.precision, &dec)] {
+        println!(
+            "{name:<10} {precision}: {:.2} GMAC, {:.1}% in integer kernels",
+            (rep.integer_macs + rep.float_macs) as f64 / 1e9,
+            rep.integer_share() * 100.0
+        );
+        for (kernel, macs) in rep.kernel_totals() {
+            println!("    {:>8.3} GMAC  {kernel}", macs as f64 / 1e9);
+        }
+        if args.nodes {
+            for n in &rep.nodes {
+                println!("    {:>12} MAC  {:<10} {:<28} {}", n.macs, n.accumulator, n.kernel, n.node);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Segment(a) => segment(a),
+        Command::Info(a) => info(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

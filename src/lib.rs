@@ -1,0 +1,76 @@
+//! tinysam-edge: promptable segmentation with INT8 TinySAM through tract, for robots.
+//!
+//! The flow is `RgbImage -> ImageTensor -> Embedding (+ Prompt) -> MaskLogits -> Mask`:
+//! [`preprocess`] turns a frame into the encoder's input, [`model`] runs the encoder once per frame
+//! and the decoder per batch of prompts, [`postprocess`] turns low-resolution logits into masks at
+//! the frame's size with scores, boxes and COCO RLE. [`segmenter::Segmenter`] ties them together.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod model;
+pub mod overlay;
+pub mod postprocess;
+pub mod preprocess;
+pub mod prompt;
+pub mod segmenter;
+
+use std::path::PathBuf;
+
+/// Everything the library can fail with; each variant names what it was working on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model directory or one of its files could not be read.
+    #[error("reading {path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `manifest.json` is malformed or describes something this build cannot run.
+    #[error("model manifest {path} is invalid: {reason}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An ONNX file does not match what its manifest promises.
+    #[error("model file {path} does not match its manifest: {reason}")]
+    ModelMismatch {
+        /// The ONNX file.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+    /// tract could not load or optimise a model file.
+    #[error("loading the {stage} model {path}")]
+    ModelLoad {
+        /// "encoder" or "decoder".
+        stage: &'static str,
+        /// The ONNX file.
+        path: PathBuf,
+        /// tract's error chain.
+        #[source]
+        source: anyhow::Error,
+    },
+    /// tract failed while running a model.
+    #[error("running the {stage} model")]
+    Inference {
+        /// "encoder" or "decoder".
+        stage: &'static str,
+        /// tract's error chain.
+        #[source]
+        source: anyhow::Error,
+    },
+    /// An input image that cannot be segmented.
+    #[error("invalid image: {0}")]
+    Image(String),
+    /// A prompt that is out of bounds or malformed.
+    #[error(transparent)]
+    Prompt(#[from] prompt::PromptError),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,73 @@
+//! The image encoder: one normalised, padded image tensor in, one embedding out.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use super::manifest::{Manifest, Precision, Role};
+use super::{parse_onnx, stage_name};
+use crate::preprocess::ImageTensor;
+use crate::{Error, Result};
+
+/// An image embedding (1, D, e, e) with the geometry of the frame it came from.
+#[derive(Clone)]
+pub struct Embedding {
+    /// The encoder output.
+    pub tensor: Arc<Tensor>,
+    /// Frame and model sizes, for prompt and mask transforms.
+    pub geometry: crate::preprocess::Geometry,
+}
+
+/// An optimised, runnable encoder plan.
+pub struct Encoder {
+    plan: Arc<TypedRunnableModel>,
+    /// The ONNX file.
+    pub path: PathBuf,
+    /// Its precision.
+    pub precision: Precision,
+    /// Encoder input side.
+    pub image_size: usize,
+    /// Embedding shape (1, D, e, e).
+    pub output_shape: [usize; 4],
+}
+
+impl Encoder {
+    /// Load and optimise the encoder of `manifest` at `precision`.
+    pub fn load(dir: &Path, manifest: &Manifest, precision: Precision) -> Result<Encoder> {
+        let stage = stage_name(Role::Encoder);
+        let (path, mut model) = parse_onnx(dir, manifest, Role::Encoder, precision)?;
+        let s = manifest.config.image_size;
+        let load_err = |source| Error::ModelLoad { stage, path: path.clone(), source };
+        model.set_input_fact(0, f32::fact([1, 3, s, s]).into()).map_err(load_err)?;
+        let typed = model.into_optimized().map_err(load_err)?;
+        let e = manifest.config.embedding_size();
+        let d = manifest.config.prompt_embed_dim;
+        let out_fact = typed.output_fact(0).map_err(load_err)?;
+        let expected = [1, d, e, e];
+        if out_fact.shape.as_concrete() != Some(&expected[..]) {
+            return Err(Error::ModelMismatch {
+                path,
+                reason: format!("encoder output is {:?}, expected {expected:?}", out_fact.shape),
+            });
+        }
+        let plan = typed.into_runnable().map_err(load_err)?;
+        Ok(Encoder { plan, path, precision, image_size: s, output_shape: expected })
+    }
+
+    /// Run the encoder on a preprocessed image.
+    pub fn embed(&self, image: ImageTensor) -> Result<Embedding> {
+        let geometry = image.geometry;
+        let mut out = self
+            .plan
+            .run(tvec!(image.tensor.into()))
+            .map_err(|source| Error::Inference { stage: "encoder", source })?;
+        let tensor = out.remove(0).into_arc_tensor();
+        Ok(Embedding { tensor, geometry })
+    }
+
+    /// The optimised graph, for kernel reports.
+    pub fn model(&self) -> &TypedModel {
+        self.plan.model()
+    }
+}

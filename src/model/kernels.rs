@@ -1,0 +1,101 @@
+//! Which kernels tract chose: the proof that INT8 models run on integer matmul kernels.
+//!
+//! Walks an optimised tract graph and, for every node with multiply-accumulate cost, records the
+//! op, the kernel name (for `OptMatMul`) and its MAC count by accumulator type.
+
+use serde::Serialize;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::Cost;
+use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
+
+/// One compute node of an optimised graph.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeKernel {
+    /// tract node name (from the ONNX node it came from).
+    pub node: String,
+    /// tract op name, e.g. `OptMatMul`, `DepthWise`.
+    pub op: String,
+    /// Kernel chosen by tract for matmuls, e.g. `avx512_mmm_i32_16x8`; empty otherwise.
+    pub kernel: String,
+    /// Accumulator type of the MACs, e.g. `I32` or `F32`.
+    pub accumulator: String,
+    /// Multiply-accumulates per run.
+    pub macs: u64,
+}
+
+/// Kernel choices and MAC split of a graph.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelReport {
+    /// Every node with MAC cost, in evaluation order.
+    pub nodes: Vec<NodeKernel>,
+    /// MACs accumulated in integers (i32).
+    pub integer_macs: u64,
+    /// MACs accumulated in floating point.
+    pub float_macs: u64,
+}
+
+impl KernelReport {
+    /// Share of MACs in integer kernels, 0..1.
+    pub fn integer_share(&self) -> f64 {
+        let total = self.integer_macs + self.float_macs;
+        if total == 0 {
+            0.0
+        } else {
+            self.integer_macs as f64 / total as f64
+        }
+    }
+
+    /// Distinct kernel names with the MACs each runs, largest first.
+    pub fn kernel_totals(&self) -> Vec<(String, u64)> {
+        let mut totals: Vec<(String, u64)> = Vec::new();
+        for n in &self.nodes {
+            let name = if n.kernel.is_empty() { format!("{} ({})", n.op, n.accumulator) } else { n.kernel.clone() };
+            match totals.iter_mut().find(|(k, _)| *k == name) {
+                Some((_, m)) => *m += n.macs,
+                None => totals.push((name, n.macs)),
+            }
+        }
+        totals.sort_by(|a, b| b.1.cmp(&a.1));
+        totals
+    }
+}
+
+/// Analyse an optimised graph with concrete shapes.
+pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
+    let mut nodes = Vec::new();
+    let (mut integer_macs, mut float_macs) = (0u64, 0u64);
+    for &id in model.eval_order()?.iter() {
+        let node = model.node(id);
+        let inputs = model.node_input_facts(id)?;
+        let op_name = node.op.name();
+        // Element-wise ops (GELU, norms) report FMA costs too; only products count as model MACs.
+        if !["MatMul", "Conv", "DepthWise", "Deconv"].iter().any(|k| op_name.contains(k)) {
+            continue;
+        }
+        for (cost, count) in node.op.cost(&inputs)? {
+            let Cost::FMA(dt) = cost else { continue };
+            let macs = count.to_i64().unwrap_or(0).max(0) as u64;
+            if macs == 0 {
+                continue;
+            }
+            let kernel = node
+                .op_as::<OptMatMul>()
+                .and_then(|mm| mm.mmm.first())
+                .map(|k| k.name().to_string())
+                .unwrap_or_default();
+            if dt.is_integer() {
+                integer_macs += macs;
+            } else {
+                float_macs += macs;
+            }
+            nodes.push(NodeKernel {
+                node: node.name.clone(),
+                op: op_name.to_string(),
+                kernel,
+                accumulator: format!("{dt:?}"),
+                macs,
+            });
+        }
+    }
+    Ok(KernelReport { nodes, integer_macs, float_macs })
+}

@@ -1,0 +1,206 @@
+//! `manifest.json`: what a model directory holds, written by `models/` and checked before loading.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The manifest layout this build understands.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// The whole manifest of a model directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version; must equal [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Model name, e.g. `tinysam_vit_t`.
+    pub model: String,
+    /// Architecture numbers.
+    pub config: ModelConfig,
+    /// Where the weights came from (checkpoint hash or synthetic seed).
+    pub weights: serde_json::Value,
+    /// Image normalisation.
+    pub preprocess: PreprocessSpec,
+    /// The precision loaded when the caller does not choose.
+    pub default: DefaultPrecision,
+    /// Every ONNX file in the directory.
+    pub files: Vec<ModelFile>,
+    /// How the INT8 files were quantized.
+    #[serde(default)]
+    pub quantization: serde_json::Value,
+    /// INT8-vs-FP32 fidelity summary.
+    #[serde(default)]
+    pub fidelity: serde_json::Value,
+}
+
+/// Architecture numbers the runtime needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Side of the square encoder input.
+    pub image_size: usize,
+    /// Channels of the image embedding.
+    pub prompt_embed_dim: usize,
+    /// Number of masks the decoder returns per prompt.
+    pub num_multimask_outputs: usize,
+}
+
+impl ModelConfig {
+    /// Side of the square image embedding.
+    pub fn embedding_size(&self) -> usize {
+        self.image_size / 16
+    }
+
+    /// Side of the decoder's low-resolution mask logits.
+    pub fn low_res_mask_size(&self) -> usize {
+        4 * self.embedding_size()
+    }
+}
+
+/// Normalisation constants of the encoder input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreprocessSpec {
+    /// Side of the square encoder input.
+    pub image_size: usize,
+    /// Per-channel mean in 0..255 units, RGB order.
+    pub pixel_mean: [f32; 3],
+    /// Per-channel standard deviation in 0..255 units, RGB order.
+    pub pixel_std: [f32; 3],
+}
+
+/// Default precision per stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DefaultPrecision {
+    /// Encoder precision.
+    pub encoder: Precision,
+    /// Decoder precision.
+    pub decoder: Precision,
+}
+
+/// Numeric form of a model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Float weights and activations.
+    Fp32,
+    /// QOperator INT8 (QLinearConv / QLinearMatMul).
+    Int8,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "int8" => Ok(Precision::Int8),
+            other => Err(format!("unknown precision {other:?} (expected fp32 or int8)")),
+        }
+    }
+}
+
+/// Which graph a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Image encoder.
+    Encoder,
+    /// Prompt encoder + mask decoder.
+    Decoder,
+}
+
+/// One ONNX file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelFile {
+    /// Encoder or decoder.
+    pub role: Role,
+    /// FP32 or INT8.
+    pub precision: Precision,
+    /// File name relative to the manifest.
+    pub path: String,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    /// Graph inputs.
+    pub inputs: Vec<TensorSpec>,
+    /// Graph outputs.
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Name and shape of a graph input or output; symbolic dimensions are strings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// Tensor name in the graph.
+    pub name: String,
+    /// Dimensions: numbers, or names for dynamic axes.
+    pub shape: Vec<serde_json::Value>,
+}
+
+impl Manifest {
+    /// Read and check `dir/manifest.json`.
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::Manifest { path: path.clone(), reason: e.to_string() })?;
+        manifest.check(&path)?;
+        Ok(manifest)
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let invalid = |reason: String| Error::Manifest { path: path.to_path_buf(), reason };
+        if self.format != MANIFEST_FORMAT {
+            return Err(invalid(format!("format {} (this build reads {MANIFEST_FORMAT})", self.format)));
+        }
+        let c = &self.config;
+        if c.image_size == 0 || c.image_size % 16 != 0 || c.image_size != self.preprocess.image_size {
+            return Err(invalid(format!(
+                "image_size {} (config) / {} (preprocess) must agree and be a positive multiple of 16",
+                c.image_size, self.preprocess.image_size
+            )));
+        }
+        if self.preprocess.pixel_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(invalid(format!("pixel_std {:?} must be positive", self.preprocess.pixel_std)));
+        }
+        if c.num_multimask_outputs == 0 {
+            return Err(invalid("num_multimask_outputs is 0".into()));
+        }
+        for role in [Role::Encoder, Role::Decoder] {
+            let p = self.default_precision(role);
+            if self.file(role, p).is_none() {
+                return Err(invalid(format!("default {role:?} precision {p} has no file entry")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The precision loaded by default for `role`.
+    pub fn default_precision(&self, role: Role) -> Precision {
+        match role {
+            Role::Encoder => self.default.encoder,
+            Role::Decoder => self.default.decoder,
+        }
+    }
+
+    /// The file entry for `role` at `precision`, if the directory has one.
+    pub fn file(&self, role: Role, precision: Precision) -> Option<&ModelFile> {
+        self.files.iter().find(|f| f.role == role && f.precision == precision)
+    }
+
+    /// The precisions available for `role`.
+    pub fn precisions(&self, role: Role) -> Vec<Precision> {
+        self.files.iter().filter(|f| f.role == role).map(|f| f.precision).collect()
+    }
+
+    /// Full path of a file entry.
+    pub fn path_of(dir: &Path, file: &ModelFile) -> PathBuf {
+        dir.join(&file.path)
+    }
+}

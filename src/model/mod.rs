@@ -1,0 +1,145 @@
+//! Loading TinySAM's two graphs with tract: plans are optimised once and reused.
+//!
+//! Owns everything that touches tract: the [`encoder::Encoder`] (image -> embedding), the
+//! [`decoder::Decoder`] (embedding + prompts -> mask logits) and the [`kernels`] report of which
+//! matmul kernels tract chose. Nothing here knows about frames, cameras or sockets.
+
+pub mod decoder;
+pub mod encoder;
+pub mod kernels;
+pub mod manifest;
+
+use std::path::{Path, PathBuf};
+
+use tract_onnx::prelude::*;
+
+pub use decoder::{Decoder, DecoderInput, MaskLogits};
+pub use encoder::{Embedding, Encoder};
+pub use manifest::{Manifest, Precision, Role};
+
+use crate::{Error, Result};
+
+/// Which file of each stage to load.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrecisionChoice {
+    /// Encoder precision; the manifest's default when `None`.
+    pub encoder: Option<Precision>,
+    /// Decoder precision; the manifest's default when `None`.
+    pub decoder: Option<Precision>,
+}
+
+/// A loaded model directory: manifest plus ready-to-run encoder and decoder.
+pub struct Model {
+    /// The directory it was loaded from.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Image encoder.
+    pub encoder: Encoder,
+    /// Prompt encoder + mask decoder.
+    pub decoder: Decoder,
+}
+
+impl Model {
+    /// Load `dir` (with `manifest.json`) at the chosen precisions.
+    pub fn load(dir: &Path, choice: PrecisionChoice) -> Result<Model> {
+        let manifest = Manifest::load(dir)?;
+        let enc_p = choice.encoder.unwrap_or(manifest.default_precision(Role::Encoder));
+        let dec_p = choice.decoder.unwrap_or(manifest.default_precision(Role::Decoder));
+        let encoder = Encoder::load(dir, &manifest, enc_p)?;
+        let decoder = Decoder::load(dir, &manifest, dec_p)?;
+        log::info!(
+            "loaded {} from {} (encoder {enc_p}, decoder {dec_p}; weights: {})",
+            manifest.model,
+            dir.display(),
+            manifest.weights.get("kind").and_then(|k| k.as_str()).unwrap_or("unknown")
+        );
+        Ok(Model { dir: dir.to_path_buf(), manifest, encoder, decoder })
+    }
+}
+
+/// Parse an ONNX file and check its declared inputs against the manifest entry.
+pub(crate) fn parse_onnx(
+    dir: &Path,
+    manifest: &Manifest,
+    role: Role,
+    precision: Precision,
+) -> Result<(PathBuf, InferenceModel)> {
+    let stage = stage_name(role);
+    let entry = manifest.file(role, precision).ok_or_else(|| Error::Manifest {
+        path: dir.join("manifest.json"),
+        reason: format!(
+            "no {precision} {stage} file (available: {:?})",
+            manifest.precisions(role).iter().map(|p| p.to_string()).collect::<Vec<_>>()
+        ),
+    })?;
+    let path = Manifest::path_of(dir, entry);
+    if !path.is_file() {
+        return Err(Error::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "model file missing"),
+        });
+    }
+    // Shapes come from the input facts we set: the symbolic `batch`/`points` names that shape
+    // inference left in value_info and outputs would otherwise clash with concrete batch sizes.
+    let model = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .with_ignore_output_shapes(true)
+        .model_for_path(&path)
+        .map_err(|source| Error::ModelLoad { stage, path: path.clone(), source })?;
+    let names: Vec<String> = model
+        .input_outlets()
+        .map_err(|source| Error::ModelLoad { stage, path: path.clone(), source })?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    let expected: Vec<String> = entry.inputs.iter().map(|t| t.name.clone()).collect();
+    if names != expected {
+        return Err(Error::ModelMismatch {
+            path,
+            reason: format!("graph inputs are {names:?}, manifest says {expected:?}"),
+        });
+    }
+    Ok((path, model))
+}
+
+/// "encoder" or "decoder", for messages.
+pub(crate) fn stage_name(role: Role) -> &'static str {
+    match role {
+        Role::Encoder => "encoder",
+        Role::Decoder => "decoder",
+    }
+}
+
+/// The ISA tract detected on this CPU, e.g. `x86_64+avx2+fma+avx512f`.
+pub fn native_isa() -> String {
+    format!("{:?}", tract_linalg::isa::native())
+}
+
+/// Make tract's matrix products use `threads` threads (1 = tract's default single thread).
+pub fn set_threads(threads: usize) {
+    let executor = if threads > 1 {
+        tract_linalg::multithread::Executor::multithread(threads)
+    } else {
+        tract_linalg::multithread::Executor::SingleThread
+    };
+    tract_linalg::multithread::set_default_executor(executor);
+}
+
+/// Where to look for a model directory when the caller names none, first match wins:
+/// `$TINYSAM_MODEL`, `./models/default`, the source tree's `models/default`,
+/// `/usr/share/tinysam-edge/model` (the .deb's location).
+pub fn default_model_dir() -> PathBuf {
+    let candidates = [
+        std::env::var_os("TINYSAM_MODEL").map(PathBuf::from),
+        Some(PathBuf::from("models/default")),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default")),
+        Some(PathBuf::from("/usr/share/tinysam-edge/model")),
+    ];
+    candidates
+        .iter()
+        .flatten()
+        .find(|p| p.join("manifest.json").is_file())
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("models/default"))
+}

@@ -1,0 +1,157 @@
+//! Frame -> encoder input, exactly as SAM prepares images.
+//!
+//! Longest side resized to the model size with a bilinear (antialiased, Pillow-compatible)
+//! filter on 8-bit RGB, per-channel `(x - mean) / std` through a lookup table, zero padding at
+//! the bottom and right. Owns the resize scratch so frames don't allocate beyond the tensor.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use tract_onnx::prelude::{tract_ndarray, Tensor};
+
+use crate::model::manifest::PreprocessSpec;
+use crate::{Error, Result};
+
+/// Frame and model-input sizes of one image, for coordinate and mask transforms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Original frame width in pixels.
+    pub frame_width: u32,
+    /// Original frame height in pixels.
+    pub frame_height: u32,
+    /// Width after the longest-side resize (before padding).
+    pub resized_width: u32,
+    /// Height after the longest-side resize (before padding).
+    pub resized_height: u32,
+    /// Side of the square model input.
+    pub model_size: u32,
+}
+
+impl Geometry {
+    /// Geometry of a `width` x `height` frame for a model of side `model_size`, rounded as SAM does.
+    pub fn new(width: u32, height: u32, model_size: u32) -> Result<Geometry> {
+        if width == 0 || height == 0 {
+            return Err(Error::Image(format!("empty image ({width}x{height})")));
+        }
+        let scale = f64::from(model_size) / f64::from(width.max(height));
+        // Rounded and clamped to 1..=model_size, so the casts below cannot truncate.
+        let resized = |v: u32| ((f64::from(v) * scale + 0.5).floor() as u32).clamp(1, model_size);
+        Ok(Geometry {
+            frame_width: width,
+            frame_height: height,
+            resized_width: resized(width),
+            resized_height: resized(height),
+            model_size,
+        })
+    }
+
+    /// Frame pixel coordinates -> model-input coordinates.
+    pub fn frame_to_model(&self, x: f32, y: f32) -> (f32, f32) {
+        (
+            x * self.resized_width as f32 / self.frame_width as f32,
+            y * self.resized_height as f32 / self.frame_height as f32,
+        )
+    }
+
+    /// Model-input coordinates -> frame pixel coordinates.
+    pub fn model_to_frame(&self, x: f32, y: f32) -> (f32, f32) {
+        (
+            x * self.frame_width as f32 / self.resized_width as f32,
+            y * self.frame_height as f32 / self.resized_height as f32,
+        )
+    }
+}
+
+/// The encoder input (1, 3, S, S) and the geometry it was made with.
+pub struct ImageTensor {
+    /// Normalised, padded NCHW float tensor.
+    pub tensor: Tensor,
+    /// Frame and model sizes.
+    pub geometry: Geometry,
+}
+
+/// Reusable preprocessing state for one model.
+pub struct Preprocessor {
+    size: u32,
+    /// `lut[c][v]` = (v - mean[c]) / std[c].
+    lut: [[f32; 256]; 3],
+    resizer: Resizer,
+    scratch: Option<Image<'static>>,
+}
+
+impl Preprocessor {
+    /// A preprocessor for the manifest's size and normalisation.
+    pub fn new(spec: &PreprocessSpec) -> Preprocessor {
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, out) in table.iter_mut().enumerate() {
+                *out = (v as f32 - spec.pixel_mean[c]) / spec.pixel_std[c];
+            }
+        }
+        Preprocessor {
+            size: u32::try_from(spec.image_size).unwrap_or(u32::MAX),
+            lut,
+            resizer: Resizer::new(),
+            scratch: None,
+        }
+    }
+
+    /// Resize, normalise and pad `frame` into a fresh encoder input.
+    pub fn run(&mut self, frame: &RgbImage) -> Result<ImageTensor> {
+        let geometry = Geometry::new(frame.width(), frame.height(), self.size)?;
+        let (rw, rh) = (geometry.resized_width, geometry.resized_height);
+        let src = ImageRef::new(frame.width(), frame.height(), frame.as_raw(), PixelType::U8x3)
+            .map_err(|e| Error::Image(format!("frame buffer does not match its size: {e}")))?;
+        let scratch = match self.scratch.take() {
+            Some(img) if img.width() == rw && img.height() == rh => img,
+            _ => Image::new(rw, rh, PixelType::U8x3),
+        };
+        let mut dst = scratch;
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        self.resizer
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| Error::Image(format!("resizing {}x{} frame: {e}", frame.width(), frame.height())))?;
+        let s = self.size as usize;
+        let mut data = vec![0f32; 3 * s * s];
+        let (rw, rh) = (rw as usize, rh as usize);
+        let pixels = dst.buffer();
+        let (r_plane, rest) = data.split_at_mut(s * s);
+        let (g_plane, b_plane) = rest.split_at_mut(s * s);
+        for (y, row) in pixels.chunks_exact(rw * 3).take(rh).enumerate() {
+            let o = y * s;
+            let (r, g, b) = (&mut r_plane[o..o + rw], &mut g_plane[o..o + rw], &mut b_plane[o..o + rw]);
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                r[x] = self.lut[0][usize::from(px[0])];
+                g[x] = self.lut[1][usize::from(px[1])];
+                b[x] = self.lut[2][usize::from(px[2])];
+            }
+        }
+        self.scratch = Some(dst);
+        let tensor: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), data)
+            .map_err(|e| Error::Image(format!("building the input tensor: {e}")))?
+            .into();
+        Ok(ImageTensor { tensor, geometry })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_rounds_like_sam() {
+        let g = Geometry::new(769, 770, 1024).unwrap();
+        assert_eq!((g.resized_width, g.resized_height), (1023, 1024));
+        let g = Geometry::new(640, 480, 1024).unwrap();
+        assert_eq!((g.resized_width, g.resized_height), (1024, 768));
+        assert!(Geometry::new(0, 10, 1024).is_err());
+    }
+
+    #[test]
+    fn coordinate_round_trip() {
+        let g = Geometry::new(640, 480, 1024).unwrap();
+        let (mx, my) = g.frame_to_model(320.0, 240.0);
+        assert_eq!((mx, my), (512.0, 384.0));
+        assert_eq!(g.model_to_frame(mx, my), (320.0, 240.0));
+    }
+}
