@@ -41,8 +41,13 @@ pub fn draw_masks(frame: &mut RgbImage, masks: &[&BinaryMask]) {
                 || mask.get(x + 1, y) == 0
                 || mask.get(x, y - 1) == 0
                 || mask.get(x, y + 1) == 0;
-            for ch in 0..3 {
-                px.0[ch] = if edge { c[ch] } else { ((u16::from(px.0[ch]) + u16::from(c[ch])) / 2) as u8 };
+            for (v, &cv) in px.0.iter_mut().zip(&c) {
+                // The mean of two u8 values fits in u8.
+                *v = if edge {
+                    cv
+                } else {
+                    ((u16::from(*v) + u16::from(cv)) / 2) as u8
+                };
             }
         }
     }
@@ -58,7 +63,11 @@ pub fn draw_prompts(frame: &mut RgbImage, prompts: &[Prompt]) {
     };
     for p in prompts {
         for pt in &p.points {
-            let c = if pt.label == PointLabel::Foreground { [0, 255, 0] } else { [255, 0, 0] };
+            let c = if pt.label == PointLabel::Foreground {
+                [0, 255, 0]
+            } else {
+                [255, 0, 0]
+            };
             let (cx, cy) = (pt.x as i64, pt.y as i64);
             for dy in -5i64..=5 {
                 for dx in -5i64..=5 {

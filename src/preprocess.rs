@@ -100,17 +100,26 @@ impl Preprocessor {
     pub fn run(&mut self, frame: &RgbImage) -> Result<ImageTensor> {
         let geometry = Geometry::new(frame.width(), frame.height(), self.size)?;
         let (rw, rh) = (geometry.resized_width, geometry.resized_height);
-        let src = ImageRef::new(frame.width(), frame.height(), frame.as_raw(), PixelType::U8x3)
-            .map_err(|e| Error::Image(format!("frame buffer does not match its size: {e}")))?;
+        let src = ImageRef::new(
+            frame.width(),
+            frame.height(),
+            frame.as_raw(),
+            PixelType::U8x3,
+        )
+        .map_err(|e| Error::Image(format!("frame buffer does not match its size: {e}")))?;
         let scratch = match self.scratch.take() {
             Some(img) if img.width() == rw && img.height() == rh => img,
             _ => Image::new(rw, rh, PixelType::U8x3),
         };
         let mut dst = scratch;
         let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-        self.resizer
-            .resize(&src, &mut dst, &options)
-            .map_err(|e| Error::Image(format!("resizing {}x{} frame: {e}", frame.width(), frame.height())))?;
+        self.resizer.resize(&src, &mut dst, &options).map_err(|e| {
+            Error::Image(format!(
+                "resizing {}x{} frame: {e}",
+                frame.width(),
+                frame.height()
+            ))
+        })?;
         let s = self.size as usize;
         let mut data = vec![0f32; 3 * s * s];
         let (rw, rh) = (rw as usize, rh as usize);
@@ -119,7 +128,11 @@ impl Preprocessor {
         let (g_plane, b_plane) = rest.split_at_mut(s * s);
         for (y, row) in pixels.chunks_exact(rw * 3).take(rh).enumerate() {
             let o = y * s;
-            let (r, g, b) = (&mut r_plane[o..o + rw], &mut g_plane[o..o + rw], &mut b_plane[o..o + rw]);
+            let (r, g, b) = (
+                &mut r_plane[o..o + rw],
+                &mut g_plane[o..o + rw],
+                &mut b_plane[o..o + rw],
+            );
             for (x, px) in row.chunks_exact(3).enumerate() {
                 r[x] = self.lut[0][usize::from(px[0])];
                 g[x] = self.lut[1][usize::from(px[1])];

@@ -116,18 +116,29 @@ impl FromStr for PromptPoint {
 
     /// `x,y` (foreground) or `x,y,1` / `x,y,0`.
     fn from_str(s: &str) -> Result<Self, PromptError> {
-        let err = || PromptError::Parse { text: s.to_string(), expected: "x,y[,label] with label 1 or 0" };
+        let err = || PromptError::Parse {
+            text: s.to_string(),
+            expected: "x,y[,label] with label 1 or 0",
+        };
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
         let num = |t: &str| t.parse::<f32>().map_err(|_| err());
         match parts.as_slice() {
-            [x, y] => Ok(PromptPoint { x: num(x)?, y: num(y)?, label: PointLabel::Foreground }),
+            [x, y] => Ok(PromptPoint {
+                x: num(x)?,
+                y: num(y)?,
+                label: PointLabel::Foreground,
+            }),
             [x, y, l] => {
                 let label = match *l {
                     "1" => PointLabel::Foreground,
                     "0" => PointLabel::Background,
                     _ => return Err(err()),
                 };
-                Ok(PromptPoint { x: num(x)?, y: num(y)?, label })
+                Ok(PromptPoint {
+                    x: num(x)?,
+                    y: num(y)?,
+                    label,
+                })
             }
             _ => Err(err()),
         }
@@ -152,10 +163,21 @@ impl FromStr for BoxPrompt {
 
     /// `x0,y0,x1,y1`.
     fn from_str(s: &str) -> Result<Self, PromptError> {
-        let err = || PromptError::Parse { text: s.to_string(), expected: "x0,y0,x1,y1" };
-        let v: Vec<f32> = s.split(',').map(|t| t.trim().parse::<f32>().map_err(|_| err())).collect::<Result<_, _>>()?;
+        let err = || PromptError::Parse {
+            text: s.to_string(),
+            expected: "x0,y0,x1,y1",
+        };
+        let v: Vec<f32> = s
+            .split(',')
+            .map(|t| t.trim().parse::<f32>().map_err(|_| err()))
+            .collect::<Result<_, _>>()?;
         match v.as_slice() {
-            [x0, y0, x1, y1] => Ok(BoxPrompt { x0: *x0, y0: *y0, x1: *x1, y1: *y1 }),
+            [x0, y0, x1, y1] => Ok(BoxPrompt {
+                x0: *x0,
+                y0: *y0,
+                x1: *x1,
+                y1: *y1,
+            }),
             _ => Err(err()),
         }
     }
@@ -184,7 +206,14 @@ pub struct ModelPrompt {
 impl Prompt {
     /// A single foreground point.
     pub fn point(x: f32, y: f32) -> Prompt {
-        Prompt { points: vec![PromptPoint { x, y, label: PointLabel::Foreground }], ..Prompt::default() }
+        Prompt {
+            points: vec![PromptPoint {
+                x,
+                y,
+                label: PointLabel::Foreground,
+            }],
+            ..Prompt::default()
+        }
     }
 
     /// Points a prompt takes in the decoder (a box is two, and SAM pads boxless prompts by one).
@@ -195,17 +224,27 @@ impl Prompt {
     /// Check the prompt against a frame and convert it to model space.
     ///
     /// Points must lie inside the frame; a box is clipped to the frame and must keep an area.
-    pub fn to_model(&self, geometry: &Geometry, mask_values: usize) -> Result<ModelPrompt, PromptError> {
+    pub fn to_model(
+        &self,
+        geometry: &Geometry,
+        mask_values: usize,
+    ) -> Result<ModelPrompt, PromptError> {
         if self.points.is_empty() && self.bbox.is_none() {
             return Err(PromptError::Empty);
         }
         let count = self.points.len() + if self.bbox.is_some() { 2 } else { 0 };
         if count > MAX_POINTS {
-            return Err(PromptError::TooManyPoints { count, max: MAX_POINTS });
+            return Err(PromptError::TooManyPoints {
+                count,
+                max: MAX_POINTS,
+            });
         }
         if let Some(mask) = &self.mask_input {
             if mask.len() != mask_values {
-                return Err(PromptError::MaskInputSize { got: mask.len(), expected: mask_values });
+                return Err(PromptError::MaskInputSize {
+                    got: mask.len(),
+                    expected: mask_values,
+                });
             }
         }
         let (w, h) = (geometry.frame_width as f32, geometry.frame_height as f32);
@@ -213,7 +252,9 @@ impl Prompt {
         let mut labels = Vec::with_capacity(count + 1);
         for (index, p) in self.points.iter().enumerate() {
             if !(p.x.is_finite() && p.y.is_finite()) {
-                return Err(PromptError::NotFinite { what: format!("point {index}") });
+                return Err(PromptError::NotFinite {
+                    what: format!("point {index}"),
+                });
             }
             if p.x < 0.0 || p.y < 0.0 || p.x > w || p.y > h {
                 return Err(PromptError::PointOutside {
@@ -271,14 +312,24 @@ mod tests {
 
     #[test]
     fn point_gets_sam_padding() {
-        let m = Prompt::point(320.0, 240.0).to_model(&geom(), 65536).unwrap();
+        let m = Prompt::point(320.0, 240.0)
+            .to_model(&geom(), 65536)
+            .unwrap();
         assert_eq!(m.coords, vec![[512.0, 384.0], [0.0, 0.0]]);
         assert_eq!(m.labels, vec![1.0, -1.0]);
     }
 
     #[test]
     fn box_is_two_corners_and_clipped() {
-        let p = Prompt { bbox: Some(BoxPrompt { x0: -10.0, y0: 10.0, x1: 320.0, y1: 500.0 }), ..Prompt::default() };
+        let p = Prompt {
+            bbox: Some(BoxPrompt {
+                x0: -10.0,
+                y0: 10.0,
+                x1: 320.0,
+                y1: 500.0,
+            }),
+            ..Prompt::default()
+        };
         let m = p.to_model(&geom(), 65536).unwrap();
         assert_eq!(m.labels, vec![2.0, 3.0]);
         assert_eq!(m.coords, vec![[0.0, 16.0], [512.0, 768.0]]);
@@ -288,22 +339,71 @@ mod tests {
     fn bad_prompts_are_refused() {
         let g = geom();
         assert_eq!(Prompt::default().to_model(&g, 1), Err(PromptError::Empty));
-        assert!(matches!(Prompt::point(641.0, 0.0).to_model(&g, 1), Err(PromptError::PointOutside { index: 0, .. })));
-        assert!(matches!(Prompt::point(f32::NAN, 0.0).to_model(&g, 1), Err(PromptError::NotFinite { .. })));
-        let empty = Prompt { bbox: Some(BoxPrompt { x0: 5.0, y0: 5.0, x1: 5.0, y1: 50.0 }), ..Prompt::default() };
-        assert!(matches!(empty.to_model(&g, 1), Err(PromptError::EmptyBox { .. })));
-        let outside = Prompt { bbox: Some(BoxPrompt { x0: 700.0, y0: 5.0, x1: 900.0, y1: 50.0 }), ..Prompt::default() };
-        assert!(matches!(outside.to_model(&g, 1), Err(PromptError::EmptyBox { .. })));
-        let many = Prompt { points: vec![Prompt::point(1.0, 1.0).points[0]; MAX_POINTS + 1], ..Prompt::default() };
-        assert!(matches!(many.to_model(&g, 1), Err(PromptError::TooManyPoints { .. })));
-        let mask = Prompt { mask_input: Some(vec![0.0; 3]), ..Prompt::point(1.0, 1.0) };
-        assert_eq!(mask.to_model(&g, 4), Err(PromptError::MaskInputSize { got: 3, expected: 4 }));
+        assert!(matches!(
+            Prompt::point(641.0, 0.0).to_model(&g, 1),
+            Err(PromptError::PointOutside { index: 0, .. })
+        ));
+        assert!(matches!(
+            Prompt::point(f32::NAN, 0.0).to_model(&g, 1),
+            Err(PromptError::NotFinite { .. })
+        ));
+        let empty = Prompt {
+            bbox: Some(BoxPrompt {
+                x0: 5.0,
+                y0: 5.0,
+                x1: 5.0,
+                y1: 50.0,
+            }),
+            ..Prompt::default()
+        };
+        assert!(matches!(
+            empty.to_model(&g, 1),
+            Err(PromptError::EmptyBox { .. })
+        ));
+        let outside = Prompt {
+            bbox: Some(BoxPrompt {
+                x0: 700.0,
+                y0: 5.0,
+                x1: 900.0,
+                y1: 50.0,
+            }),
+            ..Prompt::default()
+        };
+        assert!(matches!(
+            outside.to_model(&g, 1),
+            Err(PromptError::EmptyBox { .. })
+        ));
+        let many = Prompt {
+            points: vec![Prompt::point(1.0, 1.0).points[0]; MAX_POINTS + 1],
+            ..Prompt::default()
+        };
+        assert!(matches!(
+            many.to_model(&g, 1),
+            Err(PromptError::TooManyPoints { .. })
+        ));
+        let mask = Prompt {
+            mask_input: Some(vec![0.0; 3]),
+            ..Prompt::point(1.0, 1.0)
+        };
+        assert_eq!(
+            mask.to_model(&g, 4),
+            Err(PromptError::MaskInputSize {
+                got: 3,
+                expected: 4
+            })
+        );
     }
 
     #[test]
     fn parse_points_and_boxes() {
-        assert_eq!("3,4".parse::<PromptPoint>().unwrap().label, PointLabel::Foreground);
-        assert_eq!("3, 4, 0".parse::<PromptPoint>().unwrap().label, PointLabel::Background);
+        assert_eq!(
+            "3,4".parse::<PromptPoint>().unwrap().label,
+            PointLabel::Foreground
+        );
+        assert_eq!(
+            "3, 4, 0".parse::<PromptPoint>().unwrap().label,
+            PointLabel::Background
+        );
         assert!("3,4,2".parse::<PromptPoint>().is_err());
         assert!("x,4".parse::<PromptPoint>().is_err());
         assert_eq!("1,2,3,4".parse::<BoxPrompt>().unwrap().x1, 3.0);

@@ -46,7 +46,11 @@ impl Segmenter {
     /// Wrap a loaded model.
     pub fn new(model: Model) -> Segmenter {
         let preprocessor = Preprocessor::new(&model.manifest.preprocess);
-        Segmenter { model, preprocessor, max_batch: DEFAULT_MAX_BATCH }
+        Segmenter {
+            model,
+            preprocessor,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
     }
 
     /// Preprocess and encode one frame.
@@ -61,7 +65,12 @@ impl Segmenter {
     }
 
     /// Decode prompts already in model space (all with the same point count) in one batch.
-    pub fn decode(&self, embedding: &Embedding, prompts: &[ModelPrompt], mask_input: Option<&[f32]>) -> Result<MaskLogits> {
+    pub fn decode(
+        &self,
+        embedding: &Embedding,
+        prompts: &[ModelPrompt],
+        mask_input: Option<&[f32]>,
+    ) -> Result<MaskLogits> {
         let n = prompts.first().map_or(0, |p| p.labels.len());
         let mut coords = Vec::with_capacity(prompts.len() * n);
         let mut labels = Vec::with_capacity(prompts.len() * n);
@@ -69,13 +78,23 @@ impl Segmenter {
             coords.extend_from_slice(&p.coords);
             labels.extend_from_slice(&p.labels);
         }
-        let input = DecoderInput { points_per_prompt: n, coords, labels, mask_input: mask_input.map(<[f32]>::to_vec) };
+        let input = DecoderInput {
+            points_per_prompt: n,
+            coords,
+            labels,
+            mask_input: mask_input.map(<[f32]>::to_vec),
+        };
         self.model.decoder.decode(embedding, &input)
     }
 
     /// Segment every prompt against `embedding`. Refused prompts get their error; the rest are
     /// batched by point count (prompts with a mask input run alone, the mask is per batch).
-    pub fn segment(&self, embedding: &Embedding, prompts: &[Prompt], selection: MaskSelection) -> Result<Vec<PromptOutcome>> {
+    pub fn segment(
+        &self,
+        embedding: &Embedding,
+        prompts: &[Prompt],
+        selection: MaskSelection,
+    ) -> Result<Vec<PromptOutcome>> {
         let geometry = embedding.geometry;
         let m = self.mask_size();
         let mut outcomes: Vec<Option<PromptOutcome>> = vec![None; prompts.len()];
@@ -99,10 +118,17 @@ impl Segmenter {
             }
         }
         for (i, mp) in with_mask {
-            let logits = self.decode(embedding, std::slice::from_ref(&mp), prompts[i].mask_input.as_deref())?;
+            let logits = self.decode(
+                embedding,
+                std::slice::from_ref(&mp),
+                prompts[i].mask_input.as_deref(),
+            )?;
             outcomes[i] = Some(Ok(select_masks(&logits, 0, &upsampler, selection)));
         }
-        Ok(outcomes.into_iter().map(|o| o.unwrap_or(Err(PromptError::Empty))).collect())
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Err(PromptError::Empty)))
+            .collect())
     }
 
     /// The frame geometry a `width` x `height` frame gets with this model.
@@ -113,11 +139,19 @@ impl Segmenter {
 }
 
 /// Masks of prompt `b` in a decoded batch, per `selection`, highest predicted IoU first.
-pub fn select_masks(logits: &MaskLogits, b: usize, upsampler: &Upsampler, selection: MaskSelection) -> Vec<MaskResult> {
+pub fn select_masks(
+    logits: &MaskLogits,
+    b: usize,
+    upsampler: &Upsampler,
+    selection: MaskSelection,
+) -> Vec<MaskResult> {
     let mut order: Vec<usize> = (0..logits.masks_per_prompt).collect();
     order.sort_by(|&x, &y| logits.iou(b, y).total_cmp(&logits.iou(b, x)));
     if selection == MaskSelection::Best {
         order.truncate(1);
     }
-    order.into_iter().map(|k| upsampler.mask(logits.mask(b, k), k, logits.iou(b, k))).collect()
+    order
+        .into_iter()
+        .map(|k| upsampler.mask(logits.mask(b, k), k, logits.iou(b, k)))
+        .collect()
 }

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and prompt sampling")
     e.add_argument("--config", choices=sorted(CONFIGS), default="full", help="full TinySAM or the reduced test size")
     e.add_argument("--out", type=Path, required=True, help="output model directory")
-    e.add_argument("--int8-only", action="store_true", help="drop the FP32 files after quantizing")
+    e.add_argument("--compact", action="store_true", help="keep both encoders but only the chosen decoder")
     e.add_argument("--decoder", choices=["auto", "int8", "fp32"], default="auto", help="shipped decoder precision")
     e.add_argument("--per-channel", action="store_true", help="per-channel weight scales (slower in tract)")
     e.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="percentile",
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                         encoder_calibration=args.calibration,
                         float_stem=not args.int8_stem,
                     ),
-                    keep_fp32=not args.int8_only,
+                    keep_fp32=not args.compact,
                     decoder_precision=args.decoder,
                     extra_calibration=tuple(args.calibration_image),
                 )

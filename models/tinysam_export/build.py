@@ -143,7 +143,9 @@ def build(req: BuildRequest) -> dict:
 
     files = []
     for (role, precision), path in paths.items():
-        shipped = req.keep_fp32 or precision == "int8" or (role == "decoder" and decoder_precision == "fp32")
+        # Without keep_fp32: both encoders (the FP32 one is the fast path where tract's INT8
+        # kernels are slow, see README "Performance") and the decoder of the chosen precision.
+        shipped = req.keep_fp32 or role == "encoder" or precision == decoder_precision
         if not shipped:
             path.unlink()
             continue

@@ -84,11 +84,12 @@ def write_fixtures(out: Path) -> None:
     model_dir = out / "test_model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    # The stem is quantized here (unlike the shipped default) so the Rust kernel test sees a
-    # fully quantized graph; golden outputs are per precision, so fidelity does not matter here.
+    # Everything that can be is quantized here (stem and attention products too, unlike the
+    # shipped default) so the Rust kernel test sees a fully quantized graph; golden outputs are
+    # per precision, so fidelity does not matter here.
     build(
         BuildRequest(
-            cfg=TEST, out_dir=model_dir, seed=0, quant=QuantOptions(float_stem=False), keep_fp32=True,
+            cfg=TEST, out_dir=model_dir, seed=0, quant=QuantOptions(float_stem=False, quantize_attention_matmuls=True), keep_fp32=True,
             decoder_precision="int8", enforce_fidelity=False, use_shared_images=False,
         )
     )

@@ -34,7 +34,10 @@ pub struct DecoderInput {
 impl DecoderInput {
     /// Number of prompts in the batch (B).
     pub fn batch(&self) -> usize {
-        self.labels.len().checked_div(self.points_per_prompt).unwrap_or(0)
+        self.labels
+            .len()
+            .checked_div(self.points_per_prompt)
+            .unwrap_or(0)
     }
 }
 
@@ -61,7 +64,10 @@ impl MaskLogits {
 
     /// Predicted IoU of mask `k` of prompt `b`.
     pub fn iou(&self, b: usize, k: usize) -> f32 {
-        f32_slice(&self.iou).get(b * self.masks_per_prompt + k).copied().unwrap_or(0.0)
+        f32_slice(&self.iou)
+            .get(b * self.masks_per_prompt + k)
+            .copied()
+            .unwrap_or(0.0)
     }
 
     /// Number of prompts (B).
@@ -72,7 +78,9 @@ impl MaskLogits {
 
 /// The f32 contents of a plain tensor (empty for anything else: callers check shapes first).
 pub(crate) fn f32_slice(t: &Tensor) -> &[f32] {
-    t.as_plain_ram().and_then(|v| v.as_slice::<f32>().ok()).unwrap_or(&[])
+    t.as_plain_ram()
+        .and_then(|v| v.as_slice::<f32>().ok())
+        .unwrap_or(&[])
 }
 
 struct PlanCache {
@@ -100,7 +108,10 @@ impl Decoder {
         let e = manifest.config.embedding_size();
         let decoder = Decoder {
             source,
-            cache: Mutex::new(PlanCache { plans: HashMap::new(), order: VecDeque::new() }),
+            cache: Mutex::new(PlanCache {
+                plans: HashMap::new(),
+                order: VecDeque::new(),
+            }),
             path,
             precision,
             embedding_shape: [1, manifest.config.prompt_embed_dim, e, e],
@@ -137,12 +148,18 @@ impl Decoder {
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, PlanCache> {
         // A panic while holding the lock leaves a consistent map: keep using it.
-        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn build_plan(&self, batch: usize, points: usize) -> Result<Arc<TypedRunnableModel>> {
         let stage = stage_name(Role::Decoder);
-        let load_err = |source| Error::ModelLoad { stage, path: self.path.clone(), source };
+        let load_err = |source| Error::ModelLoad {
+            stage,
+            path: self.path.clone(),
+            source,
+        };
         let m = self.mask_size;
         let mut model = self.source.clone();
         let facts: [InferenceFact; 5] = [
@@ -197,14 +214,24 @@ impl Decoder {
             });
         }
         let plan = self.plan(b, n)?;
-        let infer = |source| Error::Inference { stage: "decoder", source };
+        let infer = |source| Error::Inference {
+            stage: "decoder",
+            source,
+        };
         let coords: Vec<f32> = input.coords.iter().flatten().copied().collect();
         let coords = Tensor::from_shape(&[b, n, 2], &coords).map_err(infer)?;
         let labels = Tensor::from_shape(&[b, n], &input.labels).map_err(infer)?;
         let (mask, has_mask) = match &input.mask_input {
-            Some(mask) if mask.len() == m * m => (Tensor::from_shape(&[1, 1, m, m], mask).map_err(infer)?, 1.0f32),
+            Some(mask) if mask.len() == m * m => (
+                Tensor::from_shape(&[1, 1, m, m], mask).map_err(infer)?,
+                1.0f32,
+            ),
             Some(mask) => {
-                return Err(infer(anyhow::anyhow!("mask input has {} values, expected {}", mask.len(), m * m)))
+                return Err(infer(anyhow::anyhow!(
+                    "mask input has {} values, expected {}",
+                    mask.len(),
+                    m * m
+                )))
             }
             None => (Tensor::zero::<f32>(&[1, 1, m, m]).map_err(infer)?, 0.0),
         };
@@ -220,7 +247,9 @@ impl Decoder {
             .map_err(infer)?;
         let mut out = out.into_iter();
         let (Some(masks), Some(iou)) = (out.next(), out.next()) else {
-            return Err(infer(anyhow::anyhow!("decoder returned fewer than 2 outputs")));
+            return Err(infer(anyhow::anyhow!(
+                "decoder returned fewer than 2 outputs"
+            )));
         };
         Ok(MaskLogits {
             masks: masks.into_arc_tensor(),

@@ -38,8 +38,14 @@ impl Encoder {
         let stage = stage_name(Role::Encoder);
         let (path, mut model) = parse_onnx(dir, manifest, Role::Encoder, precision)?;
         let s = manifest.config.image_size;
-        let load_err = |source| Error::ModelLoad { stage, path: path.clone(), source };
-        model.set_input_fact(0, f32::fact([1, 3, s, s]).into()).map_err(load_err)?;
+        let load_err = |source| Error::ModelLoad {
+            stage,
+            path: path.clone(),
+            source,
+        };
+        model
+            .set_input_fact(0, f32::fact([1, 3, s, s]).into())
+            .map_err(load_err)?;
         let typed = model.into_optimized().map_err(load_err)?;
         let e = manifest.config.embedding_size();
         let d = manifest.config.prompt_embed_dim;
@@ -48,11 +54,20 @@ impl Encoder {
         if out_fact.shape.as_concrete() != Some(&expected[..]) {
             return Err(Error::ModelMismatch {
                 path,
-                reason: format!("encoder output is {:?}, expected {expected:?}", out_fact.shape),
+                reason: format!(
+                    "encoder output is {:?}, expected {expected:?}",
+                    out_fact.shape
+                ),
             });
         }
         let plan = typed.into_runnable().map_err(load_err)?;
-        Ok(Encoder { plan, path, precision, image_size: s, output_shape: expected })
+        Ok(Encoder {
+            plan,
+            path,
+            precision,
+            image_size: s,
+            output_shape: expected,
+        })
     }
 
     /// Run the encoder on a preprocessed image.
@@ -61,9 +76,17 @@ impl Encoder {
         let mut out = self
             .plan
             .run(tvec!(image.tensor.into()))
-            .map_err(|source| Error::Inference { stage: "encoder", source })?;
+            .map_err(|source| Error::Inference {
+                stage: "encoder",
+                source,
+            })?;
         let tensor = out.remove(0).into_arc_tensor();
         Ok(Embedding { tensor, geometry })
+    }
+
+    /// The runnable plan, for profiling.
+    pub fn plan(&self) -> &Arc<TypedRunnableModel> {
+        &self.plan
     }
 
     /// The optimised graph, for kernel reports.

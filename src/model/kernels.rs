@@ -5,8 +5,8 @@
 
 use serde::Serialize;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::ops::Cost;
 use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
+use tract_onnx::tract_core::ops::Cost;
 
 /// One compute node of an optimised graph.
 #[derive(Debug, Clone, Serialize)]
@@ -49,13 +49,17 @@ impl KernelReport {
     pub fn kernel_totals(&self) -> Vec<(String, u64)> {
         let mut totals: Vec<(String, u64)> = Vec::new();
         for n in &self.nodes {
-            let name = if n.kernel.is_empty() { format!("{} ({})", n.op, n.accumulator) } else { n.kernel.clone() };
+            let name = if n.kernel.is_empty() {
+                format!("{} ({})", n.op, n.accumulator)
+            } else {
+                n.kernel.clone()
+            };
             match totals.iter_mut().find(|(k, _)| *k == name) {
                 Some((_, m)) => *m += n.macs,
                 None => totals.push((name, n.macs)),
             }
         }
-        totals.sort_by(|a, b| b.1.cmp(&a.1));
+        totals.sort_by_key(|t| std::cmp::Reverse(t.1));
         totals
     }
 }
@@ -69,7 +73,10 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
         let inputs = model.node_input_facts(id)?;
         let op_name = node.op.name();
         // Element-wise ops (GELU, norms) report FMA costs too; only products count as model MACs.
-        if !["MatMul", "Conv", "DepthWise", "Deconv"].iter().any(|k| op_name.contains(k)) {
+        if !["MatMul", "Conv", "DepthWise", "Deconv"]
+            .iter()
+            .any(|k| op_name.contains(k))
+        {
             continue;
         }
         for (cost, count) in node.op.cost(&inputs)? {
@@ -97,5 +104,9 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
             });
         }
     }
-    Ok(KernelReport { nodes, integer_macs, float_macs })
+    Ok(KernelReport {
+        nodes,
+        integer_macs,
+        float_macs,
+    })
 }

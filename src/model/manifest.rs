@@ -102,7 +102,9 @@ impl std::str::FromStr for Precision {
         match s {
             "fp32" => Ok(Precision::Fp32),
             "int8" => Ok(Precision::Int8),
-            other => Err(format!("unknown precision {other:?} (expected fp32 or int8)")),
+            other => Err(format!(
+                "unknown precision {other:?} (expected fp32 or int8)"
+            )),
         }
     }
 }
@@ -147,27 +149,47 @@ impl Manifest {
     /// Read and check `dir/manifest.json`.
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::Manifest { path: path.clone(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         manifest.check(&path)?;
         Ok(manifest)
     }
 
     fn check(&self, path: &Path) -> Result<()> {
-        let invalid = |reason: String| Error::Manifest { path: path.to_path_buf(), reason };
+        let invalid = |reason: String| Error::Manifest {
+            path: path.to_path_buf(),
+            reason,
+        };
         if self.format != MANIFEST_FORMAT {
-            return Err(invalid(format!("format {} (this build reads {MANIFEST_FORMAT})", self.format)));
+            return Err(invalid(format!(
+                "format {} (this build reads {MANIFEST_FORMAT})",
+                self.format
+            )));
         }
         let c = &self.config;
-        if c.image_size == 0 || c.image_size % 16 != 0 || c.image_size != self.preprocess.image_size {
+        if c.image_size == 0 || c.image_size % 16 != 0 || c.image_size != self.preprocess.image_size
+        {
             return Err(invalid(format!(
                 "image_size {} (config) / {} (preprocess) must agree and be a positive multiple of 16",
                 c.image_size, self.preprocess.image_size
             )));
         }
-        if self.preprocess.pixel_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(invalid(format!("pixel_std {:?} must be positive", self.preprocess.pixel_std)));
+        if self
+            .preprocess
+            .pixel_std
+            .iter()
+            .any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(invalid(format!(
+                "pixel_std {:?} must be positive",
+                self.preprocess.pixel_std
+            )));
         }
         if c.num_multimask_outputs == 0 {
             return Err(invalid("num_multimask_outputs is 0".into()));
@@ -175,7 +197,9 @@ impl Manifest {
         for role in [Role::Encoder, Role::Decoder] {
             let p = self.default_precision(role);
             if self.file(role, p).is_none() {
-                return Err(invalid(format!("default {role:?} precision {p} has no file entry")));
+                return Err(invalid(format!(
+                    "default {role:?} precision {p} has no file entry"
+                )));
             }
         }
         Ok(())
@@ -191,12 +215,18 @@ impl Manifest {
 
     /// The file entry for `role` at `precision`, if the directory has one.
     pub fn file(&self, role: Role, precision: Precision) -> Option<&ModelFile> {
-        self.files.iter().find(|f| f.role == role && f.precision == precision)
+        self.files
+            .iter()
+            .find(|f| f.role == role && f.precision == precision)
     }
 
     /// The precisions available for `role`.
     pub fn precisions(&self, role: Role) -> Vec<Precision> {
-        self.files.iter().filter(|f| f.role == role).map(|f| f.precision).collect()
+        self.files
+            .iter()
+            .filter(|f| f.role == role)
+            .map(|f| f.precision)
+            .collect()
     }
 
     /// Full path of a file entry.

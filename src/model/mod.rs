@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod encoder;
 pub mod kernels;
 pub mod manifest;
+pub mod profile;
 
 use std::path::{Path, PathBuf};
 
@@ -44,17 +45,30 @@ impl Model {
     /// Load `dir` (with `manifest.json`) at the chosen precisions.
     pub fn load(dir: &Path, choice: PrecisionChoice) -> Result<Model> {
         let manifest = Manifest::load(dir)?;
-        let enc_p = choice.encoder.unwrap_or(manifest.default_precision(Role::Encoder));
-        let dec_p = choice.decoder.unwrap_or(manifest.default_precision(Role::Decoder));
+        let enc_p = choice
+            .encoder
+            .unwrap_or(manifest.default_precision(Role::Encoder));
+        let dec_p = choice
+            .decoder
+            .unwrap_or(manifest.default_precision(Role::Decoder));
         let encoder = Encoder::load(dir, &manifest, enc_p)?;
         let decoder = Decoder::load(dir, &manifest, dec_p)?;
         log::info!(
             "loaded {} from {} (encoder {enc_p}, decoder {dec_p}; weights: {})",
             manifest.model,
             dir.display(),
-            manifest.weights.get("kind").and_then(|k| k.as_str()).unwrap_or("unknown")
+            manifest
+                .weights
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or("unknown")
         );
-        Ok(Model { dir: dir.to_path_buf(), manifest, encoder, decoder })
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            manifest,
+            encoder,
+            decoder,
+        })
     }
 }
 
@@ -66,13 +80,19 @@ pub(crate) fn parse_onnx(
     precision: Precision,
 ) -> Result<(PathBuf, InferenceModel)> {
     let stage = stage_name(role);
-    let entry = manifest.file(role, precision).ok_or_else(|| Error::Manifest {
-        path: dir.join("manifest.json"),
-        reason: format!(
-            "no {precision} {stage} file (available: {:?})",
-            manifest.precisions(role).iter().map(|p| p.to_string()).collect::<Vec<_>>()
-        ),
-    })?;
+    let entry = manifest
+        .file(role, precision)
+        .ok_or_else(|| Error::Manifest {
+            path: dir.join("manifest.json"),
+            reason: format!(
+                "no {precision} {stage} file (available: {:?})",
+                manifest
+                    .precisions(role)
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+            ),
+        })?;
     let path = Manifest::path_of(dir, entry);
     if !path.is_file() {
         return Err(Error::Io {
@@ -86,10 +106,18 @@ pub(crate) fn parse_onnx(
         .with_ignore_value_info(true)
         .with_ignore_output_shapes(true)
         .model_for_path(&path)
-        .map_err(|source| Error::ModelLoad { stage, path: path.clone(), source })?;
+        .map_err(|source| Error::ModelLoad {
+            stage,
+            path: path.clone(),
+            source,
+        })?;
     let names: Vec<String> = model
         .input_outlets()
-        .map_err(|source| Error::ModelLoad { stage, path: path.clone(), source })?
+        .map_err(|source| Error::ModelLoad {
+            stage,
+            path: path.clone(),
+            source,
+        })?
         .iter()
         .map(|o| model.node(o.node).name.clone())
         .collect();

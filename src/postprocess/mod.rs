@@ -93,8 +93,18 @@ impl Upsampler {
         Upsampler {
             geometry,
             size,
-            cols: taps(geometry.frame_width, geometry.resized_width, geometry.model_size, size),
-            rows: taps(geometry.frame_height, geometry.resized_height, geometry.model_size, size),
+            cols: taps(
+                geometry.frame_width,
+                geometry.resized_width,
+                geometry.model_size,
+                size,
+            ),
+            rows: taps(
+                geometry.frame_height,
+                geometry.resized_height,
+                geometry.model_size,
+                size,
+            ),
         }
     }
 
@@ -147,14 +157,22 @@ impl Upsampler {
                 }
             }
         }
-        let bbox = if area > 0 { [min_x, min_y, max_x - min_x + 1, max_y - min_y + 1] } else { [0; 4] };
+        let bbox = if area > 0 {
+            [min_x, min_y, max_x - min_x + 1, max_y - min_y + 1]
+        } else {
+            [0; 4]
+        };
         MaskResult {
             index,
             score,
             stability: if lo == 0 { 0.0 } else { hi as f32 / lo as f32 },
             bbox,
             area,
-            mask: BinaryMask { width: w, height: h, data },
+            mask: BinaryMask {
+                width: w,
+                height: h,
+                data,
+            },
             low_res_logits: low.to_vec(),
         }
     }
@@ -162,7 +180,16 @@ impl Upsampler {
 
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn bilinear(low: &[f32], m: usize, y0: usize, y1: usize, fy: f32, x0: usize, x1: usize, fx: f32) -> f32 {
+fn bilinear(
+    low: &[f32],
+    m: usize,
+    y0: usize,
+    y1: usize,
+    fy: f32,
+    x0: usize,
+    x1: usize,
+    fx: f32,
+) -> f32 {
     let a = low[y0 * m + x0] * (1.0 - fx) + low[y0 * m + x1] * fx;
     let b = low[y1 * m + x0] * (1.0 - fx) + low[y1 * m + x1] * fx;
     a * (1.0 - fy) + b * fy
@@ -170,8 +197,14 @@ fn bilinear(low: &[f32], m: usize, y0: usize, y1: usize, fy: f32, x0: usize, x1:
 
 /// Stability score of m*m logits at their own resolution (used to filter before upsampling).
 pub fn stability_score(logits: &[f32], offset: f32) -> f32 {
-    let hi = logits.iter().filter(|&&v| v > MASK_THRESHOLD + offset).count();
-    let lo = logits.iter().filter(|&&v| v > MASK_THRESHOLD - offset).count();
+    let hi = logits
+        .iter()
+        .filter(|&&v| v > MASK_THRESHOLD + offset)
+        .count();
+    let lo = logits
+        .iter()
+        .filter(|&&v| v > MASK_THRESHOLD - offset)
+        .count();
     if lo == 0 {
         0.0
     } else {
@@ -236,7 +269,9 @@ mod tests {
         // A square frame: the whole low-res grid is image; left half positive.
         let g = Geometry::new(100, 100, 64).unwrap();
         let m = 16;
-        let low: Vec<f32> = (0..m * m).map(|i| if i % m < m / 2 { 3.0 } else { -3.0 }).collect();
+        let low: Vec<f32> = (0..m * m)
+            .map(|i| if i % m < m / 2 { 3.0 } else { -3.0 })
+            .collect();
         let r = Upsampler::new(g, m).mask(&low, 0, 1.0);
         assert_eq!(r.bbox, [0, 0, 50, 100]);
         assert_eq!(r.area, 5000);
@@ -247,7 +282,9 @@ mod tests {
         // Wide frame: the bottom of the model input is padding; the mask is positive only there.
         let g = Geometry::new(100, 50, 64).unwrap();
         let m = 16;
-        let low: Vec<f32> = (0..m * m).map(|i| if i / m >= m / 2 { 9.0 } else { -9.0 }).collect();
+        let low: Vec<f32> = (0..m * m)
+            .map(|i| if i / m >= m / 2 { 9.0 } else { -9.0 })
+            .collect();
         assert_eq!(Upsampler::new(g, m).mask(&low, 0, 1.0).area, 0);
     }
 

@@ -54,7 +54,10 @@ impl Rle {
             }
         }
         counts.push(run);
-        Rle { size: [height, width], counts }
+        Rle {
+            size: [height, width],
+            counts,
+        }
     }
 
     /// Decode to a row-major mask of 0/1 bytes.
@@ -63,7 +66,12 @@ impl Rle {
         let expected = u64::from(h) * u64::from(w);
         let covered: u64 = self.counts.iter().map(|&c| u64::from(c)).sum();
         if covered != expected {
-            return Err(RleError::Length { covered, expected, height: h, width: w });
+            return Err(RleError::Length {
+                covered,
+                expected,
+                height: h,
+                width: w,
+            });
         }
         let (w, h) = (w as usize, h as usize);
         let mut mask = vec![0u8; w * h];
@@ -82,7 +90,12 @@ impl Rle {
 
     /// Number of object pixels.
     pub fn area(&self) -> u64 {
-        self.counts.iter().skip(1).step_by(2).map(|&c| u64::from(c)).sum()
+        self.counts
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|&c| u64::from(c))
+            .sum()
     }
 
     /// pycocotools' compressed string form.
@@ -139,11 +152,19 @@ impl Rle {
             }
             counts.push(u32::try_from(x).map_err(|_| RleError::Malformed(p))?);
         }
-        let rle = Rle { size: [height, width], counts };
+        let rle = Rle {
+            size: [height, width],
+            counts,
+        };
         let covered: u64 = rle.counts.iter().map(|&c| u64::from(c)).sum();
         let expected = u64::from(width) * u64::from(height);
         if covered != expected {
-            return Err(RleError::Length { covered, expected, height, width });
+            return Err(RleError::Length {
+                covered,
+                expected,
+                height,
+                width,
+            });
         }
         Ok(rle)
     }
@@ -169,14 +190,25 @@ mod tests {
 
     #[test]
     fn mask_starting_with_one_has_empty_first_run() {
-        let rle = Rle::encode(&[1, 1, 0, 0], 2, 2);
+        // rows (1 0) (1 0): column 0 is all ones.
+        let rle = Rle::encode(&[1, 0, 1, 0], 2, 2);
         assert_eq!(rle.counts, vec![0, 2, 2]);
     }
 
     #[test]
     fn decode_rejects_wrong_length() {
-        let rle = Rle { size: [2, 2], counts: vec![1, 1] };
-        assert!(matches!(rle.decode(), Err(RleError::Length { covered: 2, expected: 4, .. })));
+        let rle = Rle {
+            size: [2, 2],
+            counts: vec![1, 1],
+        };
+        assert!(matches!(
+            rle.decode(),
+            Err(RleError::Length {
+                covered: 2,
+                expected: 4,
+                ..
+            })
+        ));
         assert!(Rle::from_compressed("~~~~", 2, 2).is_err());
         assert!(Rle::from_compressed("0", 2, 2).is_err());
     }

@@ -1,5 +1,7 @@
 //! `tinysam`: segment images from the command line, inspect models, benchmark.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -7,14 +9,18 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use tinysam_edge::model::{self, kernels, PrecisionChoice, Precision, Role};
+use tinysam_edge::model::{self, kernels, Precision, PrecisionChoice, Role};
 use tinysam_edge::overlay;
 use tinysam_edge::postprocess::MaskSummary;
 use tinysam_edge::prompt::{BoxPrompt, Prompt, PromptPoint};
 use tinysam_edge::segmenter::{MaskSelection, Segmenter};
 
 #[derive(Parser)]
-#[command(name = "tinysam", version, about = "TinySAM promptable segmentation on the CPU (tract, INT8)")]
+#[command(
+    name = "tinysam",
+    version,
+    about = "TinySAM promptable segmentation on the CPU (tract, INT8)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,8 +54,12 @@ impl ModelArgs {
     fn load(&self) -> anyhow::Result<Segmenter> {
         model::set_threads(self.threads);
         let dir = self.dir();
-        let choice = PrecisionChoice { encoder: self.encoder, decoder: self.decoder };
-        Segmenter::load(&dir, choice).with_context(|| format!("loading model directory {}", dir.display()))
+        let choice = PrecisionChoice {
+            encoder: self.encoder,
+            decoder: self.decoder,
+        };
+        Segmenter::load(&dir, choice)
+            .with_context(|| format!("loading model directory {}", dir.display()))
     }
 }
 
@@ -59,6 +69,8 @@ enum Command {
     Segment(SegmentArgs),
     /// Print a model's manifest summary, the CPU's ISA and the kernels tract chose.
     Info(InfoArgs),
+    /// Time encoder and decoder per precision, side by side, with peak RSS.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -118,13 +130,20 @@ fn prompts_from(args: &SegmentArgs) -> Vec<Prompt> {
         if args.points.is_empty() {
             return Vec::new();
         }
-        return vec![Prompt { points: args.points.clone(), ..Prompt::default() }];
+        return vec![Prompt {
+            points: args.points.clone(),
+            ..Prompt::default()
+        }];
     }
     args.boxes
         .iter()
         .enumerate()
         .map(|(i, b)| Prompt {
-            points: if i == 0 { args.points.clone() } else { Vec::new() },
+            points: if i == 0 {
+                args.points.clone()
+            } else {
+                Vec::new()
+            },
             bbox: Some(*b),
             mask_input: None,
         })
@@ -143,13 +162,18 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let embedding = seg.embed(&frame)?;
     let encoder_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let selection = if args.all_masks { MaskSelection::All } else { MaskSelection::Best };
+    let selection = if args.all_masks {
+        MaskSelection::All
+    } else {
+        MaskSelection::Best
+    };
     let t1 = Instant::now();
     let outcomes = seg.segment(&embedding, &prompts, selection)?;
     let decoder_ms = t1.elapsed().as_secs_f64() * 1e3;
 
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     let prefix = args.out.to_string_lossy().to_string();
     let mut overlay_img = frame.clone();
@@ -161,24 +185,38 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
             Ok(masks) => {
                 for m in masks {
                     let path = format!("{prefix}.mask-{mask_no}.png");
-                    let png = image::GrayImage::from_raw(m.mask.width, m.mask.height, m.mask.data.iter().map(|v| v * 255).collect())
-                        .context("mask buffer size")?;
+                    let png = image::GrayImage::from_raw(
+                        m.mask.width,
+                        m.mask.height,
+                        m.mask.data.iter().map(|v| v * 255).collect(),
+                    )
+                    .context("mask buffer size")?;
                     png.save(&path).with_context(|| format!("writing {path}"))?;
                     mask_no += 1;
                     drawn.push(&m.mask);
                 }
-                reports.push(PromptReport { prompt: i, error: None, masks: masks.iter().map(MaskSummary::from).collect() });
+                reports.push(PromptReport {
+                    prompt: i,
+                    error: None,
+                    masks: masks.iter().map(MaskSummary::from).collect(),
+                });
             }
             Err(e) => {
                 eprintln!("prompt {i}: {e}");
-                reports.push(PromptReport { prompt: i, error: Some(e.to_string()), masks: Vec::new() });
+                reports.push(PromptReport {
+                    prompt: i,
+                    error: Some(e.to_string()),
+                    masks: Vec::new(),
+                });
             }
         }
     }
     overlay::draw_masks(&mut overlay_img, &drawn);
     overlay::draw_prompts(&mut overlay_img, &prompts);
     let overlay_path = format!("{prefix}.overlay.png");
-    overlay_img.save(&overlay_path).with_context(|| format!("writing {overlay_path}"))?;
+    overlay_img
+        .save(&overlay_path)
+        .with_context(|| format!("writing {overlay_path}"))?;
     let report = SegmentReport {
         image: &args.image,
         width: frame.width(),
@@ -189,7 +227,8 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
         prompts: reports,
     };
     let json_path = format!("{prefix}.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {json_path}"))?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {json_path}"))?;
     for r in &report.prompts {
         for m in &r.masks {
             println!(
@@ -225,10 +264,20 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     }
     println!("model      {} ({})", m.manifest.model, m.dir.display());
     println!("weights    {}", m.manifest.weights);
-    println!("input      {0}x{0}, embedding {1:?}", m.manifest.config.image_size, m.encoder.output_shape);
-    println!("available  encoder {:?}, decoder {:?}", m.manifest.precisions(Role::Encoder), m.manifest.precisions(Role::Decoder));
+    println!(
+        "input      {0}x{0}, embedding {1:?}",
+        m.manifest.config.image_size, m.encoder.output_shape
+    );
+    println!(
+        "available  encoder {:?}, decoder {:?}",
+        m.manifest.precisions(Role::Encoder),
+        m.manifest.precisions(Role::Decoder)
+    );
     println!("cpu isa    {}", model::native_isa());
-    for (name, precision, rep) in [("encoder", m.encoder.precision, &enc), ("decoder", m.decoder.precision, &dec)] {
+    for (name, precision, rep) in [
+        ("encoder", m.encoder.precision, &enc),
+        ("decoder", m.decoder.precision, &dec),
+    ] {
         println!(
             "{name:<10} {precision}: {:.2} GMAC, {:.1}% in integer kernels",
             (rep.integer_macs + rep.float_macs) as f64 / 1e9,
@@ -239,7 +288,10 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         }
         if args.nodes {
             for n in &rep.nodes {
-                println!("    {:>12} MAC  {:<10} {:<28} {}", n.macs, n.accumulator, n.kernel, n.node);
+                println!(
+                    "    {:>12} MAC  {:<10} {:<28} {}",
+                    n.macs, n.accumulator, n.kernel, n.node
+                );
             }
         }
     }
@@ -252,6 +304,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Segment(a) => segment(a),
         Command::Info(a) => info(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

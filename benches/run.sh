@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Latency benchmark of the full-size model, INT8 vs FP32 side by side in one run, 1 and 2 threads.
+# Writes benches/results.md (committed) with the command and machine.
+#
+#   bash benches/run.sh
+#
+# Needs the model toolchain's venv (models/.venv, made by tests/run-all.sh) to export the
+# full-size FP32 + INT8 files into models/build/full the first time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FULL=models/build/full
+if [ ! -f "$FULL/manifest.json" ]; then
+    (cd models && .venv/bin/python -m tinysam_export export --synthetic --seed 0 --config full --out "../$FULL")
+fi
+cargo build --release --locked
+IMAGE=tests/fixtures/golden/frame.png
+[ -f ../shared/images/tinysam-picture2.jpg ] && IMAGE=../shared/images/tinysam-picture2.jpg
+OUT=benches/results.md
+{
+    echo "# Benchmark results"
+    echo
+    echo "Made by \`bash benches/run.sh\` on $(date -u +%Y-%m-%d) (git $(git rev-parse --short HEAD))."
+    echo "Synthetic-weight full-size TinySAM (seed 0), image \`$IMAGE\`."
+    echo
+    for t in 1 2; do
+        echo "## $t thread(s)"
+        echo
+        ./target/release/tinysam bench --model "$FULL" --image "$IMAGE" --threads "$t" --runs 3 --batches 1,16,64 2>/dev/null
+        echo
+    done
+} > "$OUT.tmp"
+mv "$OUT.tmp" "$OUT"
+cat "$OUT"

@@ -1,0 +1,68 @@
+"""Exported graphs agree with PyTorch; INT8 keeps fidelity and runs on QLinear ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from tinysam_export.config import TEST
+from tinysam_export.images import skimage_photos
+from tinysam_export.preprocess import preprocess
+from tinysam_export.quantize import integer_mac_share
+from tinysam_export.validate import MIN_MEAN_MASK_IOU, session
+from tinysam_export.wrappers import DecoderGraph, EncoderGraph
+
+
+@torch.no_grad()
+def test_fp32_onnx_matches_pytorch_on_real_photos(test_model, built_test_dir):
+    out, _ = built_test_dir
+    enc = session(out / "encoder.fp32.onnx")
+    dec = session(out / "decoder.fp32.onnx")
+    egraph, dgraph = EncoderGraph(test_model).eval(), DecoderGraph(test_model).eval()
+    for photo in skimage_photos(["astronaut", "rocket"]):
+        x = preprocess(photo.rgb, TEST)
+        ref = egraph(torch.from_numpy(x)).numpy()
+        got = enc.run(None, {"image": x})[0]
+        assert np.max(np.abs(got - ref)) < 1e-4
+        coords = np.array([[[60.0, 80.0], [0, 0]], [[200.0, 100.0], [0, 0]], [[10, 10], [250, 200]]], np.float32)
+        labels = np.array([[1, -1], [0, -1], [2, 3]], np.float32)
+        mask = np.zeros((1, 1, 64, 64), np.float32)
+        flag = np.zeros(1, np.float32)
+        want = [t.numpy() for t in dgraph(torch.from_numpy(ref), *(torch.from_numpy(a) for a in (coords, labels, mask, flag)))]
+        feeds = dict(image_embeddings=ref, point_coords=coords, point_labels=labels, mask_input=mask, has_mask_input=flag)
+        for g, w in zip(dec.run(None, feeds), want):
+            assert np.max(np.abs(g - w)) / max(1.0, np.max(np.abs(w))) < 1e-4
+
+
+def test_int8_fidelity_above_threshold(built_test_dir):
+    _, manifest = built_test_dir
+    chosen = manifest["default"]["decoder"]
+    key = "int8_encoder_int8_decoder" if chosen == "int8" else "int8_encoder_fp32_decoder"
+    assert manifest["fidelity"][key]["mean_mask_iou"] >= MIN_MEAN_MASK_IOU
+    assert manifest["fidelity"]["embedding_cosine_min"] > 0.95
+
+
+def test_quantized_graph_uses_qoperator_ops(built_test_dir):
+    out, _ = built_test_dir
+    ops = {n.op_type for n in onnx.load(str(out / "encoder.int8.onnx")).graph.node}
+    assert {"QLinearConv", "QLinearMatMul"} <= ops
+    # No QDQ-only or contrib ops tract lacks.
+    assert not ops & {"QLinearAdd", "QLinearMul", "QGemm", "QLinearSoftmax"}
+
+
+def test_fully_quantized_fixture_runs_90_percent_in_integer_ops():
+    from conftest import REPO
+
+    share = integer_mac_share(REPO / "tests" / "fixtures" / "test_model" / "encoder.int8.onnx")
+    assert share["integer_share"] >= 0.9, share
+
+
+def test_default_model_mac_share_and_fidelity(default_manifest):
+    enc = next(f for f in default_manifest["files"] if f["role"] == "encoder" and f["precision"] == "int8")
+    # The stem stays float by design (see quantize.QuantOptions.float_stem): ~75% integer.
+    assert enc["mac_share"]["integer_share"] >= 0.7
+    assert default_manifest["weights"]["kind"] == "synthetic"
+    chosen = default_manifest["default"]["decoder"]
+    key = "int8_encoder_int8_decoder" if chosen == "int8" else "int8_encoder_fp32_decoder"
+    assert default_manifest["fidelity"][key]["mean_mask_iou"] >= MIN_MEAN_MASK_IOU

@@ -1,0 +1,219 @@
+//! `tinysam bench`: encoder and decoder latency per precision, side by side in one run.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use tinysam_edge::model::{self, profile, Model, Precision, PrecisionChoice, Role};
+use tinysam_edge::prompt::Prompt;
+use tinysam_edge::segmenter::Segmenter;
+
+/// Options of `tinysam bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model directory (needs the files of every precision benchmarked).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Image to encode (default: a synthetic 640x480 test pattern).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Precisions to compare (each used for encoder and decoder where the file exists).
+    #[arg(long, value_delimiter = ',', default_value = "int8,fp32")]
+    pub precisions: Vec<Precision>,
+    /// Decoder batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub batches: Vec<usize>,
+    /// Timed runs per measurement (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Threads for tract's matrix products.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Print the slowest encoder ops of each precision.
+    #[arg(long)]
+    pub profile: bool,
+    /// Also write the Markdown table to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+struct Stats {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+fn measure(runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Stats> {
+    f()?; // warm-up: plan caches, allocator
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(Stats {
+        median: times[times.len() / 2],
+        min: times[0],
+        max: times[times.len() - 1],
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Peak resident set size of this process so far, in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn test_pattern() -> image::RgbImage {
+    image::RgbImage::from_fn(640, 480, |x, y| {
+        image::Rgb([
+            (x % 256) as u8,
+            (y % 256) as u8,
+            ((x / 8 + y / 8) % 2 * 200) as u8,
+        ])
+    })
+}
+
+/// Run the benchmark and print the table.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    model::set_threads(args.threads);
+    let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
+    let frame = match &args.image {
+        Some(p) => image::open(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .to_rgb8(),
+        None => test_pattern(),
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let mut md = String::new();
+    writeln!(
+        md,
+        "model `{}`, frame {}x{}, {} thread(s), {} runs + 1 warm-up",
+        dir.display(),
+        frame.width(),
+        frame.height(),
+        args.threads,
+        args.runs
+    )?;
+    writeln!(md, "cpu: {cpu}; tract ISA: {}\n", model::native_isa())?;
+    let mut header = String::from("| precision | encoder ms (median, min-max) |");
+    let mut rule = String::from("|---|---|");
+    for b in &args.batches {
+        write!(header, " decoder b={b} ms (per prompt) |")?;
+        rule.push_str("---|");
+    }
+    header.push_str(" peak RSS MiB |");
+    rule.push_str("---|");
+    writeln!(md, "{header}\n{rule}")?;
+    let mut encoder_medians = Vec::new();
+    for &p in &args.precisions {
+        let manifest = model::Manifest::load(&dir)?;
+        let dec_p = if manifest.file(Role::Decoder, p).is_some() {
+            p
+        } else {
+            manifest.default_precision(Role::Decoder)
+        };
+        if manifest.file(Role::Encoder, p).is_none() {
+            eprintln!("skipping {p}: {} has no {p} encoder", dir.display());
+            continue;
+        }
+        let m = Model::load(
+            &dir,
+            PrecisionChoice {
+                encoder: Some(p),
+                decoder: Some(dec_p),
+            },
+        )?;
+        let mut seg = Segmenter::new(m);
+        let mut emb = seg.embed(&frame)?;
+        let enc = measure(args.runs, || {
+            emb = seg.embed(&frame)?;
+            Ok(())
+        })?;
+        encoder_medians.push((p, enc.median));
+        let mut row = format!(
+            "| enc {p} / dec {dec_p} | {:.1} ({:.1}-{:.1}) |",
+            ms(enc.median),
+            ms(enc.min),
+            ms(enc.max)
+        );
+        let (w, h) = (frame.width() as f32, frame.height() as f32);
+        for &b in &args.batches {
+            let prompts: Vec<Prompt> = (0..b)
+                .map(|i| {
+                    Prompt::point(
+                        w * ((i % 8) as f32 + 0.5) / 8.0,
+                        h * ((i / 8 % 8) as f32 + 0.5) / 8.0,
+                    )
+                })
+                .collect();
+            let model_prompts: Vec<_> = prompts
+                .iter()
+                .map(|p| p.to_model(&emb.geometry, seg.mask_size().pow(2)))
+                .collect::<Result<_, _>>()?;
+            let dec = measure(args.runs, || {
+                seg.decode(&emb, &model_prompts, None)?;
+                Ok(())
+            })?;
+            write!(
+                row,
+                " {:.1} ({:.2}) |",
+                ms(dec.median),
+                ms(dec.median) / b as f64
+            )?;
+        }
+        write!(row, " {:.0} |", peak_rss_mib())?;
+        writeln!(md, "{row}")?;
+        if args.profile {
+            let input = tinysam_edge::preprocess::Preprocessor::new(&seg.model.manifest.preprocess)
+                .run(&frame)?;
+            let times = profile::profile(seg.model.encoder.plan(), vec![input.tensor])?;
+            eprintln!("\nencoder {p}: time by op");
+            for (op, d, n) in profile::by_op(&times).iter().take(12) {
+                eprintln!("  {:>9.1} ms  {n:>4}x  {op}", ms(*d));
+            }
+            eprintln!("encoder {p}: slowest nodes");
+            for t in times.iter().take(12) {
+                eprintln!("  {:>9.1} ms  {:<24} {}", ms(t.time), t.op, t.node);
+                for line in &t.info {
+                    eprintln!("                 {line}");
+                }
+            }
+        }
+    }
+    if let (Some((_, int8)), Some((_, fp32))) = (
+        encoder_medians.iter().find(|(p, _)| *p == Precision::Int8),
+        encoder_medians.iter().find(|(p, _)| *p == Precision::Fp32),
+    ) {
+        writeln!(
+            md,
+            "\nencoder INT8 / FP32 time ratio: {:.2}",
+            int8.as_secs_f64() / fp32.as_secs_f64()
+        )?;
+    }
+    print!("{md}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

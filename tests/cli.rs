@@ -1,0 +1,100 @@
+//! The `tinysam` binary end to end on the fixture model.
+
+use std::process::Command;
+
+use crate::util::{fixtures, test_model};
+
+fn tinysam() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tinysam"))
+}
+
+#[test]
+fn segment_writes_masks_overlay_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("seg");
+    let out = tinysam()
+        .arg("segment")
+        .arg(fixtures().join("golden/frame.png"))
+        .args([
+            "--point",
+            "100,75",
+            "--point",
+            "150,100,0",
+            "--box",
+            "30,20,170,130",
+            "--all-masks",
+        ])
+        .arg("--model")
+        .arg(test_model())
+        .arg("--out")
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("seg.json")).unwrap())
+            .unwrap();
+    let masks = json["prompts"][0]["masks"].as_array().unwrap();
+    assert_eq!(masks.len(), 3);
+    assert!(masks[0]["rle_string"].is_string());
+    let overlay = image::open(dir.path().join("seg.overlay.png")).unwrap();
+    assert_eq!((overlay.width(), overlay.height()), (200, 150));
+    let mask = image::open(dir.path().join("seg.mask-0.png"))
+        .unwrap()
+        .to_luma8();
+    let area = mask.as_raw().iter().filter(|&&v| v == 255).count() as u64;
+    assert_eq!(area, masks[0]["area"].as_u64().unwrap());
+}
+
+#[test]
+fn segment_reports_bad_input_clearly() {
+    let missing = tinysam()
+        .args(["segment", "/nonexistent.png", "--point", "1,1"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.png"));
+
+    let bad_point = tinysam()
+        .args(["segment", "x.png", "--point", "1;2"])
+        .output()
+        .unwrap();
+    assert!(!bad_point.status.success());
+    assert!(String::from_utf8_lossy(&bad_point.stderr).contains("x,y[,label]"));
+
+    let outside = tinysam()
+        .arg("segment")
+        .arg(fixtures().join("golden/frame.png"))
+        .args(["--point", "5000,5"])
+        .arg("--model")
+        .arg(test_model())
+        .arg("--out")
+        .arg(std::env::temp_dir().join("tinysam-cli-outside"))
+        .output()
+        .unwrap();
+    assert!(!outside.status.success());
+    assert!(String::from_utf8_lossy(&outside.stderr).contains("outside the 200x150 image"));
+}
+
+#[test]
+fn info_reports_isa_and_kernels() {
+    let out = tinysam()
+        .arg("info")
+        .arg("--model")
+        .arg(test_model())
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["isa"].as_str().unwrap().len() > 2);
+    assert!(v["encoder"]["kernels"]["nodes"].as_array().unwrap().len() > 5);
+}

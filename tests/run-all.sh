@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 clone: installs what it needs, then runs every
+# suite and prints one summary line per suite. `.ci/run` calls exactly this.
+#
+#   bash tests/run-all.sh            # everything
+#   SKIP_PYTHON=1 bash tests/run-all.sh   # Rust only (no torch download)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/models/.venv
+declare -a SUMMARY=()
+FAILED=0
+
+say() { printf '\n==> %s\n' "$*"; }
+record() { # name, status
+    SUMMARY+=("$(printf '%-28s %s' "$1" "$2")")
+    [ "$2" = "passed" ] || FAILED=1
+}
+run_suite() { # name, command...
+    local name=$1; shift
+    say "$name: $*"
+    if "$@"; then record "$name" passed; else record "$name" FAILED; fi
+}
+
+need_root_apt() { # packages...
+    local missing=()
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    say "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+}
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run." >&2
+    exit 1
+fi
+
+setup_python() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV"
+        python3 -m venv "$VENV" 2>/dev/null || { need_root_apt python3-venv && python3 -m venv "$VENV"; } || return 1
+    fi
+    local uv
+    uv=$(command -v uv || true)
+    if [ -z "$uv" ]; then
+        if [ ! -x "$VENV/bin/uv" ]; then
+            "$VENV/bin/python" -m ensurepip -q >/dev/null 2>&1 || true
+            "$VENV/bin/python" -m pip install -q uv || return 1
+        fi
+        uv=$VENV/bin/uv
+    fi
+    say "installing the model toolchain's Python packages (torch brings ~3 GB of CUDA libraries)"
+    "$uv" pip install -q --python "$VENV/bin/python" -e "$ROOT/models[dev]"
+}
+
+# --- Rust ---------------------------------------------------------------------------------
+run_suite "rust: fmt" cargo fmt --all -- --check
+run_suite "rust: clippy" cargo clippy --release --all-targets --locked -- -D warnings
+run_suite "rust: tests (x86_64)" cargo test --release --locked
+
+smoke_default_model() {
+    local out
+    out=$(mktemp -d)
+    ./target/release/tinysam info --model models/default &&
+        ./target/release/tinysam segment tests/fixtures/golden/frame.png --point 100,75 \
+            --model models/default --out "$out/smoke" &&
+        test -s "$out/smoke.overlay.png"
+}
+run_suite "default model smoke" smoke_default_model
+
+# --- Python (model toolchain) -------------------------------------------------------------
+if [ "${SKIP_PYTHON:-0}" = "1" ]; then
+    record "python: models/tests" skipped
+elif setup_python; then
+    run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
+else
+    record "python: setup" FAILED
+fi
+
+say "summary"
+printf '%s\n' "${SUMMARY[@]}"
+exit $FAILED

@@ -1,0 +1,9 @@
+//! Integration tests of the public API against the committed fixtures (tests/fixtures/).
+
+mod util;
+
+mod bad_input;
+mod cli;
+mod kernels;
+mod parity;
+mod rle;

@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests.
+
+use std::path::PathBuf;
+
+use ndarray_npy::ReadNpyExt;
+use tract_onnx::prelude::tract_ndarray::ArrayD;
+
+/// `tests/fixtures/` in the source tree.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The test-size model directory.
+pub fn test_model() -> PathBuf {
+    fixtures().join("test_model")
+}
+
+/// A golden tensor written by `models/` with numpy.
+pub fn npy(name: &str) -> ArrayD<f32> {
+    let path = fixtures().join("golden").join(name);
+    let file =
+        std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    ArrayD::<f32>::read_npy(file).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The golden cases (prompts, RLE strings).
+pub fn cases() -> serde_json::Value {
+    let path = fixtures().join("golden/cases.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("cases.json"))
+        .expect("cases.json is JSON")
+}
+
+/// Max |a - b| divided by max(1, max |b|): output error relative to the output's scale.
+pub fn scaled_max_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Cosine similarity.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb + 1e-12)
+}
