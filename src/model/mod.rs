@@ -63,6 +63,21 @@ impl Model {
                 .and_then(|k| k.as_str())
                 .unwrap_or("unknown")
         );
+        match kernels::analyse(encoder.model()) {
+            Ok(report) => log::info!(
+                "tract ISA {}; encoder {:.1} GMAC, {:.1}% in integer kernels, top kernels {:?}",
+                native_isa(),
+                (report.integer_macs + report.float_macs) as f64 / 1e9,
+                report.integer_share() * 100.0,
+                report
+                    .kernel_totals()
+                    .iter()
+                    .take(3)
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>()
+            ),
+            Err(e) => log::warn!("could not analyse the encoder's kernels: {e}"),
+        }
         Ok(Model {
             dir: dir.to_path_buf(),
             manifest,
