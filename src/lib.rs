@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod everything;
 pub mod model;
 pub mod overlay;
 pub mod postprocess;

@@ -4,6 +4,7 @@ mod util;
 
 mod bad_input;
 mod cli;
+mod everything;
 mod kernels;
 mod parity;
 mod rle;

@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Print the slowest encoder ops of each precision.
     #[arg(long)]
     pub profile: bool,
+    /// Also compare segment-everything flat vs hierarchical (one run each, first precision).
+    #[arg(long)]
+    pub everything: bool,
     /// Also write the Markdown table to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
@@ -211,9 +214,78 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             int8.as_secs_f64() / fp32.as_secs_f64()
         )?;
     }
+    if args.everything {
+        if let Some(&p) = args.precisions.first() {
+            everything_table(&mut md, &dir, p, &frame)?;
+        }
+    }
     print!("{md}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn everything_table(
+    md: &mut String,
+    dir: &std::path::Path,
+    p: Precision,
+    frame: &image::RgbImage,
+) -> anyhow::Result<()> {
+    use tinysam_edge::everything::{agreement, EverythingParams, Generator, Strategy};
+
+    let manifest = model::Manifest::load(dir)?;
+    let dec_p = if manifest.file(Role::Decoder, p).is_some() {
+        p
+    } else {
+        manifest.default_precision(Role::Decoder)
+    };
+    let mut seg = Segmenter::new(Model::load(
+        dir,
+        PrecisionChoice {
+            encoder: Some(p),
+            decoder: Some(dec_p),
+        },
+    )?);
+    let emb = seg.embed(frame)?;
+    writeln!(
+        md,
+        "\n### segment everything (encoder {p}, decoder {dec_p}; time excludes the encoder)\n"
+    )?;
+    writeln!(
+        md,
+        "| strategy | time ms | decoder prompts | skipped | candidates | masks |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    let mut results = Vec::new();
+    for strategy in [Strategy::Flat, Strategy::Hierarchical] {
+        let params = EverythingParams {
+            strategy,
+            ..EverythingParams::default()
+        };
+        let t = Instant::now();
+        let r = Generator::new(&seg, params).run(&emb)?;
+        let elapsed = t.elapsed();
+        writeln!(
+            md,
+            "| {strategy:?} | {:.0} | {} | {} | {} | {} |",
+            ms(elapsed),
+            r.stats.decoder_prompts,
+            r.stats.skipped_points,
+            r.stats.candidates,
+            r.masks.len()
+        )?;
+        results.push((elapsed, r));
+    }
+    if let [(tf, flat), (th, hier)] = results.as_slice() {
+        let a: Vec<_> = flat.masks.iter().map(|m| &m.mask).collect();
+        let b: Vec<_> = hier.masks.iter().map(|m| &m.mask).collect();
+        writeln!(
+            md,
+            "\nhierarchical / flat time: {:.2}; agreement (mean best-match IoU of flat masks in hierarchical): {:.3}",
+            th.as_secs_f64() / tf.as_secs_f64(),
+            agreement(&a, &b)
+        )?;
     }
     Ok(())
 }

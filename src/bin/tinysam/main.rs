@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use tinysam_edge::everything::{EverythingParams, Generator, Strategy};
 use tinysam_edge::model::{self, kernels, Precision, PrecisionChoice, Role};
 use tinysam_edge::overlay;
 use tinysam_edge::postprocess::MaskSummary;
@@ -88,6 +89,24 @@ struct SegmentArgs {
     /// Return all 3 masks per prompt instead of the best one.
     #[arg(long)]
     all_masks: bool,
+    /// Segment everything (no prompts needed): TinySAM's hierarchical strategy by default.
+    #[arg(long)]
+    everything: bool,
+    /// With --everything: SAM's flat point grid instead of the hierarchical strategy.
+    #[arg(long, requires = "everything")]
+    flat: bool,
+    /// With --everything: dense grid side.
+    #[arg(long, default_value_t = 32)]
+    points_per_side: usize,
+    /// With --everything: minimum predicted IoU.
+    #[arg(long, default_value_t = 0.88)]
+    pred_iou_thresh: f32,
+    /// With --everything: minimum stability score.
+    #[arg(long, default_value_t = 0.95)]
+    stability_thresh: f32,
+    /// With --everything: remove holes and islands smaller than this many pixels.
+    #[arg(long, default_value_t = 0)]
+    min_region_area: u64,
     /// Output prefix: writes PREFIX.json, PREFIX.overlay.png, PREFIX.mask-N.png.
     #[arg(long, default_value = "out/segment")]
     out: PathBuf,
@@ -151,9 +170,12 @@ fn prompts_from(args: &SegmentArgs) -> Vec<Prompt> {
 }
 
 fn segment(args: SegmentArgs) -> anyhow::Result<()> {
+    if args.everything {
+        return segment_everything(args);
+    }
     let prompts = prompts_from(&args);
     if prompts.is_empty() {
-        bail!("give at least one --point or --box");
+        bail!("give at least one --point or --box, or --everything");
     }
     let frame = image::open(&args.image)
         .with_context(|| format!("reading image {}", args.image.display()))?
@@ -241,6 +263,70 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
     if report.prompts.iter().all(|r| r.error.is_some()) {
         bail!("every prompt was refused");
     }
+    Ok(())
+}
+
+fn output_prefix(out: &Path) -> anyhow::Result<String> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Ok(out.to_string_lossy().to_string())
+}
+
+fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
+    let frame = image::open(&args.image)
+        .with_context(|| format!("reading image {}", args.image.display()))?
+        .to_rgb8();
+    let mut seg = args.model.load()?;
+    let t0 = Instant::now();
+    let embedding = seg.embed(&frame)?;
+    let encoder_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let params = EverythingParams {
+        strategy: if args.flat {
+            Strategy::Flat
+        } else {
+            Strategy::Hierarchical
+        },
+        points_per_side: args.points_per_side,
+        pred_iou_thresh: args.pred_iou_thresh,
+        stability_score_thresh: args.stability_thresh,
+        min_mask_region_area: args.min_region_area,
+        ..EverythingParams::default()
+    };
+    let t1 = Instant::now();
+    let result = Generator::new(&seg, params.clone()).run(&embedding)?;
+    let everything_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let prefix = output_prefix(&args.out)?;
+    let mut overlay_img = frame.clone();
+    let masks: Vec<_> = result.masks.iter().map(|m| &m.mask).collect();
+    overlay::draw_masks(&mut overlay_img, &masks);
+    let overlay_path = format!("{prefix}.overlay.png");
+    overlay_img
+        .save(&overlay_path)
+        .with_context(|| format!("writing {overlay_path}"))?;
+    let json = serde_json::json!({
+        "image": args.image,
+        "width": frame.width(),
+        "height": frame.height(),
+        "params": params,
+        "stats": result.stats,
+        "encoder_ms": encoder_ms,
+        "everything_ms": everything_ms,
+        "masks": result.masks.iter().map(MaskSummary::from).collect::<Vec<_>>(),
+    });
+    let json_path = format!("{prefix}.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {json_path}"))?;
+    println!(
+        "{:?}: {} masks from {} decoder prompts ({} skipped, {} candidates before NMS); encoder {encoder_ms:.0} ms, \
+         everything {everything_ms:.0} ms; wrote {json_path} and {overlay_path}",
+        params.strategy,
+        result.masks.len(),
+        result.stats.decoder_prompts,
+        result.stats.skipped_points,
+        result.stats.candidates
+    );
     Ok(())
 }
 

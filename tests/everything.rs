@@ -1,0 +1,101 @@
+//! Segment-everything on the fixture model: prompt counts, the hierarchical skip rule, agreement.
+
+use tinysam_edge::everything::{agreement, point_grid, EverythingParams, Generator, Strategy};
+use tinysam_edge::model::PrecisionChoice;
+use tinysam_edge::postprocess::Upsampler;
+use tinysam_edge::segmenter::Segmenter;
+
+use crate::util::{fixtures, test_model};
+
+/// A square frame whose 8x8 grid points sit on pixel centres (200 / 8 = 25, odd).
+fn frame() -> image::RgbImage {
+    let img = image::open(fixtures().join("golden/frame.png"))
+        .unwrap()
+        .to_rgb8();
+    image::imageops::resize(&img, 200, 200, image::imageops::FilterType::Triangle)
+}
+
+fn params(strategy: Strategy) -> EverythingParams {
+    EverythingParams {
+        strategy,
+        points_per_side: 8,
+        points_per_batch: 16,
+        // The synthetic model's IoU predictions sit near 0.88 and its masks are noisy:
+        // lower thresholds so that masks survive and the rules get exercised.
+        pred_iou_thresh: 0.5,
+        stability_score_thresh: 0.3,
+        high_confidence_logit: 8.5,
+        ..EverythingParams::default()
+    }
+}
+
+#[test]
+fn hierarchical_skips_exactly_the_done_points() {
+    let mut seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let emb = seg.embed(&frame()).unwrap();
+    let flat = Generator::new(&seg, params(Strategy::Flat))
+        .run(&emb)
+        .unwrap();
+    assert_eq!(flat.stats.decoder_prompts, 64);
+    assert!(
+        !flat.masks.is_empty(),
+        "thresholds leave no mask: {:?}",
+        flat.stats
+    );
+
+    let p = params(Strategy::Hierarchical);
+    let hier = Generator::new(&seg, p.clone()).run(&emb).unwrap();
+    // Independent recomputation of round 1 and the done rule at frame resolution.
+    let sparse = point_grid(2, 200, 200);
+    let first = Generator::new(&seg, p.clone())
+        .decode_points(&emb, &sparse)
+        .unwrap();
+    let up = Upsampler::new(emb.geometry, seg.mask_size());
+    let logits: Vec<Vec<f32>> = first.iter().map(|r| up.logits(&r.low_res_logits)).collect();
+    let expected: Vec<(f32, f32)> = point_grid(8, 200, 200)
+        .into_iter()
+        .filter(|&(x, y)| {
+            let i = (y as usize) * 200 + x as usize;
+            logits.iter().any(|l| l[i] > p.high_confidence_logit)
+        })
+        .collect();
+    assert!(
+        !expected.is_empty(),
+        "no point is done: raise the test's coverage"
+    );
+    assert_eq!(hier.skipped, expected);
+    assert_eq!(hier.stats.decoder_prompts, 4 + 64 - expected.len());
+    assert!(hier.stats.decoder_prompts < flat.stats.decoder_prompts);
+
+    let a: Vec<_> = flat.masks.iter().map(|m| &m.mask).collect();
+    let b: Vec<_> = hier.masks.iter().map(|m| &m.mask).collect();
+    let agree = agreement(&a, &b);
+    println!(
+        "flat {} masks, hierarchical {} masks, agreement {agree:.3}",
+        a.len(),
+        b.len()
+    );
+    assert!((0.0..=1.0).contains(&agree));
+    assert!(
+        hier.masks.windows(2).all(|w| w[0].area >= w[1].area),
+        "sorted by area"
+    );
+}
+
+#[test]
+fn small_region_cleanup_keeps_masks_consistent() {
+    let mut seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let emb = seg.embed(&frame()).unwrap();
+    let p = EverythingParams {
+        min_mask_region_area: 50,
+        ..params(Strategy::Flat)
+    };
+    let r = Generator::new(&seg, p).run(&emb).unwrap();
+    for m in &r.masks {
+        assert_eq!(
+            m.area,
+            m.mask.data.iter().map(|&v| u64::from(v)).sum::<u64>()
+        );
+        assert!(m.area > 0);
+    }
+}
