@@ -1,7 +1,7 @@
 //! Rust preprocessing + tract inference against the golden tensors made with onnxruntime.
 
 use image::RgbImage;
-use tinysam_edge::model::{Embedding, Model, Precision, PrecisionChoice};
+use tinysam_edge::model::{Embedding, MaskLogits, Model, Precision, PrecisionChoice};
 use tinysam_edge::preprocess::{Geometry, ImageTensor, Preprocessor};
 use tinysam_edge::prompt::{BoxPrompt, PointLabel, Prompt, PromptPoint};
 use tinysam_edge::segmenter::Segmenter;
@@ -101,6 +101,16 @@ fn embed_golden_input(model: &Model) -> Embedding {
         .unwrap()
 }
 
+/// The batched golden prompts decoded against `emb`.
+fn decode_golden(model: Model, emb: &Embedding) -> MaskLogits {
+    let seg = Segmenter::new(model);
+    let prompts: Vec<_> = golden_prompts()
+        .iter()
+        .map(|p| p.to_model(&emb.geometry, 64 * 64).unwrap())
+        .collect();
+    seg.decode(emb, &prompts, None).unwrap()
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.to_plain_array_view::<f32>()
         .unwrap()
@@ -117,12 +127,7 @@ fn fp32_matches_onnxruntime() {
     let err = scaled_max_err(&flat(&emb.tensor), golden.as_slice().unwrap());
     assert!(err < 1e-4, "fp32 embedding error {err}");
 
-    let seg = Segmenter::new(model);
-    let prompts: Vec<_> = golden_prompts()
-        .iter()
-        .map(|p| p.to_model(&emb.geometry, 64 * 64).unwrap())
-        .collect();
-    let out = seg.decode(&emb, &prompts, None).unwrap();
+    let out = decode_golden(model, &emb);
     let masks = npy("masks.fp32.npy");
     let iou = npy("iou.fp32.npy");
     assert_eq!(out.masks.shape(), masks.shape());
@@ -143,12 +148,7 @@ fn int8_matches_onnxruntime_within_rounding() {
     // an activation by one quantization step, so INT8 parity is checked by similarity.
     assert!(cos > 0.999, "int8 embedding cosine {cos}");
 
-    let seg = Segmenter::new(model);
-    let prompts: Vec<_> = golden_prompts()
-        .iter()
-        .map(|p| p.to_model(&emb.geometry, 64 * 64).unwrap())
-        .collect();
-    let out = seg.decode(&emb, &prompts, None).unwrap();
+    let out = decode_golden(model, &emb);
     let masks = npy("masks.int8.npy");
     let cos = cosine(&flat(&out.masks), masks.as_slice().unwrap());
     assert!(cos > 0.999, "int8 mask logits cosine {cos}");

@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// Also compare segment-everything flat vs hierarchical (one run each, first precision).
     #[arg(long)]
     pub everything: bool,
+    /// Predicted-IoU and stability thresholds of the everything comparison (SAM: 0.88,0.95).
+    #[arg(long, value_delimiter = ',', default_value = "0.88,0.95")]
+    pub everything_thresholds: Vec<f32>,
     /// Also write the Markdown table to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
@@ -216,7 +219,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.everything {
         if let Some(&p) = args.precisions.first() {
-            everything_table(&mut md, &dir, p, &frame)?;
+            let (iou, stability) = match args.everything_thresholds.as_slice() {
+                [i, s] => (*i, *s),
+                other => anyhow::bail!("--everything-thresholds takes two values, got {other:?}"),
+            };
+            everything_table(&mut md, &dir, p, &frame, iou, stability)?;
         }
     }
     print!("{md}");
@@ -231,6 +238,8 @@ fn everything_table(
     dir: &std::path::Path,
     p: Precision,
     frame: &image::RgbImage,
+    pred_iou_thresh: f32,
+    stability_score_thresh: f32,
 ) -> anyhow::Result<()> {
     use tinysam_edge::everything::{agreement, EverythingParams, Generator, Strategy};
 
@@ -250,7 +259,9 @@ fn everything_table(
     let emb = seg.embed(frame)?;
     writeln!(
         md,
-        "\n### segment everything (encoder {p}, decoder {dec_p}; time excludes the encoder)\n"
+        "\n### segment everything (encoder {p}, decoder {dec_p}; pred_iou_thresh \
+         {pred_iou_thresh}, stability_score_thresh {stability_score_thresh}; time excludes the \
+         encoder)\n"
     )?;
     writeln!(
         md,
@@ -261,6 +272,8 @@ fn everything_table(
     for strategy in [Strategy::Flat, Strategy::Hierarchical] {
         let params = EverythingParams {
             strategy,
+            pred_iou_thresh,
+            stability_score_thresh,
             ..EverythingParams::default()
         };
         let t = Instant::now();

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use tinysam_edge::everything::{EverythingParams, Generator, Strategy};
-use tinysam_edge::model::{self, kernels, Precision, PrecisionChoice, Role};
+use tinysam_edge::model::{self, kernels, Embedding, Precision, PrecisionChoice, Role};
 use tinysam_edge::overlay;
 use tinysam_edge::postprocess::MaskSummary;
 use tinysam_edge::prompt::{BoxPrompt, Prompt, PromptPoint};
@@ -169,6 +169,19 @@ fn prompts_from(args: &SegmentArgs) -> Vec<Prompt> {
         .collect()
 }
 
+/// Read the image, load the model and encode the frame; the encoder time in ms.
+fn load_and_embed(
+    args: &SegmentArgs,
+) -> anyhow::Result<(image::RgbImage, Segmenter, Embedding, f64)> {
+    let frame = image::open(&args.image)
+        .with_context(|| format!("reading image {}", args.image.display()))?
+        .to_rgb8();
+    let mut seg = args.model.load()?;
+    let t0 = Instant::now();
+    let embedding = seg.embed(&frame)?;
+    Ok((frame, seg, embedding, t0.elapsed().as_secs_f64() * 1e3))
+}
+
 fn segment(args: SegmentArgs) -> anyhow::Result<()> {
     if args.everything {
         return segment_everything(args);
@@ -177,13 +190,7 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
     if prompts.is_empty() {
         bail!("give at least one --point or --box, or --everything");
     }
-    let frame = image::open(&args.image)
-        .with_context(|| format!("reading image {}", args.image.display()))?
-        .to_rgb8();
-    let mut seg = args.model.load()?;
-    let t0 = Instant::now();
-    let embedding = seg.embed(&frame)?;
-    let encoder_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (frame, seg, embedding, encoder_ms) = load_and_embed(&args)?;
     let selection = if args.all_masks {
         MaskSelection::All
     } else {
@@ -275,13 +282,7 @@ fn output_prefix(out: &Path) -> anyhow::Result<String> {
 }
 
 fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
-    let frame = image::open(&args.image)
-        .with_context(|| format!("reading image {}", args.image.display()))?
-        .to_rgb8();
-    let mut seg = args.model.load()?;
-    let t0 = Instant::now();
-    let embedding = seg.embed(&frame)?;
-    let encoder_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (frame, seg, embedding, encoder_ms) = load_and_embed(&args)?;
     let params = EverythingParams {
         strategy: if args.flat {
             Strategy::Flat
