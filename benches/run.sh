@@ -42,6 +42,13 @@ OUT=benches/results.md
     echo
     ./target/release/tinysam bench --model "$FULL" --image "$IMAGE" --threads 2 --runs 1 \
         --precisions fp32 --batches 1 --everything --everything-thresholds 0.5,0.5 2>/dev/null
+    echo
+    echo "## INT8 encoder profile, 2 threads"
+    echo
+    echo '```'
+    ./target/release/tinysam bench --model "$FULL" --image "$IMAGE" --threads 2 --runs 1 \
+        --precisions int8 --batches 1 --profile 2>&1 >/dev/null | grep -v INFO | head -22
+    echo '```'
 } > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 cat "$OUT"
