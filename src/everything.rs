@@ -165,22 +165,6 @@ pub fn agreement(reference: &[&BinaryMask], candidate: &[&BinaryMask]) -> f32 {
     total / reference.len() as f32
 }
 
-/// Low-res logits' value at a frame point (bilinear), as the upsampled mask would have it there.
-fn logit_at(low: &[f32], m: usize, up: &Upsampler, x: f32, y: f32) -> f32 {
-    let g = up.geometry();
-    let (mx, my) = g.frame_to_model(x, y);
-    let s = g.model_size as f32;
-    let fx = (mx * m as f32 / s - 0.5).clamp(0.0, (m - 1) as f32);
-    let fy = (my * m as f32 / s - 0.5).clamp(0.0, (m - 1) as f32);
-    // Clamped to 0..=m-1 above.
-    let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
-    let (x1, y1) = ((x0 + 1).min(m - 1), (y0 + 1).min(m - 1));
-    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
-    let top = low[y0 * m + x0] * (1.0 - ax) + low[y0 * m + x1] * ax;
-    let bottom = low[y1 * m + x0] * (1.0 - ax) + low[y1 * m + x1] * ax;
-    top * (1.0 - ay) + bottom * ay
-}
-
 /// Runs the generator against one embedding.
 pub struct Generator<'a> {
     segmenter: &'a Segmenter,
@@ -213,9 +197,9 @@ impl<'a> Generator<'a> {
                 let first = self.round(embedding, &up, &sparse, &mut stats)?;
                 let mut todo = Vec::with_capacity(dense.len());
                 for &(x, y) in &dense {
-                    let done = first.iter().any(|r| {
-                        logit_at(&r.low_res_logits, m, &up, x, y) > p.high_confidence_logit
-                    });
+                    let done = first
+                        .iter()
+                        .any(|r| up.logit_at(&r.low_res_logits, x, y) > p.high_confidence_logit);
                     if done {
                         skipped.push((x, y));
                     } else {

@@ -1,19 +1,8 @@
 //! The INT8 proof: quantized graphs run on tract's integer (i32-accumulating) kernels.
 
-use tinysam_edge::model::{kernels, Model, Precision, PrecisionChoice};
+use tinysam_edge::model::{kernels, Precision};
 
-use crate::util::test_model;
-
-fn load(p: Precision) -> Model {
-    Model::load(
-        &test_model(),
-        PrecisionChoice {
-            encoder: Some(p),
-            decoder: Some(p),
-        },
-    )
-    .unwrap()
-}
+use crate::util::load;
 
 #[test]
 fn int8_encoder_runs_mostly_in_integer_kernels() {

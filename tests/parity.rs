@@ -1,29 +1,18 @@
 //! Rust preprocessing + tract inference against the golden tensors made with onnxruntime.
 
 use image::RgbImage;
-use tinysam_edge::model::{Embedding, MaskLogits, Model, Precision, PrecisionChoice};
+use tinysam_edge::model::{Embedding, MaskLogits, Model, Precision};
 use tinysam_edge::preprocess::{Geometry, ImageTensor, Preprocessor};
 use tinysam_edge::prompt::{BoxPrompt, PointLabel, Prompt, PromptPoint};
 use tinysam_edge::segmenter::Segmenter;
 use tract_onnx::prelude::Tensor;
 
-use crate::util::{cases, cosine, fixtures, npy, scaled_max_err, test_model};
+use crate::util::{cases, cosine, fixtures, load, npy, scaled_max_err};
 
 fn frame() -> RgbImage {
     image::open(fixtures().join("golden/frame.png"))
         .expect("frame.png")
         .to_rgb8()
-}
-
-fn load(p: Precision) -> Model {
-    Model::load(
-        &test_model(),
-        PrecisionChoice {
-            encoder: Some(p),
-            decoder: Some(p),
-        },
-    )
-    .expect("test model loads")
 }
 
 fn golden_prompts() -> Vec<Prompt> {

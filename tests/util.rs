@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use ndarray_npy::ReadNpyExt;
+use tinysam_edge::model::{Model, Precision, PrecisionChoice};
 use tract_onnx::prelude::tract_ndarray::ArrayD;
 
 /// `tests/fixtures/` in the source tree.
@@ -13,6 +14,18 @@ pub fn fixtures() -> PathBuf {
 /// The test-size model directory.
 pub fn test_model() -> PathBuf {
     fixtures().join("test_model")
+}
+
+/// The test model with both stages at precision `p`.
+pub fn load(p: Precision) -> Model {
+    Model::load(
+        &test_model(),
+        PrecisionChoice {
+            encoder: Some(p),
+            decoder: Some(p),
+        },
+    )
+    .expect("test model loads")
 }
 
 /// A golden tensor written by `models/` with numpy.

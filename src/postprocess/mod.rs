@@ -72,17 +72,18 @@ pub struct Upsampler {
     rows: Vec<(usize, usize, f32)>,
 }
 
+/// Bilinear tap `(i0, i1, weight of i1)` in low-res logits of side `m` for a model-space
+/// coordinate (align_corners = false, clamped to the grid).
+fn low_res_tap(model_px: f32, model: u32, m: usize) -> (usize, usize, f32) {
+    let low = (model_px * m as f32 / model as f32 - 0.5).clamp(0.0, (m - 1) as f32);
+    // `low` is clamped to 0..=m-1, so the cast is exact and in range.
+    let i0 = low.floor() as usize;
+    (i0, (i0 + 1).min(m - 1), low - i0 as f32)
+}
+
 fn taps(frame: u32, resized: u32, model: u32, m: usize) -> Vec<(usize, usize, f32)> {
-    let max = (m - 1) as f32;
     (0..frame)
-        .map(|i| {
-            let model_px = (i as f32 + 0.5) * resized as f32 / frame as f32;
-            let low = (model_px * m as f32 / model as f32 - 0.5).clamp(0.0, max);
-            // `low` is clamped to 0..=m-1, so the cast is exact and in range.
-            let i0 = low.floor() as usize;
-            let i1 = (i0 + 1).min(m - 1);
-            (i0, i1, low - i0 as f32)
-        })
+        .map(|i| low_res_tap((i as f32 + 0.5) * resized as f32 / frame as f32, model, m))
         .collect()
 }
 
@@ -111,6 +112,18 @@ impl Upsampler {
     /// The frame geometry these taps are for.
     pub fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    /// The upsampled logit at frame point (x, y) (pixel centres are at +0.5), computed alone.
+    pub fn logit_at(&self, low: &[f32], x: f32, y: f32) -> f32 {
+        let m = self.size;
+        if low.len() != m * m {
+            return f32::NEG_INFINITY;
+        }
+        let (mx, my) = self.geometry.frame_to_model(x, y);
+        let (x0, x1, fx) = low_res_tap(mx, self.geometry.model_size, m);
+        let (y0, y1, fy) = low_res_tap(my, self.geometry.model_size, m);
+        bilinear(low, m, y0, y1, fy, x0, x1, fx)
     }
 
     /// Frame-sized logits, row-major (for callers that need the values, e.g. tests).
@@ -299,6 +312,9 @@ mod tests {
             let out = up.logits(&low);
             prop_assert_eq!(out.len(), (w * h) as usize);
             prop_assert!(out.iter().all(|&v| v >= lo - 1e-4 && v <= hi + 1e-4));
+            let (px, py) = (seed % w, (seed / 7) % h);
+            let single = up.logit_at(&low, px as f32 + 0.5, py as f32 + 0.5);
+            prop_assert!((single - out[(py * w + px) as usize]).abs() < 1e-4);
             let r = up.mask(&low, 0, 0.5);
             prop_assert!(r.bbox[0] + r.bbox[2] <= w && r.bbox[1] + r.bbox[3] <= h);
             prop_assert!(r.stability >= 0.0 && r.stability <= 1.0);

@@ -83,6 +83,15 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// `p` for the decoder when the directory has it, else the manifest's default decoder.
+fn decoder_precision(manifest: &model::Manifest, p: Precision) -> Precision {
+    if manifest.file(Role::Decoder, p).is_some() {
+        p
+    } else {
+        manifest.default_precision(Role::Decoder)
+    }
+}
+
 fn test_pattern() -> image::RgbImage {
     image::RgbImage::from_fn(640, 480, |x, y| {
         image::Rgb([
@@ -134,11 +143,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut encoder_medians = Vec::new();
     for &p in &args.precisions {
         let manifest = model::Manifest::load(&dir)?;
-        let dec_p = if manifest.file(Role::Decoder, p).is_some() {
-            p
-        } else {
-            manifest.default_precision(Role::Decoder)
-        };
+        let dec_p = decoder_precision(&manifest, p);
         if manifest.file(Role::Encoder, p).is_none() {
             eprintln!("skipping {p}: {} has no {p} encoder", dir.display());
             continue;
@@ -243,12 +248,7 @@ fn everything_table(
 ) -> anyhow::Result<()> {
     use tinysam_edge::everything::{agreement, EverythingParams, Generator, Strategy};
 
-    let manifest = model::Manifest::load(dir)?;
-    let dec_p = if manifest.file(Role::Decoder, p).is_some() {
-        p
-    } else {
-        manifest.default_precision(Role::Decoder)
-    };
+    let dec_p = decoder_precision(&model::Manifest::load(dir)?, p);
     let mut seg = Segmenter::new(Model::load(
         dir,
         PrecisionChoice {
