@@ -63,8 +63,10 @@ run_suite "rust: tests (x86_64)" cargo test --release --locked
 smoke_default_model() {
     local out
     out=$(mktemp -d)
-    ./target/release/tinysam info --model models/default &&
-        ./target/release/tinysam segment tests/fixtures/golden/frame.png --point 100,75 \
+    # Through cargo, so a CARGO_TARGET_DIR elsewhere works too.
+    local tinysam=(cargo run --release --locked --quiet --bin tinysam --)
+    "${tinysam[@]}" info --model models/default &&
+        "${tinysam[@]}" segment tests/fixtures/golden/frame.png --point 100,75 \
             --model models/default --out "$out/smoke" &&
         test -s "$out/smoke.overlay.png"
 }
