@@ -254,7 +254,6 @@ impl<'a> Generator<'a> {
         let valid_cols =
             ((g.resized_width as usize * m).div_ceil(g.model_size as usize)).clamp(1, m);
         let mut out = Vec::new();
-        let mut valid = Vec::with_capacity(valid_rows * valid_cols);
         for chunk in points.chunks(p.points_per_batch.max(1)) {
             let prompts: Vec<_> = chunk
                 .iter()
@@ -269,11 +268,12 @@ impl<'a> Generator<'a> {
                         continue;
                     }
                     let low = logits.mask(b, k);
-                    valid.clear();
-                    for row in low.chunks_exact(m).take(valid_rows) {
-                        valid.extend_from_slice(&row[..valid_cols]);
-                    }
-                    let stability = stability_score(&valid, p.stability_score_offset);
+                    // Only the unpadded part of the grid, without copying it out.
+                    let valid = low
+                        .chunks_exact(m)
+                        .take(valid_rows)
+                        .flat_map(|row| &row[..valid_cols]);
+                    let stability = stability_score(valid, p.stability_score_offset);
                     if stability < p.stability_score_thresh {
                         continue;
                     }

@@ -7,7 +7,7 @@ use image::RgbImage;
 
 use crate::model::{DecoderInput, Embedding, MaskLogits, Model, PrecisionChoice};
 use crate::postprocess::{MaskResult, Upsampler};
-use crate::preprocess::{Geometry, Preprocessor};
+use crate::preprocess::Preprocessor;
 use crate::prompt::{ModelPrompt, Prompt, PromptError};
 use crate::Result;
 
@@ -129,12 +129,6 @@ impl Segmenter {
             .into_iter()
             .map(|o| o.unwrap_or(Err(PromptError::Empty)))
             .collect())
-    }
-
-    /// The frame geometry a `width` x `height` frame gets with this model.
-    pub fn geometry(&self, width: u32, height: u32) -> Result<Geometry> {
-        let size = u32::try_from(self.model.manifest.config.image_size).unwrap_or(u32::MAX);
-        Geometry::new(width, height, size)
     }
 }
 

@@ -50,34 +50,38 @@ fn segment_writes_masks_overlay_and_json() {
     assert_eq!(area, masks[0]["area"].as_u64().unwrap());
 }
 
+/// Run `cmd`, expect failure and an error message containing `needle`.
+fn assert_fails_with(cmd: &mut Command, needle: &str) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded; stderr: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{needle:?} not in stderr: {stderr}"
+    );
+}
+
 #[test]
 fn segment_reports_bad_input_clearly() {
-    let missing = tinysam()
-        .args(["segment", "/nonexistent.png", "--point", "1,1"])
-        .output()
-        .unwrap();
-    assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.png"));
-
-    let bad_point = tinysam()
-        .args(["segment", "x.png", "--point", "1;2"])
-        .output()
-        .unwrap();
-    assert!(!bad_point.status.success());
-    assert!(String::from_utf8_lossy(&bad_point.stderr).contains("x,y[,label]"));
-
-    let outside = tinysam()
-        .arg("segment")
-        .arg(fixtures().join("golden/frame.png"))
-        .args(["--point", "5000,5"])
-        .arg("--model")
-        .arg(test_model())
-        .arg("--out")
-        .arg(std::env::temp_dir().join("tinysam-cli-outside"))
-        .output()
-        .unwrap();
-    assert!(!outside.status.success());
-    assert!(String::from_utf8_lossy(&outside.stderr).contains("outside the 200x150 image"));
+    assert_fails_with(
+        tinysam().args(["segment", "/nonexistent.png", "--point", "1,1"]),
+        "/nonexistent.png",
+    );
+    assert_fails_with(
+        tinysam().args(["segment", "x.png", "--point", "1;2"]),
+        "x,y[,label]",
+    );
+    assert_fails_with(
+        tinysam()
+            .arg("segment")
+            .arg(fixtures().join("golden/frame.png"))
+            .args(["--point", "5000,5"])
+            .arg("--model")
+            .arg(test_model())
+            .arg("--out")
+            .arg(std::env::temp_dir().join("tinysam-cli-outside")),
+        "outside the 200x150 image",
+    );
 }
 
 #[test]

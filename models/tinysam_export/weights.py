@@ -71,9 +71,9 @@ def load_checkpoint(cfg: ModelConfig, path: Path) -> Sam:
 
 def calibration_photos() -> list[np.ndarray]:
     """RGB photos bundled with scikit-image: always available offline, used to set BN statistics."""
-    from skimage import data
+    from .images import skimage_photos
 
-    return [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    return [p.rgb for p in skimage_photos(["astronaut", "coffee", "chelsea", "rocket"])]
 
 
 @torch.no_grad()

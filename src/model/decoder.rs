@@ -128,7 +128,7 @@ impl Decoder {
         self.mask_size
     }
 
-    /// The runnable plan for B prompts of N points, built on first use.
+    /// The runnable plan for B prompts of N points, built on first use (also for kernel reports).
     pub fn plan(&self, batch: usize, points: usize) -> Result<Arc<TypedRunnableModel>> {
         let key = (batch, points);
         if let Some(p) = self.lock_cache().plans.get(&key) {
@@ -257,10 +257,5 @@ impl Decoder {
             masks_per_prompt: self.masks_per_prompt,
             size: m,
         })
-    }
-
-    /// The optimised single-prompt graph, for kernel reports.
-    pub fn model_for(&self, batch: usize, points: usize) -> Result<Arc<TypedRunnableModel>> {
-        self.plan(batch, points)
     }
 }

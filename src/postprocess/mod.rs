@@ -208,16 +208,14 @@ fn bilinear(
     a * (1.0 - fy) + b * fy
 }
 
-/// Stability score of m*m logits at their own resolution (used to filter before upsampling).
-pub fn stability_score(logits: &[f32], offset: f32) -> f32 {
-    let hi = logits
-        .iter()
-        .filter(|&&v| v > MASK_THRESHOLD + offset)
-        .count();
-    let lo = logits
-        .iter()
-        .filter(|&&v| v > MASK_THRESHOLD - offset)
-        .count();
+/// Stability score of logits (used to filter before upsampling): the share of pixels above
+/// `-offset` that are also above `+offset`.
+pub fn stability_score<'a>(logits: impl IntoIterator<Item = &'a f32>, offset: f32) -> f32 {
+    let (mut hi, mut lo) = (0u64, 0u64);
+    for &v in logits {
+        hi += u64::from(v > MASK_THRESHOLD + offset);
+        lo += u64::from(v > MASK_THRESHOLD - offset);
+    }
     if lo == 0 {
         0.0
     } else {

@@ -335,7 +335,7 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     let seg = args.model.load()?;
     let m = &seg.model;
     let enc = kernels::analyse(m.encoder.model())?;
-    let dec_plan = m.decoder.model_for(1, 2)?;
+    let dec_plan = m.decoder.plan(1, 2)?;
     let dec = kernels::analyse(dec_plan.model())?;
     if args.json {
         let v = serde_json::json!({
