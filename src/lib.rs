@@ -7,13 +7,22 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod camera;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod everything;
+pub mod metrics;
 pub mod model;
 pub mod overlay;
+pub mod pipeline;
+pub mod pixel;
 pub mod postprocess;
 pub mod preprocess;
 pub mod prompt;
+pub mod protocol;
 pub mod segmenter;
+pub mod server;
 
 use std::path::PathBuf;
 

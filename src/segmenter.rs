@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use image::RgbImage;
 
@@ -27,11 +28,13 @@ pub enum MaskSelection {
 /// Per-prompt outcome: its masks, or why the prompt was refused.
 pub type PromptOutcome = std::result::Result<Vec<MaskResult>, PromptError>;
 
-/// A loaded model with its preprocessing state.
+/// A loaded model with its preprocessing state; shareable between an encoder thread and decoder
+/// threads (`Segmenter: Sync`).
 pub struct Segmenter {
     /// The model.
     pub model: Model,
-    preprocessor: Preprocessor,
+    /// Reused resize buffers; only the thread that encodes takes the lock.
+    preprocessor: Mutex<Preprocessor>,
     /// Largest decoder batch.
     pub max_batch: usize,
 }
@@ -45,7 +48,7 @@ impl Segmenter {
 
     /// Wrap a loaded model.
     pub fn new(model: Model) -> Segmenter {
-        let preprocessor = Preprocessor::new(&model.manifest.preprocess);
+        let preprocessor = Mutex::new(Preprocessor::new(&model.manifest.preprocess));
         Segmenter {
             model,
             preprocessor,
@@ -54,8 +57,23 @@ impl Segmenter {
     }
 
     /// Preprocess and encode one frame.
-    pub fn embed(&mut self, frame: &RgbImage) -> Result<Embedding> {
-        let input = self.preprocessor.run(frame)?;
+    pub fn embed(&self, frame: &RgbImage) -> Result<Embedding> {
+        let input = self.preprocess(frame)?;
+        self.model.encoder.embed(input)
+    }
+
+    /// Resize, normalise and pad one frame into the encoder's input.
+    pub fn preprocess(&self, frame: &RgbImage) -> Result<crate::preprocess::ImageTensor> {
+        // A panic while preprocessing leaves only reusable scratch buffers behind: keep going.
+        let mut preprocessor = self
+            .preprocessor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        preprocessor.run(frame)
+    }
+
+    /// Encode an already preprocessed frame.
+    pub fn encode(&self, input: crate::preprocess::ImageTensor) -> Result<Embedding> {
         self.model.encoder.embed(input)
     }
 

@@ -102,7 +102,7 @@ fn wrong_graph_for_the_role() {
 
 #[test]
 fn bad_prompts_fail_alone() {
-    let mut seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
     let frame = image::RgbImage::from_pixel(64, 48, image::Rgb([120, 80, 40]));
     let emb = seg.embed(&frame).unwrap();
     let prompts = vec![
@@ -133,14 +133,14 @@ fn bad_prompts_fail_alone() {
 
 #[test]
 fn empty_image_is_refused() {
-    let mut seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
     let err = seg.embed(&image::RgbImage::new(0, 0)).err().unwrap();
     assert!(matches!(err, Error::Image(_)), "{err:?}");
 }
 
 #[test]
 fn mask_input_refines_against_the_same_frame() {
-    let mut seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
     let frame = image::open(crate::util::fixtures().join("golden/frame.png"))
         .unwrap()
         .to_rgb8();

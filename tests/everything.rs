@@ -31,7 +31,7 @@ fn params(strategy: Strategy) -> EverythingParams {
 
 #[test]
 fn hierarchical_skips_exactly_the_done_points() {
-    let mut seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
     let emb = seg.embed(&frame()).unwrap();
     let flat = Generator::new(&seg, params(Strategy::Flat))
         .run(&emb)
@@ -84,7 +84,7 @@ fn hierarchical_skips_exactly_the_done_points() {
 
 #[test]
 fn small_region_cleanup_keeps_masks_consistent() {
-    let mut seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
     let emb = seg.embed(&frame()).unwrap();
     let p = EverythingParams {
         min_mask_region_area: 50,

@@ -155,7 +155,7 @@ fn int8_matches_onnxruntime_within_rounding() {
 
 #[test]
 fn full_path_from_rgb_frame_matches() {
-    let mut seg = Segmenter::new(load(Precision::Fp32));
+    let seg = Segmenter::new(load(Precision::Fp32));
     let emb = seg.embed(&frame()).unwrap();
     let golden = npy("embedding.fp32.npy");
     let cos = cosine(&flat(&emb.tensor), golden.as_slice().unwrap());

@@ -4,7 +4,9 @@ mod util;
 
 mod bad_input;
 mod cli;
+mod daemon;
 mod everything;
 mod kernels;
 mod parity;
+mod pixel;
 mod rle;

@@ -5,6 +5,7 @@
 //! resizes again: the same sampling positions, one interpolation instead of two), thresholds at 0
 //! and counts the pixels above +-offset for the stability score in the same pass.
 
+pub mod polygon;
 pub mod rle;
 
 use serde::Serialize;

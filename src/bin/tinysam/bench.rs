@@ -155,7 +155,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 decoder: Some(dec_p),
             },
         )?;
-        let mut seg = Segmenter::new(m);
+        let seg = Segmenter::new(m);
         let mut emb = seg.embed(&frame)?;
         let enc = measure(args.runs, || {
             emb = seg.embed(&frame)?;
@@ -249,7 +249,7 @@ fn everything_table(
     use tinysam_edge::everything::{agreement, EverythingParams, Generator, Strategy};
 
     let dec_p = decoder_precision(&model::Manifest::load(dir)?, p);
-    let mut seg = Segmenter::new(Model::load(
+    let seg = Segmenter::new(Model::load(
         dir,
         PrecisionChoice {
             encoder: Some(p),

@@ -1,6 +1,7 @@
 //! `tinysam`: segment images from the command line, inspect models, benchmark.
 
 mod bench;
+mod sub;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -72,6 +73,8 @@ enum Command {
     Info(InfoArgs),
     /// Time encoder and decoder per precision, side by side, with peak RSS.
     Bench(bench::BenchArgs),
+    /// Subscribe to a running tinysamd and print or save the masks it publishes.
+    Sub(sub::SubArgs),
 }
 
 #[derive(Args)]
@@ -176,7 +179,7 @@ fn load_and_embed(
     let frame = image::open(&args.image)
         .with_context(|| format!("reading image {}", args.image.display()))?
         .to_rgb8();
-    let mut seg = args.model.load()?;
+    let seg = args.model.load()?;
     let t0 = Instant::now();
     let embedding = seg.embed(&frame)?;
     Ok((frame, seg, embedding, t0.elapsed().as_secs_f64() * 1e3))
@@ -392,6 +395,7 @@ fn main() -> ExitCode {
         Command::Segment(a) => segment(a),
         Command::Info(a) => info(a),
         Command::Bench(a) => bench::run(a),
+        Command::Sub(a) => sub::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

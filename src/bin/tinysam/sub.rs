@@ -1,0 +1,233 @@
+//! `tinysam sub`: subscribe to a running `tinysamd` and print (or save) the masks it publishes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use tinysam_edge::client::{Client, ClientError};
+use tinysam_edge::postprocess::rle::Rle;
+use tinysam_edge::prompt::{BoxPrompt, PointLabel, PromptPoint};
+use tinysam_edge::protocol::{
+    MaskEncoding, Masks, PromptRequest, ServerMessage, Subscribe, SubscribeMode, WirePrompt,
+};
+
+/// Mask encodings, for the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EncodingArg {
+    /// COCO compressed RLE.
+    Rle,
+    /// Raw mono8 bitmap.
+    Bitmap,
+    /// COCO polygons.
+    Polygon,
+    /// Boxes and scores only.
+    Bbox,
+}
+
+impl From<EncodingArg> for MaskEncoding {
+    fn from(e: EncodingArg) -> MaskEncoding {
+        match e {
+            EncodingArg::Rle => MaskEncoding::Rle,
+            EncodingArg::Bitmap => MaskEncoding::Bitmap,
+            EncodingArg::Polygon => MaskEncoding::Polygon,
+            EncodingArg::Bbox => MaskEncoding::Bbox,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SubArgs {
+    /// Daemon socket (default: as tinysamd picks it).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Segment everything in every frame.
+    #[arg(long, conflicts_with_all = ["points", "boxes"])]
+    everything: bool,
+    /// A point `x,y[,label]` in frame pixels; repeat for more points in the same prompt.
+    #[arg(long = "point")]
+    points: Vec<PromptPoint>,
+    /// A box `x0,y0,x1,y1`; each box is its own prompt (points join the first).
+    #[arg(long = "box")]
+    boxes: Vec<BoxPrompt>,
+    /// Ask once (for `--frame` or the newest frame) instead of subscribing.
+    #[arg(long)]
+    once: bool,
+    /// With --once: the frame sequence number to segment.
+    #[arg(long, requires = "once")]
+    frame: Option<u64>,
+    /// Print the daemon's status report and exit.
+    #[arg(long, conflicts_with_all = ["everything", "points", "boxes", "once"])]
+    status: bool,
+    /// Exit after this many results (0: run until interrupted).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Mask encoding on the wire.
+    #[arg(long, value_enum, default_value = "rle")]
+    encoding: EncodingArg,
+    /// Three masks per prompt instead of the best.
+    #[arg(long)]
+    multimask: bool,
+    /// Most results per second (0: every frame).
+    #[arg(long, default_value_t = 0.0)]
+    max_rate: f32,
+    /// Print each result as one JSON line.
+    #[arg(long)]
+    json: bool,
+    /// Write each mask as a PNG into this directory (rle and bitmap encodings).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Give up after this many seconds without a message.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f32,
+}
+
+fn wire_prompts(points: &[PromptPoint], boxes: &[BoxPrompt]) -> Vec<WirePrompt> {
+    let wire_points: Vec<(f32, f32, u8)> = points
+        .iter()
+        .map(|p| (p.x, p.y, u8::from(p.label == PointLabel::Foreground)))
+        .collect();
+    if boxes.is_empty() {
+        return vec![WirePrompt {
+            points: wire_points,
+            bbox: None,
+        }];
+    }
+    boxes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| WirePrompt {
+            points: if i == 0 {
+                wire_points.clone()
+            } else {
+                Vec::new()
+            },
+            bbox: Some([b.x0, b.y0, b.x1, b.y1]),
+        })
+        .collect()
+}
+
+fn mask_pixels(
+    m: &tinysam_edge::protocol::WireMask,
+    w: u32,
+    h: u32,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Some(counts) = &m.rle {
+        let rle = Rle::from_compressed(counts, w, h).context("decoding RLE")?;
+        return Ok(Some(
+            rle.decode()
+                .context("decoding RLE")?
+                .iter()
+                .map(|v| v * 255)
+                .collect(),
+        ));
+    }
+    Ok(m.bitmap.clone())
+}
+
+fn report(masks: &Masks, args: &SubArgs) -> anyhow::Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string(masks)?);
+    } else {
+        let latency_ms =
+            tinysam_edge::camera::monotonic_now_ns().saturating_sub(masks.capture_ns) as f64 / 1e6;
+        println!(
+            "frame {} ({}x{}): {} mask(s), dropped {}, {latency_ms:.1} ms after capture",
+            masks.frame_seq,
+            masks.width,
+            masks.height,
+            masks.masks.len(),
+            masks.dropped
+        );
+        for m in &masks.masks {
+            println!(
+                "  prompt {} output {}: score {:.3} stability {:.3} area {} bbox {:?}",
+                m.prompt, m.output, m.score, m.stability, m.area, m.bbox
+            );
+        }
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (i, m) in masks.masks.iter().enumerate() {
+            if let Some(pixels) = mask_pixels(m, masks.width, masks.height)? {
+                let path = dir.join(format!("frame{:06}-mask{i}.png", masks.frame_seq));
+                image::GrayImage::from_raw(masks.width, masks.height, pixels)
+                    .context("mask size does not match the frame")?
+                    .save(&path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: SubArgs) -> anyhow::Result<()> {
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(tinysam_edge::config::default_socket_path);
+    let mut client = Client::connect(&socket, "tinysam-sub")
+        .with_context(|| format!("connecting to tinysamd at {}", socket.display()))?;
+    if args.status {
+        let status = client.status(1)?;
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let encoding = MaskEncoding::from(args.encoding);
+    let prompts = wire_prompts(&args.points, &args.boxes);
+    if args.once {
+        if args.points.is_empty() && args.boxes.is_empty() {
+            bail!("--once needs --point or --box");
+        }
+        client.request(PromptRequest {
+            request_id: 1,
+            frame_seq: args.frame,
+            prompts,
+            encoding,
+            multimask: args.multimask,
+        })?;
+    } else {
+        let mode = if args.everything {
+            SubscribeMode::Everything
+        } else if args.points.is_empty() && args.boxes.is_empty() {
+            bail!("give --everything, --point or --box (or --status)");
+        } else {
+            SubscribeMode::Prompts
+        };
+        client.subscribe(Subscribe {
+            id: 1,
+            mode,
+            prompts: if mode == SubscribeMode::Prompts {
+                prompts
+            } else {
+                Vec::new()
+            },
+            encoding,
+            max_rate_hz: args.max_rate,
+            multimask: args.multimask,
+        })?;
+    }
+    let timeout = Duration::from_secs_f32(args.timeout.max(0.1));
+    let mut received = 0u64;
+    loop {
+        match client.recv(Some(timeout)) {
+            Ok(ServerMessage::Masks(m)) => {
+                report(&m, &args)?;
+                received += 1;
+                let done = args.once || (args.count > 0 && received >= args.count);
+                if done {
+                    return Ok(());
+                }
+            }
+            Ok(ServerMessage::Error(e)) => {
+                if args.once {
+                    bail!("tinysamd: {:?}: {}", e.code, e.message);
+                }
+                eprintln!("tinysamd: {:?}: {}", e.code, e.message);
+            }
+            Ok(_) => {}
+            Err(ClientError::Timeout(t)) => bail!("no result from tinysamd within {t:?}"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! `tinysamd`: the segmentation daemon. Parses flags and the config file, then runs
+//! `tinysam_edge::daemon::Daemon` until SIGTERM/SIGINT; SIGHUP reloads the config where safe.
+//! Exit codes: 0 clean stop, 1 start-up failure (model, camera, socket), 78 bad configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tinysam_edge::camera::error_chain;
+use tinysam_edge::config::{Config, ConfigError, Settings};
+use tinysam_edge::daemon::{Daemon, DaemonOptions};
+
+/// systemd's EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
+const EXIT_CONFIG: u8 = 78;
+
+/// Promptable segmentation daemon: camera → TinySAM (tract) → masks on a Unix socket.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (keys: docs/config.md, example: systemd/config.toml).
+    #[arg(long, env = "TINYSAMD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Frame source: synthetic, file:PATH (image or directory), v4l2:/dev/videoN.
+    #[arg(long)]
+    source: Option<String>,
+    /// Unix socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Model directory (manifest.json + ONNX files).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Frame width asked of the source.
+    #[arg(long)]
+    width: Option<u32>,
+    /// Frame height asked of the source.
+    #[arg(long)]
+    height: Option<u32>,
+    /// Capture rate cap (0: as fast as the source goes).
+    #[arg(long)]
+    fps: Option<f32>,
+    /// V4L2 pixel format: auto, mjpeg, yuyv, nv12, rgb24.
+    #[arg(long)]
+    format: Option<String>,
+    /// Play a file source once instead of looping.
+    #[arg(long)]
+    once: bool,
+    /// Encoder precision: auto, int8, fp32.
+    #[arg(long)]
+    encoder: Option<String>,
+    /// Decoder precision: auto, int8, fp32.
+    #[arg(long)]
+    decoder: Option<String>,
+    /// Inference threads (0: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Embeddings kept for prompts that name a recent frame.
+    #[arg(long)]
+    ring: Option<usize>,
+    /// Seconds between metric lines in the log (0: never).
+    #[arg(long)]
+    stats_interval: Option<f32>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// List V4L2 capture devices and their formats, and exit.
+    #[arg(long)]
+    list_cameras: bool,
+}
+
+impl Args {
+    /// The config file with the flags applied on top.
+    fn config(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        let s = &mut c.source;
+        if let Some(v) = &self.source {
+            s.uri = v.clone();
+        }
+        if let Some(v) = self.width {
+            s.width = v;
+        }
+        if let Some(v) = self.height {
+            s.height = v;
+        }
+        if let Some(v) = self.fps {
+            s.fps = v;
+        }
+        if let Some(v) = &self.format {
+            s.format = v.clone();
+        }
+        if self.once {
+            s.looped = false;
+        }
+        if let Some(v) = &self.socket {
+            c.socket.path = v.clone();
+        }
+        if let Some(v) = &self.model {
+            c.model.dir = v.clone();
+        }
+        if let Some(v) = &self.encoder {
+            c.model.encoder = v.clone();
+        }
+        if let Some(v) = &self.decoder {
+            c.model.decoder = v.clone();
+        }
+        if let Some(v) = self.threads {
+            c.model.threads = v;
+        }
+        if let Some(v) = self.ring {
+            c.pipeline.ring = v;
+        }
+        if let Some(v) = self.stats_interval {
+            c.pipeline.stats_interval_s = v;
+        }
+        Ok(c)
+    }
+
+    fn settings(&self) -> Result<Settings, ConfigError> {
+        self.config()?.validate()
+    }
+}
+
+fn init_logging() {
+    let under_systemd =
+        std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if under_systemd {
+        // journald stamps every line itself.
+        builder.format_timestamp(None);
+    }
+    builder.init();
+}
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(states) {
+            log::warn!("sd_notify: {e}");
+        }
+    }
+}
+
+fn list_cameras() {
+    let cameras = tinysam_edge::camera::list_cameras();
+    if cameras.is_empty() {
+        println!("no V4L2 capture devices found");
+    }
+    for c in cameras {
+        println!("{}  {}", c.path.display(), c.name);
+        for f in c.formats {
+            println!("    {f}");
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => return Err(anyhow::Error::new(e).context(ConfigFailure)),
+    };
+    if args.check_config {
+        println!("configuration is valid");
+        println!(
+            "  source    {:?} {}x{} @ {} fps",
+            settings.source,
+            settings.source_config.width,
+            settings.source_config.height,
+            settings.source_config.fps
+        );
+        println!("  model     {}", settings.model_dir.display());
+        println!("  threads   {}", settings.threads);
+        println!(
+            "  socket    {} (mode {:o})",
+            settings.socket_path.display(),
+            settings.socket_mode
+        );
+        println!("  ring      {}", settings.ring);
+        println!("  everything {:?}", settings.everything);
+        return Ok(());
+    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if sig_tx.send(s).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    let mut daemon = Daemon::start(settings, DaemonOptions::default())?;
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    let watchdog = sd_notify::watchdog_enabled();
+    let tick = watchdog
+        .map(|w| w / 2)
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    let mut last_stats = Instant::now();
+    loop {
+        match sig_rx.recv_timeout(tick) {
+            Ok(SIGHUP) => {
+                notify(&[sd_notify::NotifyState::Reloading]);
+                match args.settings() {
+                    Ok(new) => {
+                        let restart = daemon.reload(new);
+                        if restart.is_empty() {
+                            log::info!("configuration reloaded");
+                        } else {
+                            log::warn!(
+                                "configuration reloaded; changes to {} take effect after a restart",
+                                restart.join(", ")
+                            );
+                        }
+                    }
+                    Err(e) => log::error!(
+                        "reload refused, keeping the running config: {}",
+                        error_chain(&e)
+                    ),
+                }
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
+            Ok(sig) => {
+                log::info!("signal {sig}: stopping");
+                notify(&[sd_notify::NotifyState::Stopping]);
+                daemon.shutdown(Duration::from_millis(800));
+                return Ok(());
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                daemon.shutdown(Duration::from_millis(800));
+                return Ok(());
+            }
+        }
+        if watchdog.is_some() {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+        if let Some(every) = daemon.settings.stats_interval {
+            if last_stats.elapsed() >= every {
+                last_stats = Instant::now();
+                log::info!(
+                    "{} clients; {}",
+                    daemon.client_count(),
+                    daemon.metrics().summary()
+                );
+            }
+        }
+    }
+}
+
+/// Marks a configuration error for the exit code.
+#[derive(Debug)]
+struct ConfigFailure;
+
+impl std::fmt::Display for ConfigFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("invalid configuration")
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.list_cameras {
+        list_cameras();
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let config = e.is::<ConfigFailure>() || e.chain().any(|c| c.is::<ConfigError>());
+            eprintln!("tinysamd: error: {}", error_chain(e.as_ref()));
+            if config {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The daemon's configuration: a TOML file, then command-line overrides, validated once at start
+//! with errors that name the key and the bad value.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::everything::{EverythingParams, Strategy};
+use crate::pixel::PixelFormat;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or wrong types.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key, line and column).
+        message: String,
+    },
+    /// A key has a value out of range or malformed.
+    #[error("config key `{key}` = {value}: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `source.fps`.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is expected.
+        reason: String,
+    },
+}
+
+/// Where frames come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    /// The moving test pattern.
+    Synthetic,
+    /// A still image or a directory of images.
+    File(PathBuf),
+    /// A V4L2 device node.
+    V4l2(PathBuf),
+}
+
+impl SourceKind {
+    /// Parse `synthetic`, `file:PATH` or `v4l2:/dev/videoN`.
+    pub fn parse(uri: &str) -> Result<SourceKind, ConfigError> {
+        let invalid = |reason: &str| ConfigError::Invalid {
+            key: "source.uri",
+            value: format!("{uri:?}"),
+            reason: reason.into(),
+        };
+        if uri == "synthetic" {
+            return Ok(SourceKind::Synthetic);
+        }
+        let (scheme, rest) = uri
+            .split_once(':')
+            .ok_or_else(|| invalid("expected synthetic, file:PATH or v4l2:/dev/videoN"))?;
+        if rest.is_empty() {
+            return Err(invalid("the path after the scheme is empty"));
+        }
+        match scheme {
+            "file" => Ok(SourceKind::File(PathBuf::from(rest))),
+            "v4l2" => Ok(SourceKind::V4l2(PathBuf::from(rest))),
+            _ => Err(invalid("unknown scheme; use synthetic, file: or v4l2:")),
+        }
+    }
+}
+
+/// `[source]`: the camera or its stand-in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// `synthetic`, `file:PATH` or `v4l2:/dev/videoN`.
+    pub uri: String,
+    /// Frame width asked of the camera or the synthetic source.
+    pub width: u32,
+    /// Frame height.
+    pub height: u32,
+    /// Capture rate cap, frames per second (0: as fast as the source goes).
+    pub fps: f32,
+    /// V4L2 pixel format: `auto`, `mjpeg`, `yuyv`, `nv12`, `rgb24`.
+    pub format: String,
+    /// File sources: start again after the last image.
+    #[serde(rename = "loop")]
+    pub looped: bool,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            uri: "synthetic".into(),
+            width: 640,
+            height: 480,
+            fps: 15.0,
+            format: "auto".into(),
+            looped: true,
+        }
+    }
+}
+
+/// `[model]`: what to run and how.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model directory (manifest.json + ONNX files); empty: the default search path.
+    pub dir: PathBuf,
+    /// Encoder precision: `auto` (the manifest's), `int8`, `fp32`.
+    pub encoder: String,
+    /// Decoder precision: `auto`, `int8`, `fp32`.
+    pub decoder: String,
+    /// Inference threads; 0: all cores.
+    pub threads: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            dir: PathBuf::new(),
+            encoder: "auto".into(),
+            decoder: "auto".into(),
+            threads: 0,
+        }
+    }
+}
+
+/// `[socket]`: where subscribers connect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketConfig {
+    /// Unix socket path; empty: `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR` or /tmp.
+    pub path: PathBuf,
+    /// File mode, octal string.
+    pub mode: String,
+    /// Group that owns the socket; empty: the daemon's.
+    pub group: String,
+    /// Most clients at once.
+    pub max_clients: usize,
+    /// Results queued per subscriber before frames are dropped for it.
+    pub queue: usize,
+    /// A subscriber whose socket accepts nothing for this long is disconnected (ms).
+    pub stall_timeout_ms: u64,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: PathBuf::new(),
+            mode: "0660".into(),
+            group: String::new(),
+            max_clients: 32,
+            queue: 4,
+            stall_timeout_ms: 2000,
+        }
+    }
+}
+
+/// `[pipeline]`: buffering between stages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Embeddings of the most recent frames kept for prompts that name a frame.
+    pub ring: usize,
+    /// Seconds between metric lines in the log (0: never).
+    pub stats_interval_s: f32,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            ring: 4,
+            stats_interval_s: 10.0,
+        }
+    }
+}
+
+/// `[everything]`: the segment-everything generator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EverythingConfig {
+    /// `hierarchical` (TinySAM) or `flat` (SAM).
+    pub strategy: String,
+    /// Dense grid side.
+    pub points_per_side: usize,
+    /// Minimum predicted IoU.
+    pub pred_iou_thresh: f32,
+    /// Minimum stability score.
+    pub stability_thresh: f32,
+    /// Box NMS threshold.
+    pub box_nms_thresh: f32,
+    /// Remove holes and islands below this area (pixels); 0: off.
+    pub min_region_area: u64,
+}
+
+impl Default for EverythingConfig {
+    fn default() -> Self {
+        let p = EverythingParams::default();
+        EverythingConfig {
+            strategy: "hierarchical".into(),
+            points_per_side: p.points_per_side,
+            pred_iou_thresh: p.pred_iou_thresh,
+            stability_thresh: p.stability_score_thresh,
+            box_nms_thresh: p.box_nms_thresh,
+            min_region_area: p.min_mask_region_area,
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[source]`.
+    pub source: SourceConfig,
+    /// `[model]`.
+    pub model: ModelConfig,
+    /// `[socket]`.
+    pub socket: SocketConfig,
+    /// `[pipeline]`.
+    pub pipeline: PipelineConfig,
+    /// `[everything]`.
+    pub everything: EverythingConfig,
+}
+
+/// The parts of a [`Config`] that code uses, checked and converted.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The source.
+    pub source: SourceKind,
+    /// The raw `[source]` table (sizes, fps, loop).
+    pub source_config: SourceConfig,
+    /// V4L2 pixel format, `None` for auto.
+    pub pixel_format: Option<PixelFormat>,
+    /// Model directory (resolved).
+    pub model_dir: PathBuf,
+    /// Encoder precision, `None` for the manifest's.
+    pub encoder: Option<crate::model::Precision>,
+    /// Decoder precision, `None` for the manifest's.
+    pub decoder: Option<crate::model::Precision>,
+    /// Inference threads (resolved, ≥ 1).
+    pub threads: usize,
+    /// Socket path (resolved).
+    pub socket_path: PathBuf,
+    /// Socket file mode.
+    pub socket_mode: u32,
+    /// Socket group, if any.
+    pub socket_group: Option<String>,
+    /// Client cap.
+    pub max_clients: usize,
+    /// Per-subscriber queue length.
+    pub queue: usize,
+    /// Stall timeout.
+    pub stall_timeout: std::time::Duration,
+    /// Embedding ring size.
+    pub ring: usize,
+    /// Metric log interval (`None`: never).
+    pub stats_interval: Option<std::time::Duration>,
+    /// Everything-mode parameters.
+    pub everything: EverythingParams,
+}
+
+impl Config {
+    /// Read and parse a TOML file (no validation yet).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parse TOML text; `path` only names it in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Check every value and resolve defaults (socket path, model dir, threads).
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let invalid = |key: &'static str, value: String, reason: &str| ConfigError::Invalid {
+            key,
+            value,
+            reason: reason.into(),
+        };
+        let s = &self.source;
+        let source = SourceKind::parse(&s.uri)?;
+        for (key, v) in [("source.width", s.width), ("source.height", s.height)] {
+            if !(16..=8192).contains(&v) || v % 2 != 0 {
+                return Err(invalid(key, v.to_string(), "must be even, 16..=8192"));
+            }
+        }
+        if !(0.0..=240.0).contains(&s.fps) || !s.fps.is_finite() {
+            return Err(invalid("source.fps", s.fps.to_string(), "must be 0..=240"));
+        }
+        let pixel_format = match s.format.as_str() {
+            "auto" => None,
+            "mjpeg" => Some(PixelFormat::Mjpeg),
+            "yuyv" => Some(PixelFormat::Yuyv),
+            "nv12" => Some(PixelFormat::Nv12),
+            "rgb24" => Some(PixelFormat::Rgb24),
+            other => {
+                return Err(invalid(
+                    "source.format",
+                    format!("{other:?}"),
+                    "expected auto, mjpeg, yuyv, nv12 or rgb24",
+                ))
+            }
+        };
+        let precision = |key: &'static str, v: &str| match v {
+            "auto" => Ok(None),
+            "int8" => Ok(Some(crate::model::Precision::Int8)),
+            "fp32" => Ok(Some(crate::model::Precision::Fp32)),
+            other => Err(invalid(
+                key,
+                format!("{other:?}"),
+                "expected auto, int8 or fp32",
+            )),
+        };
+        let encoder = precision("model.encoder", &self.model.encoder)?;
+        let decoder = precision("model.decoder", &self.model.decoder)?;
+        if self.model.threads > 256 {
+            return Err(invalid(
+                "model.threads",
+                self.model.threads.to_string(),
+                "must be 0 (all cores) ..= 256",
+            ));
+        }
+        let threads = match self.model.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let model_dir = if self.model.dir.as_os_str().is_empty() {
+            crate::model::default_model_dir()
+        } else {
+            self.model.dir.clone()
+        };
+        let k = &self.socket;
+        let socket_path = if k.path.as_os_str().is_empty() {
+            default_socket_path()
+        } else {
+            k.path.clone()
+        };
+        // sun_path holds 108 bytes including the terminating NUL.
+        if socket_path.as_os_str().len() >= 108 {
+            return Err(invalid(
+                "socket.path",
+                socket_path.display().to_string(),
+                "longer than a Unix socket path may be (107 bytes)",
+            ));
+        }
+        let socket_mode = u32::from_str_radix(k.mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "socket.mode",
+                    format!("{:?}", k.mode),
+                    "expected an octal mode such as \"0660\"",
+                )
+            })?;
+        if !(1..=1024).contains(&k.max_clients) {
+            return Err(invalid(
+                "socket.max_clients",
+                k.max_clients.to_string(),
+                "must be 1..=1024",
+            ));
+        }
+        if !(1..=256).contains(&k.queue) {
+            return Err(invalid(
+                "socket.queue",
+                k.queue.to_string(),
+                "must be 1..=256",
+            ));
+        }
+        if !(50..=600_000).contains(&k.stall_timeout_ms) {
+            return Err(invalid(
+                "socket.stall_timeout_ms",
+                k.stall_timeout_ms.to_string(),
+                "must be 50..=600000",
+            ));
+        }
+        let p = &self.pipeline;
+        if !(1..=64).contains(&p.ring) {
+            return Err(invalid(
+                "pipeline.ring",
+                p.ring.to_string(),
+                "must be 1..=64",
+            ));
+        }
+        if !(0.0..=86_400.0).contains(&p.stats_interval_s) {
+            return Err(invalid(
+                "pipeline.stats_interval_s",
+                p.stats_interval_s.to_string(),
+                "must be 0..=86400",
+            ));
+        }
+        let e = &self.everything;
+        let strategy = match e.strategy.as_str() {
+            "hierarchical" => Strategy::Hierarchical,
+            "flat" => Strategy::Flat,
+            other => {
+                return Err(invalid(
+                    "everything.strategy",
+                    format!("{other:?}"),
+                    "expected hierarchical or flat",
+                ))
+            }
+        };
+        if !(4..=128).contains(&e.points_per_side) {
+            return Err(invalid(
+                "everything.points_per_side",
+                e.points_per_side.to_string(),
+                "must be 4..=128",
+            ));
+        }
+        for (key, v) in [
+            ("everything.pred_iou_thresh", e.pred_iou_thresh),
+            ("everything.stability_thresh", e.stability_thresh),
+            ("everything.box_nms_thresh", e.box_nms_thresh),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(invalid(key, v.to_string(), "must be 0..=1"));
+            }
+        }
+        let everything = EverythingParams {
+            strategy,
+            points_per_side: e.points_per_side,
+            pred_iou_thresh: e.pred_iou_thresh,
+            stability_score_thresh: e.stability_thresh,
+            box_nms_thresh: e.box_nms_thresh,
+            min_mask_region_area: e.min_region_area,
+            ..EverythingParams::default()
+        };
+        Ok(Settings {
+            source,
+            source_config: s.clone(),
+            pixel_format,
+            model_dir,
+            encoder,
+            decoder,
+            threads,
+            socket_path,
+            socket_mode,
+            socket_group: (!k.group.is_empty()).then(|| k.group.clone()),
+            max_clients: k.max_clients,
+            queue: k.queue,
+            stall_timeout: std::time::Duration::from_millis(k.stall_timeout_ms),
+            ring: p.ring,
+            stats_interval: (p.stats_interval_s > 0.0)
+                .then(|| std::time::Duration::from_secs_f32(p.stats_interval_s)),
+            everything,
+        })
+    }
+}
+
+/// `$RUNTIME_DIRECTORY/tinysamd.sock` under systemd, else `$XDG_RUNTIME_DIR/tinysamd.sock`, else
+/// `/tmp/tinysamd-UID.sock`.
+pub fn default_socket_path() -> PathBuf {
+    for var in ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"] {
+        if let Some(dir) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+            // RuntimeDirectory= may list several directories, separated by ':'.
+            let first = dir
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            return PathBuf::from(first).join("tinysamd.sock");
+        }
+    }
+    PathBuf::from(format!("/tmp/tinysamd-{}.sock", nix::unistd::getuid()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))?.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = parse("").unwrap();
+        assert_eq!(s.source, SourceKind::Synthetic);
+        assert_eq!(s.socket_mode, 0o660);
+        assert_eq!(s.ring, 4);
+        assert!(s.threads >= 1);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let cases = [
+            ("[source]\nfps = 500", "source.fps", "500"),
+            ("[source]\nwidth = 641", "source.width", "641"),
+            ("[source]\nuri = \"usb:0\"", "source.uri", "usb:0"),
+            ("[source]\nformat = \"h264\"", "source.format", "h264"),
+            ("[model]\nencoder = \"int4\"", "model.encoder", "int4"),
+            ("[socket]\nmode = \"rw\"", "socket.mode", "rw"),
+            ("[socket]\nqueue = 0", "socket.queue", "0"),
+            ("[pipeline]\nring = 0", "pipeline.ring", "0"),
+            (
+                "[everything]\npred_iou_thresh = 2.0",
+                "everything.pred_iou_thresh",
+                "2",
+            ),
+            (
+                "[everything]\nstrategy = \"grid\"",
+                "everything.strategy",
+                "grid",
+            ),
+        ];
+        for (text, key, value) in cases {
+            let msg = parse(text).unwrap_err().to_string();
+            assert!(msg.contains(key) && msg.contains(value), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_named() {
+        let msg = parse("[source]\nframerate = 5").unwrap_err().to_string();
+        assert!(msg.contains("framerate"), "{msg}");
+        let msg = parse("[source]\nwidth = \"wide\"").unwrap_err().to_string();
+        assert!(msg.contains("width") || msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!(
+            SourceKind::parse("v4l2:/dev/video2").unwrap(),
+            SourceKind::V4l2("/dev/video2".into())
+        );
+        assert_eq!(
+            SourceKind::parse("file:/tmp/x").unwrap(),
+            SourceKind::File("/tmp/x".into())
+        );
+        assert!(SourceKind::parse("file:").is_err());
+    }
+}

@@ -1,0 +1,989 @@
+//! The daemon's threads and channels: capture → encoder → mask worker → subscribers.
+//!
+//! Queues between stages hold one item with latest-frame-wins semantics: a new frame replaces the
+//! one still waiting, so the encoder always works on the newest frame and nothing backs up (the
+//! replaced frames are counted). Encoded frames go into an [`EmbeddingRing`] so that a prompt for
+//! a recent frame is answered against that frame. The [`Hub`] holds the subscribers; each has its
+//! own bounded outbound queue and a full queue drops results for that subscriber only.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+
+use crate::camera::{error_chain, Frame, FrameSource, SourceInfo};
+use crate::everything::{EverythingParams, Generator};
+use crate::metrics::{Counters, Metrics, Stage};
+use crate::model::Embedding;
+use crate::postprocess::MaskResult;
+use crate::prompt::Prompt;
+use crate::protocol::{ErrorCode, MaskEncoding, ServerMessage, SubscribeMode, MAX_SUBSCRIPTIONS};
+use crate::segmenter::{MaskSelection, Segmenter};
+
+/// Sends into a one-slot queue, replacing what is still waiting there.
+pub struct LatestSender<T> {
+    tx: Sender<T>,
+    rx: Receiver<T>,
+}
+
+impl<T> LatestSender<T> {
+    /// A one-slot queue: the sender and the receiver side.
+    pub fn channel() -> (LatestSender<T>, Receiver<T>) {
+        let (tx, rx) = bounded(1);
+        (LatestSender { tx, rx: rx.clone() }, rx)
+    }
+
+    /// Put `value` in the slot; returns how many waiting values it replaced, or `None` if the
+    /// receiver is gone.
+    pub fn send(&self, mut value: T) -> Option<u64> {
+        let mut replaced = 0;
+        loop {
+            match self.tx.try_send(value) {
+                Ok(()) => return Some(replaced),
+                Err(TrySendError::Disconnected(_)) => return None,
+                Err(TrySendError::Full(v)) => {
+                    value = v;
+                    if self.rx.try_recv().is_ok() {
+                        replaced += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A frame after the encoder.
+pub struct EncodedFrame {
+    /// Sequence number from the source.
+    pub seq: u64,
+    /// Capture time, CLOCK_MONOTONIC ns.
+    pub captured_ns: u64,
+    /// Frame width.
+    pub width: u32,
+    /// Frame height.
+    pub height: u32,
+    /// The image embedding.
+    pub embedding: Embedding,
+}
+
+/// Why the ring has no embedding for a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingMiss {
+    /// Nothing encoded yet.
+    Empty,
+    /// The frame is older than the oldest held.
+    Expired {
+        /// Asked for.
+        requested: u64,
+        /// Oldest held.
+        oldest: u64,
+        /// Newest held.
+        newest: u64,
+    },
+    /// The frame is newer than the newest held.
+    NotYet {
+        /// Asked for.
+        requested: u64,
+        /// Newest held.
+        newest: u64,
+    },
+    /// Between held frames but never encoded (it was dropped before the encoder).
+    Skipped {
+        /// Asked for.
+        requested: u64,
+    },
+}
+
+impl RingMiss {
+    /// Wire code and message.
+    pub fn to_error(&self) -> (ErrorCode, String) {
+        match self {
+            RingMiss::Empty => (ErrorCode::NoFrame, "no frame has been encoded yet".into()),
+            RingMiss::Expired {
+                requested,
+                oldest,
+                newest,
+            } => (
+                ErrorCode::FrameExpired,
+                format!("frame {requested} has left the ring (holds {oldest}..={newest})"),
+            ),
+            RingMiss::NotYet { requested, newest } => (
+                ErrorCode::FrameNotYet,
+                format!("frame {requested} is not encoded yet (newest is {newest})"),
+            ),
+            RingMiss::Skipped { requested } => (
+                ErrorCode::FrameExpired,
+                format!("frame {requested} was dropped before the encoder"),
+            ),
+        }
+    }
+}
+
+/// The embeddings of the last K encoded frames.
+pub struct EmbeddingRing {
+    frames: Mutex<VecDeque<Arc<EncodedFrame>>>,
+    capacity: usize,
+}
+
+impl EmbeddingRing {
+    /// A ring of `capacity` (≥ 1) frames.
+    pub fn new(capacity: usize) -> EmbeddingRing {
+        EmbeddingRing {
+            frames: Mutex::new(VecDeque::with_capacity(capacity.max(1))),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<EncodedFrame>>> {
+        self.frames.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Add the newest frame, evicting the oldest when full.
+    pub fn push(&self, frame: Arc<EncodedFrame>) {
+        let mut frames = self.lock();
+        if frames.len() == self.capacity {
+            frames.pop_front();
+        }
+        frames.push_back(frame);
+    }
+
+    /// The frame `seq`, or the newest with `None`.
+    pub fn get(&self, seq: Option<u64>) -> Result<Arc<EncodedFrame>, RingMiss> {
+        let frames = self.lock();
+        let (Some(oldest), Some(newest)) = (frames.front(), frames.back()) else {
+            return Err(RingMiss::Empty);
+        };
+        let Some(requested) = seq else {
+            return Ok(newest.clone());
+        };
+        if requested < oldest.seq {
+            return Err(RingMiss::Expired {
+                requested,
+                oldest: oldest.seq,
+                newest: newest.seq,
+            });
+        }
+        if requested > newest.seq {
+            return Err(RingMiss::NotYet {
+                requested,
+                newest: newest.seq,
+            });
+        }
+        frames
+            .iter()
+            .find(|f| f.seq == requested)
+            .cloned()
+            .ok_or(RingMiss::Skipped { requested })
+    }
+
+    /// Oldest and newest sequence numbers held.
+    pub fn span(&self) -> Option<(u64, u64)> {
+        let frames = self.lock();
+        Some((frames.front()?.seq, frames.back()?.seq))
+    }
+}
+
+/// Server-given client id.
+pub type ClientId = u64;
+
+/// Frame facts sent with every result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameMeta {
+    /// Sequence number.
+    pub seq: u64,
+    /// Capture time, CLOCK_MONOTONIC ns.
+    pub captured_ns: u64,
+    /// Width.
+    pub width: u32,
+    /// Height.
+    pub height: u32,
+}
+
+/// Masks on their way to one client, encoded by that client's writer thread.
+#[derive(Debug, Clone)]
+pub struct MaskBatch {
+    /// Subscription it answers.
+    pub subscription: Option<u32>,
+    /// Request it answers.
+    pub request_id: Option<u32>,
+    /// The frame.
+    pub frame: FrameMeta,
+    /// (prompt index, mask), shared between subscribers of the same frame.
+    pub masks: Arc<Vec<(u32, MaskResult)>>,
+    /// Wire encoding.
+    pub encoding: MaskEncoding,
+}
+
+/// What a client's writer thread sends.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Masks to encode and send.
+    Masks(MaskBatch),
+    /// A ready message.
+    Message(ServerMessage),
+}
+
+/// Per-client counters.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Messages written.
+    pub sent: AtomicU64,
+    /// Results dropped because its queue was full.
+    pub dropped: AtomicU64,
+    /// Results skipped by its rate cap.
+    pub rate_limited: AtomicU64,
+}
+
+/// A standing subscription.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// Client-chosen id.
+    pub id: u32,
+    /// What it delivers.
+    pub mode: SubscribeMode,
+    /// Standing prompts.
+    pub prompts: Vec<Prompt>,
+    /// Wire encoding.
+    pub encoding: MaskEncoding,
+    /// Three masks per prompt instead of one.
+    pub multimask: bool,
+    /// Shortest time between two results (from the rate cap).
+    pub min_interval: Option<Duration>,
+    last_sent: Option<Instant>,
+    reported_invalid: bool,
+}
+
+impl Subscription {
+    /// A new subscription.
+    pub fn new(
+        id: u32,
+        mode: SubscribeMode,
+        prompts: Vec<Prompt>,
+        encoding: MaskEncoding,
+        multimask: bool,
+        max_rate_hz: f32,
+    ) -> Subscription {
+        Subscription {
+            id,
+            mode,
+            prompts,
+            encoding,
+            multimask,
+            min_interval: (max_rate_hz > 0.0).then(|| Duration::from_secs_f32(1.0 / max_rate_hz)),
+            last_sent: None,
+            reported_invalid: false,
+        }
+    }
+}
+
+struct ClientEntry {
+    name: String,
+    tx: Sender<Outbound>,
+    stats: Arc<ClientStats>,
+    subscriptions: Vec<Subscription>,
+}
+
+/// The connected clients and their subscriptions.
+#[derive(Default)]
+pub struct Hub {
+    clients: Mutex<BTreeMap<ClientId, ClientEntry>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ClientId, ClientEntry>> {
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Add a client whose writer drains `tx`.
+    pub fn register(&self, name: String, tx: Sender<Outbound>) -> (ClientId, Arc<ClientStats>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let stats = Arc::new(ClientStats::default());
+        self.lock().insert(
+            id,
+            ClientEntry {
+                name,
+                tx,
+                stats: stats.clone(),
+                subscriptions: Vec::new(),
+            },
+        );
+        (id, stats)
+    }
+
+    /// Name a client after its hello.
+    pub fn rename(&self, client: ClientId, name: String) {
+        if let Some(c) = self.lock().get_mut(&client) {
+            c.name = name;
+        }
+    }
+
+    /// Remove a client (its queue closes when the last sender goes).
+    pub fn unregister(&self, client: ClientId) {
+        self.lock().remove(&client);
+    }
+
+    /// Connected clients.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True with no clients.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Add or replace a subscription.
+    pub fn subscribe(
+        &self,
+        client: ClientId,
+        sub: Subscription,
+    ) -> Result<(), (ErrorCode, String)> {
+        let mut clients = self.lock();
+        let Some(c) = clients.get_mut(&client) else {
+            return Err((ErrorCode::Internal, "client is gone".into()));
+        };
+        if let Some(existing) = c.subscriptions.iter_mut().find(|s| s.id == sub.id) {
+            *existing = sub;
+            return Ok(());
+        }
+        if c.subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            return Err((
+                ErrorCode::TooMany,
+                format!("at most {MAX_SUBSCRIPTIONS} subscriptions per client"),
+            ));
+        }
+        c.subscriptions.push(sub);
+        Ok(())
+    }
+
+    /// Remove a subscription; false if it did not exist.
+    pub fn unsubscribe(&self, client: ClientId, id: u32) -> bool {
+        let mut clients = self.lock();
+        let Some(c) = clients.get_mut(&client) else {
+            return false;
+        };
+        let before = c.subscriptions.len();
+        c.subscriptions.retain(|s| s.id != id);
+        before != c.subscriptions.len()
+    }
+
+    /// Queue `item` for `client` without blocking; a full queue drops it and counts the drop.
+    pub fn deliver(&self, client: ClientId, item: Outbound) {
+        let clients = self.lock();
+        if let Some(c) = clients.get(&client) {
+            Hub::offer(c, item);
+        }
+    }
+
+    fn offer(c: &ClientEntry, item: Outbound) {
+        match c.tx.try_send(item) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                c.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Subscriptions due for a frame now (rate caps applied and counted), by client.
+    fn due(&self, now: Instant) -> Vec<(ClientId, Subscription)> {
+        let mut clients = self.lock();
+        let mut out = Vec::new();
+        for (id, c) in clients.iter_mut() {
+            for s in c.subscriptions.iter_mut() {
+                if s.mode == SubscribeMode::OnDemand {
+                    continue;
+                }
+                if let (Some(min), Some(last)) = (s.min_interval, s.last_sent) {
+                    if now.duration_since(last) < min {
+                        c.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                s.last_sent = Some(now);
+                out.push((*id, s.clone()));
+            }
+        }
+        out
+    }
+
+    /// Mark that a subscription's prompts were refused (reported once).
+    fn mark_invalid(&self, client: ClientId, id: u32) -> bool {
+        let mut clients = self.lock();
+        let Some(s) = clients
+            .get_mut(&client)
+            .and_then(|c| c.subscriptions.iter_mut().find(|s| s.id == id))
+        else {
+            return false;
+        };
+        !std::mem::replace(&mut s.reported_invalid, true)
+    }
+
+    /// Counters of every client.
+    pub fn counters(&self) -> Vec<crate::protocol::ClientCounters> {
+        self.lock()
+            .iter()
+            .map(|(id, c)| crate::protocol::ClientCounters {
+                client_id: *id,
+                name: c.name.clone(),
+                subscriptions: c.subscriptions.len() as u32,
+                sent: c.stats.sent.load(Ordering::Relaxed),
+                dropped: c.stats.dropped.load(Ordering::Relaxed),
+                rate_limited: c.stats.rate_limited.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+/// A prompt request from a client, for the mask worker.
+#[derive(Debug)]
+pub struct PromptJob {
+    /// Who asked.
+    pub client: ClientId,
+    /// Their id for it.
+    pub request_id: u32,
+    /// Frame, or newest.
+    pub frame_seq: Option<u64>,
+    /// The prompts.
+    pub prompts: Vec<Prompt>,
+    /// Wire encoding.
+    pub encoding: MaskEncoding,
+    /// Three masks per prompt.
+    pub multimask: bool,
+}
+
+/// Knobs of a pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Embedding ring size.
+    pub ring: usize,
+    /// Queued prompt requests before clients get `busy`.
+    pub request_queue: usize,
+    /// Segment-everything parameters (changed on reload).
+    pub everything: Arc<RwLock<EverythingParams>>,
+    /// Extra time the encoder spends per frame: for backpressure tests and benchmarks only.
+    pub extra_encode_delay: Option<Duration>,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            ring: 4,
+            request_queue: 64,
+            everything: Arc::default(),
+            extra_encode_delay: None,
+        }
+    }
+}
+
+/// The running pipeline.
+pub struct Pipeline {
+    /// Subscribers.
+    pub hub: Arc<Hub>,
+    /// Recent embeddings.
+    pub ring: Arc<EmbeddingRing>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Queue of prompt requests to the mask worker.
+    pub requests: Sender<PromptJob>,
+    /// The source as it last described itself.
+    pub source_info: Arc<Mutex<SourceInfo>>,
+    /// Set to stop every thread.
+    pub stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Start the capture, encoder and mask-worker threads.
+    pub fn start(
+        segmenter: Arc<Segmenter>,
+        source: Box<dyn FrameSource>,
+        options: PipelineOptions,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<Pipeline> {
+        let hub = Arc::new(Hub::default());
+        let ring = Arc::new(EmbeddingRing::new(options.ring));
+        let metrics = Arc::new(Metrics::new());
+        let source_info = Arc::new(Mutex::new(source.info()));
+        let (frame_tx, frame_rx) = LatestSender::channel();
+        let (encoded_tx, encoded_rx) = LatestSender::channel();
+        let (request_tx, request_rx) = bounded(options.request_queue.max(1));
+
+        let capture = {
+            let (metrics, info, stop) = (metrics.clone(), source_info.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("capture".into())
+                .spawn(move || capture_loop(source, frame_tx, &metrics, &info, &stop))?
+        };
+        let encoder = {
+            let (seg, metrics, ring, stop) = (
+                segmenter.clone(),
+                metrics.clone(),
+                ring.clone(),
+                stop.clone(),
+            );
+            let delay = options.extra_encode_delay;
+            std::thread::Builder::new()
+                .name("encoder".into())
+                .spawn(move || {
+                    encode_loop(&seg, frame_rx, encoded_tx, &ring, &metrics, delay, &stop)
+                })?
+        };
+        let worker = {
+            let (hub, metrics, ring, stop) =
+                (hub.clone(), metrics.clone(), ring.clone(), stop.clone());
+            let everything = options.everything.clone();
+            let worker = MaskWorker {
+                segmenter,
+                hub,
+                ring,
+                metrics,
+                everything,
+            };
+            std::thread::Builder::new()
+                .name("masks".into())
+                .spawn(move || worker.run(encoded_rx, request_rx, &stop))?
+        };
+        Ok(Pipeline {
+            hub,
+            ring,
+            metrics,
+            requests: request_tx,
+            source_info,
+            stop,
+            threads: vec![capture, encoder, worker],
+        })
+    }
+
+    /// Stop the threads and wait up to `deadline` for them (an encoder mid-frame is left to
+    /// finish on its own: the process may exit under it).
+    pub fn shutdown(self, deadline: Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let until = Instant::now() + deadline;
+        for t in self.threads {
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn capture_loop(
+    mut source: Box<dyn FrameSource>,
+    out: LatestSender<Frame>,
+    metrics: &Metrics,
+    info: &Mutex<SourceInfo>,
+    stop: &AtomicBool,
+) {
+    let c = &metrics.counters;
+    let mut last_size = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        let next = source.next_frame();
+        c.reopens.store(source.reopens(), Ordering::Relaxed);
+        match next {
+            Ok(Some(frame)) => {
+                // Capture latency: from the capture timestamp until the RGB frame is ready
+                // (driver queue + dequeue + conversion); pacing waits are not part of it.
+                let lag_ns = crate::camera::monotonic_now_ns().saturating_sub(frame.captured_ns);
+                metrics.record(Stage::Capture, Duration::from_nanos(lag_ns));
+                metrics.record(Stage::Convert, frame.convert);
+                Counters::bump(&c.captured);
+                log::trace!("frame {} captured", frame.seq);
+                if frame.image.dimensions() != last_size {
+                    last_size = frame.image.dimensions();
+                    *info.lock().unwrap_or_else(PoisonError::into_inner) = source.info();
+                }
+                match out.send(frame) {
+                    Some(replaced) => {
+                        c.dropped.fetch_add(replaced, Ordering::Relaxed);
+                    }
+                    None => break,
+                }
+            }
+            Ok(None) => {
+                log::info!("source ended; clients stay connected and the ring stays available");
+                break;
+            }
+            Err(e) if e.is_frame_error() => {
+                let n = c.corrupt.fetch_add(1, Ordering::Relaxed) + 1;
+                // Every bad frame is counted; the log gets the first ten and every 100th.
+                if n <= 10 || n % 100 == 0 {
+                    log::warn!("{} (corrupt frames so far: {n})", error_chain(&e));
+                }
+            }
+            Err(e) => {
+                log::error!("source failed: {}", error_chain(&e));
+                break;
+            }
+        }
+    }
+}
+
+fn encode_loop(
+    segmenter: &Segmenter,
+    frames: Receiver<Frame>,
+    out: LatestSender<Arc<EncodedFrame>>,
+    ring: &EmbeddingRing,
+    metrics: &Metrics,
+    extra_delay: Option<Duration>,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let frame = match frames.recv_timeout(Duration::from_millis(100)) {
+            Ok(f) => f,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
+        let started = Instant::now();
+        let input = match segmenter.preprocess(&frame.image) {
+            Ok(i) => i,
+            Err(e) => {
+                log::error!("frame {}: {}", frame.seq, error_chain(&e));
+                continue;
+            }
+        };
+        metrics.record(Stage::Preprocess, started.elapsed());
+        let started = Instant::now();
+        let embedding = match segmenter.encode(input) {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("frame {}: {}", frame.seq, error_chain(&e));
+                continue;
+            }
+        };
+        if let Some(d) = extra_delay {
+            std::thread::sleep(d);
+        }
+        metrics.record(Stage::Encode, started.elapsed());
+        let (width, height) = frame.image.dimensions();
+        let encoded = Arc::new(EncodedFrame {
+            seq: frame.seq,
+            captured_ns: frame.captured_ns,
+            width,
+            height,
+            embedding,
+        });
+        ring.push(encoded.clone());
+        metrics.frame_encoded();
+        log::trace!("frame {} encoded", frame.seq);
+        match out.send(encoded) {
+            Some(replaced) => {
+                metrics
+                    .counters
+                    .skipped
+                    .fetch_add(replaced, Ordering::Relaxed);
+            }
+            None => break,
+        }
+    }
+}
+
+/// Turns embeddings into masks for subscriptions and requests.
+struct MaskWorker {
+    segmenter: Arc<Segmenter>,
+    hub: Arc<Hub>,
+    ring: Arc<EmbeddingRing>,
+    metrics: Arc<Metrics>,
+    everything: Arc<RwLock<EverythingParams>>,
+}
+
+impl MaskWorker {
+    fn run(
+        &self,
+        frames: Receiver<Arc<EncodedFrame>>,
+        jobs: Receiver<PromptJob>,
+        stop: &AtomicBool,
+    ) {
+        let mut frames_open = true;
+        while !stop.load(Ordering::Relaxed) {
+            // Requests first: a client waiting for an answer beats the next frame.
+            if let Ok(job) = jobs.try_recv() {
+                self.answer(job);
+                continue;
+            }
+            let never = crossbeam_channel::never();
+            let frames_rx = if frames_open { &frames } else { &never };
+            select! {
+                recv(jobs) -> job => match job {
+                    Ok(job) => self.answer(job),
+                    Err(_) => break,
+                },
+                recv(frames_rx) -> frame => match frame {
+                    Ok(frame) => self.publish(&frame),
+                    Err(_) => frames_open = false,
+                },
+                default(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    fn segment(
+        &self,
+        frame: &EncodedFrame,
+        prompts: &[Prompt],
+        multimask: bool,
+    ) -> crate::Result<Vec<crate::segmenter::PromptOutcome>> {
+        let started = Instant::now();
+        let selection = if multimask {
+            MaskSelection::All
+        } else {
+            MaskSelection::Best
+        };
+        let out = self.segmenter.segment(&frame.embedding, prompts, selection);
+        self.metrics.record(Stage::Decode, started.elapsed());
+        out
+    }
+
+    fn meta(frame: &EncodedFrame) -> FrameMeta {
+        FrameMeta {
+            seq: frame.seq,
+            captured_ns: frame.captured_ns,
+            width: frame.width,
+            height: frame.height,
+        }
+    }
+
+    fn answer(&self, job: PromptJob) {
+        let frame = match self.ring.get(job.frame_seq) {
+            Ok(f) => f,
+            Err(miss) => {
+                let (code, message) = miss.to_error();
+                self.hub.deliver(
+                    job.client,
+                    Outbound::Message(ServerMessage::error(Some(job.request_id), code, message)),
+                );
+                return;
+            }
+        };
+        let reply = match self.segment(&frame, &job.prompts, job.multimask) {
+            Ok(outcomes) => {
+                let mut masks = Vec::new();
+                for (i, outcome) in outcomes.into_iter().enumerate() {
+                    match outcome {
+                        Ok(ms) => masks.extend(ms.into_iter().map(|m| (i as u32, m))),
+                        Err(e) => {
+                            let msg = format!("prompt {i}: {e}");
+                            self.hub.deliver(
+                                job.client,
+                                Outbound::Message(ServerMessage::error(
+                                    Some(job.request_id),
+                                    ErrorCode::InvalidPrompt,
+                                    msg,
+                                )),
+                            );
+                            return;
+                        }
+                    }
+                }
+                Outbound::Masks(MaskBatch {
+                    subscription: None,
+                    request_id: Some(job.request_id),
+                    frame: MaskWorker::meta(&frame),
+                    masks: Arc::new(masks),
+                    encoding: job.encoding,
+                })
+            }
+            Err(e) => {
+                log::error!("request {}: {}", job.request_id, error_chain(&e));
+                Outbound::Message(ServerMessage::error(
+                    Some(job.request_id),
+                    ErrorCode::Internal,
+                    error_chain(&e),
+                ))
+            }
+        };
+        self.hub.deliver(job.client, reply);
+    }
+
+    fn publish(&self, frame: &EncodedFrame) {
+        let due = self.hub.due(Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        let meta = MaskWorker::meta(frame);
+        let mut everything: Option<Arc<Vec<(u32, MaskResult)>>> = None;
+        // Standing prompts of all subscribers go to the decoder together, per mask selection.
+        for multimask in [false, true] {
+            let group: Vec<&(ClientId, Subscription)> = due
+                .iter()
+                .filter(|(_, s)| s.mode == SubscribeMode::Prompts && s.multimask == multimask)
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let all: Vec<Prompt> = group
+                .iter()
+                .flat_map(|(_, s)| s.prompts.iter().cloned())
+                .collect();
+            let outcomes = match self.segment(frame, &all, multimask) {
+                Ok(o) => o,
+                Err(e) => {
+                    log::error!("frame {}: {}", frame.seq, error_chain(&e));
+                    return;
+                }
+            };
+            let mut outcomes = outcomes.into_iter();
+            for (client, sub) in group {
+                let mut masks = Vec::new();
+                let mut refused = None;
+                for (i, outcome) in outcomes.by_ref().take(sub.prompts.len()).enumerate() {
+                    match outcome {
+                        Ok(ms) => masks.extend(ms.into_iter().map(|m| (i as u32, m))),
+                        Err(e) => refused = refused.or(Some(format!("prompt {i}: {e}"))),
+                    }
+                }
+                if let Some(msg) = refused {
+                    if self.hub.mark_invalid(*client, sub.id) {
+                        self.hub.deliver(
+                            *client,
+                            Outbound::Message(ServerMessage::error(
+                                Some(sub.id),
+                                ErrorCode::InvalidPrompt,
+                                msg,
+                            )),
+                        );
+                    }
+                }
+                self.hub.deliver(
+                    *client,
+                    Outbound::Masks(MaskBatch {
+                        subscription: Some(sub.id),
+                        request_id: None,
+                        frame: meta,
+                        masks: Arc::new(masks),
+                        encoding: sub.encoding,
+                    }),
+                );
+            }
+        }
+        for (client, sub) in due
+            .iter()
+            .filter(|(_, s)| s.mode == SubscribeMode::Everything)
+        {
+            if everything.is_none() {
+                let params = self
+                    .everything
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                let started = Instant::now();
+                match Generator::new(&self.segmenter, params).run(&frame.embedding) {
+                    Ok(result) => {
+                        self.metrics.record(Stage::Everything, started.elapsed());
+                        everything = Some(Arc::new(
+                            result
+                                .masks
+                                .into_iter()
+                                .enumerate()
+                                .map(|(i, m)| (i as u32, m))
+                                .collect(),
+                        ));
+                    }
+                    Err(e) => {
+                        log::error!("everything, frame {}: {}", frame.seq, error_chain(&e));
+                        return;
+                    }
+                }
+            }
+            if let Some(masks) = &everything {
+                self.hub.deliver(
+                    *client,
+                    Outbound::Masks(MaskBatch {
+                        subscription: Some(sub.id),
+                        request_id: None,
+                        frame: meta,
+                        masks: masks.clone(),
+                        encoding: sub.encoding,
+                    }),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_wins_replaces_and_counts() {
+        let (tx, rx) = LatestSender::channel();
+        assert_eq!(tx.send(1), Some(0));
+        assert_eq!(tx.send(2), Some(1));
+        assert_eq!(tx.send(3), Some(1));
+        assert_eq!(rx.try_recv().ok(), Some(3));
+        drop(rx);
+        // The sender keeps a receiver clone, so a closed consumer is seen only via its own drop;
+        // that is fine: the pipeline ends on the stop flag.
+    }
+
+    #[test]
+    fn rate_cap_skips_and_counts() {
+        let hub = Hub::default();
+        let (tx, _rx) = bounded(4);
+        let (id, stats) = hub.register("t".into(), tx);
+        let sub = Subscription::new(
+            1,
+            SubscribeMode::Everything,
+            vec![],
+            MaskEncoding::Bbox,
+            false,
+            2.0,
+        );
+        hub.subscribe(id, sub).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(hub.due(t0).len(), 1);
+        assert_eq!(hub.due(t0 + Duration::from_millis(100)).len(), 0);
+        assert_eq!(hub.due(t0 + Duration::from_millis(600)).len(), 1);
+        assert_eq!(stats.rate_limited.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn full_queue_drops_for_that_client_only() {
+        let hub = Hub::default();
+        let (tx_a, rx_a) = bounded(1);
+        let (tx_b, rx_b) = bounded(1);
+        let (a, stats_a) = hub.register("a".into(), tx_a);
+        let (b, stats_b) = hub.register("b".into(), tx_b);
+        for _ in 0..3 {
+            hub.deliver(
+                a,
+                Outbound::Message(ServerMessage::error(None, ErrorCode::Busy, "x")),
+            );
+        }
+        hub.deliver(
+            b,
+            Outbound::Message(ServerMessage::error(None, ErrorCode::Busy, "y")),
+        );
+        assert_eq!(stats_a.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(stats_b.dropped.load(Ordering::Relaxed), 0);
+        assert_eq!((rx_a.len(), rx_b.len()), (1, 1));
+        for i in 0..MAX_SUBSCRIPTIONS as u32 {
+            let s = Subscription::new(
+                i,
+                SubscribeMode::OnDemand,
+                vec![],
+                MaskEncoding::Rle,
+                false,
+                0.0,
+            );
+            hub.subscribe(a, s).unwrap();
+        }
+        let s = Subscription::new(
+            99,
+            SubscribeMode::OnDemand,
+            vec![],
+            MaskEncoding::Rle,
+            false,
+            0.0,
+        );
+        assert_eq!(hub.subscribe(a, s).unwrap_err().0, ErrorCode::TooMany);
+    }
+}

@@ -1,0 +1,534 @@
+//! The Unix-socket server: binds (or inherits from systemd) the socket, accepts up to a cap of
+//! clients, and runs two threads per client — a reader that parses and answers requests, and a
+//! writer that drains the client's own bounded queue. A client that stops reading is disconnected
+//! after the stall timeout; it never blocks the pipeline or other clients.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use crate::metrics::{Metrics, Stage};
+use crate::pipeline::{ClientId, ClientStats, Hub, MaskBatch, Outbound, PromptJob, Subscription};
+use crate::protocol::{
+    self, ClientMessage, ErrorCode, Limits, Masks, ProtocolError, ServerMessage, Status,
+    Subscribed, Welcome, WireMask, MAX_CLIENT_BODY, MAX_SERVER_BODY, PROTOCOL_VERSION,
+};
+
+/// The socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another live daemon answers on the path.
+    #[error("socket {0} is in use by a running daemon")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket: refuse to delete it.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Binding, chmod or chown failed.
+    #[error("setting up socket {path}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configured group does not exist.
+    #[error("socket group {0:?} does not exist")]
+    NoSuchGroup(String),
+}
+
+/// How long a new client has to send its hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Poll interval of blocking reads and accepts, so that shutdown is seen promptly.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Bind `path`, replacing a stale socket file (one no daemon answers on), then set its mode and
+/// group.
+pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, ServerError> {
+    let io_err = |source| ServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(path.to_path_buf()));
+        }
+        log::info!("removing stale socket {}", path.display());
+        std::fs::remove_file(path).map_err(io_err)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    if let Some(name) = group {
+        let gid = nix::unistd::Group::from_name(name)
+            .map_err(|e| io_err(std::io::Error::from(e)))?
+            .ok_or_else(|| ServerError::NoSuchGroup(name.to_string()))?
+            .gid;
+        std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(io_err)?;
+    }
+    Ok(listener)
+}
+
+/// The listening socket passed by systemd socket activation (`LISTEN_FDS`), if any.
+pub fn listener_from_systemd() -> Option<UnixListener> {
+    let fds = sd_notify::listen_fds().ok()?;
+    let fd = fds.into_iter().next()?;
+    // SAFETY: systemd passed this descriptor to this process (LISTEN_PID matched, checked by
+    // listen_fds) and nothing else in the process owns or closes it.
+    #[allow(unsafe_code)]
+    let listener = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Some(listener)
+}
+
+/// What the server needs from the rest of the daemon.
+#[derive(Clone)]
+pub struct ServerContext {
+    /// Subscribers.
+    pub hub: Arc<Hub>,
+    /// Prompt requests to the mask worker.
+    pub requests: Sender<PromptJob>,
+    /// Where publish latencies go.
+    pub metrics: Arc<Metrics>,
+    /// Builds a status report.
+    pub status: Arc<dyn Fn(u32) -> Status + Send + Sync>,
+    /// Most clients at once.
+    pub max_clients: usize,
+    /// Outbound queue per client.
+    pub queue: usize,
+    /// Disconnect a client that accepts nothing for this long.
+    pub stall_timeout: Duration,
+    /// Set to stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The accept loop and client threads.
+pub struct Server {
+    accept: JoinHandle<()>,
+    clients: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Start accepting on `listener`.
+    pub fn start(listener: UnixListener, ctx: ServerContext) -> std::io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let clients = Arc::new(AtomicUsize::new(0));
+        let count = clients.clone();
+        let accept = std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(listener, ctx, count))?;
+        Ok(Server { accept, clients })
+    }
+
+    /// Clients connected now.
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Wait up to `deadline` for the accept loop and the client threads to end (after `stop`).
+    pub fn join(self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while (!self.accept.is_finished() || self.clients.load(Ordering::Relaxed) > 0)
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.accept.is_finished() {
+            let _ = self.accept.join();
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, ctx: ServerContext, count: Arc<AtomicUsize>) {
+    while !ctx.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = stream.set_nonblocking(false) {
+                    log::warn!("client socket: {e}");
+                    continue;
+                }
+                if count.load(Ordering::Relaxed) >= ctx.max_clients {
+                    log::warn!("refusing a client: {} already connected", ctx.max_clients);
+                    let msg = ServerMessage::error(
+                        None,
+                        ErrorCode::TooMany,
+                        format!("server has its maximum of {} clients", ctx.max_clients),
+                    );
+                    let mut stream = stream;
+                    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+                    let _ = stream.write_all(&msg.encode());
+                    continue;
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = spawn_client(stream, ctx.clone(), count.clone()) {
+                    log::error!("starting client threads: {e}");
+                    count.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL / 2),
+            Err(e) => {
+                log::warn!("accept: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+fn spawn_client(
+    stream: UnixStream,
+    ctx: ServerContext,
+    count: Arc<AtomicUsize>,
+) -> std::io::Result<()> {
+    let (tx, rx) = bounded(ctx.queue.max(1));
+    let (id, stats) = ctx.hub.register(String::new(), tx.clone());
+    log::info!("client {id} connected");
+    let write_half = stream.try_clone()?;
+    write_half.set_write_timeout(Some(ctx.stall_timeout))?;
+    stream.set_read_timeout(Some(POLL))?;
+    let closing = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, closing, stats) = (ctx.stop.clone(), closing.clone(), stats.clone());
+        let metrics = ctx.metrics.clone();
+        std::thread::Builder::new()
+            .name(format!("client-{id}-tx"))
+            .spawn(move || write_loop(id, write_half, rx, &stats, &metrics, &stop, &closing))?
+    };
+    std::thread::Builder::new()
+        .name(format!("client-{id}-rx"))
+        .spawn(move || {
+            let mut reader = ClientReader {
+                id,
+                stream,
+                ctx: ctx.clone(),
+                tx,
+                closing: closing.clone(),
+                hello: false,
+            };
+            reader.run();
+            closing.store(true, Ordering::Relaxed);
+            ctx.hub.unregister(id);
+            drop(reader);
+            // The writer ends when it has flushed what it can (or at its stall timeout).
+            let _ = writer.join();
+            count.fetch_sub(1, Ordering::Relaxed);
+            log::info!("client {id} disconnected");
+        })?;
+    Ok(())
+}
+
+/// Reads with a short timeout so that shutdown and disconnects are seen; gives up on `stop`,
+/// `closing` or past `deadline`.
+struct PatientReader<'a> {
+    stream: &'a UnixStream,
+    stop: &'a AtomicBool,
+    closing: &'a AtomicBool,
+    deadline: Option<Instant>,
+}
+
+impl Read for PatientReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.stop.load(Ordering::Relaxed) || self.closing.load(Ordering::Relaxed) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "closing",
+                ));
+            }
+            if self.deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no hello within the handshake timeout",
+                ));
+            }
+            match (&mut &*self.stream).read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+struct ClientReader {
+    id: ClientId,
+    stream: UnixStream,
+    ctx: ServerContext,
+    tx: Sender<Outbound>,
+    closing: Arc<AtomicBool>,
+    hello: bool,
+}
+
+impl ClientReader {
+    /// Replies bypass the drop-on-full rule: they are answers the client waits for. If even they
+    /// cannot be queued for the stall timeout, the client is gone.
+    fn reply(&self, msg: ServerMessage) -> bool {
+        match self
+            .tx
+            .send_timeout(Outbound::Message(msg), self.ctx.stall_timeout)
+        {
+            Ok(()) => true,
+            Err(_) => {
+                log::warn!("client {}: reply queue stalled, disconnecting", self.id);
+                false
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        loop {
+            let deadline = (!self.hello).then(|| Instant::now() + HANDSHAKE_TIMEOUT);
+            let mut reader = PatientReader {
+                stream: &self.stream,
+                stop: &self.ctx.stop,
+                closing: &self.closing,
+                deadline,
+            };
+            let (header, body) = match protocol::read_frame(&mut reader, MAX_CLIENT_BODY) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(ProtocolError::Io(e)) => {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        log::warn!("client {}: {e}", self.id);
+                        self.reply(ServerMessage::error(
+                            None,
+                            ErrorCode::OutOfOrder,
+                            e.to_string(),
+                        ));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("client {}: {e}", self.id);
+                    self.reply(ServerMessage::error(None, e.code(), e.to_string()));
+                    return;
+                }
+            };
+            let message = match ClientMessage::decode(header.kind, &body) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::debug!("client {}: {e}", self.id);
+                    if !self.reply(ServerMessage::error(None, e.code(), e.to_string())) {
+                        return;
+                    }
+                    if !self.hello {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if !self.handle(message) {
+                return;
+            }
+        }
+    }
+
+    /// Answer one message; false to disconnect.
+    fn handle(&mut self, message: ClientMessage) -> bool {
+        let hub = &self.ctx.hub;
+        match message {
+            ClientMessage::Hello(h) => {
+                if self.hello {
+                    return self.reply(ServerMessage::error(
+                        None,
+                        ErrorCode::OutOfOrder,
+                        "hello was already received",
+                    ));
+                }
+                if !(h.min_version..=h.max_version).contains(&PROTOCOL_VERSION) {
+                    self.reply(ServerMessage::error(
+                        None,
+                        ErrorCode::VersionUnsupported,
+                        format!(
+                            "client speaks {}..={}, server speaks {PROTOCOL_VERSION}",
+                            h.min_version, h.max_version
+                        ),
+                    ));
+                    return false;
+                }
+                self.hello = true;
+                log::info!("client {} is {:?}", self.id, h.client);
+                hub.rename(self.id, h.client);
+                self.reply(ServerMessage::Welcome(Welcome {
+                    version: PROTOCOL_VERSION,
+                    server: format!("tinysamd {}", env!("CARGO_PKG_VERSION")),
+                    client_id: self.id,
+                    limits: Limits::current(),
+                }))
+            }
+            _ if !self.hello => {
+                self.reply(ServerMessage::error(
+                    None,
+                    ErrorCode::OutOfOrder,
+                    "the first message must be hello",
+                ));
+                false
+            }
+            ClientMessage::Subscribe(s) => {
+                let prompts = s.prompts.iter().map(|p| p.to_prompt()).collect();
+                let sub = Subscription::new(
+                    s.id,
+                    s.mode,
+                    prompts,
+                    s.encoding,
+                    s.multimask,
+                    s.max_rate_hz,
+                );
+                let mode = s.mode;
+                match hub.subscribe(self.id, sub) {
+                    Ok(()) => {
+                        log::debug!("client {} subscribed {} ({mode:?})", self.id, s.id);
+                        self.reply(ServerMessage::Subscribed(Subscribed { id: s.id }))
+                    }
+                    Err((code, msg)) => self.reply(ServerMessage::error(Some(s.id), code, msg)),
+                }
+            }
+            ClientMessage::Unsubscribe(u) => {
+                if hub.unsubscribe(self.id, u.id) {
+                    self.reply(ServerMessage::Subscribed(Subscribed { id: u.id }))
+                } else {
+                    self.reply(ServerMessage::error(
+                        Some(u.id),
+                        ErrorCode::UnknownSubscription,
+                        format!("no subscription {}", u.id),
+                    ))
+                }
+            }
+            ClientMessage::PromptRequest(r) => {
+                let job = PromptJob {
+                    client: self.id,
+                    request_id: r.request_id,
+                    frame_seq: r.frame_seq,
+                    prompts: r.prompts.iter().map(|p| p.to_prompt()).collect(),
+                    encoding: r.encoding,
+                    multimask: r.multimask,
+                };
+                match self.ctx.requests.try_send(job) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => self.reply(ServerMessage::error(
+                        Some(r.request_id),
+                        ErrorCode::Busy,
+                        "the request queue is full; retry",
+                    )),
+                    Err(TrySendError::Disconnected(_)) => self.reply(ServerMessage::error(
+                        Some(r.request_id),
+                        ErrorCode::Internal,
+                        "the mask worker has stopped",
+                    )),
+                }
+            }
+            ClientMessage::StatusRequest(r) => {
+                let status = (self.ctx.status)(r.request_id);
+                self.reply(ServerMessage::Status(Box::new(status)))
+            }
+            ClientMessage::Bye => false,
+        }
+    }
+}
+
+fn encode_masks(batch: &MaskBatch, dropped: u64) -> ServerMessage {
+    let masks: Vec<WireMask> = batch
+        .masks
+        .iter()
+        .map(|(prompt, m)| WireMask::from_mask(*prompt, m, batch.encoding))
+        .collect();
+    ServerMessage::Masks(Masks {
+        subscription: batch.subscription,
+        request_id: batch.request_id,
+        frame_seq: batch.frame.seq,
+        capture_ns: batch.frame.captured_ns,
+        width: batch.frame.width,
+        height: batch.frame.height,
+        dropped,
+        masks,
+    })
+}
+
+fn write_loop(
+    id: ClientId,
+    mut stream: UnixStream,
+    rx: Receiver<Outbound>,
+    stats: &ClientStats,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+    closing: &AtomicBool,
+) {
+    loop {
+        let item = match rx.recv_timeout(POLL) {
+            Ok(item) => item,
+            Err(RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Relaxed) || closing.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let started = Instant::now();
+        let (bytes, batch) = match item {
+            Outbound::Masks(batch) => {
+                let msg = encode_masks(&batch, stats.dropped.load(Ordering::Relaxed));
+                (msg.encode(), Some(batch))
+            }
+            Outbound::Message(msg) => (msg.encode(), None),
+        };
+        let bytes = if bytes.len() - protocol::HEADER_LEN > MAX_SERVER_BODY {
+            let id = batch.as_ref().and_then(|b| b.subscription.or(b.request_id));
+            ServerMessage::error(
+                id,
+                ErrorCode::ResultTooLarge,
+                format!(
+                    "result of {} bytes exceeds {MAX_SERVER_BODY}; use rle or polygon encoding",
+                    bytes.len()
+                ),
+            )
+            .encode()
+        } else {
+            bytes
+        };
+        if let Err(e) = stream.write_all(&bytes) {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                log::warn!("client {id} stalled (no read within the stall timeout); disconnecting");
+            } else {
+                log::debug!("client {id}: write failed: {e}");
+            }
+            closing.store(true, Ordering::Relaxed);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            break;
+        }
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = batch {
+            record_publish(metrics, &b, started);
+        }
+    }
+    closing.store(true, Ordering::Relaxed);
+}
+
+fn record_publish(metrics: &Metrics, batch: &MaskBatch, started: Instant) {
+    metrics.record(Stage::Publish, started.elapsed());
+    let now = crate::camera::monotonic_now_ns();
+    if batch.subscription.is_some() && now > batch.frame.captured_ns {
+        metrics.record(
+            Stage::EndToEnd,
+            Duration::from_nanos(now - batch.frame.captured_ns),
+        );
+    }
+}

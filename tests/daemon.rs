@@ -1,0 +1,405 @@
+//! The daemon in-process on the fixture model: frames flow in order, latest-frame-wins under a
+//! slow encoder, the embedding ring, camera loss and reopen, many subscribers and a stalled one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use tinysam_edge::camera::{
+    monotonic_now_ns, CameraError, CameraOpener, Frame, FrameSource, Reopening, SourceInfo,
+    SyntheticSource,
+};
+use tinysam_edge::client::Client;
+use tinysam_edge::config::{Config, Settings};
+use tinysam_edge::daemon::{Daemon, DaemonOptions};
+use tinysam_edge::pixel::PixelError;
+use tinysam_edge::protocol::{
+    ErrorCode, MaskEncoding, Masks, PromptRequest, ServerMessage, Subscribe, SubscribeMode,
+    WirePrompt,
+};
+
+use crate::util::test_model;
+
+/// Daemon tests measure latencies and frame drops: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Settings for the fixture model with `extra` TOML tables appended, socket in `dir`.
+pub fn settings(dir: &Path, source: &str, extra: &str) -> Settings {
+    let text = format!(
+        "[source]\n{source}\n[model]\ndir = {:?}\nencoder = \"fp32\"\ndecoder = \"fp32\"\nthreads = 1\n\
+         [socket]\npath = {:?}\nstall_timeout_ms = 500\n{extra}",
+        test_model(),
+        dir.join("d.sock"),
+    );
+    Config::from_toml(&text, Path::new("test.toml"))
+        .and_then(|c| c.validate())
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+pub fn start(settings: Settings, options: DaemonOptions) -> Daemon {
+    let options = DaemonOptions {
+        ignore_socket_activation: true,
+        ..options
+    };
+    Daemon::start(settings, options).expect("daemon starts")
+}
+
+fn point_prompt(x: f32, y: f32) -> WirePrompt {
+    WirePrompt {
+        points: vec![(x, y, 1)],
+        bbox: None,
+    }
+}
+
+pub fn subscribe(client: &mut Client, id: u32, mode: SubscribeMode, encoding: MaskEncoding) {
+    let prompts = if mode == SubscribeMode::Prompts {
+        vec![point_prompt(160.0, 120.0), point_prompt(40.0, 40.0)]
+    } else {
+        Vec::new()
+    };
+    client
+        .subscribe(Subscribe {
+            id,
+            mode,
+            prompts,
+            encoding,
+            max_rate_hz: 0.0,
+            multimask: false,
+        })
+        .unwrap();
+}
+
+/// Next `Masks` message, skipping others; panics on timeout.
+pub fn next_masks(client: &mut Client) -> Masks {
+    loop {
+        match client
+            .recv(Some(Duration::from_secs(20)))
+            .expect("a message")
+        {
+            ServerMessage::Masks(m) => return m,
+            ServerMessage::Error(e) => panic!("server error {e:?}"),
+            _ => {}
+        }
+    }
+}
+
+fn socket(d: &Daemon) -> PathBuf {
+    d.settings.socket_path.clone()
+}
+
+#[test]
+fn frames_flow_in_order_with_standing_prompts() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 8",
+        "",
+    );
+    let daemon = start(s, DaemonOptions::default());
+    let mut c = Client::connect(&socket(&daemon), "order").unwrap();
+    subscribe(&mut c, 1, SubscribeMode::Prompts, MaskEncoding::Rle);
+    let mut last: Option<Masks> = None;
+    for _ in 0..5 {
+        let m = next_masks(&mut c);
+        assert_eq!((m.width, m.height, m.subscription), (320, 240, Some(1)));
+        // Two prompts, best mask each, in prompt order.
+        assert_eq!(m.masks.iter().map(|k| k.prompt).collect::<Vec<_>>(), [0, 1]);
+        for k in &m.masks {
+            let rle = k.rle.as_ref().expect("rle");
+            let decoded =
+                tinysam_edge::postprocess::rle::Rle::from_compressed(rle, 320, 240).unwrap();
+            assert_eq!(decoded.area(), k.area);
+        }
+        if let Some(prev) = &last {
+            assert!(m.frame_seq > prev.frame_seq, "frames out of order");
+            assert!(m.capture_ns > prev.capture_ns);
+        }
+        assert!(m.capture_ns <= monotonic_now_ns());
+        last = Some(m);
+    }
+    let status = c.status(7).unwrap();
+    assert_eq!(status.request_id, 7);
+    assert!(status.frames_encoded >= 5);
+    assert_eq!(status.clients.len(), 1);
+    assert!(status
+        .stages
+        .iter()
+        .any(|s| s.stage == "encode" && s.count >= 5));
+    daemon.shutdown(Duration::from_secs(1));
+    assert!(!dir.path().join("d.sock").exists(), "socket file removed");
+}
+
+#[test]
+fn latest_frame_wins_under_a_slow_encoder() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 50",
+        "",
+    );
+    let daemon = start(
+        s,
+        DaemonOptions {
+            extra_encode_delay: Some(Duration::from_millis(250)),
+            ..DaemonOptions::default()
+        },
+    );
+    let mut c = Client::connect(&socket(&daemon), "slow").unwrap();
+    subscribe(&mut c, 1, SubscribeMode::Prompts, MaskEncoding::Bbox);
+    let seqs: Vec<u64> = (0..4).map(|_| next_masks(&mut c).frame_seq).collect();
+    let status = c.status(1).unwrap();
+    // 50 fps in, ~3 fps through the encoder: most frames are replaced before it takes them ...
+    assert!(
+        status.frames_dropped * 2 > status.frames_captured,
+        "{status:?}"
+    );
+    // ... results skip frames instead of queueing them ...
+    assert!(seqs.windows(2).all(|w| w[1] >= w[0] + 5), "{seqs:?}");
+    // ... and the encoder works on fresh frames: no backlog beyond one encode time of frames.
+    let newest = status.newest_frame.unwrap();
+    assert!(
+        status.frames_captured <= newest + 1 + 25,
+        "captured {} newest encoded {newest}",
+        status.frames_captured
+    );
+    daemon.shutdown(Duration::from_secs(1));
+}
+
+#[test]
+fn the_ring_answers_prompts_for_recent_frames() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for i in 0..6u64 {
+        SyntheticSource::render(320, 240, i * 10)
+            .save(images.join(format!("{i:02}.png")))
+            .unwrap();
+    }
+    let s = settings(
+        dir.path(),
+        &format!("uri = \"file:{}\"\nfps = 4\nloop = false", images.display()),
+        "[pipeline]\nring = 4",
+    );
+    let daemon = start(s, DaemonOptions::default());
+    let mut c = Client::connect(&socket(&daemon), "ring").unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = c.status(1).unwrap();
+        if s.frames_encoded + s.frames_dropped >= 6 || Instant::now() > until {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        status.frames_dropped, 0,
+        "the file source is paced slower than the encoder"
+    );
+    assert_eq!(
+        (status.oldest_frame, status.newest_frame),
+        (Some(2), Some(5))
+    );
+    let ask = |c: &mut Client, seq: u64, id: u32| {
+        c.request(PromptRequest {
+            request_id: id,
+            frame_seq: Some(seq),
+            prompts: vec![point_prompt(100.0, 120.0)],
+            encoding: MaskEncoding::Rle,
+            multimask: true,
+        })
+        .unwrap();
+        c.recv(Some(Duration::from_secs(20))).unwrap()
+    };
+    // Frame N-2 is answered against that frame, with the same masks as the library gives.
+    let ServerMessage::Masks(m) = ask(&mut c, 3, 10) else {
+        panic!("expected masks")
+    };
+    assert_eq!((m.frame_seq, m.request_id, m.masks.len()), (3, Some(10), 3));
+    let seg = tinysam_edge::segmenter::Segmenter::load(
+        &test_model(),
+        tinysam_edge::model::PrecisionChoice {
+            encoder: Some(tinysam_edge::model::Precision::Fp32),
+            decoder: Some(tinysam_edge::model::Precision::Fp32),
+        },
+    )
+    .unwrap();
+    let frame3 = image::open(images.join("03.png")).unwrap().to_rgb8();
+    let emb = seg.embed(&frame3).unwrap();
+    let prompt = point_prompt(100.0, 120.0).to_prompt();
+    let direct = seg
+        .segment(&emb, &[prompt], tinysam_edge::segmenter::MaskSelection::All)
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let areas: Vec<u64> = direct.iter().map(|r| r.area).collect();
+    assert_eq!(m.masks.iter().map(|k| k.area).collect::<Vec<_>>(), areas);
+    // Older than the ring and not yet captured: typed errors.
+    let ServerMessage::Error(e) = ask(&mut c, 1, 11) else {
+        panic!("expected an error")
+    };
+    assert_eq!((e.code, e.id), (ErrorCode::FrameExpired, Some(11)));
+    let ServerMessage::Error(e) = ask(&mut c, 50, 12) else {
+        panic!("expected an error")
+    };
+    assert_eq!(e.code, ErrorCode::FrameNotYet);
+    // A prompt outside the frame is refused on its own.
+    c.request(PromptRequest {
+        request_id: 13,
+        frame_seq: None,
+        prompts: vec![point_prompt(5000.0, 1.0)],
+        encoding: MaskEncoding::Rle,
+        multimask: false,
+    })
+    .unwrap();
+    let ServerMessage::Error(e) = c.recv(Some(Duration::from_secs(20))).unwrap() else {
+        panic!("expected an error")
+    };
+    assert_eq!((e.code, e.id), (ErrorCode::InvalidPrompt, Some(13)));
+    daemon.shutdown(Duration::from_secs(1));
+}
+
+/// A camera that fails: every 4th frame corrupt, the device vanishes after `frames_before_loss`
+/// frames, and reopening fails `failed_reopens` times before the device comes back.
+struct FakeCamera {
+    opens: u32,
+    failed_reopens: u32,
+    frames_before_loss: u64,
+}
+
+struct FakeStream {
+    seq: u64,
+    lose_after: Option<u64>,
+}
+
+impl FrameSource for FakeStream {
+    fn next_frame(&mut self) -> Result<Option<Frame>, CameraError> {
+        std::thread::sleep(Duration::from_millis(40));
+        let seq = self.seq;
+        self.seq += 1;
+        if self.lose_after.is_some_and(|n| seq >= n) {
+            return Err(CameraError::Capture {
+                device: "/dev/fake0".into(),
+                source: std::io::Error::from_raw_os_error(19), // ENODEV
+            });
+        }
+        if seq % 4 == 3 {
+            return Err(CameraError::Corrupt {
+                seq,
+                source: PixelError::Jpeg("truncated".into()),
+            });
+        }
+        Ok(Some(Frame {
+            seq,
+            captured_ns: monotonic_now_ns(),
+            image: RgbImage::from_pixel(320, 240, image::Rgb([90, 120, (seq * 7 % 255) as u8])),
+            convert: Duration::ZERO,
+        }))
+    }
+
+    fn info(&self) -> SourceInfo {
+        SourceInfo {
+            uri: "v4l2:/dev/fake0".into(),
+            width: 320,
+            height: 240,
+            format: Some("mjpeg".into()),
+            fps: 25.0,
+        }
+    }
+}
+
+impl CameraOpener for FakeCamera {
+    fn open(&mut self) -> Result<Box<dyn FrameSource>, CameraError> {
+        self.opens += 1;
+        let first = self.opens == 1;
+        if !first && self.opens <= 1 + self.failed_reopens {
+            return Err(CameraError::Open {
+                device: "/dev/fake0".into(),
+                source: std::io::Error::from_raw_os_error(2), // ENOENT: unplugged
+            });
+        }
+        Ok(Box::new(FakeStream {
+            seq: 0,
+            lose_after: first.then_some(self.frames_before_loss),
+        }))
+    }
+
+    fn device(&self) -> String {
+        "/dev/fake0".into()
+    }
+}
+
+#[test]
+fn reopening_keeps_sequence_numbers_increasing() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let camera = FakeCamera {
+        opens: 0,
+        failed_reopens: 3,
+        frames_before_loss: 6,
+    };
+    let mut src = Reopening::new(camera, stop)
+        .with_backoff(Duration::from_millis(5), Duration::from_millis(20));
+    let mut seqs = Vec::new();
+    let mut corrupt = 0;
+    while seqs.len() < 10 {
+        match src.next_frame() {
+            Ok(Some(f)) => seqs.push(f.seq),
+            Err(e) if e.is_frame_error() => corrupt += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+    assert_eq!(src.reopens(), 1);
+    assert!(corrupt >= 2);
+}
+
+#[test]
+fn a_lost_camera_is_reopened_and_subscribers_stay() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), "uri = \"v4l2:/dev/fake0\"", "");
+    let stop = Arc::new(AtomicBool::new(false));
+    let camera = FakeCamera {
+        opens: 0,
+        failed_reopens: 3,
+        frames_before_loss: 12,
+    };
+    let source = Reopening::new(camera, stop.clone())
+        .with_backoff(Duration::from_millis(20), Duration::from_millis(100));
+    let daemon = Daemon::start_with_source(
+        s,
+        Box::new(source),
+        stop,
+        DaemonOptions {
+            ignore_socket_activation: true,
+            ..DaemonOptions::default()
+        },
+    )
+    .unwrap();
+    let mut c = Client::connect(&socket(&daemon), "survivor").unwrap();
+    subscribe(&mut c, 1, SubscribeMode::Prompts, MaskEncoding::Bbox);
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut seqs = Vec::new();
+    loop {
+        let m = next_masks(&mut c);
+        seqs.push(m.frame_seq);
+        let status = c.status(2).unwrap();
+        if status.camera_reopens >= 1 && m.frame_seq > 14 {
+            assert!(status.frames_corrupt >= 3, "{status:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no frames after the camera came back: {seqs:?}"
+        );
+    }
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+    daemon.shutdown(Duration::from_secs(1));
+}
