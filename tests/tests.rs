@@ -10,3 +10,5 @@ mod kernels;
 mod parity;
 mod pixel;
 mod rle;
+mod tinysamd;
+mod wire;

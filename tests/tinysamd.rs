@@ -1,0 +1,172 @@
+//! The `tinysamd` binary: start-up errors and exit codes, config checks, SIGTERM, stale sockets.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tinysam_edge::client::Client;
+
+use crate::util::test_model;
+
+fn tinysamd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tinysamd"));
+    c.env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("TINYSAMD_CONFIG");
+    c
+}
+
+fn spawn(socket: &Path, extra: &[&str]) -> Child {
+    tinysamd()
+        .args(["--source", "synthetic", "--width", "160", "--height", "120"])
+        .args(["--fps", "5", "--threads", "1", "--encoder", "fp32"])
+        .arg("--model")
+        .arg(test_model())
+        .arg("--socket")
+        .arg(socket)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tinysamd starts")
+}
+
+fn wait_for_socket(socket: &Path, child: &mut Child) -> Client {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(c) = Client::connect(socket, "test") {
+            return c;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("tinysamd exited early: {status}");
+        }
+        assert!(Instant::now() < until, "tinysamd never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_stops_within_a_second_and_removes_the_socket() {
+    let _g = crate::daemon::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut child = spawn(&socket, &[]);
+    let mut client = wait_for_socket(&socket, &mut child);
+    assert!(client.status(1).is_ok());
+    let sent = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "tinysamd ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = sent.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took <= Duration::from_secs(1), "stopping took {took:?}");
+    assert!(!socket.exists(), "socket file left behind");
+}
+
+#[test]
+fn stale_socket_is_replaced_and_a_live_one_refused() {
+    let _g = crate::daemon::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    // A socket file nobody listens on (a crashed daemon's).
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let mut first = spawn(&socket, &[]);
+    let _c = wait_for_socket(&socket, &mut first);
+    // A second daemon on the same path must not steal it.
+    let second = spawn(&socket, &[]).wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use"), "{err}");
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(first.wait().unwrap().success());
+    // A regular file in the way is never deleted.
+    std::fs::write(&socket, "precious").unwrap();
+    let out = spawn(&socket, &[]).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
+}
+
+#[test]
+fn bad_configs_exit_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[source]\nfps = -1\n", "source.fps"),
+        ("[socket]\nmode = \"999\"\n", "socket.mode"),
+        ("[pipeline]\nring = 1000\n", "pipeline.ring"),
+        ("[sauce]\nuri = \"synthetic\"\n", "sauce"),
+        ("[source\n", "line 1"),
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = tinysamd()
+            .arg("--config")
+            .arg(&path)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{text}: {err}");
+        assert!(err.contains(key), "{text}: {err}");
+    }
+    let out = tinysamd()
+        .args(["--source", "usb:0", "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("source.uri"));
+    let out = tinysamd()
+        .args(["--config", "/nonexistent/tinysamd.toml", "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tinysamd.toml"));
+    // The shipped example config is valid.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/config.toml");
+    let out = tinysamd()
+        .arg("--config")
+        .arg(&example)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn missing_model_or_source_exits_1_with_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let out = tinysamd()
+        .args(["--model", "/nonexistent/model", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+    let out = tinysamd()
+        .args(["--source", "file:/nonexistent/frames", "--socket"])
+        .arg(&socket)
+        .arg("--model")
+        .arg(test_model())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/frames"));
+    assert!(!socket.exists());
+}

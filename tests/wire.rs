@@ -1,0 +1,336 @@
+//! The socket protocol against a live in-process daemon: every malformed-message class gets its
+//! typed error (and the connection survives where the stream is still in sync), limits hold, and
+//! eight mixed subscribers keep their latency while a ninth stops reading.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use tinysam_edge::camera::monotonic_now_ns;
+use tinysam_edge::client::{Client, ClientError};
+use tinysam_edge::daemon::DaemonOptions;
+use tinysam_edge::protocol::{
+    ClientMessage, ErrorCode, Header, Hello, MaskEncoding, PromptRequest, ServerMessage, Subscribe,
+    SubscribeMode, WirePrompt, HEADER_LEN, MAX_CLIENT_BODY, MAX_SUBSCRIPTIONS, PROTOCOL_VERSION,
+};
+
+use crate::daemon::{next_masks, serial, settings, start, subscribe};
+
+fn expect_error(c: &mut Client, code: ErrorCode) {
+    match c.recv(Some(Duration::from_secs(10))) {
+        Ok(ServerMessage::Error(e)) => assert_eq!(e.code, code, "{e:?}"),
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+fn expect_closed(c: &mut Client) {
+    match c.recv(Some(Duration::from_secs(10))) {
+        Err(ClientError::Closed) | Err(ClientError::Protocol(_)) | Err(ClientError::Io(..)) => {}
+        other => panic!("expected the connection closed, got {other:?}"),
+    }
+}
+
+fn raw(bytes: &[u8], kind: u16) -> Vec<u8> {
+    let mut out = Header {
+        version: PROTOCOL_VERSION,
+        kind,
+        length: bytes.len() as u32,
+    }
+    .to_bytes()
+    .to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+#[test]
+fn malformed_messages_get_typed_errors() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 4",
+        "",
+    );
+    s.max_clients = 4;
+    let daemon = start(s, DaemonOptions::default());
+    let path = daemon.settings.socket_path.clone();
+
+    // A bystander that must be unaffected by everything below.
+    let mut bystander = Client::connect(&path, "bystander").unwrap();
+
+    // Malformed body: error, connection stays.
+    let mut c = Client::connect(&path, "bad-body").unwrap();
+    c.send_raw(&raw(&[0xc1, 0xc1], 2)).unwrap();
+    expect_error(&mut c, ErrorCode::Malformed);
+    // Out-of-bounds values: error, connection stays.
+    c.send(&ClientMessage::Subscribe(Subscribe {
+        id: 1,
+        mode: SubscribeMode::Prompts,
+        prompts: vec![WirePrompt {
+            points: vec![(1.0, 1.0, 1); 40],
+            bbox: None,
+        }],
+        encoding: MaskEncoding::Rle,
+        max_rate_hz: 0.0,
+        multimask: false,
+    }))
+    .unwrap();
+    expect_error(&mut c, ErrorCode::InvalidRequest);
+    // Unknown kind and a server-only kind: error, connection stays.
+    c.send_raw(&raw(&[0x80], 77)).unwrap();
+    expect_error(&mut c, ErrorCode::UnknownKind);
+    c.send_raw(&raw(&[0x80], 66)).unwrap();
+    expect_error(&mut c, ErrorCode::UnknownKind);
+    // A second hello is out of order.
+    c.send(&ClientMessage::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        client: "again".into(),
+    }))
+    .unwrap();
+    expect_error(&mut c, ErrorCode::OutOfOrder);
+    // Too many subscriptions.
+    for id in 0..MAX_SUBSCRIPTIONS as u32 {
+        subscribe(&mut c, id, SubscribeMode::OnDemand, MaskEncoding::Bbox);
+    }
+    c.send(&ClientMessage::Subscribe(Subscribe {
+        id: 99,
+        mode: SubscribeMode::OnDemand,
+        prompts: vec![],
+        encoding: MaskEncoding::Bbox,
+        max_rate_hz: 0.0,
+        multimask: false,
+    }))
+    .unwrap();
+    expect_error(&mut c, ErrorCode::TooMany);
+    // Unknown subscription.
+    c.send(&ClientMessage::Unsubscribe(
+        tinysam_edge::protocol::Unsubscribe { id: 12345 },
+    ))
+    .unwrap();
+    expect_error(&mut c, ErrorCode::UnknownSubscription);
+    // Still usable.
+    assert!(c.status(3).is_ok());
+
+    // Oversized: error, then disconnected (the body was never read).
+    let mut c = Client::connect(&path, "huge").unwrap();
+    let mut huge = raw(&[], 2);
+    huge[8..12].copy_from_slice(&((MAX_CLIENT_BODY as u32) + 1).to_le_bytes());
+    c.send_raw(&huge).unwrap();
+    expect_error(&mut c, ErrorCode::TooLarge);
+    expect_closed(&mut c);
+
+    // Bad magic: error, then disconnected.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = [0u8; HEADER_LEN];
+    s.read_exact(&mut head).unwrap();
+    let h = Header::parse(&head, 1 << 20).unwrap();
+    let mut body = vec![0; h.length as usize];
+    s.read_exact(&mut body).unwrap();
+    match ServerMessage::decode(h.kind, &body).unwrap() {
+        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::BadHeader),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.read(&mut head).unwrap_or(0),
+        0,
+        "closed after a bad header"
+    );
+
+    // Anything before hello: out of order, disconnected.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(
+        &ClientMessage::StatusRequest(tinysam_edge::protocol::StatusRequest { request_id: 1 })
+            .encode(),
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (h, body) = tinysam_edge::protocol::read_frame(&mut s, 1 << 20)
+        .unwrap()
+        .unwrap();
+    match ServerMessage::decode(h.kind, &body).unwrap() {
+        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::OutOfOrder),
+        other => panic!("{other:?}"),
+    }
+
+    // No common version: refused.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(
+        &ClientMessage::Hello(Hello {
+            min_version: 2,
+            max_version: 5,
+            client: "future".into(),
+        })
+        .encode(),
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (h, body) = tinysam_edge::protocol::read_frame(&mut s, 1 << 20)
+        .unwrap()
+        .unwrap();
+    match ServerMessage::decode(h.kind, &body).unwrap() {
+        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::VersionUnsupported),
+        other => panic!("{other:?}"),
+    }
+
+    // Client cap (4): the bystander, the first bad client, and two more fit; the next is refused.
+    let _third = Client::connect(&path, "third").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _fourth = Client::connect(&path, "fourth");
+    let refused = (0..3).any(|_| {
+        matches!(
+            Client::connect(&path, "one-too-many"),
+            Err(ClientError::Server(ref e)) if e.code == ErrorCode::TooMany
+        )
+    });
+    assert!(refused, "the client cap was not enforced");
+
+    // The bystander saw none of it.
+    subscribe(&mut bystander, 1, SubscribeMode::Prompts, MaskEncoding::Rle);
+    let m = next_masks(&mut bystander);
+    assert_eq!(m.masks.len(), 2);
+    daemon.shutdown(Duration::from_secs(1));
+}
+
+/// Per-result latency (capture to receipt) of one subscriber, median over `n` results.
+fn median_latency_ms(c: &mut Client, n: usize) -> f64 {
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let m = next_masks(c);
+            (monotonic_now_ns() - m.capture_ns) as f64 / 1e6
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+fn eight_mixed_subscribers_and_a_stalled_one() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let fps = 4.0;
+    let s = settings(
+        dir.path(),
+        &format!("uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = {fps}"),
+        "[everything]\npoints_per_side = 4\npred_iou_thresh = 0.0\nstability_thresh = 0.0",
+    );
+    let daemon = start(s, DaemonOptions::default());
+    let path = daemon.settings.socket_path.clone();
+    let modes = [
+        (SubscribeMode::Prompts, MaskEncoding::Rle),
+        (SubscribeMode::Prompts, MaskEncoding::Bitmap),
+        (SubscribeMode::Prompts, MaskEncoding::Polygon),
+        (SubscribeMode::Prompts, MaskEncoding::Bbox),
+        (SubscribeMode::Everything, MaskEncoding::Rle),
+        (SubscribeMode::Everything, MaskEncoding::Bbox),
+        (SubscribeMode::Prompts, MaskEncoding::Rle),
+        (SubscribeMode::OnDemand, MaskEncoding::Rle),
+    ];
+    let mut clients: Vec<Client> = modes
+        .iter()
+        .enumerate()
+        .map(|(i, (mode, enc))| {
+            let mut c = Client::connect(&path, &format!("sub{i}")).unwrap();
+            subscribe(&mut c, i as u32, *mode, *enc);
+            c
+        })
+        .collect();
+    // Every subscriber gets correct, in-order results in its encoding.
+    for (i, c) in clients.iter_mut().enumerate().take(7) {
+        let a = next_masks(c);
+        let b = next_masks(c);
+        assert!(b.frame_seq > a.frame_seq, "subscriber {i} out of order");
+        assert_eq!(a.subscription, Some(i as u32));
+        let (mode, enc) = modes[i];
+        assert!(!a.masks.is_empty(), "subscriber {i} got no masks");
+        if mode == SubscribeMode::Prompts {
+            assert_eq!(a.masks.len(), 2);
+        }
+        for m in &a.masks {
+            match enc {
+                MaskEncoding::Rle => assert!(m.rle.is_some()),
+                MaskEncoding::Bitmap => {
+                    assert_eq!(m.bitmap.as_ref().map(Vec::len), Some(320 * 240))
+                }
+                MaskEncoding::Polygon => assert!(m.polygons.is_some()),
+                MaskEncoding::Bbox => {
+                    assert!(m.rle.is_none() && m.bitmap.is_none() && m.polygons.is_none())
+                }
+            }
+        }
+    }
+    // The on-demand client asks for the newest frame.
+    let od = &mut clients[7];
+    od.request(PromptRequest {
+        request_id: 5,
+        frame_seq: None,
+        prompts: vec![WirePrompt {
+            points: vec![(10.0, 10.0, 1)],
+            bbox: Some([0.0, 0.0, 100.0, 100.0]),
+        }],
+        encoding: MaskEncoding::Rle,
+        multimask: false,
+    })
+    .unwrap();
+    let m = next_masks(od);
+    assert_eq!((m.request_id, m.masks.len()), (Some(5), 1));
+
+    // Baseline latency of subscriber 0, then again with a subscriber that never reads.
+    let before = median_latency_ms(&mut clients[0], 6);
+    let mut staller = UnixStream::connect(&path).unwrap();
+    staller
+        .write_all(
+            &ClientMessage::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                client: "staller".into(),
+            })
+            .encode(),
+        )
+        .unwrap();
+    staller
+        .write_all(
+            &ClientMessage::Subscribe(Subscribe {
+                id: 1,
+                mode: SubscribeMode::Prompts,
+                prompts: vec![WirePrompt {
+                    points: vec![(160.0, 120.0, 1)],
+                    bbox: None,
+                }],
+                encoding: MaskEncoding::Bitmap,
+                max_rate_hz: 0.0,
+                multimask: true,
+            })
+            .encode(),
+        )
+        .unwrap();
+    let during = median_latency_ms(&mut clients[0], 6);
+    let frame_ms = 1000.0 / fps;
+    assert!(
+        during - before <= frame_ms,
+        "a stalled subscriber slowed another from {before:.1} to {during:.1} ms"
+    );
+    // Everyone else is still served, and the staller is eventually dropped.
+    for c in clients.iter_mut().take(7) {
+        next_masks(c);
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = clients[7].status(9).unwrap();
+        if !status.clients.iter().any(|c| c.name == "staller") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "staller never disconnected: {:?}",
+            status.clients
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "multi-subscriber latency p50: {before:.1} ms alone, {during:.1} ms with a stalled peer"
+    );
+    daemon.shutdown(Duration::from_secs(1));
+}
