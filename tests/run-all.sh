@@ -32,6 +32,9 @@ need_root_apt() { # packages...
     $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 }
 
+# bindgen (for the v4l crate) needs libclang.
+need_root_apt libclang-dev || { echo "could not install libclang-dev" >&2; exit 1; }
+
 if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run." >&2
     exit 1
@@ -52,7 +55,7 @@ setup_python() {
         uv=$VENV/bin/uv
     fi
     say "installing the model toolchain's Python packages (torch brings ~3 GB of CUDA libraries)"
-    "$uv" pip install -q --python "$VENV/bin/python" -e "$ROOT/models[dev]"
+    "$uv" pip install -q --python "$VENV/bin/python" -e "$ROOT/models[dev]" -e "$ROOT/clients/python[dev]"
 }
 
 # --- Rust ---------------------------------------------------------------------------------
@@ -77,6 +80,11 @@ if [ "${SKIP_PYTHON:-0}" = "1" ]; then
     record "python: models/tests" skipped
 elif setup_python; then
     run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
+    # Talks to the tinysamd and tinysam binaries built by the Rust tests above.
+    TINYSAM_BIN_DIR=$(cargo metadata --format-version 1 --no-deps |
+        "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+    export TINYSAM_BIN_DIR
+    run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
 else
     record "python: setup" FAILED
 fi
