@@ -75,6 +75,27 @@ smoke_default_model() {
 }
 run_suite "default model smoke" smoke_default_model
 
+# The README's run command: tinysamd on the synthetic camera with the default model, and a
+# subscriber that must receive masks.
+smoke_daemon() {
+    local dir pid ok=1
+    dir=$(mktemp -d)
+    cargo build --release --locked --quiet --bins || return 1
+    local bin
+    bin=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
+    "$bin/tinysamd" --socket "$dir/d.sock" --stats-interval 0 2>"$dir/log" &
+    pid=$!
+    for _ in $(seq 1 600); do [ -S "$dir/d.sock" ] && break; sleep 0.1; done
+    if "$bin/tinysam" sub --socket "$dir/d.sock" --point 320,240 --count 1 --timeout 300; then
+        ok=0
+    fi
+    kill -TERM "$pid" && wait "$pid" || ok=1
+    [ -e "$dir/d.sock" ] && { echo "socket left behind"; ok=1; }
+    [ $ok -eq 0 ] || cat "$dir/log"
+    return $ok
+}
+run_suite "daemon smoke (default model)" smoke_daemon
+
 # --- Python (model toolchain) -------------------------------------------------------------
 if [ "${SKIP_PYTHON:-0}" = "1" ]; then
     record "python: models/tests" skipped

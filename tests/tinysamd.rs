@@ -170,3 +170,60 @@ fn missing_model_or_source_exits_1_with_the_path() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/frames"));
     assert!(!socket.exists());
 }
+
+#[test]
+fn sighup_reloads_what_it_safely_can() {
+    let _g = crate::daemon::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let config = dir.path().join("d.toml");
+    let log = dir.path().join("d.log");
+    let write_config = |fps: u32, side: u32| {
+        std::fs::write(
+            &config,
+            format!(
+                "[source]\nuri = \"synthetic\"\nwidth = 160\nheight = 120\nfps = {fps}\n\
+                 [everything]\npoints_per_side = {side}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_config(5, 32);
+    let mut child = tinysamd()
+        .arg("--config")
+        .arg(&config)
+        .args(["--threads", "1", "--encoder", "fp32", "--model"])
+        .arg(test_model())
+        .arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut client = wait_for_socket(&socket, &mut child);
+    let pid = Pid::from_raw(child.id() as i32);
+    let wait_log = |needle: &str| {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < until, "log never said {needle:?}:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    write_config(5, 16);
+    kill(pid, Signal::SIGHUP).unwrap();
+    wait_log("configuration reloaded\n");
+    write_config(9, 16);
+    kill(pid, Signal::SIGHUP).unwrap();
+    wait_log("changes to source take effect after a restart");
+    std::fs::write(&config, "[source]\nfps = \"fast\"\n").unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    wait_log("reload refused");
+    // Still serving.
+    assert!(client.status(1).is_ok());
+    kill(pid, Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -43,6 +43,13 @@ pub struct BenchArgs {
     /// Also write the Markdown table to this file.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Instead: run the whole daemon (synthetic 640x480 camera, socket, one subscriber) for
+    /// --runs frames with the first precision, and report end-to-end latency, overhead, RSS.
+    #[arg(long)]
+    pub daemon: bool,
+    /// With --daemon: the synthetic camera's frame rate cap.
+    #[arg(long, default_value_t = 5.0)]
+    pub daemon_fps: f32,
 }
 
 struct Stats {
@@ -104,6 +111,13 @@ fn test_pattern() -> image::RgbImage {
 
 /// Run the benchmark and print the table.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.daemon {
+        let md = super::bench_daemon::run(&args)?;
+        if let Some(path) = &args.markdown {
+            std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     model::set_threads(args.threads);
     let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
     let frame = match &args.image {

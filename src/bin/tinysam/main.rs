@@ -1,6 +1,7 @@
 //! `tinysam`: segment images from the command line, inspect models, benchmark.
 
 mod bench;
+mod bench_daemon;
 mod sub;
 
 use std::path::{Path, PathBuf};
