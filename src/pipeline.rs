@@ -608,7 +608,9 @@ fn capture_loop(
                 }
             }
             Ok(None) => {
-                log::info!("source ended; clients stay connected and the ring stays available");
+                if !stop.load(Ordering::Relaxed) {
+                    log::info!("source ended; clients stay connected and the ring stays available");
+                }
                 break;
             }
             Err(e) if e.is_frame_error() => {
