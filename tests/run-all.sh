@@ -95,6 +95,8 @@ smoke_daemon() {
     return $ok
 }
 run_suite "daemon smoke (default model)" smoke_daemon
+run_suite "systemd units" bash systemd/check.sh \
+    "$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/tinysamd"
 
 # --- Python (model toolchain) -------------------------------------------------------------
 if [ "${SKIP_PYTHON:-0}" = "1" ]; then
