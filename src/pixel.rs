@@ -138,17 +138,19 @@ fn check_output(width: u32, height: u32, out: &[u8]) -> Result<(usize, usize), P
     Ok((w, h))
 }
 
-/// Packed YUYV with `stride` bytes per row to RGB8 in `out` (width * height * 3 bytes).
-pub fn yuyv_to_rgb(
+/// Check a packed format's geometry and buffer size: `bytes_per_pixel` bytes per pixel in rows
+/// of `stride` bytes; `pairs` formats (4:2:2) need an even width.
+fn check_packed(
+    format: &'static str,
+    (width, height, stride): (u32, u32, usize),
+    bytes_per_pixel: usize,
+    pairs: bool,
     src: &[u8],
-    width: u32,
-    height: u32,
-    stride: usize,
-    out: &mut [u8],
-) -> Result<(), PixelError> {
-    let format = "YUYV";
+    out: &[u8],
+) -> Result<(usize, usize), PixelError> {
     let (w, h) = check_output(width, height, out)?;
-    if w % 2 != 0 || stride < w * 2 {
+    let row = w * bytes_per_pixel;
+    if (pairs && w % 2 != 0) || stride < row {
         return Err(PixelError::Geometry {
             format,
             width,
@@ -156,7 +158,7 @@ pub fn yuyv_to_rgb(
             stride,
         });
     }
-    let need = if h == 0 { 0 } else { stride * (h - 1) + w * 2 };
+    let need = if h == 0 { 0 } else { stride * (h - 1) + row };
     if src.len() < need {
         return Err(PixelError::ShortBuffer {
             format,
@@ -167,6 +169,18 @@ pub fn yuyv_to_rgb(
             need,
         });
     }
+    Ok((w, h))
+}
+
+/// Packed YUYV with `stride` bytes per row to RGB8 in `out` (width * height * 3 bytes).
+pub fn yuyv_to_rgb(
+    src: &[u8],
+    width: u32,
+    height: u32,
+    stride: usize,
+    out: &mut [u8],
+) -> Result<(), PixelError> {
+    let (w, _) = check_packed("YUYV", (width, height, stride), 2, true, src, out)?;
     for (row_out, row_in) in out.chunks_exact_mut(w * 3).zip(src.chunks(stride)) {
         for (px, yuyv) in row_out
             .chunks_exact_mut(6)
@@ -240,27 +254,7 @@ pub fn rgb24_to_rgb(
     stride: usize,
     out: &mut [u8],
 ) -> Result<(), PixelError> {
-    let format = "RGB24";
-    let (w, h) = check_output(width, height, out)?;
-    if stride < w * 3 {
-        return Err(PixelError::Geometry {
-            format,
-            width,
-            height,
-            stride,
-        });
-    }
-    let need = if h == 0 { 0 } else { stride * (h - 1) + w * 3 };
-    if src.len() < need {
-        return Err(PixelError::ShortBuffer {
-            format,
-            width,
-            height,
-            stride,
-            got: src.len(),
-            need,
-        });
-    }
+    let (w, _) = check_packed("RGB24", (width, height, stride), 3, false, src, out)?;
     for (row_out, row_in) in out.chunks_exact_mut(w * 3).zip(src.chunks(stride)) {
         row_out.copy_from_slice(&row_in[..w * 3]);
     }

@@ -233,14 +233,26 @@ fn sighup_reloads_what_it_safely_can() {
 fn accepts_a_socket_passed_by_systemd() {
     let _g = crate::daemon::serial();
     let activate = Path::new("/usr/bin/systemd-socket-activate");
-    assert!(activate.exists(), "systemd-socket-activate is part of Debian's systemd package");
+    assert!(
+        activate.exists(),
+        "systemd-socket-activate is part of Debian's systemd package"
+    );
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("activated.sock");
     let mut child = Command::new(activate)
         .arg("-l")
         .arg(&socket)
         .arg(env!("CARGO_BIN_EXE_tinysamd"))
-        .args(["--source", "synthetic", "--width", "160", "--height", "120", "--fps", "5"])
+        .args([
+            "--source",
+            "synthetic",
+            "--width",
+            "160",
+            "--height",
+            "120",
+            "--fps",
+            "5",
+        ])
         .args(["--threads", "1", "--encoder", "fp32", "--model"])
         .arg(test_model())
         // The path tinysamd would bind itself: it must not, and must not create it.
@@ -252,10 +264,14 @@ fn accepts_a_socket_passed_by_systemd() {
     // systemd-socket-activate listens first and starts tinysamd on the first connection.
     let until = Instant::now() + Duration::from_secs(5);
     while !socket.exists() {
-        assert!(Instant::now() < until, "systemd-socket-activate did not listen");
+        assert!(
+            Instant::now() < until,
+            "systemd-socket-activate did not listen"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut client = Client::connect(&socket, "activated").expect("handshake over the passed socket");
+    let mut client =
+        Client::connect(&socket, "activated").expect("handshake over the passed socket");
     assert!(client.status(1).is_ok());
     assert!(!dir.path().join("own.sock").exists());
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();

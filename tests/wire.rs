@@ -11,7 +11,7 @@ use tinysam_edge::client::{Client, ClientError};
 use tinysam_edge::daemon::DaemonOptions;
 use tinysam_edge::protocol::{
     ClientMessage, ErrorCode, Header, Hello, MaskEncoding, PromptRequest, ServerMessage, Subscribe,
-    SubscribeMode, WirePrompt, HEADER_LEN, MAX_CLIENT_BODY, MAX_SUBSCRIPTIONS, PROTOCOL_VERSION,
+    SubscribeMode, WirePrompt, MAX_CLIENT_BODY, MAX_SUBSCRIPTIONS, PROTOCOL_VERSION,
 };
 
 use crate::daemon::{next_masks, serial, settings, start, subscribe};
@@ -27,6 +27,20 @@ fn expect_closed(c: &mut Client) {
     match c.recv(Some(Duration::from_secs(10))) {
         Err(ClientError::Closed) | Err(ClientError::Protocol(_)) | Err(ClientError::Io(..)) => {}
         other => panic!("expected the connection closed, got {other:?}"),
+    }
+}
+
+/// Send `bytes` as the first thing on a new connection; the error code of the reply.
+fn first_reply(path: &std::path::Path, bytes: &[u8]) -> (ErrorCode, UnixStream) {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.write_all(bytes).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (h, body) = tinysam_edge::protocol::read_frame(&mut s, 1 << 20)
+        .unwrap()
+        .expect("a reply");
+    match ServerMessage::decode(h.kind, &body).unwrap() {
+        ServerMessage::Error(e) => (e.code, s),
+        other => panic!("expected an error, got {other:?}"),
     }
 }
 
@@ -121,59 +135,33 @@ fn malformed_messages_get_typed_errors() {
     expect_closed(&mut c);
 
     // Bad magic: error, then disconnected.
-    let mut s = UnixStream::connect(&path).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut head = [0u8; HEADER_LEN];
-    s.read_exact(&mut head).unwrap();
-    let h = Header::parse(&head, 1 << 20).unwrap();
-    let mut body = vec![0; h.length as usize];
-    s.read_exact(&mut body).unwrap();
-    match ServerMessage::decode(h.kind, &body).unwrap() {
-        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::BadHeader),
-        other => panic!("{other:?}"),
-    }
+    let (reply, mut s) = first_reply(&path, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(reply, ErrorCode::BadHeader);
+    let mut buf = [0u8; 1];
     assert_eq!(
-        s.read(&mut head).unwrap_or(0),
+        s.read(&mut buf).unwrap_or(0),
         0,
         "closed after a bad header"
     );
 
     // Anything before hello: out of order, disconnected.
-    let mut s = UnixStream::connect(&path).unwrap();
-    s.write_all(
-        &ClientMessage::StatusRequest(tinysam_edge::protocol::StatusRequest { request_id: 1 })
-            .encode(),
-    )
-    .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (h, body) = tinysam_edge::protocol::read_frame(&mut s, 1 << 20)
-        .unwrap()
-        .unwrap();
-    match ServerMessage::decode(h.kind, &body).unwrap() {
-        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::OutOfOrder),
-        other => panic!("{other:?}"),
-    }
+    let status =
+        ClientMessage::StatusRequest(tinysam_edge::protocol::StatusRequest { request_id: 1 });
+    assert_eq!(
+        first_reply(&path, &status.encode()).0,
+        ErrorCode::OutOfOrder
+    );
 
     // No common version: refused.
-    let mut s = UnixStream::connect(&path).unwrap();
-    s.write_all(
-        &ClientMessage::Hello(Hello {
-            min_version: 2,
-            max_version: 5,
-            client: "future".into(),
-        })
-        .encode(),
-    )
-    .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (h, body) = tinysam_edge::protocol::read_frame(&mut s, 1 << 20)
-        .unwrap()
-        .unwrap();
-    match ServerMessage::decode(h.kind, &body).unwrap() {
-        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::VersionUnsupported),
-        other => panic!("{other:?}"),
-    }
+    let future = ClientMessage::Hello(Hello {
+        min_version: 2,
+        max_version: 5,
+        client: "future".into(),
+    });
+    assert_eq!(
+        first_reply(&path, &future.encode()).0,
+        ErrorCode::VersionUnsupported
+    );
 
     // Client cap (4): the bystander, the first bad client, and two more fit; the next is refused.
     let _third = Client::connect(&path, "third").unwrap();
