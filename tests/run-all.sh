@@ -95,6 +95,7 @@ smoke_daemon() {
     return $ok
 }
 run_suite "daemon smoke (default model)" smoke_daemon
+run_suite "debian package (amd64)" bash debian/check.sh
 run_suite "systemd units" bash systemd/check.sh \
     "$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/tinysamd"
 

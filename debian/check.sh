@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build the .deb (cargo-deb, stripped) from the release binaries already built, then check its
+# contents and run the packaged daemon from the extracted tree with the packaged model.
+#   bash debian/check.sh [--target aarch64-unknown-linux-gnu]   (cross: contents only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet
+deb=$(cargo deb --no-build --strip "$@" 2>/dev/null | tail -n 1)
+echo "built $deb ($(du -h "$deb" | cut -f1))"
+contents=$(dpkg-deb -c "$deb")
+for f in usr/bin/tinysamd usr/bin/tinysam etc/tinysamd/config.toml \
+    lib/systemd/system/tinysamd.service usr/share/tinysam-edge/model/manifest.json \
+    usr/share/tinysam-edge/model/encoder.int8.onnx; do
+    # cargo-deb puts units under usr/lib on merged-/usr systems.
+    alt=${f/#lib\/systemd/usr/lib/systemd}
+    if ! grep -q -e "\./$f\$" -e "\./$alt\$" <<<"$contents"; then
+        echo "missing from the package: $f"; exit 1
+    fi
+done
+dpkg-deb -f "$deb" Depends
+if [ "$#" -gt 0 ]; then exit 0; fi
+root=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$root"' EXIT
+dpkg-deb -x "$deb" "$root"
+"$root/usr/bin/tinysamd" --config "$root/etc/tinysamd/config.toml" --check-config >/dev/null
+"$root/usr/bin/tinysamd" --model "$root/usr/share/tinysam-edge/model" --source synthetic \
+    --socket "$root/d.sock" --stats-interval 0 2>"$root/log" &
+pid=$!
+for _ in $(seq 1 600); do [ -S "$root/d.sock" ] && break; sleep 0.1; done
+"$root/usr/bin/tinysam" sub --socket "$root/d.sock" --status | grep -q '"encoder": "int8"'
+kill -TERM "$pid"; wait "$pid"
+echo "packaged daemon ran with the packaged model"
