@@ -12,7 +12,8 @@ dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_director
 for bin in tinysamd tinysam; do
     max=$(aarch64-linux-gnu-objdump -T "$dir/$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)
     size=$(du -h "$dir/$bin" | cut -f1)
-    stripped=$(aarch64-linux-gnu-strip -o /dev/stdout "$dir/$bin" | wc -c)
+    aarch64-linux-gnu-strip -o "$dir/$bin.stripped" "$dir/$bin"
+    stripped=$(stat -c %s "$dir/$bin.stripped")
     echo "$dir/$bin: $(file -b "$dir/$bin" | cut -d, -f1-2), $size ($((stripped / 1048576)) MiB stripped), needs $max"
     if [ "$(printf '%s\n' "GLIBC_$GLIBC" "$max" | sort -V | tail -n 1)" != "GLIBC_$GLIBC" ]; then
         echo "error: $bin needs $max, more than glibc $GLIBC" >&2

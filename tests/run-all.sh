@@ -95,6 +95,10 @@ smoke_daemon() {
     return $ok
 }
 run_suite "daemon smoke (default model)" smoke_daemon
+# --- aarch64 -------------------------------------------------------------------------------
+run_suite "aarch64: tests under qemu (A76, A53)" bash cross/test.sh
+run_suite "aarch64: release build (glibc <= 2.31)" bash cross/build.sh
+
 run_suite "debian package (amd64)" bash debian/check.sh
 run_suite "systemd units" bash systemd/check.sh \
     "$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/tinysamd"
