@@ -138,19 +138,16 @@ fn check_output(width: u32, height: u32, out: &[u8]) -> Result<(usize, usize), P
     Ok((w, h))
 }
 
-/// Check a packed format's geometry and buffer size: `bytes_per_pixel` bytes per pixel in rows
-/// of `stride` bytes; `pairs` formats (4:2:2) need an even width.
-fn check_packed(
+/// Check a camera buffer laid out as `rows` rows of `row_bytes` useful bytes, `stride` bytes
+/// apart (`shape_ok`: the format's own constraints on the size, e.g. even widths for 4:2:x).
+fn check_buffer(
     format: &'static str,
     (width, height, stride): (u32, u32, usize),
-    bytes_per_pixel: usize,
-    pairs: bool,
+    (row_bytes, rows): (usize, usize),
+    shape_ok: bool,
     src: &[u8],
-    out: &[u8],
-) -> Result<(usize, usize), PixelError> {
-    let (w, h) = check_output(width, height, out)?;
-    let row = w * bytes_per_pixel;
-    if (pairs && w % 2 != 0) || stride < row {
+) -> Result<(), PixelError> {
+    if !shape_ok || stride < row_bytes {
         return Err(PixelError::Geometry {
             format,
             width,
@@ -158,7 +155,11 @@ fn check_packed(
             stride,
         });
     }
-    let need = if h == 0 { 0 } else { stride * (h - 1) + row };
+    let need = if rows == 0 {
+        0
+    } else {
+        stride * (rows - 1) + row_bytes
+    };
     if src.len() < need {
         return Err(PixelError::ShortBuffer {
             format,
@@ -169,7 +170,7 @@ fn check_packed(
             need,
         });
     }
-    Ok((w, h))
+    Ok(())
 }
 
 /// Packed YUYV with `stride` bytes per row to RGB8 in `out` (width * height * 3 bytes).
@@ -180,7 +181,8 @@ pub fn yuyv_to_rgb(
     stride: usize,
     out: &mut [u8],
 ) -> Result<(), PixelError> {
-    let (w, _) = check_packed("YUYV", (width, height, stride), 2, true, src, out)?;
+    let (w, h) = check_output(width, height, out)?;
+    check_buffer("YUYV", (width, height, stride), (w * 2, h), w % 2 == 0, src)?;
     for (row_out, row_in) in out.chunks_exact_mut(w * 3).zip(src.chunks(stride)) {
         for (px, yuyv) in row_out
             .chunks_exact_mut(6)
@@ -203,32 +205,17 @@ pub fn nv12_to_rgb(
     stride: usize,
     out: &mut [u8],
 ) -> Result<(), PixelError> {
-    let format = "NV12";
     let (w, h) = check_output(width, height, out)?;
-    if w % 2 != 0 || h % 2 != 0 || stride < w {
-        return Err(PixelError::Geometry {
-            format,
-            width,
-            height,
-            stride,
-        });
-    }
+    // The Y plane (h rows) and the UV plane (h/2 rows) share the stride.
+    let shape_ok = w % 2 == 0 && h % 2 == 0;
+    check_buffer(
+        "NV12",
+        (width, height, stride),
+        (w, h + h / 2),
+        shape_ok,
+        src,
+    )?;
     let y_size = stride * h;
-    let need = if h == 0 {
-        0
-    } else {
-        y_size + stride * (h / 2 - 1) + w
-    };
-    if src.len() < need {
-        return Err(PixelError::ShortBuffer {
-            format,
-            width,
-            height,
-            stride,
-            got: src.len(),
-            need,
-        });
-    }
     let (y_plane, uv_plane) = src.split_at(y_size);
     for (row, row_out) in out.chunks_exact_mut(w * 3).enumerate() {
         let y_row = &y_plane[row * stride..row * stride + w];
@@ -254,7 +241,8 @@ pub fn rgb24_to_rgb(
     stride: usize,
     out: &mut [u8],
 ) -> Result<(), PixelError> {
-    let (w, _) = check_packed("RGB24", (width, height, stride), 3, false, src, out)?;
+    let (w, h) = check_output(width, height, out)?;
+    check_buffer("RGB24", (width, height, stride), (w * 3, h), true, src)?;
     for (row_out, row_in) in out.chunks_exact_mut(w * 3).zip(src.chunks(stride)) {
         row_out.copy_from_slice(&row_in[..w * 3]);
     }

@@ -99,6 +99,7 @@ run_suite "daemon smoke (default model)" smoke_daemon
 run_suite "aarch64: tests under qemu (A76, A53)" bash cross/test.sh
 run_suite "aarch64: release build (glibc <= 2.31)" bash cross/build.sh
 
+run_suite "debian package (arm64)" bash debian/check.sh --target aarch64-unknown-linux-gnu --variant arm64
 run_suite "debian package (amd64)" bash debian/check.sh
 run_suite "systemd units" bash systemd/check.sh \
     "$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/tinysamd"
