@@ -250,12 +250,8 @@ impl Daemon {
         if new.ring != old.ring {
             restart.push("pipeline.ring");
         }
-        let keep_everything = new.everything.clone();
-        self.settings = Settings {
-            everything: keep_everything,
-            stats_interval: new.stats_interval,
-            ..self.settings.clone()
-        };
+        self.settings.everything = new.everything;
+        self.settings.stats_interval = new.stats_interval;
         restart
     }
 

@@ -326,16 +326,6 @@ impl Hub {
         self.lock().remove(&client);
     }
 
-    /// Connected clients.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// True with no clients.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Add or replace a subscription.
     pub fn subscribe(
         &self,
