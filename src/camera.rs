@@ -560,6 +560,10 @@ mod v4l2 {
             fmt.width = self.request.width;
             fmt.height = self.request.height;
             fmt.fourcc = FourCC::new(&format.fourcc());
+            // Let the driver choose line and buffer size for the new format: values left from the
+            // previous format (another process's RGB24, say) would be kept as padding.
+            fmt.stride = 0;
+            fmt.size = 0;
             let fmt = device.set_format(&fmt).map_err(open_err)?;
             if fmt.fourcc.repr != format.fourcc() {
                 return Err(CameraError::Format {

@@ -98,6 +98,9 @@ run_suite "daemon smoke (default model)" smoke_daemon
 # --- aarch64 -------------------------------------------------------------------------------
 run_suite "aarch64: tests under qemu (A76, A53)" bash cross/test.sh
 run_suite "aarch64: release build (glibc <= 2.31)" bash cross/build.sh
+# A real V4L2 driver (vivid) in a VM: the binaries built above, Debian's kernel, qemu-system TCG.
+run_suite "vm camera: aarch64 (vivid)" bash cross/vm/run.sh aarch64
+run_suite "vm camera: x86_64 (vivid)" bash cross/vm/run.sh x86_64
 
 run_suite "debian package (arm64)" bash debian/check.sh --target aarch64-unknown-linux-gnu --variant arm64
 run_suite "debian package (amd64)" bash debian/check.sh
