@@ -98,6 +98,16 @@ run_suite "daemon smoke (default model)" smoke_daemon
 # --- aarch64 -------------------------------------------------------------------------------
 run_suite "aarch64: tests under qemu (A76, A53)" bash cross/test.sh
 run_suite "aarch64: release build (glibc <= 2.31)" bash cross/build.sh
+# The benchmark command on aarch64, as a functional check only: qemu timings mean nothing.
+bench_aarch64() {
+    local out
+    out=$(qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu \
+        target/aarch64-unknown-linux-gnu/release/tinysam bench --json - \
+        --model tests/fixtures/test_model --precisions int8 --runs 1 --batches 1,4) || return 1
+    echo "$out"
+    echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert "dotprod" in r["isa"] and r["encoder_ms"] and r["decoder_ms"]["4"], r'
+}
+run_suite "aarch64: bench under qemu (functional)" bench_aarch64
 # A real V4L2 driver (vivid) in a VM: the binaries built above, Debian's kernel, qemu-system TCG.
 run_suite "vm camera: aarch64 (vivid)" bash cross/vm/run.sh aarch64
 run_suite "vm camera: x86_64 (vivid)" bash cross/vm/run.sh x86_64

@@ -157,14 +157,14 @@ timeout "${VM_TIMEOUT:-900}" "${QEMU[@]}" -smp 2 -m 2048 -nographic -no-reboot -
     -append "console=$CONSOLE rdinit=/init panic=-1 quiet loglevel=3 FORMATS=${FORMATS:-yuyv,nv12,rgb24}" \
     </dev/null >"$LOG" 2>&1 || status=$?
 took=$(( $(date +%s) - start ))
-grep -a '^VMTEST' "$LOG" | tr -d '\r' || true
+grep -ao 'VMTEST.*' "$LOG" | tr -d '\r' || true
 echo "$ARCH VM: $took s (log: $LOG)"
 if [ "$status" -ne 0 ]; then
     echo "error: qemu exited with status $status" >&2
     tail -n 30 "$LOG" >&2
     exit 1
 fi
-if grep -aq '^VMTEST FAIL' "$LOG" || ! grep -aq '^VMTEST done' "$LOG"; then
+if grep -aq 'VMTEST FAIL' "$LOG" || ! grep -aq 'VMTEST done' "$LOG"; then
     echo "error: the $ARCH VM camera test failed; last lines of $LOG:" >&2
     tail -n 30 "$LOG" >&2
     exit 1

@@ -50,6 +50,14 @@ pub struct BenchArgs {
     /// With --daemon: the synthetic camera's frame rate cap.
     #[arg(long, default_value_t = 5.0)]
     pub daemon_fps: f32,
+    /// Instead: model-only timings of the first precision (preprocessed tensor in, raw outputs
+    /// out, as onnxruntime's `session.run`) written as JSON to this file (`-`: stdout), for
+    /// `benches/compare.py`.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// With --json: stop repeating a measurement after this many seconds (at least one run).
+    #[arg(long, default_value_t = 120.0)]
+    pub budget_s: f64,
 }
 
 struct Stats {
@@ -99,7 +107,8 @@ fn decoder_precision(manifest: &model::Manifest, p: Precision) -> Precision {
     }
 }
 
-fn test_pattern() -> image::RgbImage {
+/// The default benchmark frame: a synthetic 640x480 test pattern.
+pub fn test_pattern() -> image::RgbImage {
     image::RgbImage::from_fn(640, 480, |x, y| {
         image::Rgb([
             (x % 256) as u8,
@@ -111,6 +120,9 @@ fn test_pattern() -> image::RgbImage {
 
 /// Run the benchmark and print the table.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(out) = &args.json {
+        return super::bench_raw::run(&args, out);
+    }
     if args.daemon {
         let md = super::bench_daemon::run(&args)?;
         if let Some(path) = &args.markdown {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_daemon;
+mod bench_raw;
 mod sub;
 
 use std::path::{Path, PathBuf};
