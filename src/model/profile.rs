@@ -59,3 +59,23 @@ pub fn by_op(times: &[NodeTime]) -> Vec<(String, Duration, usize)> {
     out.sort_by_key(|t| std::cmp::Reverse(t.1));
     out
 }
+
+/// Sum node times per layer, the node name's first `depth` path components
+/// (`/encoder/layers.3/blocks.0/mlp` for depth 4); slowest first.
+pub fn by_layer(times: &[NodeTime], depth: usize) -> Vec<(String, Duration)> {
+    let mut out: Vec<(String, Duration)> = Vec::new();
+    for t in times {
+        let parts: Vec<&str> = t.node.split('/').filter(|p| !p.is_empty()).collect();
+        let key = if parts.len() > 1 {
+            format!("/{}", parts[..depth.min(parts.len() - 1)].join("/"))
+        } else {
+            "(graph)".to_string()
+        };
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, d)) => *d += t.time,
+            None => out.push((key, t.time)),
+        }
+    }
+    out.sort_by_key(|t| std::cmp::Reverse(t.1));
+    out
+}

@@ -167,6 +167,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     rule.push_str("---|");
     writeln!(md, "{header}\n{rule}")?;
     let mut encoder_medians = Vec::new();
+    let mut profiles = Vec::new();
     for &p in &args.precisions {
         let manifest = model::Manifest::load(&dir)?;
         let dec_p = decoder_precision(&manifest, p);
@@ -225,6 +226,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let input = tinysam_edge::preprocess::Preprocessor::new(&seg.model.manifest.preprocess)
                 .run(&frame)?;
             let times = profile::profile(seg.model.encoder.plan(), vec![input.tensor])?;
+            profiles.push((p, profile::by_layer(&times, 4)));
             eprintln!("\nencoder {p}: time by op");
             for (op, d, n) in profile::by_op(&times).iter().take(12) {
                 eprintln!("  {:>9.1} ms  {n:>4}x  {op}", ms(*d));
@@ -248,6 +250,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             int8.as_secs_f64() / fp32.as_secs_f64()
         )?;
     }
+    if let [(pa, a), (pb, b)] = profiles.as_slice() {
+        layer_table(&mut md, (*pa, a), (*pb, b))?;
+    }
     if args.everything {
         if let Some(&p) = args.precisions.first() {
             let (iou, stability) = match args.everything_thresholds.as_slice() {
@@ -261,6 +266,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.markdown {
         std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(())
+}
+
+/// The encoder's time per layer in two precisions side by side, slowest (in the first) first.
+fn layer_table(
+    md: &mut String,
+    (pa, a): (Precision, &[(String, Duration)]),
+    (pb, b): (Precision, &[(String, Duration)]),
+) -> anyhow::Result<()> {
+    let total = |v: &[(String, Duration)]| v.iter().map(|(_, d)| ms(*d)).sum::<f64>();
+    writeln!(
+        md,
+        "\n### encoder time per layer, {pa} vs {pb} (one profiled run each)\n"
+    )?;
+    writeln!(md, "| layer | {pa} ms | {pb} ms | {pa} / {pb} |")?;
+    writeln!(md, "|---|---|---|---|")?;
+    for (layer, da) in a.iter().take(24) {
+        let db = b.iter().find(|(l, _)| l == layer).map(|(_, d)| ms(*d));
+        let ratio = db.map_or("-".to_string(), |db| format!("{:.1}", ms(*da) / db));
+        let db = db.map_or("-".to_string(), |db| format!("{db:.1}"));
+        writeln!(md, "| `{layer}` | {:.1} | {db} | {ratio} |", ms(*da))?;
+    }
+    let (ta, tb) = (total(a), total(b));
+    writeln!(
+        md,
+        "| **all {} / {} layers** | {ta:.1} | {tb:.1} | {:.1} |",
+        a.len(),
+        b.len(),
+        ta / tb
+    )?;
     Ok(())
 }
 
