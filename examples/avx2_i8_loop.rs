@@ -13,15 +13,23 @@ mod probe {
     use std::arch::asm;
     use std::time::Instant;
 
-    /// The multiply-accumulate part of one k step (after the A row is in xmm8).
-    macro_rules! k_step_tail {
-        () => {
+    /// Four columns of one k step: column j multiplies the A row (ymm8, as i16) by B byte j and
+    /// adds into accumulator ymm j, as tract's loop does.
+    macro_rules! four_columns {
+        ($c0:literal, $c1:literal, $c2:literal, $c3:literal) => {
             concat!(
-                "vpmovsxbw ymm8, xmm8\n",
-                "vpbroadcastb ymm9, byte ptr [{b}]\n",
-                "vpbroadcastb ymm10, byte ptr [{b} + 1]\n",
-                "vpbroadcastb ymm11, byte ptr [{b} + 2]\n",
-                "vpbroadcastb ymm12, byte ptr [{b} + 3]\n",
+                "vpbroadcastb ymm9, byte ptr [{b} + ",
+                $c0,
+                "]\n",
+                "vpbroadcastb ymm10, byte ptr [{b} + ",
+                $c1,
+                "]\n",
+                "vpbroadcastb ymm11, byte ptr [{b} + ",
+                $c2,
+                "]\n",
+                "vpbroadcastb ymm12, byte ptr [{b} + ",
+                $c3,
+                "]\n",
                 "vpmovsxbw ymm9, xmm9\n",
                 "vpmovsxbw ymm10, xmm10\n",
                 "vpmovsxbw ymm11, xmm11\n",
@@ -34,30 +42,44 @@ mod probe {
                 "vpmovsxwd ymm10, xmm10\n",
                 "vpmovsxwd ymm11, xmm11\n",
                 "vpmovsxwd ymm12, xmm12\n",
-                "vpaddd ymm0, ymm0, ymm9\n",
-                "vpaddd ymm1, ymm1, ymm10\n",
-                "vpaddd ymm2, ymm2, ymm11\n",
-                "vpaddd ymm3, ymm3, ymm12\n",
-                "vpbroadcastb ymm9, byte ptr [{b} + 4]\n",
-                "vpbroadcastb ymm10, byte ptr [{b} + 5]\n",
-                "vpbroadcastb ymm11, byte ptr [{b} + 6]\n",
-                "vpbroadcastb ymm12, byte ptr [{b} + 7]\n",
-                "vpmovsxbw ymm9, xmm9\n",
-                "vpmovsxbw ymm10, xmm10\n",
-                "vpmovsxbw ymm11, xmm11\n",
-                "vpmovsxbw ymm12, xmm12\n",
-                "vpmullw ymm9, ymm9, ymm8\n",
-                "vpmullw ymm10, ymm10, ymm8\n",
-                "vpmullw ymm11, ymm11, ymm8\n",
-                "vpmullw ymm12, ymm12, ymm8\n",
-                "vpmovsxwd ymm9, xmm9\n",
-                "vpmovsxwd ymm10, xmm10\n",
-                "vpmovsxwd ymm11, xmm11\n",
-                "vpmovsxwd ymm12, xmm12\n",
-                "vpaddd ymm4, ymm4, ymm9\n",
-                "vpaddd ymm5, ymm5, ymm10\n",
-                "vpaddd ymm6, ymm6, ymm11\n",
-                "vpaddd ymm7, ymm7, ymm12\n",
+                "vpaddd ymm",
+                $c0,
+                ", ymm",
+                $c0,
+                ", ymm9\n",
+                "vpaddd ymm",
+                $c1,
+                ", ymm",
+                $c1,
+                ", ymm10\n",
+                "vpaddd ymm",
+                $c2,
+                ", ymm",
+                $c2,
+                ", ymm11\n",
+                "vpaddd ymm",
+                $c3,
+                ", ymm",
+                $c3,
+                ", ymm12\n",
+            )
+        };
+    }
+
+    /// `k` steps over 8-byte A and B panels, loading each A row with the instruction `$load`.
+    macro_rules! k_loop {
+        ($load:literal, $a:expr, $b:expr, $k:expr) => {
+            asm!(
+                "2:",
+                concat!($load, " xmm8, qword ptr [{a}]"),
+                "vpmovsxbw ymm8, xmm8",
+                four_columns!("0", "1", "2", "3"),
+                four_columns!("4", "5", "6", "7"),
+                "add {a}, 8", "add {b}, 8", "dec {k}", "jnz 2b", "vzeroupper",
+                a = inout(reg) $a => _, b = inout(reg) $b => _, k = inout(reg) $k => _,
+                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
+                out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _,
+                out("ymm10") _, out("ymm11") _, out("ymm12") _,
             )
         };
     }
@@ -69,27 +91,9 @@ mod probe {
         // registers declared as clobbered, and leaves the upper YMM state clean (vzeroupper).
         unsafe {
             if vex {
-                asm!(
-                    "2:",
-                    "vmovq xmm8, qword ptr [{a}]",
-                    k_step_tail!(),
-                    "add {a}, 8", "add {b}, 8", "dec {k}", "jnz 2b", "vzeroupper",
-                    a = inout(reg) a.as_ptr() => _, b = inout(reg) b.as_ptr() => _, k = inout(reg) k => _,
-                    out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
-                    out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _,
-                    out("ymm10") _, out("ymm11") _, out("ymm12") _,
-                );
+                k_loop!("vmovq", a.as_ptr(), b.as_ptr(), k);
             } else {
-                asm!(
-                    "2:",
-                    "movq xmm8, qword ptr [{a}]",
-                    k_step_tail!(),
-                    "add {a}, 8", "add {b}, 8", "dec {k}", "jnz 2b", "vzeroupper",
-                    a = inout(reg) a.as_ptr() => _, b = inout(reg) b.as_ptr() => _, k = inout(reg) k => _,
-                    out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
-                    out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _,
-                    out("ymm10") _, out("ymm11") _, out("ymm12") _,
-                );
+                k_loop!("movq", a.as_ptr(), b.as_ptr(), k);
             }
         }
     }
