@@ -168,6 +168,8 @@ def run_engine(args, engine: str, precision: str, threads: int) -> dict | None:
         return {"engine": engine, "encoder_precision": precision, "threads": threads,
                 "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     result = json.loads(proc.stdout)
+    if engine == "tract":
+        result["version"] = locked_version("tract-onnx")
     print(f"    done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return result
 
@@ -295,6 +297,13 @@ def ratios(rows: list[dict], batches: list[int]) -> list[str]:
         if d:
             out.append(f"- tract {p.upper()} decoder batch {big}: {d:.1f} ms per prompt (target <= 1 ms)")
     return out
+
+
+def locked_version(crate: str) -> str:
+    """The version of `crate` in Cargo.lock (what the tinysam binary was built with)."""
+    lock = (ROOT / "Cargo.lock").read_text()
+    found = re.search(rf'name = "{re.escape(crate)}"\nversion = "([^"]+)"', lock)
+    return found.group(1) if found else "?"
 
 
 def git_rev() -> str:

@@ -99,7 +99,7 @@ pub fn peak_rss_mib() -> f64 {
 }
 
 /// `p` for the decoder when the directory has it, else the manifest's default decoder.
-fn decoder_precision(manifest: &model::Manifest, p: Precision) -> Precision {
+pub fn decoder_precision(manifest: &model::Manifest, p: Precision) -> Precision {
     if manifest.file(Role::Decoder, p).is_some() {
         p
     } else {

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use tinysam_edge::model::{self, DecoderInput, Model, PrecisionChoice, Role};
+use tinysam_edge::model::{self, DecoderInput, Model, PrecisionChoice};
 use tinysam_edge::preprocess::Preprocessor;
 
-use super::bench::{peak_rss_mib, BenchArgs};
+use super::bench::{decoder_precision, peak_rss_mib, BenchArgs};
 
 /// Time `f` up to `runs` times, stopping early once `budget` is spent (at least one run).
 fn timed_runs(
@@ -40,17 +40,13 @@ pub fn run(args: &BenchArgs, out: &std::path::Path) -> anyhow::Result<()> {
     model::set_threads(args.threads);
     let dir = args.model.clone().unwrap_or_else(model::default_model_dir);
     let manifest = model::Manifest::load(&dir)?;
-    let decoder_precision = if manifest.file(Role::Decoder, precision).is_some() {
-        precision
-    } else {
-        manifest.default_precision(Role::Decoder)
-    };
+    let dec_precision = decoder_precision(&manifest, precision);
     let load_start = Instant::now();
     let m = Model::load(
         &dir,
         PrecisionChoice {
             encoder: Some(precision),
-            decoder: Some(decoder_precision),
+            decoder: Some(dec_precision),
         },
     )?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
@@ -110,9 +106,8 @@ pub fn run(args: &BenchArgs, out: &std::path::Path) -> anyhow::Result<()> {
     }
     let report = json!({
         "engine": "tract",
-        "version": "0.23.9",
         "encoder_precision": precision.to_string(),
-        "decoder_precision": decoder_precision.to_string(),
+        "decoder_precision": dec_precision.to_string(),
         "threads": args.threads,
         "isa": model::native_isa(),
         "load_ms": load_ms,
