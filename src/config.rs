@@ -120,6 +120,9 @@ pub struct ModelConfig {
     pub decoder: String,
     /// Inference threads; 0: all cores.
     pub threads: usize,
+    /// INT8 matrix products: `auto` (ours, fastest kernel of this CPU), `tract` (tract's own
+    /// kernels), or one of ours by name: `portable`, `avx2`, `sdot`.
+    pub int8_matmul: String,
 }
 
 impl Default for ModelConfig {
@@ -129,6 +132,7 @@ impl Default for ModelConfig {
             encoder: "auto".into(),
             decoder: "auto".into(),
             threads: 0,
+            int8_matmul: "auto".into(),
         }
     }
 }
@@ -248,6 +252,8 @@ pub struct Settings {
     pub decoder: Option<crate::model::Precision>,
     /// Inference threads (resolved, ≥ 1).
     pub threads: usize,
+    /// INT8 matmul implementation.
+    pub int8_matmul: crate::model::Int8Matmul,
     /// Socket path (resolved).
     pub socket_path: PathBuf,
     /// Socket file mode.
@@ -329,6 +335,23 @@ impl Config {
         };
         let encoder = precision("model.encoder", &self.model.encoder)?;
         let decoder = precision("model.decoder", &self.model.decoder)?;
+        let int8_matmul: crate::model::Int8Matmul =
+            self.model.int8_matmul.parse().map_err(|_| {
+                invalid(
+                    "model.int8_matmul",
+                    format!("{:?}", self.model.int8_matmul),
+                    "expected auto, tract, portable, avx2 or sdot",
+                )
+            })?;
+        if let Some(kernel) = int8_matmul.kernel() {
+            if !kernel.is_supported() {
+                return Err(invalid(
+                    "model.int8_matmul",
+                    format!("{:?}", self.model.int8_matmul),
+                    "this CPU cannot run that kernel",
+                ));
+            }
+        }
         if self.model.threads > 256 {
             return Err(invalid(
                 "model.threads",
@@ -449,6 +472,7 @@ impl Config {
             model_dir,
             encoder,
             decoder,
+            int8_matmul,
             threads,
             socket_path,
             socket_mode,
@@ -503,6 +527,7 @@ mod tests {
     fn errors_name_the_key_and_value() {
         let cases = [
             ("[source]\nfps = 500", "source.fps", "500"),
+            ("[model]\nint8_matmul = \"amx\"", "model.int8_matmul", "amx"),
             ("[source]\nwidth = 641", "source.width", "641"),
             ("[source]\nuri = \"usb:0\"", "source.uri", "usb:0"),
             ("[source]\nformat = \"h264\"", "source.format", "h264"),

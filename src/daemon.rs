@@ -103,6 +103,7 @@ impl Daemon {
             PrecisionChoice {
                 encoder: settings.encoder,
                 decoder: settings.decoder,
+                int8_matmul: settings.int8_matmul,
             },
         )
         .map_err(DaemonError::Model)?;

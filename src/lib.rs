@@ -74,6 +74,9 @@ pub enum Error {
         #[source]
         source: anyhow::Error,
     },
+    /// A setting this CPU or build cannot honour (e.g. an int8 kernel it lacks).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// An input image that cannot be segmented.
     #[error("invalid image: {0}")]
     Image(String),

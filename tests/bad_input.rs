@@ -60,6 +60,7 @@ fn missing_and_corrupt_model_files() {
     let choice = PrecisionChoice {
         encoder: Some(Precision::Int8),
         decoder: None,
+        ..Default::default()
     };
     let err = Model::load(dir.path(), choice).err().unwrap();
     assert!(
@@ -94,6 +95,7 @@ fn wrong_graph_for_the_role() {
     let choice = PrecisionChoice {
         encoder: Some(Precision::Fp32),
         decoder: Some(Precision::Fp32),
+        ..Default::default()
     };
     let err = Model::load(dir.path(), choice).err().unwrap();
     assert!(matches!(err, Error::ModelMismatch { .. }), "{err:?}");
@@ -155,4 +157,29 @@ fn mask_input_refines_against_the_same_frame() {
     };
     let second = seg.segment(&emb, &[refined], MaskSelection::Best).unwrap();
     assert!(second[0].is_ok());
+}
+
+/// Asking for an int8 kernel this CPU lacks is a load error naming the kernel, not a crash.
+#[test]
+fn unsupported_int8_kernel_is_a_clear_error() {
+    use tinysam_edge::model::qmatmul::Kernel;
+    use tinysam_edge::model::Int8Matmul;
+    let Some(missing) = [Kernel::Avx2, Kernel::NeonDot]
+        .into_iter()
+        .find(|k| !k.is_supported())
+    else {
+        return; // a CPU with every kernel: nothing to refuse
+    };
+    let choice = PrecisionChoice {
+        encoder: Some(Precision::Int8),
+        decoder: None,
+        int8_matmul: Int8Matmul::Kernel(missing),
+    };
+    let err = Model::load(&crate::util::test_model(), choice)
+        .err()
+        .expect("load must fail");
+    assert!(
+        matches!(err, Error::Unsupported(_)) && err.to_string().contains(&missing.to_string()),
+        "{err}"
+    );
 }

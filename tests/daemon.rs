@@ -228,6 +228,7 @@ fn the_ring_answers_prompts_for_recent_frames() {
         tinysam_edge::model::PrecisionChoice {
             encoder: Some(tinysam_edge::model::Precision::Fp32),
             decoder: Some(tinysam_edge::model::Precision::Fp32),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -36,6 +36,7 @@ fn hierarchical_skips_exactly_the_done_points() {
     let choice = PrecisionChoice {
         encoder: fp32,
         decoder: fp32,
+        ..Default::default()
     };
     let seg = Segmenter::load(&test_model(), choice).unwrap();
     let emb = seg.embed(&frame()).unwrap();

@@ -1,7 +1,7 @@
 //! Rust preprocessing + tract inference against the golden tensors made with onnxruntime.
 
 use image::RgbImage;
-use tinysam_edge::model::{Embedding, MaskLogits, Model, Precision};
+use tinysam_edge::model::{Embedding, Int8Matmul, MaskLogits, Model, Precision, PrecisionChoice};
 use tinysam_edge::preprocess::{Geometry, ImageTensor, Preprocessor};
 use tinysam_edge::prompt::{BoxPrompt, PointLabel, Prompt, PromptPoint};
 use tinysam_edge::segmenter::Segmenter;
@@ -127,9 +127,11 @@ fn fp32_matches_onnxruntime() {
 }
 
 /// Least cosine similarity between tract's INT8 outputs and onnxruntime's (x86_64) golden ones.
-/// On aarch64 tract's NEON i32 kernels requantize with another rounding than the x86 path:
-/// measured under qemu-aarch64 as Cortex-A76 (SDOT kernels), embedding cosine 0.9977 and 98.4 %
-/// of mask pixels on the same side of 0 (x86_64: > 0.999 and > 99 %).
+/// On aarch64 the outputs drift further: measured under qemu-aarch64 (Cortex-A76 and A53),
+/// embedding cosine 0.9977 and 98.4 % of mask pixels on the same side of 0, against more than
+/// 0.999 and 99 % on x86_64. It is the same with our int8 kernels as with tract's, so the drift
+/// is not in the weight products (ours match tract's plain evaluation exactly) but in the
+/// attention products left to tract's NEON kernels and in the float ops.
 const INT8_MIN_COSINE: f64 = if cfg!(target_arch = "aarch64") {
     0.995
 } else {
@@ -142,31 +144,53 @@ const INT8_MIN_PIXEL_AGREEMENT: f64 = if cfg!(target_arch = "aarch64") {
     0.99
 };
 
+/// Both INT8 matmul implementations (ours, the default, and tract's) against onnxruntime.
 #[test]
 fn int8_matches_onnxruntime_within_rounding() {
-    let model = load(Precision::Int8);
-    let emb = embed_golden_input(&model);
-    let golden = npy("embedding.int8.npy");
-    let ours = flat(&emb.tensor);
-    let cos = cosine(&ours, golden.as_slice().unwrap());
-    // tract and onnxruntime may round requantization ties differently; a flipped LSB moves
-    // an activation by one quantization step, so INT8 parity is checked by similarity.
-    assert!(cos > INT8_MIN_COSINE, "int8 embedding cosine {cos}");
+    for int8_matmul in [Int8Matmul::Auto, Int8Matmul::Tract] {
+        let model = Model::load(
+            &crate::util::test_model(),
+            PrecisionChoice {
+                encoder: Some(Precision::Int8),
+                decoder: Some(Precision::Int8),
+                int8_matmul,
+            },
+        )
+        .unwrap();
+        let emb = embed_golden_input(&model);
+        let golden = npy("embedding.int8.npy");
+        let ours = flat(&emb.tensor);
+        let cos = cosine(&ours, golden.as_slice().unwrap());
+        // tract and onnxruntime may round requantization ties differently; a flipped LSB moves
+        // an activation by one quantization step, so INT8 parity is checked by similarity.
+        assert!(
+            cos > INT8_MIN_COSINE,
+            "{int8_matmul}: int8 embedding cosine {cos}"
+        );
 
-    let out = decode_golden(model, &emb);
-    let masks = npy("masks.int8.npy");
-    let cos = cosine(&flat(&out.masks), masks.as_slice().unwrap());
-    assert!(cos > INT8_MIN_COSINE, "int8 mask logits cosine {cos}");
-    let agree = flat(&out.masks)
-        .iter()
-        .zip(masks.iter())
-        .filter(|(a, b)| (**a > 0.0) == (**b > 0.0))
-        .count();
-    let share = agree as f64 / masks.len() as f64;
-    assert!(
-        share > INT8_MIN_PIXEL_AGREEMENT,
-        "int8 mask pixels agreeing with onnxruntime: {share}"
-    );
+        let out = decode_golden(model, &emb);
+        let masks = npy("masks.int8.npy");
+        let mask_cos = cosine(&flat(&out.masks), masks.as_slice().unwrap());
+        assert!(
+            mask_cos > INT8_MIN_COSINE,
+            "{int8_matmul}: int8 mask logits cosine {mask_cos}"
+        );
+        let agree = flat(&out.masks)
+            .iter()
+            .zip(masks.iter())
+            .filter(|(a, b)| (**a > 0.0) == (**b > 0.0))
+            .count();
+        let share = agree as f64 / masks.len() as f64;
+        println!(
+            "int8 matmul {int8_matmul}: embedding cosine {cos:.5}, mask cosine {mask_cos:.5}, \
+             mask pixels agreeing {:.2} %",
+            share * 100.0
+        );
+        assert!(
+            share > INT8_MIN_PIXEL_AGREEMENT,
+            "{int8_matmul}: int8 mask pixels agreeing with onnxruntime: {share}"
+        );
+    }
 }
 
 #[test]

@@ -23,6 +23,7 @@ pub fn load(p: Precision) -> Model {
         PrecisionChoice {
             encoder: Some(p),
             decoder: Some(p),
+            ..Default::default()
         },
     )
     .expect("test model loads")

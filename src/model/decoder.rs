@@ -96,6 +96,7 @@ pub struct Decoder {
     pub path: PathBuf,
     /// Its precision.
     pub precision: Precision,
+    int8: super::Int8Matmul,
     embedding_shape: [usize; 4],
     mask_size: usize,
     masks_per_prompt: usize,
@@ -103,7 +104,12 @@ pub struct Decoder {
 
 impl Decoder {
     /// Parse the decoder of `manifest` at `precision` and build the single-prompt plan.
-    pub fn load(dir: &Path, manifest: &Manifest, precision: Precision) -> Result<Decoder> {
+    pub fn load(
+        dir: &Path,
+        manifest: &Manifest,
+        precision: Precision,
+        int8: super::Int8Matmul,
+    ) -> Result<Decoder> {
         let (path, source) = parse_onnx(dir, manifest, Role::Decoder, precision)?;
         let e = manifest.config.embedding_size();
         let decoder = Decoder {
@@ -114,6 +120,7 @@ impl Decoder {
             }),
             path,
             precision,
+            int8,
             embedding_shape: [1, manifest.config.prompt_embed_dim, e, e],
             mask_size: manifest.config.low_res_mask_size(),
             masks_per_prompt: manifest.config.num_multimask_outputs,
@@ -172,7 +179,7 @@ impl Decoder {
         for (ix, fact) in facts.into_iter().enumerate() {
             model.set_input_fact(ix, fact).map_err(load_err)?;
         }
-        let typed = model.into_optimized().map_err(load_err)?;
+        let typed = super::optimize(model, Role::Decoder, &self.path, self.int8)?;
         let k = self.masks_per_prompt;
         let expect = [[batch, k, m, m].to_vec(), [batch, k].to_vec()];
         for (ix, want) in expect.iter().enumerate() {

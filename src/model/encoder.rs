@@ -34,7 +34,12 @@ pub struct Encoder {
 
 impl Encoder {
     /// Load and optimise the encoder of `manifest` at `precision`.
-    pub fn load(dir: &Path, manifest: &Manifest, precision: Precision) -> Result<Encoder> {
+    pub fn load(
+        dir: &Path,
+        manifest: &Manifest,
+        precision: Precision,
+        int8: super::Int8Matmul,
+    ) -> Result<Encoder> {
         let stage = stage_name(Role::Encoder);
         let (path, mut model) = parse_onnx(dir, manifest, Role::Encoder, precision)?;
         let s = manifest.config.image_size;
@@ -46,7 +51,7 @@ impl Encoder {
         model
             .set_input_fact(0, f32::fact([1, 3, s, s]).into())
             .map_err(load_err)?;
-        let typed = model.into_optimized().map_err(load_err)?;
+        let typed = super::optimize(model, Role::Encoder, &path, int8)?;
         let e = manifest.config.embedding_size();
         let d = manifest.config.prompt_embed_dim;
         let out_fact = typed.output_fact(0).map_err(load_err)?;

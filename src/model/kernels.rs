@@ -15,7 +15,8 @@ pub struct NodeKernel {
     pub node: String,
     /// tract op name, e.g. `OptMatMul`, `DepthWise`.
     pub op: String,
-    /// Kernel chosen by tract for matmuls, e.g. `avx512_mmm_i32_16x8`; empty otherwise.
+    /// Kernel of a matmul: tract's choice (e.g. `avx512_mmm_i32_16x8`) or ours
+    /// (`tinysam_i8_avx2_6x16`); empty otherwise.
     pub kernel: String,
     /// Accumulator type of the MACs, e.g. `I32` or `F32`.
     pub accumulator: String,
@@ -89,6 +90,14 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                 .op_as::<OptMatMul>()
                 .and_then(|mm| mm.mmm.first())
                 .map(|k| k.name().to_string())
+                .or_else(|| {
+                    node.op_as::<super::qmatmul::QMatMulOp>()
+                        .map(|q| q.b.kernel().report_name())
+                        .or_else(|| {
+                            node.op_as::<super::qmatmul::QConvOp>()
+                                .map(|q| q.b.kernel().report_name())
+                        })
+                })
                 .unwrap_or_default();
             if dt.is_integer() {
                 integer_macs += macs;

@@ -9,6 +9,7 @@ pub mod encoder;
 pub mod kernels;
 pub mod manifest;
 pub mod profile;
+pub mod qmatmul;
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,57 @@ pub struct PrecisionChoice {
     pub encoder: Option<Precision>,
     /// Decoder precision; the manifest's default when `None`.
     pub decoder: Option<Precision>,
+    /// Which int8 matmul runs the quantized layers.
+    pub int8_matmul: Int8Matmul,
+}
+
+/// Which implementation runs an INT8 graph's quantized matrix products.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Int8Matmul {
+    /// Ours ([`qmatmul`]), on the fastest kernel this CPU has (or `TINYSAM_INT8_KERNEL`'s).
+    #[default]
+    Auto,
+    /// tract's own kernels, as tract chooses them.
+    Tract,
+    /// Ours, on this kernel.
+    Kernel(qmatmul::Kernel),
+}
+
+impl Int8Matmul {
+    /// The kernel of ours to use, `None` for tract's.
+    pub fn kernel(self) -> Option<qmatmul::Kernel> {
+        match self {
+            Int8Matmul::Auto => Some(qmatmul::Kernel::detect()),
+            Int8Matmul::Tract => None,
+            Int8Matmul::Kernel(k) => Some(k),
+        }
+    }
+}
+
+impl std::fmt::Display for Int8Matmul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Int8Matmul::Auto => f.write_str("auto"),
+            Int8Matmul::Tract => f.write_str("tract"),
+            Int8Matmul::Kernel(k) => write!(f, "{k}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Int8Matmul {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Int8Matmul, String> {
+        match s {
+            "auto" => Ok(Int8Matmul::Auto),
+            "tract" => Ok(Int8Matmul::Tract),
+            other => other
+                .parse::<qmatmul::Kernel>()
+                .map(Int8Matmul::Kernel)
+                .map_err(|_| {
+                    format!("unknown int8 matmul `{other}` (auto, tract, portable, avx2, sdot)")
+                }),
+        }
+    }
 }
 
 /// A loaded model directory: manifest plus ready-to-run encoder and decoder.
@@ -51,8 +103,16 @@ impl Model {
         let dec_p = choice
             .decoder
             .unwrap_or(manifest.default_precision(Role::Decoder));
-        let encoder = Encoder::load(dir, &manifest, enc_p)?;
-        let decoder = Decoder::load(dir, &manifest, dec_p)?;
+        if let Some(k) = choice.int8_matmul.kernel() {
+            if !k.is_supported() {
+                return Err(Error::Unsupported(format!(
+                    "int8 kernel {k} does not run on this CPU (supported: {:?})",
+                    qmatmul::Kernel::supported()
+                )));
+            }
+        }
+        let encoder = Encoder::load(dir, &manifest, enc_p, choice.int8_matmul)?;
+        let decoder = Decoder::load(dir, &manifest, dec_p, choice.int8_matmul)?;
         log::info!(
             "loaded {} from {} (encoder {enc_p}, decoder {dec_p}; weights: {})",
             manifest.model,
@@ -144,6 +204,46 @@ pub(crate) fn parse_onnx(
         });
     }
     Ok((path, model))
+}
+
+/// Optimise a parsed graph for running; INT8 graphs get their quantized matmuls replaced by
+/// ours first (unless `int8` says tract's).
+pub(crate) fn optimize(
+    model: InferenceModel,
+    role: Role,
+    path: &Path,
+    int8: Int8Matmul,
+) -> Result<TypedModel> {
+    let stage = stage_name(role);
+    let load_err = |source| Error::ModelLoad {
+        stage,
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut typed = model
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .map_err(load_err)?;
+    if let Some(kernel) = int8.kernel() {
+        let mut report =
+            qmatmul::rewrite_quantized_matmuls(&mut typed, kernel).map_err(load_err)?;
+        qmatmul::fuse_quantization(&mut typed, &mut report).map_err(load_err)?;
+        if !report.replaced.is_empty() || !report.kept.is_empty() {
+            log::info!(
+                "{stage}: {} quantized matmuls on {}, {} left to tract; {} quantize and {} \
+                 dequantize passes fused into them",
+                report.replaced.len(),
+                kernel.report_name(),
+                report.kept.len(),
+                report.fused_quantize,
+                report.fused_dequantize
+            );
+        }
+        for (node, why) in &report.kept {
+            log::debug!("{stage}: {node} left to tract: {why}");
+        }
+    }
+    typed.into_optimized().map_err(load_err)
 }
 
 /// "encoder" or "decoder", for messages.

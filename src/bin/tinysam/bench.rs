@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// Threads for tract's matrix products.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, sdot.
+    #[arg(long, default_value = "auto")]
+    pub int8_matmul: model::Int8Matmul,
     /// Print the slowest encoder ops of each precision.
     #[arg(long)]
     pub profile: bool,
@@ -180,6 +183,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             PrecisionChoice {
                 encoder: Some(p),
                 decoder: Some(dec_p),
+                int8_matmul: args.int8_matmul,
             },
         )?;
         let seg = Segmenter::new(m);
@@ -259,7 +263,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 [i, s] => (*i, *s),
                 other => anyhow::bail!("--everything-thresholds takes two values, got {other:?}"),
             };
-            everything_table(&mut md, &dir, p, &frame, iou, stability)?;
+            everything_table(&mut md, &dir, (p, args.int8_matmul), &frame, iou, stability)?;
         }
     }
     print!("{md}");
@@ -302,7 +306,7 @@ fn layer_table(
 fn everything_table(
     md: &mut String,
     dir: &std::path::Path,
-    p: Precision,
+    (p, int8_matmul): (Precision, model::Int8Matmul),
     frame: &image::RgbImage,
     pred_iou_thresh: f32,
     stability_score_thresh: f32,
@@ -315,6 +319,7 @@ fn everything_table(
         PrecisionChoice {
             encoder: Some(p),
             decoder: Some(dec_p),
+            int8_matmul,
         },
     )?);
     let emb = seg.embed(frame)?;

@@ -47,6 +47,7 @@ pub fn run(args: &BenchArgs, out: &std::path::Path) -> anyhow::Result<()> {
         PrecisionChoice {
             encoder: Some(precision),
             decoder: Some(dec_precision),
+            int8_matmul: args.int8_matmul,
         },
     )?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;

@@ -44,6 +44,9 @@ struct ModelArgs {
     /// Threads for tract's matrix products.
     #[arg(long, default_value_t = default_threads())]
     threads: usize,
+    /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, sdot.
+    #[arg(long, default_value = "auto")]
+    int8_matmul: model::Int8Matmul,
 }
 
 fn default_threads() -> usize {
@@ -61,6 +64,7 @@ impl ModelArgs {
         let choice = PrecisionChoice {
             encoder: self.encoder,
             decoder: self.decoder,
+            int8_matmul: self.int8_matmul,
         };
         Segmenter::load(&dir, choice)
             .with_context(|| format!("loading model directory {}", dir.display()))

@@ -1,0 +1,788 @@
+//! Our own int8 matrix product for the quantized encoder: i8 × i8 → i32, exact, with the bias and
+//! the per-tensor or per-column requantization to i8 fused in.
+//!
+//! Why it exists: tract 0.23.9's AVX2 int8 kernel runs at ~1 % of peak on AMD CPUs (one
+//! legacy-SSE `movq` in its inner loop, see `docs/performance.md`), and even fixed its
+//! widen-and-multiply scheme is slower than FP32. tract has no hook to add kernels to its
+//! dispatcher, so [`rewrite`] replaces the quantized `EinSum` nodes whose weights are constant by
+//! [`QMatMulOp`], which runs one of these kernels:
+//!
+//! * [`Kernel::Avx2`]: `vpmaddwd` on i16 pairs (16 exact MACs an instruction), 6×16 tiles;
+//! * [`Kernel::NeonDot`]: `sdot` (Armv8.2 dotprod, Cortex-A76/A78/X1, Jetson Orin), 8×8 tiles;
+//! * [`Kernel::Portable`]: the same i16-pair scheme in plain Rust (the compiler vectorises it:
+//!   NEON `smlal` on a Cortex-A53/A72, SSE2 `pmaddwd` on old x86), 6×16 tiles.
+//!
+//! All kernels give the same integers as [`reference_qmatmul`]; requantization is
+//! `round_ties_even((acc + bias) as f32 * scale) + zero_point`, saturated to i8 — ONNX's
+//! QLinearMatMul rule.
+//!
+//! The one place besides the socket code that needs `unsafe`: SIMD intrinsics, inline `sdot`
+//! assembly and the disjoint-rows output pointer of the threaded loop, each with its SAFETY note.
+#![allow(unsafe_code)]
+
+mod avx2;
+pub mod conv;
+mod neon;
+mod op;
+mod portable;
+pub mod rewrite;
+
+use std::fmt;
+
+use tract_linalg::multithread::{current_tract_executor, Executor};
+
+pub use conv::{Im2Col, QConvOp};
+pub use op::QMatMulOp;
+pub use rewrite::{
+    compare_with_tract, fuse_quantization, rewrite_quantized_matmuls, Agreement, RewriteReport,
+};
+
+/// An int8 matmul implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Plain Rust on i16 pairs; runs everywhere.
+    Portable,
+    /// x86_64 AVX2 `vpmaddwd`.
+    Avx2,
+    /// aarch64 `sdot` (dotprod extension).
+    NeonDot,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs, unless `TINYSAM_INT8_KERNEL` names another
+    /// (`portable`, `avx2`, `sdot`); an unknown or unsupported name falls back to detection.
+    pub fn detect() -> Kernel {
+        if let Ok(name) = std::env::var("TINYSAM_INT8_KERNEL") {
+            match name.parse::<Kernel>() {
+                Ok(k) if k.is_supported() => return k,
+                Ok(k) => log::warn!("TINYSAM_INT8_KERNEL={name}: {k} is not supported here"),
+                Err(e) => log::warn!("TINYSAM_INT8_KERNEL={name}: {e}"),
+            }
+        }
+        [Kernel::Avx2, Kernel::NeonDot]
+            .into_iter()
+            .find(|k| k.is_supported())
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            Kernel::Avx2 => avx2::is_supported(),
+            Kernel::NeonDot => neon::is_supported(),
+        }
+    }
+
+    /// Every kernel this CPU can run.
+    pub fn supported() -> Vec<Kernel> {
+        [Kernel::Portable, Kernel::Avx2, Kernel::NeonDot]
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
+    }
+
+    /// Tile rows.
+    fn mr(self) -> usize {
+        match self {
+            Kernel::Portable | Kernel::Avx2 => PAIR_MR,
+            Kernel::NeonDot => neon::MR,
+        }
+    }
+
+    /// Tile columns.
+    fn nr(self) -> usize {
+        match self {
+            Kernel::Portable | Kernel::Avx2 => PAIR_NR,
+            Kernel::NeonDot => neon::NR,
+        }
+    }
+
+    /// Depth step of the packed formats (2 for i16 pairs, 4 for `sdot` quads).
+    fn k_step(self) -> usize {
+        match self {
+            Kernel::Portable | Kernel::Avx2 => 2,
+            Kernel::NeonDot => 4,
+        }
+    }
+
+    /// The name reported in kernel tables, e.g. `tinysam_i8_avx2_6x16`.
+    pub fn report_name(self) -> String {
+        format!("tinysam_i8_{self}_{}x{}", self.mr(), self.nr())
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::NeonDot => "sdot",
+        })
+    }
+}
+
+impl std::str::FromStr for Kernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Kernel, String> {
+        match s {
+            "portable" => Ok(Kernel::Portable),
+            "avx2" => Ok(Kernel::Avx2),
+            "sdot" => Ok(Kernel::NeonDot),
+            other => Err(format!(
+                "unknown int8 kernel `{other}` (portable, avx2, sdot)"
+            )),
+        }
+    }
+}
+
+/// Tile rows of the i16-pair kernels.
+const PAIR_MR: usize = 6;
+/// Tile columns of the i16-pair kernels.
+const PAIR_NR: usize = 16;
+
+/// How a matrix sits in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Row-major: element (row, col) at `row * cols + col`.
+    RowMajor,
+    /// Column-major: element (row, col) at `col * rows + row`.
+    ColMajor,
+}
+
+/// Requantization of the i32 accumulators to i8, per output column.
+#[derive(Debug, Clone)]
+pub struct Requant {
+    /// Added to the accumulator before scaling; one per column, or one for all.
+    pub bias: Vec<i32>,
+    /// `a_scale * b_scale / c_scale`; one per column, or one for all.
+    pub scale: Vec<f32>,
+    /// Output zero point.
+    pub zero_point: i32,
+}
+
+impl PartialEq for Requant {
+    fn eq(&self, other: &Requant) -> bool {
+        self.bias == other.bias
+            && self.zero_point == other.zero_point
+            && self.scale.len() == other.scale.len()
+            && self
+                .scale
+                .iter()
+                .zip(&other.scale)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+impl Eq for Requant {}
+
+impl Requant {
+    /// The i8 value of accumulator `acc` in column `col`.
+    #[inline]
+    pub fn apply(&self, acc: i32, col: usize) -> i8 {
+        let bias = pick(&self.bias, col);
+        let scale = pick(&self.scale, col);
+        let scaled = ((acc.wrapping_add(bias)) as f32 * scale).round_ties_even();
+        // `as i32` saturates, so huge scales cannot wrap before the clamp.
+        (scaled as i32)
+            .saturating_add(self.zero_point)
+            .clamp(i8::MIN as i32, i8::MAX as i32) as i8
+    }
+
+    /// Whether the vectors fit `n` columns (length 1 or `n`, never empty).
+    fn fits(&self, n: usize) -> bool {
+        [self.bias.len(), self.scale.len()]
+            .iter()
+            .all(|&l| l == 1 || l == n)
+    }
+}
+
+/// `v[col]`, or `v[0]` for a per-tensor value.
+#[inline]
+fn pick<T: Copy>(v: &[T], col: usize) -> T {
+    if v.len() == 1 {
+        v[0]
+    } else {
+        v[col]
+    }
+}
+
+/// f32 → i8 as tract's `QuantizeLinearI8` does it: `x * scale` (scale is the reciprocal of
+/// ONNX's), rounded to nearest even, + zero point, saturated; NaN gives the zero point.
+#[derive(Debug, Clone, Copy)]
+pub struct Quantize {
+    /// Multiplier (1 / ONNX scale).
+    pub scale: f32,
+    /// Zero point.
+    pub zero_point: i32,
+}
+
+impl Quantize {
+    /// The i8 value of `x`.
+    #[inline]
+    pub fn apply(self, x: f32) -> i8 {
+        // `as i32` saturates and maps NaN to 0, as tract's cast does.
+        ((x * self.scale).round_ties_even() as i32)
+            .saturating_add(self.zero_point)
+            .clamp(i8::MIN as i32, i8::MAX as i32) as i8
+    }
+
+    /// Quantize `src` into `dst` (same length).
+    pub fn slice(self, src: &[f32], dst: &mut [i8]) {
+        avx2::quantize(src, self, dst)
+    }
+}
+
+/// i8 → f32 as tract's `DequantizeLinearF32`: `(q - zero_point) * scale`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dequantize {
+    /// Scale.
+    pub scale: f32,
+    /// Zero point.
+    pub zero_point: i32,
+}
+
+impl Dequantize {
+    /// The f32 value of `q`.
+    #[inline]
+    pub fn apply(self, q: i8) -> f32 {
+        (q as i32 - self.zero_point) as f32 * self.scale
+    }
+}
+
+macro_rules! eq_by_bits {
+    ($t:ty) => {
+        impl PartialEq for $t {
+            fn eq(&self, other: &$t) -> bool {
+                self.scale.to_bits() == other.scale.to_bits() && self.zero_point == other.zero_point
+            }
+        }
+        impl Eq for $t {}
+    };
+}
+eq_by_bits!(Quantize);
+eq_by_bits!(Dequantize);
+
+/// Activations as an op receives them: i8 already, or f32 quantized while packing (a fused
+/// `QuantizeLinear`).
+#[derive(Debug, Clone, Copy)]
+pub enum Activations<'a> {
+    /// Quantized values.
+    I8(&'a [i8]),
+    /// Float values and how to quantize them.
+    F32(&'a [f32], Quantize),
+}
+
+impl Activations<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Activations::I8(v) => v.len(),
+            Activations::F32(v, _) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Value `i`, quantized.
+    #[inline]
+    pub fn get(&self, i: usize) -> i8 {
+        match self {
+            Activations::I8(v) => v[i],
+            Activations::F32(v, q) => q.apply(v[i]),
+        }
+    }
+
+    /// Values `start .. start + dst.len()`, quantized, into `dst`.
+    pub fn copy_to(&self, start: usize, dst: &mut [i8]) {
+        match self {
+            Activations::I8(v) => dst.copy_from_slice(&v[start..start + dst.len()]),
+            Activations::F32(v, q) => q.slice(&v[start..start + dst.len()], dst),
+        }
+    }
+}
+
+/// Where results go: i8, or f32 dequantized on the way out (a fused `DequantizeLinear`).
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Quantized results.
+    I8(&'a mut [i8]),
+    /// Float results and how to dequantize them.
+    F32(&'a mut [f32], Dequantize),
+}
+
+impl Output<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Output::I8(v) => v.len(),
+            Output::F32(v, _) => v.len(),
+        }
+    }
+
+    fn ptr(&mut self) -> OutPtr {
+        match self {
+            Output::I8(v) => OutPtr::I8(v.as_mut_ptr()),
+            Output::F32(v, dq) => OutPtr::F32(v.as_mut_ptr(), *dq),
+        }
+    }
+}
+
+/// A constant right-hand matrix (k × n), packed once for one kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedB {
+    kernel: Kernel,
+    k: usize,
+    n: usize,
+    /// Packed depth: `k` rounded up to the kernel's depth step.
+    kp: usize,
+    /// i16 pairs (Portable, Avx2) or i8 quads (NeonDot), panel after panel.
+    data: PackedData,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PackedData {
+    I16(Vec<i16>),
+    I8(Vec<i8>),
+}
+
+impl PackedB {
+    /// Pack the k × n matrix whose element (k, n) is `b(k, n)` for `kernel`.
+    pub fn new(kernel: Kernel, k: usize, n: usize, b: impl Fn(usize, usize) -> i8) -> PackedB {
+        let (step, nr) = (kernel.k_step(), kernel.nr());
+        let kp = k.div_ceil(step) * step;
+        let panels = n.div_ceil(nr);
+        let at = |kk: usize, col: usize| -> i8 {
+            if kk < k && col < n {
+                b(kk, col)
+            } else {
+                0
+            }
+        };
+        let data = match kernel {
+            Kernel::Portable | Kernel::Avx2 => {
+                // Per panel, per k pair: column c's (k, k+1) at [2c, 2c+1].
+                let mut v = Vec::with_capacity(panels * kp * nr);
+                for p in 0..panels {
+                    for kk in (0..kp).step_by(2) {
+                        for c in p * nr..(p + 1) * nr {
+                            v.push(at(kk, c) as i16);
+                            v.push(at(kk + 1, c) as i16);
+                        }
+                    }
+                }
+                PackedData::I16(v)
+            }
+            Kernel::NeonDot => {
+                // Per panel, per k quad: column c's 4 depths at [4c .. 4c+4].
+                let mut v = Vec::with_capacity(panels * kp * nr);
+                for p in 0..panels {
+                    for kk in (0..kp).step_by(4) {
+                        for c in p * nr..(p + 1) * nr {
+                            for d in 0..4 {
+                                v.push(at(kk + d, c));
+                            }
+                        }
+                    }
+                }
+                PackedData::I8(v)
+            }
+        };
+        PackedB {
+            kernel,
+            k,
+            n,
+            kp,
+            data,
+        }
+    }
+
+    /// Pack a row-major k × n slice.
+    pub fn from_row_major(kernel: Kernel, k: usize, n: usize, b: &[i8]) -> PackedB {
+        assert_eq!(b.len(), k * n, "B is not k × n");
+        PackedB::new(kernel, k, n, |kk, c| b[kk * n + c])
+    }
+
+    /// Depth.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The kernel it is packed for.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            PackedData::I16(v) => v.len() * 2,
+            PackedData::I8(v) => v.len(),
+        }
+    }
+}
+
+/// The left operand: `m` × `k` i8 values in `layout`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatrixA<'a> {
+    /// The values.
+    pub data: Activations<'a>,
+    /// Rows.
+    pub m: usize,
+    /// Memory order.
+    pub layout: Layout,
+}
+
+/// Where the kernels read A's rows from: a matrix, or image patches gathered on the fly.
+pub trait RowSource: Sync {
+    /// Rows (m).
+    fn rows(&self) -> usize;
+    /// Values per row (k).
+    fn depth(&self) -> usize;
+    /// Write row `row` (`< rows()`) into `buf[..depth()]`.
+    fn fetch(&self, row: usize, buf: &mut [i8]);
+    /// Why the source is inconsistent, if it is.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl RowSource for MatrixA<'_> {
+    fn rows(&self) -> usize {
+        self.m
+    }
+    fn depth(&self) -> usize {
+        self.data.len().checked_div(self.m).unwrap_or(0)
+    }
+    fn check(&self) -> Result<(), String> {
+        if self.m == 0 || self.data.len() % self.m == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "A has {} values, not a multiple of {} rows",
+                self.data.len(),
+                self.m
+            ))
+        }
+    }
+    fn fetch(&self, row: usize, buf: &mut [i8]) {
+        let (m, k) = (self.m, self.depth());
+        match self.layout {
+            Layout::RowMajor => self.data.copy_to(row * k, &mut buf[..k]),
+            Layout::ColMajor => {
+                for (kk, v) in buf[..k].iter_mut().enumerate() {
+                    *v = self.data.get(kk * m + row);
+                }
+            }
+        }
+    }
+}
+
+/// Errors of [`qmatmul`]: operands that do not fit together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QMatMulError {
+    /// A, B, the requantization or the output disagree on a size.
+    #[error("int8 matmul operands do not fit: {0}")]
+    Shape(String),
+}
+
+/// `c = requant(a · b)`, an `m × n` i8 matrix in `c_layout`, on the kernel `b` was packed for,
+/// using tract's current executor (its thread pool when multithreaded).
+pub fn qmatmul(
+    a: &impl RowSource,
+    b: &PackedB,
+    requant: &Requant,
+    mut c: Output<'_>,
+    c_layout: Layout,
+) -> Result<(), QMatMulError> {
+    let (m, k, n) = (a.rows(), b.k, b.n);
+    a.check().map_err(QMatMulError::Shape)?;
+    if a.depth() != k {
+        return Err(QMatMulError::Shape(format!(
+            "A rows have {} values, B has depth {k}",
+            a.depth()
+        )));
+    }
+    if c.len() != m * n {
+        return Err(QMatMulError::Shape(format!(
+            "C has {} values, expected {m} × {n}",
+            c.len()
+        )));
+    }
+    if !requant.fits(n) {
+        return Err(QMatMulError::Shape(format!(
+            "bias ({}) and scale ({}) must have 1 or {n} values",
+            requant.bias.len(),
+            requant.scale.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for row in 0..m {
+            for col in 0..n {
+                let v = requant.apply(0, col);
+                let at = c_index(c_layout, m, n, row, col);
+                match &mut c {
+                    Output::I8(c) => c[at] = v,
+                    Output::F32(c, dq) => c[at] = dq.apply(v),
+                }
+            }
+        }
+        return Ok(());
+    }
+    let kernel = b.kernel;
+    let mr = kernel.mr();
+    // Rows per task: several tiles, so the B panel is reused from cache; at least 2 tasks a
+    // thread when there is enough work.
+    let blocks = m.div_ceil(mr);
+    let threads = match current_tract_executor() {
+        Executor::SingleThread => 1,
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => rayon::current_num_threads(),
+    };
+    let blocks_per_task = (blocks / (threads * 4)).clamp(1, 16);
+    let tasks = blocks.div_ceil(blocks_per_task);
+    let out = c.ptr();
+    let run_task = |task: usize| {
+        let first_row = task * blocks_per_task * mr;
+        let rows = (blocks_per_task * mr).min(m - first_row);
+        // SAFETY: tasks cover disjoint row ranges, and every index written is < m × n.
+        unsafe { rows_task(a, b, requant, first_row, rows, out, c_layout) };
+    };
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if tasks > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| (0..tasks).into_par_iter().for_each(run_task));
+        }
+        _ => (0..tasks).for_each(run_task),
+    }
+    Ok(())
+}
+
+/// Output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+enum OutPtr {
+    I8(*mut i8),
+    F32(*mut f32, Dequantize),
+}
+// SAFETY: only used by `qmatmul`'s tasks, each writing its own rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+#[inline]
+fn c_index(layout: Layout, m: usize, n: usize, row: usize, col: usize) -> usize {
+    match layout {
+        Layout::RowMajor => row * n + col,
+        Layout::ColMajor => col * m + row,
+    }
+}
+
+/// Rows `first_row .. first_row + rows` of C: pack them from A, run every tile, requantize.
+///
+/// # Safety
+/// `out` points to `a.m × b.n` values no other task writes in these rows.
+unsafe fn rows_task(
+    a: &impl RowSource,
+    b: &PackedB,
+    requant: &Requant,
+    first_row: usize,
+    rows: usize,
+    out: OutPtr,
+    c_layout: Layout,
+) {
+    let kernel = b.kernel;
+    let (mr, nr, kp) = (kernel.mr(), kernel.nr(), b.kp);
+    let (m, n) = (a.rows(), b.n);
+    let blocks = rows.div_ceil(mr);
+    let panels = n.div_ceil(nr);
+    // Bias and scale for every (padded) column, so tiles read them as vectors.
+    let cols = panels * nr;
+    let bias: Vec<i32> = (0..cols)
+        .map(|c| pick(&requant.bias, c.min(n - 1)))
+        .collect();
+    let scale: Vec<f32> = (0..cols)
+        .map(|c| pick(&requant.scale, c.min(n - 1)))
+        .collect();
+    let zp = requant.zero_point;
+    // One row of A at a time, zero-padded to the packed depth.
+    let mut row_buf = vec![0i8; kp];
+    let fetch_row = |row: usize, buf: &mut [i8]| {
+        if row >= first_row + rows {
+            buf.fill(0);
+        } else {
+            a.fetch(row, buf);
+        }
+    };
+    let mut tile = vec![0i8; mr * nr];
+    let place = |tile: &[i8], blk: usize, p: usize| {
+        store_tile(
+            tile,
+            (first_row + blk * mr, p * nr),
+            (mr, nr),
+            (first_row + rows, n, m),
+            out,
+            c_layout,
+        )
+    };
+    match &b.data {
+        PackedData::I16(bdata) => {
+            // A blocks: per k pair, each row's (k, k+1) as one i32 (low half = even k).
+            let pairs = kp / 2;
+            let mut apack = vec![0i32; blocks * pairs * mr];
+            for blk in 0..blocks {
+                for r in 0..mr {
+                    fetch_row(first_row + blk * mr + r, &mut row_buf);
+                    for kk in 0..pairs {
+                        let lo = row_buf[2 * kk] as i16 as u16 as u32;
+                        let hi = row_buf[2 * kk + 1] as i16 as u16 as u32;
+                        apack[(blk * pairs + kk) * mr + r] = (lo | (hi << 16)) as i32;
+                    }
+                }
+            }
+            for (p, bpanel) in bdata.chunks_exact(kp * nr).enumerate() {
+                let cols = p * nr..(p + 1) * nr;
+                let (bias, scale) = (&bias[cols.clone()], &scale[cols]);
+                for blk in 0..blocks {
+                    let apanel = &apack[blk * pairs * mr..(blk + 1) * pairs * mr];
+                    match kernel {
+                        Kernel::Avx2 => avx2::tile(apanel, bpanel, (bias, scale, zp), &mut tile),
+                        _ => portable::tile(apanel, bpanel, (bias, scale, zp), &mut tile),
+                    }
+                    place(&tile, blk, p);
+                }
+            }
+        }
+        PackedData::I8(bdata) => {
+            // A blocks: per k quad, each row's 4 depths.
+            let quads = kp / 4;
+            let mut apack = vec![0i8; blocks * kp * mr];
+            for blk in 0..blocks {
+                for r in 0..mr {
+                    fetch_row(first_row + blk * mr + r, &mut row_buf);
+                    for q in 0..quads {
+                        let at = ((blk * quads + q) * mr + r) * 4;
+                        apack[at..at + 4].copy_from_slice(&row_buf[4 * q..4 * q + 4]);
+                    }
+                }
+            }
+            for (p, bpanel) in bdata.chunks_exact(kp * nr).enumerate() {
+                let cols = p * nr..(p + 1) * nr;
+                let (bias, scale) = (&bias[cols.clone()], &scale[cols]);
+                for blk in 0..blocks {
+                    let apanel = &apack[blk * kp * mr..(blk + 1) * kp * mr];
+                    neon::tile(apanel, bpanel, (bias, scale, zp), &mut tile);
+                    place(&tile, blk, p);
+                }
+            }
+        }
+    }
+}
+
+/// Bias, scale (both one per tile column) and zero point of one tile's requantization.
+type TileRequant<'a> = (&'a [i32], &'a [f32], i32);
+
+/// Requantize a tile of i32 sums (row-major, `nr` columns) the scalar way, into `out`.
+fn requant_tile(acc: &[i32], nr: usize, (bias, scale, zp): TileRequant<'_>, out: &mut [i8]) {
+    for (i, (&v, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
+        let c = i % nr;
+        let scaled = ((v.wrapping_add(bias[c])) as f32 * scale[c]).round_ties_even();
+        *o = (scaled as i32)
+            .saturating_add(zp)
+            .clamp(i8::MIN as i32, i8::MAX as i32) as i8;
+    }
+}
+
+/// Copy the valid part of one requantized tile (row-major `mr × nr`) into C.
+///
+/// `origin` is the tile's (row, col); `limits` are (end of this task's rows, n, m).
+#[inline]
+fn store_tile(
+    tile: &[i8],
+    origin: (usize, usize),
+    dims: (usize, usize),
+    limits: (usize, usize, usize),
+    out: OutPtr,
+    c_layout: Layout,
+) {
+    let (row0, col0) = origin;
+    let (mr, nr) = dims;
+    let (row_end, n, m) = limits;
+    let rows = mr.min(row_end.saturating_sub(row0));
+    let cols = nr.min(n.saturating_sub(col0));
+    match (c_layout, out) {
+        (Layout::RowMajor, OutPtr::I8(p)) => {
+            for r in 0..rows {
+                let src = &tile[r * nr..r * nr + cols];
+                // SAFETY: row0 + r < m and col0 + cols <= n: inside C, in a row this task owns.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), p.add((row0 + r) * n + col0), cols)
+                };
+            }
+        }
+        (Layout::RowMajor, OutPtr::F32(p, dq)) => {
+            for r in 0..rows {
+                let src = &tile[r * nr..r * nr + cols];
+                // SAFETY: as above: `cols` values of row row0 + r, inside C and owned here.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(p.add((row0 + r) * n + col0), cols) };
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = dq.apply(v);
+                }
+            }
+        }
+        (_, out) => {
+            for r in 0..rows {
+                for c in 0..cols {
+                    let at = c_index(c_layout, m, n, row0 + r, col0 + c);
+                    let v = tile[r * nr + c];
+                    // SAFETY: row0 + r < m and col0 + c < n, so `at` is inside C; this task owns
+                    // the row.
+                    unsafe {
+                        match out {
+                            OutPtr::I8(p) => *p.add(at) = v,
+                            OutPtr::F32(p, dq) => *p.add(at) = dq.apply(v),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The straightforward definition: `c[i][j] = requant(Σ_k a[i][k] · b[k][j])`, b row-major k × n.
+pub fn reference_qmatmul(
+    a: MatrixA<'_>,
+    b: &[i8],
+    k: usize,
+    n: usize,
+    requant: &Requant,
+    c_layout: Layout,
+) -> Vec<i8> {
+    let m = a.m;
+    let mut c = vec![0i8; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0i32;
+            for kk in 0..k {
+                let av = match a.layout {
+                    Layout::RowMajor => a.data.get(i * k + kk),
+                    Layout::ColMajor => a.data.get(kk * m + i),
+                };
+                acc += av as i32 * b[kk * n + j] as i32;
+            }
+            c[c_index(c_layout, m, n, i, j)] = requant.apply(acc, j);
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+//! [`QMatMulOp`]: the tract op that runs [`super::qmatmul`] on one activation input against
+//! weights packed at load time.
+#![deny(unsafe_code)]
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::Cost;
+
+use super::{
+    qmatmul, Activations, Dequantize, Layout, MatrixA, Output, PackedB, Quantize, Requant,
+};
+
+/// Where an output axis takes its size from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutAxis {
+    /// The same size as this axis of the activation input (an m axis).
+    FromA(usize),
+    /// A fixed size (n axes, and size-1 axes).
+    Fixed(usize),
+}
+
+/// `y = requant(a · B)` with a constant, prepacked B: i8 activations in, i8 out.
+///
+/// The activation's axes are the m axes then the k axes ([`Layout::RowMajor`]) or the other way
+/// round; the output's are m then n axes (or n then m), plus any size-1 axes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QMatMulOp {
+    /// The packed weights (k × n).
+    pub b: Arc<PackedB>,
+    /// Bias and scales.
+    pub requant: Requant,
+    /// Memory order of the activation seen as an m × k matrix.
+    pub a_layout: Layout,
+    /// Memory order of the output seen as an m × n matrix.
+    pub c_layout: Layout,
+    /// Output shape, axis by axis.
+    pub out_axes: Vec<OutAxis>,
+    /// A fused `QuantizeLinear` before: the input is f32, quantized while packing.
+    pub input_quant: Option<Quantize>,
+    /// A fused `DequantizeLinear` after: the output is f32.
+    pub output_dequant: Option<Dequantize>,
+}
+
+impl QMatMulOp {
+    fn output_shape<D: DimLike>(&self, a_shape: &[D]) -> TractResult<TVec<D>> {
+        self.out_axes
+            .iter()
+            .map(|ax| match *ax {
+                OutAxis::FromA(i) => a_shape
+                    .get(i)
+                    .cloned()
+                    .ok_or_else(|| format_err!("activation has no axis {i}")),
+                OutAxis::Fixed(s) => Ok(D::from(s)),
+            })
+            .collect()
+    }
+}
+
+impl Op for QMatMulOp {
+    fn name(&self) -> StaticName {
+        "TinysamQMatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "kernel {} k={} n={} a {:?} c {:?}{}{}",
+            self.b.kernel().report_name(),
+            self.b.k(),
+            self.b.n(),
+            self.a_layout,
+            self.c_layout,
+            if self.input_quant.is_some() {
+                ", quantizes its f32 input"
+            } else {
+                ""
+            },
+            if self.output_dequant.is_some() {
+                ", dequantizes to f32"
+            } else {
+                ""
+            },
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QMatMulOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1, "TinysamQMatMul takes one input");
+        let a = activations(&inputs[0], self.input_quant)?;
+        let k = self.b.k();
+        ensure!(
+            k > 0 && a.len() % k == 0,
+            "activation of shape {:?} is not m × {k}",
+            inputs[0].shape()
+        );
+        let m = a.len() / k;
+        let shape = self.output_shape(inputs[0].shape())?;
+        let mut c = output_tensor(&shape, self.output_dequant)?;
+        with_output(&mut c, self.output_dequant, |out| {
+            let a = MatrixA {
+                data: a,
+                m,
+                layout: self.a_layout,
+            };
+            qmatmul(&a, &self.b, &self.requant, out, self.c_layout).map_err(|e| format_err!("{e}"))
+        })?;
+        Ok(tvec!(c.into_tvalue()))
+    }
+}
+
+/// `t` as activations: i8, or f32 when a quantization is fused in.
+pub(super) fn activations(t: &Tensor, quant: Option<Quantize>) -> TractResult<Activations<'_>> {
+    let view = t.try_as_plain_ram()?;
+    match quant {
+        None => {
+            ensure!(
+                t.datum_type().unquantized() == i8::datum_type(),
+                "int8 op needs i8 input, got {:?}",
+                t.datum_type()
+            );
+            Ok(Activations::I8(view.as_slice::<i8>()?))
+        }
+        Some(q) => {
+            ensure!(
+                t.datum_type() == f32::datum_type(),
+                "int8 op with fused quantization needs f32 input, got {:?}",
+                t.datum_type()
+            );
+            Ok(Activations::F32(view.as_slice::<f32>()?, q))
+        }
+    }
+}
+
+/// A zeroed output tensor: i8, or f32 when a dequantization is fused in.
+pub(super) fn output_tensor(shape: &[usize], dequant: Option<Dequantize>) -> TractResult<Tensor> {
+    match dequant {
+        None => Tensor::zero::<i8>(shape),
+        Some(_) => Tensor::zero::<f32>(shape),
+    }
+}
+
+/// Run `f` on the output tensor's values.
+pub(super) fn with_output<R>(
+    t: &mut Tensor,
+    dequant: Option<Dequantize>,
+    f: impl FnOnce(Output<'_>) -> TractResult<R>,
+) -> TractResult<R> {
+    let mut view = t.try_as_plain_ram_mut()?;
+    match dequant {
+        None => f(Output::I8(view.as_slice_mut::<i8>()?)),
+        Some(dq) => f(Output::F32(view.as_slice_mut::<f32>()?, dq)),
+    }
+}
+
+/// The output fact: i8, or f32 when a dequantization is fused in.
+pub(super) fn output_fact<S: Into<ShapeFact>>(shape: S, dequant: Option<Dequantize>) -> TypedFact {
+    match dequant {
+        None => i8::fact(shape),
+        Some(_) => f32::fact(shape),
+    }
+}
+
+impl TypedOp for QMatMulOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let shape = self.output_shape(&inputs[0].shape.to_tvec())?;
+        Ok(tvec!(output_fact(shape, self.output_dequant)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let k = self.b.k();
+        let m = inputs[0].shape.volume() / k;
+        Ok(tvec!((
+            Cost::FMA(i32::datum_type()),
+            m * (k * self.b.n()).to_dim()
+        )))
+    }
+
+    as_op!();
+}

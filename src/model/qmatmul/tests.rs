@@ -1,0 +1,356 @@
+//! Every kernel against the straightforward definition: exact integers, all shapes.
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// Deterministic i8 values covering the extremes.
+fn values(len: usize, seed: u32) -> Vec<i8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8 as i8
+        })
+        .collect()
+}
+
+/// Run `kernel` and the reference on the same operands; panics on any difference.
+fn check(kernel: Kernel, m: usize, k: usize, n: usize, layouts: (Layout, Layout), seed: u32) {
+    let (a_layout, c_layout) = layouts;
+    let a = values(m * k, seed);
+    let b = values(k * n, seed + 1);
+    let requant = Requant {
+        bias: (0..n).map(|j| j as i32 * 37 - 200).collect(),
+        scale: (0..n).map(|j| 0.001 + j as f32 * 0.0003).collect(),
+        zero_point: 0,
+    };
+    let a_mat = MatrixA {
+        data: Activations::I8(&a),
+        m,
+        layout: a_layout,
+    };
+    let want = reference_qmatmul(a_mat, &b, k, n, &requant, c_layout);
+    let packed = PackedB::from_row_major(kernel, k, n, &b);
+    let mut got = vec![0i8; m * n];
+    qmatmul(&a_mat, &packed, &requant, Output::I8(&mut got), c_layout).unwrap();
+    assert_eq!(
+        got, want,
+        "{kernel} m={m} k={k} n={n} {a_layout:?} {c_layout:?}"
+    );
+}
+
+const LAYOUTS: [(Layout, Layout); 4] = [
+    (Layout::RowMajor, Layout::RowMajor),
+    (Layout::ColMajor, Layout::RowMajor),
+    (Layout::RowMajor, Layout::ColMajor),
+    (Layout::ColMajor, Layout::ColMajor),
+];
+
+#[test]
+fn every_kernel_matches_the_reference_on_edge_shapes() {
+    let shapes = [
+        (1, 1, 1),
+        (1, 3, 1),
+        (6, 2, 16),
+        (7, 5, 17),
+        (8, 4, 8),
+        (13, 64, 33),
+        (50, 160, 40),
+        (3, 1280, 5),
+    ];
+    for kernel in Kernel::supported() {
+        for &(m, k, n) in &shapes {
+            for layouts in LAYOUTS {
+                check(kernel, m, k, n, layouts, (m * k * n) as u32);
+            }
+        }
+    }
+}
+
+/// The largest sums the encoder can produce: all -128 × -128 over a long depth stay exact.
+#[test]
+fn extreme_values_accumulate_exactly() {
+    let (m, k, n) = (9, 1280, 20);
+    let a = vec![-128i8; m * k];
+    let b = vec![-128i8; k * n];
+    let requant = Requant {
+        bias: vec![0],
+        scale: vec![1.0 / (128.0 * 128.0 * 1280.0) * 100.0],
+        zero_point: 0,
+    };
+    for kernel in Kernel::supported() {
+        let packed = PackedB::from_row_major(kernel, k, n, &b);
+        let mut c = vec![0i8; m * n];
+        let a_mat = MatrixA {
+            data: Activations::I8(&a),
+            m,
+            layout: Layout::RowMajor,
+        };
+        qmatmul(
+            &a_mat,
+            &packed,
+            &requant,
+            Output::I8(&mut c),
+            Layout::RowMajor,
+        )
+        .unwrap();
+        assert!(c.iter().all(|&v| v == 100), "{kernel}: {:?}", &c[..4]);
+    }
+}
+
+#[test]
+fn requantization_rounds_ties_to_even_and_saturates() {
+    let r = Requant {
+        bias: vec![0],
+        scale: vec![0.5],
+        zero_point: 0,
+    };
+    assert_eq!(r.apply(5, 0), 2);
+    assert_eq!(r.apply(7, 0), 4);
+    assert_eq!(r.apply(-5, 0), -2);
+    assert_eq!(r.apply(1000, 0), 127);
+    assert_eq!(r.apply(-1000, 0), -128);
+    let shifted = Requant {
+        bias: vec![10, -10],
+        scale: vec![1.0, 2.0],
+        zero_point: 3,
+    };
+    assert_eq!(shifted.apply(0, 0), 13);
+    assert_eq!(shifted.apply(0, 1), -17);
+    assert_eq!(shifted.apply(i32::MAX, 1), 127);
+}
+
+#[test]
+fn threaded_runs_give_the_same_result() {
+    let (m, k, n) = (301, 96, 70);
+    let a = values(m * k, 7);
+    let b = values(k * n, 8);
+    let requant = Requant {
+        bias: vec![5],
+        scale: vec![0.002],
+        zero_point: 0,
+    };
+    let a_mat = MatrixA {
+        data: Activations::I8(&a),
+        m,
+        layout: Layout::RowMajor,
+    };
+    let want = reference_qmatmul(a_mat, &b, k, n, &requant, Layout::ColMajor);
+    let packed = PackedB::from_row_major(Kernel::detect(), k, n, &b);
+    let mut got = vec![0i8; m * n];
+    tract_linalg::multithread::multithread_tract_scope(
+        tract_linalg::multithread::Executor::multithread(3),
+        || {
+            qmatmul(
+                &a_mat,
+                &packed,
+                &requant,
+                Output::I8(&mut got),
+                Layout::ColMajor,
+            )
+        },
+    )
+    .unwrap();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn mismatched_operands_are_errors_not_panics() {
+    let packed = PackedB::from_row_major(Kernel::Portable, 4, 3, &[1; 12]);
+    let requant = Requant {
+        bias: vec![0],
+        scale: vec![1.0],
+        zero_point: 0,
+    };
+    let a = [1i8; 7];
+    let a_mat = MatrixA {
+        data: Activations::I8(&a),
+        m: 2,
+        layout: Layout::RowMajor,
+    };
+    let mut c = vec![0i8; 6];
+    assert!(qmatmul(
+        &a_mat,
+        &packed,
+        &requant,
+        Output::I8(&mut c),
+        Layout::RowMajor
+    )
+    .is_err());
+    let bad_scale = Requant {
+        scale: vec![1.0, 2.0],
+        ..requant
+    };
+    let a = [1i8; 8];
+    let a_mat = MatrixA {
+        data: Activations::I8(&a),
+        ..a_mat
+    };
+    assert!(qmatmul(
+        &a_mat,
+        &packed,
+        &bad_scale,
+        Output::I8(&mut c),
+        Layout::RowMajor
+    )
+    .is_err());
+}
+
+#[test]
+fn kernel_names_parse_and_detection_picks_a_supported_one() {
+    for k in [Kernel::Portable, Kernel::Avx2, Kernel::NeonDot] {
+        assert_eq!(k.to_string().parse::<Kernel>(), Ok(k));
+    }
+    assert!("sse9".parse::<Kernel>().is_err());
+    assert!(Kernel::detect().is_supported());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        assert_eq!(Kernel::detect(), Kernel::Avx2);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        assert_eq!(Kernel::detect(), Kernel::NeonDot);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Any shape, any layout, any kernel this CPU runs: the reference's exact integers.
+    #[test]
+    fn any_shape_matches_the_reference(
+        m in 1usize..40,
+        k in 1usize..90,
+        n in 1usize..40,
+        layout in 0usize..4,
+        seed in any::<u32>(),
+    ) {
+        for kernel in Kernel::supported() {
+            check(kernel, m, k, n, LAYOUTS[layout], seed);
+        }
+    }
+}
+
+/// The vector quantizer gives the scalar rule's values: ties, saturation, NaN, odd lengths.
+#[test]
+fn quantize_slice_matches_the_scalar_rule() {
+    let q = Quantize {
+        scale: 2.0,
+        zero_point: 0,
+    };
+    let mut xs: Vec<f32> = vec![
+        0.25,
+        0.75,
+        -0.25,
+        -0.75,
+        1.25,
+        63.25,
+        63.75,
+        -64.25,
+        -64.0,
+        1e12,
+        -1e12,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        3.0e-8,
+    ];
+    xs.extend((0..37).map(|i| (i as f32 - 18.0) * 0.37));
+    let mut fast = vec![0i8; xs.len()];
+    q.slice(&xs, &mut fast);
+    let slow: Vec<i8> = xs.iter().map(|&x| q.apply(x)).collect();
+    assert_eq!(fast, slow);
+    assert_eq!(&slow[..4], &[0, 2, 0, -2]); // 0.5 → 0, 1.5 → 2: ties to even
+    assert_eq!(&slow[9..12], &[127, -128, 0]);
+}
+
+/// f32 in (quantized while packing) and f32 out (dequantized while storing) give exactly the
+/// reference on the quantized values, dequantized.
+#[test]
+fn fused_quantize_and_dequantize_match_the_unfused_path() {
+    let (m, k, n) = (23, 41, 19);
+    let q = Quantize {
+        scale: 9.5,
+        zero_point: 0,
+    };
+    let dq = Dequantize {
+        scale: 0.031,
+        zero_point: 0,
+    };
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 211) as f32 / 17.0 - 6.0)
+        .collect();
+    let b = values(k * n, 3);
+    let requant = Requant {
+        bias: vec![3],
+        scale: vec![0.004],
+        zero_point: 0,
+    };
+    for kernel in Kernel::supported() {
+        let packed = PackedB::from_row_major(kernel, k, n, &b);
+        for (a_layout, c_layout) in LAYOUTS {
+            let a_f32 = MatrixA {
+                data: Activations::F32(&x, q),
+                m,
+                layout: a_layout,
+            };
+            let want: Vec<f32> = reference_qmatmul(a_f32, &b, k, n, &requant, c_layout)
+                .into_iter()
+                .map(|v| dq.apply(v))
+                .collect();
+            let mut got = vec![0f32; m * n];
+            qmatmul(
+                &a_f32,
+                &packed,
+                &requant,
+                Output::F32(&mut got, dq),
+                c_layout,
+            )
+            .unwrap();
+            assert_eq!(got, want, "{kernel} {a_layout:?} {c_layout:?}");
+        }
+    }
+}
+
+/// Patches gathered from an image equal an explicit im2col matrix, padding and strides included.
+#[test]
+fn im2col_rows_match_an_explicit_gather() {
+    let geometry = conv::ConvGeometry {
+        input: [3, 7, 6],
+        kernel: [3, 2],
+        strides: [2, 1],
+        dilations: [1, 2],
+        pad_before: [1, 1],
+        output: [4, 5],
+    };
+    let image = values(3 * 7 * 6, 11);
+    let patches = Im2Col {
+        image: Activations::I8(&image),
+        geometry,
+    };
+    let mut row = vec![0i8; geometry.depth()];
+    for p in 0..geometry.pixels() {
+        patches.fetch(p, &mut row);
+        let (oy, ox) = (p / 5, p % 5);
+        let mut i = 0;
+        for c in 0..3 {
+            for ky in 0..3 {
+                for kx in 0..2 {
+                    let y = (oy * 2 + ky) as isize - 1;
+                    let x = (ox + kx * 2) as isize - 1;
+                    let want = if (0..7).contains(&y) && (0..6).contains(&x) {
+                        image[c * 42 + y as usize * 6 + x as usize]
+                    } else {
+                        0
+                    };
+                    assert_eq!(row[i], want, "pixel {p} value {i}");
+                    i += 1;
+                }
+            }
+        }
+    }
+}
