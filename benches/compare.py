@@ -1,4 +1,5 @@
-"""Engines side by side on the same ONNX files: tract INT8/FP32, onnxruntime INT8/FP32, PyTorch FP32.
+"""Engines side by side on the same ONNX files: tract INT8 (on our int8 kernels, and on tract's own
+for comparison) and FP32, onnxruntime INT8/FP32, PyTorch FP32.
 
     models/.venv/bin/python benches/compare.py                 # writes benches/compare-results.md
     models/.venv/bin/python benches/compare.py --threads 1 --runs 2 --batches 1,16
@@ -147,11 +148,13 @@ def worker_torch(args) -> dict:
     }
 
 
-def run_engine(args, engine: str, precision: str, threads: int) -> dict | None:
+def run_engine(args, engine: str, precision: str, threads: int, variant: str = "") -> dict | None:
+    """One engine in its own process; for tract, `variant` picks the int8 matmul (`--int8-matmul`)."""
     common = ["--runs", str(args.runs), "--batches", ",".join(map(str, args.batches))]
     if engine == "tract":
         cmd = [str(args.tinysam), "bench", "--json", "-", "--model", str(args.model), "--precisions", precision,
-               "--threads", str(threads), "--budget-s", str(args.budget)] + common
+               "--threads", str(threads), "--budget-s", str(args.budget),
+               "--int8-matmul", variant or "auto"] + common
         if args.image:
             cmd += ["--image", str(args.image)]
     else:
@@ -159,15 +162,16 @@ def run_engine(args, engine: str, precision: str, threads: int) -> dict | None:
                "--model", str(args.model), "--budget", str(args.budget)] + common
         if args.image:
             cmd += ["--image", str(args.image)]
-    print(f"  {engine} {precision}, {threads} thread(s) ...", file=sys.stderr, flush=True)
+    print(f"  {engine} {precision} {variant}, {threads} thread(s) ...", file=sys.stderr, flush=True)
     started = time.monotonic()
     env = dict(os.environ, RUST_LOG="warn")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"  {engine} {precision} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return {"engine": engine, "encoder_precision": precision, "threads": threads,
+        return {"engine": engine, "variant": variant, "encoder_precision": precision, "threads": threads,
                 "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     result = json.loads(proc.stdout)
+    result["variant"] = variant
     if engine == "tract":
         result["version"] = locked_version("tract-onnx")
     print(f"    done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
@@ -246,6 +250,8 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
         lines += [header, rule]
         for r in rows:
             name = f"{r['engine']} {r.get('version', '')}".strip()
+            if r["engine"] == "tract" and r["encoder_precision"] == "int8":
+                name += " (tract's int8 kernels)" if r.get("variant") == "tract" else " (our int8 kernels)"
             if "error" in r:
                 lines.append(f"| {name} | {r['encoder_precision']} | failed: {r['error']} |")
                 continue
@@ -265,14 +271,16 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
 
 
 def ratios(rows: list[dict], batches: list[int]) -> list[str]:
-    def enc(engine, precision):
-        r = next((r for r in rows if r["engine"] == engine and r["encoder_precision"] == precision
-                  and "error" not in r), None)
+    def pick(engine, precision, variant=""):
+        return next((r for r in rows if r["engine"] == engine and r["encoder_precision"] == precision
+                     and r.get("variant", "") == variant and "error" not in r), None)
+
+    def enc(engine, precision, variant=""):
+        r = pick(engine, precision, variant)
         return median(r["encoder_ms"]) if r else None
 
-    def dec(engine, precision, b):
-        r = next((r for r in rows if r["engine"] == engine and r["encoder_precision"] == precision
-                  and "error" not in r), None)
+    def dec(engine, precision, b, variant=""):
+        r = pick(engine, precision, variant)
         t = r["decoder_ms"].get(str(b)) if r else None
         return median(t) / b if t else None
 
@@ -280,6 +288,10 @@ def ratios(rows: list[dict], batches: list[int]) -> list[str]:
     pairs = [
         ("encoder: tract INT8 / onnxruntime INT8 (target <= 1.0)", enc("tract", "int8"), enc("onnxruntime", "int8")),
         ("encoder: tract INT8 / tract FP32 (target <= 0.5; issue 9: <= 0.6)", enc("tract", "int8"), enc("tract", "fp32")),
+        ("encoder: tract INT8, our kernels / tract's kernels (issue 9: before -> after)", enc("tract", "int8"),
+         enc("tract", "int8", "tract")),
+        ("encoder: tract INT8 with tract's kernels / tract FP32 (before)", enc("tract", "int8", "tract"),
+         enc("tract", "fp32")),
         ("encoder: tract FP32 / onnxruntime FP32", enc("tract", "fp32"), enc("onnxruntime", "fp32")),
         ("encoder: onnxruntime INT8 / onnxruntime FP32", enc("onnxruntime", "int8"), enc("onnxruntime", "fp32")),
         ("encoder: tract FP32 / PyTorch FP32", enc("tract", "fp32"), enc("pytorch", "fp32")),
@@ -321,7 +333,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--budget", type=float, default=90.0, help="seconds after which a measurement stops repeating")
-    p.add_argument("--engines", default="tract:int8,tract:fp32,onnxruntime:int8,onnxruntime:fp32,pytorch:fp32")
+    p.add_argument("--engines", default="tract:int8,tract:int8:tract,tract:fp32,onnxruntime:int8,onnxruntime:fp32,"
+                   "pytorch:fp32", help="engine:precision[:variant]; tract's variant is its --int8-matmul")
     p.add_argument("--tinysam", type=Path, default=ROOT / "target" / "release" / "tinysam")
     p.add_argument("--out", type=Path, default=ROOT / "benches" / "compare-results.md")
     p.add_argument("--worker", choices=["onnxruntime", "pytorch"], help=argparse.SUPPRESS)
@@ -355,8 +368,8 @@ def main(argv: list[str]) -> int:
     results = []
     for threads in args.threads:
         for spec in args.engines.split(","):
-            engine, precision = spec.split(":")
-            results.append(run_engine(args, engine, precision, threads))
+            engine, precision, *variant = spec.split(":")
+            results.append(run_engine(args, engine, precision, threads, variant[0] if variant else ""))
     text = report(args, results, manifest, time.monotonic() - started)
     args.out.write_text(text)
     (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
