@@ -612,15 +612,7 @@ unsafe fn rows_task(
         .map(|c| pick(&requant.scale, c.min(n - 1)))
         .collect();
     let zp = requant.zero_point;
-    // One row of A at a time, zero-padded to the packed depth.
-    let mut row_buf = vec![0i8; kp];
-    let fetch_row = |row: usize, buf: &mut [i8]| {
-        if row >= first_row + rows {
-            buf.fill(0);
-        } else {
-            a.fetch(row, buf);
-        }
-    };
+    let task_rows = first_row..first_row + rows;
     let mut tile = vec![0i8; mr * nr];
     let place = |tile: &[i8], blk: usize, p: usize| {
         store_tile(
@@ -637,16 +629,13 @@ unsafe fn rows_task(
             // A blocks: per k pair, each row's (k, k+1) as one i32 (low half = even k).
             let pairs = kp / 2;
             let mut apack = vec![0i32; blocks * pairs * mr];
-            for blk in 0..blocks {
-                for r in 0..mr {
-                    fetch_row(first_row + blk * mr + r, &mut row_buf);
-                    for kk in 0..pairs {
-                        let lo = row_buf[2 * kk] as i16 as u16 as u32;
-                        let hi = row_buf[2 * kk + 1] as i16 as u16 as u32;
-                        apack[(blk * pairs + kk) * mr + r] = (lo | (hi << 16)) as i32;
-                    }
+            for_each_row(a, task_rows.clone(), (blocks, mr, kp), |blk, r, row| {
+                for kk in 0..pairs {
+                    let lo = row[2 * kk] as i16 as u16 as u32;
+                    let hi = row[2 * kk + 1] as i16 as u16 as u32;
+                    apack[(blk * pairs + kk) * mr + r] = (lo | (hi << 16)) as i32;
                 }
-            }
+            });
             for (p, bpanel) in bdata.chunks_exact(kp * nr).enumerate() {
                 let cols = p * nr..(p + 1) * nr;
                 let (bias, scale) = (&bias[cols.clone()], &scale[cols]);
@@ -664,15 +653,12 @@ unsafe fn rows_task(
             // A blocks: per k quad, each row's 4 depths.
             let quads = kp / 4;
             let mut apack = vec![0i8; blocks * kp * mr];
-            for blk in 0..blocks {
-                for r in 0..mr {
-                    fetch_row(first_row + blk * mr + r, &mut row_buf);
-                    for q in 0..quads {
-                        let at = ((blk * quads + q) * mr + r) * 4;
-                        apack[at..at + 4].copy_from_slice(&row_buf[4 * q..4 * q + 4]);
-                    }
+            for_each_row(a, task_rows, (blocks, mr, kp), |blk, r, row| {
+                for q in 0..quads {
+                    let at = ((blk * quads + q) * mr + r) * 4;
+                    apack[at..at + 4].copy_from_slice(&row[4 * q..4 * q + 4]);
                 }
-            }
+            });
             for (p, bpanel) in bdata.chunks_exact(kp * nr).enumerate() {
                 let cols = p * nr..(p + 1) * nr;
                 let (bias, scale) = (&bias[cols.clone()], &scale[cols]);
@@ -682,6 +668,28 @@ unsafe fn rows_task(
                     place(&tile, blk, p);
                 }
             }
+        }
+    }
+}
+
+/// Hand every row of a task's `blocks` tiles of `mr` rows to `pack(block, row in block, values)`,
+/// one at a time, zero-padded to the packed depth `kp`; rows past the task's end are zeros.
+fn for_each_row(
+    a: &impl RowSource,
+    task_rows: std::ops::Range<usize>,
+    (blocks, mr, kp): (usize, usize, usize),
+    mut pack: impl FnMut(usize, usize, &[i8]),
+) {
+    let mut row_buf = vec![0i8; kp];
+    for blk in 0..blocks {
+        for r in 0..mr {
+            let row = task_rows.start + blk * mr + r;
+            if task_rows.contains(&row) {
+                a.fetch(row, &mut row_buf);
+            } else {
+                row_buf.fill(0);
+            }
+            pack(blk, r, &row_buf);
         }
     }
 }

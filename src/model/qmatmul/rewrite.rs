@@ -545,26 +545,27 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// The values of a constant integer fact as i32.
-fn const_i32s(fact: &TypedFact) -> TractResult<Option<Vec<i32>>> {
+/// The values of a constant fact whose type `accept` admits, cast to `T`.
+fn const_values<T: Datum + Copy>(
+    fact: &TypedFact,
+    accept: fn(&DatumType) -> bool,
+) -> TractResult<Option<Vec<T>>> {
     let Some(t) = &fact.konst else {
         return Ok(None);
     };
-    if !t.datum_type().is_integer() {
+    if !accept(&t.datum_type()) {
         return Ok(None);
     }
-    let t = t.cast_to::<i32>()?;
-    Ok(Some(t.try_as_plain_ram()?.as_slice::<i32>()?.to_vec()))
+    let t = t.cast_to::<T>()?;
+    Ok(Some(t.try_as_plain_ram()?.as_slice::<T>()?.to_vec()))
+}
+
+/// The values of a constant integer fact as i32.
+fn const_i32s(fact: &TypedFact) -> TractResult<Option<Vec<i32>>> {
+    const_values(fact, DatumType::is_integer)
 }
 
 /// The values of a constant float fact as f32.
 fn const_f32s(fact: &TypedFact) -> TractResult<Option<Vec<f32>>> {
-    let Some(t) = &fact.konst else {
-        return Ok(None);
-    };
-    if !t.datum_type().is_float() {
-        return Ok(None);
-    }
-    let t = t.cast_to::<f32>()?;
-    Ok(Some(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
+    const_values(fact, DatumType::is_float)
 }
