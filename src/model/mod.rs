@@ -45,13 +45,19 @@ pub enum Int8Matmul {
 }
 
 impl Int8Matmul {
-    /// The kernel of ours to use, `None` for tract's.
+    /// The kernel of ours to use, `None` for tract's (`Auto` detects it: resolve it once with
+    /// [`Int8Matmul::resolved`] where the answer is used more than once).
     pub fn kernel(self) -> Option<qmatmul::Kernel> {
         match self {
             Int8Matmul::Auto => Some(qmatmul::Kernel::detect()),
             Int8Matmul::Tract => None,
             Int8Matmul::Kernel(k) => Some(k),
         }
+    }
+
+    /// `Auto` replaced by the kernel it detects now.
+    pub fn resolved(self) -> Int8Matmul {
+        self.kernel().map_or(Int8Matmul::Tract, Int8Matmul::Kernel)
     }
 }
 
@@ -103,7 +109,8 @@ impl Model {
         let dec_p = choice
             .decoder
             .unwrap_or(manifest.default_precision(Role::Decoder));
-        if let Some(k) = choice.int8_matmul.kernel() {
+        let int8 = choice.int8_matmul.resolved();
+        if let Some(k) = int8.kernel() {
             if !k.is_supported() {
                 return Err(Error::Unsupported(format!(
                     "int8 kernel {k} does not run on this CPU (supported: {:?})",
@@ -111,8 +118,8 @@ impl Model {
                 )));
             }
         }
-        let encoder = Encoder::load(dir, &manifest, enc_p, choice.int8_matmul)?;
-        let decoder = Decoder::load(dir, &manifest, dec_p, choice.int8_matmul)?;
+        let encoder = Encoder::load(dir, &manifest, enc_p, int8)?;
+        let decoder = Decoder::load(dir, &manifest, dec_p, int8)?;
         log::info!(
             "loaded {} from {} (encoder {enc_p}, decoder {dec_p}; weights: {})",
             manifest.model,

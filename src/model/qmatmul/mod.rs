@@ -543,10 +543,22 @@ pub fn qmatmul(
     // Rows per task: several tiles, so the B panel is reused from cache; at least 2 tasks a
     // thread when there is enough work.
     let blocks = m.div_ceil(mr);
-    let threads = match current_tract_executor() {
+    let executor = current_tract_executor();
+    let threads = match &executor {
         Executor::SingleThread => 1,
         Executor::MultiThread(pool) => pool.current_num_threads(),
         _ => rayon::current_num_threads(),
+    };
+    // Bias and scale for every (padded) column, so tiles read them as vectors.
+    let cols = n.div_ceil(kernel.nr()) * kernel.nr();
+    let columns = ColumnRequant {
+        bias: (0..cols)
+            .map(|c| pick(&requant.bias, c.min(n - 1)))
+            .collect(),
+        scale: (0..cols)
+            .map(|c| pick(&requant.scale, c.min(n - 1)))
+            .collect(),
+        zero_point: requant.zero_point,
     };
     let blocks_per_task = (blocks / (threads * 4)).clamp(1, 16);
     let tasks = blocks.div_ceil(blocks_per_task);
@@ -555,9 +567,9 @@ pub fn qmatmul(
         let first_row = task * blocks_per_task * mr;
         let rows = (blocks_per_task * mr).min(m - first_row);
         // SAFETY: tasks cover disjoint row ranges, and every index written is < m × n.
-        unsafe { rows_task(a, b, requant, first_row, rows, out, c_layout) };
+        unsafe { rows_task(a, b, &columns, first_row, rows, out, c_layout) };
     };
-    match current_tract_executor() {
+    match executor {
         Executor::MultiThread(pool) if tasks > 1 => {
             use rayon::prelude::*;
             pool.install(|| (0..tasks).into_par_iter().for_each(run_task));
@@ -565,6 +577,13 @@ pub fn qmatmul(
         _ => (0..tasks).for_each(run_task),
     }
     Ok(())
+}
+
+/// A [`Requant`] expanded to one bias and one scale per (padded) output column.
+struct ColumnRequant {
+    bias: Vec<i32>,
+    scale: Vec<f32>,
+    zero_point: i32,
 }
 
 /// Output pointer shared by tasks that write disjoint elements.
@@ -592,7 +611,7 @@ fn c_index(layout: Layout, m: usize, n: usize, row: usize, col: usize) -> usize 
 unsafe fn rows_task(
     a: &impl RowSource,
     b: &PackedB,
-    requant: &Requant,
+    columns: &ColumnRequant,
     first_row: usize,
     rows: usize,
     out: OutPtr,
@@ -602,16 +621,7 @@ unsafe fn rows_task(
     let (mr, nr, kp) = (kernel.mr(), kernel.nr(), b.kp);
     let (m, n) = (a.rows(), b.n);
     let blocks = rows.div_ceil(mr);
-    let panels = n.div_ceil(nr);
-    // Bias and scale for every (padded) column, so tiles read them as vectors.
-    let cols = panels * nr;
-    let bias: Vec<i32> = (0..cols)
-        .map(|c| pick(&requant.bias, c.min(n - 1)))
-        .collect();
-    let scale: Vec<f32> = (0..cols)
-        .map(|c| pick(&requant.scale, c.min(n - 1)))
-        .collect();
-    let zp = requant.zero_point;
+    let (bias, scale, zp) = (&columns.bias, &columns.scale, columns.zero_point);
     let task_rows = first_row..first_row + rows;
     let mut tile = vec![0i8; mr * nr];
     let place = |tile: &[i8], blk: usize, p: usize| {
