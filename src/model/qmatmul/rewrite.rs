@@ -44,17 +44,7 @@ pub fn rewrite_quantized_matmuls(
     let mut report = RewriteReport::default();
     for id in model.eval_order()? {
         let node = model.node(id);
-        let plan: Result<Box<dyn TypedOp>, String> = if let Some(einsum) = node.op_as::<EinSum>() {
-            if einsum.q_params.is_none() {
-                continue;
-            }
-            plan_node(model, node, einsum, kernel)?.map(|op| Box::new(op) as _)
-        } else if let Some(conv) = node.op_as::<Conv>() {
-            if conv.q_params.is_none() {
-                continue;
-            }
-            plan_conv(model, node, conv, kernel)?.map(|op| Box::new(op) as _)
-        } else {
+        let Some(plan) = replacement(model, node, kernel)? else {
             continue;
         };
         let name = node.name.clone();
@@ -69,6 +59,34 @@ pub fn rewrite_quantized_matmuls(
     }
     model.compact()?;
     Ok(report)
+}
+
+/// For a quantized matmul or convolution: our op for it, or why there is none; `None` for any
+/// other node.
+fn replacement(
+    model: &TypedModel,
+    node: &TypedNode,
+    kernel: Kernel,
+) -> TractResult<Option<Result<Box<dyn TypedOp>, String>>> {
+    let quantized = node.op_as::<EinSum>().is_some_and(|e| e.q_params.is_some())
+        || node.op_as::<Conv>().is_some_and(|c| c.q_params.is_some());
+    if quantized && node.inputs.len() != 9 {
+        return Ok(Some(Err(format!(
+            "{} inputs, expected 9",
+            node.inputs.len()
+        ))));
+    }
+    if let Some(einsum) = node.op_as::<EinSum>().filter(|e| e.q_params.is_some()) {
+        Ok(Some(
+            plan_node(model, node, einsum, kernel)?.map(|op| Box::new(op) as _),
+        ))
+    } else if let Some(conv) = node.op_as::<Conv>().filter(|c| c.q_params.is_some()) {
+        Ok(Some(
+            plan_conv(model, node, conv, kernel)?.map(|op| Box::new(op) as _),
+        ))
+    } else {
+        Ok(None)
+    }
 }
 
 /// Fold the `QuantizeLinear` feeding each of our ops, and the `DequantizeLinear` it feeds, into
@@ -143,16 +161,13 @@ pub fn fuse_quantization(model: &mut TypedModel, report: &mut RewriteReport) -> 
     Ok(())
 }
 
-/// The replacement op for one quantized convolution, or why there is none.
+/// The replacement op for one quantized convolution (9 inputs), or why there is none.
 fn plan_conv(
     model: &TypedModel,
     node: &TypedNode,
     conv: &Conv,
     kernel: Kernel,
 ) -> TractResult<Result<QConvOp, String>> {
-    if node.inputs.len() != 9 {
-        return Ok(Err(format!("{} inputs, expected 9", node.inputs.len())));
-    }
     if node.outputs[0].fact.datum_type.unquantized() != i8::datum_type() {
         return Ok(Err("output is not i8".into()));
     }
@@ -301,24 +316,7 @@ pub fn compare_with_tract(
     let mut replacements = std::collections::HashMap::new();
     for id in model.eval_order()? {
         let node = model.node(id);
-        let op: Option<Box<dyn TypedOp>> = if let Some(einsum) = node.op_as::<EinSum>() {
-            match einsum.q_params {
-                Some(_) => plan_node(model, node, einsum, kernel)?
-                    .ok()
-                    .map(|op| Box::new(op) as _),
-                None => None,
-            }
-        } else if let Some(conv) = node.op_as::<Conv>() {
-            match conv.q_params {
-                Some(_) => plan_conv(model, node, conv, kernel)?
-                    .ok()
-                    .map(|op| Box::new(op) as _),
-                None => None,
-            }
-        } else {
-            None
-        };
-        if let Some(op) = op {
+        if let Some(Ok(op)) = replacement(model, node, kernel)? {
             replacements.insert(id, op);
         }
     }
@@ -350,16 +348,13 @@ pub fn compare_with_tract(
     Ok(agreement)
 }
 
-/// The replacement op for one quantized EinSum, or why there is none.
+/// The replacement op for one quantized EinSum (9 inputs), or why there is none.
 fn plan_node(
     model: &TypedModel,
     node: &TypedNode,
     op: &EinSum,
     kernel: Kernel,
 ) -> TractResult<Result<QMatMulOp, String>> {
-    if node.inputs.len() != 9 {
-        return Ok(Err(format!("{} inputs, expected 9", node.inputs.len())));
-    }
     if op.q_params != Some(i8::datum_type()) {
         return Ok(Err(format!("output type {:?}", op.q_params)));
     }
