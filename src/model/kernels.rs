@@ -91,12 +91,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                 .and_then(|mm| mm.mmm.first())
                 .map(|k| k.name().to_string())
                 .or_else(|| {
-                    node.op_as::<super::qmatmul::QMatMulOp>()
-                        .map(|q| q.b.kernel().report_name())
-                        .or_else(|| {
-                            node.op_as::<super::qmatmul::QConvOp>()
-                                .map(|q| q.b.kernel().report_name())
-                        })
+                    super::qmatmul::as_int8_op(node).map(|op| op.packed().kernel().report_name())
                 })
                 .unwrap_or_default();
             if dt.is_integer() {

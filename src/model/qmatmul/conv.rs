@@ -113,6 +113,22 @@ pub struct QConvOp {
     pub output_dequant: Option<Dequantize>,
 }
 
+impl super::Int8Op for QConvOp {
+    fn packed(&self) -> &PackedB {
+        &self.b
+    }
+    fn fused(&self) -> (Option<Quantize>, Option<Dequantize>) {
+        (self.input_quant, self.output_dequant)
+    }
+    fn with_fused(&self, quant: Option<Quantize>, dequant: Option<Dequantize>) -> Box<dyn TypedOp> {
+        Box::new(QConvOp {
+            input_quant: quant,
+            output_dequant: dequant,
+            ..self.clone()
+        })
+    }
+}
+
 impl Op for QConvOp {
     fn name(&self) -> StaticName {
         "TinysamQConv".into()

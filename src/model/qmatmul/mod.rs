@@ -32,7 +32,7 @@ use std::fmt;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
 pub use conv::{Im2Col, QConvOp};
-pub use op::QMatMulOp;
+pub use op::{as_int8_op, Int8Op, QMatMulOp};
 pub use rewrite::{
     compare_with_tract, fuse_quantization, rewrite_quantized_matmuls, Agreement, RewriteReport,
 };
@@ -179,13 +179,12 @@ impl Requant {
     /// The i8 value of accumulator `acc` in column `col`.
     #[inline]
     pub fn apply(&self, acc: i32, col: usize) -> i8 {
-        let bias = pick(&self.bias, col);
-        let scale = pick(&self.scale, col);
-        let scaled = ((acc.wrapping_add(bias)) as f32 * scale).round_ties_even();
-        // `as i32` saturates, so huge scales cannot wrap before the clamp.
-        (scaled as i32)
-            .saturating_add(self.zero_point)
-            .clamp(i8::MIN as i32, i8::MAX as i32) as i8
+        requantize(
+            acc,
+            pick(&self.bias, col),
+            pick(&self.scale, col),
+            self.zero_point,
+        )
     }
 
     /// Whether the vectors fit `n` columns (length 1 or `n`, never empty).
@@ -194,6 +193,17 @@ impl Requant {
             .iter()
             .all(|&l| l == 1 || l == n)
     }
+}
+
+/// The requantization rule: `round_ties_even((acc + bias) as f32 * scale) + zero_point`,
+/// saturated to i8 (the AVX2 kernel does the same in registers).
+#[inline]
+fn requantize(acc: i32, bias: i32, scale: f32, zero_point: i32) -> i8 {
+    let scaled = (acc.wrapping_add(bias) as f32 * scale).round_ties_even();
+    // `as i32` saturates, so huge scales cannot wrap before the clamp.
+    (scaled as i32)
+        .saturating_add(zero_point)
+        .clamp(i8::MIN as i32, i8::MAX as i32) as i8
 }
 
 /// `v[col]`, or `v[0]` for a per-tensor value.
@@ -711,10 +721,7 @@ type TileRequant<'a> = (&'a [i32], &'a [f32], i32);
 fn requant_tile(acc: &[i32], nr: usize, (bias, scale, zp): TileRequant<'_>, out: &mut [i8]) {
     for (i, (&v, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
         let c = i % nr;
-        let scaled = ((v.wrapping_add(bias[c])) as f32 * scale[c]).round_ties_even();
-        *o = (scaled as i32)
-            .saturating_add(zp)
-            .clamp(i8::MIN as i32, i8::MAX as i32) as i8;
+        *o = requantize(v, bias[c], scale[c], zp);
     }
 }
 

@@ -12,6 +12,40 @@ use super::{
     qmatmul, Activations, Dequantize, Layout, MatrixA, Output, PackedB, Quantize, Requant,
 };
 
+/// What [`QMatMulOp`] and [`QConvOp`](super::QConvOp) share: packed weights and the
+/// quantization steps that can be folded into them.
+pub trait Int8Op {
+    /// The packed weights (their kernel, sizes).
+    fn packed(&self) -> &PackedB;
+    /// The fused input quantization and output dequantization.
+    fn fused(&self) -> (Option<Quantize>, Option<Dequantize>);
+    /// The same op with these fused steps.
+    fn with_fused(&self, quant: Option<Quantize>, dequant: Option<Dequantize>) -> Box<dyn TypedOp>;
+}
+
+/// The node's op as one of ours, if it is.
+pub fn as_int8_op(node: &TypedNode) -> Option<&dyn Int8Op> {
+    node.op_as::<QMatMulOp>()
+        .map(|op| op as &dyn Int8Op)
+        .or_else(|| node.op_as::<super::QConvOp>().map(|op| op as &dyn Int8Op))
+}
+
+impl Int8Op for QMatMulOp {
+    fn packed(&self) -> &PackedB {
+        &self.b
+    }
+    fn fused(&self) -> (Option<Quantize>, Option<Dequantize>) {
+        (self.input_quant, self.output_dequant)
+    }
+    fn with_fused(&self, quant: Option<Quantize>, dequant: Option<Dequantize>) -> Box<dyn TypedOp> {
+        Box::new(QMatMulOp {
+            input_quant: quant,
+            output_dequant: dequant,
+            ..self.clone()
+        })
+    }
+}
+
 /// Where an output axis takes its size from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutAxis {

@@ -17,7 +17,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::conv::{ConvGeometry, QConvOp};
-use super::op::{OutAxis, QMatMulOp};
+use super::op::{as_int8_op, OutAxis, QMatMulOp};
 use super::{Dequantize, Kernel, Layout, PackedB, Quantize, Requant};
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8};
@@ -96,11 +96,10 @@ fn replacement(
 pub fn fuse_quantization(model: &mut TypedModel, report: &mut RewriteReport) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
-        let (in_q, out_dq) = match (node.op_as::<QMatMulOp>(), node.op_as::<QConvOp>()) {
-            (Some(op), _) => (op.input_quant, op.output_dequant),
-            (_, Some(op)) => (op.input_quant, op.output_dequant),
-            _ => continue,
+        let Some(ours) = as_int8_op(node) else {
+            continue;
         };
+        let (in_q, out_dq) = ours.fused();
         let mut input = node.inputs[0];
         let mut quant = in_q;
         let prev = model.node(input.node);
@@ -135,19 +134,7 @@ pub fn fuse_quantization(model: &mut TypedModel, report: &mut RewriteReport) -> 
         if quant == in_q && dequant == out_dq {
             continue;
         }
-        let op: Box<dyn TypedOp> = match (node.op_as::<QMatMulOp>(), node.op_as::<QConvOp>()) {
-            (Some(op), _) => Box::new(QMatMulOp {
-                input_quant: quant,
-                output_dequant: dequant,
-                ..op.clone()
-            }),
-            (_, Some(op)) => Box::new(QConvOp {
-                input_quant: quant,
-                output_dequant: dequant,
-                ..op.clone()
-            }),
-            _ => continue,
-        };
+        let op = ours.with_fused(quant, dequant);
         report.fused_quantize += (quant != in_q) as usize;
         report.fused_dequantize += (dequant != out_dq) as usize;
         let name = node.name.clone();
