@@ -12,14 +12,21 @@ declare -a SUMMARY=()
 FAILED=0
 
 say() { printf '\n==> %s\n' "$*"; }
-record() { # name, status
-    SUMMARY+=("$(printf '%-28s %s' "$1" "$2")")
-    [ "$2" = "passed" ] || FAILED=1
+T0=$(date +%s)
+record() { # name, status, seconds
+    SUMMARY+=("$(printf '%-40s %-8s %6s s' "$1" "$2" "${3:-0}")")
+    [ "$2" = "passed" ] || [ "$2" = "skipped" ] || FAILED=1
 }
 run_suite() { # name, command...
-    local name=$1; shift
+    local name=$1 start
+    shift
     say "$name: $*"
-    if "$@"; then record "$name" passed; else record "$name" FAILED; fi
+    start=$(date +%s)
+    if "$@"; then
+        record "$name" passed $(( $(date +%s) - start ))
+    else
+        record "$name" FAILED $(( $(date +%s) - start ))
+    fi
 }
 
 need_root_apt() { # packages...
@@ -133,4 +140,5 @@ fi
 
 say "summary"
 printf '%s\n' "${SUMMARY[@]}"
+printf '%-40s %-8s %6s s\n' "total (installs included)" "" $(( $(date +%s) - T0 ))
 exit $FAILED
