@@ -6,7 +6,8 @@ source "$(dirname "$0")/env.sh"
 cross_setup
 cd "$ROOT"
 start=$(date +%s)
-cargo-zigbuild zigbuild --release --locked --target "$ZIG_TARGET" --bins
+# The VM camera test needs the control example beside the binaries.
+cargo-zigbuild zigbuild --release --locked --target "$ZIG_TARGET" --bins --example v4l2_control
 echo "built in $(( $(date +%s) - start )) s"
 dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/$TARGET/release
 for bin in tinysamd tinysam; do

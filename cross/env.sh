@@ -13,7 +13,9 @@ SYSROOT=/usr/aarch64-linux-gnu
 cross_setup() {
     rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
     local missing=()
-    for p in qemu-user libc6-arm64-cross libgcc-s1-arm64-cross libclang-dev binutils-aarch64-linux-gnu; do
+    # libc6-dev-arm64-cross brings linux-libc-dev-arm64-cross: the arm64 videodev2.h bindgen reads.
+    for p in qemu-user libc6-arm64-cross libc6-dev-arm64-cross linux-libc-dev-arm64-cross \
+        libgcc-s1-arm64-cross libclang-dev binutils-aarch64-linux-gnu; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then

@@ -240,8 +240,10 @@ impl Read for PatientReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
             if self.stop.load(Ordering::Relaxed) || self.closing.load(Ordering::Relaxed) {
+                // Not `Interrupted`: `read_frame` and `read_exact` retry on that, so a reader of
+                // a closing connection would spin on this branch forever.
                 return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
+                    std::io::ErrorKind::ConnectionAborted,
                     "closing",
                 ));
             }
@@ -530,5 +532,40 @@ fn record_publish(metrics: &Metrics, batch: &MaskBatch, started: Instant) {
             Stage::EndToEnd,
             Duration::from_nanos(now - batch.frame.captured_ns),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader whose connection is marked closing must give up, not retry forever: the bug was
+    /// an `Interrupted` error, which `read_frame` (and `read_exact`) retry, so the reader thread
+    /// spun on one core for the rest of the process.
+    #[test]
+    fn reader_of_a_closing_connection_returns_instead_of_spinning() {
+        let (ours, _theirs) = UnixStream::pair().expect("socket pair");
+        ours.set_read_timeout(Some(POLL)).expect("read timeout");
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let stop = AtomicBool::new(false);
+            let closing = AtomicBool::new(true);
+            let mut reader = PatientReader {
+                stream: &ours,
+                stop: &stop,
+                closing: &closing,
+                deadline: None,
+            };
+            let _ = done_tx.send(protocol::read_frame(&mut reader, MAX_CLIENT_BODY).err());
+        });
+        let err = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("read_frame returned");
+        match err {
+            Some(ProtocolError::Io(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted)
+            }
+            other => panic!("expected an I/O error for a closing connection, got {other:?}"),
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tinysam_edge::model::{Model, Precision, PrecisionChoice};
 use tinysam_edge::prompt::{Prompt, PromptError};
-use tinysam_edge::segmenter::{MaskSelection, Segmenter};
+use tinysam_edge::segmenter::MaskSelection;
 use tinysam_edge::Error;
 
 use crate::util::test_model;
@@ -104,7 +104,7 @@ fn wrong_graph_for_the_role() {
 
 #[test]
 fn bad_prompts_fail_alone() {
-    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = crate::util::segmenter(None);
     let frame = image::RgbImage::from_pixel(64, 48, image::Rgb([120, 80, 40]));
     let emb = seg.embed(&frame).unwrap();
     let prompts = vec![
@@ -135,14 +135,14 @@ fn bad_prompts_fail_alone() {
 
 #[test]
 fn empty_image_is_refused() {
-    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = crate::util::segmenter(None);
     let err = seg.embed(&image::RgbImage::new(0, 0)).err().unwrap();
     assert!(matches!(err, Error::Image(_)), "{err:?}");
 }
 
 #[test]
 fn mask_input_refines_against_the_same_frame() {
-    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = crate::util::segmenter(None);
     let frame = image::open(crate::util::fixtures().join("golden/frame.png"))
         .unwrap()
         .to_rgb8();

@@ -223,15 +223,7 @@ fn the_ring_answers_prompts_for_recent_frames() {
         panic!("expected masks")
     };
     assert_eq!((m.frame_seq, m.request_id, m.masks.len()), (3, Some(10), 3));
-    let seg = tinysam_edge::segmenter::Segmenter::load(
-        &test_model(),
-        tinysam_edge::model::PrecisionChoice {
-            encoder: Some(tinysam_edge::model::Precision::Fp32),
-            decoder: Some(tinysam_edge::model::Precision::Fp32),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let seg = crate::util::segmenter(Some(tinysam_edge::model::Precision::Fp32));
     let frame3 = image::open(images.join("03.png")).unwrap().to_rgb8();
     let emb = seg.embed(&frame3).unwrap();
     let prompt = point_prompt(100.0, 120.0).to_prompt();

@@ -1,11 +1,9 @@
 //! Segment-everything on the fixture model: prompt counts, the hierarchical skip rule, agreement.
 
 use tinysam_edge::everything::{agreement, point_grid, EverythingParams, Generator, Strategy};
-use tinysam_edge::model::PrecisionChoice;
 use tinysam_edge::postprocess::Upsampler;
-use tinysam_edge::segmenter::Segmenter;
 
-use crate::util::{fixtures, test_model};
+use crate::util::fixtures;
 
 /// A square frame whose 8x8 grid points sit on pixel centres (200 / 8 = 25, odd).
 fn frame() -> image::RgbImage {
@@ -32,13 +30,7 @@ fn params(strategy: Strategy) -> EverythingParams {
 #[test]
 fn hierarchical_skips_exactly_the_done_points() {
     // FP32: the same masks on every architecture, so the same points are done everywhere.
-    let fp32 = Some(tinysam_edge::model::Precision::Fp32);
-    let choice = PrecisionChoice {
-        encoder: fp32,
-        decoder: fp32,
-        ..Default::default()
-    };
-    let seg = Segmenter::load(&test_model(), choice).unwrap();
+    let seg = crate::util::segmenter(Some(tinysam_edge::model::Precision::Fp32));
     let emb = seg.embed(&frame()).unwrap();
     let flat = Generator::new(&seg, params(Strategy::Flat))
         .run(&emb)
@@ -91,7 +83,7 @@ fn hierarchical_skips_exactly_the_done_points() {
 
 #[test]
 fn small_region_cleanup_keeps_masks_consistent() {
-    let seg = Segmenter::load(&test_model(), PrecisionChoice::default()).unwrap();
+    let seg = crate::util::segmenter(None);
     let emb = seg.embed(&frame()).unwrap();
     let p = EverythingParams {
         min_mask_region_area: 50,

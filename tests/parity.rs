@@ -7,7 +7,7 @@ use tinysam_edge::prompt::{BoxPrompt, PointLabel, Prompt, PromptPoint};
 use tinysam_edge::segmenter::Segmenter;
 use tract_onnx::prelude::Tensor;
 
-use crate::util::{cases, cosine, fixtures, load, npy, scaled_max_err};
+use crate::util::{cases, cosine, fixtures, model, npy, scaled_max_err, segmenter};
 
 fn frame() -> RgbImage {
     image::open(fixtures().join("golden/frame.png"))
@@ -59,7 +59,7 @@ fn golden_prompts() -> Vec<Prompt> {
 
 #[test]
 fn preprocessing_matches_the_python_reference() {
-    let model = load(Precision::Fp32);
+    let model = model(Precision::Fp32);
     let mut pre = Preprocessor::new(&model.manifest.preprocess);
     let ours = pre.run(&frame()).unwrap();
     let golden = npy("preprocessed.npy");
@@ -91,8 +91,7 @@ fn embed_golden_input(model: &Model) -> Embedding {
 }
 
 /// The batched golden prompts decoded against `emb`.
-fn decode_golden(model: Model, emb: &Embedding) -> MaskLogits {
-    let seg = Segmenter::new(model);
+fn decode_golden(seg: &Segmenter, emb: &Embedding) -> MaskLogits {
     let prompts: Vec<_> = golden_prompts()
         .iter()
         .map(|p| p.to_model(&emb.geometry, 64 * 64).unwrap())
@@ -110,13 +109,13 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn fp32_matches_onnxruntime() {
-    let model = load(Precision::Fp32);
-    let emb = embed_golden_input(&model);
+    let seg = segmenter(Some(Precision::Fp32));
+    let emb = embed_golden_input(&seg.model);
     let golden = npy("embedding.fp32.npy");
     let err = scaled_max_err(&flat(&emb.tensor), golden.as_slice().unwrap());
     assert!(err < 1e-4, "fp32 embedding error {err}");
 
-    let out = decode_golden(model, &emb);
+    let out = decode_golden(seg, &emb);
     let masks = npy("masks.fp32.npy");
     let iou = npy("iou.fp32.npy");
     assert_eq!(out.masks.shape(), masks.shape());
@@ -147,17 +146,21 @@ const INT8_MIN_PIXEL_AGREEMENT: f64 = if cfg!(target_arch = "aarch64") {
 /// Both INT8 matmul implementations (ours, the default, and tract's) against onnxruntime.
 #[test]
 fn int8_matches_onnxruntime_within_rounding() {
-    for int8_matmul in [Int8Matmul::Auto, Int8Matmul::Tract] {
-        let model = Model::load(
-            &crate::util::test_model(),
-            PrecisionChoice {
-                encoder: Some(Precision::Int8),
-                decoder: Some(Precision::Int8),
-                int8_matmul,
-            },
-        )
-        .unwrap();
-        let emb = embed_golden_input(&model);
+    // Ours is the shared INT8 model (the default choice); tract's is loaded here alone.
+    let tract_int8 = Segmenter::load(
+        &crate::util::test_model(),
+        PrecisionChoice {
+            encoder: Some(Precision::Int8),
+            decoder: Some(Precision::Int8),
+            int8_matmul: Int8Matmul::Tract,
+        },
+    )
+    .unwrap();
+    for (int8_matmul, seg) in [
+        (Int8Matmul::Auto, segmenter(Some(Precision::Int8))),
+        (Int8Matmul::Tract, &tract_int8),
+    ] {
+        let emb = embed_golden_input(&seg.model);
         let golden = npy("embedding.int8.npy");
         let ours = flat(&emb.tensor);
         let cos = cosine(&ours, golden.as_slice().unwrap());
@@ -168,7 +171,7 @@ fn int8_matches_onnxruntime_within_rounding() {
             "{int8_matmul}: int8 embedding cosine {cos}"
         );
 
-        let out = decode_golden(model, &emb);
+        let out = decode_golden(seg, &emb);
         let masks = npy("masks.int8.npy");
         let mask_cos = cosine(&flat(&out.masks), masks.as_slice().unwrap());
         assert!(
@@ -195,7 +198,7 @@ fn int8_matches_onnxruntime_within_rounding() {
 
 #[test]
 fn full_path_from_rgb_frame_matches() {
-    let seg = Segmenter::new(load(Precision::Fp32));
+    let seg = segmenter(Some(Precision::Fp32));
     let emb = seg.embed(&frame()).unwrap();
     let golden = npy("embedding.fp32.npy");
     let cos = cosine(&flat(&emb.tensor), golden.as_slice().unwrap());

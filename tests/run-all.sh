@@ -1,31 +1,61 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 clone: installs what it needs, then runs every
-# suite and prints one summary line per suite. `.ci/run` calls exactly this.
+# suite and prints a summary: per suite its status, the tests it ran and its seconds, and the
+# total. `.ci/run` calls exactly this. tests/TIMINGS.md has the figures.
 #
 #   bash tests/run-all.sh            # everything
 #   SKIP_PYTHON=1 bash tests/run-all.sh   # Rust only (no torch download)
+#
+# Tools and downloads that outlive a clone (uv and its package cache, cargo-deb, the VM test's
+# kernels and emulators) are kept in $TINYSAM_CACHE (default ~/.cache/tinysam-edge) and in
+# ~/.cargo/bin: a fresh clone on the same machine finds them, a fresh machine installs them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/models/.venv
+export TINYSAM_CACHE=${TINYSAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tinysam-edge}
+LOGS=$ROOT/target/test-logs
+mkdir -p "$LOGS" "$TINYSAM_CACHE"
 declare -a SUMMARY=()
 FAILED=0
+PASSED_SUITES=0
+FAILED_SUITES=0
 
 say() { printf '\n==> %s\n' "$*"; }
 T0=$(date +%s)
-record() { # name, status, seconds
-    SUMMARY+=("$(printf '%-40s %-8s %6s s' "$1" "$2" "${3:-0}")")
-    [ "$2" = "passed" ] || [ "$2" = "skipped" ] || FAILED=1
+# Tests a suite's log reports: cargo's and pytest's counts, the VM test's ok lines.
+count_tests() { # log
+    local cargo pytest vm
+    cargo=$(grep -aoE 'test result: [A-Za-z]+\. [0-9]+ passed' "$1" | awk '{s += $4} END {print s + 0}')
+    pytest=$(grep -aoE '^[0-9]+ passed' "$1" | awk '{s += $1} END {print s + 0}')
+    [ "$pytest" -eq 0 ] && pytest=$(grep -aE '^=+ .*[0-9]+ passed' "$1" | grep -oE '[0-9]+ passed' | awk '{s += $1} END {print s + 0}')
+    vm=$(grep -acE '^VMTEST ok' "$1")
+    echo $((cargo + pytest + vm))
+}
+record() { # name, status, seconds, tests
+    SUMMARY+=("$(printf '%-40s %-8s %6s %8s s' "$1" "$2" "${4:--}" "${3:-0}")")
+    case "$2" in
+        passed) PASSED_SUITES=$((PASSED_SUITES + 1)) ;;
+        skipped) ;;
+        *) FAILED=1; FAILED_SUITES=$((FAILED_SUITES + 1)) ;;
+    esac
 }
 run_suite() { # name, command...
-    local name=$1 start
+    local name=$1 start log status
     shift
     say "$name: $*"
+    log=$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9\n' '_').log
     start=$(date +%s)
-    if "$@"; then
-        record "$name" passed $(( $(date +%s) - start ))
+    "$@" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    LAST_STATUS=$status
+    local tests
+    tests=$(count_tests "$log")
+    [ "$tests" -eq 0 ] && tests=-
+    if [ "$status" -eq 0 ]; then
+        record "$name" passed $(( $(date +%s) - start )) "$tests"
     else
-        record "$name" FAILED $(( $(date +%s) - start ))
+        record "$name" FAILED $(( $(date +%s) - start )) "$tests"
     fi
 }
 
@@ -47,22 +77,27 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
+# uv, once per machine, in its own venv under the cache; its package cache (~/.cache/uv) makes
+# the next clone's installs local copies. cross/env.sh finds it on PATH too.
+TOOLS=$TINYSAM_CACHE/tools
+setup_uv() {
+    command -v uv >/dev/null 2>&1 && return 0
+    if [ ! -x "$TOOLS/bin/uv" ]; then
+        say "installing uv into $TOOLS"
+        python3 -m venv "$TOOLS" 2>/dev/null || { need_root_apt python3-venv && python3 -m venv "$TOOLS"; } || return 1
+        "$TOOLS/bin/python" -m pip install -q uv || return 1
+    fi
+    export PATH="$TOOLS/bin:$PATH"
+}
+setup_uv || { echo "could not install uv" >&2; exit 1; }
+
 setup_python() {
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating $VENV"
-        python3 -m venv "$VENV" 2>/dev/null || { need_root_apt python3-venv && python3 -m venv "$VENV"; } || return 1
-    fi
-    local uv
-    uv=$(command -v uv || true)
-    if [ -z "$uv" ]; then
-        if [ ! -x "$VENV/bin/uv" ]; then
-            "$VENV/bin/python" -m ensurepip -q >/dev/null 2>&1 || true
-            "$VENV/bin/python" -m pip install -q uv || return 1
-        fi
-        uv=$VENV/bin/uv
+        uv venv -q --python "$(command -v python3)" "$VENV" || return 1
     fi
     say "installing the model toolchain's Python packages (torch brings ~3 GB of CUDA libraries)"
-    "$uv" pip install -q --python "$VENV/bin/python" -e "$ROOT/models[dev]" -e "$ROOT/clients/python[dev]"
+    uv pip install -q --python "$VENV/bin/python" -e "$ROOT/models[dev]" -e "$ROOT/clients/python[dev]"
 }
 
 # --- Rust ---------------------------------------------------------------------------------
@@ -127,18 +162,19 @@ run_suite "systemd units" bash systemd/check.sh \
 # --- Python (model toolchain) -------------------------------------------------------------
 if [ "${SKIP_PYTHON:-0}" = "1" ]; then
     record "python: models/tests" skipped
-elif setup_python; then
+    record "python: clients/python" skipped
+elif run_suite "python: environment (uv)" setup_python && [ "$LAST_STATUS" -eq 0 ]; then
     run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
     # Talks to the tinysamd and tinysam binaries built by the Rust tests above.
     TINYSAM_BIN_DIR=$(cargo metadata --format-version 1 --no-deps |
         "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
     export TINYSAM_BIN_DIR
     run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
-else
-    record "python: setup" FAILED
 fi
 
 say "summary"
+printf '%-40s %-8s %6s %8s\n' suite status tests seconds
 printf '%s\n' "${SUMMARY[@]}"
-printf '%-40s %-8s %6s s\n' "total (installs included)" "" $(( $(date +%s) - T0 ))
+printf '%-40s %-8s %6s %8s s\n' "total (installs included)" "" "" $(( $(date +%s) - T0 ))
+echo "suites: $PASSED_SUITES passed, $FAILED_SUITES failed"
 exit $FAILED

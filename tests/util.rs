@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use ndarray_npy::ReadNpyExt;
 use tinysam_edge::model::{Model, Precision, PrecisionChoice};
+use tinysam_edge::segmenter::Segmenter;
 use tract_onnx::prelude::tract_ndarray::ArrayD;
 
 /// `tests/fixtures/` in the source tree.
@@ -16,17 +18,31 @@ pub fn test_model() -> PathBuf {
     fixtures().join("test_model")
 }
 
-/// The test model with both stages at precision `p`.
-pub fn load(p: Precision) -> Model {
-    Model::load(
-        &test_model(),
-        PrecisionChoice {
-            encoder: Some(p),
-            decoder: Some(p),
+/// The test model with both stages at precision `p`, loaded once per test binary and shared by
+/// every test that only reads it (tract optimises each graph at load: seconds under qemu).
+pub fn model(p: Precision) -> &'static Model {
+    &segmenter(Some(p)).model
+}
+
+/// A [`Segmenter`] on the test model, loaded once per test binary: both stages at `p`, or the
+/// manifest's default precisions for `None`.
+pub fn segmenter(p: Option<Precision>) -> &'static Segmenter {
+    static DEFAULT: OnceLock<Segmenter> = OnceLock::new();
+    static FP32: OnceLock<Segmenter> = OnceLock::new();
+    static INT8: OnceLock<Segmenter> = OnceLock::new();
+    let cell = match p {
+        None => &DEFAULT,
+        Some(Precision::Fp32) => &FP32,
+        Some(Precision::Int8) => &INT8,
+    };
+    cell.get_or_init(|| {
+        let choice = PrecisionChoice {
+            encoder: p,
+            decoder: p,
             ..Default::default()
-        },
-    )
-    .expect("test model loads")
+        };
+        Segmenter::load(&test_model(), choice).expect("test model loads")
+    })
 }
 
 /// A golden tensor written by `models/` with numpy.

@@ -7,14 +7,19 @@
 #   bash cross/vm/run.sh aarch64   # the cross-built aarch64 binaries (run cross/build.sh first)
 #   bash cross/vm/run.sh x86_64    # the host release binaries
 #
-# Downloads (Debian packages, kept in target/vm/): the kernel, busybox-static, and QEMU's system
-# emulators, which are unpacked there rather than installed, so the host's own QEMU packages are
-# left alone; their shared libraries are installed with apt.
+# Downloads (Debian packages): the kernel, busybox-static, and QEMU's system emulators, which are
+# unpacked rather than installed, so the host's own QEMU packages are left alone; their shared
+# libraries are installed with apt. They are kept outside the work tree, in
+# $TINYSAM_CACHE (default ~/.cache/tinysam-edge), so a fresh clone on the same machine reuses
+# them; of the kernel package only the kernel image and the media driver modules are unpacked.
+# The initramfs and the console log go to target/vm/.
 set -euo pipefail
 ARCH=${1:?usage: run.sh aarch64|x86_64}
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$(dirname "$VM_DIR")")
-CACHE=$ROOT/target/vm
+CACHE=${TINYSAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tinysam-edge}/vm
+WORK=$ROOT/target/vm
+mkdir -p "$CACHE" "$WORK"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 case "$ARCH" in
@@ -24,7 +29,8 @@ case "$ARCH" in
         STRIP=aarch64-linux-gnu-strip
         READELF=aarch64-linux-gnu-readelf
         LIB_DIRS=(/usr/aarch64-linux-gnu/lib)
-        QEMU=(qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on)
+        # The Pi 5's core: tract must pick the SDOT kernels a Pi has, not SVE ones (`-cpu max`).
+        QEMU=(qemu-system-aarch64 -M virt -cpu cortex-a76)
         CONSOLE=ttyAMA0
         ;;
     x86_64)
@@ -50,19 +56,30 @@ private_apt() { # DEB_ARCH apt-get|apt-cache ARGS...
         -o APT::Architectures::="$arch" -o Debug::NoLocking=1 -o APT::Sandbox::User=root "$@"
 }
 
-# Download and unpack PACKAGES for DEB_ARCH into DIR (once).
-fetch() { # DEB_ARCH DIR PACKAGES...
-    local arch=$1 dir=$2
+# Download PACKAGES for DEB_ARCH and unpack them into DIR/root (once); with PATHS (tar
+# patterns, after a `--`), only those paths of each package.
+fetch() { # DEB_ARCH DIR PACKAGES... [-- PATHS...]
+    local arch=$1 dir=$2 packages=() paths=()
     shift 2
-    [ "$(cat "$dir/.done" 2>/dev/null)" = "$*" ] && return 0
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do packages+=("$1"); shift; done
+    [ $# -gt 0 ] && shift && paths=("$@")
+    local want="${packages[*]} -- ${paths[*]}"
+    [ "$(cat "$dir/.done" 2>/dev/null)" = "$want" ] && return 0
     [ -f "$CACHE/apt-$arch/.updated" ] || {
         private_apt "$arch" apt-get update >/dev/null
         touch "$CACHE/apt-$arch/.updated"
     }
-    rm -rf "$dir" && mkdir -p "$dir/debs"
-    (cd "$dir/debs" && private_apt "$arch" apt-get download "$@" >/dev/null)
-    for deb in "$dir"/debs/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
-    echo "$*" >"$dir/.done"
+    rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/root"
+    (cd "$dir/debs" && private_apt "$arch" apt-get download "${packages[@]}" >/dev/null)
+    for deb in "$dir"/debs/*.deb; do
+        if [ ${#paths[@]} -gt 0 ]; then
+            # A pattern that matches nothing in one package is fine: another package has it.
+            dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dir/root" --wildcards "${paths[@]}" 2>/dev/null || true
+        else
+            dpkg-deb -x "$deb" "$dir/root"
+        fi
+    done
+    echo "$want" >"$dir/.done"
 }
 
 # QEMU's system emulators for this host, unpacked; their libraries installed.
@@ -97,10 +114,17 @@ if [ ! -s "$GUEST/.done" ]; then
     }
     kernel_pkg=$(private_apt "$DEB_ARCH" apt-cache depends "linux-image-$DEB_ARCH" |
         sed -n 's/^ *Depends: \(linux-image-[0-9].*\)$/\1/p' | head -n 1)
-    fetch "$DEB_ARCH" "$GUEST" "$kernel_pkg" busybox-static
+    # The kernel image and the media drivers (vivid and everything it depends on are under
+    # drivers/media), with the lists depmod reads; not the package's other ~4000 modules.
+    fetch "$DEB_ARCH" "$GUEST" "$kernel_pkg" busybox-static -- './boot/vmlinuz-*' \
+        './lib/modules/*/kernel/drivers/media/*' './lib/modules/*/modules.order' \
+        './lib/modules/*/modules.builtin*' './bin/busybox'
 fi
 KVER=$(basename "$(ls -d "$GUEST"/root/lib/modules/*)")
 KERNEL=$GUEST/root/boot/vmlinuz-$KVER
+for f in "$KERNEL" "$GUEST/root/bin/busybox"; do
+    [ -s "$f" ] || { echo "$f missing from the unpacked packages (delete $GUEST and retry)" >&2; exit 1; }
+done
 
 # The initramfs: busybox, init, vivid and its dependencies, our binaries and their libraries,
 # the test model.
@@ -110,7 +134,7 @@ for bin in tinysamd tinysam examples/v4l2_control; do
         exit 1
     }
 done
-INITRD_DIR=$CACHE/initrd-$ARCH
+INITRD_DIR=$WORK/initrd-$ARCH
 rm -rf "$INITRD_DIR" && mkdir -p "$INITRD_DIR"/{bin,lib/modules,proc,sys,dev,run,tmp}
 cp "$GUEST/root/bin/busybox" "$INITRD_DIR/bin/"
 install -m 755 "$VM_DIR/init" "$INITRD_DIR/init"
@@ -144,11 +168,11 @@ done
 mkdir -p "$INITRD_DIR/$(dirname "$interp")"
 [ -e "$INITRD_DIR$interp" ] || cp -L "${LIB_DIRS[0]}/$(basename "$interp")" "$INITRD_DIR$interp"
 
-INITRD=$CACHE/initrd-$ARCH.cpio
+INITRD=$WORK/initrd-$ARCH.cpio
 (cd "$INITRD_DIR" && find . | cpio -o -H newc --quiet) >"$INITRD"
 echo "$ARCH VM: kernel $KVER, initramfs $(( $(stat -c %s "$INITRD") / 1048576 )) MiB, modules: $(tr '\n' ' ' <"$INITRD_DIR/lib/modules/order")vivid.ko"
 
-LOG=$CACHE/vm-$ARCH.log
+LOG=$WORK/vm-$ARCH.log
 start=$(date +%s)
 status=0
 timeout "${VM_TIMEOUT:-900}" "${QEMU[@]}" -smp 2 -m 2048 -nographic -no-reboot -nic none \

@@ -5,17 +5,65 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from conftest import REPO
 from tinysam_export.fixtures import write_fixtures
 
+FP32_GOLDEN = ["preprocessed.npy", "embedding.fp32.npy", "masks.fp32.npy", "iou.fp32.npy"]
+
+
+def scaled_max_err(a: np.ndarray, b: np.ndarray) -> float:
+    """Max |a - b| over max(1, max |b|): the Rust tests' measure of output error."""
+    return float(np.max(np.abs(a.astype(np.float64) - b)) / max(1.0, float(np.max(np.abs(b)))))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
 
 def test_fixtures_reproduce(tmp_path):
     write_fixtures(tmp_path)
-    committed = REPO / "tests" / "fixtures" / "golden"
-    for name in ["preprocessed.npy", "embedding.fp32.npy", "embedding.int8.npy", "masks.fp32.npy", "masks.int8.npy",
-                 "iou.fp32.npy", "iou.int8.npy"]:
-        a, b = np.load(tmp_path / "golden" / name), np.load(committed / name)
+    committed = REPO / "tests" / "fixtures"
+
+    # The quantized models: the same graph and the same integer tensors; float tensors (folded
+    # weights, scales) within the last bits that torch's and onnxruntime's CPU-specific float
+    # kernels leave (measured: 1e-4 relative for folded weights, 2e-6 for scales, between an AVX2
+    # and an AVX-512 machine).
+    for name in ["encoder.int8.onnx", "decoder.int8.onnx"]:
+        new, old = onnx.load(str(tmp_path / "test_model" / name)), onnx.load(str(committed / "test_model" / name))
+        assert [(n.op_type, list(n.input)) for n in new.graph.node] == [(n.op_type, list(n.input)) for n in old.graph.node], name
+        old_init = {t.name: numpy_helper.to_array(t) for t in old.graph.initializer}
+        for t in new.graph.initializer:
+            a, b = numpy_helper.to_array(t), old_init[t.name]
+            assert a.shape == b.shape and a.dtype == b.dtype, (name, t.name)
+            if np.issubdtype(a.dtype, np.integer):
+                assert np.array_equal(a, b), (name, t.name)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7, err_msg=f"{name}: {t.name}")
+
+    golden = committed / "golden"
+    for name in FP32_GOLDEN:
+        a, b = np.load(tmp_path / "golden" / name), np.load(golden / name)
         assert a.shape == b.shape, name
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
-    assert json.loads((tmp_path / "golden" / "cases.json").read_text()) == json.loads((committed / "cases.json").read_text())
+        assert scaled_max_err(a, b) < 1e-5, (name, scaled_max_err(a, b))
+
+    # The INT8 outputs are onnxruntime's, and its integer kernels depend on the CPU: on AVX2
+    # without VNNI the u8s8 products go through `vpmaddubsw`, which saturates, while VNNI's do not
+    # (measured on an AVX-512/VNNI machine against goldens made on AVX2: embedding cosine 0.9943,
+    # mask cosine 0.9959, 97.6 % of mask pixels on the same side of 0). So they are compared by
+    # similarity, with the same model (checked above).
+    emb_new, emb_old = np.load(tmp_path / "golden" / "embedding.int8.npy"), np.load(golden / "embedding.int8.npy")
+    assert emb_new.shape == emb_old.shape
+    assert cosine(emb_new, emb_old) > 0.99, cosine(emb_new, emb_old)
+    masks_new, masks_old = np.load(tmp_path / "golden" / "masks.int8.npy"), np.load(golden / "masks.int8.npy")
+    assert masks_new.shape == masks_old.shape
+    assert cosine(masks_new, masks_old) > 0.99, cosine(masks_new, masks_old)
+    agree = float(np.mean((masks_new > 0) == (masks_old > 0)))
+    assert agree > 0.97, agree
+    iou_new, iou_old = np.load(tmp_path / "golden" / "iou.int8.npy"), np.load(golden / "iou.int8.npy")
+    assert scaled_max_err(iou_new, iou_old) < 1e-3
+
+    assert json.loads((tmp_path / "golden" / "cases.json").read_text()) == json.loads((golden / "cases.json").read_text())
