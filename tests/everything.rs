@@ -32,7 +32,7 @@ fn hierarchical_skips_exactly_the_done_points() {
     // FP32: the same masks on every architecture, so the same points are done everywhere.
     let seg = crate::util::segmenter(Some(tinysam_edge::model::Precision::Fp32));
     let emb = seg.embed(&frame()).unwrap();
-    let flat = Generator::new(&seg, params(Strategy::Flat))
+    let flat = Generator::new(seg, params(Strategy::Flat))
         .run(&emb)
         .unwrap();
     assert_eq!(flat.stats.decoder_prompts, 64);
@@ -43,10 +43,10 @@ fn hierarchical_skips_exactly_the_done_points() {
     );
 
     let p = params(Strategy::Hierarchical);
-    let hier = Generator::new(&seg, p.clone()).run(&emb).unwrap();
+    let hier = Generator::new(seg, p.clone()).run(&emb).unwrap();
     // Independent recomputation of round 1 and the done rule at frame resolution.
     let sparse = point_grid(2, 200, 200);
-    let first = Generator::new(&seg, p.clone())
+    let first = Generator::new(seg, p.clone())
         .decode_points(&emb, &sparse)
         .unwrap();
     let up = Upsampler::new(emb.geometry, seg.mask_size());
@@ -89,7 +89,7 @@ fn small_region_cleanup_keeps_masks_consistent() {
         min_mask_region_area: 50,
         ..params(Strategy::Flat)
     };
-    let r = Generator::new(&seg, p).run(&emb).unwrap();
+    let r = Generator::new(seg, p).run(&emb).unwrap();
     for m in &r.masks {
         assert_eq!(
             m.area,

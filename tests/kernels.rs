@@ -2,11 +2,11 @@
 
 use tinysam_edge::model::{kernels, Precision};
 
-use crate::util::model;
+use crate::util::shared_model;
 
 #[test]
 fn int8_encoder_runs_mostly_in_integer_kernels() {
-    let model = model(Precision::Int8);
+    let model = shared_model(Precision::Int8);
     let report = kernels::analyse(model.encoder.model()).unwrap();
     let share = report.integer_share();
     println!(
@@ -26,7 +26,7 @@ fn int8_encoder_runs_mostly_in_integer_kernels() {
 
 #[test]
 fn fp32_encoder_has_no_integer_kernels() {
-    let report = kernels::analyse(model(Precision::Fp32).encoder.model()).unwrap();
+    let report = kernels::analyse(shared_model(Precision::Fp32).encoder.model()).unwrap();
     assert_eq!(report.integer_macs, 0);
     assert!(report.float_macs > 0);
 }
@@ -37,7 +37,7 @@ fn fp32_encoder_has_no_integer_kernels() {
 #[cfg(target_arch = "aarch64")]
 #[test]
 fn int8_encoder_uses_neon_i32_kernels() {
-    let model = model(Precision::Int8);
+    let model = shared_model(Precision::Int8);
     let report = kernels::analyse(model.encoder.model()).unwrap();
     let totals = report.kernel_totals();
     println!(
@@ -134,7 +134,7 @@ fn rewrite_replaces_every_constant_weight_product() {
             "{node} kept: {why}"
         );
     }
-    let ours = model(Precision::Int8);
+    let ours = shared_model(Precision::Int8);
     let report = kernels::analyse(ours.encoder.model()).unwrap();
     let own: u64 = report
         .nodes

@@ -7,7 +7,7 @@ use tinysam_edge::prompt::{BoxPrompt, PointLabel, Prompt, PromptPoint};
 use tinysam_edge::segmenter::Segmenter;
 use tract_onnx::prelude::Tensor;
 
-use crate::util::{cases, cosine, fixtures, model, npy, scaled_max_err, segmenter};
+use crate::util::{cases, cosine, fixtures, npy, scaled_max_err, segmenter, shared_model};
 
 fn frame() -> RgbImage {
     image::open(fixtures().join("golden/frame.png"))
@@ -59,7 +59,7 @@ fn golden_prompts() -> Vec<Prompt> {
 
 #[test]
 fn preprocessing_matches_the_python_reference() {
-    let model = model(Precision::Fp32);
+    let model = shared_model(Precision::Fp32);
     let mut pre = Preprocessor::new(&model.manifest.preprocess);
     let ours = pre.run(&frame()).unwrap();
     let golden = npy("preprocessed.npy");

@@ -20,7 +20,7 @@ pub fn test_model() -> PathBuf {
 
 /// The test model with both stages at precision `p`, loaded once per test binary and shared by
 /// every test that only reads it (tract optimises each graph at load: seconds under qemu).
-pub fn model(p: Precision) -> &'static Model {
+pub fn shared_model(p: Precision) -> &'static Model {
     &segmenter(Some(p)).model
 }
 
