@@ -126,6 +126,10 @@ for f in "$KERNEL" "$GUEST/root/bin/busybox"; do
     [ -s "$f" ] || { echo "$f missing from the unpacked packages (delete $GUEST and retry)" >&2; exit 1; }
 done
 
+# VM_FETCH_ONLY=1: stop after the downloads (the test command fetches both architectures first,
+# then boots the two VMs side by side).
+[ "${VM_FETCH_ONLY:-0}" = 1 ] && { echo "$ARCH VM: downloads ready in $CACHE"; exit 0; }
+
 # The initramfs: busybox, init, vivid and its dependencies, our binaries and their libraries,
 # the test model.
 for bin in tinysamd tinysam examples/v4l2_control; do
