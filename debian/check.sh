@@ -4,7 +4,8 @@
 #   bash debian/check.sh [--target aarch64-unknown-linux-gnu]   (cross: contents only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet
+# Installed once per machine (~/.cargo/bin), a pinned version so every machine packages alike.
+command -v cargo-deb >/dev/null || cargo install cargo-deb --version 3.8.0 --locked --quiet
 deb=$(cargo deb --no-build --strip "$@" 2>/dev/null | tail -n 1)
 echo "built $deb ($(du -h "$deb" | cut -f1))"
 contents=$(dpkg-deb -c "$deb")
