@@ -40,34 +40,38 @@ record() { # name, status, seconds, tests
         *) FAILED=1; FAILED_SUITES=$((FAILED_SUITES + 1)) ;;
     esac
 }
-run_suite() { # name, command...
+# Where a suite's output goes.
+suite_log() { # name
+    echo "$LOGS/$(echo "$1" | tr -c 'A-Za-z0-9\n' '_').log"
+}
+# Record a finished suite from its exit status, seconds and log (for the test count).
+finish_suite() { # name, status, seconds, log
+    local tests
+    tests=$(count_tests "$4")
+    [ "$tests" -eq 0 ] && tests=-
+    if [ "$2" -eq 0 ]; then record "$1" passed "$3" "$tests"; else record "$1" FAILED "$3" "$tests"; fi
+}
+run_suite() { # name, command...; returns the command's status
     local name=$1 start log status
     shift
     say "$name: $*"
-    log=$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9\n' '_').log
+    log=$(suite_log "$name")
     start=$(date +%s)
     "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
-    LAST_STATUS=$status
-    local tests
-    tests=$(count_tests "$log")
-    [ "$tests" -eq 0 ] && tests=-
-    if [ "$status" -eq 0 ]; then
-        record "$name" passed $(( $(date +%s) - start )) "$tests"
-    else
-        record "$name" FAILED $(( $(date +%s) - start )) "$tests"
-    fi
+    finish_suite "$name" "$status" $(( $(date +%s) - start )) "$log"
+    return "$status"
 }
 # Suites that run side by side: each in the background with its own log, printed when all are
 # done; each keeps its own seconds.
 run_parallel() { # "name|command..." ...
-    local spec name pids=() names=() start=$(date +%s)
+    local spec name log status seconds pids=() names=() start=$(date +%s)
     for spec in "$@"; do
         name=${spec%%|*}
         names+=("$name")
         say "$name (in parallel): ${spec#*|}"
         (
-            log=$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9\n' '_').log
+            log=$(suite_log "$name")
             t=$(date +%s)
             status=0
             bash -c "${spec#*|}" >"$log" 2>&1 || status=$?
@@ -77,13 +81,11 @@ run_parallel() { # "name|command..." ...
     done
     wait "${pids[@]}"
     for name in "${names[@]}"; do
-        local log=$LOGS/$(echo "$name" | tr -c 'A-Za-z0-9\n' '_').log status seconds tests
+        log=$(suite_log "$name")
         say "$name: output"
         cat "$log"
         read -r status seconds <"$log.status"
-        tests=$(count_tests "$log")
-        [ "$tests" -eq 0 ] && tests=-
-        if [ "$status" -eq 0 ]; then record "$name" passed "$seconds" "$tests"; else record "$name" FAILED "$seconds" "$tests"; fi
+        finish_suite "$name" "$status" "$seconds" "$log"
     done
     echo "side by side: $(( $(date +%s) - start )) s for ${names[*]}"
 }
@@ -196,7 +198,7 @@ run_suite "systemd units" bash systemd/check.sh \
 if [ "${SKIP_PYTHON:-0}" = "1" ]; then
     record "python: models/tests" skipped
     record "python: clients/python" skipped
-elif run_suite "python: environment (uv)" setup_python && [ "$LAST_STATUS" -eq 0 ]; then
+elif run_suite "python: environment (uv)" setup_python; then
     run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
     # Talks to the tinysamd and tinysam binaries built by the Rust tests above.
     TINYSAM_BIN_DIR=$(cargo metadata --format-version 1 --no-deps |
