@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import onnx
+from conftest import REPO
 from onnx import numpy_helper
 
-from conftest import REPO
 from tinysam_export.fixtures import write_fixtures
+from tinysam_export.validate import cosine
 
 FP32_GOLDEN = ["preprocessed.npy", "embedding.fp32.npy", "masks.fp32.npy", "iou.fp32.npy"]
 
@@ -17,11 +18,6 @@ FP32_GOLDEN = ["preprocessed.npy", "embedding.fp32.npy", "masks.fp32.npy", "iou.
 def scaled_max_err(a: np.ndarray, b: np.ndarray) -> float:
     """Max |a - b| over max(1, max |b|): the Rust tests' measure of output error."""
     return float(np.max(np.abs(a.astype(np.float64) - b)) / max(1.0, float(np.max(np.abs(b)))))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
 def test_fixtures_reproduce(tmp_path):
