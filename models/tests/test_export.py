@@ -66,3 +66,30 @@ def test_default_model_mac_share_and_fidelity(default_manifest):
     chosen = default_manifest["default"]["decoder"]
     key = "int8_encoder_int8_decoder" if chosen == "int8" else "int8_encoder_fp32_decoder"
     assert default_manifest["fidelity"][key]["mean_mask_iou"] >= MIN_MEAN_MASK_IOU
+
+
+def test_split_decoder_chains_to_the_one_graph_decoder_on_real_photos(built_test_dir):
+    """The per-frame + per-prompt graphs the build ships give the one-graph decoder's outputs."""
+    from tinysam_export.split_decoder import FRAME_INPUTS, PROMPT_INPUTS
+
+    out, manifest = built_test_dir
+    roles = {f["role"]: f["path"] for f in manifest["files"] if f["precision"] == "fp32"}
+    assert roles["decoder_frame"] == "decoder.frame.fp32.onnx"
+    assert roles["decoder_prompt"] == "decoder.prompt.fp32.onnx"
+    enc, one = session(out / "encoder.fp32.onnx"), session(out / "decoder.fp32.onnx")
+    frame, prompt = session(out / roles["decoder_frame"]), session(out / roles["decoder_prompt"])
+    for photo in skimage_photos(["astronaut", "coffee"]):
+        emb = enc.run(None, {"image": preprocess(photo.rgb, TEST)})[0]
+        coords = np.array([[[60.0, 80.0], [0, 0]], [[200.0, 100.0], [0, 0]], [[10, 10], [250, 200]]], np.float32)
+        labels = np.array([[1, -1], [0, -1], [2, 3]], np.float32)
+        for flag in (0.0, 1.0):
+            mask = np.full((1, 1, 64, 64), 3.0 * flag, np.float32)
+            mask[..., :32] *= -1
+            has = np.array([flag], np.float32)
+            want = one.run(None, dict(image_embeddings=emb, point_coords=coords, point_labels=labels, mask_input=mask,
+                                      has_mask_input=has))
+            per_frame = frame.run(None, dict(zip(FRAME_INPUTS, (emb, mask, has))))
+            got = prompt.run(None, dict(zip(PROMPT_INPUTS, (*per_frame, coords, labels))))
+            for g, w in zip(got, want):
+                assert g.shape == w.shape
+                assert np.max(np.abs(g - w)) / max(1.0, np.max(np.abs(w))) < 1e-4

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import CONFIGS
+from .export import ExportError
 from .images import ImageError
 from .quantize import QuantOptions
 from .validate import FidelityError
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="encoder activation-range method (the decoder always uses min/max)")
     e.add_argument("--int8-stem", action="store_true", help="quantize the encoder stem too (lower fidelity)")
     e.add_argument("--calibration-image", type=Path, action="append", default=[], help="extra calibration photo")
+
+    s = sub.add_parser("split-decoder", help="add the per-frame + per-prompt decoder graphs to a model directory")
+    s.add_argument("--model", type=Path, required=True, help="model directory with manifest.json")
+    s.add_argument("--checkpoint", type=Path, help="the checkpoint the directory was built from (not for synthetic weights)")
 
     f = sub.add_parser("fixtures", help="write the test-size models and golden tensors for the Rust tests")
     f.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "tests" / "fixtures")
@@ -68,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(json.dumps(manifest["fidelity"], indent=2))
+        elif args.command == "split-decoder":
+            from .build import add_split_decoder
+
+            add_split_decoder(args.model, args.checkpoint)
         elif args.command == "fixtures":
             from .fixtures import write_fixtures
 
             write_fixtures(args.out)
-    except (CheckpointError, ImageError, FidelityError) as e:
+    except (CheckpointError, ImageError, FidelityError, ExportError, ValueError) as e:
         log.error("%s", e)
         return 1
     return 0

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import ModelConfig
-from .export import DEFAULT_OPSET, export_decoder, export_encoder, io_spec
+from .export import DEFAULT_OPSET, export_decoder, export_encoder, export_split_decoder, io_spec
 from .images import Photo, calibration_set, evaluation_set, sampled_prompts
 from .quantize import QuantOptions, integer_mac_share, quantize
 from .validate import MIN_MEAN_MASK_IOU, OnnxPipeline, check_fidelity, fidelity_report
@@ -83,6 +83,48 @@ def decoder_feeds(pipe: OnnxPipeline, photos: list[Photo], count: int, seed: int
     return feeds
 
 
+def split_decoder_paths(out: Path) -> dict[str, Path]:
+    """Where a model directory keeps the decoder's per-frame and per-prompt graphs, by role."""
+    return {"decoder_frame": out / "decoder.frame.fp32.onnx", "decoder_prompt": out / "decoder.prompt.fp32.onnx"}
+
+
+def split_decoder_entries(paths: dict[str, Path]) -> list[dict]:
+    """Manifest entries of the split decoder graphs."""
+    entries = []
+    for role, path in paths.items():
+        entry = {"role": role, "precision": "fp32", "path": path.name, "sha256": file_sha256(path)}
+        entry.update(io_spec(path))
+        entries.append(entry)
+    return entries
+
+
+def add_split_decoder(model_dir: Path, checkpoint: Path | None = None) -> dict:
+    """Add the split decoder graphs to an existing model directory, from the weights its manifest
+    names (synthetic seed, or `checkpoint`, whose SHA-256 must match), checked against the
+    directory's one-graph FP32 decoder. Returns the updated manifest."""
+    path = model_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    from .config import CONFIGS
+
+    cfg = next((c for c in CONFIGS.values() if c.name == manifest["model"]), None)
+    if cfg is None:
+        raise ValueError(f"{path}: unknown model {manifest['model']!r}")
+    weights = manifest["weights"]
+    if weights.get("kind") == "synthetic":
+        model = synthetic_model(cfg, int(weights["seed"]))
+    elif checkpoint is None:
+        raise ValueError(f"{path}: the weights come from {weights.get('file')!r}; pass it as --checkpoint")
+    elif file_sha256(checkpoint) != weights.get("sha256"):
+        raise ValueError(f"{checkpoint} is not the checkpoint {path} was built from (SHA-256 differs)")
+    else:
+        model = load_checkpoint(cfg, checkpoint)
+    split = split_decoder_paths(model_dir)
+    export_split_decoder(model, *split.values(), model_dir / "decoder.fp32.onnx", manifest.get("opset", DEFAULT_OPSET))
+    manifest["files"] = [f for f in manifest["files"] if f["role"] not in split] + split_decoder_entries(split)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def build(req: BuildRequest) -> dict:
     """Build the model directory described by `req`; returns the manifest it wrote."""
     started = time.monotonic()
@@ -109,6 +151,8 @@ def build(req: BuildRequest) -> dict:
     log.info("exporting FP32 graphs")
     export_encoder(model, paths["encoder", "fp32"], req.opset)
     export_decoder(model, paths["decoder", "fp32"], req.opset)
+    split = split_decoder_paths(out)
+    export_split_decoder(model, *split.values(), paths["decoder", "fp32"], req.opset)
     del model
 
     calib = calibration_set(list(req.extra_calibration), req.use_shared_images)
@@ -154,6 +198,7 @@ def build(req: BuildRequest) -> dict:
         if precision == "int8":
             entry["mac_share"] = integer_mac_share(path)
         files.append(entry)
+    files.extend(split_decoder_entries(split))
     quantization = req.quant.to_dict()
     quantization["calibration_images"] = [p.name for p in calib]
     manifest = {
