@@ -104,6 +104,7 @@ impl Daemon {
                 encoder: settings.encoder,
                 decoder: settings.decoder,
                 int8_matmul: settings.int8_matmul,
+                ..Default::default()
             },
         )
         .map_err(DaemonError::Model)?;

@@ -650,6 +650,14 @@ fn encode_loop(
                 continue;
             }
         };
+        // The decoder's per-frame work belongs to the frame, not to its first prompt.
+        if let Err(e) = segmenter.model.decoder.prepare(&embedding) {
+            log::warn!(
+                "frame {}: decoder per-frame tensors: {} (computed again at the first prompt)",
+                frame.seq,
+                error_chain(&e)
+            );
+        }
         if let Some(d) = extra_delay {
             std::thread::sleep(d);
         }

@@ -174,6 +174,7 @@ fn unsupported_int8_kernel_is_a_clear_error() {
         encoder: Some(Precision::Int8),
         decoder: None,
         int8_matmul: Int8Matmul::Kernel(missing),
+        ..Default::default()
     };
     let err = Model::load(&crate::util::test_model(), choice)
         .err()

@@ -153,6 +153,7 @@ fn int8_matches_onnxruntime_within_rounding() {
             encoder: Some(Precision::Int8),
             decoder: Some(Precision::Int8),
             int8_matmul: Int8Matmul::Tract,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -228,5 +229,88 @@ fn full_path_from_rgb_frame_matches() {
                 m.mask.data.iter().map(|&v| u64::from(v)).sum::<u64>()
             );
         }
+    }
+}
+
+/// The per-frame + per-prompt decoder against the one-graph decoder it was split from, in tract:
+/// single and batched prompts of 1-3 points, boxes, and a mask input (which bypasses the kept
+/// per-frame tensors), within 1e-4 of the output scale.
+#[test]
+fn split_decoder_matches_the_one_graph_decoder() {
+    use tinysam_edge::model::{DecoderForm, DecoderGraph};
+
+    let split = segmenter(Some(Precision::Fp32));
+    assert_eq!(split.model.decoder.form(), DecoderForm::Split);
+    let one = Segmenter::load(
+        &fixtures().join("test_model"),
+        PrecisionChoice {
+            encoder: Some(Precision::Fp32),
+            decoder: Some(Precision::Fp32),
+            decoder_graph: DecoderGraph::OneGraph,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(one.model.decoder.form(), DecoderForm::OneGraph);
+    let emb = embed_golden_input(&split.model);
+    let m2 = split.mask_size().pow(2);
+    let point = |x: f32, y: f32, label| PromptPoint { x, y, label };
+    let batches: Vec<Vec<Prompt>> = vec![
+        vec![Prompt::point(20.0, 30.0)],
+        (0..5)
+            .map(|i| Prompt::point(10.0 + 35.0 * i as f32, 140.0 - 25.0 * i as f32))
+            .collect(),
+        vec![
+            Prompt {
+                points: vec![
+                    point(50.0, 60.0, PointLabel::Foreground),
+                    point(120.0, 90.0, PointLabel::Background),
+                ],
+                ..Prompt::default()
+            },
+            Prompt {
+                points: vec![
+                    point(150.0, 20.0, PointLabel::Foreground),
+                    point(160.0, 30.0, PointLabel::Foreground),
+                ],
+                ..Prompt::default()
+            },
+        ],
+        vec![Prompt {
+            bbox: Some(BoxPrompt {
+                x0: 30.0,
+                y0: 20.0,
+                x1: 170.0,
+                y1: 120.0,
+            }),
+            ..Prompt::default()
+        }],
+    ];
+    let mut previous: Option<Vec<f32>> = None;
+    for prompts in &batches {
+        let model_prompts: Vec<_> = prompts
+            .iter()
+            .map(|p| p.to_model(&emb.geometry, m2).unwrap())
+            .collect();
+        // The first batch without a mask input, then each with the previous batch's first mask.
+        for mask in [None, previous.as_deref()] {
+            let want = one.decode(&emb, &model_prompts, mask).unwrap();
+            let got = split.decode(&emb, &model_prompts, mask).unwrap();
+            assert_eq!(got.masks.shape(), want.masks.shape());
+            let err = scaled_max_err(&flat(&got.masks), &flat(&want.masks));
+            assert!(
+                err < 1e-4,
+                "{prompts:?} (mask input: {}): logits error {err}",
+                mask.is_some()
+            );
+            let err = scaled_max_err(&flat(&got.iou), &flat(&want.iou));
+            assert!(err < 1e-4, "{prompts:?}: iou error {err}");
+        }
+        previous = Some(
+            one.decode(&emb, &model_prompts, None)
+                .unwrap()
+                .mask(0, 0)
+                .to_vec(),
+        );
     }
 }

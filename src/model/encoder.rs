@@ -1,10 +1,11 @@
 //! The image encoder: one normalised, padded image tensor in, one embedding out.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tract_onnx::prelude::*;
 
+use super::decoder::FrameTensors;
 use super::manifest::{Manifest, Precision, Role};
 use super::{parse_onnx, stage_name};
 use crate::preprocess::ImageTensor;
@@ -17,6 +18,20 @@ pub struct Embedding {
     pub tensor: Arc<Tensor>,
     /// Frame and model sizes, for prompt and mask transforms.
     pub geometry: crate::preprocess::Geometry,
+    /// The decoder's per-frame tensors of `tensor` without mask input, once a prompt needed
+    /// them (shared by clones).
+    pub(crate) decoder_frame: Arc<OnceLock<Arc<FrameTensors>>>,
+}
+
+impl Embedding {
+    /// An embedding of a frame with `geometry`.
+    pub fn new(tensor: Arc<Tensor>, geometry: crate::preprocess::Geometry) -> Embedding {
+        Embedding {
+            tensor,
+            geometry,
+            decoder_frame: Arc::default(),
+        }
+    }
 }
 
 /// An optimised, runnable encoder plan.
@@ -86,7 +101,7 @@ impl Encoder {
                 source,
             })?;
         let tensor = out.remove(0).into_arc_tensor();
-        Ok(Embedding { tensor, geometry })
+        Ok(Embedding::new(tensor, geometry))
     }
 
     /// The runnable plan, for profiling.

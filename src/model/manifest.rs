@@ -115,8 +115,14 @@ impl std::str::FromStr for Precision {
 pub enum Role {
     /// Image encoder.
     Encoder,
-    /// Prompt encoder + mask decoder.
+    /// Prompt encoder + mask decoder in one graph (the reference, and what any directory has).
     Decoder,
+    /// The decoder's per-frame half: image tokens and the first block's image-side projections.
+    #[serde(rename = "decoder_frame")]
+    DecoderFrame,
+    /// The decoder's per-prompt half, run on the per-frame half's outputs.
+    #[serde(rename = "decoder_prompt")]
+    DecoderPrompt,
 }
 
 /// One ONNX file.
@@ -209,7 +215,7 @@ impl Manifest {
     pub fn default_precision(&self, role: Role) -> Precision {
         match role {
             Role::Encoder => self.default.encoder,
-            Role::Decoder => self.default.decoder,
+            Role::Decoder | Role::DecoderFrame | Role::DecoderPrompt => self.default.decoder,
         }
     }
 

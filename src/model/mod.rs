@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod encoder;
 pub mod kernels;
 pub mod manifest;
+pub mod ops;
 pub mod profile;
 pub mod qmatmul;
 
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use tract_onnx::prelude::*;
 
-pub use decoder::{Decoder, DecoderInput, MaskLogits};
+pub use decoder::{Decoder, DecoderForm, DecoderInput, MaskLogits};
 pub use encoder::{Embedding, Encoder};
 pub use manifest::{Manifest, Precision, Role};
 
@@ -30,6 +31,30 @@ pub struct PrecisionChoice {
     pub decoder: Option<Precision>,
     /// Which int8 matmul runs the quantized layers.
     pub int8_matmul: Int8Matmul,
+    /// Which form of the decoder runs prompts.
+    pub decoder_graph: DecoderGraph,
+}
+
+/// The form of the decoder that runs prompts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DecoderGraph {
+    /// The per-frame + per-prompt pair when the directory has it at the decoder's precision,
+    /// else the one graph.
+    #[default]
+    Auto,
+    /// The one-graph decoder (the reference the pair is checked against).
+    OneGraph,
+}
+
+impl std::str::FromStr for DecoderGraph {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<DecoderGraph, String> {
+        match s {
+            "auto" | "split" => Ok(DecoderGraph::Auto),
+            "one" | "one-graph" => Ok(DecoderGraph::OneGraph),
+            other => Err(format!("unknown decoder graph `{other}` (auto, one-graph)")),
+        }
+    }
 }
 
 /// Which implementation runs an INT8 graph's quantized matrix products.
@@ -119,11 +144,12 @@ impl Model {
             }
         }
         let encoder = Encoder::load(dir, &manifest, enc_p, int8)?;
-        let decoder = Decoder::load(dir, &manifest, dec_p, int8)?;
+        let decoder = Decoder::load(dir, &manifest, dec_p, int8, choice.decoder_graph)?;
         log::info!(
-            "loaded {} from {} (encoder {enc_p}, decoder {dec_p}; weights: {})",
+            "loaded {} from {} (encoder {enc_p}, decoder {dec_p} {}; weights: {})",
             manifest.model,
             dir.display(),
+            decoder.form(),
             manifest
                 .weights
                 .get("kind")
@@ -250,6 +276,10 @@ pub(crate) fn optimize(
             log::debug!("{stage}: {node} left to tract: {why}");
         }
     }
+    let softmax = ops::rewrite_softmax(&mut typed).map_err(load_err)?;
+    if softmax > 0 {
+        log::debug!("{stage}: {softmax} softmax ops on TinysamSoftmax");
+    }
     typed.into_optimized().map_err(load_err)
 }
 
@@ -258,6 +288,8 @@ pub(crate) fn stage_name(role: Role) -> &'static str {
     match role {
         Role::Encoder => "encoder",
         Role::Decoder => "decoder",
+        Role::DecoderFrame => "decoder (per frame)",
+        Role::DecoderPrompt => "decoder (per prompt)",
     }
 }
 

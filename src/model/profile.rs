@@ -24,7 +24,14 @@ pub fn profile(
     plan: &std::sync::Arc<TypedRunnableModel>,
     inputs: Vec<Tensor>,
 ) -> TractResult<Vec<NodeTime>> {
-    let inputs: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
+    profile_values(plan, inputs.into_iter().map(TValue::from).collect())
+}
+
+/// [`profile`] with inputs that may be shared constants.
+pub fn profile_values(
+    plan: &std::sync::Arc<TypedRunnableModel>,
+    inputs: TVec<TValue>,
+) -> TractResult<Vec<NodeTime>> {
     let mut times: Vec<NodeTime> = Vec::new();
     let mut state = plan.spawn()?;
     state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {

@@ -1,0 +1,6 @@
+//! Our own float tract ops, put in place of tract's where tract's evaluation is slow for the
+//! shapes TinySAM has (see each op), by rewrite passes run at load before tract's optimiser.
+
+pub mod softmax;
+
+pub use softmax::{rewrite_softmax, AxisSoftmax};
