@@ -92,14 +92,30 @@ def worker_onnxruntime(args) -> dict:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     t = time.perf_counter()
     enc = ort.InferenceSession(str(args.model / f"encoder.{args.precision}.onnx"), opts, providers=["CPUExecutionProvider"])
-    dec_path = args.model / f"decoder.{args.precision}.onnx"
+    split = args.variant == "split"
+    # The decoder of this precision where the directory has one, else FP32 (as `tinysam bench`).
+    dec_precision = args.precision if (args.model / f"decoder.{args.precision}.onnx").exists() else "fp32"
+    if split:  # the per-frame + per-prompt pair, as tract's default decoder runs them
+        frame = ort.InferenceSession(str(args.model / f"decoder.frame.{dec_precision}.onnx"), opts, providers=["CPUExecutionProvider"])
+        dec_path = args.model / f"decoder.prompt.{dec_precision}.onnx"
+    else:
+        dec_path = args.model / f"decoder.{dec_precision}.onnx"
     dec = ort.InferenceSession(str(dec_path), opts, providers=["CPUExecutionProvider"])
     load_ms = (time.perf_counter() - t) * 1e3
     embedding = enc.run(None, {"image": image})[0]  # warm-up
     encoder_ms = timed(args.runs, args.budget, lambda: enc.run(None, {"image": image}))
     decoder_ms = {}
+    frame_ms = None
+    if split:
+        frame_feeds = decoder_feeds(embedding, 1, side, cfg.low_res_mask_size)
+        frame_feeds = {k: frame_feeds[k] for k in ("image_embeddings", "mask_input", "has_mask_input")}
+        per_frame = frame.run(None, frame_feeds)
+        frame_ms = timed(args.runs, args.budget, lambda: frame.run(None, frame_feeds))
     for b in args.batches:
         feeds = decoder_feeds(embedding, b, side, cfg.low_res_mask_size)
+        if split:
+            feeds = dict(zip((o.name for o in frame.get_outputs()), per_frame),
+                         point_coords=feeds["point_coords"], point_labels=feeds["point_labels"])
         t = time.perf_counter()
         dec.run(None, feeds)  # warm-up
         first = (time.perf_counter() - t) * 1e3
@@ -108,11 +124,13 @@ def worker_onnxruntime(args) -> dict:
         "engine": "onnxruntime",
         "version": ort.__version__,
         "encoder_precision": args.precision,
-        "decoder_precision": args.precision,
+        "decoder_precision": dec_precision,
         "threads": args.threads,
         "load_ms": load_ms,
         "encoder_ms": encoder_ms,
         "decoder_ms": decoder_ms,
+        "decoder_form": "per-frame + per-prompt" if split else "one graph",
+        "decoder_frame_ms": frame_ms,
         "peak_rss_mib": peak_rss_mib(),
     }
 
@@ -148,18 +166,20 @@ def worker_torch(args) -> dict:
     }
 
 
-def run_engine(args, engine: str, precision: str, threads: int, variant: str = "") -> dict | None:
-    """One engine in its own process; for tract, `variant` picks the int8 matmul (`--int8-matmul`)."""
+def run_engine(args, engine: str, precision: str, threads: int, variant: str = "", decoder: str = "") -> dict | None:
+    """One engine in its own process; for tract, `variant` picks the int8 matmul (`--int8-matmul`)
+    and `decoder` the decoder form (`--decoder-graph`); for onnxruntime, variant `split` runs the
+    per-frame + per-prompt decoder pair instead of the one-graph decoder."""
     common = ["--runs", str(args.runs), "--batches", ",".join(map(str, args.batches))]
     if engine == "tract":
         cmd = [str(args.tinysam), "bench", "--json", "-", "--model", str(args.model), "--precisions", precision,
                "--threads", str(threads), "--budget-s", str(args.budget),
-               "--int8-matmul", variant or "auto"] + common
+               "--int8-matmul", variant or "auto", "--decoder-graph", decoder or "auto"] + common
         if args.image:
             cmd += ["--image", str(args.image)]
     else:
         cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--threads", str(threads),
-               "--model", str(args.model), "--budget", str(args.budget)] + common
+               "--model", str(args.model), "--budget", str(args.budget), "--variant", variant] + common
         if args.image:
             cmd += ["--image", str(args.image)]
     print(f"  {engine} {precision} {variant}, {threads} thread(s) ...", file=sys.stderr, flush=True)
@@ -168,10 +188,11 @@ def run_engine(args, engine: str, precision: str, threads: int, variant: str = "
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"  {engine} {precision} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return {"engine": engine, "variant": variant, "encoder_precision": precision, "threads": threads,
+        return {"engine": engine, "variant": variant, "decoder": decoder, "encoder_precision": precision, "threads": threads,
                 "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     result = json.loads(proc.stdout)
     result["variant"] = variant
+    result["decoder"] = decoder
     if engine == "tract":
         result["version"] = locked_version("tract-onnx")
     print(f"    done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
@@ -227,7 +248,7 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
         "onnxruntime can use them here.)",
         f"- MACs (model toolchain's count): encoder {enc_macs / 1e9:.1f} GMAC per frame "
         f"({enc_share.get('integer_share', 0) * 100:.0f} % in quantized ops in the INT8 file); "
-        f"decoder {dec_macs / 1e9:.2f} GMAC per prompt.",
+        + (f"decoder {dec_macs / 1e9:.2f} GMAC per prompt." if dec_macs else "decoder: not counted (the directory has no INT8 decoder)."),
     ]
     if mhz:
         peak = 16 * mhz / 1e3  # 2 FMA pipes x 8 f32 lanes per cycle, per core
@@ -245,13 +266,15 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
         for b in args.batches:
             header += f" decoder b={b} ms per prompt |"
             rule += "---|"
-        header += " peak RSS MiB | load ms |"
-        rule += "---|---|"
+        header += " decoder per frame ms | peak RSS MiB | load ms |"
+        rule += "---|---|---|"
         lines += [header, rule]
         for r in rows:
             name = f"{r['engine']} {r.get('version', '')}".strip()
             if r["engine"] == "tract" and r["encoder_precision"] == "int8":
                 name += " (tract's int8 kernels)" if r.get("variant") == "tract" else " (our int8 kernels)"
+            if r["engine"] == "tract" and r.get("decoder") == "one-graph":
+                name += " (one-graph decoder)"
             if "error" in r:
                 lines.append(f"| {name} | {r['encoder_precision']} | failed: {r['error']} |")
                 continue
@@ -260,10 +283,14 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
             pct = f"{100 * gmacs / (16 * mhz / 1e3 * threads):.0f} %" if mhz else "-"
             prec = r["encoder_precision"] + ("" if r.get("decoder_precision") in (None, r["encoder_precision"])
                                              else f" (dec {r['decoder_precision']})")
+            if r.get("decoder_form"):
+                prec += f", decoder {r['decoder_form']}"
             row = f"| {name} | {prec} | {fmt_runs(r['encoder_ms'])} | {gmacs:.1f} | {pct} |"
             for b in args.batches:
                 times = r["decoder_ms"].get(str(b))
                 row += f" {median(times) / b:.1f} |" if times else " - |"
+            frame = r.get("decoder_frame_ms")
+            row += f" {median(frame):.1f} |" if frame else " - |"
             row += f" {r['peak_rss_mib']:.0f} | {r['load_ms']:.0f} |"
             lines.append(row)
         lines += ["", *ratios(rows, args.batches), ""]
@@ -271,16 +298,16 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
 
 
 def ratios(rows: list[dict], batches: list[int]) -> list[str]:
-    def pick(engine, precision, variant=""):
+    def pick(engine, precision, variant="", decoder=""):
         return next((r for r in rows if r["engine"] == engine and r["encoder_precision"] == precision
-                     and r.get("variant", "") == variant and "error" not in r), None)
+                     and r.get("variant", "") == variant and r.get("decoder", "") == decoder and "error" not in r), None)
 
     def enc(engine, precision, variant=""):
         r = pick(engine, precision, variant)
         return median(r["encoder_ms"]) if r else None
 
-    def dec(engine, precision, b, variant=""):
-        r = pick(engine, precision, variant)
+    def dec(engine, precision, b, variant="", decoder=""):
+        r = pick(engine, precision, variant, decoder)
         t = r["decoder_ms"].get(str(b)) if r else None
         return median(t) / b if t else None
 
@@ -301,6 +328,18 @@ def ratios(rows: list[dict], batches: list[int]) -> list[str]:
         (f"decoder b={big}: tract {p.upper()} / onnxruntime {p.upper()} (per prompt)", dec("tract", p, big), dec("onnxruntime", p, big))
         for p in ("int8", "fp32")
     ]
+    # Issue 18: tract's default (split) decoder against onnxruntime's one-graph decoder.
+    for b in sorted({min(batches), big}):
+        pairs += [
+            (f"decoder b={b}: tract FP32 (split) / onnxruntime FP32 one-graph (target <= 0.5)",
+             dec("tract", "fp32", b), dec("onnxruntime", "fp32", b)),
+            (f"decoder b={b}: tract FP32 split / tract FP32 one-graph (before -> after)",
+             dec("tract", "fp32", b), dec("tract", "fp32", b, decoder="one-graph")),
+            (f"decoder b={b}: onnxruntime FP32 split / one-graph (the split's gain on onnxruntime)",
+             dec("onnxruntime", "fp32", b, "split"), dec("onnxruntime", "fp32", b)),
+            (f"decoder b={b}: tract FP32 split / onnxruntime FP32 split (same graphs)",
+             dec("tract", "fp32", b), dec("onnxruntime", "fp32", b, "split")),
+        ]
     for label, a, b in pairs:
         if a and b:
             out.append(f"- {label}: **{a / b:.2f}**")
@@ -327,18 +366,21 @@ def git_rev() -> str:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "models" / "build" / "full")
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     p.add_argument("--image", type=Path)
     p.add_argument("--threads", default=f"{os.cpu_count()},1", help="thread counts, comma separated")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--budget", type=float, default=90.0, help="seconds after which a measurement stops repeating")
-    p.add_argument("--engines", default="tract:int8,tract:int8:tract,tract:fp32,onnxruntime:int8,onnxruntime:fp32,"
-                   "pytorch:fp32", help="engine:precision[:variant]; tract's variant is its --int8-matmul")
+    p.add_argument("--engines", default="tract:int8,tract:int8:tract,tract:fp32,tract:fp32::one-graph,onnxruntime:int8,"
+                   "onnxruntime:fp32,onnxruntime:fp32:split,pytorch:fp32",
+                   help="engine:precision[:variant[:decoder]]; tract's variant is its --int8-matmul and decoder its "
+                   "--decoder-graph; onnxruntime's variant `split` runs the per-frame + per-prompt decoder pair")
     p.add_argument("--tinysam", type=Path, default=ROOT / "target" / "release" / "tinysam")
     p.add_argument("--out", type=Path, default=ROOT / "benches" / "compare-results.md")
     p.add_argument("--worker", choices=["onnxruntime", "pytorch"], help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = argv
     args.batches = [int(b) for b in str(args.batches).split(",") if b]
@@ -368,8 +410,9 @@ def main(argv: list[str]) -> int:
     results = []
     for threads in args.threads:
         for spec in args.engines.split(","):
-            engine, precision, *variant = spec.split(":")
-            results.append(run_engine(args, engine, precision, threads, variant[0] if variant else ""))
+            engine, precision, *rest = spec.split(":")
+            variant, decoder = (rest + ["", ""])[:2]
+            results.append(run_engine(args, engine, precision, threads, variant, decoder))
     text = report(args, results, manifest, time.monotonic() - started)
     args.out.write_text(text)
     (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=1))

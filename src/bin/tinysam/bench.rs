@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, sdot.
     #[arg(long, default_value = "auto")]
     pub int8_matmul: model::Int8Matmul,
+    /// Decoder form: auto (per-frame + per-prompt graphs when the model has them), one-graph.
+    #[arg(long, default_value = "auto")]
+    pub decoder_graph: model::DecoderGraph,
     /// Print the slowest encoder ops of each precision.
     #[arg(long)]
     pub profile: bool,
@@ -184,6 +187,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 encoder: Some(p),
                 decoder: Some(dec_p),
                 int8_matmul: args.int8_matmul,
+                decoder_graph: args.decoder_graph,
             },
         )?;
         let seg = Segmenter::new(m);
@@ -217,6 +221,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 seg.decode(&emb, &model_prompts, None)?;
                 Ok(())
             })?;
+            if args.profile && Some(&b) == args.batches.iter().max() {
+                print_decoder_profile(&seg, &emb, &model_prompts, p)?;
+            }
             write!(
                 row,
                 " {:.1} ({:.2}) |",
@@ -303,6 +310,49 @@ fn layer_table(
     Ok(())
 }
 
+/// The slowest ops and nodes of one decoder run of `prompts`.
+fn print_decoder_profile(
+    seg: &Segmenter,
+    emb: &model::Embedding,
+    prompts: &[tinysam_edge::prompt::ModelPrompt],
+    p: Precision,
+) -> anyhow::Result<()> {
+    let n = prompts.first().map_or(0, |p| p.labels.len());
+    let input = model::DecoderInput {
+        points_per_prompt: n,
+        coords: prompts
+            .iter()
+            .flat_map(|p| p.coords.iter().copied())
+            .collect(),
+        labels: prompts
+            .iter()
+            .flat_map(|p| p.labels.iter().copied())
+            .collect(),
+        mask_input: None,
+    };
+    let decoder = &seg.model.decoder;
+    let times = decoder.profile(emb, &input)?;
+    let total: Duration = times.iter().map(|t| t.time).sum();
+    eprintln!(
+        "\ndecoder ({} {}, batch {}): {:.1} ms, time by op",
+        decoder.form(),
+        decoder.precision,
+        prompts.len(),
+        ms(total)
+    );
+    for (op, d, n) in profile::by_op(&times).iter().take(12) {
+        eprintln!("  {:>9.1} ms  {n:>4}x  {op}", ms(*d));
+    }
+    eprintln!("decoder (encoder {p}): slowest nodes");
+    for t in times.iter().take(16) {
+        eprintln!("  {:>9.1} ms  {:<24} {}", ms(t.time), t.op, t.node);
+        for line in &t.info {
+            eprintln!("                 {line}");
+        }
+    }
+    Ok(())
+}
+
 fn everything_table(
     md: &mut String,
     dir: &std::path::Path,
@@ -320,6 +370,7 @@ fn everything_table(
             encoder: Some(p),
             decoder: Some(dec_p),
             int8_matmul,
+            ..Default::default()
         },
     )?);
     let emb = seg.embed(frame)?;

@@ -47,6 +47,9 @@ struct ModelArgs {
     /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, sdot.
     #[arg(long, default_value = "auto")]
     int8_matmul: model::Int8Matmul,
+    /// Decoder form: auto (per-frame + per-prompt graphs when the model has them), one-graph.
+    #[arg(long, default_value = "auto")]
+    decoder_graph: model::DecoderGraph,
 }
 
 fn default_threads() -> usize {
@@ -65,6 +68,7 @@ impl ModelArgs {
             encoder: self.encoder,
             decoder: self.decoder,
             int8_matmul: self.int8_matmul,
+            decoder_graph: self.decoder_graph,
         };
         Segmenter::load(&dir, choice)
             .with_context(|| format!("loading model directory {}", dir.display()))
@@ -353,7 +357,8 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
             "weights": m.manifest.weights,
             "isa": model::native_isa(),
             "encoder": {"file": m.encoder.path, "precision": m.encoder.precision, "kernels": enc},
-            "decoder": {"file": m.decoder.path, "precision": m.decoder.precision, "kernels": dec},
+            "decoder": {"file": m.decoder.path, "precision": m.decoder.precision,
+                        "form": m.decoder.form().to_string(), "kernels": dec},
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -370,6 +375,11 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         m.manifest.precisions(Role::Decoder)
     );
     println!("cpu isa    {}", model::native_isa());
+    println!(
+        "decoding   {} ({}; MACs below per prompt of one point)",
+        m.decoder.form(),
+        m.decoder.path.display()
+    );
     for (name, precision, rep) in [
         ("encoder", m.encoder.precision, &enc),
         ("decoder", m.decoder.precision, &dec),
