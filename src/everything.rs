@@ -78,6 +78,9 @@ impl Default for EverythingParams {
 pub struct EverythingStats {
     /// Points sent to the decoder, all rounds.
     pub decoder_prompts: usize,
+    /// Prompts with a mask above the IoU threshold: the only ones whose masks were upscaled
+    /// from the decoder's image tokens (and then tested for stability).
+    pub promising_prompts: usize,
     /// Points of round 2 skipped because they were done (hierarchical only).
     pub skipped_points: usize,
     /// Masks that passed the IoU and stability filters, before NMS.
@@ -260,7 +263,12 @@ impl<'a> Generator<'a> {
                 .map(|&(x, y)| Prompt::point(x, y).to_model(&g, m * m))
                 .collect::<std::result::Result<_, _>>()?;
             stats.decoder_prompts += prompts.len();
-            let logits: MaskLogits = self.segmenter.decode(embedding, &prompts, None)?;
+            // Prompts without a mask above the IoU threshold would be dropped below: the
+            // decoder does not upscale their masks.
+            let (logits, _): (MaskLogits, _) =
+                self.segmenter
+                    .decode_promising(embedding, &prompts, p.pred_iou_thresh)?;
+            stats.promising_prompts += logits.batch();
             for b in 0..logits.batch() {
                 for k in 0..logits.masks_per_prompt {
                     let score = logits.iou(b, k);

@@ -15,6 +15,23 @@ use crate::Result;
 /// Largest prompt batch sent to the decoder at once by default.
 pub const DEFAULT_MAX_BATCH: usize = 64;
 
+/// One decoder batch of prompts with the same point count.
+fn decoder_input(prompts: &[ModelPrompt], mask_input: Option<&[f32]>) -> DecoderInput {
+    let n = prompts.first().map_or(0, |p| p.labels.len());
+    let mut coords = Vec::with_capacity(prompts.len() * n);
+    let mut labels = Vec::with_capacity(prompts.len() * n);
+    for p in prompts {
+        coords.extend_from_slice(&p.coords);
+        labels.extend_from_slice(&p.labels);
+    }
+    DecoderInput {
+        points_per_prompt: n,
+        coords,
+        labels,
+        mask_input: mask_input.map(<[f32]>::to_vec),
+    }
+}
+
 /// Which of the decoder's masks to return per prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MaskSelection {
@@ -89,20 +106,22 @@ impl Segmenter {
         prompts: &[ModelPrompt],
         mask_input: Option<&[f32]>,
     ) -> Result<MaskLogits> {
-        let n = prompts.first().map_or(0, |p| p.labels.len());
-        let mut coords = Vec::with_capacity(prompts.len() * n);
-        let mut labels = Vec::with_capacity(prompts.len() * n);
-        for p in prompts {
-            coords.extend_from_slice(&p.coords);
-            labels.extend_from_slice(&p.labels);
-        }
-        let input = DecoderInput {
-            points_per_prompt: n,
-            coords,
-            labels,
-            mask_input: mask_input.map(<[f32]>::to_vec),
-        };
+        let input = decoder_input(prompts, mask_input);
         self.model.decoder.decode(embedding, &input)
+    }
+
+    /// Like [`Segmenter::decode`], keeping only prompts with a mask of predicted IoU above
+    /// `min_iou` (the others' masks are not upscaled); also returns the kept prompts' indices.
+    pub fn decode_promising(
+        &self,
+        embedding: &Embedding,
+        prompts: &[ModelPrompt],
+        min_iou: f32,
+    ) -> Result<(MaskLogits, Vec<usize>)> {
+        let input = decoder_input(prompts, None);
+        self.model
+            .decoder
+            .decode_promising(embedding, &input, min_iou)
     }
 
     /// Segment every prompt against `embedding`. Refused prompts get their error; the rest are

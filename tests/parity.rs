@@ -314,3 +314,55 @@ fn split_decoder_matches_the_one_graph_decoder() {
         );
     }
 }
+
+/// `decode_promising` keeps exactly the prompts with a mask above the IoU threshold, with the
+/// masks `decode` gives them, on both decoder forms (the split one upscales only those).
+#[test]
+fn promising_prompts_keep_their_masks_and_the_rest_are_dropped() {
+    use tinysam_edge::model::DecoderGraph;
+
+    let split = segmenter(Some(Precision::Fp32));
+    let one = Segmenter::load(
+        &fixtures().join("test_model"),
+        PrecisionChoice {
+            encoder: Some(Precision::Fp32),
+            decoder: Some(Precision::Fp32),
+            decoder_graph: DecoderGraph::OneGraph,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let emb = embed_golden_input(&split.model);
+    let m2 = split.mask_size().pow(2);
+    let prompts: Vec<_> = (0..11)
+        .map(|i| {
+            Prompt::point(8.0 + 17.0 * i as f32, 140.0 - 12.0 * i as f32)
+                .to_model(&emb.geometry, m2)
+                .unwrap()
+        })
+        .collect();
+    for seg in [split, &one] {
+        let all = seg.decode(&emb, &prompts, None).unwrap();
+        let mut best: Vec<f32> = (0..all.batch())
+            .map(|b| (0..3).map(|k| all.iou(b, k)).fold(f32::MIN, f32::max))
+            .collect();
+        best.sort_by(f32::total_cmp);
+        let threshold = best[best.len() / 2];
+        let (kept, indices) = seg.decode_promising(&emb, &prompts, threshold).unwrap();
+        let want: Vec<usize> = (0..all.batch())
+            .filter(|&b| (0..3).any(|k| all.iou(b, k) > threshold))
+            .collect();
+        assert_eq!(indices, want);
+        assert!(!want.is_empty() && want.len() < prompts.len(), "{want:?}");
+        assert_eq!(kept.batch(), want.len());
+        for (row, &b) in want.iter().enumerate() {
+            for k in 0..3 {
+                assert_eq!(kept.iou(row, k), all.iou(b, k));
+                let err = scaled_max_err(kept.mask(row, k), all.mask(b, k));
+                assert!(err < 1e-5, "prompt {b} mask {k}: {err}");
+            }
+        }
+        let (none, indices) = seg.decode_promising(&emb, &prompts, f32::INFINITY).unwrap();
+        assert_eq!((none.batch(), indices.len()), (0, 0));
+    }
+}

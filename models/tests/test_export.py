@@ -70,14 +70,16 @@ def test_default_model_mac_share_and_fidelity(default_manifest):
 
 def test_split_decoder_chains_to_the_one_graph_decoder_on_real_photos(built_test_dir):
     """The per-frame + per-prompt graphs the build ships give the one-graph decoder's outputs."""
-    from tinysam_export.split_decoder import FRAME_INPUTS, PROMPT_INPUTS
+    from tinysam_export.split_decoder import FRAME_INPUTS, MASKS_INPUTS, PROMPT_INPUTS
 
     out, manifest = built_test_dir
     roles = {f["role"]: f["path"] for f in manifest["files"] if f["precision"] == "fp32"}
     assert roles["decoder_frame"] == "decoder.frame.fp32.onnx"
     assert roles["decoder_prompt"] == "decoder.prompt.fp32.onnx"
+    assert roles["decoder_masks"] == "decoder.masks.fp32.onnx"
     enc, one = session(out / "encoder.fp32.onnx"), session(out / "decoder.fp32.onnx")
     frame, prompt = session(out / roles["decoder_frame"]), session(out / roles["decoder_prompt"])
+    masks = session(out / roles["decoder_masks"])
     for photo in skimage_photos(["astronaut", "coffee"]):
         emb = enc.run(None, {"image": preprocess(photo.rgb, TEST)})[0]
         coords = np.array([[[60.0, 80.0], [0, 0]], [[200.0, 100.0], [0, 0]], [[10, 10], [250, 200]]], np.float32)
@@ -89,7 +91,8 @@ def test_split_decoder_chains_to_the_one_graph_decoder_on_real_photos(built_test
             want = one.run(None, dict(image_embeddings=emb, point_coords=coords, point_labels=labels, mask_input=mask,
                                       has_mask_input=has))
             per_frame = frame.run(None, dict(zip(FRAME_INPUTS, (emb, mask, has))))
-            got = prompt.run(None, dict(zip(PROMPT_INPUTS, (*per_frame, coords, labels))))
-            for g, w in zip(got, want):
+            tokens, weights, iou = prompt.run(None, dict(zip(PROMPT_INPUTS, (*per_frame, coords, labels))))
+            (got_masks,) = masks.run(None, dict(zip(MASKS_INPUTS, (tokens, weights))))
+            for g, w in zip((got_masks, iou), want):
                 assert g.shape == w.shape
                 assert np.max(np.abs(g - w)) / max(1.0, np.max(np.abs(w))) < 1e-4

@@ -84,8 +84,12 @@ def decoder_feeds(pipe: OnnxPipeline, photos: list[Photo], count: int, seed: int
 
 
 def split_decoder_paths(out: Path) -> dict[str, Path]:
-    """Where a model directory keeps the decoder's per-frame and per-prompt graphs, by role."""
-    return {"decoder_frame": out / "decoder.frame.fp32.onnx", "decoder_prompt": out / "decoder.prompt.fp32.onnx"}
+    """Where a model directory keeps the decoder's per-frame, per-prompt and mask graphs, by role."""
+    return {
+        "decoder_frame": out / "decoder.frame.fp32.onnx",
+        "decoder_prompt": out / "decoder.prompt.fp32.onnx",
+        "decoder_masks": out / "decoder.masks.fp32.onnx",
+    }
 
 
 def split_decoder_entries(paths: dict[str, Path]) -> list[dict]:

@@ -85,24 +85,25 @@ def export_decoder(model: Sam, out: Path, opset: int = DEFAULT_OPSET) -> Path:
 
 
 @torch.no_grad()
-def export_split_decoder(model: Sam, frame_out: Path, prompt_out: Path, reference: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Write the decoder's per-frame and per-prompt graphs and check that, chained, they give the
-    outputs of the one-graph decoder `reference` (onnxruntime, 1e-4 scaled), with and without a
+def export_split_decoder(model: Sam, frame_out: Path, prompt_out: Path, masks_out: Path, reference: Path,
+                         opset: int = DEFAULT_OPSET) -> None:
+    """Write the decoder's per-frame, per-prompt and mask graphs and check that, chained, they give
+    the outputs of the one-graph decoder `reference` (onnxruntime, 1e-4 scaled), with and without a
     mask input, at several batch and point counts."""
-    from .split_decoder import FRAME_INPUTS, FRAME_OUTPUTS, PROMPT_INPUTS, PROMPT_OUTPUTS, FrameGraph, PromptGraph
+    from .split_decoder import (FRAME_INPUTS, FRAME_OUTPUTS, MASKS_INPUTS, MASKS_OUTPUTS, PROMPT_INPUTS,
+                                PROMPT_OUTPUTS, FrameGraph, MasksGraph, PromptGraph)
 
-    frame, prompt = FrameGraph(model).eval(), PromptGraph(model).eval()
+    frame, prompt, masks = FrameGraph(model).eval(), PromptGraph(model).eval(), MasksGraph(model).eval()
     emb, coords, labels, mask, flag = decoder_example(model)
     _export(frame, (emb, mask, flag), frame_out, FRAME_INPUTS, FRAME_OUTPUTS, None, opset)
-    axes = {
-        "point_coords": {0: "batch", 1: "points"},
-        "point_labels": {0: "batch", 1: "points"},
-        "masks": {0: "batch"},
-        "iou_predictions": {0: "batch"},
-    }
-    _export(prompt, (*frame(emb, mask, flag), coords, labels), prompt_out, PROMPT_INPUTS, PROMPT_OUTPUTS, axes, opset)
+    per_prompt = {"point_coords": {0: "batch", 1: "points"}, "point_labels": {0: "batch", 1: "points"}}
+    per_prompt.update({name: {0: "batch"} for name in PROMPT_OUTPUTS})
+    prompt_args = (*frame(emb, mask, flag), coords, labels)
+    _export(prompt, prompt_args, prompt_out, PROMPT_INPUTS, PROMPT_OUTPUTS, per_prompt, opset)
+    batch_axes = {name: {0: "batch"} for name in MASKS_INPUTS + MASKS_OUTPUTS}
+    _export(masks, prompt(*prompt_args)[:2], masks_out, MASKS_INPUTS, MASKS_OUTPUTS, batch_axes, opset)
     one = session_for(reference)
-    frame_sess, prompt_sess = session_for(frame_out), session_for(prompt_out)
+    frame_sess, prompt_sess, masks_sess = session_for(frame_out), session_for(prompt_out), session_for(masks_out)
     gen = torch.Generator().manual_seed(0)
     for batch, points, with_mask in ((1, 1, False), (2, 3, False), (5, 2, True)):
         emb, coords, labels, mask, flag = (t.numpy() for t in decoder_example(model, batch, points))
@@ -112,12 +113,13 @@ def export_split_decoder(model: Sam, frame_out: Path, prompt_out: Path, referenc
             flag = np.ones(1, np.float32)
         want = one.run(None, dict(zip(DECODER_INPUTS, (emb, coords, labels, mask, flag))))
         per_frame = frame_sess.run(None, dict(zip(FRAME_INPUTS, (emb, mask, flag))))
-        got = prompt_sess.run(None, dict(zip(PROMPT_INPUTS, (*per_frame, coords, labels))))
-        for name, g, w in zip(PROMPT_OUTPUTS, got, want):
+        tokens, weights, iou = prompt_sess.run(None, dict(zip(PROMPT_INPUTS, (*per_frame, coords, labels))))
+        (got_masks,) = masks_sess.run(None, dict(zip(MASKS_INPUTS, (tokens, weights))))
+        for name, g, w in zip(DECODER_OUTPUTS, (got_masks, iou), want):
             err = float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w))))
             if g.shape != w.shape or err > 1e-4:
                 raise ExportError(
-                    f"{prompt_out.name}: {name} ({g.shape}) differs from {reference.name} ({w.shape}) by {err:.2e} (scaled)"
+                    f"split decoder: {name} ({g.shape}) differs from {reference.name} ({w.shape}) by {err:.2e} (scaled)"
                 )
         log.info("split decoder matches %s at batch %d x %d points (mask input: %s)", reference.name, batch, points, with_mask)
 

@@ -8,7 +8,9 @@ prompt) instead of the model width:
 * **Per frame** (`FrameGraph`, once per embedding and mask input): the image tokens
   `keys = embedding + dense`, and the first block's image-side projections (the token->image
   keys and values, the image->token queries), which only see `keys` and the positional encoding.
-* **Per prompt** (`PromptGraph`):
+* **Per prompt** (`PromptGraph`, then `MasksGraph`: the transformer and IoU head first, the
+  mask upscaling second, so a caller that filters on predicted IoU, as segment-everything does,
+  upscales only the prompts that pass):
   - token->image attention: `q . (Wk x + bk) = (Wk^T q) . x + q . bk`; the second term is constant
     along the softmax axis and drops out. Values: `sum_i a_i (Wv x_i + bv) = Wv (sum_i a_i x_i) + bv`
     because each softmax row sums to one. Both products are (H*T) x D x P instead of P x D x D/2.
@@ -30,7 +32,9 @@ from .sam import Sam, SamAttention
 FRAME_INPUTS = ["image_embeddings", "mask_input", "has_mask_input"]
 FRAME_OUTPUTS = ["image_tokens", "t2i_keys", "t2i_values", "i2t_queries"]
 PROMPT_INPUTS = FRAME_OUTPUTS + ["point_coords", "point_labels"]
-PROMPT_OUTPUTS = ["masks", "iou_predictions"]
+PROMPT_OUTPUTS = ["prompt_image_tokens", "mask_weights", "iou_predictions"]
+MASKS_INPUTS = ["prompt_image_tokens", "mask_weights"]
+MASKS_OUTPUTS = ["masks"]
 
 
 def _head_weights(linear: nn.Linear, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +167,8 @@ def _upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.T
 
 
 class PromptGraph(nn.Module):
-    """B prompts of N points against the per-frame tensors -> masks (B, 3, 4e, 4e), IoU (B, 3)."""
+    """B prompts of N points against the per-frame tensors -> their image tokens after the
+    transformer (B, P, D), mask weights (B, 3, C) and IoU predictions (B, 3)."""
 
     def __init__(self, model: Sam):
         super().__init__()
@@ -210,6 +215,17 @@ class PromptGraph(nn.Module):
         iou_out = queries[:, 0, :]
         mask_out = queries[:, 1 : 1 + dec.num_mask_tokens, :]
         hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-        masks = _upscaled_masks(dec.output_upscaling, keys, hyper[:, 1:], self.e)
         iou = dec.iou_prediction_head(iou_out)
-        return masks, iou[:, 1:]
+        return keys, hyper[:, 1:], iou[:, 1:]
+
+
+class MasksGraph(nn.Module):
+    """The prompts' image tokens (B, P, D) and mask weights (B, 3, C) -> masks (B, 3, 4e, 4e)."""
+
+    def __init__(self, model: Sam):
+        super().__init__()
+        self.upscaling = model.mask_decoder.output_upscaling
+        self.e = model.cfg.embedding_size
+
+    def forward(self, prompt_image_tokens, mask_weights):
+        return _upscaled_masks(self.upscaling, prompt_image_tokens, mask_weights, self.e)

@@ -86,9 +86,40 @@ pub(crate) fn f32_slice(t: &Tensor) -> &[f32] {
         .unwrap_or(&[])
 }
 
+#[derive(Default)]
 struct PlanCache {
     plans: HashMap<(usize, usize), Arc<TypedRunnableModel>>,
     order: VecDeque<(usize, usize)>,
+}
+
+impl PlanCache {
+    /// The plan under `key`, built by `build` on first use; the least recently built beyond
+    /// [`MAX_CACHED_PLANS`] is dropped.
+    fn get_or_build(
+        cache: &Mutex<PlanCache>,
+        key: (usize, usize),
+        build: impl FnOnce() -> Result<Arc<TypedRunnableModel>>,
+    ) -> Result<Arc<TypedRunnableModel>> {
+        // A panic while holding the lock leaves a consistent map: keep using it.
+        let lock = || {
+            cache
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        if let Some(p) = lock().plans.get(&key) {
+            return Ok(p.clone());
+        }
+        let plan = build()?;
+        let mut cache = lock();
+        cache.plans.insert(key, plan.clone());
+        cache.order.push_back(key);
+        while cache.order.len() > MAX_CACHED_PLANS {
+            if let Some(old) = cache.order.pop_front() {
+                cache.plans.remove(&old);
+            }
+        }
+        Ok(plan)
+    }
 }
 
 /// Which graphs run the decoder.
@@ -113,11 +144,14 @@ impl std::fmt::Display for DecoderForm {
 enum Graphs {
     /// `prompts` is the whole decoder.
     One,
-    /// `frame` computes the prompt-independent tensors that `prompts` takes first.
+    /// `frame` computes the prompt-independent tensors that `prompts` takes first; `prompts`
+    /// gives each prompt's image tokens, mask weights and IoU predictions, and `masks` turns the
+    /// first two into mask logits.
     Split {
         frame: Arc<TypedRunnableModel>,
         /// Concrete shapes of `frame`'s outputs, the first inputs of `prompts`.
         frame_shapes: Vec<Vec<usize>>,
+        masks: InferenceModel,
     },
 }
 
@@ -131,6 +165,8 @@ pub struct Decoder {
     prompts: InferenceModel,
     graphs: Graphs,
     cache: Mutex<PlanCache>,
+    /// Plans of the split form's mask graph, by batch (`(batch, 0)` keys).
+    mask_plans: Mutex<PlanCache>,
     /// The ONNX file run per prompt batch.
     pub path: PathBuf,
     /// Its precision.
@@ -157,15 +193,18 @@ impl Decoder {
         let mask_size = manifest.config.low_res_mask_size();
         let split = graph == super::DecoderGraph::Auto
             && manifest.file(Role::DecoderFrame, precision).is_some()
-            && manifest.file(Role::DecoderPrompt, precision).is_some();
+            && manifest.file(Role::DecoderPrompt, precision).is_some()
+            && manifest.file(Role::DecoderMasks, precision).is_some();
         let (path, prompts, graphs) = if split {
             let (frame_path, frame) = parse_onnx(dir, manifest, Role::DecoderFrame, precision)?;
             let frame = frame_plan(frame, &frame_path, embedding_shape, mask_size, int8)?;
             let frame_shapes = frame_output_shapes(&frame, &frame_path)?;
             let (path, prompts) = parse_onnx(dir, manifest, Role::DecoderPrompt, precision)?;
+            let (_, masks) = parse_onnx(dir, manifest, Role::DecoderMasks, precision)?;
             let graphs = Graphs::Split {
                 frame,
                 frame_shapes,
+                masks,
             };
             (path, prompts, graphs)
         } else {
@@ -175,10 +214,8 @@ impl Decoder {
         let decoder = Decoder {
             prompts,
             graphs,
-            cache: Mutex::new(PlanCache {
-                plans: HashMap::new(),
-                order: VecDeque::new(),
-            }),
+            cache: Mutex::new(PlanCache::default()),
+            mask_plans: Mutex::new(PlanCache::default()),
             path,
             precision,
             int8,
@@ -207,27 +244,44 @@ impl Decoder {
     /// The runnable plan run per batch of B prompts of N points (the whole decoder, or its
     /// per-prompt half), built on first use (also for kernel reports).
     pub fn plan(&self, batch: usize, points: usize) -> Result<Arc<TypedRunnableModel>> {
-        let key = (batch, points);
-        if let Some(p) = self.lock_cache().plans.get(&key) {
-            return Ok(p.clone());
-        }
-        let plan = self.build_plan(batch, points)?;
-        let mut cache = self.lock_cache();
-        cache.plans.insert(key, plan.clone());
-        cache.order.push_back(key);
-        while cache.order.len() > MAX_CACHED_PLANS {
-            if let Some(old) = cache.order.pop_front() {
-                cache.plans.remove(&old);
-            }
-        }
-        Ok(plan)
+        PlanCache::get_or_build(&self.cache, (batch, points), || {
+            self.build_plan(batch, points)
+        })
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, PlanCache> {
-        // A panic while holding the lock leaves a consistent map: keep using it.
-        self.cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The split form's mask plan for image tokens and mask weights of these shapes.
+    fn mask_plan(
+        &self,
+        masks: &InferenceModel,
+        tokens: &[usize],
+        weights: &[usize],
+    ) -> Result<Arc<TypedRunnableModel>> {
+        let batch = tokens.first().copied().unwrap_or(0);
+        PlanCache::get_or_build(&self.mask_plans, (batch, 0), || {
+            let load_err = |source| Error::ModelLoad {
+                stage: stage_name(Role::DecoderMasks),
+                path: self.path.clone(),
+                source,
+            };
+            let mut model = masks.clone();
+            model
+                .set_input_fact(0, f32::fact(tokens).into())
+                .map_err(load_err)?;
+            model
+                .set_input_fact(1, f32::fact(weights).into())
+                .map_err(load_err)?;
+            let typed = super::optimize(model, Role::DecoderMasks, &self.path, self.int8)?;
+            let m = self.mask_size;
+            let want = [batch, self.masks_per_prompt, m, m];
+            let fact = typed.output_fact(0).map_err(load_err)?;
+            if fact.shape.as_concrete() != Some(&want[..]) {
+                return Err(Error::ModelMismatch {
+                    path: self.path.clone(),
+                    reason: format!("mask graph output is {:?}, expected {want:?}", fact.shape),
+                });
+            }
+            typed.into_runnable().map_err(load_err)
+        })
     }
 
     fn build_plan(&self, batch: usize, points: usize) -> Result<Arc<TypedRunnableModel>> {
@@ -260,8 +314,14 @@ impl Decoder {
         }
         let typed = super::optimize(model, role, &self.path, self.int8)?;
         let k = self.masks_per_prompt;
-        let expect = [[batch, k, m, m].to_vec(), [batch, k].to_vec()];
-        for (ix, want) in expect.iter().enumerate() {
+        // The one graph gives masks and IoU; the per-prompt graph image tokens, mask weights
+        // (shapes checked by the mask plan) and IoU.
+        let expect: Vec<(usize, Vec<usize>)> = match self.graphs {
+            Graphs::One => vec![(0, vec![batch, k, m, m]), (1, vec![batch, k])],
+            Graphs::Split { .. } => vec![(2, vec![batch, k])],
+        };
+        for (ix, want) in &expect {
+            let ix = *ix;
             let fact = typed.output_fact(ix).map_err(load_err)?;
             if fact.shape.as_concrete() != Some(&want[..]) {
                 return Err(Error::ModelMismatch {
@@ -425,50 +485,123 @@ impl Decoder {
     /// prompt has megabytes of image-side tensors, and a chunk that stays in cache runs faster
     /// per prompt than one big batch (measured in `docs/performance.md`).
     pub fn decode(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
-        let (b, n) = (input.batch(), input.points_per_prompt);
-        let well_formed = input.coords.len() == b * n && input.labels.len() == b * n;
-        if self.form() == DecoderForm::OneGraph || b <= SPLIT_CHUNK || !well_formed {
-            // Malformed batches get decode_batch's error.
-            return self.decode_batch(embedding, input);
-        }
-        let (k, m) = (self.masks_per_prompt, self.mask_size);
-        let mut masks = Vec::with_capacity(b * k * m * m);
-        let mut iou = Vec::with_capacity(b * k);
-        for first in (0..b).step_by(SPLIT_CHUNK) {
-            let end = (first + SPLIT_CHUNK).min(b);
-            let chunk = DecoderInput {
-                points_per_prompt: n,
-                coords: input.coords[first * n..end * n].to_vec(),
-                labels: input.labels[first * n..end * n].to_vec(),
-                mask_input: input.mask_input.clone(),
-            };
-            let out = self.decode_batch(embedding, &chunk)?;
-            masks.extend_from_slice(f32_slice(&out.masks));
-            iou.extend_from_slice(f32_slice(&out.iou));
-        }
-        let infer = |source| Error::Inference {
-            stage: "decoder",
-            source,
-        };
-        Ok(MaskLogits {
-            masks: Arc::new(Tensor::from_shape(&[b, k, m, m], &masks).map_err(infer)?),
-            iou: Arc::new(Tensor::from_shape(&[b, k], &iou).map_err(infer)?),
-            masks_per_prompt: k,
-            size: m,
-        })
+        Ok(self.decode_where(embedding, input, None)?.0)
     }
 
-    /// Decode one batch in one run of its plan.
-    fn decode_batch(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
-        let (plan, inputs) = self.batch_inputs(embedding, input)?;
-        let infer = |source| Error::Inference {
-            stage: "decoder",
-            source,
+    /// Decode `input` but keep only the prompts with at least one mask of predicted IoU above
+    /// `min_iou`; returns their logits and their indices in `input`. The split form does not
+    /// upscale the masks of the others at all (segment-everything drops them anyway).
+    pub fn decode_promising(
+        &self,
+        embedding: &Embedding,
+        input: &DecoderInput,
+        min_iou: f32,
+    ) -> Result<(MaskLogits, Vec<usize>)> {
+        self.decode_where(embedding, input, Some(min_iou))
+    }
+
+    fn decode_where(
+        &self,
+        embedding: &Embedding,
+        input: &DecoderInput,
+        min_iou: Option<f32>,
+    ) -> Result<(MaskLogits, Vec<usize>)> {
+        let (b, n) = (input.batch(), input.points_per_prompt);
+        let (k, m) = (self.masks_per_prompt, self.mask_size);
+        let well_formed = input.coords.len() == b * n && input.labels.len() == b * n;
+        let promising = |iou: &[f32]| min_iou.is_none_or(|t| iou.iter().any(|&v| v > t));
+        let mut masks = Vec::new();
+        let mut iou = Vec::new();
+        let mut kept = Vec::new();
+        match &self.graphs {
+            // Malformed batches get batch_inputs' error.
+            Graphs::Split { masks: graph, .. } if well_formed => {
+                for first in (0..b).step_by(SPLIT_CHUNK) {
+                    let end = (first + SPLIT_CHUNK).min(b);
+                    let chunk = DecoderInput {
+                        points_per_prompt: n,
+                        coords: input.coords[first * n..end * n].to_vec(),
+                        labels: input.labels[first * n..end * n].to_vec(),
+                        mask_input: input.mask_input.clone(),
+                    };
+                    let (tokens, weights, scores) = self.run_prompts(embedding, &chunk)?;
+                    let scores = f32_slice(&scores);
+                    let keep: Vec<usize> = (0..end - first)
+                        .filter(|&i| promising(scores.get(i * k..(i + 1) * k).unwrap_or(&[])))
+                        .collect();
+                    if keep.is_empty() {
+                        continue;
+                    }
+                    let (tokens, weights) = if keep.len() == end - first {
+                        (tokens, weights)
+                    } else {
+                        (select_rows(&tokens, &keep)?, select_rows(&weights, &keep)?)
+                    };
+                    let plan = self.mask_plan(graph, tokens.shape(), weights.shape())?;
+                    let out = plan
+                        .run(tvec!(tokens.into_tvalue(), weights.into_tvalue()))
+                        .map_err(infer_err)?;
+                    let chunk_masks = out
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| infer_err(anyhow::anyhow!("mask graph gave no output")))?;
+                    masks.extend_from_slice(f32_slice(&chunk_masks));
+                    for &i in &keep {
+                        iou.extend_from_slice(&scores[i * k..(i + 1) * k]);
+                        kept.push(first + i);
+                    }
+                }
+            }
+            _ => {
+                let all = self.decode_one_graph(embedding, input)?;
+                for i in 0..all.batch() {
+                    let row: Vec<f32> = (0..k).map(|j| all.iou(i, j)).collect();
+                    if promising(&row) {
+                        for j in 0..k {
+                            masks.extend_from_slice(all.mask(i, j));
+                        }
+                        iou.extend_from_slice(&row);
+                        kept.push(i);
+                    }
+                }
+            }
+        }
+        let s = kept.len();
+        let logits = MaskLogits {
+            masks: Arc::new(Tensor::from_shape(&[s, k, m, m], &masks).map_err(infer_err)?),
+            iou: Arc::new(Tensor::from_shape(&[s, k], &iou).map_err(infer_err)?),
+            masks_per_prompt: k,
+            size: m,
         };
-        let out = plan.run(inputs).map_err(infer)?;
-        let mut out = out.into_iter();
+        Ok((logits, kept))
+    }
+
+    /// The split form's per-prompt graph on one batch: image tokens, mask weights, IoU.
+    fn run_prompts(
+        &self,
+        embedding: &Embedding,
+        input: &DecoderInput,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (plan, inputs) = self.batch_inputs(embedding, input)?;
+        let mut out = plan.run(inputs).map_err(infer_err)?.into_iter();
+        match (out.next(), out.next(), out.next()) {
+            (Some(tokens), Some(weights), Some(iou)) => Ok((
+                tokens.into_tensor(),
+                weights.into_tensor(),
+                iou.into_tensor(),
+            )),
+            _ => Err(infer_err(anyhow::anyhow!(
+                "per-prompt graph returned fewer than 3 outputs"
+            ))),
+        }
+    }
+
+    /// The one-graph form on one batch (or the split form's error on a malformed one).
+    fn decode_one_graph(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
+        let (plan, inputs) = self.batch_inputs(embedding, input)?;
+        let mut out = plan.run(inputs).map_err(infer_err)?.into_iter();
         let (Some(masks), Some(iou)) = (out.next(), out.next()) else {
-            return Err(infer(anyhow::anyhow!(
+            return Err(infer_err(anyhow::anyhow!(
                 "decoder returned fewer than 2 outputs"
             )));
         };
@@ -479,6 +612,31 @@ impl Decoder {
             size: self.mask_size,
         })
     }
+}
+
+/// A decoder inference error.
+fn infer_err(source: anyhow::Error) -> Error {
+    Error::Inference {
+        stage: "decoder",
+        source,
+    }
+}
+
+/// Rows `keep` (along axis 0) of an f32 tensor.
+fn select_rows(t: &Tensor, keep: &[usize]) -> Result<Tensor> {
+    let shape = t.shape();
+    let row: usize = shape.iter().skip(1).product();
+    let data = f32_slice(t);
+    let mut out = Vec::with_capacity(keep.len() * row);
+    for &i in keep {
+        let Some(values) = data.get(i * row..(i + 1) * row) else {
+            return Err(infer_err(anyhow::anyhow!("row {i} of a {shape:?} tensor")));
+        };
+        out.extend_from_slice(values);
+    }
+    let mut new_shape = shape.to_vec();
+    new_shape[0] = keep.len();
+    Tensor::from_shape(&new_shape, &out).map_err(infer_err)
 }
 
 /// The optimised per-frame plan: (1, D, e, e) embedding, (1, 1, m, m) mask, (1) flag.

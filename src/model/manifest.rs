@@ -120,9 +120,12 @@ pub enum Role {
     /// The decoder's per-frame half: image tokens and the first block's image-side projections.
     #[serde(rename = "decoder_frame")]
     DecoderFrame,
-    /// The decoder's per-prompt half, run on the per-frame half's outputs.
+    /// The decoder's per-prompt transformer and IoU head, run on the per-frame half's outputs.
     #[serde(rename = "decoder_prompt")]
     DecoderPrompt,
+    /// The decoder's mask upscaling, run on the per-prompt graph's image tokens and mask weights.
+    #[serde(rename = "decoder_masks")]
+    DecoderMasks,
 }
 
 /// One ONNX file.
@@ -215,7 +218,9 @@ impl Manifest {
     pub fn default_precision(&self, role: Role) -> Precision {
         match role {
             Role::Encoder => self.default.encoder,
-            Role::Decoder | Role::DecoderFrame | Role::DecoderPrompt => self.default.decoder,
+            Role::Decoder | Role::DecoderFrame | Role::DecoderPrompt | Role::DecoderMasks => {
+                self.default.decoder
+            }
         }
     }
 

@@ -290,6 +290,7 @@ pub(crate) fn stage_name(role: Role) -> &'static str {
         Role::Decoder => "decoder",
         Role::DecoderFrame => "decoder (per frame)",
         Role::DecoderPrompt => "decoder (per prompt)",
+        Role::DecoderMasks => "decoder (masks)",
     }
 }
 

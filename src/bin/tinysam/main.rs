@@ -333,12 +333,14 @@ fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {json_path}"))?;
     println!(
-        "{:?}: {} masks from {} decoder prompts ({} skipped, {} candidates before NMS); encoder {encoder_ms:.0} ms, \
-         everything {everything_ms:.0} ms; wrote {json_path} and {overlay_path}",
+        "{:?}: {} masks from {} decoder prompts ({} skipped, {} with a mask above the IoU threshold, \
+         {} candidates before NMS); encoder {encoder_ms:.0} ms, everything {everything_ms:.0} ms; \
+         wrote {json_path} and {overlay_path}",
         params.strategy,
         result.masks.len(),
         result.stats.decoder_prompts,
         result.stats.skipped_points,
+        result.stats.promising_prompts,
         result.stats.candidates
     );
     Ok(())
