@@ -151,7 +151,7 @@ enum Graphs {
         frame: Arc<TypedRunnableModel>,
         /// Concrete shapes of `frame`'s outputs, the first inputs of `prompts`.
         frame_shapes: Vec<Vec<usize>>,
-        masks: InferenceModel,
+        masks: Box<InferenceModel>,
     },
 }
 
@@ -204,7 +204,7 @@ impl Decoder {
             let graphs = Graphs::Split {
                 frame,
                 frame_shapes,
-                masks,
+                masks: Box::new(masks),
             };
             (path, prompts, graphs)
         } else {
