@@ -237,20 +237,11 @@ fn full_path_from_rgb_frame_matches() {
 /// per-frame tensors), within 1e-4 of the output scale.
 #[test]
 fn split_decoder_matches_the_one_graph_decoder() {
-    use tinysam_edge::model::{DecoderForm, DecoderGraph};
+    use tinysam_edge::model::DecoderForm;
 
     let split = segmenter(Some(Precision::Fp32));
     assert_eq!(split.model.decoder.form(), DecoderForm::Split);
-    let one = Segmenter::load(
-        &fixtures().join("test_model"),
-        PrecisionChoice {
-            encoder: Some(Precision::Fp32),
-            decoder: Some(Precision::Fp32),
-            decoder_graph: DecoderGraph::OneGraph,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let one = one_graph_fp32();
     assert_eq!(one.model.decoder.form(), DecoderForm::OneGraph);
     let emb = embed_golden_input(&split.model);
     let m2 = split.mask_size().pow(2);
@@ -319,19 +310,8 @@ fn split_decoder_matches_the_one_graph_decoder() {
 /// masks `decode` gives them, on both decoder forms (the split one upscales only those).
 #[test]
 fn promising_prompts_keep_their_masks_and_the_rest_are_dropped() {
-    use tinysam_edge::model::DecoderGraph;
-
     let split = segmenter(Some(Precision::Fp32));
-    let one = Segmenter::load(
-        &fixtures().join("test_model"),
-        PrecisionChoice {
-            encoder: Some(Precision::Fp32),
-            decoder: Some(Precision::Fp32),
-            decoder_graph: DecoderGraph::OneGraph,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let one = one_graph_fp32();
     let emb = embed_golden_input(&split.model);
     let m2 = split.mask_size().pow(2);
     let prompts: Vec<_> = (0..11)
@@ -341,7 +321,7 @@ fn promising_prompts_keep_their_masks_and_the_rest_are_dropped() {
                 .unwrap()
         })
         .collect();
-    for seg in [split, &one] {
+    for seg in [split, one] {
         let all = seg.decode(&emb, &prompts, None).unwrap();
         let mut best: Vec<f32> = (0..all.batch())
             .map(|b| (0..3).map(|k| all.iou(b, k)).fold(f32::MIN, f32::max))
@@ -365,4 +345,23 @@ fn promising_prompts_keep_their_masks_and_the_rest_are_dropped() {
         let (none, indices) = seg.decode_promising(&emb, &prompts, f32::INFINITY).unwrap();
         assert_eq!((none.batch(), indices.len()), (0, 0));
     }
+}
+
+/// The FP32 fixture with the one-graph decoder, loaded once per test binary.
+fn one_graph_fp32() -> &'static Segmenter {
+    use tinysam_edge::model::DecoderGraph;
+
+    static ONE: std::sync::OnceLock<Segmenter> = std::sync::OnceLock::new();
+    ONE.get_or_init(|| {
+        Segmenter::load(
+            &fixtures().join("test_model"),
+            PrecisionChoice {
+                encoder: Some(Precision::Fp32),
+                decoder: Some(Precision::Fp32),
+                decoder_graph: DecoderGraph::OneGraph,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    })
 }

@@ -238,17 +238,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .run(&frame)?;
             let times = profile::profile(seg.model.encoder.plan(), vec![input.tensor])?;
             profiles.push((p, profile::by_layer(&times, 4)));
-            eprintln!("\nencoder {p}: time by op");
-            for (op, d, n) in profile::by_op(&times).iter().take(12) {
-                eprintln!("  {:>9.1} ms  {n:>4}x  {op}", ms(*d));
-            }
-            eprintln!("encoder {p}: slowest nodes");
-            for t in times.iter().take(12) {
-                eprintln!("  {:>9.1} ms  {:<24} {}", ms(t.time), t.op, t.node);
-                for line in &t.info {
-                    eprintln!("                 {line}");
-                }
-            }
+            print_profile(&format!("encoder {p}"), &times, 12);
         }
     }
     if let (Some((_, int8)), Some((_, fp32))) = (
@@ -333,24 +323,30 @@ fn print_decoder_profile(
     let decoder = &seg.model.decoder;
     let times = decoder.profile(emb, &input)?;
     let total: Duration = times.iter().map(|t| t.time).sum();
-    eprintln!(
-        "\ndecoder ({} {}, batch {}): {:.1} ms, time by op",
+    let title = format!(
+        "decoder ({} {}, batch {}, encoder {p}): {:.1} ms,",
         decoder.form(),
         decoder.precision,
         prompts.len(),
         ms(total)
     );
-    for (op, d, n) in profile::by_op(&times).iter().take(12) {
+    print_profile(&title, &times, 16);
+    Ok(())
+}
+
+/// Time by op, then the `slowest` slowest nodes with tract's description, on stderr.
+fn print_profile(title: &str, times: &[profile::NodeTime], slowest: usize) {
+    eprintln!("\n{title} time by op");
+    for (op, d, n) in profile::by_op(times).iter().take(12) {
         eprintln!("  {:>9.1} ms  {n:>4}x  {op}", ms(*d));
     }
-    eprintln!("decoder (encoder {p}): slowest nodes");
-    for t in times.iter().take(16) {
+    eprintln!("{title} slowest nodes");
+    for t in times.iter().take(slowest) {
         eprintln!("  {:>9.1} ms  {:<24} {}", ms(t.time), t.op, t.node);
         for line in &t.info {
             eprintln!("                 {line}");
         }
     }
-    Ok(())
 }
 
 fn everything_table(
