@@ -152,6 +152,8 @@ enum Graphs {
         /// Concrete shapes of `frame`'s outputs, the first inputs of `prompts`.
         frame_shapes: Vec<Vec<usize>>,
         masks: Box<InferenceModel>,
+        /// The mask graph's file, for its errors.
+        masks_path: PathBuf,
     },
 }
 
@@ -200,11 +202,12 @@ impl Decoder {
             let frame = frame_plan(frame, &frame_path, embedding_shape, mask_size, int8)?;
             let frame_shapes = frame_output_shapes(&frame, &frame_path)?;
             let (path, prompts) = parse_onnx(dir, manifest, Role::DecoderPrompt, precision)?;
-            let (_, masks) = parse_onnx(dir, manifest, Role::DecoderMasks, precision)?;
+            let (masks_path, masks) = parse_onnx(dir, manifest, Role::DecoderMasks, precision)?;
             let graphs = Graphs::Split {
                 frame,
                 frame_shapes,
                 masks: Box::new(masks),
+                masks_path,
             };
             (path, prompts, graphs)
         } else {
@@ -249,10 +252,40 @@ impl Decoder {
         })
     }
 
+    /// Every plan a batch of B prompts of N points runs, for kernel reports: the one above, and
+    /// for the split form the mask plan after it (the per-frame plan, once per frame, is not
+    /// counted).
+    pub fn prompt_plans(
+        &self,
+        batch: usize,
+        points: usize,
+    ) -> Result<Vec<Arc<TypedRunnableModel>>> {
+        let plan = self.plan(batch, points)?;
+        let mut plans = vec![plan.clone()];
+        if let Graphs::Split {
+            masks, masks_path, ..
+        } = &self.graphs
+        {
+            let model = plan.model();
+            let shape = |ix: usize| {
+                model
+                    .output_fact(ix)
+                    .ok()
+                    .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
+                    .ok_or_else(|| Error::ModelMismatch {
+                        path: self.path.clone(),
+                        reason: format!("per-prompt output {ix} has no concrete shape"),
+                    })
+            };
+            plans.push(self.mask_plan((masks, masks_path), &shape(0)?, &shape(1)?)?);
+        }
+        Ok(plans)
+    }
+
     /// The split form's mask plan for image tokens and mask weights of these shapes.
     fn mask_plan(
         &self,
-        masks: &InferenceModel,
+        (masks, path): (&InferenceModel, &Path),
         tokens: &[usize],
         weights: &[usize],
     ) -> Result<Arc<TypedRunnableModel>> {
@@ -260,7 +293,7 @@ impl Decoder {
         PlanCache::get_or_build(&self.mask_plans, (batch, 0), || {
             let load_err = |source| Error::ModelLoad {
                 stage: stage_name(Role::DecoderMasks),
-                path: self.path.clone(),
+                path: path.to_path_buf(),
                 source,
             };
             let mut model = masks.clone();
@@ -270,13 +303,13 @@ impl Decoder {
             model
                 .set_input_fact(1, f32::fact(weights).into())
                 .map_err(load_err)?;
-            let typed = super::optimize(model, Role::DecoderMasks, &self.path, self.int8)?;
+            let typed = super::optimize(model, Role::DecoderMasks, path, self.int8)?;
             let m = self.mask_size;
             let want = [batch, self.masks_per_prompt, m, m];
             let fact = typed.output_fact(0).map_err(load_err)?;
             if fact.shape.as_concrete() != Some(&want[..]) {
                 return Err(Error::ModelMismatch {
-                    path: self.path.clone(),
+                    path: path.to_path_buf(),
                     reason: format!("mask graph output is {:?}, expected {want:?}", fact.shape),
                 });
             }
@@ -381,25 +414,21 @@ impl Decoder {
     /// The `mask_input` and `has_mask_input` tensors for an optional m*m mask.
     fn mask_inputs(&self, mask: Option<&[f32]>) -> Result<(Tensor, Tensor)> {
         let m = self.mask_size;
-        let infer = |source| Error::Inference {
-            stage: "decoder",
-            source,
-        };
         let (mask, has_mask) = match mask {
             Some(mask) if mask.len() == m * m => (
-                Tensor::from_shape(&[1, 1, m, m], mask).map_err(infer)?,
+                Tensor::from_shape(&[1, 1, m, m], mask).map_err(infer_err)?,
                 1.0f32,
             ),
             Some(mask) => {
-                return Err(infer(anyhow::anyhow!(
+                return Err(infer_err(anyhow::anyhow!(
                     "mask input has {} values, expected {}",
                     mask.len(),
                     m * m
                 )))
             }
-            None => (Tensor::zero::<f32>(&[1, 1, m, m]).map_err(infer)?, 0.0),
+            None => (Tensor::zero::<f32>(&[1, 1, m, m]).map_err(infer_err)?, 0.0),
         };
-        let has_mask = Tensor::from_shape(&[1], &[has_mask]).map_err(infer)?;
+        let has_mask = Tensor::from_shape(&[1], &[has_mask]).map_err(infer_err)?;
         Ok((mask, has_mask))
     }
 
@@ -411,10 +440,7 @@ impl Decoder {
         input: &DecoderInput,
     ) -> Result<Vec<super::profile::NodeTime>> {
         let (plan, inputs) = self.batch_inputs(embedding, input)?;
-        super::profile::profile_values(&plan, inputs).map_err(|source| Error::Inference {
-            stage: "decoder",
-            source,
-        })
+        super::profile::profile_values(&plan, inputs).map_err(infer_err)
     }
 
     /// The plan for `input`'s batch shape and its inputs.
@@ -446,13 +472,9 @@ impl Decoder {
             });
         }
         let plan = self.plan(b, n)?;
-        let infer = |source| Error::Inference {
-            stage: "decoder",
-            source,
-        };
         let coords: Vec<f32> = input.coords.iter().flatten().copied().collect();
-        let coords = Tensor::from_shape(&[b, n, 2], &coords).map_err(infer)?;
-        let labels = Tensor::from_shape(&[b, n], &input.labels).map_err(infer)?;
+        let coords = Tensor::from_shape(&[b, n, 2], &coords).map_err(infer_err)?;
+        let labels = Tensor::from_shape(&[b, n], &input.labels).map_err(infer_err)?;
         let inputs: TVec<TValue> = match &self.graphs {
             Graphs::One => {
                 let (mask, has_mask) = self.mask_inputs(input.mask_input.as_deref())?;
@@ -515,7 +537,11 @@ impl Decoder {
         let mut kept = Vec::new();
         match &self.graphs {
             // Malformed batches get batch_inputs' error.
-            Graphs::Split { masks: graph, .. } if well_formed => {
+            Graphs::Split {
+                masks: graph,
+                masks_path,
+                ..
+            } if well_formed => {
                 for first in (0..b).step_by(SPLIT_CHUNK) {
                     let end = (first + SPLIT_CHUNK).min(b);
                     let chunk = DecoderInput {
@@ -537,7 +563,8 @@ impl Decoder {
                     } else {
                         (select_rows(&tokens, &keep)?, select_rows(&weights, &keep)?)
                     };
-                    let plan = self.mask_plan(graph, tokens.shape(), weights.shape())?;
+                    let plan =
+                        self.mask_plan((graph, masks_path), tokens.shape(), weights.shape())?;
                     let out = plan
                         .run(tvec!(tokens.into_tvalue(), weights.into_tvalue()))
                         .map_err(infer_err)?;
@@ -554,6 +581,11 @@ impl Decoder {
             }
             _ => {
                 let all = self.decode_one_graph(embedding, input)?;
+                if min_iou.is_none() {
+                    // Every prompt kept: the plan's outputs as they are, no copy.
+                    let every = (0..all.batch()).collect();
+                    return Ok((all, every));
+                }
                 for i in 0..all.batch() {
                     let row: Vec<f32> = (0..k).map(|j| all.iou(i, j)).collect();
                     if promising(&row) {

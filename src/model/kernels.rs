@@ -46,6 +46,14 @@ impl KernelReport {
         }
     }
 
+    /// This report followed by `other`'s, as for two graphs run one after the other.
+    pub fn merge(mut self, other: KernelReport) -> KernelReport {
+        self.nodes.extend(other.nodes);
+        self.integer_macs += other.integer_macs;
+        self.float_macs += other.float_macs;
+        self
+    }
+
     /// Distinct kernel names with the MACs each runs, largest first.
     pub fn kernel_totals(&self) -> Vec<(String, u64)> {
         let mut totals: Vec<(String, u64)> = Vec::new();

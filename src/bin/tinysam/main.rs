@@ -350,8 +350,15 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     let seg = args.model.load()?;
     let m = &seg.model;
     let enc = kernels::analyse(m.encoder.model())?;
-    let dec_plan = m.decoder.plan(1, 2)?;
-    let dec = kernels::analyse(dec_plan.model())?;
+    let mut dec: Option<kernels::KernelReport> = None;
+    for plan in m.decoder.prompt_plans(1, 2)? {
+        let report = kernels::analyse(plan.model())?;
+        dec = Some(match dec {
+            Some(d) => d.merge(report),
+            None => report,
+        });
+    }
+    let dec = dec.context("the decoder has no plan")?;
     if args.json {
         let v = serde_json::json!({
             "dir": m.dir,
