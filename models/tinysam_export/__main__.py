@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--int8-stem", action="store_true", help="quantize the encoder stem too (lower fidelity)")
     e.add_argument("--calibration-image", type=Path, action="append", default=[], help="extra calibration photo")
 
-    s = sub.add_parser("split-decoder", help="add the per-frame + per-prompt decoder graphs to a model directory")
+    s = sub.add_parser("split-decoder", help="add the decoder's per-frame, per-prompt and mask graphs to a model directory")
     s.add_argument("--model", type=Path, required=True, help="model directory with manifest.json")
     s.add_argument("--checkpoint", type=Path, help="the checkpoint the directory was built from (not for synthetic weights)")
 

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 
 from .sam import Sam
+from .validate import session
 from .wrappers import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, DecoderGraph, EncoderGraph
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ def export_split_decoder(model: Sam, frame_out: Path, prompt_out: Path, masks_ou
     _export(prompt, prompt_args, prompt_out, PROMPT_INPUTS, PROMPT_OUTPUTS, per_prompt, opset)
     batch_axes = {name: {0: "batch"} for name in MASKS_INPUTS + MASKS_OUTPUTS}
     _export(masks, prompt(*prompt_args)[:2], masks_out, MASKS_INPUTS, MASKS_OUTPUTS, batch_axes, opset)
-    one = session_for(reference)
-    frame_sess, prompt_sess, masks_sess = session_for(frame_out), session_for(prompt_out), session_for(masks_out)
+    one = session(reference)
+    frame_sess, prompt_sess, masks_sess = session(frame_out), session(prompt_out), session(masks_out)
     gen = torch.Generator().manual_seed(0)
     for batch, points, with_mask in ((1, 1, False), (2, 3, False), (5, 2, True)):
         emb, coords, labels, mask, flag = (t.numpy() for t in decoder_example(model, batch, points))
@@ -122,11 +123,6 @@ def export_split_decoder(model: Sam, frame_out: Path, prompt_out: Path, masks_ou
                     f"split decoder: {name} ({g.shape}) differs from {reference.name} ({w.shape}) by {err:.2e} (scaled)"
                 )
         log.info("split decoder matches %s at batch %d x %d points (mask input: %s)", reference.name, batch, points, with_mask)
-
-
-def session_for(path: Path) -> ort.InferenceSession:
-    """A CPU onnxruntime session of `path`."""
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def _compare(path: Path, feeds: dict[str, np.ndarray], expected: list[np.ndarray], atol: float = 1e-4) -> None:
