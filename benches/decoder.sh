@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The decoder in tract, split (per frame / per prompt / masks) against the one graph: MACs per
+# prompt, per-prompt time by batch size, the per-op profiles behind docs/performance.md, and one
+# segment-everything run. Writes benches/decoder-results.md (committed) with the commands.
+#
+#   bash benches/decoder.sh
+#
+# Uses the committed default model; onnxruntime side by side is benches/compare.py's job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked --bins
+BIN=./target/release/tinysam
+MODEL=models/default
+IMAGE=tests/fixtures/golden/frame.png
+[ -f ../shared/images/tinysam-picture2.jpg ] && IMAGE=../shared/images/tinysam-picture2.jpg
+OUT=benches/decoder-results.md
+
+# run "COMMAND ...": the command as a heading line, then its output (stderr too) in a code block.
+run() {
+    echo "\`$*\`"
+    echo
+    echo '```'
+    RUST_LOG=warn "$@" 2>&1
+    echo '```'
+    echo
+}
+
+{
+    echo "# Decoder results"
+    echo
+    echo "Made by \`bash benches/decoder.sh\` on $(date -u +%Y-%m-%d) (git $(git rev-parse --short HEAD)),"
+    echo "model \`$MODEL\` (synthetic weights), image \`$IMAGE\`, 2 threads unless said."
+    echo
+    echo "## MACs per one-point prompt (per-frame part excluded)"
+    echo
+    for form in auto one-graph; do
+        run "$BIN" info --model "$MODEL" --decoder-graph "$form"
+    done
+    echo "## Per-prompt time by batch size (split form; batches above 4 run in chunks of 4)"
+    echo
+    run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 1,2,4,8,16,64 \
+        --runs 3 --threads 2
+    echo "## Profiles of one decoder batch"
+    echo
+    echo "The one graph at batch 16 (before), the split form at 16 and at 2 (its chunks are 4)."
+    echo
+    run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 16 --runs 1 \
+        --threads 2 --profile --decoder-graph one-graph
+    run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 16 --runs 1 \
+        --threads 2 --profile
+    run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 2 --runs 1 \
+        --threads 2 --profile
+    echo "## Segment everything (hierarchical, encoder INT8, decoder split)"
+    echo
+    run "$BIN" segment "$IMAGE" --everything --model "$MODEL" --out target/decoder-bench/everything
+} >"$OUT"
+echo "wrote $OUT"
