@@ -82,7 +82,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
         let inputs = model.node_input_facts(id)?;
         let op_name = node.op.name();
         // Element-wise ops (GELU, norms) report FMA costs too; only products count as model MACs.
-        if !["MatMul", "Conv", "DepthWise", "Deconv"]
+        if !["MatMul", "Conv", "DepthWise", "Deconv", "Attention"]
             .iter()
             .any(|k| op_name.contains(k))
         {
@@ -100,6 +100,10 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                 .map(|k| k.name().to_string())
                 .or_else(|| {
                     super::qmatmul::as_int8_op(node).map(|op| op.packed().kernel().report_name())
+                })
+                .or_else(|| {
+                    node.op_as::<super::ops::WindowAttention>()
+                        .map(|op| op.kernel_name())
                 })
                 .unwrap_or_default();
             if dt.is_integer() {

@@ -276,6 +276,17 @@ pub(crate) fn optimize(
             log::debug!("{stage}: {node} left to tract: {why}");
         }
     }
+    let attention = ops::rewrite_window_attention(&mut typed).map_err(load_err)?;
+    if !attention.replaced.is_empty() {
+        log::info!(
+            "{stage}: {} attention cores on TinysamWindowAttention, {} softmaxes left to tract",
+            attention.replaced.len(),
+            attention.kept.len()
+        );
+    }
+    for (node, why) in &attention.kept {
+        log::debug!("{stage}: attention at {node} left to tract: {why}");
+    }
     let softmax = ops::rewrite_softmax(&mut typed).map_err(load_err)?;
     if softmax > 0 {
         log::debug!("{stage}: {softmax} softmax ops on TinysamSoftmax");
