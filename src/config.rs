@@ -121,7 +121,7 @@ pub struct ModelConfig {
     /// Inference threads; 0: all cores.
     pub threads: usize,
     /// INT8 matrix products: `auto` (ours, fastest kernel of this CPU), `tract` (tract's own
-    /// kernels), or one of ours by name: `portable`, `avx2`, `sdot`.
+    /// kernels), or one of ours by name: `portable`, `avx2`, `vnni`, `sdot`.
     pub int8_matmul: String,
 }
 
@@ -340,7 +340,7 @@ impl Config {
                 invalid(
                     "model.int8_matmul",
                     format!("{:?}", self.model.int8_matmul),
-                    "expected auto, tract, portable, avx2 or sdot",
+                    "expected auto, tract, portable, avx2, vnni or sdot",
                 )
             })?;
         if let Some(kernel) = int8_matmul.kernel() {

@@ -106,7 +106,9 @@ impl std::str::FromStr for Int8Matmul {
                 .parse::<qmatmul::Kernel>()
                 .map(Int8Matmul::Kernel)
                 .map_err(|_| {
-                    format!("unknown int8 matmul `{other}` (auto, tract, portable, avx2, sdot)")
+                    format!(
+                        "unknown int8 matmul `{other}` (auto, tract, portable, avx2, vnni, sdot)"
+                    )
                 }),
         }
     }

@@ -31,7 +31,7 @@ pub struct BenchArgs {
     /// Threads for tract's matrix products.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, sdot.
+    /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, vnni, sdot.
     #[arg(long, default_value = "auto")]
     pub int8_matmul: model::Int8Matmul,
     /// Decoder form: auto (per-frame + per-prompt graphs when the model has them), one-graph.

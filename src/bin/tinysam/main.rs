@@ -44,7 +44,7 @@ struct ModelArgs {
     /// Threads for tract's matrix products.
     #[arg(long, default_value_t = default_threads())]
     threads: usize,
-    /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, sdot.
+    /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, vnni, sdot.
     #[arg(long, default_value = "auto")]
     int8_matmul: model::Int8Matmul,
     /// Decoder form: auto (per-frame + per-prompt graphs when the model has them), one-graph.

@@ -7,6 +7,8 @@
 //! dispatcher, so [`rewrite`] replaces the quantized `EinSum` nodes whose weights are constant by
 //! [`QMatMulOp`], which runs one of these kernels:
 //!
+//! * [`Kernel::Avx512Vnni`]: `vpdpbusd` on u8 × i8 quads (64 exact MACs an instruction), 8×16
+//!   tiles, on CPUs with AVX-512 VNNI (Ice Lake and later Xeons, Zen 4);
 //! * [`Kernel::Avx2`]: `vpmaddwd` on i16 pairs (16 exact MACs an instruction), 6×16 tiles;
 //! * [`Kernel::NeonDot`]: `sdot` (Armv8.2 dotprod, Cortex-A76/A78/X1, Jetson Orin), 8×8 tiles;
 //! * [`Kernel::Portable`]: the same i16-pair scheme in plain Rust (the compiler vectorises it:
@@ -26,6 +28,7 @@ mod neon;
 mod op;
 mod portable;
 pub mod rewrite;
+mod vnni;
 
 use std::fmt;
 
@@ -44,13 +47,16 @@ pub enum Kernel {
     Portable,
     /// x86_64 AVX2 `vpmaddwd`.
     Avx2,
+    /// x86_64 AVX-512 VNNI `vpdpbusd`.
+    Avx512Vnni,
     /// aarch64 `sdot` (dotprod extension).
     NeonDot,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs, unless `TINYSAM_INT8_KERNEL` names another
-    /// (`portable`, `avx2`, `sdot`); an unknown or unsupported name falls back to detection.
+    /// (`portable`, `avx2`, `vnni`, `sdot`); an unknown or unsupported name falls back to
+    /// detection.
     pub fn detect() -> Kernel {
         if let Ok(name) = std::env::var("TINYSAM_INT8_KERNEL") {
             match name.parse::<Kernel>() {
@@ -59,7 +65,7 @@ impl Kernel {
                 Err(e) => log::warn!("TINYSAM_INT8_KERNEL={name}: {e}"),
             }
         }
-        [Kernel::Avx2, Kernel::NeonDot]
+        [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::NeonDot]
             .into_iter()
             .find(|k| k.is_supported())
             .unwrap_or(Kernel::Portable)
@@ -70,22 +76,29 @@ impl Kernel {
         match self {
             Kernel::Portable => true,
             Kernel::Avx2 => avx2::is_supported(),
+            Kernel::Avx512Vnni => vnni::is_supported(),
             Kernel::NeonDot => neon::is_supported(),
         }
     }
 
     /// Every kernel this CPU can run.
     pub fn supported() -> Vec<Kernel> {
-        [Kernel::Portable, Kernel::Avx2, Kernel::NeonDot]
-            .into_iter()
-            .filter(|k| k.is_supported())
-            .collect()
+        [
+            Kernel::Portable,
+            Kernel::Avx2,
+            Kernel::Avx512Vnni,
+            Kernel::NeonDot,
+        ]
+        .into_iter()
+        .filter(|k| k.is_supported())
+        .collect()
     }
 
     /// Tile rows.
     fn mr(self) -> usize {
         match self {
             Kernel::Portable | Kernel::Avx2 => PAIR_MR,
+            Kernel::Avx512Vnni => vnni::MR,
             Kernel::NeonDot => neon::MR,
         }
     }
@@ -94,6 +107,7 @@ impl Kernel {
     fn nr(self) -> usize {
         match self {
             Kernel::Portable | Kernel::Avx2 => PAIR_NR,
+            Kernel::Avx512Vnni => vnni::NR,
             Kernel::NeonDot => neon::NR,
         }
     }
@@ -102,7 +116,7 @@ impl Kernel {
     fn k_step(self) -> usize {
         match self {
             Kernel::Portable | Kernel::Avx2 => 2,
-            Kernel::NeonDot => 4,
+            Kernel::Avx512Vnni | Kernel::NeonDot => 4,
         }
     }
 
@@ -117,6 +131,7 @@ impl fmt::Display for Kernel {
         f.write_str(match self {
             Kernel::Portable => "portable",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx512Vnni => "vnni",
             Kernel::NeonDot => "sdot",
         })
     }
@@ -128,9 +143,10 @@ impl std::str::FromStr for Kernel {
         match s {
             "portable" => Ok(Kernel::Portable),
             "avx2" => Ok(Kernel::Avx2),
+            "vnni" => Ok(Kernel::Avx512Vnni),
             "sdot" => Ok(Kernel::NeonDot),
             other => Err(format!(
-                "unknown int8 kernel `{other}` (portable, avx2, sdot)"
+                "unknown int8 kernel `{other}` (portable, avx2, vnni, sdot)"
             )),
         }
     }
@@ -347,8 +363,11 @@ pub struct PackedB {
     n: usize,
     /// Packed depth: `k` rounded up to the kernel's depth step.
     kp: usize,
-    /// i16 pairs (Portable, Avx2) or i8 quads (NeonDot), panel after panel.
+    /// i16 pairs (Portable, Avx2) or i8 quads (NeonDot, Avx512Vnni), panel after panel.
     data: PackedData,
+    /// Per (padded) column, what the kernel's sums exceed the true ones by: `128 · Σ_k b[k][c]`
+    /// for `vpdpbusd`, which reads A as `a + 128`; empty for the other kernels.
+    col_excess: Vec<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,7 +403,7 @@ impl PackedB {
                 }
                 PackedData::I16(v)
             }
-            Kernel::NeonDot => {
+            Kernel::NeonDot | Kernel::Avx512Vnni => {
                 // Per panel, per k quad: column c's 4 depths at [4c .. 4c+4].
                 let mut v = Vec::with_capacity(panels * kp * nr);
                 for p in 0..panels {
@@ -399,12 +418,19 @@ impl PackedB {
                 PackedData::I8(v)
             }
         };
+        let col_excess = match kernel {
+            Kernel::Avx512Vnni => (0..panels * nr)
+                .map(|c| (0..k).map(|kk| 128 * i32::from(at(kk, c))).sum())
+                .collect(),
+            _ => Vec::new(),
+        };
         PackedB {
             kernel,
             k,
             n,
             kp,
             data,
+            col_excess,
         }
     }
 
@@ -563,7 +589,10 @@ pub fn qmatmul(
     let cols = n.div_ceil(kernel.nr()) * kernel.nr();
     let columns = ColumnRequant {
         bias: (0..cols)
-            .map(|c| pick(&requant.bias, c.min(n - 1)))
+            .map(|c| {
+                let excess = b.col_excess.get(c).copied().unwrap_or(0);
+                pick(&requant.bias, c.min(n - 1)).wrapping_sub(excess)
+            })
             .collect(),
         scale: (0..cols)
             .map(|c| pick(&requant.scale, c.min(n - 1)))
@@ -670,13 +699,20 @@ unsafe fn rows_task(
             }
         }
         PackedData::I8(bdata) => {
-            // A blocks: per k quad, each row's 4 depths.
+            // A blocks: per k quad, each row's 4 depths; for `vpdpbusd` as u8, `a + 128`.
             let quads = kp / 4;
             let mut apack = vec![0i8; blocks * kp * mr];
+            let flip = if kernel == Kernel::Avx512Vnni {
+                0x80u8
+            } else {
+                0
+            };
             for_each_row(a, task_rows, (blocks, mr, kp), |blk, r, row| {
                 for q in 0..quads {
                     let at = ((blk * quads + q) * mr + r) * 4;
-                    apack[at..at + 4].copy_from_slice(&row[4 * q..4 * q + 4]);
+                    for (dst, &v) in apack[at..at + 4].iter_mut().zip(&row[4 * q..4 * q + 4]) {
+                        *dst = (v as u8 ^ flip) as i8;
+                    }
                 }
             });
             for (p, bpanel) in bdata.chunks_exact(kp * nr).enumerate() {
@@ -684,7 +720,12 @@ unsafe fn rows_task(
                 let (bias, scale) = (&bias[cols.clone()], &scale[cols]);
                 for blk in 0..blocks {
                     let apanel = &apack[blk * kp * mr..(blk + 1) * kp * mr];
-                    neon::tile(apanel, bpanel, (bias, scale, zp), &mut tile);
+                    match kernel {
+                        Kernel::Avx512Vnni => {
+                            vnni::tile(apanel, bpanel, (bias, scale, zp), &mut tile)
+                        }
+                        _ => neon::tile(apanel, bpanel, (bias, scale, zp), &mut tile),
+                    }
                     place(&tile, blk, p);
                 }
             }

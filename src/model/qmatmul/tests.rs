@@ -201,13 +201,20 @@ fn mismatched_operands_are_errors_not_panics() {
 
 #[test]
 fn kernel_names_parse_and_detection_picks_a_supported_one() {
-    for k in [Kernel::Portable, Kernel::Avx2, Kernel::NeonDot] {
+    for k in [
+        Kernel::Portable,
+        Kernel::Avx2,
+        Kernel::Avx512Vnni,
+        Kernel::NeonDot,
+    ] {
         assert_eq!(k.to_string().parse::<Kernel>(), Ok(k));
     }
     assert!("sse9".parse::<Kernel>().is_err());
     assert!(Kernel::detect().is_supported());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if Kernel::Avx512Vnni.is_supported() {
+        assert_eq!(Kernel::detect(), Kernel::Avx512Vnni);
+    } else if std::arch::is_x86_feature_detected!("avx2") {
         assert_eq!(Kernel::detect(), Kernel::Avx2);
     }
     #[cfg(target_arch = "aarch64")]

@@ -1,0 +1,104 @@
+//! The AVX-512 VNNI tile: `vpdpbusd` multiplies 64 u8 × i8 pairs and adds each group of four
+//! into an i32 lane — 64 exact multiply-adds an instruction, four times `vpmaddwd` on AVX2.
+//!
+//! `vpdpbusd` wants its first operand unsigned, so A is packed as `a + 128` (the sign bit
+//! flipped) and the excess `128 · Σ_k b[k][c]` is taken off each column's bias
+//! ([`super::PackedB`] keeps it per column). The products are exact and the i32 sums cannot
+//! overflow for any k below 2^31 / (255 · 128 · 4): the result is the same integers as the
+//! reference.
+
+use super::TileRequant;
+
+/// Tile rows.
+pub(super) const MR: usize = 8;
+/// Tile columns: one 512-bit register of i32 lanes.
+pub(super) const NR: usize = 16;
+
+/// Whether this CPU has AVX-512F and AVX-512 VNNI.
+pub(super) fn is_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `Σ_q Σ_d a[q][r][d] · b[q][c][d]` over packed quads with A's bytes read as `u8`, requantized
+/// into `out` (row-major MR × NR); the bias must already hold the `-128 · Σ b` correction.
+///
+/// `a`: per k quad, MR rows × 4 depths (sign bit flipped); `b`: per k quad, NR columns × 4.
+pub(super) fn tile(a: &[i8], b: &[i8], requant: TileRequant<'_>, out: &mut [i8]) {
+    let quads = a.len() / (MR * 4);
+    assert!(b.len() >= quads * NR * 4 && out.len() >= MR * NR);
+    assert!(requant.0.len() >= NR && requant.1.len() >= NR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_supported() {
+            // SAFETY: AVX-512F and VNNI are present; lengths checked above.
+            unsafe { tile_vnni(a, b, quads, requant, out) };
+            return;
+        }
+    }
+    let mut acc = [0i32; MR * NR];
+    for q in 0..quads {
+        for r in 0..MR {
+            for c in 0..NR {
+                for d in 0..4 {
+                    let av = a[(q * MR + r) * 4 + d] as u8 as i32;
+                    acc[r * NR + c] += av * b[(q * NR + c) * 4 + d] as i32;
+                }
+            }
+        }
+    }
+    super::requant_tile(&acc, NR, requant, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn tile_vnni(
+    a: &[i8],
+    b: &[i8],
+    quads: usize,
+    (bias, scale, zp): TileRequant<'_>,
+    out: &mut [i8],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_si512(); MR];
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    for q in 0..quads {
+        // SAFETY (both reads): q < quads, so the 64 bytes of B and the MR × 4 bytes of A of this
+        // quad are inside the slices (checked by the caller).
+        let bv = unsafe { _mm512_loadu_si512(bp.add(q * NR * 4) as *const __m512i) };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let quad = unsafe { std::ptr::read_unaligned(ap.add((q * MR + r) * 4) as *const i32) };
+            *acc = _mm512_dpbusd_epi32(*acc, _mm512_set1_epi32(quad), bv);
+        }
+    }
+    // Requantize as the AVX2 tile does: (acc + bias) as f32 * scale, rounded to nearest even
+    // (the MXCSR default), clamped to ±1e9 so huge values saturate, + zero point, then the
+    // saturating narrow to i8.
+    // SAFETY: NR values of bias and scale, checked by the caller.
+    let (biasv, scalev) = unsafe {
+        (
+            _mm512_loadu_si512(bias.as_ptr() as *const __m512i),
+            _mm512_loadu_ps(scale.as_ptr()),
+        )
+    };
+    let (lo, hi, zpv) = (
+        _mm512_set1_ps(-1e9),
+        _mm512_set1_ps(1e9),
+        _mm512_set1_epi32(zp),
+    );
+    for (r, acc) in acc.iter().enumerate() {
+        let x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(*acc, biasv)), scalev);
+        let x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        let v = _mm512_add_epi32(_mm512_cvtps_epi32(x), zpv);
+        let bytes = _mm512_cvtsepi32_epi8(v);
+        // SAFETY: row r's NR bytes are inside `out` (MR × NR, checked by the caller).
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(r * NR) as *mut __m128i, bytes) };
+    }
+}
