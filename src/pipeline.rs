@@ -606,7 +606,7 @@ fn capture_loop(
             Err(e) if e.is_frame_error() => {
                 let n = c.corrupt.fetch_add(1, Ordering::Relaxed) + 1;
                 // Every bad frame is counted; the log gets the first ten and every 100th.
-                if n <= 10 || n % 100 == 0 {
+                if n <= 10 || n.is_multiple_of(100) {
                     log::warn!("{} (corrupt frames so far: {n})", error_chain(&e));
                 }
             }

@@ -182,7 +182,9 @@ impl Manifest {
             )));
         }
         let c = &self.config;
-        if c.image_size == 0 || c.image_size % 16 != 0 || c.image_size != self.preprocess.image_size
+        if c.image_size == 0
+            || !c.image_size.is_multiple_of(16)
+            || c.image_size != self.preprocess.image_size
         {
             return Err(invalid(format!(
                 "image_size {} (config) / {} (preprocess) must agree and be a positive multiple of 16",

@@ -263,6 +263,8 @@ pub(crate) fn optimize(
         let mut report =
             qmatmul::rewrite_quantized_matmuls(&mut typed, kernel).map_err(load_err)?;
         qmatmul::fuse_quantization(&mut typed, &mut report).map_err(load_err)?;
+        let (biases, gelus) = qmatmul::fuse_epilogues(&mut typed).map_err(load_err)?;
+        log::debug!("{stage}: {biases} bias adds and {gelus} GELUs fused into int8 products");
         if !report.replaced.is_empty() || !report.kept.is_empty() {
             log::info!(
                 "{stage}: {} quantized matmuls on {}, {} left to tract; {} quantize and {} \
@@ -288,6 +290,10 @@ pub(crate) fn optimize(
     }
     for (node, why) in &attention.kept {
         log::debug!("{stage}: attention at {node} left to tract: {why}");
+    }
+    let gelus = qmatmul::rewrite_gelu(&mut typed).map_err(load_err)?;
+    if gelus > 0 {
+        log::debug!("{stage}: {gelus} GELUs on TinysamGelu");
     }
     let softmax = ops::rewrite_softmax(&mut typed).map_err(load_err)?;
     if softmax > 0 {

@@ -24,6 +24,7 @@
 
 mod avx2;
 pub mod conv;
+pub mod epilogue;
 mod neon;
 mod op;
 mod portable;
@@ -35,6 +36,7 @@ use std::fmt;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
 pub use conv::{Im2Col, QConvOp};
+pub use epilogue::{fuse_epilogues, rewrite_gelu, Epilogue, GeluOp};
 pub use op::{as_int8_op, Int8Op, QMatMulOp};
 pub use rewrite::{
     compare_with_tract, fuse_quantization, rewrite_quantized_matmuls, Agreement, RewriteReport,
@@ -497,7 +499,7 @@ impl RowSource for MatrixA<'_> {
         self.data.len().checked_div(self.m).unwrap_or(0)
     }
     fn check(&self) -> Result<(), String> {
-        if self.m == 0 || self.data.len() % self.m == 0 {
+        if self.m == 0 || self.data.len().is_multiple_of(self.m) {
             Ok(())
         } else {
             Err(format!(

@@ -8,6 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::Cost;
 
+use super::epilogue::Epilogue;
 use super::{
     qmatmul, Activations, Dequantize, Layout, MatrixA, Output, PackedB, Quantize, Requant,
 };
@@ -75,6 +76,8 @@ pub struct QMatMulOp {
     pub input_quant: Option<Quantize>,
     /// A fused `DequantizeLinear` after: the output is f32.
     pub output_dequant: Option<Dequantize>,
+    /// Bias and activation applied to the f32 output (fused nodes after the dequantization).
+    pub epilogue: Epilogue,
 }
 
 impl QMatMulOp {
@@ -98,24 +101,31 @@ impl Op for QMatMulOp {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "kernel {} k={} n={} a {:?} c {:?}{}{}",
-            self.b.kernel().report_name(),
-            self.b.k(),
-            self.b.n(),
-            self.a_layout,
-            self.c_layout,
-            if self.input_quant.is_some() {
-                ", quantizes its f32 input"
-            } else {
-                ""
+        Ok(vec![
+            format!(
+                "kernel {} k={} n={} a {:?} c {:?}{}{}",
+                self.b.kernel().report_name(),
+                self.b.k(),
+                self.b.n(),
+                self.a_layout,
+                self.c_layout,
+                if self.input_quant.is_some() {
+                    ", quantizes its f32 input"
+                } else {
+                    ""
+                },
+                if self.output_dequant.is_some() {
+                    ", dequantizes to f32"
+                } else {
+                    ""
+                },
+            ) + match (self.epilogue.bias.is_some(), self.epilogue.gelu) {
+                (true, true) => ", adds its bias, GELU",
+                (true, false) => ", adds its bias",
+                (false, true) => ", GELU",
+                (false, false) => "",
             },
-            if self.output_dequant.is_some() {
-                ", dequantizes to f32"
-            } else {
-                ""
-            },
-        )])
+        ])
     }
 
     op_as_typed_op!();
@@ -144,6 +154,11 @@ impl EvalOp for QMatMulOp {
             };
             qmatmul(&a, &self.b, &self.requant, out, self.c_layout).map_err(|e| format_err!("{e}"))
         })?;
+        if !self.epilogue.is_empty() {
+            let mut view = c.try_as_plain_ram_mut()?;
+            self.epilogue
+                .apply(view.as_slice_mut::<f32>()?, self.b.n())?;
+        }
         Ok(tvec!(c.into_tvalue()))
     }
 }

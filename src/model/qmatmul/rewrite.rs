@@ -499,6 +499,7 @@ fn plan_node(
         out_axes,
         input_quant: None,
         output_dequant: None,
+        epilogue: Default::default(),
     }))
 }
 

@@ -1,0 +1,459 @@
+//! What an int8 product does to its dequantized f32 output before handing it on: the layer's
+//! bias (a per-column add) and, in TinyViT's MLPs, the exact GELU after it.
+//!
+//! In the QDQ graph both are tract nodes of their own after the `DequantizeLinear`: a
+//! broadcast `Add` and `GeluExact`, each a full single-threaded pass over the output (the fc1
+//! outputs are 33 MB). [`fuse_epilogues`] folds them into the [`QMatMulOp`] before them, which
+//! applies them on tract's threads right after the product, while the rows are still warm.
+#![deny(unsafe_code)]
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::math::Add;
+use tract_onnx::tract_core::ops::nn::gelu_exact::GeluExact;
+
+use super::op::{OutAxis, QMatMulOp};
+use super::Layout;
+
+/// Per-column bias and optional GELU applied to an f32 output of `n` columns.
+#[derive(Debug, Clone, Default)]
+pub struct Epilogue {
+    /// Added to every row, one value per column.
+    pub bias: Option<Arc<Vec<f32>>>,
+    /// Then `x · Φ(x)`, GELU with the exact (erf) form, as ONNX's `Gelu` and tract's `GeluExact`.
+    pub gelu: bool,
+}
+
+impl PartialEq for Epilogue {
+    fn eq(&self, other: &Epilogue) -> bool {
+        let bits = |b: &Option<Arc<Vec<f32>>>| {
+            b.as_ref()
+                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        self.gelu == other.gelu && bits(&self.bias) == bits(&other.bias)
+    }
+}
+impl Eq for Epilogue {}
+
+impl Epilogue {
+    /// Whether it does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.bias.is_none() && !self.gelu
+    }
+
+    /// Apply to `out`, rows of `n` values, on tract's threads.
+    pub fn apply(&self, out: &mut [f32], n: usize) -> TractResult<()> {
+        if self.is_empty() || n == 0 {
+            return Ok(());
+        }
+        ensure!(
+            out.len().is_multiple_of(n) && self.bias.as_ref().is_none_or(|b| b.len() == n),
+            "epilogue of {n} columns on {} values",
+            out.len()
+        );
+        let total = out.len();
+        tract_linalg::multithread::par_chunks_mut(out, n, total, |_, rows| {
+            apply_rows(rows, n, self.bias.as_deref().map(Vec::as_slice), self.gelu);
+            Ok(())
+        })
+    }
+}
+
+/// Bias then GELU over whole rows, compiled for the widest vectors the CPU has.
+fn apply_rows(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            #[allow(unsafe_code)]
+            unsafe {
+                apply_rows_avx512(rows, n, bias, gelu)
+            };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA.
+            #[allow(unsafe_code)]
+            unsafe {
+                apply_rows_avx2(rows, n, bias, gelu)
+            };
+            return;
+        }
+    }
+    apply_rows_generic(rows, n, bias, gelu)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn apply_rows_avx512(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
+    apply_rows_generic(rows, n, bias, gelu)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn apply_rows_avx2(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
+    apply_rows_generic(rows, n, bias, gelu)
+}
+
+#[inline(always)]
+fn apply_rows_generic(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
+    for row in rows.chunks_exact_mut(n) {
+        if let Some(bias) = bias {
+            for (x, &b) in row.iter_mut().zip(bias) {
+                *x += b;
+            }
+        }
+        if gelu {
+            for x in row.iter_mut() {
+                *x = gelu_exact(*x);
+            }
+        }
+    }
+}
+
+/// `0.5 · x · (1 + erf(x / √2))`, the order of operations of tract's `GeluExact`.
+#[inline(always)]
+pub fn gelu_exact(x: f32) -> f32 {
+    (x * 0.5) * (erf(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+}
+
+/// erf by Abramowitz & Stegun 7.1.28 (absolute error below 3e-7), the approximation tract's
+/// `Erf` uses, in a branch-free form the compiler vectorises.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub fn erf(x: f32) -> f32 {
+    const A: [f32; 6] = [
+        0.070_523_078_4,
+        0.042_282_012_3,
+        0.009_270_527_2,
+        0.000_152_014_3,
+        0.000_276_567_2,
+        0.000_043_063_8,
+    ];
+    let a = x.abs();
+    let p = 1.0 + a * (A[0] + a * (A[1] + a * (A[2] + a * (A[3] + a * (A[4] + a * A[5])))));
+    let p2 = p * p;
+    let p4 = p2 * p2;
+    let p8 = p4 * p4;
+    (1.0 - 1.0 / (p8 * p8)).copysign(x)
+}
+
+/// Fold the per-column bias `Add` after each f32-output [`QMatMulOp`], and a `GeluExact` after
+/// that, into the op. Returns how many bias adds and GELUs were folded.
+pub fn fuse_epilogues(model: &mut TypedModel) -> TractResult<(usize, usize)> {
+    let (mut biases, mut gelus) = (0, 0);
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<QMatMulOp>() else {
+            continue;
+        };
+        if op.output_dequant.is_none() || !op.epilogue.is_empty() || op.c_layout != Layout::RowMajor
+        {
+            continue;
+        }
+        let Some(&OutAxis::Fixed(n)) = op.out_axes.last() else {
+            continue;
+        };
+        if n != op.b.n() {
+            continue;
+        }
+        let mut epilogue = Epilogue::default();
+        let mut last = OutletId::new(id, 0);
+        if let Some((add, bias)) = bias_add_after(model, last, n)? {
+            epilogue.bias = Some(Arc::new(bias));
+            last = OutletId::new(add, 0);
+        }
+        if let Some(g) = single_successor(model, last) {
+            let is_gelu = model
+                .node(g)
+                .op_as::<ElementWiseOp>()
+                .is_some_and(|e| e.0.is::<GeluExact>() && e.1.is_none());
+            if is_gelu {
+                epilogue.gelu = true;
+                last = OutletId::new(g, 0);
+            }
+        }
+        if epilogue.is_empty() {
+            continue;
+        }
+        biases += epilogue.bias.is_some() as usize;
+        gelus += epilogue.gelu as usize;
+        let name = node.name.clone();
+        let input = node.inputs[0];
+        let fused = QMatMulOp {
+            epilogue,
+            ..op.clone()
+        };
+        let mut patch = TypedModelPatch::new(format!("fuse bias and activation into {name}"));
+        let tap = patch.tap_model(model, input)?;
+        let out = patch.wire_node(format!("{name}.epilogue"), fused, &[tap])?[0];
+        patch.shunt_outside(model, last, out)?;
+        patch.apply(model)?;
+    }
+    model.compact()?;
+    Ok((biases, gelus))
+}
+
+/// tract's `GeluExact` on tract's threads and the CPU's widest vectors: for the GELUs that follow
+/// float products (TinyViT's stem and stage 0), which [`fuse_epilogues`] cannot reach.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GeluOp;
+
+impl Op for GeluOp {
+    fn name(&self) -> StaticName {
+        "TinysamGelu".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GeluOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1, "TinysamGelu takes one input");
+        let mut t = inputs
+            .into_iter()
+            .next()
+            .context("one input")?
+            .into_tensor();
+        {
+            let mut view = t.try_as_plain_ram_mut()?;
+            let data = view.as_slice_mut::<f32>()?;
+            let total = data.len();
+            // Rows of 4 096 values: enough work per task, any length (the last row is short).
+            let row = 4096.min(total.max(1));
+            let (whole, rest) = data.split_at_mut(total - total % row);
+            tract_linalg::multithread::par_chunks_mut(whole, row, total, |_, chunk| {
+                apply_rows(chunk, row, None, true);
+                Ok(())
+            })?;
+            apply_rows(rest, rest.len().max(1), None, true);
+        }
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl TypedOp for GeluOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs[0].datum_type == f32::datum_type(),
+            "TinysamGelu is f32 only"
+        );
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// Replace every f32 `GeluExact` of `model` by [`GeluOp`]; returns how many.
+pub fn rewrite_gelu(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let is_gelu = node
+            .op_as::<ElementWiseOp>()
+            .is_some_and(|e| e.0.is::<GeluExact>() && e.1.is_none());
+        if !is_gelu || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type() {
+            continue;
+        }
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, GeluOp)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// The only consumer of `outlet`, if it has exactly one.
+fn single_successor(model: &TypedModel, outlet: OutletId) -> Option<usize> {
+    match model.outlet_successors(outlet) {
+        [one] => Some(one.node),
+        _ => None,
+    }
+}
+
+/// An f32 `Add` of a constant `[1, …, 1, n]` as the only consumer of `outlet`: its node and the
+/// n values.
+fn bias_add_after(
+    model: &TypedModel,
+    outlet: OutletId,
+    n: usize,
+) -> TractResult<Option<(usize, Vec<f32>)>> {
+    let Some(add) = single_successor(model, outlet) else {
+        return Ok(None);
+    };
+    let node = model.node(add);
+    if !node
+        .op_as::<TypedBinOp>()
+        .is_some_and(|b| b.0.is::<Add>() && b.1.is_none())
+        || node.inputs.len() != 2
+    {
+        return Ok(None);
+    }
+    let other = if node.inputs[0] == outlet {
+        node.inputs[1]
+    } else {
+        node.inputs[0]
+    };
+    let out_rank = model.outlet_fact(outlet)?.rank();
+    let fact = model.outlet_fact(other)?;
+    let Some(k) = fact.konst.clone() else {
+        return Ok(None);
+    };
+    let shape = k.shape();
+    let row_vector = shape.last() == Some(&n)
+        && shape.len() <= out_rank
+        && shape[..shape.len() - 1].iter().all(|&d| d == 1);
+    if k.datum_type() != f32::datum_type() || !row_vector {
+        return Ok(None);
+    }
+    Ok(Some((
+        add,
+        k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_tracts_gelu_exact() -> TractResult<()> {
+        let xs: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.003).collect();
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([xs.len()]))?;
+        let y = model.wire_node(
+            "gelu",
+            tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact(),
+            &[x],
+        )?;
+        model.select_output_outlets(&y)?;
+        let want = model
+            .into_optimized()?
+            .into_runnable()?
+            .run(tvec!(tensor1(&xs).into()))?;
+        let want = want[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let mut got = xs.clone();
+        apply_rows(&mut got, xs.len(), None, true);
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-6, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_gelu_op_gives_tracts_gelu_on_any_length() -> TractResult<()> {
+        for len in [1usize, 7, 4096, 4097, 20_000] {
+            let xs: Vec<f32> = (0..len).map(|i| (i % 977) as f32 * 0.01 - 4.8).collect();
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact([len]))?;
+            let y = model.wire_node(
+                "gelu",
+                tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact(),
+                &[x],
+            )?;
+            model.select_output_outlets(&y)?;
+            let want = model
+                .clone()
+                .into_runnable()?
+                .run(tvec!(tensor1(&xs).into()))?;
+            assert_eq!(rewrite_gelu(&mut model)?, 1);
+            let got = model.into_runnable()?.run(tvec!(tensor1(&xs).into()))?;
+            let (a, b) = (
+                got[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+                want[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+            );
+            assert_eq!(a.len(), len);
+            let err = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err < 1e-6, "len {len}: {err}");
+        }
+        Ok(())
+    }
+
+    /// The fixture's INT8 encoder with its bias adds and GELUs folded into our products (and
+    /// the other GELUs on our op) against the same graph with tract running them.
+    #[test]
+    fn fused_epilogues_keep_the_fixture_encoders_output() -> TractResult<()> {
+        use crate::model::{Manifest, Precision, Role};
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/test_model");
+        let manifest = Manifest::load(&dir).expect("manifest");
+        let (_, mut model) =
+            crate::model::parse_onnx(&dir, &manifest, Role::Encoder, Precision::Int8)
+                .expect("encoder");
+        let s = manifest.config.image_size;
+        model.set_input_fact(0, f32::fact([1, 3, s, s]).into())?;
+        let mut unfused = model.into_typed()?.into_decluttered()?;
+        let kernel = super::super::Kernel::detect();
+        let mut report = super::super::rewrite_quantized_matmuls(&mut unfused, kernel)?;
+        super::super::fuse_quantization(&mut unfused, &mut report)?;
+        let mut fused = unfused.clone();
+        let (biases, gelus) = fuse_epilogues(&mut fused)?;
+        assert!(
+            biases >= 20 && gelus >= 10,
+            "{biases} biases, {gelus} GELUs"
+        );
+        assert!(rewrite_gelu(&mut fused)? > 0);
+        let input = Tensor::from_shape(
+            &[1, 3, s, s],
+            &(0..3 * s * s)
+                .map(|i| ((i * 7919 % 4001) as f32 / 2000.0) - 1.0)
+                .collect::<Vec<_>>(),
+        )?;
+        let run = |m: TypedModel| -> TractResult<Vec<f32>> {
+            let out = m
+                .into_optimized()?
+                .into_runnable()?
+                .run(tvec!(input.clone().into()))?;
+            Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+        };
+        let (a, b) = (run(fused)?, run(unfused)?);
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        eprintln!("fixture INT8 encoder: {biases} biases and {gelus} GELUs fused, largest difference {err:e} of {scale}");
+        assert!(err <= 1e-5 * scale, "{err} of {scale}");
+        Ok(())
+    }
+
+    #[test]
+    fn bias_then_gelu_per_column() {
+        let bias = Arc::new(vec![1.0, -2.0, 0.5]);
+        let e = Epilogue {
+            bias: Some(bias),
+            gelu: true,
+        };
+        let mut out = vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        e.apply(&mut out, 3).expect("fits");
+        let want = [1.0, -2.0, 0.5, 2.0, -1.0, 1.5]
+            .map(|x: f32| 0.5 * x * (1.0 + erf_f64(f64::from(x) / 2f64.sqrt()) as f32));
+        for (a, b) in out.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert!(e.apply(&mut out, 4).is_err());
+    }
+
+    /// erf by its series, in double precision.
+    fn erf_f64(x: f64) -> f64 {
+        let mut sum = 0.0;
+        let mut term = x;
+        for n in 0..60 {
+            sum += term / (2 * n + 1) as f64;
+            term *= -x * x / (n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+}
