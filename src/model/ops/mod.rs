@@ -2,6 +2,7 @@
 //! shapes TinySAM has (see each op), by rewrite passes run at load before tract's optimiser.
 
 pub mod attention;
+pub mod fastmath;
 pub mod softmax;
 
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};

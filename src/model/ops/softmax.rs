@@ -9,6 +9,7 @@
 //! `axis` with the `inner` values as contiguous vectors, and outer indices are split across
 //! tract's threads.
 
+pub use super::fastmath::exp;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -134,30 +135,6 @@ fn softmax_row(row: &mut [f32]) {
     for x in row.iter_mut() {
         *x *= r;
     }
-}
-
-/// `e^x` for `x <= 0` (softmax arguments after subtracting the max), within ~2 ulp, in a form
-/// the compiler vectorises: `2^n * p(r)` with `x = n ln 2 + r`, `|r| <= ln 2 / 2`, and `p` the
-/// degree-7 Taylor polynomial (relative error < 6e-9 on that interval). Arguments below -87
-/// (where `e^x` is below f32's normal range) give 0; NaN stays NaN.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Not `max`: it would turn NaN into -87.
-    let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n is in [-126, 0] here, so the exponent field 127 + n is a normal exponent. A NaN `x`
-    // makes `n` NaN, and the `as` cast gives 0: the product with `p` (NaN) stays NaN.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
 }
 
 /// Replace every f32 [`Softmax`] over one axis that tract would run slowly (a middle axis, or

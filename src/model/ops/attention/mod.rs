@@ -15,6 +15,8 @@
 //! reported with the reason.
 #![allow(unsafe_code)]
 
+mod kernel;
+
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
@@ -25,9 +27,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-/// Scores computed at once: rows of q per block and key columns per vector chunk.
-const ROWS: usize = 4;
-const LANES: usize = 16;
+use kernel::{Head, Scratch};
 
 /// Attention of every window and head of a `[windows, tokens, heads, width]` qkv tensor (or
 /// `[windows, tokens, width]` when the graph has no head axis): for head `h`, q, k and v are
@@ -192,27 +192,6 @@ impl TypedOp for WindowAttention {
     as_op!();
 }
 
-/// Per-task buffers: q (row-padded), kᵀ (column-padded, scaled) and one block of scores.
-struct Scratch {
-    q: Vec<f32>,
-    kt: Vec<f32>,
-    v: Vec<f32>,
-    p: Vec<f32>,
-}
-
-impl Scratch {
-    fn new(tokens: usize, dim: usize) -> Scratch {
-        let rows = tokens.div_ceil(ROWS) * ROWS;
-        let cols = tokens.div_ceil(LANES) * LANES;
-        Scratch {
-            q: vec![0.0; rows * dim],
-            kt: vec![0.0; dim * cols],
-            v: vec![0.0; tokens * dim],
-            p: vec![0.0; ROWS * cols],
-        }
-    }
-}
-
 /// Which compiled form of the kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
@@ -254,23 +233,6 @@ impl std::fmt::Display for Isa {
     }
 }
 
-/// Geometry of one head's work, shared by the compiled forms.
-struct Head<'a> {
-    /// The window's qkv values, `tokens` rows of `stride`.
-    input: &'a [f32],
-    stride: usize,
-    q_at: usize,
-    k_at: usize,
-    v_at: usize,
-    tokens: usize,
-    dim: usize,
-    scale: f32,
-    bias: Option<&'a [f32]>,
-    /// The window's output, `tokens` rows of `out_stride`, this head's values at `out_at`.
-    out_stride: usize,
-    out_at: usize,
-}
-
 impl WindowAttention {
     /// Attention of head `h` of one window.
     fn head(&self, isa: Isa, input: &[f32], h: usize, out: &mut [f32], scratch: &mut Scratch) {
@@ -291,165 +253,12 @@ impl WindowAttention {
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::detect` found AVX-512F and FMA on this CPU.
-            Isa::Avx512 => unsafe { head_avx512(&head, out, scratch) },
+            Isa::Avx512 => unsafe { kernel::head_avx512(&head, out, scratch) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
-            Isa::Avx2 => unsafe { head_avx2(&head, out, scratch) },
-            _ => head_portable(&head, out, scratch),
+            Isa::Avx2 => unsafe { kernel::head_avx2(&head, out, scratch) },
+            _ => kernel::head_portable(&head, out, scratch),
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn head_avx512(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
-    attend::<true>(head, out, scratch)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
-    attend::<true>(head, out, scratch)
-}
-
-fn head_portable(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
-    // aarch64 always has fused multiply-add (NEON `fmla`); elsewhere it would be a libm call.
-    attend::<{ cfg!(target_arch = "aarch64") }>(head, out, scratch)
-}
-
-/// `a * b + c`, fused where the target has it.
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// The kernel, written so that the compiler vectorises it for whichever target features the
-/// calling function enables: fixed-size inner loops over [`LANES`] key columns and [`ROWS`]
-/// query rows, accumulators in registers.
-#[inline(always)]
-fn attend<const FMA: bool>(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
-    let (n, d) = (head.tokens, head.dim);
-    let rows = n.div_ceil(ROWS) * ROWS;
-    let cols = n.div_ceil(LANES) * LANES;
-    let Scratch { q, kt, v, p } = scratch;
-    // Gather q rows, kᵀ · scale and v rows of this head; padding stays zero.
-    for t in 0..n {
-        let row = &head.input[t * head.stride..(t + 1) * head.stride];
-        q[t * d..(t + 1) * d].copy_from_slice(&row[head.q_at..head.q_at + d]);
-        v[t * d..(t + 1) * d].copy_from_slice(&row[head.v_at..head.v_at + d]);
-        for (dd, &x) in row[head.k_at..head.k_at + d].iter().enumerate() {
-            kt[dd * cols + t] = x * head.scale;
-        }
-    }
-    for x in q[n * d..rows * d].iter_mut() {
-        *x = 0.0;
-    }
-    for block in 0..rows / ROWS {
-        let r0 = block * ROWS;
-        // Scores of ROWS query rows against every key, LANES keys at a time.
-        for c0 in (0..cols).step_by(LANES) {
-            let mut acc = [[0f32; LANES]; ROWS];
-            for dd in 0..d {
-                let k: &[f32; LANES] = kt[dd * cols + c0..dd * cols + c0 + LANES]
-                    .try_into()
-                    .unwrap_or(&[0.0; LANES]);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let qv = q[(r0 + r) * d + dd];
-                    for l in 0..LANES {
-                        acc[l] = madd::<FMA>(qv, k[l], acc[l]);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                p[r * cols + c0..r * cols + c0 + LANES].copy_from_slice(acc);
-            }
-        }
-        for r in 0..ROWS.min(n - r0) {
-            let i = r0 + r;
-            let s = &mut p[r * cols..r * cols + n];
-            if let Some(bias) = head.bias {
-                for (s, &b) in s.iter_mut().zip(&bias[i * n..(i + 1) * n]) {
-                    *s += b;
-                }
-            }
-            let recip = softmax_unnormalised(s);
-            // o = Σ_j p_j v_j / Σ_j p_j
-            let o = &mut out[i * head.out_stride + head.out_at..][..d];
-            weighted_rows::<FMA>(s, v, d, recip, o);
-        }
-    }
-}
-
-/// `s ← exp(s − max s)`; returns `1 / Σ s`.
-#[inline(always)]
-fn softmax_unnormalised(s: &mut [f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-        }
-    }
-    let mut max = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for &x in chunks.remainder() {
-        max = max.max(x);
-    }
-    for x in s.iter_mut() {
-        *x = super::softmax::exp(*x - max);
-    }
-    let mut sums = [0f32; 8];
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            sums[l] += c[l];
-        }
-    }
-    let sum = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    1.0 / sum
-}
-
-/// `o = recip · Σ_j w_j v_j` over the rows of `v` (`w.len()` rows of `d`).
-#[inline(always)]
-fn weighted_rows<const FMA: bool>(w: &[f32], v: &[f32], d: usize, recip: f32, o: &mut [f32]) {
-    match d {
-        16 => weighted_rows_const::<FMA, 16>(w, v, recip, o),
-        24 => weighted_rows_const::<FMA, 24>(w, v, recip, o),
-        32 => weighted_rows_const::<FMA, 32>(w, v, recip, o),
-        48 => weighted_rows_const::<FMA, 48>(w, v, recip, o),
-        64 => weighted_rows_const::<FMA, 64>(w, v, recip, o),
-        _ => {
-            o.fill(0.0);
-            for (&wj, vj) in w.iter().zip(v.chunks_exact(d)) {
-                for (o, &x) in o.iter_mut().zip(vj) {
-                    *o = madd::<FMA>(wj, x, *o);
-                }
-            }
-            for o in o.iter_mut() {
-                *o *= recip;
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn weighted_rows_const<const FMA: bool, const D: usize>(
-    w: &[f32],
-    v: &[f32],
-    recip: f32,
-    o: &mut [f32],
-) {
-    let mut acc = [0f32; D];
-    for (&wj, vj) in w.iter().zip(v.chunks_exact(D)) {
-        for l in 0..D {
-            acc[l] = madd::<FMA>(wj, vj[l], acc[l]);
-        }
-    }
-    for (o, a) in o.iter_mut().zip(acc) {
-        *o = a * recip;
     }
 }
 
