@@ -291,6 +291,10 @@ pub(crate) fn optimize(
     for (node, why) in &attention.kept {
         log::debug!("{stage}: attention at {node} left to tract: {why}");
     }
+    let norms = ops::rewrite_layer_norm(&mut typed).map_err(load_err)?;
+    if norms > 0 {
+        log::debug!("{stage}: {norms} LayerNorms on TinysamLayerNorm");
+    }
     let gelus = qmatmul::rewrite_gelu(&mut typed).map_err(load_err)?;
     if gelus > 0 {
         log::debug!("{stage}: {gelus} GELUs on TinysamGelu");

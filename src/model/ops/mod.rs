@@ -3,7 +3,9 @@
 
 pub mod attention;
 pub mod fastmath;
+pub mod layer_norm;
 pub mod softmax;
 
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
+pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
 pub use softmax::{rewrite_softmax, AxisSoftmax};

@@ -1,0 +1,357 @@
+//! [`LayerNormOp`]: LayerNorm over the last axis in one threaded pass per row.
+//!
+//! tract declutters ONNX's `LayerNormalization` into six nodes: `Reduce<Sum>`, a `Mul` by 1/C
+//! (the mean), a `Sub`, its own `RmsNorm`, a `Mul` by γ and an `Add` of β: five passes over the
+//! tensor, most of them single-threaded. TinySAM's encoder has 20 of them over tensors of up
+//! to 9 MB (~75 ms of the INT8 encoder on 2 threads). [`rewrite_layer_norm`] finds the chain and
+//! replaces it. The arithmetic is the chain's own, bit for bit (INT8 graphs quantize the result,
+//! and a last-bit difference there changes later roundings): the row sum and the RMS
+//! normalisation by tract-linalg's own routines, the mean as the sum times the graph's 1/C, then
+//! γ and β as two separate roundings.
+#![deny(unsafe_code)]
+
+use std::sync::Arc;
+
+use tract_linalg::routines::Func;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
+use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
+
+/// `(x - mean) / sqrt(var + eps) · γ + β` over the last axis (`γ`, `β` one per element of it,
+/// or absent).
+#[derive(Debug, Clone)]
+pub struct LayerNormOp {
+    /// Added to the variance.
+    pub eps: f32,
+    /// The graph's 1/C, which multiplies the sum into the mean.
+    pub recip: f32,
+    /// Scale per element of the axis.
+    pub gamma: Option<Arc<Vec<f32>>>,
+    /// Shift per element of the axis.
+    pub beta: Option<Arc<Vec<f32>>>,
+}
+
+impl PartialEq for LayerNormOp {
+    fn eq(&self, other: &LayerNormOp) -> bool {
+        let bits = |b: &Option<Arc<Vec<f32>>>| {
+            b.as_ref()
+                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        self.eps.to_bits() == other.eps.to_bits()
+            && self.recip.to_bits() == other.recip.to_bits()
+            && bits(&self.gamma) == bits(&other.gamma)
+            && bits(&self.beta) == bits(&other.beta)
+    }
+}
+impl Eq for LayerNormOp {}
+
+impl Op for LayerNormOp {
+    fn name(&self) -> StaticName {
+        "TinysamLayerNorm".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "eps {}{}{}",
+            self.eps,
+            if self.gamma.is_some() { ", γ" } else { "" },
+            if self.beta.is_some() { ", β" } else { "" }
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for LayerNormOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1, "TinysamLayerNorm takes one input");
+        let mut t = inputs
+            .into_iter()
+            .next()
+            .context("one input")?
+            .into_tensor();
+        let c = t.shape().last().copied().unwrap_or(0);
+        for v in [&self.gamma, &self.beta].into_iter().flatten() {
+            ensure!(
+                v.len() == c,
+                "LayerNorm over {c} values with {} parameters",
+                v.len()
+            );
+        }
+        if c == 0 {
+            return Ok(tvec!(t.into_tvalue()));
+        }
+        {
+            let mut view = t.try_as_plain_ram_mut()?;
+            let data = view.as_slice_mut::<f32>()?;
+            let total = data.len();
+            let sum = Func::ReduceSum.reduce_f32()?;
+            let rms_norm = tract_linalg::routines::rms_norm_f32()?;
+            tract_linalg::multithread::par_chunks_mut(data, c, total, |_, rows| {
+                for row in rows.chunks_exact_mut(c) {
+                    // As tract's Reduce<Sum>: its kernel from 4 values, a plain sum below.
+                    let total = if c >= 4 {
+                        sum.run_with_params(row, ())?
+                    } else {
+                        row.iter().sum()
+                    };
+                    self.row(row, total, rms_norm);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl LayerNormOp {
+    /// Normalise one row in place, given its sum and the RMS normalisation routine.
+    fn row(&self, row: &mut [f32], sum: f32, rms_norm: fn(&mut [f32], f32)) {
+        let mean = sum * self.recip;
+        for x in row.iter_mut() {
+            *x -= mean;
+        }
+        rms_norm(row, self.eps);
+        if let Some(g) = &self.gamma {
+            for (x, &g) in row.iter_mut().zip(g.iter()) {
+                *x *= g;
+            }
+        }
+        if let Some(b) = &self.beta {
+            for (x, &b) in row.iter_mut().zip(b.iter()) {
+                *x += b;
+            }
+        }
+    }
+}
+
+impl TypedOp for LayerNormOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs[0].datum_type == f32::datum_type(),
+            "TinysamLayerNorm is f32 only"
+        );
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// The only consumer of `outlet`, if it has exactly one.
+fn single_successor(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
+    match model.outlet_successors(outlet) {
+        [one] => Some(model.node(one.node)),
+        _ => None,
+    }
+}
+
+/// For a binary node of `M`: its constant operand's values and its other input.
+fn const_and_other<M: tract_onnx::tract_core::ops::binary::BinMiniOp>(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(Arc<Tensor>, OutletId)>> {
+    if !node
+        .op_as::<TypedBinOp>()
+        .is_some_and(|b| b.0.is::<M>() && b.1.is_none())
+        || node.inputs.len() != 2
+    {
+        return Ok(None);
+    }
+    for (k, x) in [(0, 1), (1, 0)] {
+        if let Some(c) = model.outlet_fact(node.inputs[k])?.konst.clone() {
+            return Ok(Some((c, node.inputs[x])));
+        }
+    }
+    Ok(None)
+}
+
+/// The f32 values of a constant shaped `[1, …, 1, c]`.
+fn row_vector(t: &Tensor, c: usize) -> TractResult<Option<Vec<f32>>> {
+    let shape = t.shape();
+    if t.datum_type() != f32::datum_type()
+        || shape.last() != Some(&c)
+        || shape[..shape.len() - 1].iter().any(|&d| d != 1)
+    {
+        return Ok(None);
+    }
+    Ok(Some(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
+}
+
+/// Replace every `Reduce<Sum> → Mul(1/C) → Sub → RmsNorm → Mul(γ)? → Add(β)?` chain over the
+/// last axis of an f32 tensor by [`LayerNormOp`]; returns how many.
+pub fn rewrite_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(rms) = node.op_as::<RmsNorm>() else {
+            continue;
+        };
+        let Some(plan) = plan(model, node, rms)? else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::new(format!("layer norm at {}", node.name));
+        let tap = patch.tap_model(model, plan.0)?;
+        let out = patch.wire_node(format!("{}.layer_norm", node.name), plan.2, &[tap])?[0];
+        patch.shunt_outside(model, plan.1, out)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    model.compact()?;
+    Ok(replaced)
+}
+
+/// (input, last outlet of the chain, op) for the chain around `rms_node`.
+fn plan(
+    model: &TypedModel,
+    rms_node: &TypedNode,
+    rms: &RmsNorm,
+) -> TractResult<Option<(OutletId, OutletId, LayerNormOp)>> {
+    let d_fact = model.outlet_fact(rms_node.inputs[0])?;
+    let rank = d_fact.rank();
+    if d_fact.datum_type != f32::datum_type() || rank == 0 || rms.axis + 1 != rank {
+        return Ok(None);
+    }
+    let Some(c) = d_fact.shape[rank - 1].to_usize().ok() else {
+        return Ok(None);
+    };
+    // d = Sub(x, mean), mean = Mul(Reduce<Sum>(x), 1/c)
+    let sub = model.node(rms_node.inputs[0].node);
+    if !sub
+        .op_as::<TypedBinOp>()
+        .is_some_and(|b| b.0.is::<Sub>() && b.1.is_none())
+        || sub.inputs.len() != 2
+        || sub.outputs[0].successors.len() != 1
+    {
+        return Ok(None);
+    }
+    let (x, mean_outlet) = (sub.inputs[0], sub.inputs[1]);
+    let mean = model.node(mean_outlet.node);
+    let Some((recip, sum_outlet)) = const_and_other::<Mul>(model, mean)? else {
+        return Ok(None);
+    };
+    let recip = match recip.cast_to_scalar::<f32>() {
+        Ok(r) if recip.len() == 1 => r,
+        _ => return Ok(None),
+    };
+    let recip_ok = (recip * c as f32 - 1.0).abs() < 1e-6;
+    let sum = model.node(sum_outlet.node);
+    let sum_ok = sum
+        .op_as::<Reduce>()
+        .is_some_and(|r| r.reducer == Reducer::Sum && r.axes.as_slice() == [rank - 1])
+        && sum.inputs.first() == Some(&x);
+    // The mean and the sum feed only this chain.
+    if !recip_ok
+        || !sum_ok
+        || mean.outputs[0].successors.len() != 1
+        || sum.outputs[0].successors.len() != 1
+    {
+        return Ok(None);
+    }
+    let eps = rms.eps.cast_to_scalar::<f32>()?;
+    let mut op = LayerNormOp {
+        eps,
+        recip,
+        gamma: None,
+        beta: None,
+    };
+    let mut last = OutletId::new(rms_node.id, 0);
+    if let Some(next) = single_successor(model, last) {
+        if let Some((g, _)) = const_and_other::<Mul>(model, next)? {
+            if let Some(g) = row_vector(&g, c)? {
+                op.gamma = Some(Arc::new(g));
+                last = OutletId::new(next.id, 0);
+            }
+        }
+    }
+    if let Some(next) = single_successor(model, last) {
+        if let Some((b, _)) = const_and_other::<Add>(model, next)? {
+            if let Some(b) = row_vector(&b, c)? {
+                op.beta = Some(Arc::new(b));
+                last = OutletId::new(next.id, 0);
+            }
+        }
+    }
+    Ok(Some((x, last, op)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Manifest, Precision, Role};
+
+    /// The fixture's FP32 encoder with its LayerNorms on our op against the same graph with
+    /// tract's chains.
+    #[test]
+    fn fused_layer_norms_keep_the_fixture_encoders_output() -> TractResult<()> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/test_model");
+        let manifest = Manifest::load(&dir).expect("manifest");
+        let (_, mut model) =
+            crate::model::parse_onnx(&dir, &manifest, Role::Encoder, Precision::Fp32)
+                .expect("encoder");
+        let s = manifest.config.image_size;
+        model.set_input_fact(0, f32::fact([1, 3, s, s]).into())?;
+        let tract_chains = model.into_typed()?.into_decluttered()?;
+        let mut ours = tract_chains.clone();
+        let n = rewrite_layer_norm(&mut ours)?;
+        assert!(n >= 20, "only {n} LayerNorms replaced");
+        let input = Tensor::from_shape(
+            &[1, 3, s, s],
+            &(0..3 * s * s)
+                .map(|i| ((i * 7919 % 4001) as f32 / 2000.0) - 1.0)
+                .collect::<Vec<_>>(),
+        )?;
+        let run = |m: TypedModel| -> TractResult<Vec<f32>> {
+            let out = m
+                .into_optimized()?
+                .into_runnable()?
+                .run(tvec!(input.clone().into()))?;
+            Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+        };
+        let (a, b) = (run(ours)?, run(tract_chains)?);
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        eprintln!(
+            "fixture FP32 encoder: {n} LayerNorms fused, largest difference {err:e} of {scale}"
+        );
+        assert_eq!(err, 0.0, "{err} of {scale}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_row_normalises_like_the_definition() {
+        let op = LayerNormOp {
+            eps: 1e-5,
+            recip: 1.0 / 9.0,
+            gamma: Some(Arc::new(vec![1.0, 2.0, 0.5, -1.0, 1.0, 1.0, 1.0, 1.0, 3.0])),
+            beta: Some(Arc::new(vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])),
+        };
+        let x = [1.0f32, -2.0, 3.5, 0.25, 8.0, -1.0, 0.0, 2.0, 5.0];
+        let mut row = x;
+        let rms_norm = tract_linalg::routines::rms_norm_f32().expect("rms_norm routine");
+        op.row(&mut row, x.iter().sum(), rms_norm);
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / 9.0;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / 9.0;
+        for i in 0..9 {
+            let g = op.gamma.as_ref().map_or(1.0, |g| g[i]);
+            let b = op.beta.as_ref().map_or(0.0, |b| b[i]);
+            let want = (f64::from(x[i]) - mean) / (var + 1e-5).sqrt() * f64::from(g) + f64::from(b);
+            assert!(
+                (f64::from(row[i]) - want).abs() < 1e-5,
+                "{i}: {} vs {want}",
+                row[i]
+            );
+        }
+    }
+}
