@@ -33,6 +33,9 @@ pub struct KernelReport {
     pub integer_macs: u64,
     /// MACs accumulated in floating point.
     pub float_macs: u64,
+    /// Our ops that replaced tract's (see `model::ops` and `model::qmatmul`), by name, with how
+    /// many nodes run each; an int8 product with a fused bias add or GELU is named so.
+    pub our_ops: Vec<(String, usize)>,
 }
 
 impl KernelReport {
@@ -51,6 +54,9 @@ impl KernelReport {
         self.nodes.extend(other.nodes);
         self.integer_macs += other.integer_macs;
         self.float_macs += other.float_macs;
+        for (name, n) in other.our_ops {
+            count(&mut self.our_ops, name, n);
+        }
         self
     }
 
@@ -73,12 +79,41 @@ impl KernelReport {
     }
 }
 
+/// Add `n` to `name`'s count.
+fn count(counts: &mut Vec<(String, usize)>, name: String, n: usize) {
+    match counts.iter_mut().find(|(k, _)| *k == name) {
+        Some((_, c)) => *c += n,
+        None => counts.push((name, n)),
+    }
+}
+
+/// The name a node of ours is counted under, `None` for tract's own ops.
+fn our_op_name(node: &TypedNode) -> Option<String> {
+    let name = node.op.name();
+    if !name.starts_with("Tinysam") {
+        return None;
+    }
+    let epilogue = node
+        .op_as::<super::qmatmul::QMatMulOp>()
+        .map(|op| &op.epilogue);
+    Some(match epilogue {
+        Some(e) if e.bias.is_some() && e.gelu => format!("{name} + bias + GELU"),
+        Some(e) if e.bias.is_some() => format!("{name} + bias"),
+        Some(e) if e.gelu => format!("{name} + GELU"),
+        _ => name.to_string(),
+    })
+}
+
 /// Analyse an optimised graph with concrete shapes.
 pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
     let mut nodes = Vec::new();
     let (mut integer_macs, mut float_macs) = (0u64, 0u64);
+    let mut our_ops = Vec::new();
     for &id in model.eval_order()?.iter() {
         let node = model.node(id);
+        if let Some(name) = our_op_name(node) {
+            count(&mut our_ops, name, 1);
+        }
         let inputs = model.node_input_facts(id)?;
         let op_name = node.op.name();
         // Element-wise ops (GELU, norms) report FMA costs too; only products count as model MACs.
@@ -124,5 +159,6 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
         nodes,
         integer_macs,
         float_macs,
+        our_ops,
     })
 }

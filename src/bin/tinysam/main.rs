@@ -401,6 +401,14 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         for (kernel, macs) in rep.kernel_totals() {
             println!("    {:>8.3} GMAC  {kernel}", macs as f64 / 1e9);
         }
+        if !rep.our_ops.is_empty() {
+            let ours: Vec<String> = rep
+                .our_ops
+                .iter()
+                .map(|(name, n)| format!("{n} x {name}"))
+                .collect();
+            println!("    our ops: {}", ours.join(", "));
+        }
         if args.nodes {
             for n in &rep.nodes {
                 println!(
