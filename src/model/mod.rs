@@ -11,6 +11,8 @@ pub mod manifest;
 pub mod ops;
 pub mod profile;
 pub mod qmatmul;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use std::path::{Path, PathBuf};
 

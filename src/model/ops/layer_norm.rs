@@ -35,14 +35,10 @@ pub struct LayerNormOp {
 
 impl PartialEq for LayerNormOp {
     fn eq(&self, other: &LayerNormOp) -> bool {
-        let bits = |b: &Option<Arc<Vec<f32>>>| {
-            b.as_ref()
-                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
-        };
         self.eps.to_bits() == other.eps.to_bits()
             && self.recip.to_bits() == other.recip.to_bits()
-            && bits(&self.gamma) == bits(&other.gamma)
-            && bits(&self.beta) == bits(&other.beta)
+            && super::same_bits(&self.gamma, &other.gamma)
+            && super::same_bits(&self.beta, &other.beta)
     }
 }
 impl Eq for LayerNormOp {}
@@ -281,43 +277,24 @@ fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Manifest, Precision, Role};
+    use crate::model::test_support::{
+        decluttered_encoder, fixture_dir, max_difference, pattern_input, run_first_output,
+    };
+    use crate::model::Precision;
 
     /// The fixture's FP32 encoder with its LayerNorms on our op against the same graph with
-    /// tract's chains.
+    /// tract's chains: equal to the bit.
     #[test]
     fn fused_layer_norms_keep_the_fixture_encoders_output() -> TractResult<()> {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/test_model");
-        let manifest = Manifest::load(&dir).expect("manifest");
-        let (_, mut model) =
-            crate::model::parse_onnx(&dir, &manifest, Role::Encoder, Precision::Fp32)
-                .expect("encoder");
-        let s = manifest.config.image_size;
-        model.set_input_fact(0, f32::fact([1, 3, s, s]).into())?;
-        let tract_chains = model.into_typed()?.into_decluttered()?;
+        let (tract_chains, s) = decluttered_encoder(&fixture_dir(), Precision::Fp32);
         let mut ours = tract_chains.clone();
         let n = rewrite_layer_norm(&mut ours)?;
         assert!(n >= 20, "only {n} LayerNorms replaced");
-        let input = Tensor::from_shape(
-            &[1, 3, s, s],
-            &(0..3 * s * s)
-                .map(|i| ((i * 7919 % 4001) as f32 / 2000.0) - 1.0)
-                .collect::<Vec<_>>(),
-        )?;
-        let run = |m: TypedModel| -> TractResult<Vec<f32>> {
-            let out = m
-                .into_optimized()?
-                .into_runnable()?
-                .run(tvec!(input.clone().into()))?;
-            Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
-        };
-        let (a, b) = (run(ours)?, run(tract_chains)?);
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let input = pattern_input(s);
+        let (err, scale) = max_difference(
+            &run_first_output(ours, &input)?,
+            &run_first_output(tract_chains, &input)?,
+        );
         eprintln!(
             "fixture FP32 encoder: {n} LayerNorms fused, largest difference {err:e} of {scale}"
         );

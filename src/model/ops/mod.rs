@@ -9,3 +9,21 @@ pub mod softmax;
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
 pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
+
+/// Whether two optional float vectors hold the same values bit for bit (how our ops with float
+/// parameters are `Eq`, as tract requires of ops).
+pub(crate) fn same_bits(
+    a: &Option<std::sync::Arc<Vec<f32>>>,
+    b: &Option<std::sync::Arc<Vec<f32>>>,
+) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b.iter())
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+        }
+        _ => false,
+    }
+}

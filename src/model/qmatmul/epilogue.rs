@@ -30,11 +30,7 @@ pub struct Epilogue {
 
 impl PartialEq for Epilogue {
     fn eq(&self, other: &Epilogue) -> bool {
-        let bits = |b: &Option<Arc<Vec<f32>>>| {
-            b.as_ref()
-                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
-        };
-        self.gelu == other.gelu && bits(&self.bias) == bits(&other.bias)
+        self.gelu == other.gelu && crate::model::ops::same_bits(&self.bias, &other.bias)
     }
 }
 impl Eq for Epilogue {}
@@ -321,29 +317,19 @@ fn bias_add_after(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::{
+        decluttered_encoder, fixture_dir, gelu_model, max_difference, pattern_input,
+        run_first_output, tract_gelu,
+    };
+    use crate::model::Precision;
 
     #[test]
     fn gelu_matches_tracts_gelu_exact() -> TractResult<()> {
         let xs: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.003).collect();
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact([xs.len()]))?;
-        let y = model.wire_node(
-            "gelu",
-            tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact(),
-            &[x],
-        )?;
-        model.select_output_outlets(&y)?;
-        let want = model
-            .into_optimized()?
-            .into_runnable()?
-            .run(tvec!(tensor1(&xs).into()))?;
-        let want = want[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let want = tract_gelu(&xs)?;
         let mut got = xs.clone();
         apply_rows(&mut got, xs.len(), None, true);
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let (err, _) = max_difference(&got, &want);
         assert!(err < 1e-6, "{err}");
         Ok(())
     }
@@ -352,29 +338,10 @@ mod tests {
     fn the_gelu_op_gives_tracts_gelu_on_any_length() -> TractResult<()> {
         for len in [1usize, 7, 4096, 4097, 20_000] {
             let xs: Vec<f32> = (0..len).map(|i| (i % 977) as f32 * 0.01 - 4.8).collect();
-            let mut model = TypedModel::default();
-            let x = model.add_source("x", f32::fact([len]))?;
-            let y = model.wire_node(
-                "gelu",
-                tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact(),
-                &[x],
-            )?;
-            model.select_output_outlets(&y)?;
-            let want = model
-                .clone()
-                .into_runnable()?
-                .run(tvec!(tensor1(&xs).into()))?;
+            let mut model = gelu_model(len)?;
             assert_eq!(rewrite_gelu(&mut model)?, 1);
-            let got = model.into_runnable()?.run(tvec!(tensor1(&xs).into()))?;
-            let (a, b) = (
-                got[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-                want[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-            );
-            assert_eq!(a.len(), len);
-            let err = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let got = run_first_output(model, &tensor1(&xs))?;
+            let (err, _) = max_difference(&got, &tract_gelu(&xs)?);
             assert!(err < 1e-6, "len {len}: {err}");
         }
         Ok(())
@@ -384,16 +351,7 @@ mod tests {
     /// the other GELUs on our op) against the same graph with tract running them.
     #[test]
     fn fused_epilogues_keep_the_fixture_encoders_output() -> TractResult<()> {
-        use crate::model::{Manifest, Precision, Role};
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/test_model");
-        let manifest = Manifest::load(&dir).expect("manifest");
-        let (_, mut model) =
-            crate::model::parse_onnx(&dir, &manifest, Role::Encoder, Precision::Int8)
-                .expect("encoder");
-        let s = manifest.config.image_size;
-        model.set_input_fact(0, f32::fact([1, 3, s, s]).into())?;
-        let mut unfused = model.into_typed()?.into_decluttered()?;
+        let (mut unfused, s) = decluttered_encoder(&fixture_dir(), Precision::Int8);
         let kernel = super::super::Kernel::detect();
         let mut report = super::super::rewrite_quantized_matmuls(&mut unfused, kernel)?;
         super::super::fuse_quantization(&mut unfused, &mut report)?;
@@ -404,27 +362,15 @@ mod tests {
             "{biases} biases, {gelus} GELUs"
         );
         assert!(rewrite_gelu(&mut fused)? > 0);
-        let input = Tensor::from_shape(
-            &[1, 3, s, s],
-            &(0..3 * s * s)
-                .map(|i| ((i * 7919 % 4001) as f32 / 2000.0) - 1.0)
-                .collect::<Vec<_>>(),
-        )?;
-        let run = |m: TypedModel| -> TractResult<Vec<f32>> {
-            let out = m
-                .into_optimized()?
-                .into_runnable()?
-                .run(tvec!(input.clone().into()))?;
-            Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
-        };
-        let (a, b) = (run(fused)?, run(unfused)?);
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        eprintln!("fixture INT8 encoder: {biases} biases and {gelus} GELUs fused, largest difference {err:e} of {scale}");
+        let input = pattern_input(s);
+        let (err, scale) = max_difference(
+            &run_first_output(fused, &input)?,
+            &run_first_output(unfused, &input)?,
+        );
+        eprintln!(
+            "fixture INT8 encoder: {biases} biases and {gelus} GELUs fused, largest difference \
+             {err:e} of {scale}"
+        );
         assert!(err <= 1e-5 * scale, "{err} of {scale}");
         Ok(())
     }

@@ -67,10 +67,6 @@ impl WindowAttention {
 // tract wants ops `Eq`: the float parameters compare by their bits.
 impl PartialEq for WindowAttention {
     fn eq(&self, other: &WindowAttention) -> bool {
-        let bits = |b: &Option<Arc<Vec<f32>>>| {
-            b.as_ref()
-                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
-        };
         (
             self.heads,
             self.head_axis,
@@ -85,7 +81,7 @@ impl PartialEq for WindowAttention {
             other.width,
         ) && (self.q_at, self.k_at, self.v_at) == (other.q_at, other.k_at, other.v_at)
             && self.scale.to_bits() == other.scale.to_bits()
-            && bits(&self.bias) == bits(&other.bias)
+            && super::same_bits(&self.bias, &other.bias)
     }
 }
 impl Eq for WindowAttention {}
@@ -532,7 +528,7 @@ fn plan(model: &TypedModel, softmax: &TypedNode) -> TractResult<Result<Plan, Str
 mod tests {
     use super::*;
     use crate::model::decoder::f32_slice;
-    use crate::model::{Manifest, Precision, Role};
+    use crate::model::{Manifest, Precision};
 
     /// The same attention in f64, straight from the definition.
     fn reference(op: &WindowAttention, qkv: &[f32], windows: usize) -> Vec<f32> {
@@ -638,16 +634,7 @@ mod tests {
     /// cores checked and the largest error relative to the output's largest value.
     fn against_tract(dir: &std::path::Path, precision: Precision) -> (usize, f32) {
         let manifest = Manifest::load(dir).expect("manifest");
-        let (_, mut model) =
-            crate::model::parse_onnx(dir, &manifest, Role::Encoder, precision).expect("encoder");
-        let s = manifest.config.image_size;
-        model
-            .set_input_fact(0, f32::fact([1, 3, s, s]).into())
-            .expect("input fact");
-        let typed = model
-            .into_typed()
-            .and_then(|m| m.into_decluttered())
-            .expect("typed");
+        let (typed, _) = crate::model::test_support::decluttered_encoder(dir, precision);
         let mut plans = Vec::new();
         for id in typed.eval_order().expect("order") {
             let node = typed.node(id);

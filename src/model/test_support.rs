@@ -1,0 +1,80 @@
+//! Helpers for the unit tests of our graph rewrites: the fixture model's encoder as tract
+//! declutters it, a deterministic input, and runs of a graph to its first output.
+#![cfg(test)]
+
+use std::path::PathBuf;
+
+use tract_onnx::prelude::*;
+
+use super::{Manifest, Precision, Role};
+
+/// `tests/fixtures/test_model`.
+pub(crate) fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/test_model")
+}
+
+/// The encoder of the model in `dir` at `precision`, typed and decluttered as `optimize` gets
+/// it, with its input side.
+pub(crate) fn decluttered_encoder(
+    dir: &std::path::Path,
+    precision: Precision,
+) -> (TypedModel, usize) {
+    let manifest = Manifest::load(dir).expect("manifest");
+    let (_, mut model) =
+        super::parse_onnx(dir, &manifest, Role::Encoder, precision).expect("encoder");
+    let s = manifest.config.image_size;
+    model
+        .set_input_fact(0, f32::fact([1, 3, s, s]).into())
+        .expect("input fact");
+    let typed = model
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .expect("typed");
+    (typed, s)
+}
+
+/// A deterministic image-like input `[1, 3, s, s]` in [-1, 1].
+pub(crate) fn pattern_input(s: usize) -> Tensor {
+    Tensor::from_shape(
+        &[1, 3, s, s],
+        &(0..3 * s * s)
+            .map(|i| ((i * 7919 % 4001) as f32 / 2000.0) - 1.0)
+            .collect::<Vec<_>>(),
+    )
+    .expect("shape")
+}
+
+/// `model` optimised and run on `input`: its first output's values.
+pub(crate) fn run_first_output(model: TypedModel, input: &Tensor) -> TractResult<Vec<f32>> {
+    let out = model
+        .into_optimized()?
+        .into_runnable()?
+        .run(tvec!(input.clone().into()))?;
+    Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+}
+
+/// The largest |a - b| and the largest |b|.
+pub(crate) fn max_difference(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len(), "outputs differ in size");
+    let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    (err, scale)
+}
+
+/// A graph of one tract `GeluExact` over `len` values.
+pub(crate) fn gelu_model(len: usize) -> TractResult<TypedModel> {
+    let mut model = TypedModel::default();
+    let x = model.add_source("x", f32::fact([len]))?;
+    let y = model.wire_node(
+        "gelu",
+        tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact(),
+        &[x],
+    )?;
+    model.select_output_outlets(&y)?;
+    Ok(model)
+}
+
+/// tract's `GeluExact` of `xs`, evaluated by tract.
+pub(crate) fn tract_gelu(xs: &[f32]) -> TractResult<Vec<f32>> {
+    run_first_output(gelu_model(xs.len())?, &tensor1(xs))
+}
