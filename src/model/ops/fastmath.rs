@@ -11,6 +11,18 @@ pub fn exp(x: f32) -> f32 {
     exp_fused::<false>(x)
 }
 
+/// `a * b + c`, fused where `FMA` says the calling code is compiled with fused multiply-adds
+/// (or on aarch64, which always has them); unfused elsewhere, where `mul_add` would be a libm
+/// call.
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// [`exp`] with fused multiply-adds (`FMA = true`: where the calling code is compiled with FMA,
 /// or on aarch64) for the range reduction and the polynomial: half the floating-point
 /// instructions, same accuracy.
@@ -18,7 +30,6 @@ pub fn exp(x: f32) -> f32 {
 pub fn exp_fused<const FMA: bool>(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
     // Not `max`: it would turn NaN into -87.
     let x = if x < -87.0 { -87.0 } else { x };
     // Any integer n near x / ln 2 works: adding 1.5 · 2^23 rounds to an integer (to nearest
@@ -26,7 +37,7 @@ pub fn exp_fused<const FMA: bool>(x: f32) -> f32 {
     const SHIFTER: f32 = 12_582_912.0;
     let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
     let n = shifted - SHIFTER;
-    let r = madd(-n, LN2_LO, madd(-n, LN2_HI, x));
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, x));
     let mut p = 1.0 / 5040.0;
     for c in [
         1.0 / 720.0,
@@ -37,7 +48,7 @@ pub fn exp_fused<const FMA: bool>(x: f32) -> f32 {
         1.0,
         1.0,
     ] {
-        p = madd(p, r, c);
+        p = madd::<FMA>(p, r, c);
     }
     // n is in [-126, 0] here, so the exponent field 127 + n is a normal exponent; the low bits
     // of `shifted` hold n + 2^22. A NaN `x` gives a NaN `p`, and the product stays NaN.

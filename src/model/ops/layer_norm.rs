@@ -17,6 +17,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
+
+use super::graph::{const_operand, row_vector, sole_consumer};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 
 /// `(x - mean) / sqrt(var + eps) · γ + β` over the last axis (`γ`, `β` one per element of it,
@@ -137,46 +139,6 @@ impl TypedOp for LayerNormOp {
     as_op!();
 }
 
-/// The only consumer of `outlet`, if it has exactly one.
-fn single_successor(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
-    match model.outlet_successors(outlet) {
-        [one] => Some(model.node(one.node)),
-        _ => None,
-    }
-}
-
-/// For a binary node of `M`: its constant operand's values and its other input.
-fn const_and_other<M: tract_onnx::tract_core::ops::binary::BinMiniOp>(
-    model: &TypedModel,
-    node: &TypedNode,
-) -> TractResult<Option<(Arc<Tensor>, OutletId)>> {
-    if !node
-        .op_as::<TypedBinOp>()
-        .is_some_and(|b| b.0.is::<M>() && b.1.is_none())
-        || node.inputs.len() != 2
-    {
-        return Ok(None);
-    }
-    for (k, x) in [(0, 1), (1, 0)] {
-        if let Some(c) = model.outlet_fact(node.inputs[k])?.konst.clone() {
-            return Ok(Some((c, node.inputs[x])));
-        }
-    }
-    Ok(None)
-}
-
-/// The f32 values of a constant shaped `[1, …, 1, c]`.
-fn row_vector(t: &Tensor, c: usize) -> TractResult<Option<Vec<f32>>> {
-    let shape = t.shape();
-    if t.datum_type() != f32::datum_type()
-        || shape.last() != Some(&c)
-        || shape[..shape.len() - 1].iter().any(|&d| d != 1)
-    {
-        return Ok(None);
-    }
-    Ok(Some(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
-}
-
 /// Replace every `Reduce<Sum> → Mul(1/C) → Sub → RmsNorm → Mul(γ)? → Add(β)?` chain over the
 /// last axis of an f32 tensor by [`LayerNormOp`]; returns how many.
 pub fn rewrite_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
@@ -226,7 +188,7 @@ fn plan(
     }
     let (x, mean_outlet) = (sub.inputs[0], sub.inputs[1]);
     let mean = model.node(mean_outlet.node);
-    let Some((recip, sum_outlet)) = const_and_other::<Mul>(model, mean)? else {
+    let Some((recip, sum_outlet)) = const_operand::<Mul>(model, mean)? else {
         return Ok(None);
     };
     let recip = match recip.cast_to_scalar::<f32>() {
@@ -255,19 +217,19 @@ fn plan(
         beta: None,
     };
     let mut last = OutletId::new(rms_node.id, 0);
-    if let Some(next) = single_successor(model, last) {
-        if let Some((g, _)) = const_and_other::<Mul>(model, next)? {
-            if let Some(g) = row_vector(&g, c)? {
+    if let Some(next) = sole_consumer(model, last) {
+        if let Some((g, _)) = const_operand::<Mul>(model, model.node(next))? {
+            if let Some(g) = row_vector(&g, c, rank)? {
                 op.gamma = Some(Arc::new(g));
-                last = OutletId::new(next.id, 0);
+                last = OutletId::new(next, 0);
             }
         }
     }
-    if let Some(next) = single_successor(model, last) {
-        if let Some((b, _)) = const_and_other::<Add>(model, next)? {
-            if let Some(b) = row_vector(&b, c)? {
+    if let Some(next) = sole_consumer(model, last) {
+        if let Some((b, _)) = const_operand::<Add>(model, model.node(next))? {
+            if let Some(b) = row_vector(&b, c, rank)? {
                 op.beta = Some(Arc::new(b));
-                last = OutletId::new(next.id, 0);
+                last = OutletId::new(next, 0);
             }
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod fastmath;
+pub(crate) mod graph;
 pub mod layer_norm;
 pub mod softmax;
 

@@ -4,20 +4,18 @@
 //! In the QDQ graph both are tract nodes of their own after the `DequantizeLinear`: a
 //! broadcast `Add` and `GeluExact`, each a full single-threaded pass over the output (the fc1
 //! outputs are 33 MB). [`fuse_epilogues`] folds them into the [`QMatMulOp`] before them, which
-//! applies them on tract's threads right after the product, while the rows are still warm.
+//! applies them in one pass on tract's threads right after the product.
 #![deny(unsafe_code)]
 
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
-use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::Add;
-use tract_onnx::tract_core::ops::nn::gelu_exact::GeluExact;
 
 use super::op::{OutAxis, QMatMulOp};
 use super::Layout;
+use crate::model::ops::graph::{const_operand, is_gelu_exact, row_vector, sole_consumer, Isa};
 
 /// Per-column bias and optional GELU applied to an f32 output of `n` columns.
 #[derive(Debug, Clone, Default)]
@@ -61,27 +59,25 @@ impl Epilogue {
 
 /// Bias then GELU over whole rows, compiled for the widest vectors the CPU has.
 fn apply_rows(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::detect` found AVX-512F and FMA on this CPU.
+        Isa::Avx512 => {
             #[allow(unsafe_code)]
             unsafe {
                 apply_rows_avx512(rows, n, bias, gelu)
-            };
-            return;
+            }
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
+        Isa::Avx2 => {
             #[allow(unsafe_code)]
             unsafe {
                 apply_rows_avx2(rows, n, bias, gelu)
-            };
-            return;
+            }
         }
+        _ => apply_rows_generic(rows, n, bias, gelu),
     }
-    apply_rows_generic(rows, n, bias, gelu)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -164,15 +160,9 @@ pub fn fuse_epilogues(model: &mut TypedModel) -> TractResult<(usize, usize)> {
             epilogue.bias = Some(Arc::new(bias));
             last = OutletId::new(add, 0);
         }
-        if let Some(g) = single_successor(model, last) {
-            let is_gelu = model
-                .node(g)
-                .op_as::<ElementWiseOp>()
-                .is_some_and(|e| e.0.is::<GeluExact>() && e.1.is_none());
-            if is_gelu {
-                epilogue.gelu = true;
-                last = OutletId::new(g, 0);
-            }
+        if let Some(g) = sole_consumer(model, last).filter(|&g| is_gelu_exact(model.node(g))) {
+            epilogue.gelu = true;
+            last = OutletId::new(g, 0);
         }
         if epilogue.is_empty() {
             continue;
@@ -252,10 +242,9 @@ pub fn rewrite_gelu(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
-        let is_gelu = node
-            .op_as::<ElementWiseOp>()
-            .is_some_and(|e| e.0.is::<GeluExact>() && e.1.is_none());
-        if !is_gelu || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type() {
+        if !is_gelu_exact(node)
+            || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
+        {
             continue;
         }
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, GeluOp)?;
@@ -265,53 +254,21 @@ pub fn rewrite_gelu(model: &mut TypedModel) -> TractResult<usize> {
     Ok(replaced)
 }
 
-/// The only consumer of `outlet`, if it has exactly one.
-fn single_successor(model: &TypedModel, outlet: OutletId) -> Option<usize> {
-    match model.outlet_successors(outlet) {
-        [one] => Some(one.node),
-        _ => None,
-    }
-}
-
-/// An f32 `Add` of a constant `[1, …, 1, n]` as the only consumer of `outlet`: its node and the
-/// n values.
+/// An `Add` of a constant `[1, …, 1, n]` as the only consumer of `outlet`: its node and the n
+/// values.
 fn bias_add_after(
     model: &TypedModel,
     outlet: OutletId,
     n: usize,
 ) -> TractResult<Option<(usize, Vec<f32>)>> {
-    let Some(add) = single_successor(model, outlet) else {
+    let Some(add) = sole_consumer(model, outlet) else {
         return Ok(None);
     };
-    let node = model.node(add);
-    if !node
-        .op_as::<TypedBinOp>()
-        .is_some_and(|b| b.0.is::<Add>() && b.1.is_none())
-        || node.inputs.len() != 2
-    {
-        return Ok(None);
-    }
-    let other = if node.inputs[0] == outlet {
-        node.inputs[1]
-    } else {
-        node.inputs[0]
-    };
-    let out_rank = model.outlet_fact(outlet)?.rank();
-    let fact = model.outlet_fact(other)?;
-    let Some(k) = fact.konst.clone() else {
+    let Some((k, _)) = const_operand::<Add>(model, model.node(add))? else {
         return Ok(None);
     };
-    let shape = k.shape();
-    let row_vector = shape.last() == Some(&n)
-        && shape.len() <= out_rank
-        && shape[..shape.len() - 1].iter().all(|&d| d == 1);
-    if k.datum_type() != f32::datum_type() || !row_vector {
-        return Ok(None);
-    }
-    Ok(Some((
-        add,
-        k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-    )))
+    let rank = model.outlet_fact(outlet)?.rank();
+    Ok(row_vector(&k, n, rank)?.map(|bias| (add, bias)))
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! run time) and plainly (NEON with fused multiply-adds on aarch64).
 #![allow(unsafe_code)]
 
+use super::super::fastmath::{exp_fused, madd};
+
 /// Query rows per block: 4 (6 with AVX-512's 32 vector registers: more chains, no spills).
 pub(crate) const ROWS: usize = 4;
 /// The most query rows per block of any compiled form (scratch is sized for it).
@@ -68,16 +70,6 @@ pub(crate) unsafe fn head_avx2(head: &Head<'_>, out: &mut [f32], scratch: &mut S
 pub(crate) fn head_portable(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
     // aarch64 always has fused multiply-add (NEON `fmla`); elsewhere it would be a libm call.
     attend::<{ cfg!(target_arch = "aarch64") }, ROWS>(head, out, scratch)
-}
-
-/// `a * b + c`, fused where the target has it.
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
 }
 
 /// The kernel, written so that the compiler vectorises it for whichever target features the
@@ -167,11 +159,11 @@ fn softmax_unnormalised<const FMA: bool>(s: &mut [f32]) -> f32 {
     let mut chunks = s.chunks_exact_mut(16);
     for c in &mut chunks {
         for x in c.iter_mut() {
-            *x = super::super::fastmath::exp_fused::<FMA>(*x - max);
+            *x = exp_fused::<FMA>(*x - max);
         }
     }
     for x in chunks.into_remainder() {
-        *x = super::super::fastmath::exp_fused::<FMA>(*x - max);
+        *x = exp_fused::<FMA>(*x - max);
     }
     let mut sums = [0f32; 8];
     let mut chunks = s.chunks_exact(8);
@@ -216,8 +208,7 @@ fn weighted_rows_const<const FMA: bool, const D: usize>(
 ) {
     // Two partial sums (even and odd rows of v): twice the independent FMA chains.
     let (mut even, mut odd) = ([0f32; D], [0f32; D]);
-    let mut pairs = w.chunks_exact(2).zip(v.chunks_exact(2 * D));
-    for (wp, vp) in &mut pairs {
+    for (wp, vp) in w.chunks_exact(2).zip(v.chunks_exact(2 * D)) {
         for l in 0..D {
             even[l] = madd::<FMA>(wp[0], vp[l], even[l]);
             odd[l] = madd::<FMA>(wp[1], vp[D + l], odd[l]);

@@ -27,6 +27,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
+use super::graph::{const_operand, sole_consumer, Isa};
 use kernel::{Head, Scratch};
 
 /// Attention of every window and head of a `[windows, tokens, heads, width]` qkv tensor (or
@@ -140,11 +141,10 @@ impl EvalOp for WindowAttention {
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let out_data = view.as_slice_mut::<f32>()?;
-            let total = out_data.len();
             tract_linalg::multithread::par_chunks_mut(
                 out_data,
                 window_out,
-                total * 8,
+                qkv.len(),
                 |first, chunk| {
                     let mut scratch = Scratch::new(self.tokens, self.head_dim);
                     for (i, out_w) in chunk.chunks_exact_mut(window_out).enumerate() {
@@ -186,49 +186,6 @@ impl TypedOp for WindowAttention {
     }
 
     as_op!();
-}
-
-/// Which compiled form of the kernel runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-// The x86 forms exist (tests name them) but are only chosen on x86_64.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-enum Isa {
-    /// Plain Rust: NEON with fused multiply-adds on aarch64, SSE2 elsewhere.
-    Portable,
-    /// x86_64 AVX2 + FMA.
-    Avx2,
-    /// x86_64 AVX-512F (16-lane vectors).
-    Avx512,
-}
-
-impl Isa {
-    fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
-    }
-}
-
-impl std::fmt::Display for Isa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Isa::Portable if cfg!(target_arch = "aarch64") => "neon",
-            Isa::Portable => "portable",
-            Isa::Avx2 => "avx2+fma",
-            Isa::Avx512 => "avx512f",
-        })
-    }
 }
 
 impl WindowAttention {
@@ -320,24 +277,6 @@ fn canonical(expr: &str) -> String {
         .collect()
 }
 
-/// The single constant value of a binary op's constant input, and its other input.
-fn const_operand(
-    model: &TypedModel,
-    node: &TypedNode,
-) -> TractResult<Option<(Arc<Tensor>, OutletId)>> {
-    if node.inputs.len() != 2 {
-        return Ok(None);
-    }
-    for (c, x) in [(0, 1), (1, 0)] {
-        if let Some(k) = model.outlet_fact(node.inputs[c])?.konst.clone() {
-            if model.outlet_fact(node.inputs[x])?.konst.is_none() {
-                return Ok(Some((k, node.inputs[x])));
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// The slice feeding `outlet`: (its input, start, end) along `axis`, if `outlet` is one.
 fn slice_of(model: &TypedModel, outlet: OutletId, axis: usize) -> Option<(OutletId, usize, usize)> {
     let node = model.node(outlet.node);
@@ -348,13 +287,6 @@ fn slice_of(model: &TypedModel, outlet: OutletId, axis: usize) -> Option<(Outlet
     let start = usize::try_from(slice.start.as_i64()?).ok()?;
     let end = usize::try_from(slice.end.as_i64()?).ok()?;
     Some((node.inputs[0], start, end))
-}
-
-fn single_successor(model: &TypedModel, node: &TypedNode) -> Option<usize> {
-    match node.outputs[0].successors.as_slice() {
-        [one] => Some(one.node).filter(|&n| model.node(n).inputs.len() > one.slot),
-        _ => None,
-    }
 }
 
 /// Match the attention core around `softmax`, or say why it does not fit.
@@ -395,7 +327,7 @@ fn plan(model: &TypedModel, softmax: &TypedNode) -> TractResult<Result<Plan, Str
     let mut bias = None;
     let mut scale = 1.0f32;
     if cur.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()) {
-        let Some((k, x)) = const_operand(model, cur)? else {
+        let Some((k, x)) = const_operand::<Add>(model, cur)? else {
             return Ok(Err("the add before the softmax is not of a constant".into()));
         };
         need!(
@@ -415,7 +347,7 @@ fn plan(model: &TypedModel, softmax: &TypedNode) -> TractResult<Result<Plan, Str
         cur = model.node(x.node);
     }
     if cur.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Mul>()) {
-        let Some((k, x)) = const_operand(model, cur)? else {
+        let Some((k, x)) = const_operand::<Mul>(model, cur)? else {
             return Ok(Err("the mul before the softmax is not by a constant".into()));
         };
         need!(
@@ -451,7 +383,7 @@ fn plan(model: &TypedModel, softmax: &TypedNode) -> TractResult<Result<Plan, Str
         qk.axes
     );
     // After: the attn·v EinSum.
-    let Some(pv_id) = single_successor(model, softmax) else {
+    let Some(pv_id) = sole_consumer(model, softmax.id.into()) else {
         return Ok(Err("the softmax has more than one use".into()));
     };
     let pv_node = model.node(pv_id);

@@ -1,0 +1,101 @@
+//! Pattern matching shared by our rewrite passes (`ops` and `qmatmul::epilogue`): who consumes
+//! an outlet, a binary op's constant operand, a per-column constant, and our SIMD dispatch level.
+#![deny(unsafe_code)]
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::nn::gelu_exact::GeluExact;
+
+/// The only node consuming `outlet`, if it has exactly one consumer.
+pub(crate) fn sole_consumer(model: &TypedModel, outlet: OutletId) -> Option<usize> {
+    match model.outlet_successors(outlet) {
+        [one] => Some(one.node),
+        _ => None,
+    }
+}
+
+/// For a two-input binary node of mini-op `M` (no output type override) with exactly one
+/// constant input: that constant and the other input.
+pub(crate) fn const_operand<M: BinMiniOp>(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(Arc<Tensor>, OutletId)>> {
+    let is_m = node
+        .op_as::<TypedBinOp>()
+        .is_some_and(|b| b.0.is::<M>() && b.1.is_none());
+    if !is_m || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    for (c, x) in [(0, 1), (1, 0)] {
+        if let Some(k) = model.outlet_fact(node.inputs[c])?.konst.clone() {
+            if model.outlet_fact(node.inputs[x])?.konst.is_none() {
+                return Ok(Some((k, node.inputs[x])));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The values of an f32 constant shaped `[1, …, 1, n]` with at most `rank` axes: one per
+/// column of a rank-`rank` tensor it broadcasts over without changing its shape.
+pub(crate) fn row_vector(t: &Tensor, n: usize, rank: usize) -> TractResult<Option<Vec<f32>>> {
+    let shape = t.shape();
+    let fits = shape.last() == Some(&n)
+        && shape.len() <= rank
+        && shape[..shape.len() - 1].iter().all(|&d| d == 1);
+    if t.datum_type() != f32::datum_type() || !fits {
+        return Ok(None);
+    }
+    Ok(Some(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
+}
+
+/// Whether `node` is tract's `GeluExact` (without an output type override).
+pub(crate) fn is_gelu_exact(node: &TypedNode) -> bool {
+    node.op_as::<ElementWiseOp>()
+        .is_some_and(|e| e.0.is::<GeluExact>() && e.1.is_none())
+}
+
+/// Which compiled form of our vectorised float code runs: one generic body compiled with the
+/// widest target features this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The x86 forms exist (tests name them) but are only chosen on x86_64.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) enum Isa {
+    /// Plain Rust: NEON with fused multiply-adds on aarch64, SSE2 elsewhere.
+    Portable,
+    /// x86_64 AVX2 + FMA.
+    Avx2,
+    /// x86_64 AVX-512F (16-lane vectors) + FMA.
+    Avx512,
+}
+
+impl Isa {
+    /// The widest form this CPU runs.
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = std::arch::is_x86_feature_detected!("fma");
+            if fma && std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if fma && std::arch::is_x86_feature_detected!("avx2") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Isa::Portable if cfg!(target_arch = "aarch64") => "neon",
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2+fma",
+            Isa::Avx512 => "avx512f",
+        })
+    }
+}
