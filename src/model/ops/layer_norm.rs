@@ -3,7 +3,7 @@
 //! tract declutters ONNX's `LayerNormalization` into six nodes: `Reduce<Sum>`, a `Mul` by 1/C
 //! (the mean), a `Sub`, its own `RmsNorm`, a `Mul` by γ and an `Add` of β: five passes over the
 //! tensor, most of them single-threaded. TinySAM's encoder has 20 of them over tensors of up
-//! to 9 MB (~75 ms of the INT8 encoder on 2 threads). [`rewrite_layer_norm`] finds the chain and
+//! to 9 MB. [`rewrite_layer_norm`] finds the chain and
 //! replaces it. The arithmetic is the chain's own, bit for bit (INT8 graphs quantize the result,
 //! and a last-bit difference there changes later roundings): the row sum and the RMS
 //! normalisation by tract-linalg's own routines, the mean as the sum times the graph's 1/C, then

@@ -4,8 +4,8 @@
 //! tract 0.23.9 runs this core as seven nodes: two `Slice`s of the qkv tensor, an `EinSum` for
 //! q·kᵀ (its operands packed for the matrix kernel first), a scalar `Mul`, the bias `Add`, a
 //! `Softmax` and the attn·v `EinSum`, each a full pass over tensors of up to 29 MB, the
-//! non-product ones on one thread. On the default model that is ~0.6 s of a 1.9 s INT8 encoder
-//! (`tinysam bench --profile`: the softmaxes alone 232 ms). Here each (window, head) pair reads
+//! non-product ones on one thread (the default model's ten softmaxes alone took 292 ms of a
+//! 2.35 s INT8 encoder, `benches/encoder-profile-results.md`). Here each (window, head) pair reads
 //! its q, k and v rows straight from the qkv tensor, keeps the 49×49 (or 196×196) scores in
 //! cache, and writes its output rows where the projection reads them; windows are split across
 //! tract's threads.
