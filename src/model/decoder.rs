@@ -432,15 +432,36 @@ impl Decoder {
         Ok((mask, has_mask))
     }
 
-    /// Per-node times of one run of the plan that decodes `input` (per-frame tensors computed
-    /// and kept first), slowest first.
+    /// Per-node times of one run of the plans that decode `input` (per-frame tensors computed
+    /// and kept first), slowest first; the split form's mask-graph nodes are named `masks:…`.
     pub fn profile(
         &self,
         embedding: &Embedding,
         input: &DecoderInput,
     ) -> Result<Vec<super::profile::NodeTime>> {
         let (plan, inputs) = self.batch_inputs(embedding, input)?;
-        super::profile::profile_values(&plan, inputs).map_err(infer_err)
+        let (mut times, outputs) =
+            super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
+        if let Graphs::Split {
+            masks, masks_path, ..
+        } = &self.graphs
+        {
+            let (Some(tokens), Some(weights)) = (outputs.first(), outputs.get(1)) else {
+                return Err(infer_err(anyhow::anyhow!(
+                    "per-prompt graph returned fewer than 2 outputs"
+                )));
+            };
+            let plan = self.mask_plan((masks, masks_path), tokens.shape(), weights.shape())?;
+            let (mask_times, _) =
+                super::profile::profile_values(&plan, tvec!(tokens.clone(), weights.clone()))
+                    .map_err(infer_err)?;
+            times.extend(mask_times.into_iter().map(|mut t| {
+                t.node = format!("masks:{}", t.node);
+                t
+            }));
+            times.sort_by_key(|t| std::cmp::Reverse(t.time));
+        }
+        Ok(times)
     }
 
     /// The plan for `input`'s batch shape and its inputs.

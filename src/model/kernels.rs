@@ -117,7 +117,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
         let inputs = model.node_input_facts(id)?;
         let op_name = node.op.name();
         // Element-wise ops (GELU, norms) report FMA costs too; only products count as model MACs.
-        if !["MatMul", "Conv", "DepthWise", "Deconv", "Attention"]
+        if !["MatMul", "Conv", "DepthWise", "Deconv", "Attention", "Upscaling"]
             .iter()
             .any(|k| op_name.contains(k))
         {
@@ -138,6 +138,10 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                 })
                 .or_else(|| {
                     node.op_as::<super::ops::WindowAttention>()
+                        .map(|op| op.kernel_name())
+                })
+                .or_else(|| {
+                    node.op_as::<super::ops::MaskUpscaling>()
                         .map(|op| op.kernel_name())
                 })
                 .unwrap_or_default();

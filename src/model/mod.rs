@@ -301,6 +301,10 @@ pub(crate) fn optimize(
     if gelus > 0 {
         log::debug!("{stage}: {gelus} GELUs on TinysamGelu");
     }
+    let upscaling = ops::rewrite_mask_upscaling(&mut typed).map_err(load_err)?;
+    if upscaling > 0 {
+        log::debug!("{stage}: mask upscaling on TinysamMaskUpscaling");
+    }
     let softmax = ops::rewrite_softmax(&mut typed).map_err(load_err)?;
     if softmax > 0 {
         log::debug!("{stage}: {softmax} softmax ops on TinysamSoftmax");

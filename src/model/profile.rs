@@ -24,17 +24,18 @@ pub fn profile(
     plan: &std::sync::Arc<TypedRunnableModel>,
     inputs: Vec<Tensor>,
 ) -> TractResult<Vec<NodeTime>> {
-    profile_values(plan, inputs.into_iter().map(TValue::from).collect())
+    Ok(profile_values(plan, inputs.into_iter().map(TValue::from).collect())?.0)
 }
 
-/// [`profile`] with inputs that may be shared constants.
+/// [`profile`] with inputs that may be shared constants; also returns the plan's outputs (for a
+/// plan whose outputs feed another).
 pub fn profile_values(
     plan: &std::sync::Arc<TypedRunnableModel>,
     inputs: TVec<TValue>,
-) -> TractResult<Vec<NodeTime>> {
+) -> TractResult<(Vec<NodeTime>, TVec<TValue>)> {
     let mut times: Vec<NodeTime> = Vec::new();
     let mut state = plan.spawn()?;
-    state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+    let outputs = state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
         let start = Instant::now();
         let out = eval(ctx, op_state, node, input);
         let time = start.elapsed();
@@ -48,7 +49,7 @@ pub fn profile_values(
         out
     })?;
     times.sort_by_key(|t| std::cmp::Reverse(t.time));
-    Ok(times)
+    Ok((times, outputs))
 }
 
 /// Sum node times per op name; slowest first.

@@ -78,3 +78,51 @@ pub(crate) fn gelu_model(len: usize) -> TractResult<TypedModel> {
 pub(crate) fn tract_gelu(xs: &[f32]) -> TractResult<Vec<f32>> {
     run_first_output(gelu_model(xs.len())?, &tensor1(xs))
 }
+
+/// The split decoder's mask graph of the model in `dir` for `batch` prompts, typed,
+/// decluttered and with our LayerNorm and GELU rewrites applied (as `optimize` hands it to the
+/// mask-upscaling rewrite); with its image-token shape `[batch, P, D]` and mask-weight shape
+/// `[batch, K, C]`.
+pub(crate) fn decluttered_mask_graph(
+    dir: &std::path::Path,
+    batch: usize,
+) -> (TypedModel, [usize; 3], [usize; 3]) {
+    let manifest = Manifest::load(dir).expect("manifest");
+    let (_, mut model) =
+        super::parse_onnx(dir, &manifest, Role::DecoderMasks, Precision::Fp32).expect("mask graph");
+    let c = &manifest.config;
+    let e = c.embedding_size();
+    let tokens = [batch, e * e, c.prompt_embed_dim];
+    let weights = [batch, c.num_multimask_outputs, c.prompt_embed_dim / 8];
+    model
+        .set_input_fact(0, f32::fact(tokens).into())
+        .expect("tokens fact");
+    model
+        .set_input_fact(1, f32::fact(weights).into())
+        .expect("weights fact");
+    let mut typed = model
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .expect("typed");
+    super::ops::rewrite_layer_norm(&mut typed).expect("LayerNorm rewrite");
+    super::qmatmul::rewrite_gelu(&mut typed).expect("GELU rewrite");
+    (typed, tokens, weights)
+}
+
+/// A deterministic tensor of `shape` with values in [-scale, scale].
+pub(crate) fn pattern_tensor(shape: &[usize], seed: usize, scale: f32) -> Tensor {
+    let len: usize = shape.iter().product();
+    let values: Vec<f32> = (0..len)
+        .map(|i| (((i * 7919 + seed * 104_729) % 4001) as f32 / 2000.0 - 1.0) * scale)
+        .collect();
+    Tensor::from_shape(shape, &values).expect("shape")
+}
+
+/// `model` optimised and run on `inputs`: its first output's values.
+pub(crate) fn run_model(model: TypedModel, inputs: &[Tensor]) -> TractResult<Vec<f32>> {
+    let out = model
+        .into_optimized()?
+        .into_runnable()?
+        .run(inputs.iter().cloned().map(TValue::from).collect())?;
+    Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+}

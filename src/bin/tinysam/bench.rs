@@ -331,6 +331,17 @@ fn print_decoder_profile(
         ms(total)
     );
     print_profile(&title, &times, 16);
+    let masks: Duration = times
+        .iter()
+        .filter(|t| t.node.starts_with("masks:"))
+        .map(|t| t.time)
+        .sum();
+    if !masks.is_zero() {
+        eprintln!(
+            "of which the mask graph (nodes `masks:…`): {:.1} ms",
+            ms(masks)
+        );
+    }
     Ok(())
 }
 

@@ -61,3 +61,30 @@ pub fn exp_fused<const FMA: bool>(x: f32) -> f32 {
     );
     p * scale
 }
+
+/// `0.5 · x · (1 + erf(x / √2))`, the order of operations of tract's `GeluExact`.
+#[inline(always)]
+pub fn gelu_exact(x: f32) -> f32 {
+    (x * 0.5) * (erf(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+}
+
+/// erf by Abramowitz & Stegun 7.1.28 (absolute error below 3e-7), the approximation tract's
+/// `Erf` uses, in a branch-free form the compiler vectorises.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub fn erf(x: f32) -> f32 {
+    const A: [f32; 6] = [
+        0.070_523_078_4,
+        0.042_282_012_3,
+        0.009_270_527_2,
+        0.000_152_014_3,
+        0.000_276_567_2,
+        0.000_043_063_8,
+    ];
+    let a = x.abs();
+    let p = 1.0 + a * (A[0] + a * (A[1] + a * (A[2] + a * (A[3] + a * (A[4] + a * A[5])))));
+    let p2 = p * p;
+    let p4 = p2 * p2;
+    let p8 = p4 * p4;
+    (1.0 - 1.0 / (p8 * p8)).copysign(x)
+}

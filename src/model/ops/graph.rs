@@ -52,6 +52,24 @@ pub(crate) fn row_vector(t: &Tensor, n: usize, rank: usize) -> TractResult<Optio
     Ok(Some(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
 }
 
+/// Axis letters renamed in order of first appearance, so that `ambk,anbk->abmn` and
+/// `acbd,aebd->abce` compare equal.
+pub(crate) fn canonical(expr: &str) -> String {
+    let mut seen: Vec<char> = Vec::new();
+    expr.chars()
+        .map(|c| {
+            if !c.is_ascii_alphabetic() {
+                return c;
+            }
+            let i = seen.iter().position(|&s| s == c).unwrap_or_else(|| {
+                seen.push(c);
+                seen.len() - 1
+            });
+            (b'a' + i as u8) as char
+        })
+        .collect()
+}
+
 /// Whether `node` is tract's `GeluExact` (without an output type override).
 pub(crate) fn is_gelu_exact(node: &TypedNode) -> bool {
     node.op_as::<ElementWiseOp>()

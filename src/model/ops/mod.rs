@@ -3,12 +3,15 @@
 
 pub mod attention;
 pub mod fastmath;
+pub mod gemm;
 pub(crate) mod graph;
 pub mod layer_norm;
+pub mod mask_upscaling;
 pub mod softmax;
 
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
 pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
+pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
 
 /// Whether two optional float vectors hold the same values bit for bit (how our ops with float

@@ -15,6 +15,7 @@ use tract_onnx::tract_core::ops::math::Add;
 
 use super::op::{OutAxis, QMatMulOp};
 use super::Layout;
+pub use crate::model::ops::fastmath::{erf, gelu_exact};
 use crate::model::ops::graph::{const_operand, is_gelu_exact, row_vector, sole_consumer, Isa};
 
 /// Per-column bias and optional GELU applied to an f32 output of `n` columns.
@@ -106,33 +107,6 @@ fn apply_rows_generic(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bo
             }
         }
     }
-}
-
-/// `0.5 · x · (1 + erf(x / √2))`, the order of operations of tract's `GeluExact`.
-#[inline(always)]
-pub fn gelu_exact(x: f32) -> f32 {
-    (x * 0.5) * (erf(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
-}
-
-/// erf by Abramowitz & Stegun 7.1.28 (absolute error below 3e-7), the approximation tract's
-/// `Erf` uses, in a branch-free form the compiler vectorises.
-#[inline(always)]
-#[allow(clippy::excessive_precision)]
-pub fn erf(x: f32) -> f32 {
-    const A: [f32; 6] = [
-        0.070_523_078_4,
-        0.042_282_012_3,
-        0.009_270_527_2,
-        0.000_152_014_3,
-        0.000_276_567_2,
-        0.000_043_063_8,
-    ];
-    let a = x.abs();
-    let p = 1.0 + a * (A[0] + a * (A[1] + a * (A[2] + a * (A[3] + a * (A[4] + a * A[5])))));
-    let p2 = p * p;
-    let p4 = p2 * p2;
-    let p8 = p4 * p4;
-    (1.0 - 1.0 / (p8 * p8)).copysign(x)
 }
 
 /// Fold the per-column bias `Add` after each f32-output [`QMatMulOp`], and a `GeluExact` after

@@ -27,7 +27,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use super::graph::{const_operand, sole_consumer, Isa};
+use super::graph::{canonical, const_operand, sole_consumer, Isa};
 use kernel::{Head, Scratch};
 
 /// Attention of every window and head of a `[windows, tokens, heads, width]` qkv tensor (or
@@ -257,24 +257,6 @@ struct Plan {
     qkv: OutletId,
     output: OutletId,
     op: WindowAttention,
-}
-
-/// Axis letters renamed in order of first appearance, so that `ambk,anbk->abmn` and
-/// `acbd,aebd->abce` compare equal.
-fn canonical(expr: &str) -> String {
-    let mut seen: Vec<char> = Vec::new();
-    expr.chars()
-        .map(|c| {
-            if !c.is_ascii_alphabetic() {
-                return c;
-            }
-            let i = seen.iter().position(|&s| s == c).unwrap_or_else(|| {
-                seen.push(c);
-                seen.len() - 1
-            });
-            (b'a' + i as u8) as char
-        })
-        .collect()
 }
 
 /// The slice feeding `outlet`: (its input, start, end) along `axis`, if `outlet` is one.

@@ -1,0 +1,509 @@
+//! [`MaskUpscaling`]: SAM's output upscaling and mask product — the whole mask graph of the
+//! split decoder — as one op that works a tile of image tokens at a time in cache.
+//!
+//! The mask graph (`decoder.masks.*.onnx`, written by `models/tinysam_export/split_decoder.py`)
+//! takes each prompt's image tokens after the two-way transformer, `[B, e·e, D]`, and its mask
+//! weights, `[B, K, C2]`: a transposed convolution (as a `D × 4·C1` product), bias, LayerNorm,
+//! GELU, a second transposed convolution (`C1 × 4·C2`), bias, GELU, the product with the mask
+//! weights and three axis moves that put the 2×2×2×2 sub-pixels in place, giving `[B, K, 4e, 4e]`.
+//! tract 0.23.9 runs that as fourteen nodes, each a pass over 4–8 MB per prompt, the bias adds and
+//! axis moves on one thread: 20 ms of a 51 ms one-point decode on the default model
+//! (`benches/decoder-results.md`). Here each task takes a row of the token grid, works 16 tokens
+//! at a time (their feature maps stay in L1/L2, see [`kernel`]) and writes the finished mask
+//! values straight to their place in the K planes; rows are spread over tract's threads.
+//!
+//! [`rewrite_mask_upscaling`] finds the chain in a decluttered graph after our LayerNorm and
+//! GELU rewrites, checks that the final axis moves compose to SAM's pixel order (by running them
+//! on an index tensor), and replaces it; anything else stays with tract, with the reason logged.
+#![allow(unsafe_code)]
+
+mod kernel;
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::math::Add;
+
+use super::gemm::PackedWeights;
+#[cfg(target_arch = "x86_64")]
+use super::gemm::{Avx2, Avx512};
+use super::graph::{canonical, const_operand, row_vector, sole_consumer, Isa};
+use super::layer_norm::LayerNormOp;
+use crate::model::qmatmul::GeluOp;
+use kernel::{Band, Scratch, Weights};
+
+/// `[B, side², D]` image tokens and `[B, K, C2]` mask weights → `[B, K, 4·side, 4·side]` mask
+/// logits, as SAM's `output_upscaling` followed by the hypernetwork product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskUpscaling {
+    /// Side of the image-token grid (64 for a 1024² input).
+    pub side: usize,
+    weights: Arc<Weights>,
+}
+
+impl MaskUpscaling {
+    /// The kernel name reported in kernel tables, e.g. `tinysam_upscaling_avx512f`.
+    pub fn kernel_name(&self) -> String {
+        format!("tinysam_upscaling_{}", Isa::detect())
+    }
+
+    /// Width of the image tokens (D).
+    pub fn dim(&self) -> usize {
+        self.weights.up1.k()
+    }
+
+    /// Multiply-adds per prompt.
+    pub fn macs_per_prompt(&self, masks: usize) -> usize {
+        let w = &self.weights;
+        let pixels = self.side * self.side;
+        pixels * (w.up1.k() * w.up1.n() + 4 * w.up2.k() * w.up2.n() + 16 * w.bias2.len() * masks)
+    }
+
+    fn band(&self, isa: Isa, band: &Band<'_>, planes: &mut [&mut [f32]], scratch: &mut Scratch) {
+        let w = &*self.weights;
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            Isa::Avx512 => {
+                if let Some(m) = Avx512::detect() {
+                    // SAFETY: `Isa::detect` found AVX-512F and FMA on this CPU.
+                    return unsafe { kernel::band_avx512(m, w, band, planes, scratch) };
+                }
+            }
+            Isa::Avx2 => {
+                if let Some(m) = Avx2::detect() {
+                    // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
+                    return unsafe { kernel::band_avx2(m, w, band, planes, scratch) };
+                }
+            }
+            Isa::Portable => {}
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = isa;
+        kernel::band_portable(w, band, planes, scratch)
+    }
+}
+
+impl Op for MaskUpscaling {
+    fn name(&self) -> StaticName {
+        "TinysamMaskUpscaling".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let w = &self.weights;
+        Ok(vec![format!(
+            "{}² tokens × {} → {} → {} channels, kernel {}",
+            self.side,
+            w.up1.k(),
+            w.bias1.len(),
+            w.bias2.len(),
+            Isa::detect()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for MaskUpscaling {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (tokens, hyper) = args_2!(inputs);
+        let (d, c2, side) = (self.dim(), self.weights.bias2.len(), self.side);
+        let pixels = side * side;
+        let (ts, hs) = (tokens.shape(), hyper.shape());
+        ensure!(
+            ts.len() == 3 && ts[1] == pixels && ts[2] == d,
+            "TinysamMaskUpscaling: image tokens {ts:?}, expected [B, {pixels}, {d}]"
+        );
+        ensure!(
+            hs.len() == 3 && hs[0] == ts[0] && hs[2] == c2,
+            "TinysamMaskUpscaling: mask weights {hs:?} for {} prompts of {c2} channels",
+            ts[0]
+        );
+        let (batch, masks) = (ts[0], hs[1]);
+        let mut out = Tensor::zero::<f32>(&[batch, masks, 4 * side, 4 * side])?;
+        if batch == 0 || masks == 0 {
+            return Ok(tvec!(out.into_tvalue()));
+        }
+        let tokens_view = tokens.try_as_plain_ram()?;
+        let tokens = tokens_view.as_slice::<f32>()?;
+        let hyper_view = hyper.try_as_plain_ram()?;
+        let hyper = hyper_view.as_slice::<f32>()?;
+        let isa = Isa::detect();
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let data = view.as_slice_mut::<f32>()?;
+            // One unit per (prompt, grid row): its 4 mask rows in each of the K planes, which
+            // are K separate runs of the output (planes are [B][K][4·side][4·side]).
+            let band_len = 16 * side;
+            let mut units: Vec<Vec<&mut [f32]>> = (0..batch * side)
+                .map(|_| Vec::with_capacity(masks))
+                .collect();
+            for (i, run) in data.chunks_exact_mut(band_len).enumerate() {
+                let (b, row) = (i / (masks * side), i % side);
+                if let Some(unit) = units.get_mut(b * side + row) {
+                    unit.push(run);
+                }
+            }
+            let work = batch * pixels * d;
+            tract_linalg::multithread::par_chunks_mut(&mut units, 1, work, |first, chunk| {
+                let mut scratch = Scratch::new(&self.weights);
+                for (i, planes) in chunk.iter_mut().enumerate() {
+                    let unit = first + i;
+                    let (b, row) = (unit / side, unit % side);
+                    let start = (b * pixels + row * side) * d;
+                    let band = Band {
+                        tokens: tokens.get(start..start + side * d).context("tokens")?,
+                        side,
+                        hyper: hyper
+                            .get(b * masks * c2..(b + 1) * masks * c2)
+                            .context("mask weights")?,
+                    };
+                    self.band(isa, &band, planes, &mut scratch);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for MaskUpscaling {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs.iter().all(|f| f.datum_type == f32::datum_type()),
+            "TinysamMaskUpscaling is f32 only"
+        );
+        let side = 4 * self.side;
+        Ok(tvec!(f32::fact([
+            inputs[0].shape[0].clone(),
+            inputs[1].shape[1].clone(),
+            side.into(),
+            side.into()
+        ])))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let masks = inputs[1].shape[1].to_usize().unwrap_or(1);
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            inputs[0].shape[0].clone() * self.macs_per_prompt(masks)
+        )))
+    }
+
+    as_op!();
+}
+
+/// Replace the mask graph's upscaling chain (see the module docs) by [`MaskUpscaling`];
+/// returns how many (0 or 1 in practice). Chains that start like one but differ are logged
+/// with the reason and left to tract.
+pub fn rewrite_mask_upscaling(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let Some(node) = model.nodes().get(id) else {
+            continue;
+        };
+        let is_product = node
+            .op_as::<EinSum>()
+            .is_some_and(|e| FIRST_PRODUCT.contains(&canonical(&e.axes.to_string()).as_str()));
+        if !is_product {
+            continue;
+        }
+        let name = node.name.clone();
+        match plan(model, id)? {
+            Ok(Some(plan)) => {
+                let mut patch = TypedModelPatch::default();
+                let tokens = patch.tap_model(model, plan.tokens)?;
+                let hyper = patch.tap_model(model, plan.hyper)?;
+                let out =
+                    patch.wire_node(format!("{name}.upscaling"), plan.op, &[tokens, hyper])?;
+                patch.shunt_outside(model, plan.output, out[0])?;
+                patch.apply(model)?;
+                replaced += 1;
+            }
+            Ok(None) => {}
+            Err(why) => log::debug!("mask upscaling at {name} left to tract: {why}"),
+        }
+    }
+    model.compact()?;
+    Ok(replaced)
+}
+
+// The products' einsum forms, canonical (`graph::canonical`): with the batch axis, and as
+// tract declutters them for a batch of one (the batch axis dropped from the result).
+const FIRST_PRODUCT: [&str; 2] = ["abc,cd->abd", "abc,cd->bd"];
+const SECOND_PRODUCT: [&str; 2] = ["abc,cd->abd", "ab,bc->ac"];
+const MASK_PRODUCT: [&str; 2] = ["abc,adc->abd", "ab,cdb->cad"];
+
+/// Whether `shape` is `[batch, rows, cols]`, or `[rows, cols]` for a batch of one (as tract
+/// declutters it).
+fn is_rows(shape: Option<&[usize]>, batch: usize, rows: usize, cols: usize) -> bool {
+    match shape {
+        Some(&[b, r, c]) => (b, r, c) == (batch, rows, cols),
+        Some(&[r, c]) => (batch, r, c) == (1, rows, cols),
+        _ => false,
+    }
+}
+
+/// A matched upscaling chain.
+struct Plan {
+    tokens: OutletId,
+    hyper: OutletId,
+    output: OutletId,
+    op: MaskUpscaling,
+}
+
+/// The sole consumer of `id`'s output, if it is a `T`.
+fn next_op<T: Op>(model: &TypedModel, id: usize) -> Option<usize> {
+    let next = sole_consumer(model, OutletId::new(id, 0))?;
+    model.node(next).op_as::<T>().map(|_| next)
+}
+
+/// Match the upscaling chain starting at the product `first`: `Ok(None)` if `first` does not
+/// start one, `Err(reason)` if it starts like one but differs.
+fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, String>> {
+    macro_rules! need {
+        ($cond:expr, $($why:tt)*) => {
+            if !$cond {
+                return Ok(Err(format!($($why)*)));
+            }
+        };
+    }
+    let shape_of = |outlet: OutletId| -> TractResult<Option<Vec<usize>>> {
+        Ok(model
+            .outlet_fact(outlet)?
+            .shape
+            .as_concrete()
+            .map(<[usize]>::to_vec))
+    };
+    let start = model.node(first);
+    let tokens = start.inputs[0];
+    let (Some(up1), Some(in_shape)) = (
+        model.outlet_fact(start.inputs[1])?.konst.clone(),
+        shape_of(tokens)?,
+    ) else {
+        return Ok(Ok(None));
+    };
+    // [B, e², D] tokens times a constant [D, 4·C1], reshaped to [B, 4e², C1], plus a bias
+    // of C1: anything else is some other product.
+    let (Some(reshape1), &[batch, pixels, d]) =
+        (next_op::<AxisOp>(model, first), in_shape.as_slice())
+    else {
+        return Ok(Ok(None));
+    };
+    let Some(bias1_node) = next_op::<TypedBinOp>(model, reshape1) else {
+        return Ok(Ok(None));
+    };
+    let Some((bias1, _)) = const_operand::<Add>(model, model.node(bias1_node))? else {
+        return Ok(Ok(None));
+    };
+    let c1 = bias1.shape().last().copied().unwrap_or(0);
+    if c1 == 0
+        || !is_rows(
+            shape_of(OutletId::new(reshape1, 0))?.as_deref(),
+            batch,
+            4 * pixels,
+            c1,
+        )
+    {
+        return Ok(Ok(None));
+    }
+    let Some(bias1) = row_vector(&bias1, c1, 3)? else {
+        return Ok(Ok(None));
+    };
+    let side = (1..=pixels).find(|s| s * s >= pixels).unwrap_or(0);
+    need!(
+        side * side == pixels,
+        "{pixels} image tokens are not a square grid"
+    );
+    need!(
+        up1.datum_type() == f32::datum_type() && up1.shape() == [d, 4 * c1],
+        "first product's weight is {:?}, expected [{d}, {}]",
+        up1.shape(),
+        4 * c1
+    );
+
+    let Some(norm) = next_op::<LayerNormOp>(model, bias1_node) else {
+        return Ok(Err("no TinysamLayerNorm after the first bias".into()));
+    };
+    let norm_op = model
+        .node(norm)
+        .op_as::<LayerNormOp>()
+        .context("a LayerNorm")?;
+    let mean_factor_fits = (norm_op.recip - 1.0 / c1 as f32).abs() <= f32::EPSILON / c1 as f32;
+    need!(
+        mean_factor_fits,
+        "LayerNorm mean factor {} is not 1/{c1}",
+        norm_op.recip
+    );
+    let Some(gelu1) = next_op::<GeluOp>(model, norm) else {
+        return Ok(Err("no GELU after the LayerNorm".into()));
+    };
+    let Some(second) = next_op::<EinSum>(model, gelu1) else {
+        return Ok(Err("no product after the first GELU".into()));
+    };
+    let second_node = model.node(second);
+    let second_expr = second_node
+        .op_as::<EinSum>()
+        .map(|e| canonical(&e.axes.to_string()));
+    need!(
+        second_expr
+            .as_deref()
+            .is_some_and(|e| SECOND_PRODUCT.contains(&e))
+            && second_node.inputs[0].node == gelu1,
+        "second product is {second_expr:?}"
+    );
+    let Some(up2) = model.outlet_fact(second_node.inputs[1])?.konst.clone() else {
+        return Ok(Err("second product's weight is not a constant".into()));
+    };
+    let Some(reshape2) = next_op::<AxisOp>(model, second) else {
+        return Ok(Err("no reshape after the second product".into()));
+    };
+    let Some(bias2_node) = next_op::<TypedBinOp>(model, reshape2) else {
+        return Ok(Err("no bias after the second product".into()));
+    };
+    let Some((bias2, _)) = const_operand::<Add>(model, model.node(bias2_node))? else {
+        return Ok(Err("second bias is not a constant add".into()));
+    };
+    let c2 = bias2.shape().last().copied().unwrap_or(0);
+    need!(
+        c2 > 0
+            && is_rows(
+                shape_of(OutletId::new(reshape2, 0))?.as_deref(),
+                batch,
+                16 * pixels,
+                c2
+            ),
+        "second product reshaped to {:?}",
+        shape_of(OutletId::new(reshape2, 0))?
+    );
+    let Some(bias2) = row_vector(&bias2, c2, 3)? else {
+        return Ok(Err("second bias is not one value per channel".into()));
+    };
+    need!(
+        up2.datum_type() == f32::datum_type() && up2.shape() == [c1, 4 * c2],
+        "second product's weight is {:?}, expected [{c1}, {}]",
+        up2.shape(),
+        4 * c2
+    );
+    let Some(gelu2) = next_op::<GeluOp>(model, bias2_node) else {
+        return Ok(Err("no GELU after the second bias".into()));
+    };
+    let Some(masks) = next_op::<EinSum>(model, gelu2) else {
+        return Ok(Err("no mask product after the second GELU".into()));
+    };
+    let masks_node = model.node(masks);
+    let masks_expr = masks_node
+        .op_as::<EinSum>()
+        .map(|e| canonical(&e.axes.to_string()));
+    need!(
+        masks_expr
+            .as_deref()
+            .is_some_and(|e| MASK_PRODUCT.contains(&e))
+            && masks_node.inputs[0].node == gelu2,
+        "mask product is {masks_expr:?}"
+    );
+    let hyper = masks_node.inputs[1];
+    let hyper_shape = shape_of(hyper)?;
+    let k = match hyper_shape.as_deref() {
+        Some(&[b, k, c]) if b == batch && c == c2 => k,
+        other => return Ok(Err(format!("mask weights are {other:?}"))),
+    };
+    // The axis moves after the mask product, up to the first node that is not one.
+    let mut chain = Vec::new();
+    let mut end = masks;
+    while let Some(next) = next_op::<AxisOp>(model, end) {
+        chain.push(next);
+        end = next;
+    }
+    need!(
+        shape_of(OutletId::new(end, 0))? == Some(vec![batch, k, 4 * side, 4 * side]),
+        "mask output is {:?}",
+        shape_of(OutletId::new(end, 0))?
+    );
+    need!(
+        moves_to_sam_pixel_order(model, &chain, [batch, 16 * pixels, k], side)?,
+        "the axis moves after the mask product do not give SAM's pixel order"
+    );
+
+    let pack = |t: &Tensor, rows: usize, cols: usize| -> TractResult<PackedWeights> {
+        let values = t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        PackedWeights::pack(&values, rows, cols).context("weight sizes")
+    };
+    let ones = || vec![1f32; c1];
+    let weights = Weights {
+        up1: pack(&up1, d, 4 * c1)?,
+        bias1,
+        eps: norm_op.eps,
+        gamma: norm_op.gamma.as_deref().cloned().unwrap_or_else(ones),
+        beta: norm_op
+            .beta
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| vec![0f32; c1]),
+        up2: pack(&up2, c1, 4 * c2)?,
+        bias2,
+    };
+    need!(
+        weights.gamma.len() == c1 && weights.beta.len() == c1,
+        "LayerNorm parameters are not one per channel"
+    );
+    Ok(Ok(Some(Plan {
+        tokens,
+        hyper,
+        output: OutletId::new(end, 0),
+        op: MaskUpscaling {
+            side,
+            weights: Arc::new(weights),
+        },
+    })))
+}
+
+/// Whether the axis ops `chain` turn a `[B, 16·side², K]` tensor whose pixel axis is in the
+/// order (row, column, dy, dx, dy2, dx2) into `[B, K, 4·side, 4·side]` masks, row `4·row + 2·dy
+/// + dy2`, column `4·column + 2·dx + dx2`: checked by running them on the indices.
+fn moves_to_sam_pixel_order(
+    model: &TypedModel,
+    chain: &[usize],
+    shape: [usize; 3],
+    side: usize,
+) -> TractResult<bool> {
+    let [batch, pixels, k] = shape;
+    let len = batch * pixels * k;
+    let Ok(count) = i32::try_from(len) else {
+        return Ok(false);
+    };
+    let mut t = Tensor::from_shape(&shape, &(0..count).collect::<Vec<i32>>())?.into_tvalue();
+    for &id in chain {
+        let Some(out) = model.node(id).op.eval_out_of_plan(tvec!(t))? else {
+            return Ok(false);
+        };
+        t = out.into_iter().next().context("an output")?;
+    }
+    let view = t.try_as_plain_ram()?;
+    let got = view.as_slice::<i32>()?;
+    let width = 4 * side;
+    for b in 0..batch {
+        for m in 0..k {
+            for y in 0..width {
+                for x in 0..width {
+                    let (row, dy, dy2) = (y / 4, y / 2 % 2, y % 2);
+                    let (col, dx, dx2) = (x / 4, x / 2 % 2, x % 2);
+                    let q = ((((row * side + col) * 2 + dy) * 2 + dx) * 2 + dy2) * 2 + dx2;
+                    let want = (b * pixels + q) * k + m;
+                    let at = ((b * k + m) * width + y) * width + x;
+                    if got.get(at).and_then(|&v| usize::try_from(v).ok()) != Some(want) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests;
