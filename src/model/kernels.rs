@@ -117,9 +117,16 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
         let inputs = model.node_input_facts(id)?;
         let op_name = node.op.name();
         // Element-wise ops (GELU, norms) report FMA costs too; only products count as model MACs.
-        if !["MatMul", "Conv", "DepthWise", "Deconv", "Attention", "Upscaling"]
-            .iter()
-            .any(|k| op_name.contains(k))
+        if ![
+            "MatMul",
+            "Conv",
+            "DepthWise",
+            "Deconv",
+            "Attention",
+            "Upscaling",
+        ]
+        .iter()
+        .any(|k| op_name.contains(k))
         {
             continue;
         }

@@ -68,8 +68,8 @@ pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-/// Scratch for [`product`] with up to `k` inner values and blocks of up to `rows` rows: the
-/// block re-laid, and its accumulators.
+/// Scratch for [`product`] with up to `k` inner values and blocks of up to `rows` rows: a
+/// zero-padded copy of the last partial block, and a block's accumulators.
 pub fn block_scratch(k: usize, rows: usize) -> Vec<f32> {
     vec![0f32; (k + PANEL) * rows]
 }
@@ -80,34 +80,40 @@ pub fn block_scratch(k: usize, rows: usize) -> Vec<f32> {
 pub trait Micro: Copy {
     /// Rows per block.
     const R: usize;
-    /// `out[r] = Σ_k block[k][r] · panel[k]` for the `R` rows of `block` (laid out [k][R]) and
-    /// one panel (k rows of [`PANEL`]); `out` holds `R` rows of [`PANEL`].
-    fn block(self, block: &[f32], panel: &[f32], out: &mut [f32]);
+    /// `out[r] = Σ_i a[r][i] · panel[i]` for `R` rows of `a` (row `r` starts at `r · lda`,
+    /// `k = panel.len() / PANEL` values each) and one panel (`k` rows of [`PANEL`]); `out`
+    /// holds `R` rows of [`PANEL`]. Panics if `a` is too short.
+    fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]);
+}
+
+/// The `R` rows of a block as slices of `k` values; panics if `a` is too short.
+#[inline(always)]
+fn block_rows<const R: usize>(a: &[f32], lda: usize, k: usize) -> [&[f32]; R] {
+    std::array::from_fn(|r| &a[r * lda..r * lda + k])
 }
 
 /// `c = a · w`: `a` holds rows of `w.k()` values, `c` as many rows of `w.n()` values.
-/// `scratch` holds at least `w.k() · M::R + M::R · PANEL` values ([`block_scratch`]). Rows
-/// past the last whole block of `M::R` run through a zero-padded block.
+/// `scratch` holds at least `(w.k() + PANEL) · M::R` values ([`block_scratch`]). The kernel
+/// reads whole blocks of `M::R` rows where they are; the last partial block runs from a
+/// zero-padded copy.
 #[inline(always)]
 pub fn product<M: Micro>(m: M, a: &[f32], w: &PackedWeights, c: &mut [f32], scratch: &mut [f32]) {
     let (k, n, r) = (w.k, w.n, M::R);
     let rows = (a.len() / k).min(c.len() / n);
-    let (block, acc) = scratch.split_at_mut(k * r);
+    let (padded, acc) = scratch.split_at_mut(k * r);
     let acc = &mut acc[..r * PANEL];
     for r0 in (0..rows).step_by(r) {
         let live = r.min(rows - r0);
-        // The block as [k][R]: one contiguous read of R values per step of k.
-        if live < r {
-            block.fill(0.0);
-        }
-        for (i, row) in a[r0 * k..(r0 + live) * k].chunks_exact(k).enumerate() {
-            for (dst, &x) in block.iter_mut().skip(i).step_by(r).zip(row) {
-                *dst = x;
-            }
-        }
+        let block = if live == r {
+            &a[r0 * k..(r0 + r) * k]
+        } else {
+            padded.fill(0.0);
+            padded[..live * k].copy_from_slice(&a[r0 * k..(r0 + live) * k]);
+            &padded[..]
+        };
         let out = &mut c[r0 * n..(r0 + live) * n];
         for (p, panel) in w.panels.chunks_exact(k * PANEL).enumerate() {
-            m.block(block, panel, acc);
+            m.block(block, k, panel, acc);
             let c0 = p * PANEL;
             let width = PANEL.min(n - c0);
             for (row, acc) in out.chunks_exact_mut(n).zip(acc.chunks_exact(PANEL)) {
@@ -125,11 +131,12 @@ pub struct Scalar;
 impl Micro for Scalar {
     const R: usize = 2;
 
-    fn block(self, block: &[f32], panel: &[f32], out: &mut [f32]) {
-        let out = &mut out[..Self::R * PANEL];
-        out.fill(0.0);
-        for (w, a) in panel.chunks_exact(PANEL).zip(block.chunks_exact(Self::R)) {
-            for (acc, &a) in out.chunks_exact_mut(PANEL).zip(a) {
+    fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {
+        let k = panel.len() / PANEL;
+        let rows = block_rows::<2>(a, lda, k);
+        for (acc, row) in out.chunks_exact_mut(PANEL).zip(rows) {
+            acc.fill(0.0);
+            for (w, &a) in panel.chunks_exact(PANEL).zip(row) {
                 for (acc, &w) in acc.iter_mut().zip(w) {
                     *acc += a * w;
                 }
@@ -156,11 +163,12 @@ impl Micro for Avx512 {
     const R: usize = 8;
 
     #[inline(always)]
-    fn block(self, block: &[f32], panel: &[f32], out: &mut [f32]) {
+    fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {
+        let rows = block_rows::<8>(a, lda, panel.len() / PANEL);
         // SAFETY: an `Avx512` exists only where `detect` found AVX-512F.
         #[allow(unsafe_code)]
         unsafe {
-            x86::block_avx512(block, panel, out)
+            x86::block_avx512(rows, panel, out)
         }
     }
 }
@@ -184,11 +192,12 @@ impl Micro for Avx2 {
     const R: usize = 3;
 
     #[inline(always)]
-    fn block(self, block: &[f32], panel: &[f32], out: &mut [f32]) {
+    fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {
+        let rows = block_rows::<3>(a, lda, panel.len() / PANEL);
         // SAFETY: an `Avx2` exists only where `detect` found AVX2 and FMA.
         #[allow(unsafe_code)]
         unsafe {
-            x86::block_avx2(block, panel, out)
+            x86::block_avx2(rows, panel, out)
         }
     }
 }
@@ -203,8 +212,8 @@ impl Micro for Neon {
     const R: usize = 3;
 
     #[inline(always)]
-    fn block(self, block: &[f32], panel: &[f32], out: &mut [f32]) {
-        arm::block_neon(block, panel, out)
+    fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {
+        arm::block_neon(block_rows::<3>(a, lda, panel.len() / PANEL), panel, out)
     }
 }
 
@@ -214,17 +223,19 @@ mod x86 {
     use super::PANEL;
     use std::arch::x86_64::*;
 
-    /// See [`super::Micro::block`]; `R` = 8.
+    /// See [`super::Micro::block`]; `rows` hold `k = panel.len() / PANEL` values each.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn block_avx512(block: &[f32], panel: &[f32], out: &mut [f32]) {
-        const R: usize = 8;
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for (w, a) in panel.chunks_exact(PANEL).zip(block.chunks_exact(R)) {
+    pub(super) fn block_avx512(rows: [&[f32]; 8], panel: &[f32], out: &mut [f32]) {
+        let k = panel.len() / PANEL;
+        assert!(rows.iter().all(|r| r.len() == k) && out.len() >= 8 * PANEL);
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        for (i, w) in panel.chunks_exact(PANEL).enumerate() {
             let (w0, w1) = w.split_at(16);
             // SAFETY: `w0` and `w1` hold 16 values each (PANEL = 32).
             let (w0, w1) = unsafe { (_mm512_loadu_ps(w0.as_ptr()), _mm512_loadu_ps(w1.as_ptr())) };
-            for (acc, &a) in acc.iter_mut().zip(a) {
-                let a = _mm512_set1_ps(a);
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                // SAFETY: i < k, the length of every row (asserted above).
+                let a = _mm512_set1_ps(unsafe { *row.get_unchecked(i) });
                 acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
             }
@@ -239,17 +250,15 @@ mod x86 {
         }
     }
 
-    /// See [`super::Micro::block`]; `R` = 3.
+    /// See [`super::Micro::block`]; `rows` hold `k = panel.len() / PANEL` values each.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn block_avx2(block: &[f32], panel: &[f32], out: &mut [f32]) {
-        const R: usize = 3;
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        for (w, a) in panel.chunks_exact(PANEL).zip(block.chunks_exact(R)) {
-            let a = [
-                _mm256_set1_ps(a[0]),
-                _mm256_set1_ps(a[1]),
-                _mm256_set1_ps(a[2]),
-            ];
+    pub(super) fn block_avx2(rows: [&[f32]; 3], panel: &[f32], out: &mut [f32]) {
+        let k = panel.len() / PANEL;
+        assert!(rows.iter().all(|r| r.len() == k) && out.len() >= 3 * PANEL);
+        let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+        for (i, w) in panel.chunks_exact(PANEL).enumerate() {
+            // SAFETY: i < k, the length of every row (asserted above).
+            let a = rows.map(|row| _mm256_set1_ps(unsafe { *row.get_unchecked(i) }));
             for (c, w) in w.chunks_exact(8).enumerate() {
                 // SAFETY: `w` holds 8 values.
                 let w = unsafe { _mm256_loadu_ps(w.as_ptr()) };
@@ -273,18 +282,20 @@ mod arm {
     use super::PANEL;
     use std::arch::aarch64::*;
 
-    /// See [`super::Micro::block`]; `R` = 3.
+    /// See [`super::Micro::block`]; `rows` hold `k = panel.len() / PANEL` values each.
     #[inline(always)]
-    pub(super) fn block_neon(block: &[f32], panel: &[f32], out: &mut [f32]) {
-        const R: usize = 3;
+    pub(super) fn block_neon(rows: [&[f32]; 3], panel: &[f32], out: &mut [f32]) {
+        let k = panel.len() / PANEL;
+        assert!(rows.iter().all(|r| r.len() == k) && out.len() >= 3 * PANEL);
         // SAFETY: NEON is part of every aarch64 target Rust supports; every load and store
-        // below reads or writes a chunk of exactly 4 values.
+        // below reads or writes a chunk of exactly 4 values, and i < k, every row's length.
         unsafe {
-            let mut acc = [[vdupq_n_f32(0.0); 8]; R];
-            for (w, a) in panel.chunks_exact(PANEL).zip(block.chunks_exact(R)) {
+            let mut acc = [[vdupq_n_f32(0.0); 8]; 3];
+            for (i, w) in panel.chunks_exact(PANEL).enumerate() {
+                let a = rows.map(|row| *row.get_unchecked(i));
                 for (c, w) in w.chunks_exact(4).enumerate() {
                     let w = vld1q_f32(w.as_ptr());
-                    for (acc, &a) in acc.iter_mut().zip(a) {
+                    for (acc, &a) in acc.iter_mut().zip(&a) {
                         acc[c] = vfmaq_n_f32(acc[c], w, a);
                     }
                 }

@@ -17,7 +17,7 @@ use super::super::gemm::{Avx2, Avx512};
 pub(crate) const TILE: usize = 16;
 /// The most rows per product block of any kernel (scratch is sized for it).
 const MAX_ROWS: usize = 8;
-/// Lanes of the mask weights' dot products.
+/// Lanes of the LayerNorm's partial sums.
 const LANES: usize = 16;
 
 /// The upscaling's parameters: `C1` and `C2` are the channels after each transposed
@@ -61,30 +61,51 @@ impl Weights {
     }
 }
 
-/// Per-task buffers: one product block, the tile after each transposed convolution.
+/// Per-task buffers: one product block, the tile after each transposed convolution, its
+/// mask values.
 pub(crate) struct Scratch {
     block: Vec<f32>,
     up1: Vec<f32>,
     up2: Vec<f32>,
+    masks: Vec<f32>,
 }
 
 impl Scratch {
-    pub(crate) fn new(w: &Weights) -> Scratch {
+    pub(crate) fn new(w: &Weights, masks: usize) -> Scratch {
+        let k = w.up1.k().max(w.up2.k()).max(w.up2.n());
         Scratch {
-            block: block_scratch(w.up1.k().max(w.up2.k()), MAX_ROWS),
+            block: block_scratch(k, MAX_ROWS),
             up1: vec![0f32; TILE * w.up1.n()],
             up2: vec![0f32; TILE * 4 * w.up2.n()],
+            masks: vec![0f32; TILE * 16 * masks],
         }
     }
 }
 
-/// One grid row's tokens (`side` rows of `D`) and one prompt's mask weights (`K` rows of `C2`):
+/// One prompt's mask weights (`K` rows of `C2`) as the block-diagonal `4·C2 × 4·K` matrix that
+/// maps a row of the second product (4 sub-pixels of `C2` channels) to its 4 × K mask values,
+/// in (sub-pixel, mask) order: a product at the kernel's full rate instead of 4·K short dot
+/// products per row. `None` if the sizes do not fit.
+pub(crate) fn mask_weights(hyper: &[f32], c2: usize) -> Option<PackedWeights> {
+    let k = hyper.len().checked_div(c2)?;
+    let mut blocks = vec![0f32; 4 * c2 * 4 * k];
+    for s in 0..4 {
+        for (m, row) in hyper.chunks_exact(c2).enumerate() {
+            for (c, &h) in row.iter().enumerate() {
+                blocks[(s * c2 + c) * 4 * k + s * k + m] = h;
+            }
+        }
+    }
+    PackedWeights::pack(&blocks, 4 * c2, 4 * k)
+}
+
+/// One grid row's tokens (`side` rows of `D`) and one prompt's mask weights ([`mask_weights`]):
 /// the 4 mask rows of this grid row in each of the `K` planes (`planes[k]`: 4 rows of
 /// `4 · side`).
 pub(crate) struct Band<'a> {
     pub(crate) tokens: &'a [f32],
     pub(crate) side: usize,
-    pub(crate) hyper: &'a [f32],
+    pub(crate) hyper: &'a PackedWeights,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -132,8 +153,14 @@ fn upscale<const FMA: bool, M: Micro>(
     scratch: &mut Scratch,
 ) {
     let (d, c1, c2) = (w.up1.k(), w.c1(), w.c2());
+    let masks = band.hyper.n() / 4;
     let width = 4 * band.side;
-    let Scratch { block, up1, up2 } = scratch;
+    let Scratch {
+        block,
+        up1,
+        up2,
+        masks: values,
+    } = scratch;
     for (tile, tokens) in band.tokens.chunks(TILE * d).enumerate() {
         let t = tokens.len() / d;
         let up1 = &mut up1[..t * 4 * c1];
@@ -143,18 +170,24 @@ fn upscale<const FMA: bool, M: Micro>(
         }
         let up2 = &mut up2[..t * 16 * c2];
         product(m, up1, &w.up2, up2, block);
-        // Pixel q of the tile is (token, dy, dx, dy2, dx2) in binary; its mask row is
-        // 2·dy + dy2, its column 4·token + 2·dx + dx2.
-        for (q, pixel) in up2.chunks_exact_mut(c2).enumerate() {
+        for pixel in up2.chunks_exact_mut(c2) {
             for (x, &b) in pixel.iter_mut().zip(&w.bias2) {
                 *x = gelu_exact(*x + b);
             }
-            let token = tile * TILE + q / 16;
-            let row = 2 * (q >> 3 & 1) + (q >> 1 & 1);
-            let col = 4 * token + 2 * (q >> 2 & 1) + (q & 1);
-            for (plane, hyper) in planes.iter_mut().zip(band.hyper.chunks_exact(c2)) {
-                if let Some(out) = plane.get_mut(row * width + col) {
-                    *out = dot::<FMA>(pixel, hyper);
+        }
+        let values = &mut values[..t * 16 * masks];
+        product(m, up2, band.hyper, values, block);
+        // Row q of the second product is (token, dy, dx), its values (dy2, dx2, mask); the
+        // mask row is 2·dy + dy2, the column 4·token + 2·dx + dx2.
+        for (q, row) in values.chunks_exact(4 * masks).enumerate() {
+            let token = tile * TILE + q / 4;
+            let (dy, dx) = (q >> 1 & 1, q & 1);
+            for (s, sub) in row.chunks_exact(masks).enumerate() {
+                let at = (2 * dy + (s >> 1)) * width + 4 * token + 2 * dx + (s & 1);
+                for (plane, &v) in planes.iter_mut().zip(sub) {
+                    if let Some(out) = plane.get_mut(at) {
+                        *out = v;
+                    }
                 }
             }
         }
@@ -189,23 +222,6 @@ fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     }
     for (l, &x) in chunks.remainder().iter().enumerate() {
         acc[l] += f(x);
-    }
-    pairwise(acc)
-}
-
-/// `Σ a_i b_i` in [`LANES`] partial sums, added pairwise at the end.
-#[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut a_chunks = a.chunks_exact(LANES);
-    for (a, b) in (&mut a_chunks).zip(b.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] = madd::<FMA>(a[l], b[l], acc[l]);
-        }
-    }
-    let whole = a.len() - a_chunks.remainder().len();
-    for (l, (&a, &b)) in a_chunks.remainder().iter().zip(&b[whole..]).enumerate() {
-        acc[l] = madd::<FMA>(a, b, acc[l]);
     }
     pairwise(acc)
 }

@@ -148,9 +148,13 @@ impl EvalOp for MaskUpscaling {
                     unit.push(run);
                 }
             }
+            let prompts: Vec<PackedWeights> = hyper
+                .chunks_exact(masks * c2)
+                .map(|h| kernel::mask_weights(h, c2).context("mask weights"))
+                .collect::<TractResult<_>>()?;
             let work = batch * pixels * d;
             tract_linalg::multithread::par_chunks_mut(&mut units, 1, work, |first, chunk| {
-                let mut scratch = Scratch::new(&self.weights);
+                let mut scratch = Scratch::new(&self.weights, masks);
                 for (i, planes) in chunk.iter_mut().enumerate() {
                     let unit = first + i;
                     let (b, row) = (unit / side, unit % side);
@@ -158,9 +162,7 @@ impl EvalOp for MaskUpscaling {
                     let band = Band {
                         tokens: tokens.get(start..start + side * d).context("tokens")?,
                         side,
-                        hyper: hyper
-                            .get(b * masks * c2..(b + 1) * masks * c2)
-                            .context("mask weights")?,
+                        hyper: prompts.get(b).context("mask weights")?,
                     };
                     self.band(isa, &band, planes, &mut scratch);
                 }

@@ -86,3 +86,26 @@ fn other_products_are_left_alone() -> TractResult<()> {
     assert_eq!(rewrite_mask_upscaling(&mut typed)?, 0);
     Ok(())
 }
+
+/// Not a test: `cargo test --release --lib upscaling_speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn upscaling_speed() -> TractResult<()> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    crate::model::set_threads(2);
+    for batch in [1, 4] {
+        let (mut model, tokens, weights) = decluttered_mask_graph(&dir, batch);
+        rewrite_mask_upscaling(&mut model)?;
+        let plan = model.into_optimized()?.into_runnable()?;
+        let inputs: TVec<TValue> = tvec![
+            pattern_tensor(&tokens, 1, 3.0).into(),
+            pattern_tensor(&weights, 2, 1.0).into()
+        ];
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            plan.run(inputs.clone())?;
+            eprintln!("batch {batch}: {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(())
+}
