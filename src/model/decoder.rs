@@ -16,7 +16,10 @@ use super::{parse_onnx, stage_name};
 use crate::{Error, Result};
 
 /// Largest batch the per-prompt graph runs at once (larger ones run in chunks of this size).
-pub const SPLIT_CHUNK: usize = 4;
+/// One: each prompt has 4 MB image-side tensors, and with our fused ops a prompt graph and mask
+/// graph run alone are faster per prompt than in batches of 4 (15 against ~23 ms and 5.1 against
+/// 7.5 ms on the default model, `benches/decoder-results.md`).
+pub const SPLIT_CHUNK: usize = 1;
 
 /// Plans kept before the least recently built is dropped.
 const MAX_CACHED_PLANS: usize = 8;
@@ -526,7 +529,7 @@ impl Decoder {
     ///
     /// The per-prompt graph runs larger batches in chunks of [`SPLIT_CHUNK`] prompts: each
     /// prompt has megabytes of image-side tensors, and a chunk that stays in cache runs faster
-    /// per prompt than one big batch (measured in `docs/performance.md`).
+    /// per prompt than one big batch.
     pub fn decode(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
         Ok(self.decode_where(embedding, input, None)?.0)
     }

@@ -309,6 +309,12 @@ pub(crate) fn optimize(
     if softmax > 0 {
         log::debug!("{stage}: {softmax} softmax ops on TinysamSoftmax");
     }
+    let mixing = ops::rewrite_image_to_token_output(&mut typed).map_err(load_err)?;
+    if mixing > 0 {
+        log::debug!(
+            "{stage}: {mixing} image->token attention outputs on TinysamImageToTokenOutput"
+        );
+    }
     typed.into_optimized().map_err(load_err)
 }
 

@@ -126,3 +126,79 @@ pub(crate) fn run_model(model: TypedModel, inputs: &[Tensor]) -> TractResult<Vec
         .run(inputs.iter().cloned().map(TValue::from).collect())?;
     Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
 }
+
+/// The split decoder's per-prompt graph of the model in `dir` for `batch` prompts of `points`
+/// points, typed, decluttered and with our LayerNorm, GELU and softmax rewrites applied (as
+/// `optimize` hands it to the later rewrites); with deterministic inputs.
+pub(crate) fn decluttered_prompt_graph(
+    dir: &std::path::Path,
+    batch: usize,
+    points: usize,
+) -> (TypedModel, Vec<Tensor>) {
+    let manifest = Manifest::load(dir).expect("manifest");
+    let (_, mut model) = super::parse_onnx(dir, &manifest, Role::DecoderPrompt, Precision::Fp32)
+        .expect("prompt graph");
+    let c = &manifest.config;
+    // The per-frame tensors' shapes, from the per-frame graph.
+    let (_, mut frame) = super::parse_onnx(dir, &manifest, Role::DecoderFrame, Precision::Fp32)
+        .expect("per-frame graph");
+    let (e, m) = (c.embedding_size(), c.low_res_mask_size());
+    for (ix, shape) in [vec![1, c.prompt_embed_dim, e, e], vec![1, 1, m, m], vec![1]]
+        .iter()
+        .enumerate()
+    {
+        frame
+            .set_input_fact(ix, f32::fact(shape.as_slice()).into())
+            .expect("frame fact");
+    }
+    let frame = frame.into_typed().expect("typed frame graph");
+    let s = c.image_size as f32;
+    let coords: Vec<f32> = (0..batch * points * 2)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 * s)
+        .collect();
+    let mut inputs: Vec<Tensor> = frame
+        .output_outlets()
+        .expect("outputs")
+        .iter()
+        .enumerate()
+        .map(|(i, &o)| {
+            let shape = frame
+                .outlet_fact(o)
+                .expect("fact")
+                .shape
+                .as_concrete()
+                .map(<[usize]>::to_vec);
+            pattern_tensor(
+                &shape.expect("concrete"),
+                i + 1,
+                if i == 0 { 2.0 } else { 0.5 },
+            )
+        })
+        .collect();
+    inputs.push(Tensor::from_shape(&[batch, points, 2], &coords).expect("coords"));
+    inputs.push(Tensor::from_shape(&[batch, points], &vec![1f32; batch * points]).expect("labels"));
+    for (ix, t) in inputs.iter().enumerate() {
+        model
+            .set_input_fact(ix, f32::fact(t.shape()).into())
+            .expect("input fact");
+    }
+    let mut typed = model
+        .into_typed()
+        .and_then(|m| m.into_decluttered())
+        .expect("typed");
+    super::ops::rewrite_layer_norm(&mut typed).expect("LayerNorm rewrite");
+    super::qmatmul::rewrite_gelu(&mut typed).expect("GELU rewrite");
+    super::ops::rewrite_softmax(&mut typed).expect("softmax rewrite");
+    (typed, inputs)
+}
+
+/// `model` optimised and run on `inputs`: every output's values.
+pub(crate) fn run_all_outputs(model: TypedModel, inputs: &[Tensor]) -> TractResult<Vec<Vec<f32>>> {
+    let out = model
+        .into_optimized()?
+        .into_runnable()?
+        .run(inputs.iter().cloned().map(TValue::from).collect())?;
+    out.iter()
+        .map(|t| Ok(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
+        .collect()
+}

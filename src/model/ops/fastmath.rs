@@ -88,3 +88,35 @@ pub fn erf(x: f32) -> f32 {
     let p8 = p4 * p4;
     (1.0 - 1.0 / (p8 * p8)).copysign(x)
 }
+
+/// Partial sums of [`lane_sum`].
+const LANES: usize = 16;
+
+/// `Σ f(a_i)` in [`LANES`] partial sums (vectorisable, unlike one running sum), added pairwise.
+#[inline(always)]
+pub fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = a.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += f(chunk[l]);
+        }
+    }
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        acc[l] += f(x);
+    }
+    pairwise(acc)
+}
+
+/// The sum of the lanes, halving the width each step.
+#[inline(always)]
+fn pairwise(mut acc: [f32; LANES]) -> f32 {
+    let mut half = LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            acc[l] += acc[l + half];
+        }
+        half /= 2;
+    }
+    acc[0]
+}

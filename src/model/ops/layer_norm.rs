@@ -87,19 +87,9 @@ impl EvalOp for LayerNormOp {
             let mut view = t.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
             let total = data.len();
-            let sum = Func::ReduceSum.reduce_f32()?;
-            let rms_norm = tract_linalg::routines::rms_norm_f32()?;
+            // As tract's Reduce<Sum>: its kernel from 4 values, a plain sum below.
             tract_linalg::multithread::par_chunks_mut(data, c, total, |_, rows| {
-                for row in rows.chunks_exact_mut(c) {
-                    // As tract's Reduce<Sum>: its kernel from 4 values, a plain sum below.
-                    let total = if c >= 4 {
-                        sum.run_with_params(row, ())?
-                    } else {
-                        row.iter().sum()
-                    };
-                    self.row(row, total, rms_norm);
-                }
-                Ok(())
+                self.normalise_rows(rows, c)
             })?;
         }
         Ok(tvec!(t.into_tvalue()))
@@ -107,6 +97,25 @@ impl EvalOp for LayerNormOp {
 }
 
 impl LayerNormOp {
+    /// Normalise `rows`, rows of `c` values, in place on this thread, exactly as the op does
+    /// (for fused ops that end in this LayerNorm).
+    pub(crate) fn normalise_rows(&self, rows: &mut [f32], c: usize) -> TractResult<()> {
+        if c == 0 {
+            return Ok(());
+        }
+        let sum = Func::ReduceSum.reduce_f32()?;
+        let rms_norm = tract_linalg::routines::rms_norm_f32()?;
+        for row in rows.chunks_exact_mut(c) {
+            let total = if c >= 4 {
+                sum.run_with_params(row, ())?
+            } else {
+                row.iter().sum()
+            };
+            self.row(row, total, rms_norm);
+        }
+        Ok(())
+    }
+
     /// Normalise one row in place, given its sum and the RMS normalisation routine.
     fn row(&self, row: &mut [f32], sum: f32, rms_norm: fn(&mut [f32], f32)) {
         let mean = sum * self.recip;

@@ -8,11 +8,13 @@ pub(crate) mod graph;
 pub mod layer_norm;
 pub mod mask_upscaling;
 pub mod softmax;
+pub mod token_mixing;
 
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
 pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
 pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
+pub use token_mixing::{rewrite_image_to_token_output, ImageToTokenOutput};
 
 /// Whether two optional float vectors hold the same values bit for bit (how our ops with float
 /// parameters are `Eq`, as tract requires of ops).

@@ -8,7 +8,7 @@
 //! run time) and plainly (NEON with fused multiply-adds on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{gelu_exact, madd};
+use super::super::fastmath::{gelu_exact, lane_sum, madd};
 use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -17,8 +17,6 @@ use super::super::gemm::{Avx2, Avx512};
 pub(crate) const TILE: usize = 16;
 /// The most rows per product block of any kernel (scratch is sized for it).
 const MAX_ROWS: usize = 8;
-/// Lanes of the LayerNorm's partial sums.
-const LANES: usize = 16;
 
 /// The upscaling's parameters: `C1` and `C2` are the channels after each transposed
 /// convolution (64 and 32 in SAM), `D` the image tokens' width.
@@ -208,33 +206,4 @@ fn normalise<const FMA: bool>(row: &mut [f32], w: &Weights) {
     for ((x, &g), &b) in row.iter_mut().zip(&w.gamma).zip(&w.beta) {
         *x = gelu_exact(madd::<FMA>((*x - mean) * scale, g, b));
     }
-}
-
-/// `Σ f(a_i)` in [`LANES`] partial sums (vectorisable, unlike one running sum), added pairwise.
-#[inline(always)]
-fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut chunks = a.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for l in 0..LANES {
-            acc[l] += f(chunk[l]);
-        }
-    }
-    for (l, &x) in chunks.remainder().iter().enumerate() {
-        acc[l] += f(x);
-    }
-    pairwise(acc)
-}
-
-/// The sum of the lanes, halving the width each step.
-#[inline(always)]
-fn pairwise(mut acc: [f32; LANES]) -> f32 {
-    let mut half = LANES / 2;
-    while half > 0 {
-        for l in 0..half {
-            acc[l] += acc[l + half];
-        }
-        half /= 2;
-    }
-    acc[0]
 }

@@ -1,0 +1,487 @@
+//! [`ImageToTokenOutput`]: the end of SAM's image->token attention in the split decoder — the
+//! softmax over each head's prompt tokens, the weighted sum of the projected token values, the
+//! output bias, the residual and the LayerNorm after it (`norm4`) — as one op that works a tile
+//! of image tokens at a time in cache.
+//!
+//! The per-prompt graph (`models/tinysam_export/split_decoder.py`, `_image_to_token_output`)
+//! keeps the attention logits as `[B, H, T, P]`, image tokens contiguous. tract 0.23.9 then runs
+//! the softmax, reshapes and an axis move that copies the weights to `[B, P, H·T]`, packs them,
+//! multiplies by the `[H·T, D]` values (k = 56: a shape its kernels run at ~16 GMAC/s on this
+//! AVX-512 host), adds bias and residual and normalises: ~7 ms of a 25 ms one-point prompt
+//! graph per block, two blocks (`benches/decoder-results.md`). Here each task takes 32 image
+//! tokens: the softmax is computed and transposed into the product's rows in one go, the
+//! product runs on our f32 kernel (`gemm`) with the prompt's values packed once, and bias,
+//! residual and LayerNorm follow while the tile is in cache.
+//!
+//! [`rewrite_image_to_token_output`] finds the chain after the softmax rewrite, checks that the
+//! axis ops between the softmax and the product put the image tokens first (by running them on
+//! an index tensor), and replaces it; anything else stays with tract, with the reason logged.
+#![allow(unsafe_code)]
+
+mod kernel;
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::math::Add;
+
+use super::gemm::{same_bits, PackedWeights};
+#[cfg(target_arch = "x86_64")]
+use super::gemm::{Avx2, Avx512};
+use super::graph::{canonical, const_operand, row_vector, sole_consumer, Isa};
+use super::layer_norm::LayerNormOp;
+use super::softmax::AxisSoftmax;
+use kernel::{Norm, Scratch, Tile, TILE};
+
+/// `LayerNorm(residual + bias + Σ_{h,t} softmax_t(scores)[h, t, p] · values[h, t, :])` for
+/// every image token `p`: scores `[B, H, T, P]`, values `[B, H, T, D]`, residual `[B or 1, P,
+/// D]` → `[B, P, D]` (without the leading `B` axis on scores and values for a batch of one, as
+/// tract declutters it).
+#[derive(Debug, Clone)]
+pub struct ImageToTokenOutput {
+    /// Heads (H).
+    pub heads: usize,
+    /// Prompt tokens per head (T).
+    pub tokens: usize,
+    /// Image tokens (P).
+    pub pixels: usize,
+    /// Width of the output (D).
+    pub dim: usize,
+    /// Whether scores and values have the batch axis.
+    pub batched: bool,
+    bias: Arc<Vec<f32>>,
+    /// The LayerNorm after the residual (its ε, γ and β, absent ones as 1 and 0 below).
+    norm: LayerNormOp,
+    gamma: Arc<Vec<f32>>,
+    beta: Arc<Vec<f32>>,
+}
+
+// tract wants ops `Eq`: the float parameters compare by their bits.
+impl PartialEq for ImageToTokenOutput {
+    fn eq(&self, other: &ImageToTokenOutput) -> bool {
+        (self.heads, self.tokens, self.pixels, self.dim, self.batched)
+            == (
+                other.heads,
+                other.tokens,
+                other.pixels,
+                other.dim,
+                other.batched,
+            )
+            && same_bits(&self.bias, &other.bias)
+            && self.norm == other.norm
+    }
+}
+impl Eq for ImageToTokenOutput {}
+
+impl ImageToTokenOutput {
+    /// The kernel name reported in kernel tables, e.g. `tinysam_token_mixing_avx512f`.
+    pub fn kernel_name(&self) -> String {
+        format!("tinysam_token_mixing_{}", Isa::detect())
+    }
+
+    fn tile(&self, isa: Isa, tile: &Tile<'_>, out: &mut [f32], scratch: &mut Scratch) {
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            Isa::Avx512 => {
+                if let Some(m) = Avx512::detect() {
+                    // SAFETY: `Isa::detect` found AVX-512F and FMA on this CPU.
+                    return unsafe { kernel::tile_avx512(m, tile, out, scratch) };
+                }
+            }
+            Isa::Avx2 => {
+                if let Some(m) = Avx2::detect() {
+                    // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
+                    return unsafe { kernel::tile_avx2(m, tile, out, scratch) };
+                }
+            }
+            Isa::Portable => {}
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = isa;
+        kernel::tile_portable(tile, out, scratch)
+    }
+}
+
+impl Op for ImageToTokenOutput {
+    fn name(&self) -> StaticName {
+        "TinysamImageToTokenOutput".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} heads × {} tokens → {} image tokens × {}, LayerNorm, kernel {}",
+            self.heads,
+            self.tokens,
+            self.pixels,
+            self.dim,
+            Isa::detect()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ImageToTokenOutput {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (scores, values, residual) = args_3!(inputs);
+        let (h, t, p, d) = (self.heads, self.tokens, self.pixels, self.dim);
+        let batch = if self.batched {
+            scores.shape().first().copied().unwrap_or(0)
+        } else {
+            1
+        };
+        let lead: &[usize] = if self.batched { &[batch] } else { &[] };
+        let want = |tail: &[usize]| [lead, tail].concat();
+        ensure!(
+            scores.shape() == want(&[h, t, p]) && values.shape() == want(&[h, t, d]),
+            "TinysamImageToTokenOutput: scores {:?} and values {:?} do not fit {self:?}",
+            scores.shape(),
+            values.shape()
+        );
+        let rs = residual.shape();
+        ensure!(
+            rs.len() == 3 && (rs[0] == 1 || rs[0] == batch) && rs[1] == p && rs[2] == d,
+            "TinysamImageToTokenOutput: residual {rs:?} for {batch} prompts of [{p}, {d}]"
+        );
+        let residual_batch = rs[0];
+        let scores_view = scores.try_as_plain_ram()?;
+        let scores = scores_view.as_slice::<f32>()?;
+        let values_view = values.try_as_plain_ram()?;
+        let values = values_view.as_slice::<f32>()?;
+        let residual_view = residual.try_as_plain_ram()?;
+        let residual = residual_view.as_slice::<f32>()?;
+        let packed: Vec<PackedWeights> = values
+            .chunks_exact(h * t * d)
+            .map(|v| PackedWeights::pack(v, h * t, d).context("token values"))
+            .collect::<TractResult<_>>()?;
+        let mut out = Tensor::zero::<f32>(&[batch, p, d])?;
+        let isa = Isa::detect();
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let data = view.as_slice_mut::<f32>()?;
+            let work = batch * p * h * t * d;
+            let tiles_per_prompt = p / TILE;
+            tract_linalg::multithread::par_chunks_mut(data, TILE * d, work, |first, chunk| {
+                let mut scratch = Scratch::new(h, t);
+                for (i, out) in chunk.chunks_exact_mut(TILE * d).enumerate() {
+                    let tile = first + i;
+                    let (b, start) = (tile / tiles_per_prompt, tile % tiles_per_prompt * TILE);
+                    let rb = if residual_batch == 1 { 0 } else { b };
+                    let at = (rb * p + start) * d;
+                    let job = Tile {
+                        scores: scores
+                            .get(b * h * t * p..(b + 1) * h * t * p)
+                            .context("scores")?,
+                        heads: h,
+                        tokens: t,
+                        pixels: p,
+                        first: start,
+                        values: packed.get(b).context("values")?,
+                        residual: residual.get(at..at + TILE * d).context("residual")?,
+                        bias: &self.bias,
+                        norm: Norm {
+                            eps: self.norm.eps,
+                            gamma: &self.gamma,
+                            beta: &self.beta,
+                        },
+                    };
+                    self.tile(isa, &job, out, &mut scratch);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for ImageToTokenOutput {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs.iter().all(|f| f.datum_type == f32::datum_type()),
+            "TinysamImageToTokenOutput is f32 only"
+        );
+        let batch: TDim = if self.batched {
+            inputs[0].shape[0].clone()
+        } else {
+            1.into()
+        };
+        Ok(tvec!(f32::fact([
+            batch,
+            self.pixels.into(),
+            self.dim.into()
+        ])))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let batch: TDim = if self.batched {
+            inputs[0].shape[0].clone()
+        } else {
+            1.into()
+        };
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            batch * (self.heads * self.tokens * self.pixels * self.dim)
+        )))
+    }
+
+    as_op!();
+}
+
+// The product's einsum forms, canonical (`graph::canonical`): for a batch of one as tract
+// declutters it (`mbk,bkn->amn`), and batched (`ambk,abkn->amn`).
+const PRODUCT: [&str; 2] = ["abc,bcd->ead", "abcd,acde->abe"];
+
+/// Replace each image->token attention output chain (see the module docs) by
+/// [`ImageToTokenOutput`]; returns how many. Chains that start like one but differ are logged
+/// with the reason and left to tract.
+pub fn rewrite_image_to_token_output(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let Some(node) = model.nodes().get(id) else {
+            continue;
+        };
+        if node.op_as::<AxisSoftmax>().is_none() {
+            continue;
+        }
+        let name = node.name.clone();
+        match plan(model, id)? {
+            Ok(Some(plan)) => {
+                let mut patch = TypedModelPatch::default();
+                let inputs = [plan.scores, plan.values, plan.residual]
+                    .iter()
+                    .map(|&o| patch.tap_model(model, o))
+                    .collect::<TractResult<Vec<_>>>()?;
+                let out = patch.wire_node(format!("{name}.token_mixing"), plan.op, &inputs)?;
+                patch.shunt_outside(model, plan.output, out[0])?;
+                patch.apply(model)?;
+                replaced += 1;
+            }
+            Ok(None) => {}
+            Err(why) => log::debug!("image->token output at {name} left to tract: {why}"),
+        }
+    }
+    model.compact()?;
+    Ok(replaced)
+}
+
+/// A matched chain.
+struct Plan {
+    scores: OutletId,
+    values: OutletId,
+    residual: OutletId,
+    output: OutletId,
+    op: ImageToTokenOutput,
+}
+
+/// The sole consumer of `id`'s output, if it is a `T`.
+fn next_op<T: Op>(model: &TypedModel, id: usize) -> Option<usize> {
+    let next = sole_consumer(model, OutletId::new(id, 0))?;
+    model.node(next).op_as::<T>().map(|_| next)
+}
+
+/// Match the chain starting at the softmax `softmax`: `Ok(None)` if it is some other softmax,
+/// `Err(reason)` if it starts like the chain but differs.
+fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, String>> {
+    macro_rules! need {
+        ($cond:expr, $($why:tt)*) => {
+            if !$cond {
+                return Ok(Err(format!($($why)*)));
+            }
+        };
+    }
+    let shape_of = |outlet: OutletId| -> TractResult<Option<Vec<usize>>> {
+        Ok(model
+            .outlet_fact(outlet)?
+            .shape
+            .as_concrete()
+            .map(<[usize]>::to_vec))
+    };
+    let node = model.node(softmax);
+    let axis = node.op_as::<AxisSoftmax>().context("a softmax")?.axis;
+    let Some(scores_shape) = shape_of(node.inputs[0])? else {
+        return Ok(Ok(None));
+    };
+    let rank = scores_shape.len();
+    if !(rank == 3 || rank == 4) || axis + 2 != rank {
+        return Ok(Ok(None));
+    }
+    let batched = rank == 4;
+    let (h, t, p) = (
+        scores_shape[rank - 3],
+        scores_shape[rank - 2],
+        scores_shape[rank - 1],
+    );
+    let batch = if batched { scores_shape[0] } else { 1 };
+    // Axis ops up to the product.
+    let mut chain = Vec::new();
+    let mut end = softmax;
+    while let Some(next) = next_op::<AxisOp>(model, end) {
+        chain.push(next);
+        end = next;
+    }
+    let Some(product) = next_op::<EinSum>(model, end) else {
+        return Ok(Ok(None));
+    };
+    let product_node = model.node(product);
+    let expr = product_node
+        .op_as::<EinSum>()
+        .map(|e| canonical(&e.axes.to_string()));
+    if !expr.as_deref().is_some_and(|e| PRODUCT.contains(&e)) || product_node.inputs[0].node != end
+    {
+        return Ok(Ok(None));
+    }
+    need!(
+        p.is_multiple_of(TILE),
+        "{p} image tokens are not a multiple of {TILE}"
+    );
+    need!(
+        weights_put_image_tokens_first(model, &chain, &scores_shape)?,
+        "the axis ops after the softmax do not give [.., P, H, T]"
+    );
+    let values = product_node.inputs[1];
+    let Some(values_shape) = shape_of(values)? else {
+        return Ok(Err("values have a symbolic shape".into()));
+    };
+    let d = values_shape.last().copied().unwrap_or(0);
+    let lead: &[usize] = if batched { &[batch] } else { &[] };
+    need!(
+        values_shape == [lead, &[h, t, d]].concat(),
+        "values are {values_shape:?}"
+    );
+    need!(
+        shape_of(OutletId::new(product, 0))? == Some(vec![batch, p, d]),
+        "product gives {:?}",
+        shape_of(OutletId::new(product, 0))?
+    );
+    let Some(bias_node) = next_op::<TypedBinOp>(model, product) else {
+        return Ok(Err("no bias add after the product".into()));
+    };
+    let Some((bias, _)) = const_operand::<Add>(model, model.node(bias_node))? else {
+        return Ok(Err(
+            "the add after the product is not a constant bias".into()
+        ));
+    };
+    let Some(bias) = row_vector(&bias, d, 3)? else {
+        return Ok(Err("the bias is not one value per channel".into()));
+    };
+    let Some(residual_node) = next_op::<TypedBinOp>(model, bias_node) else {
+        return Ok(Err("no residual add after the bias".into()));
+    };
+    let residual_add = model.node(residual_node);
+    let is_add = residual_add
+        .op_as::<TypedBinOp>()
+        .is_some_and(|b| b.0.is::<Add>() && b.1.is_none());
+    let biased = OutletId::new(bias_node, 0);
+    let residual = match *residual_add.inputs.as_slice() {
+        [a, b] if is_add && b == biased => a,
+        [a, b] if is_add && a == biased => b,
+        _ => return Ok(Err("the residual add is not an add of two tensors".into())),
+    };
+    let residual_shape = shape_of(residual)?;
+    need!(
+        matches!(residual_shape.as_deref(), Some(&[rb, rp, rd]) if (rb == 1 || rb == batch) && rp == p && rd == d)
+            && model.outlet_fact(residual)?.konst.is_none(),
+        "residual is {residual_shape:?}"
+    );
+    need!(
+        shape_of(OutletId::new(residual_node, 0))? == Some(vec![batch, p, d]),
+        "residual add gives {:?}",
+        shape_of(OutletId::new(residual_node, 0))?
+    );
+    let Some(norm) = next_op::<LayerNormOp>(model, residual_node) else {
+        return Ok(Err("no LayerNorm after the residual".into()));
+    };
+    let norm_op = model
+        .node(norm)
+        .op_as::<LayerNormOp>()
+        .context("a LayerNorm")?;
+    need!(
+        [&norm_op.gamma, &norm_op.beta]
+            .iter()
+            .all(|v| v.as_ref().is_none_or(|v| v.len() == d)),
+        "LayerNorm parameters are not one per channel"
+    );
+    let mean_factor_fits = (norm_op.recip - 1.0 / d as f32).abs() <= f32::EPSILON / d as f32;
+    need!(
+        mean_factor_fits,
+        "LayerNorm mean factor {} is not 1/{d}",
+        norm_op.recip
+    );
+    Ok(Ok(Some(Plan {
+        scores: node.inputs[0],
+        values,
+        residual,
+        output: OutletId::new(norm, 0),
+        op: ImageToTokenOutput {
+            heads: h,
+            tokens: t,
+            pixels: p,
+            dim: d,
+            batched,
+            bias: Arc::new(bias),
+            norm: norm_op.clone(),
+            gamma: Arc::new(
+                norm_op
+                    .gamma
+                    .as_deref()
+                    .cloned()
+                    .unwrap_or_else(|| vec![1.0; d]),
+            ),
+            beta: Arc::new(
+                norm_op
+                    .beta
+                    .as_deref()
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; d]),
+            ),
+        },
+    })))
+}
+
+/// Whether the axis ops `chain` turn the `[.., H, T, P]` weights into `[.., P, H, T]` (any
+/// reshapes of the last axes aside): checked by running them on the indices.
+fn weights_put_image_tokens_first(
+    model: &TypedModel,
+    chain: &[usize],
+    shape: &[usize],
+) -> TractResult<bool> {
+    let rank = shape.len();
+    let (h, t, p) = (shape[rank - 3], shape[rank - 2], shape[rank - 1]);
+    let len: usize = shape.iter().product();
+    let Ok(count) = i32::try_from(len) else {
+        return Ok(false);
+    };
+    let mut x = Tensor::from_shape(shape, &(0..count).collect::<Vec<i32>>())?.into_tvalue();
+    for &id in chain {
+        let Some(out) = model.node(id).op.eval_out_of_plan(tvec!(x))? else {
+            return Ok(false);
+        };
+        x = out.into_iter().next().context("an output")?;
+    }
+    let view = x.try_as_plain_ram()?;
+    let got = view.as_slice::<i32>()?;
+    let batch = len / (h * t * p);
+    let mut at = 0;
+    for b in 0..batch {
+        for pixel in 0..p {
+            for head in 0..h {
+                for token in 0..t {
+                    let want = ((b * h + head) * t + token) * p + pixel;
+                    if got.get(at).and_then(|&v| usize::try_from(v).ok()) != Some(want) {
+                        return Ok(false);
+                    }
+                    at += 1;
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,71 @@
+use super::*;
+use crate::model::test_support::{
+    decluttered_prompt_graph, fixture_dir, max_difference, run_all_outputs,
+};
+
+/// The per-prompt graph of the model in `dir`: tract's nodes against our op, every output
+/// (image tokens, mask weights, IoU).
+fn compare(dir: &std::path::Path, batch: usize, points: usize) -> TractResult<()> {
+    let (tract_nodes, inputs) = decluttered_prompt_graph(dir, batch, points);
+    let mut ours = tract_nodes.clone();
+    let n = rewrite_image_to_token_output(&mut ours)?;
+    // Both blocks of the two-way transformer.
+    assert_eq!(n, 2, "{n} chains matched");
+    let want = run_all_outputs(tract_nodes, &inputs)?;
+    let got = run_all_outputs(ours, &inputs)?;
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+        let (err, scale) = max_difference(got, want);
+        eprintln!(
+            "{}: batch {batch}, output {i}: largest difference {err:e} of {scale}",
+            dir.display()
+        );
+        assert!(err <= 1e-5 * scale.max(1.0), "output {i}: {err} of {scale}");
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_output_matches_the_fixtures_prompt_graph() -> TractResult<()> {
+    compare(&fixture_dir(), 1, 2)?;
+    compare(&fixture_dir(), 3, 1)
+}
+
+/// The default model's sizes: 8 heads, 256 channels, 4 096 image tokens, whole product blocks.
+#[test]
+fn fused_output_matches_the_default_models_prompt_graph() -> TractResult<()> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    compare(&dir, 2, 2)
+}
+
+#[test]
+fn other_orders_are_not_image_tokens_first() -> TractResult<()> {
+    let (model, _) = decluttered_prompt_graph(&fixture_dir(), 1, 2);
+    // No axis ops at all: [H, T, P] as it is.
+    assert!(!weights_put_image_tokens_first(&model, &[], &[2, 7, 256])?);
+    Ok(())
+}
+
+/// Not a test: `cargo test --release --lib token_mixing_speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn token_mixing_speed() -> TractResult<()> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    crate::model::set_threads(2);
+    for batch in [1, 4] {
+        let (tract_nodes, inputs) = decluttered_prompt_graph(&dir, batch, 2);
+        let mut ours = tract_nodes.clone();
+        rewrite_image_to_token_output(&mut ours)?;
+        for (name, model) in [("tract", tract_nodes), ("ours", ours)] {
+            let plan = model.into_optimized()?.into_runnable()?;
+            let values: TVec<TValue> = inputs.iter().cloned().map(TValue::from).collect();
+            let mut best = f64::MAX;
+            for _ in 0..8 {
+                let t = std::time::Instant::now();
+                plan.run(values.clone())?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            eprintln!("{name} batch {batch}: best of 8 {best:.2} ms");
+        }
+    }
+    Ok(())
+}
