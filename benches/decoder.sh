@@ -36,20 +36,28 @@ run() {
     for form in auto one-graph; do
         run "$BIN" info --model "$MODEL" --decoder-graph "$form"
     done
-    echo "## Per-prompt time by batch size (split form; batches above 4 run in chunks of 4)"
+    echo "## Per-prompt time by batch size (split form; batches run one prompt at a time)"
     echo
     run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 1,2,4,8,16,64 \
         --runs 3 --threads 2
     echo "## Profiles of one decoder batch"
     echo
-    echo "The one graph at batch 16 (before), the split form at 16 and at 2 (its chunks are 4)."
+    echo "The one graph at batch 16 (before), the split form at 16 and at 1 (it runs one prompt at a"
+    echo "time; nodes named masks:... are the mask graph's)."
     echo
     run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 16 --runs 1 \
         --threads 2 --profile --decoder-graph one-graph
     run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 16 --runs 1 \
         --threads 2 --profile
-    run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 2 --runs 1 \
+    run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 1 --runs 1 \
         --threads 2 --profile
+    echo "## Our fused decoder ops against tract's nodes"
+    echo
+    echo "The per-prompt graph with tract's nodes and with TinysamImageToTokenOutput, the mask graph"
+    echo "with tract's nodes and as TinysamMaskUpscaling (same inputs, best of 8), at batch 1 and 4."
+    echo
+    run cargo test --release --locked --quiet --lib -- token_mixing_speed upscaling_speed \
+        --ignored --nocapture --test-threads 1
     echo "## Segment everything (hierarchical, encoder INT8, decoder split)"
     echo
     run "$BIN" segment "$IMAGE" --everything --model "$MODEL" --out target/decoder-bench/everything

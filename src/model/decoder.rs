@@ -16,9 +16,10 @@ use super::{parse_onnx, stage_name};
 use crate::{Error, Result};
 
 /// Largest batch the per-prompt graph runs at once (larger ones run in chunks of this size).
-/// One: each prompt has 4 MB image-side tensors, and with our fused ops a prompt graph and mask
-/// graph run alone are faster per prompt than in batches of 4 (15 against ~23 ms and 5.1 against
-/// 7.5 ms on the default model, `benches/decoder-results.md`).
+/// One: with our fused ops the per-prompt and mask graphs are no faster per prompt in batches of
+/// 4 than alone (15.1 against 16.0 ms and 5.35 against 5.4 ms on the default model,
+/// `benches/decoder-results.md`), and one at a time keeps 4 MB of image-side tensors per run
+/// instead of 16 and needs only the single-prompt plans.
 pub const SPLIT_CHUNK: usize = 1;
 
 /// Plans kept before the least recently built is dropped.

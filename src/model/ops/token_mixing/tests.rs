@@ -45,7 +45,8 @@ fn other_orders_are_not_image_tokens_first() -> TractResult<()> {
     Ok(())
 }
 
-/// Not a test: `cargo test --release --lib token_mixing_speed -- --ignored --nocapture`.
+/// Not a test: `cargo test --release --lib token_mixing_speed -- --ignored --nocapture` times the
+/// per-prompt graph with tract's nodes and with our op (default model, 2 threads, best of 8).
 #[test]
 #[ignore]
 fn token_mixing_speed() -> TractResult<()> {
@@ -64,7 +65,7 @@ fn token_mixing_speed() -> TractResult<()> {
                 plan.run(values.clone())?;
                 best = best.min(t.elapsed().as_secs_f64() * 1e3);
             }
-            eprintln!("{name} batch {batch}: best of 8 {best:.2} ms");
+            eprintln!("prompt graph, {name}, batch {batch}: best of 8 {best:.2} ms");
         }
     }
     Ok(())
