@@ -46,11 +46,7 @@ pub(crate) fn pattern_input(s: usize) -> Tensor {
 
 /// `model` optimised and run on `input`: its first output's values.
 pub(crate) fn run_first_output(model: TypedModel, input: &Tensor) -> TractResult<Vec<f32>> {
-    let out = model
-        .into_optimized()?
-        .into_runnable()?
-        .run(tvec!(input.clone().into()))?;
-    Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+    run_model(model, std::slice::from_ref(input))
 }
 
 /// The largest |a - b| and the largest |b|.
@@ -100,13 +96,22 @@ pub(crate) fn decluttered_mask_graph(
     model
         .set_input_fact(1, f32::fact(weights).into())
         .expect("weights fact");
+    (with_float_rewrites(model, false), tokens, weights)
+}
+
+/// `model` typed and decluttered with our LayerNorm and GELU rewrites (and the softmax one if
+/// `softmax`) applied, as `optimize` hands it to the later rewrites.
+fn with_float_rewrites(model: InferenceModel, softmax: bool) -> TypedModel {
     let mut typed = model
         .into_typed()
         .and_then(|m| m.into_decluttered())
         .expect("typed");
     super::ops::rewrite_layer_norm(&mut typed).expect("LayerNorm rewrite");
     super::qmatmul::rewrite_gelu(&mut typed).expect("GELU rewrite");
-    (typed, tokens, weights)
+    if softmax {
+        super::ops::rewrite_softmax(&mut typed).expect("softmax rewrite");
+    }
+    typed
 }
 
 /// A deterministic tensor of `shape` with values in [-scale, scale].
@@ -120,11 +125,10 @@ pub(crate) fn pattern_tensor(shape: &[usize], seed: usize, scale: f32) -> Tensor
 
 /// `model` optimised and run on `inputs`: its first output's values.
 pub(crate) fn run_model(model: TypedModel, inputs: &[Tensor]) -> TractResult<Vec<f32>> {
-    let out = model
-        .into_optimized()?
-        .into_runnable()?
-        .run(inputs.iter().cloned().map(TValue::from).collect())?;
-    Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+    run_all_outputs(model, inputs)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the model has no output"))
 }
 
 /// The split decoder's per-prompt graph of the model in `dir` for `batch` prompts of `points`
@@ -182,14 +186,7 @@ pub(crate) fn decluttered_prompt_graph(
             .set_input_fact(ix, f32::fact(t.shape()).into())
             .expect("input fact");
     }
-    let mut typed = model
-        .into_typed()
-        .and_then(|m| m.into_decluttered())
-        .expect("typed");
-    super::ops::rewrite_layer_norm(&mut typed).expect("LayerNorm rewrite");
-    super::qmatmul::rewrite_gelu(&mut typed).expect("GELU rewrite");
-    super::ops::rewrite_softmax(&mut typed).expect("softmax rewrite");
-    (typed, inputs)
+    (with_float_rewrites(model, true), inputs)
 }
 
 /// `model` optimised and run on `inputs`: every output's values.

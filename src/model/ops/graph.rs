@@ -17,6 +17,24 @@ pub(crate) fn sole_consumer(model: &TypedModel, outlet: OutletId) -> Option<usiz
     }
 }
 
+/// The sole consumer of node `id`'s first output, if it is a `T`.
+pub(crate) fn next_op<T: Op>(model: &TypedModel, id: usize) -> Option<usize> {
+    let next = sole_consumer(model, OutletId::new(id, 0))?;
+    model.node(next).op_as::<T>().map(|_| next)
+}
+
+/// The concrete shape of `outlet`, if it has one.
+pub(crate) fn concrete_shape(
+    model: &TypedModel,
+    outlet: OutletId,
+) -> TractResult<Option<Vec<usize>>> {
+    Ok(model
+        .outlet_fact(outlet)?
+        .shape
+        .as_concrete()
+        .map(<[usize]>::to_vec))
+}
+
 /// For a two-input binary node of mini-op `M` (no output type override) with exactly one
 /// constant input: that constant and the other input.
 pub(crate) fn const_operand<M: BinMiniOp>(

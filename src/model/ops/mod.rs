@@ -1,6 +1,16 @@
 //! Our own float tract ops, put in place of tract's where tract's evaluation is slow for the
 //! shapes TinySAM has (see each op), by rewrite passes run at load before tract's optimiser.
 
+/// In a rewrite pass's matcher: return `Ok(Err(reason))` (the pattern started but does not fit,
+/// and why) unless `cond` holds.
+macro_rules! need {
+    ($cond:expr, $($why:tt)*) => {
+        if !$cond {
+            return Ok(Err(format!($($why)*)));
+        }
+    };
+}
+
 pub mod attention;
 pub mod fastmath;
 pub mod gemm;

@@ -273,13 +273,6 @@ fn slice_of(model: &TypedModel, outlet: OutletId, axis: usize) -> Option<(Outlet
 
 /// Match the attention core around `softmax`, or say why it does not fit.
 fn plan(model: &TypedModel, softmax: &TypedNode) -> TractResult<Result<Plan, String>> {
-    macro_rules! need {
-        ($cond:expr, $($why:tt)*) => {
-            if !$cond {
-                return Ok(Err(format!($($why)*)));
-            }
-        };
-    }
     let op = softmax.op_as::<Softmax>().context("a softmax")?;
     let fact = model.outlet_fact(softmax.inputs[0])?;
     need!(

@@ -30,7 +30,7 @@ use tract_onnx::tract_core::ops::math::Add;
 use super::gemm::PackedWeights;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
-use super::graph::{canonical, const_operand, row_vector, sole_consumer, Isa};
+use super::graph::{canonical, concrete_shape, const_operand, next_op, row_vector, Isa};
 use super::layer_norm::LayerNormOp;
 use crate::model::qmatmul::GeluOp;
 use kernel::{Band, Scratch, Weights};
@@ -258,29 +258,10 @@ struct Plan {
     op: MaskUpscaling,
 }
 
-/// The sole consumer of `id`'s output, if it is a `T`.
-fn next_op<T: Op>(model: &TypedModel, id: usize) -> Option<usize> {
-    let next = sole_consumer(model, OutletId::new(id, 0))?;
-    model.node(next).op_as::<T>().map(|_| next)
-}
-
 /// Match the upscaling chain starting at the product `first`: `Ok(None)` if `first` does not
 /// start one, `Err(reason)` if it starts like one but differs.
 fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, String>> {
-    macro_rules! need {
-        ($cond:expr, $($why:tt)*) => {
-            if !$cond {
-                return Ok(Err(format!($($why)*)));
-            }
-        };
-    }
-    let shape_of = |outlet: OutletId| -> TractResult<Option<Vec<usize>>> {
-        Ok(model
-            .outlet_fact(outlet)?
-            .shape
-            .as_concrete()
-            .map(<[usize]>::to_vec))
-    };
+    let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
     let start = model.node(first);
     let tokens = start.inputs[0];
     let (Some(up1), Some(in_shape)) = (

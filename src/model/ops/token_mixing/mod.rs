@@ -31,7 +31,7 @@ use tract_onnx::tract_core::ops::math::Add;
 use super::gemm::{same_bits, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
-use super::graph::{canonical, const_operand, row_vector, sole_consumer, Isa};
+use super::graph::{canonical, concrete_shape, const_operand, next_op, row_vector, Isa};
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
 use kernel::{Norm, Scratch, Tile, TILE};
@@ -278,29 +278,10 @@ struct Plan {
     op: ImageToTokenOutput,
 }
 
-/// The sole consumer of `id`'s output, if it is a `T`.
-fn next_op<T: Op>(model: &TypedModel, id: usize) -> Option<usize> {
-    let next = sole_consumer(model, OutletId::new(id, 0))?;
-    model.node(next).op_as::<T>().map(|_| next)
-}
-
 /// Match the chain starting at the softmax `softmax`: `Ok(None)` if it is some other softmax,
 /// `Err(reason)` if it starts like the chain but differs.
 fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, String>> {
-    macro_rules! need {
-        ($cond:expr, $($why:tt)*) => {
-            if !$cond {
-                return Ok(Err(format!($($why)*)));
-            }
-        };
-    }
-    let shape_of = |outlet: OutletId| -> TractResult<Option<Vec<usize>>> {
-        Ok(model
-            .outlet_fact(outlet)?
-            .shape
-            .as_concrete()
-            .map(<[usize]>::to_vec))
-    };
+    let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
     let node = model.node(softmax);
     let axis = node.op_as::<AxisSoftmax>().context("a softmax")?.axis;
     let Some(scores_shape) = shape_of(node.inputs[0])? else {
