@@ -89,6 +89,25 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - 1.0 / (p8 * p8)).copysign(x)
 }
 
+/// LayerNorm of one row in place, as SAM's (mean, biased variance, `ε` inside the root), then
+/// `γ`, `β` and `then` on each value (`gamma`, `beta`: one per value of the row).
+#[inline(always)]
+pub fn layer_norm<const FMA: bool>(
+    row: &mut [f32],
+    eps: f32,
+    gamma: &[f32],
+    beta: &[f32],
+    then: impl Fn(f32) -> f32,
+) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |x| x) / n;
+    let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
+    let scale = 1.0 / (variance + eps).sqrt();
+    for ((x, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+        *x = then(madd::<FMA>((*x - mean) * scale, g, b));
+    }
+}
+
 /// Partial sums of [`lane_sum`].
 const LANES: usize = 16;
 

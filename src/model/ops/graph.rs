@@ -1,12 +1,16 @@
 //! Pattern matching shared by our rewrite passes (`ops` and `qmatmul::epilogue`): who consumes
-//! an outlet, a binary op's constant operand, a per-column constant, and our SIMD dispatch level.
+//! an outlet, a binary op's constant operand, a per-column constant or bias add, chains of axis
+//! ops and what they do to the indices, and our SIMD dispatch level.
 #![deny(unsafe_code)]
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::AxisOp;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::gelu_exact::GeluExact;
 
 /// The only node consuming `outlet`, if it has exactly one consumer.
@@ -86,6 +90,58 @@ pub(crate) fn canonical(expr: &str) -> String {
             (b'a' + i as u8) as char
         })
         .collect()
+}
+
+/// An `Add` of a constant `[1, …, 1, n]` as the only consumer of `outlet`: its node and the n
+/// values.
+pub(crate) fn bias_add_after(
+    model: &TypedModel,
+    outlet: OutletId,
+    n: usize,
+) -> TractResult<Option<(usize, Vec<f32>)>> {
+    let Some(add) = sole_consumer(model, outlet) else {
+        return Ok(None);
+    };
+    let Some((k, _)) = const_operand::<Add>(model, model.node(add))? else {
+        return Ok(None);
+    };
+    let rank = model.outlet_fact(outlet)?.rank();
+    Ok(row_vector(&k, n, rank)?.map(|bias| (add, bias)))
+}
+
+/// The axis ops that follow node `id`, each the sole consumer of the one before, and the last
+/// node of the run (`id` itself if none follows).
+pub(crate) fn axis_op_chain(model: &TypedModel, id: usize) -> (Vec<usize>, usize) {
+    let mut chain = Vec::new();
+    let mut end = id;
+    while let Some(next) = next_op::<AxisOp>(model, end) {
+        chain.push(next);
+        end = next;
+    }
+    (chain, end)
+}
+
+/// What the ops `chain` make of a `shape` tensor holding its own flat indices: for each output
+/// element, the index of the input element it comes from. `None` if the indices do not fit an
+/// `i32` or an op cannot run out of a plan.
+pub(crate) fn indices_through(
+    model: &TypedModel,
+    chain: &[usize],
+    shape: &[usize],
+) -> TractResult<Option<Vec<i32>>> {
+    let len: usize = shape.iter().product();
+    let Ok(count) = i32::try_from(len) else {
+        return Ok(None);
+    };
+    let mut t = Tensor::from_shape(shape, &(0..count).collect::<Vec<i32>>())?.into_tvalue();
+    for &id in chain {
+        let Some(out) = model.node(id).op.eval_out_of_plan(tvec!(t))? else {
+            return Ok(None);
+        };
+        t = out.into_iter().next().context("an output")?;
+    }
+    let view = t.try_as_plain_ram()?;
+    Ok(Some(view.as_slice::<i32>()?.to_vec()))
 }
 
 /// Whether `node` is tract's `GeluExact` (without an output type override).

@@ -97,6 +97,11 @@ impl EvalOp for LayerNormOp {
 }
 
 impl LayerNormOp {
+    /// Whether its mean factor is 1/`c` (to f32 rounding): it normalises rows of `c` values.
+    pub(crate) fn averages_over(&self, c: usize) -> bool {
+        c > 0 && (self.recip - 1.0 / c as f32).abs() <= f32::EPSILON / c as f32
+    }
+
     /// Normalise `rows`, rows of `c` values, in place on this thread, exactly as the op does
     /// (for fused ops that end in this LayerNorm).
     pub(crate) fn normalise_rows(&self, rows: &mut [f32], c: usize) -> TractResult<()> {

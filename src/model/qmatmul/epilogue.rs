@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::math::Add;
 
 use super::op::{OutAxis, QMatMulOp};
 use super::Layout;
 pub use crate::model::ops::fastmath::{erf, gelu_exact};
-use crate::model::ops::graph::{const_operand, is_gelu_exact, row_vector, sole_consumer, Isa};
+use crate::model::ops::graph::{bias_add_after, is_gelu_exact, sole_consumer, Isa};
 
 /// Per-column bias and optional GELU applied to an f32 output of `n` columns.
 #[derive(Debug, Clone, Default)]
@@ -226,23 +225,6 @@ pub fn rewrite_gelu(model: &mut TypedModel) -> TractResult<usize> {
         replaced += 1;
     }
     Ok(replaced)
-}
-
-/// An `Add` of a constant `[1, …, 1, n]` as the only consumer of `outlet`: its node and the n
-/// values.
-fn bias_add_after(
-    model: &TypedModel,
-    outlet: OutletId,
-    n: usize,
-) -> TractResult<Option<(usize, Vec<f32>)>> {
-    let Some(add) = sole_consumer(model, outlet) else {
-        return Ok(None);
-    };
-    let Some((k, _)) = const_operand::<Add>(model, model.node(add))? else {
-        return Ok(None);
-    };
-    let rank = model.outlet_fact(outlet)?.rank();
-    Ok(row_vector(&k, n, rank)?.map(|bias| (add, bias)))
 }
 
 #[cfg(test)]

@@ -1,14 +1,14 @@
 //! The arithmetic of [`super::MaskUpscaling`] for one row of the image-token grid of one prompt,
 //! free of tract (so that `benches/pi5_mca.py` can compile it alone): per tile of [`TILE`]
 //! tokens, the first transposed convolution as a product, bias, LayerNorm and GELU, the second
-//! transposed convolution as a product, bias and GELU, and the mask weights' dot products,
-//! written straight to the mask planes, all while the tile is in cache.
+//! transposed convolution as a product, bias and GELU, and the product with the mask weights
+//! (see [`mask_weights`]), written straight to the mask planes, all while the tile is in cache.
 //!
 //! One generic body, compiled three times: with AVX-512F, with AVX2 + FMA (x86_64, chosen at
 //! run time) and plainly (NEON with fused multiply-adds on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{gelu_exact, lane_sum, madd};
+use super::super::fastmath::{gelu_exact, layer_norm};
 use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -192,18 +192,11 @@ fn upscale<const FMA: bool, M: Micro>(
     }
 }
 
-/// Bias, LayerNorm over the row (SAM's `LayerNorm2d`: biased variance, `ε` inside the root),
-/// then GELU, in place.
+/// Bias, LayerNorm over the row (SAM's `LayerNorm2d`), then GELU, in place.
 #[inline(always)]
 fn normalise<const FMA: bool>(row: &mut [f32], w: &Weights) {
-    let n = row.len() as f32;
     for (x, &b) in row.iter_mut().zip(&w.bias1) {
         *x += b;
     }
-    let mean = lane_sum(row, |x| x) / n;
-    let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
-    let scale = 1.0 / (variance + w.eps).sqrt();
-    for ((x, &g), &b) in row.iter_mut().zip(&w.gamma).zip(&w.beta) {
-        *x = gelu_exact(madd::<FMA>((*x - mean) * scale, g, b));
-    }
+    layer_norm::<FMA>(row, w.eps, &w.gamma, &w.beta, gelu_exact);
 }

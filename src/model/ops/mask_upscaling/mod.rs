@@ -23,14 +23,14 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
-use tract_onnx::tract_core::ops::math::Add;
 
 use super::gemm::PackedWeights;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
-use super::graph::{canonical, concrete_shape, const_operand, next_op, row_vector, Isa};
+use super::graph::{
+    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, next_op, Isa,
+};
 use super::layer_norm::LayerNormOp;
 use crate::model::qmatmul::GeluOp;
 use kernel::{Band, Scratch, Weights};
@@ -277,24 +277,15 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
     else {
         return Ok(Ok(None));
     };
-    let Some(bias1_node) = next_op::<TypedBinOp>(model, reshape1) else {
-        return Ok(Ok(None));
+    let c1 = match *up1.shape() {
+        [rows, cols] if rows == d && cols > 0 && cols % 4 == 0 => cols / 4,
+        _ => return Ok(Ok(None)),
     };
-    let Some((bias1, _)) = const_operand::<Add>(model, model.node(bias1_node))? else {
-        return Ok(Ok(None));
-    };
-    let c1 = bias1.shape().last().copied().unwrap_or(0);
-    if c1 == 0
-        || !is_rows(
-            shape_of(OutletId::new(reshape1, 0))?.as_deref(),
-            batch,
-            4 * pixels,
-            c1,
-        )
-    {
+    let reshaped = OutletId::new(reshape1, 0);
+    if !is_rows(shape_of(reshaped)?.as_deref(), batch, 4 * pixels, c1) {
         return Ok(Ok(None));
     }
-    let Some(bias1) = row_vector(&bias1, c1, 3)? else {
+    let Some((bias1_node, bias1)) = bias_add_after(model, reshaped, c1)? else {
         return Ok(Ok(None));
     };
     let side = (1..=pixels).find(|s| s * s >= pixels).unwrap_or(0);
@@ -303,10 +294,9 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         "{pixels} image tokens are not a square grid"
     );
     need!(
-        up1.datum_type() == f32::datum_type() && up1.shape() == [d, 4 * c1],
-        "first product's weight is {:?}, expected [{d}, {}]",
-        up1.shape(),
-        4 * c1
+        up1.datum_type() == f32::datum_type(),
+        "first product's weight is {:?}",
+        up1.datum_type()
     );
 
     let Some(norm) = next_op::<LayerNormOp>(model, bias1_node) else {
@@ -316,9 +306,8 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         .node(norm)
         .op_as::<LayerNormOp>()
         .context("a LayerNorm")?;
-    let mean_factor_fits = (norm_op.recip - 1.0 / c1 as f32).abs() <= f32::EPSILON / c1 as f32;
     need!(
-        mean_factor_fits,
+        norm_op.averages_over(c1),
         "LayerNorm mean factor {} is not 1/{c1}",
         norm_op.recip
     );
@@ -342,36 +331,33 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
     let Some(up2) = model.outlet_fact(second_node.inputs[1])?.konst.clone() else {
         return Ok(Err("second product's weight is not a constant".into()));
     };
+    let c2 = match *up2.shape() {
+        [rows, cols] if rows == c1 && cols > 0 && cols % 4 == 0 => cols / 4,
+        ref other => {
+            return Ok(Err(format!(
+                "second product's weight is {other:?}, expected [{c1}, 4·C2]"
+            )))
+        }
+    };
+    need!(
+        up2.datum_type() == f32::datum_type(),
+        "second product's weight is {:?}",
+        up2.datum_type()
+    );
     let Some(reshape2) = next_op::<AxisOp>(model, second) else {
         return Ok(Err("no reshape after the second product".into()));
     };
-    let Some(bias2_node) = next_op::<TypedBinOp>(model, reshape2) else {
-        return Ok(Err("no bias after the second product".into()));
-    };
-    let Some((bias2, _)) = const_operand::<Add>(model, model.node(bias2_node))? else {
-        return Ok(Err("second bias is not a constant add".into()));
-    };
-    let c2 = bias2.shape().last().copied().unwrap_or(0);
+    let reshaped = OutletId::new(reshape2, 0);
     need!(
-        c2 > 0
-            && is_rows(
-                shape_of(OutletId::new(reshape2, 0))?.as_deref(),
-                batch,
-                16 * pixels,
-                c2
-            ),
+        is_rows(shape_of(reshaped)?.as_deref(), batch, 16 * pixels, c2),
         "second product reshaped to {:?}",
-        shape_of(OutletId::new(reshape2, 0))?
+        shape_of(reshaped)?
     );
-    let Some(bias2) = row_vector(&bias2, c2, 3)? else {
-        return Ok(Err("second bias is not one value per channel".into()));
+    let Some((bias2_node, bias2)) = bias_add_after(model, reshaped, c2)? else {
+        return Ok(Err(format!(
+            "no constant bias of {c2} after the second product"
+        )));
     };
-    need!(
-        up2.datum_type() == f32::datum_type() && up2.shape() == [c1, 4 * c2],
-        "second product's weight is {:?}, expected [{c1}, {}]",
-        up2.shape(),
-        4 * c2
-    );
     let Some(gelu2) = next_op::<GeluOp>(model, bias2_node) else {
         return Ok(Err("no GELU after the second bias".into()));
     };
@@ -396,12 +382,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         other => return Ok(Err(format!("mask weights are {other:?}"))),
     };
     // The axis moves after the mask product, up to the first node that is not one.
-    let mut chain = Vec::new();
-    let mut end = masks;
-    while let Some(next) = next_op::<AxisOp>(model, end) {
-        chain.push(next);
-        end = next;
-    }
+    let (chain, end) = axis_op_chain(model, masks);
     need!(
         shape_of(OutletId::new(end, 0))? == Some(vec![batch, k, 4 * side, 4 * side]),
         "mask output is {:?}",
@@ -455,19 +436,9 @@ fn moves_to_sam_pixel_order(
     side: usize,
 ) -> TractResult<bool> {
     let [batch, pixels, k] = shape;
-    let len = batch * pixels * k;
-    let Ok(count) = i32::try_from(len) else {
+    let Some(got) = indices_through(model, chain, &shape)? else {
         return Ok(false);
     };
-    let mut t = Tensor::from_shape(&shape, &(0..count).collect::<Vec<i32>>())?.into_tvalue();
-    for &id in chain {
-        let Some(out) = model.node(id).op.eval_out_of_plan(tvec!(t))? else {
-            return Ok(false);
-        };
-        t = out.into_iter().next().context("an output")?;
-    }
-    let view = t.try_as_plain_ram()?;
-    let got = view.as_slice::<i32>()?;
     let width = 4 * side;
     for b in 0..batch {
         for m in 0..k {

@@ -7,7 +7,7 @@
 //! run time) and plainly (NEON on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{exp_fused, lane_sum, madd};
+use super::super::fastmath::{exp_fused, layer_norm};
 use super::super::gemm::{block_scratch, product, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -122,17 +122,11 @@ fn mix<const FMA: bool, M: Micro>(m: M, tile: &Tile<'_>, out: &mut [f32], scratc
     }
     product(m, weights, tile.values, out, block);
     let d = tile.values.n();
-    let n = d as f32;
     let Norm { eps, gamma, beta } = tile.norm;
     for (row, residual) in out.chunks_exact_mut(d).zip(tile.residual.chunks_exact(d)) {
         for ((x, &b), &r) in row.iter_mut().zip(tile.bias).zip(residual) {
             *x = r + (*x + b);
         }
-        let mean = lane_sum(row, |x| x) / n;
-        let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
-        let scale = 1.0 / (variance + eps).sqrt();
-        for ((x, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
-            *x = madd::<FMA>((*x - mean) * scale, g, b);
-        }
+        layer_norm::<FMA>(row, eps, gamma, beta, |x| x);
     }
 }

@@ -31,7 +31,9 @@ use tract_onnx::tract_core::ops::math::Add;
 use super::gemm::{same_bits, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
-use super::graph::{canonical, concrete_shape, const_operand, next_op, row_vector, Isa};
+use super::graph::{
+    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, next_op, Isa,
+};
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
 use kernel::{Norm, Scratch, Tile, TILE};
@@ -53,8 +55,8 @@ pub struct ImageToTokenOutput {
     /// Whether scores and values have the batch axis.
     pub batched: bool,
     bias: Arc<Vec<f32>>,
-    /// The LayerNorm after the residual (its ε, γ and β, absent ones as 1 and 0 below).
-    norm: LayerNormOp,
+    /// The LayerNorm after the residual: ε, γ and β (absent ones in the graph as 1 and 0).
+    eps: f32,
     gamma: Arc<Vec<f32>>,
     beta: Arc<Vec<f32>>,
 }
@@ -70,8 +72,11 @@ impl PartialEq for ImageToTokenOutput {
                 other.dim,
                 other.batched,
             )
-            && same_bits(&self.bias, &other.bias)
-            && self.norm == other.norm
+            && self.eps.to_bits() == other.eps.to_bits()
+            && [&self.bias, &self.gamma, &self.beta]
+                .into_iter()
+                .zip([&other.bias, &other.gamma, &other.beta])
+                .all(|(a, b)| same_bits(a, b))
     }
 }
 impl Eq for ImageToTokenOutput {}
@@ -185,7 +190,7 @@ impl EvalOp for ImageToTokenOutput {
                         residual: residual.get(at..at + TILE * d).context("residual")?,
                         bias: &self.bias,
                         norm: Norm {
-                            eps: self.norm.eps,
+                            eps: self.eps,
                             gamma: &self.gamma,
                             beta: &self.beta,
                         },
@@ -299,12 +304,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, 
     );
     let batch = if batched { scores_shape[0] } else { 1 };
     // Axis ops up to the product.
-    let mut chain = Vec::new();
-    let mut end = softmax;
-    while let Some(next) = next_op::<AxisOp>(model, end) {
-        chain.push(next);
-        end = next;
-    }
+    let (chain, end) = axis_op_chain(model, softmax);
     let Some(product) = next_op::<EinSum>(model, end) else {
         return Ok(Ok(None));
     };
@@ -339,16 +339,8 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, 
         "product gives {:?}",
         shape_of(OutletId::new(product, 0))?
     );
-    let Some(bias_node) = next_op::<TypedBinOp>(model, product) else {
-        return Ok(Err("no bias add after the product".into()));
-    };
-    let Some((bias, _)) = const_operand::<Add>(model, model.node(bias_node))? else {
-        return Ok(Err(
-            "the add after the product is not a constant bias".into()
-        ));
-    };
-    let Some(bias) = row_vector(&bias, d, 3)? else {
-        return Ok(Err("the bias is not one value per channel".into()));
+    let Some((bias_node, bias)) = bias_add_after(model, OutletId::new(product, 0), d)? else {
+        return Ok(Err(format!("no constant bias of {d} after the product")));
     };
     let Some(residual_node) = next_op::<TypedBinOp>(model, bias_node) else {
         return Ok(Err("no residual add after the bias".into()));
@@ -387,9 +379,8 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, 
             .all(|v| v.as_ref().is_none_or(|v| v.len() == d)),
         "LayerNorm parameters are not one per channel"
     );
-    let mean_factor_fits = (norm_op.recip - 1.0 / d as f32).abs() <= f32::EPSILON / d as f32;
     need!(
-        mean_factor_fits,
+        norm_op.averages_over(d),
         "LayerNorm mean factor {} is not 1/{d}",
         norm_op.recip
     );
@@ -405,7 +396,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, 
             dim: d,
             batched,
             bias: Arc::new(bias),
-            norm: norm_op.clone(),
+            eps: norm_op.eps,
             gamma: Arc::new(
                 norm_op
                     .gamma
@@ -433,19 +424,10 @@ fn weights_put_image_tokens_first(
 ) -> TractResult<bool> {
     let rank = shape.len();
     let (h, t, p) = (shape[rank - 3], shape[rank - 2], shape[rank - 1]);
-    let len: usize = shape.iter().product();
-    let Ok(count) = i32::try_from(len) else {
+    let Some(got) = indices_through(model, chain, shape)? else {
         return Ok(false);
     };
-    let mut x = Tensor::from_shape(shape, &(0..count).collect::<Vec<i32>>())?.into_tvalue();
-    for &id in chain {
-        let Some(out) = model.node(id).op.eval_out_of_plan(tvec!(x))? else {
-            return Ok(false);
-        };
-        x = out.into_iter().next().context("an output")?;
-    }
-    let view = x.try_as_plain_ram()?;
-    let got = view.as_slice::<i32>()?;
+    let len: usize = shape.iter().product();
     let batch = len / (h * t * p);
     let mut at = 0;
     for b in 0..batch {
