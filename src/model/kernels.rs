@@ -155,6 +155,10 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                     node.op_as::<super::ops::ImageToTokenOutput>()
                         .map(|op| op.kernel_name())
                 })
+                .or_else(|| {
+                    node.op_as::<super::ops::MbConv>()
+                        .map(|op| op.kernel_name())
+                })
                 .unwrap_or_default();
             if dt.is_integer() {
                 integer_macs += macs;

@@ -301,6 +301,10 @@ pub(crate) fn optimize(
     if gelus > 0 {
         log::debug!("{stage}: {gelus} GELUs on TinysamGelu");
     }
+    let blocks = ops::rewrite_mbconv(&mut typed).map_err(load_err)?;
+    if blocks > 0 {
+        log::debug!("{stage}: {blocks} convolution blocks on TinysamMbConv");
+    }
     let upscaling = ops::rewrite_mask_upscaling(&mut typed).map_err(load_err)?;
     if upscaling > 0 {
         log::debug!("{stage}: mask upscaling on TinysamMaskUpscaling");

@@ -17,12 +17,14 @@ pub mod gemm;
 pub(crate) mod graph;
 pub mod layer_norm;
 pub mod mask_upscaling;
+pub mod mbconv;
 pub mod softmax;
 pub mod token_mixing;
 
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
 pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
 pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
+pub use mbconv::{rewrite_mbconv, MbConv};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
 pub use token_mixing::{rewrite_image_to_token_output, ImageToTokenOutput};
 
