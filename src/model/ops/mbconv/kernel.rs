@@ -120,6 +120,8 @@ pub(crate) struct Scratch {
     mid: Vec<f32>,
     /// One output row after the projection.
     projected: Vec<f32>,
+    /// The same, channel-major (for CHW output).
+    planes: Vec<f32>,
 }
 
 impl Scratch {
@@ -133,6 +135,7 @@ impl Scratch {
             ring_rows: [usize::MAX; 3],
             mid: vec![0f32; out_width * w.hidden()],
             projected: vec![0f32; out_width * w.outputs()],
+            planes: vec![0f32; out_width * w.outputs()],
         }
     }
 }
@@ -218,6 +221,7 @@ fn band<const FMA: bool, M: Micro>(
         ring_rows,
         mid,
         projected,
+        planes,
     } = scratch;
     let rows = match &out {
         Out::Residual(rows) => rows.len(),
@@ -251,12 +255,13 @@ fn band<const FMA: bool, M: Micro>(
         product(m, mid, &w.project, projected, block);
         match &mut out {
             Out::Residual(planes_rows) => {
-                let planes = &mut planes_rows[i];
-                for (c, plane_row) in planes.iter_mut().enumerate() {
+                transpose(projected, out_width, cout, planes);
+                for (c, plane_row) in planes_rows[i].iter_mut().enumerate() {
                     let residual = &input[(c * height + y) * width..(c * height + y + 1) * width];
+                    let projected = &planes[c * out_width..(c + 1) * out_width];
                     let bias = w.project_bias[c];
-                    for (x, (o, &r)) in plane_row.iter_mut().zip(residual).enumerate() {
-                        *o = gelu_exact((projected[x * cout + c] + bias) + r);
+                    for ((o, &p), &r) in plane_row.iter_mut().zip(projected).zip(residual) {
+                        *o = gelu_exact((p + bias) + r);
                     }
                 }
             }
@@ -290,12 +295,8 @@ fn expand_row<M: Micro>(
     let row: &[f32] = if pixel_major {
         &input[yy * width * cin..(yy + 1) * width * cin]
     } else {
-        for c in 0..cin {
-            let src = &input[(c * height + yy) * width..(c * height + yy + 1) * width];
-            for (x, &v) in src.iter().enumerate() {
-                row_in[x * cin + c] = v;
-            }
-        }
+        let planes = &input[..cin * height * width];
+        transpose_strided(planes, (cin, width), height * width, yy * width, row_in);
         row_in
     };
     product(m, row, &w.expand, dst, block);
@@ -338,6 +339,38 @@ fn depthwise_row<const FMA: bool>(
         }
         for a in acc.iter_mut() {
             *a = gelu_exact(*a);
+        }
+    }
+}
+
+/// `dst[c · rows + r] = src[r · cols + c]`: a `rows × cols` matrix transposed, in tiles that
+/// stay in L1.
+#[inline(always)]
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    transpose_strided(src, (rows, cols), cols, 0, dst);
+}
+
+/// `dst[c · rows + r] = src[offset + r · stride + c]` for `r < rows`, `c < cols`: `rows` runs
+/// of `cols` values, `stride` apart, transposed, in 8 × 8 tiles.
+#[inline(always)]
+fn transpose_strided(
+    src: &[f32],
+    (rows, cols): (usize, usize),
+    stride: usize,
+    offset: usize,
+    dst: &mut [f32],
+) {
+    const T: usize = 8;
+    for r0 in (0..rows).step_by(T) {
+        let r1 = (r0 + T).min(rows);
+        for c0 in (0..cols).step_by(T) {
+            let c1 = (c0 + T).min(cols);
+            for r in r0..r1 {
+                let run = &src[offset + r * stride + c0..offset + r * stride + c1];
+                for (c, &v) in (c0..c1).zip(run) {
+                    dst[c * rows + r] = v;
+                }
+            }
         }
     }
 }
