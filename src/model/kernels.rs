@@ -124,6 +124,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
             "Deconv",
             "Attention",
             "Upscaling",
+            "Stem",
         ]
         .iter()
         .any(|k| op_name.contains(k))
@@ -159,6 +160,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                     node.op_as::<super::ops::MbConv>()
                         .map(|op| op.kernel_name())
                 })
+                .or_else(|| node.op_as::<super::ops::Stem>().map(|op| op.kernel_name()))
                 .unwrap_or_default();
             if dt.is_integer() {
                 integer_macs += macs;

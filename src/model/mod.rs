@@ -301,6 +301,10 @@ pub(crate) fn optimize(
     if gelus > 0 {
         log::debug!("{stage}: {gelus} GELUs on TinysamGelu");
     }
+    let stems = ops::rewrite_stem(&mut typed).map_err(load_err)?;
+    if stems > 0 {
+        log::debug!("{stage}: patch embedding on TinysamStem");
+    }
     let blocks = ops::rewrite_mbconv(&mut typed).map_err(load_err)?;
     if blocks > 0 {
         log::debug!("{stage}: {blocks} convolution blocks on TinysamMbConv");

@@ -19,6 +19,7 @@ pub mod layer_norm;
 pub mod mask_upscaling;
 pub mod mbconv;
 pub mod softmax;
+pub mod stem;
 pub mod token_mixing;
 
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
@@ -26,6 +27,7 @@ pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
 pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
 pub use mbconv::{rewrite_mbconv, MbConv};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
+pub use stem::{rewrite_stem, Stem};
 pub use token_mixing::{rewrite_image_to_token_output, ImageToTokenOutput};
 
 /// Whether two optional float vectors hold the same values bit for bit (how our ops with float

@@ -13,7 +13,9 @@
 #![allow(unsafe_code)]
 
 use super::super::fastmath::{gelu_exact, madd};
-use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights};
+use super::super::gemm::{
+    block_scratch, product, same_bits, transpose, transpose_strided, Micro, PackedWeights,
+};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
 
@@ -339,38 +341,6 @@ fn depthwise_row<const FMA: bool>(
         }
         for a in acc.iter_mut() {
             *a = gelu_exact(*a);
-        }
-    }
-}
-
-/// `dst[c · rows + r] = src[r · cols + c]`: a `rows × cols` matrix transposed, in tiles that
-/// stay in L1.
-#[inline(always)]
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    transpose_strided(src, (rows, cols), cols, 0, dst);
-}
-
-/// `dst[c · rows + r] = src[offset + r · stride + c]` for `r < rows`, `c < cols`: `rows` runs
-/// of `cols` values, `stride` apart, transposed, in 8 × 8 tiles.
-#[inline(always)]
-fn transpose_strided(
-    src: &[f32],
-    (rows, cols): (usize, usize),
-    stride: usize,
-    offset: usize,
-    dst: &mut [f32],
-) {
-    const T: usize = 8;
-    for r0 in (0..rows).step_by(T) {
-        let r1 = (r0 + T).min(rows);
-        for c0 in (0..cols).step_by(T) {
-            let c1 = (c0 + T).min(cols);
-            for r in r0..r1 {
-                let run = &src[offset + r * stride + c0..offset + r * stride + c1];
-                for (c, &v) in (c0..c1).zip(run) {
-                    dst[c * rows + r] = v;
-                }
-            }
         }
     }
 }
