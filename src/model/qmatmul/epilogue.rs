@@ -58,7 +58,7 @@ impl Epilogue {
 }
 
 /// Bias then GELU over whole rows, compiled for the widest vectors the CPU has.
-fn apply_rows(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
+pub(super) fn apply_rows(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` found AVX-512F and FMA on this CPU.

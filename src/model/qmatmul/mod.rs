@@ -536,10 +536,32 @@ pub fn qmatmul(
     a: &impl RowSource,
     b: &PackedB,
     requant: &Requant,
-    mut c: Output<'_>,
+    c: Output<'_>,
     c_layout: Layout,
 ) -> Result<(), QMatMulError> {
+    qmatmul_then(a, b, requant, c, c_layout, None)
+}
+
+/// What [`qmatmul_then`] does to each task's finished rows of a row-major f32 output, while
+/// they are still in cache (the fused bias and GELU).
+pub type RowsFinish<'f> = &'f (dyn Fn(&mut [f32]) + Sync);
+
+/// [`qmatmul`], then `finish` on each task's rows (whole rows of `n` values) as soon as they
+/// are written; `finish` needs a row-major f32 output.
+pub fn qmatmul_then(
+    a: &impl RowSource,
+    b: &PackedB,
+    requant: &Requant,
+    mut c: Output<'_>,
+    c_layout: Layout,
+    finish: Option<RowsFinish<'_>>,
+) -> Result<(), QMatMulError> {
     let (m, k, n) = (a.rows(), b.k, b.n);
+    if finish.is_some() && (c_layout != Layout::RowMajor || matches!(c, Output::I8(_))) {
+        return Err(QMatMulError::Shape(
+            "a fused finish needs a row-major f32 output".into(),
+        ));
+    }
     a.check().map_err(QMatMulError::Shape)?;
     if a.depth() != k {
         return Err(QMatMulError::Shape(format!(
@@ -573,6 +595,9 @@ pub fn qmatmul(
                     Output::F32(c, dq) => c[at] = dq.apply(v),
                 }
             }
+        }
+        if let (Some(finish), Output::F32(c, _)) = (finish, &mut c) {
+            finish(c);
         }
         return Ok(());
     }
@@ -609,6 +634,12 @@ pub fn qmatmul(
         let rows = (blocks_per_task * mr).min(m - first_row);
         // SAFETY: tasks cover disjoint row ranges, and every index written is < m × n.
         unsafe { rows_task(a, b, &columns, first_row, rows, out, c_layout) };
+        if let (Some(finish), OutPtr::F32(p, _)) = (finish, out) {
+            // SAFETY: the output is row-major (checked above), so this task's rows are the
+            // `rows × n` values from row `first_row`, inside C; no other task touches them.
+            let done = unsafe { std::slice::from_raw_parts_mut(p.add(first_row * n), rows * n) };
+            finish(done);
+        }
     };
     match executor {
         Executor::MultiThread(pool) if tasks > 1 => {

@@ -8,9 +8,10 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::Cost;
 
-use super::epilogue::Epilogue;
+use super::epilogue::{apply_rows, Epilogue};
 use super::{
-    qmatmul, Activations, Dequantize, Layout, MatrixA, Output, PackedB, Quantize, Requant,
+    qmatmul_then, Activations, Dequantize, Layout, MatrixA, Output, PackedB, Quantize, Requant,
+    RowsFinish,
 };
 
 /// What [`QMatMulOp`] and [`QConvOp`](super::QConvOp) share: packed weights and the
@@ -146,18 +147,31 @@ impl EvalOp for QMatMulOp {
         let m = a.len() / k;
         let shape = self.output_shape(inputs[0].shape())?;
         let mut c = output_tensor(&shape, self.output_dequant)?;
+        // The epilogue runs on each task's rows as they are finished (while in cache) when the
+        // output is row-major f32, else in a pass of its own.
+        let n = self.b.n();
+        let (bias, gelu) = (
+            self.epilogue.bias.as_deref().map(Vec::as_slice),
+            self.epilogue.gelu,
+        );
+        let fused = !self.epilogue.is_empty()
+            && self.output_dequant.is_some()
+            && self.c_layout == Layout::RowMajor
+            && bias.is_none_or(|b| b.len() == n);
+        let finish = |rows: &mut [f32]| apply_rows(rows, n, bias, gelu);
         with_output(&mut c, self.output_dequant, |out| {
             let a = MatrixA {
                 data: a,
                 m,
                 layout: self.a_layout,
             };
-            qmatmul(&a, &self.b, &self.requant, out, self.c_layout).map_err(|e| format_err!("{e}"))
+            let finish: Option<RowsFinish<'_>> = if fused { Some(&finish) } else { None };
+            qmatmul_then(&a, &self.b, &self.requant, out, self.c_layout, finish)
+                .map_err(|e| format_err!("{e}"))
         })?;
-        if !self.epilogue.is_empty() {
+        if !self.epilogue.is_empty() && !fused {
             let mut view = c.try_as_plain_ram_mut()?;
-            self.epilogue
-                .apply(view.as_slice_mut::<f32>()?, self.b.n())?;
+            self.epilogue.apply(view.as_slice_mut::<f32>()?, n)?;
         }
         Ok(tvec!(c.into_tvalue()))
     }

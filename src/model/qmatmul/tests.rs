@@ -364,7 +364,8 @@ fn im2col_rows_match_an_explicit_gather() {
 
 /// Not a test: `cargo test --release --lib qmatmul_speed -- --ignored --nocapture` times the
 /// layers.1 MLP product (m = 16384, k = 128, n = 512) on this CPU's fastest kernel at 2 threads,
-/// i8 to i8, f32 to f32 (fused quantize and dequantize), and f32 with bias and GELU: best of 5.
+/// i8 to i8, f32 to f32 (fused quantize and dequantize), and f32 with bias and GELU in a pass
+/// of their own and on each task's rows: best of 5.
 #[test]
 #[ignore]
 fn qmatmul_speed() {
@@ -445,10 +446,21 @@ fn qmatmul_speed() {
             .unwrap();
             epilogue.apply(&mut cf, n).unwrap();
         });
+        let bias = epilogue.bias.as_deref().map(Vec::as_slice);
+        let finish = |rows: &mut [f32]| super::epilogue::apply_rows(rows, n, bias, true);
+        let fused_ms = time(&mut || {
+            let a = MatrixA {
+                data: Activations::F32(&af, q),
+                m,
+                layout: Layout::RowMajor,
+            };
+            let out = Output::F32(&mut cf, dq);
+            qmatmul_then(&a, &packed, &requant, out, Layout::RowMajor, Some(&finish)).unwrap();
+        });
         let gmac = (m * k * n) as f64 / 1e9;
         eprintln!(
             "{} m={m} k={k} n={n}, 2 threads: i8->i8 {i8_ms:.1} ms ({:.0} GMAC/s), f32->f32 \
-             {f32_ms:.1} ms, + bias + GELU {gelu_ms:.1} ms",
+             {f32_ms:.1} ms, + bias + GELU {gelu_ms:.1} ms as a pass, {fused_ms:.1} ms per task",
             kernel.report_name(),
             gmac / i8_ms * 1e3
         );
