@@ -28,14 +28,13 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
-use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::gemm::PackedWeights;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
-    axis_op_chain, canonical, concrete_shape, const_operand, indices_through, next_op,
-    sole_consumer, Isa,
+    axis_op_chain, bias_add_after, canonical, concrete_shape, const_operand, indices_through,
+    next_op, sole_consumer, Isa,
 };
 use crate::model::qmatmul::GeluOp;
 use kernel::{Geometry, Out, Scratch, Weights, TAPS};
@@ -230,23 +229,59 @@ pub fn rewrite_mbconv(model: &mut TypedModel) -> TractResult<usize> {
     Ok(replaced)
 }
 
-// The 1×1 convolutions' einsum forms as tract declutters them, canonical (`graph::canonical`):
-// `NIHW,OI->OHW` (the batch of one dropped) or with the batch kept, and `HWI,OI->OHW` where
-// the input is tokens (patch merging after stage 0); the projection also from a batch-less
-// `IHW` input.
-const EXPAND: [&str; 2] = ["abcd,eb->ecd", "abcd,eb->aecd"];
-const EXPAND_PIXEL_MAJOR: &str = "abc,dc->dab";
-const PROJECT: [&str; 4] = [
-    "abc,da->edbc",
-    "abc,da->dbc",
-    "abcd,eb->aecd",
-    "abcd,eb->ecd",
+// The 1×1 convolutions' einsum forms as tract declutters them, canonical (`graph::canonical`),
+// with the layouts they imply. tract lays the hidden maps out channel-first on x86_64 and
+// channel-last on aarch64 (where its depthwise convolution then runs HWC), so both occur.
+
+/// An expansion form: whether its input is pixel-major (`HWI`, tokens: the patch merging after
+/// stage 0) and whether its output, the hidden map, is channel-last (`HWO`).
+const EXPAND: [(&str, bool, bool); 5] = [
+    ("abcd,eb->ecd", false, false), // NIHW,OI->OHW (the batch of one dropped)
+    ("abcd,eb->aecd", false, false), // NIHW,OI->NOHW
+    ("abcd,eb->cde", false, true),  // NIHW,OI->HWO
+    ("abc,dc->dab", true, false),   // HWI,OI->OHW
+    ("abc,dc->abd", true, true),    // HWI,OI->HWO
 ];
 
-/// Whether `e` has the form of a block's expansion product (either input layout).
-fn is_expansion(e: &EinSum) -> bool {
+/// A projection form: whether its input (the hidden map) is channel-last, and whether its
+/// output is.
+const PROJECT: [(&str, bool, bool); 7] = [
+    ("abc,da->edbc", false, false),  // IHW,OI->NOHW
+    ("abc,da->dbc", false, false),   // IHW,OI->OHW
+    ("abcd,eb->aecd", false, false), // NIHW,OI->NOHW
+    ("abcd,eb->ecd", false, false),  // NIHW,OI->OHW
+    ("abc,dc->edab", true, false),   // HWI,OI->NOHW
+    ("abc,dc->dab", true, false),    // HWI,OI->OHW
+    ("abc,dc->abd", true, true),     // HWI,OI->HWO
+];
+
+/// The layouts of `e` if it has the form of one of `forms`.
+fn form_of(e: &EinSum, forms: &[(&str, bool, bool)]) -> Option<(bool, bool)> {
     let form = canonical(&e.axes.to_string());
-    EXPAND.contains(&form.as_str()) || form == EXPAND_PIXEL_MAJOR
+    forms
+        .iter()
+        .find(|(f, _, _)| *f == form)
+        .map(|&(_, a, b)| (a, b))
+}
+
+/// Whether `e` has the form of a block's expansion product (any layout).
+fn is_expansion(e: &EinSum) -> bool {
+    form_of(e, &EXPAND).is_some()
+}
+
+/// The per-channel bias `Add` after `outlet`, for a map whose channels are its last axis
+/// (`channel_last`, a `[…, n]` constant) or its third from last (`[…, n, 1, 1]`).
+fn bias_after(
+    model: &TypedModel,
+    outlet: OutletId,
+    n: usize,
+    channel_last: bool,
+) -> TractResult<Option<(usize, Vec<f32>)>> {
+    if channel_last {
+        bias_add_after(model, outlet, n)
+    } else {
+        channel_bias_after(model, outlet, n)
+    }
 }
 
 /// A matched block.
@@ -308,9 +343,11 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
     ) else {
         return Ok(Ok(None));
     };
-    let pixel_major = start
-        .op_as::<EinSum>()
-        .is_some_and(|e| canonical(&e.axes.to_string()) == EXPAND_PIXEL_MAJOR);
+    let Some((pixel_major, hidden_last)) =
+        start.op_as::<EinSum>().and_then(|e| form_of(e, &EXPAND))
+    else {
+        return Ok(Ok(None));
+    };
     let (cin, height, width) = match (pixel_major, in_shape.as_slice()) {
         (false, &[1, c, h, w] | &[c, h, w]) => (c, h, w),
         (true, &[h, w, c]) => (c, h, w),
@@ -325,7 +362,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         return Ok(Ok(None));
     };
     let Some((bias1_node, expand_bias)) =
-        channel_bias_after(model, OutletId::new(first, 0), hidden)?
+        bias_after(model, OutletId::new(first, 0), hidden, hidden_last)?
     else {
         return Ok(Ok(None));
     };
@@ -336,7 +373,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         return Ok(Ok(None));
     };
     let (geometry, depthwise, depthwise_bias) =
-        match depthwise_of(model, dw, hidden, (height, width, pixel_major))? {
+        match depthwise_of(model, dw, hidden, (height, width, pixel_major), hidden_last)? {
             Ok(found) => found,
             Err(why) => return Ok(Err(why)),
         };
@@ -348,14 +385,29 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         return Ok(Err("no product after the second GELU".into()));
     };
     let proj_node = model.node(proj);
-    let proj_expr = proj_node
+    let proj_form = proj_node
         .op_as::<EinSum>()
-        .map(|e| canonical(&e.axes.to_string()));
-    need!(
-        proj_expr.as_deref().is_some_and(|e| PROJECT.contains(&e))
-            && proj_node.inputs[0].node == gelu2,
-        "projection is {proj_expr:?}"
-    );
+        .and_then(|e| form_of(e, &PROJECT));
+    let out_last = match proj_form {
+        Some((from_last, out_last))
+            if from_last == hidden_last && proj_node.inputs[0].node == gelu2 =>
+        {
+            out_last
+        }
+        _ => {
+            let expr = proj_node
+                .op_as::<EinSum>()
+                .map(|e| canonical(&e.axes.to_string()));
+            return Ok(Err(format!(
+                "projection is {expr:?} after a {} hidden map",
+                if hidden_last {
+                    "channel-last"
+                } else {
+                    "channel-first"
+                }
+            )));
+        }
+    };
     let Some(project_k) = model.outlet_fact(proj_node.inputs[1])?.konst.clone() else {
         return Ok(Err("projection weight is not a constant".into()));
     };
@@ -366,7 +418,8 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
     let Some(project) = pointwise_weights(&project_k, cout, hidden)? else {
         return Ok(Err("projection weight is not f32".into()));
     };
-    let Some((bias3_node, project_bias)) = channel_bias_after(model, OutletId::new(proj, 0), cout)?
+    let Some((bias3_node, project_bias)) =
+        bias_after(model, OutletId::new(proj, 0), cout, out_last)?
     else {
         return Ok(Err(format!("no bias of {cout} after the projection")));
     };
@@ -390,7 +443,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
             && add_node.inputs.contains(&OutletId::new(bias3_node, 0));
         if is_residual {
             need!(
-                geometry.stride == 1 && cout == cin && !pixel_major,
+                geometry.stride == 1 && cout == cin && !pixel_major && !out_last,
                 "residual around a block of stride {} from {cin} to {cout} channels{}",
                 geometry.stride,
                 if pixel_major { ", input tokens" } else { "" }
@@ -417,7 +470,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         }
     }
 
-    // Patch merging: the CHW result moved to pixel-major tokens by the axis ops that follow.
+    // Patch merging: the result moved to pixel-major tokens by the axis ops that follow.
     let (chain, _) = axis_op_chain(model, bias3_node);
     let mut taken = Vec::new();
     for id in chain {
@@ -426,7 +479,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         if matches!(shape.as_slice(), [p, c] | [1, p, c] if *p == oh * ow && *c == cout) {
             let chw = [cout, oh, ow];
             need!(
-                is_pixel_major(model, &taken, &chw)?,
+                is_pixel_major(model, &taken, &chw, out_last)?,
                 "the axis ops after the projection do not give pixel-major tokens"
             );
             return Ok(Ok(Some(Plan {
@@ -446,15 +499,16 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
     ))
 }
 
-/// The depthwise convolution at node `dw` on `channels × height × width` hidden maps, the
-/// block's input pixel-major or not: its geometry, its kernel tap-major and its bias, or why it
-/// is not one [`MbConv`] runs.
+/// The depthwise convolution at node `dw` on `channels × height × width` hidden maps (laid out
+/// channel-last or not), the block's input pixel-major or not: its geometry, its kernel
+/// tap-major and its bias, or why it is not one [`MbConv`] runs.
 #[allow(clippy::type_complexity)]
 fn depthwise_of(
     model: &TypedModel,
     dw: usize,
     channels: usize,
     (height, width, pixel_major_input): (usize, usize, bool),
+    channel_last: bool,
 ) -> TractResult<Result<(Geometry, Vec<f32>, Vec<f32>), String>> {
     let node = model.node(dw);
     let conv = node.op_as::<Conv>().context("a Conv")?;
@@ -470,10 +524,10 @@ fn depthwise_of(
         "convolution after the expansion is not depthwise over {channels} channels"
     );
     need!(
-        matches!(spec.data_format, DataFormat::CHW | DataFormat::NCHW)
+        spec.data_format.c_is_last() == channel_last
             && conv.kernel_fmt == KernelFormat::OIHW
             && spec.kernel_shape.as_slice() == [3, 3],
-        "depthwise convolution is not a 3×3 CHW/OIHW one"
+        "depthwise convolution is not a 3×3 OIHW one in the hidden map's layout"
     );
     let strides = spec.strides();
     let stride = strides[0];
@@ -523,9 +577,15 @@ fn depthwise_of(
     Ok(Ok((geometry, taps, bias)))
 }
 
-/// Whether the axis ops `chain` move a `[C, H, W]` tensor to `[H·W, C]` (or `[1, H·W, C]`)
-/// tokens, pixel `y·W + x`: checked by running them on the indices.
-fn is_pixel_major(model: &TypedModel, chain: &[usize], chw: &[usize; 3]) -> TractResult<bool> {
+/// Whether the axis ops `chain` move a `[C, H, W]` tensor (`[H, W, C]` if `channel_last`) to
+/// `[H·W, C]` (or `[1, H·W, C]`) tokens, pixel `y·W + x`: checked by running them on the
+/// indices.
+fn is_pixel_major(
+    model: &TypedModel,
+    chain: &[usize],
+    chw: &[usize; 3],
+    channel_last: bool,
+) -> TractResult<bool> {
     let [c, h, w] = *chw;
     // The chain starts from the projection's output, with or without the batch axis.
     let start = concrete_shape(model, model.node(chain[0]).inputs[0])?.unwrap_or_default();
@@ -537,7 +597,12 @@ fn is_pixel_major(model: &TypedModel, chain: &[usize], chw: &[usize; 3]) -> Trac
     }
     Ok((0..h * w).all(|p| {
         (0..c).all(|ch| {
-            got.get(p * c + ch).and_then(|&v| usize::try_from(v).ok()) == Some(ch * h * w + p)
+            let from = if channel_last {
+                p * c + ch
+            } else {
+                ch * h * w + p
+            };
+            got.get(p * c + ch).and_then(|&v| usize::try_from(v).ok()) == Some(from)
         })
     }))
 }
