@@ -18,8 +18,9 @@
 //! `round_ties_even((acc + bias) as f32 * scale) + zero_point`, saturated to i8 — ONNX's
 //! QLinearMatMul rule.
 //!
-//! The one place besides the socket code that needs `unsafe`: SIMD intrinsics, inline `sdot`
-//! assembly and the disjoint-rows output pointer of the threaded loop, each with its SAFETY note.
+//! `unsafe` here, each with its SAFETY note: SIMD intrinsics, inline `sdot` assembly, the
+//! disjoint-rows output pointer of the threaded loop, and output tensors left unzeroed because
+//! the product writes every element (`op::output_tensor`).
 #![allow(unsafe_code)]
 
 mod avx2;
@@ -696,15 +697,23 @@ unsafe fn rows_task(
     let (bias, scale, zp) = (&columns.bias, &columns.scale, columns.zero_point);
     let task_rows = first_row..first_row + rows;
     let mut tile = vec![0i8; mr * nr];
-    let place = |tile: &[i8], blk: usize, p: usize| {
-        store_tile(
-            tile,
+    let mut tile_f32 = vec![0f32; mr * nr];
+    let spot = |blk: usize, p: usize| {
+        (
             (first_row + blk * mr, p * nr),
             (mr, nr),
             (first_row + rows, n, m),
-            out,
-            c_layout,
         )
+    };
+    // An i8 tile to C, dequantized on the way where C is f32.
+    let place = |tile: &[i8], blk: usize, p: usize| {
+        let (origin, dims, limits) = spot(blk, p);
+        match out {
+            OutPtr::I8(ptr) => store_tile(tile, origin, dims, limits, ptr, c_layout, |v| v),
+            OutPtr::F32(ptr, dq) => {
+                store_tile(tile, origin, dims, limits, ptr, c_layout, |v| dq.apply(v))
+            }
+        }
     };
     match &b.data {
         PackedData::I16(bdata) => {
@@ -753,13 +762,23 @@ unsafe fn rows_task(
                 let (bias, scale) = (&bias[cols.clone()], &scale[cols]);
                 for blk in 0..blocks {
                     let apanel = &apack[blk * kp * mr..(blk + 1) * kp * mr];
-                    match kernel {
-                        Kernel::Avx512Vnni => {
-                            vnni::tile(apanel, bpanel, (bias, scale, zp), &mut tile)
+                    match (kernel, out) {
+                        // VNNI dequantizes in registers and hands over f32 tiles.
+                        (Kernel::Avx512Vnni, OutPtr::F32(ptr, dq)) => {
+                            let rq = (bias, scale, zp);
+                            vnni::tile_f32(apanel, bpanel, rq, dq, &mut tile_f32);
+                            let (origin, dims, limits) = spot(blk, p);
+                            store_tile(&tile_f32, origin, dims, limits, ptr, c_layout, |v| v);
                         }
-                        _ => neon::tile(apanel, bpanel, (bias, scale, zp), &mut tile),
+                        (Kernel::Avx512Vnni, OutPtr::I8(_)) => {
+                            vnni::tile(apanel, bpanel, (bias, scale, zp), &mut tile);
+                            place(&tile, blk, p);
+                        }
+                        _ => {
+                            neon::tile(apanel, bpanel, (bias, scale, zp), &mut tile);
+                            place(&tile, blk, p);
+                        }
                     }
-                    place(&tile, blk, p);
                 }
             }
         }
@@ -799,57 +818,43 @@ fn requant_tile(acc: &[i32], nr: usize, (bias, scale, zp): TileRequant<'_>, out:
     }
 }
 
-/// Copy the valid part of one requantized tile (row-major `mr × nr`) into C.
+/// Copy the valid part of one tile (row-major `mr × nr`) into C, through `convert`.
 ///
-/// `origin` is the tile's (row, col); `limits` are (end of this task's rows, n, m).
+/// `origin` is the tile's (row, col); `limits` are (end of this task's rows, n, m); `out` points
+/// to C (`m × n` values in `c_layout`).
 #[inline]
-fn store_tile(
-    tile: &[i8],
+fn store_tile<T: Copy, U>(
+    tile: &[T],
     origin: (usize, usize),
     dims: (usize, usize),
     limits: (usize, usize, usize),
-    out: OutPtr,
+    out: *mut U,
     c_layout: Layout,
+    convert: impl Fn(T) -> U,
 ) {
     let (row0, col0) = origin;
     let (mr, nr) = dims;
     let (row_end, n, m) = limits;
     let rows = mr.min(row_end.saturating_sub(row0));
     let cols = nr.min(n.saturating_sub(col0));
-    match (c_layout, out) {
-        (Layout::RowMajor, OutPtr::I8(p)) => {
-            for r in 0..rows {
-                let src = &tile[r * nr..r * nr + cols];
-                // SAFETY: row0 + r < m and col0 + cols <= n: inside C, in a row this task owns.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), p.add((row0 + r) * n + col0), cols)
-                };
-            }
-        }
-        (Layout::RowMajor, OutPtr::F32(p, dq)) => {
-            for r in 0..rows {
-                let src = &tile[r * nr..r * nr + cols];
-                // SAFETY: as above: `cols` values of row row0 + r, inside C and owned here.
+    for r in 0..rows {
+        let src = &tile[r * nr..r * nr + cols];
+        match c_layout {
+            Layout::RowMajor => {
+                // SAFETY: row0 + r < m and col0 + cols <= n: `cols` values of that row of C,
+                // a row this task owns.
                 let dst =
-                    unsafe { std::slice::from_raw_parts_mut(p.add((row0 + r) * n + col0), cols) };
+                    unsafe { std::slice::from_raw_parts_mut(out.add((row0 + r) * n + col0), cols) };
                 for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = dq.apply(v);
+                    *d = convert(v);
                 }
             }
-        }
-        (_, out) => {
-            for r in 0..rows {
-                for c in 0..cols {
+            Layout::ColMajor => {
+                for (c, &v) in src.iter().enumerate() {
                     let at = c_index(c_layout, m, n, row0 + r, col0 + c);
-                    let v = tile[r * nr + c];
-                    // SAFETY: row0 + r < m and col0 + c < n, so `at` is inside C; this task owns
-                    // the row.
-                    unsafe {
-                        match out {
-                            OutPtr::I8(p) => *p.add(at) = v,
-                            OutPtr::F32(p, dq) => *p.add(at) = dq.apply(v),
-                        }
-                    }
+                    // SAFETY: row0 + r < m and col0 + c < n, so `at` is inside C; this task
+                    // owns the row.
+                    unsafe { *out.add(at) = convert(v) };
                 }
             }
         }

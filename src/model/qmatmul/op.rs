@@ -200,11 +200,19 @@ pub(super) fn activations(t: &Tensor, quant: Option<Quantize>) -> TractResult<Ac
     }
 }
 
-/// A zeroed output tensor: i8, or f32 when a dequantization is fused in.
+/// An output tensor for [`super::qmatmul`] to fill: i8, or f32 when a dequantization is fused
+/// in. Not zeroed: the product writes every element (a memset of up to 32 MB per node was a few
+/// per cent of the encoder).
 pub(super) fn output_tensor(shape: &[usize], dequant: Option<Dequantize>) -> TractResult<Tensor> {
-    match dequant {
-        None => Tensor::zero::<i8>(shape),
-        Some(_) => Tensor::zero::<f32>(shape),
+    // SAFETY: i8 and f32 have no invalid bit patterns, and `qmatmul` (every tile of every task,
+    // or the k = 0 path) writes each element before the tensor is read; on an error the tensor
+    // is dropped unread.
+    #[allow(unsafe_code)]
+    unsafe {
+        match dequant {
+            None => Tensor::uninitialized::<i8>(shape),
+            Some(_) => Tensor::uninitialized::<f32>(shape),
+        }
     }
 }
 

@@ -297,7 +297,16 @@ fn fused_quantize_and_dequantize_match_the_unfused_path() {
         scale: vec![0.004],
         zero_point: 0,
     };
-    for kernel in Kernel::supported() {
+    // The symmetric dequantization the export writes, and one with a zero point (the VNNI
+    // kernel dequantizes in registers: both must equal `Dequantize::apply`).
+    let offset = Dequantize {
+        scale: 0.017,
+        zero_point: -5,
+    };
+    for (kernel, dq) in Kernel::supported()
+        .into_iter()
+        .flat_map(|k| [(k, dq), (k, offset)])
+    {
         let packed = PackedB::from_row_major(kernel, k, n, &b);
         for (a_layout, c_layout) in LAYOUTS {
             let a_f32 = MatrixA {

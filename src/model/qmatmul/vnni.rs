@@ -7,7 +7,7 @@
 //! overflow for any k below 2^31 / (255 · 128 · 4): the result is the same integers as the
 //! reference.
 
-use super::TileRequant;
+use super::{Dequantize, TileRequant};
 
 /// Tile rows.
 pub(super) const MR: usize = 8;
@@ -39,10 +39,51 @@ pub(super) fn tile(a: &[i8], b: &[i8], requant: TileRequant<'_>, out: &mut [i8])
     {
         if is_supported() {
             // SAFETY: AVX-512F and VNNI are present; lengths checked above.
-            unsafe { tile_vnni(a, b, quads, requant, out) };
+            unsafe { tile_vnni::<false>(a, b, quads, requant, out.as_mut_ptr(), None) };
             return;
         }
     }
+    tile_reference(a, b, quads, requant, out)
+}
+
+/// [`tile`], then dequantized by `dq` into `out` (row-major MR × NR f32): the same values as
+/// `dq.apply` of each i8 result, computed in registers.
+pub(super) fn tile_f32(
+    a: &[i8],
+    b: &[i8],
+    requant: TileRequant<'_>,
+    dq: Dequantize,
+    out: &mut [f32],
+) {
+    let quads = a.len() / (MR * 4);
+    assert!(b.len() >= quads * NR * 4 && out.len() >= MR * NR);
+    assert!(requant.0.len() >= NR && requant.1.len() >= NR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_supported() {
+            // SAFETY: AVX-512F and VNNI are present; lengths checked above.
+            unsafe {
+                tile_vnni::<true>(
+                    a,
+                    b,
+                    quads,
+                    requant,
+                    std::ptr::null_mut(),
+                    Some((dq, out.as_mut_ptr())),
+                )
+            };
+            return;
+        }
+    }
+    let mut bytes = [0i8; MR * NR];
+    tile_reference(a, b, quads, requant, &mut bytes);
+    for (o, &v) in out.iter_mut().zip(&bytes) {
+        *o = dq.apply(v);
+    }
+}
+
+/// The tile in plain Rust (for CPUs without VNNI, where the kernel is not chosen anyway).
+fn tile_reference(a: &[i8], b: &[i8], quads: usize, requant: TileRequant<'_>, out: &mut [i8]) {
     let mut acc = [0i32; MR * NR];
     for q in 0..quads {
         for r in 0..MR {
@@ -57,14 +98,21 @@ pub(super) fn tile(a: &[i8], b: &[i8], requant: TileRequant<'_>, out: &mut [i8])
     super::requant_tile(&acc, NR, requant, out);
 }
 
+/// The VNNI tile: requantized i8 results to `out_i8` (MR × NR, row-major), or with `F32`
+/// dequantized by `dq` to its f32 pointer instead.
+///
+/// # Safety
+/// AVX-512F and VNNI present; `a` and `b` hold `quads` quads; the pointer written holds MR × NR
+/// values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn tile_vnni(
+unsafe fn tile_vnni<const F32: bool>(
     a: &[i8],
     b: &[i8],
     quads: usize,
     (bias, scale, zp): TileRequant<'_>,
-    out: &mut [i8],
+    out_i8: *mut i8,
+    dq: Option<(Dequantize, *mut f32)>,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_si512(); MR];
@@ -93,12 +141,29 @@ unsafe fn tile_vnni(
         _mm512_set1_ps(1e9),
         _mm512_set1_epi32(zp),
     );
+    // Dequantization as `Dequantize::apply`: (q - zero point) as f32 * scale.
+    let (dq_zp, dq_scale, dq_out) = match dq {
+        Some((d, p)) => (_mm512_set1_epi32(d.zero_point), _mm512_set1_ps(d.scale), p),
+        None => (
+            _mm512_setzero_si512(),
+            _mm512_setzero_ps(),
+            std::ptr::null_mut(),
+        ),
+    };
     for (r, acc) in acc.iter().enumerate() {
         let x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(*acc, biasv)), scalev);
         let x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
         let v = _mm512_add_epi32(_mm512_cvtps_epi32(x), zpv);
         let bytes = _mm512_cvtsepi32_epi8(v);
-        // SAFETY: row r's NR bytes are inside `out` (MR × NR, checked by the caller).
-        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(r * NR) as *mut __m128i, bytes) };
+        if F32 {
+            let q = _mm512_sub_epi32(_mm512_cvtepi8_epi32(bytes), dq_zp);
+            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(q), dq_scale);
+            // SAFETY: row r's NR values are inside the f32 tile (MR × NR, the caller's
+            // contract).
+            unsafe { _mm512_storeu_ps(dq_out.add(r * NR), f) };
+        } else {
+            // SAFETY: row r's NR bytes are inside `out_i8` (MR × NR, the caller's contract).
+            unsafe { _mm_storeu_si128(out_i8.add(r * NR) as *mut __m128i, bytes) };
+        }
     }
 }

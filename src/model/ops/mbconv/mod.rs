@@ -174,7 +174,9 @@ impl EvalOp for MbConv {
         let input = args_1!(inputs);
         let view = input.try_as_plain_ram()?;
         let values = view.as_slice::<f32>()?;
-        let mut out = Tensor::zero::<f32>(&self.output_shape)?;
+        // SAFETY: f32 has no invalid bit patterns, and `run` writes every output value (each
+        // band covers its rows whole) before the tensor is read; on an error it is dropped.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
         {
             let mut out_view = out.try_as_plain_ram_mut()?;
             self.run(Isa::detect(), values, out_view.as_slice_mut::<f32>()?)?;
