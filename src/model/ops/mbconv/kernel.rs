@@ -93,7 +93,9 @@ pub(crate) struct Geometry {
 impl Geometry {
     /// Output height and width.
     pub(crate) fn output(&self) -> (usize, usize) {
-        let out = |side: usize| (side + 2 - 3) / self.stride + 1;
+        // A side of 0 gives 1 here, not 0: such a graph fails the matcher's check against
+        // tract's own output size instead of underflowing.
+        let out = |side: usize| (side + 2).saturating_sub(3) / self.stride + 1;
         (out(self.height), out(self.width))
     }
 }

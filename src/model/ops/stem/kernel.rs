@@ -56,7 +56,8 @@ impl Weights {
 
 /// Output side of a 3×3 stride-2 convolution padded by one pixel.
 pub(crate) fn halved(side: usize) -> usize {
-    (side + 2 - 3) / 2 + 1
+    // A side of 0 gives 1, not 0: the matcher then rejects it against tract's output size.
+    (side + 2).saturating_sub(3) / 2 + 1
 }
 
 /// Input height and width; the intermediate and output sides follow ([`halved`]).
