@@ -64,10 +64,27 @@ pub(crate) fn const_operand<M: BinMiniOp>(
 /// The values of an f32 constant shaped `[1, …, 1, n]` with at most `rank` axes: one per
 /// column of a rank-`rank` tensor it broadcasts over without changing its shape.
 pub(crate) fn row_vector(t: &Tensor, n: usize, rank: usize) -> TractResult<Option<Vec<f32>>> {
+    axis_vector(t, n, rank, 0)
+}
+
+/// The values of an f32 constant shaped `[1, …, 1, n]` followed by `trailing` axes of 1, with
+/// at most `rank` axes: one per index of the axis `trailing + 1` from the end of a rank-`rank`
+/// tensor it broadcasts over without changing its shape (`trailing = 0`: a [`row_vector`];
+/// `trailing = 2`: one per channel of a CHW map).
+pub(crate) fn axis_vector(
+    t: &Tensor,
+    n: usize,
+    rank: usize,
+    trailing: usize,
+) -> TractResult<Option<Vec<f32>>> {
     let shape = t.shape();
-    let fits = shape.last() == Some(&n)
+    let Some(lead) = shape.len().checked_sub(trailing + 1) else {
+        return Ok(None);
+    };
+    let fits = shape[lead] == n
         && shape.len() <= rank
-        && shape[..shape.len() - 1].iter().all(|&d| d == 1);
+        && shape[..lead].iter().all(|&d| d == 1)
+        && shape[lead + 1..].iter().all(|&d| d == 1);
     if t.datum_type() != f32::datum_type() || !fits {
         return Ok(None);
     }
@@ -99,6 +116,17 @@ pub(crate) fn bias_add_after(
     outlet: OutletId,
     n: usize,
 ) -> TractResult<Option<(usize, Vec<f32>)>> {
+    axis_bias_add_after(model, outlet, n, 0)
+}
+
+/// An `Add` of a constant `[1, …, 1, n, 1 × trailing]` (see [`axis_vector`]) as the only
+/// consumer of `outlet`: its node and the n values.
+pub(crate) fn axis_bias_add_after(
+    model: &TypedModel,
+    outlet: OutletId,
+    n: usize,
+    trailing: usize,
+) -> TractResult<Option<(usize, Vec<f32>)>> {
     let Some(add) = sole_consumer(model, outlet) else {
         return Ok(None);
     };
@@ -106,7 +134,7 @@ pub(crate) fn bias_add_after(
         return Ok(None);
     };
     let rank = model.outlet_fact(outlet)?.rank();
-    Ok(row_vector(&k, n, rank)?.map(|bias| (add, bias)))
+    Ok(axis_vector(&k, n, rank, trailing)?.map(|bias| (add, bias)))
 }
 
 /// The axis ops that follow node `id`, each the sole consumer of the one before, and the last

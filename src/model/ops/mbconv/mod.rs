@@ -33,8 +33,8 @@ use super::gemm::PackedWeights;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
-    axis_op_chain, bias_add_after, canonical, concrete_shape, const_operand, indices_through,
-    next_op, sole_consumer, Isa,
+    axis_bias_add_after, axis_op_chain, canonical, concrete_shape, indices_through, next_op,
+    sole_consumer, Isa,
 };
 use crate::model::qmatmul::GeluOp;
 use kernel::{Geometry, Out, Scratch, Weights, TAPS};
@@ -279,11 +279,7 @@ fn bias_after(
     n: usize,
     channel_last: bool,
 ) -> TractResult<Option<(usize, Vec<f32>)>> {
-    if channel_last {
-        bias_add_after(model, outlet, n)
-    } else {
-        channel_bias_after(model, outlet, n)
-    }
+    axis_bias_add_after(model, outlet, n, if channel_last { 0 } else { 2 })
 }
 
 /// A matched block.
@@ -303,34 +299,6 @@ fn pointwise_weights(t: &Tensor, o: usize, i: usize) -> TractResult<Option<Packe
     let w = view.as_slice::<f32>()?;
     let transposed: Vec<f32> = (0..i * o).map(|at| w[(at % o) * i + at / o]).collect();
     Ok(PackedWeights::pack(&transposed, i, o))
-}
-
-/// An `Add` of a per-channel constant (`[…, n, 1, 1]`, the channel axis third from last) as
-/// the only consumer of `outlet`: its node and the n values.
-fn channel_bias_after(
-    model: &TypedModel,
-    outlet: OutletId,
-    n: usize,
-) -> TractResult<Option<(usize, Vec<f32>)>> {
-    let Some(add) = sole_consumer(model, outlet) else {
-        return Ok(None);
-    };
-    let Some((k, _)) = const_operand::<Add>(model, model.node(add))? else {
-        return Ok(None);
-    };
-    let shape = k.shape();
-    let rank = model.outlet_fact(outlet)?.rank();
-    let fits = shape.len() >= 3
-        && shape.len() <= rank
-        && shape[shape.len() - 3..] == [n, 1, 1]
-        && shape[..shape.len() - 3].iter().all(|&d| d == 1);
-    if k.datum_type() != f32::datum_type() || !fits {
-        return Ok(None);
-    }
-    Ok(Some((
-        add,
-        k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-    )))
 }
 
 /// Match the block starting at the expansion product `first`: `Ok(None)` if `first` does not
