@@ -137,6 +137,58 @@ pub(crate) fn axis_bias_add_after(
     Ok(axis_vector(&k, n, rank, trailing)?.map(|bias| (add, bias)))
 }
 
+/// A chain of nodes matched for one of our ops: the outlets the op reads, the outlet whose
+/// consumers it takes over, and the op.
+pub(crate) struct Replacement<O> {
+    pub(crate) inputs: Vec<OutletId>,
+    pub(crate) output: OutletId,
+    pub(crate) op: O,
+}
+
+/// What a rewrite pass's matcher says of a node: `Ok(None)` if no chain starts there, `Err`
+/// with the reason if one starts like it but differs, else the replacement.
+pub(crate) type Match<O> = Result<Option<Replacement<O>>, String>;
+
+/// The loop of our rewrite passes: every node `starts` accepts, in evaluation order, is given to
+/// `plan`; a replacement is wired in as a node named `<start>.<suffix>` that takes over the
+/// chain's output; a chain left to tract is logged as `<what> at <start> left to tract: <why>`.
+/// Returns how many chains were replaced.
+pub(crate) fn replace_chains<O: TypedOp>(
+    model: &mut TypedModel,
+    (what, suffix): (&str, &str),
+    starts: impl Fn(&TypedNode) -> bool,
+    plan: impl Fn(&TypedModel, usize) -> TractResult<Match<O>>,
+) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let Some(node) = model.nodes().get(id) else {
+            continue;
+        };
+        if !starts(node) {
+            continue;
+        }
+        let name = node.name.clone();
+        match plan(model, id)? {
+            Ok(Some(found)) => {
+                let mut patch = TypedModelPatch::default();
+                let inputs = found
+                    .inputs
+                    .iter()
+                    .map(|&o| patch.tap_model(model, o))
+                    .collect::<TractResult<Vec<_>>>()?;
+                let out = patch.wire_node(format!("{name}.{suffix}"), found.op, &inputs)?;
+                patch.shunt_outside(model, found.output, out[0])?;
+                patch.apply(model)?;
+                replaced += 1;
+            }
+            Ok(None) => {}
+            Err(why) => log::debug!("{what} at {name} left to tract: {why}"),
+        }
+    }
+    model.compact()?;
+    Ok(replaced)
+}
+
 /// The axis ops that follow node `id`, each the sole consumer of the one before, and the last
 /// node of the run (`id` itself if none follows).
 pub(crate) fn axis_op_chain(model: &TypedModel, id: usize) -> (Vec<usize>, usize) {

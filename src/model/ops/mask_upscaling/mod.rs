@@ -29,7 +29,8 @@ use super::gemm::PackedWeights;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
-    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, next_op, Isa,
+    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, next_op,
+    replace_chains, Isa, Match, Replacement,
 };
 use super::layer_norm::LayerNormOp;
 use crate::model::qmatmul::GeluOp;
@@ -203,35 +204,16 @@ impl TypedOp for MaskUpscaling {
 /// returns how many (0 or 1 in practice). Chains that start like one but differ are logged
 /// with the reason and left to tract.
 pub fn rewrite_mask_upscaling(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let Some(node) = model.nodes().get(id) else {
-            continue;
-        };
-        let is_product = node
-            .op_as::<EinSum>()
-            .is_some_and(|e| FIRST_PRODUCT.contains(&canonical(&e.axes.to_string()).as_str()));
-        if !is_product {
-            continue;
-        }
-        let name = node.name.clone();
-        match plan(model, id)? {
-            Ok(Some(plan)) => {
-                let mut patch = TypedModelPatch::default();
-                let tokens = patch.tap_model(model, plan.tokens)?;
-                let hyper = patch.tap_model(model, plan.hyper)?;
-                let out =
-                    patch.wire_node(format!("{name}.upscaling"), plan.op, &[tokens, hyper])?;
-                patch.shunt_outside(model, plan.output, out[0])?;
-                patch.apply(model)?;
-                replaced += 1;
-            }
-            Ok(None) => {}
-            Err(why) => log::debug!("mask upscaling at {name} left to tract: {why}"),
-        }
-    }
-    model.compact()?;
-    Ok(replaced)
+    let is_first_product = |node: &TypedNode| {
+        node.op_as::<EinSum>()
+            .is_some_and(|e| FIRST_PRODUCT.contains(&canonical(&e.axes.to_string()).as_str()))
+    };
+    replace_chains(
+        model,
+        ("mask upscaling", "upscaling"),
+        is_first_product,
+        plan,
+    )
 }
 
 // The products' einsum forms, canonical (`graph::canonical`): with the batch axis, and as
@@ -251,16 +233,11 @@ fn is_rows(shape: Option<&[usize]>, batch: usize, rows: usize, cols: usize) -> b
 }
 
 /// A matched upscaling chain.
-struct Plan {
-    tokens: OutletId,
-    hyper: OutletId,
-    output: OutletId,
-    op: MaskUpscaling,
-}
+type Plan = Replacement<MaskUpscaling>;
 
 /// Match the upscaling chain starting at the product `first`: `Ok(None)` if `first` does not
 /// start one, `Err(reason)` if it starts like one but differs.
-fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, String>> {
+fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MaskUpscaling>> {
     let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
     let start = model.node(first);
     let tokens = start.inputs[0];
@@ -416,8 +393,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         "LayerNorm parameters are not one per channel"
     );
     Ok(Ok(Some(Plan {
-        tokens,
-        hyper,
+        inputs: vec![tokens, hyper],
         output: OutletId::new(end, 0),
         op: MaskUpscaling {
             side,

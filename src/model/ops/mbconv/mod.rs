@@ -34,7 +34,7 @@ use super::gemm::PackedWeights;
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
     axis_bias_add_after, axis_op_chain, canonical, concrete_shape, indices_through, next_op,
-    sole_consumer, Isa,
+    replace_chains, sole_consumer, Isa, Match, Replacement,
 };
 use crate::model::qmatmul::GeluOp;
 use kernel::{Geometry, Out, Scratch, Weights, TAPS};
@@ -204,31 +204,8 @@ impl TypedOp for MbConv {
 /// Replace TinyViT's MBConv and patch-merging chains (see the module docs) by [`MbConv`];
 /// returns how many. Run after `qmatmul::rewrite_gelu` (the chains' activations are our GELU).
 pub fn rewrite_mbconv(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let Some(node) = model.nodes().get(id) else {
-            continue;
-        };
-        let is_expansion = node.op_as::<EinSum>().is_some_and(is_expansion);
-        if !is_expansion {
-            continue;
-        }
-        let name = node.name.clone();
-        match plan(model, id)? {
-            Ok(Some(plan)) => {
-                let mut patch = TypedModelPatch::default();
-                let input = patch.tap_model(model, plan.input)?;
-                let out = patch.wire_node(format!("{name}.mbconv"), plan.op, &[input])?;
-                patch.shunt_outside(model, plan.output, out[0])?;
-                patch.apply(model)?;
-                replaced += 1;
-            }
-            Ok(None) => {}
-            Err(why) => log::debug!("convolution block at {name} left to tract: {why}"),
-        }
-    }
-    model.compact()?;
-    Ok(replaced)
+    let starts = |node: &TypedNode| node.op_as::<EinSum>().is_some_and(is_expansion);
+    replace_chains(model, ("convolution block", "mbconv"), starts, plan)
 }
 
 // The 1×1 convolutions' einsum forms as tract declutters them, canonical (`graph::canonical`),
@@ -283,11 +260,7 @@ fn bias_after(
 }
 
 /// A matched block.
-struct Plan {
-    input: OutletId,
-    output: OutletId,
-    op: MbConv,
-}
+type Plan = Replacement<MbConv>;
 
 /// A constant `O × I` matrix (the 1×1 kernel as tract keeps it) packed as the `I × O` right
 /// operand of our products.
@@ -303,7 +276,7 @@ fn pointwise_weights(t: &Tensor, o: usize, i: usize) -> TractResult<Option<Packe
 
 /// Match the block starting at the expansion product `first`: `Ok(None)` if `first` does not
 /// start one, `Err(reason)` if it starts like one but differs.
-fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, String>> {
+fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MbConv>> {
     let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
     let start = model.node(first);
     let input = start.inputs[0];
@@ -428,7 +401,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
                 "block output {output_shape:?} for input {in_shape:?}"
             );
             return Ok(Ok(Some(Plan {
-                input,
+                inputs: vec![input],
                 output,
                 op: MbConv {
                     geometry,
@@ -453,7 +426,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
                 "the axis ops after the projection do not give pixel-major tokens"
             );
             return Ok(Ok(Some(Plan {
-                input,
+                inputs: vec![input],
                 output: OutletId::new(id, 0),
                 op: MbConv {
                     geometry,

@@ -229,7 +229,7 @@ fn against_tract(dir: &std::path::Path, precision: Precision) -> TractResult<(us
         }
     }
     let mut probe = typed.clone();
-    let outlets: Vec<OutletId> = plans.iter().flat_map(|p| [p.input, p.output]).collect();
+    let outlets: Vec<OutletId> = plans.iter().flat_map(|p| [p.inputs[0], p.output]).collect();
     probe.select_output_outlets(&outlets)?;
     let runnable = probe.into_optimized()?.into_runnable()?;
     let frame = image::open(

@@ -25,7 +25,7 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 use super::gemm::PackedWeights;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
-use super::graph::{concrete_shape, next_op, Isa};
+use super::graph::{concrete_shape, next_op, replace_chains, Isa, Match, Replacement};
 use crate::model::qmatmul::GeluOp;
 use kernel::{halved, Geometry, Scratch, Weights};
 
@@ -170,38 +170,12 @@ impl TypedOp for Stem {
 /// Replace the patch embedding (see the module docs) by [`Stem`]; returns how many (0 or 1 in
 /// practice). Run after `qmatmul::rewrite_gelu`.
 pub fn rewrite_stem(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let Some(node) = model.nodes().get(id) else {
-            continue;
-        };
-        if !node.op_is::<Conv>() {
-            continue;
-        }
-        let name = node.name.clone();
-        match plan(model, id)? {
-            Ok(Some(plan)) => {
-                let mut patch = TypedModelPatch::default();
-                let input = patch.tap_model(model, plan.input)?;
-                let out = patch.wire_node(format!("{name}.stem"), plan.op, &[input])?;
-                patch.shunt_outside(model, plan.output, out[0])?;
-                patch.apply(model)?;
-                replaced += 1;
-            }
-            Ok(None) => {}
-            Err(why) => log::debug!("patch embedding at {name} left to tract: {why}"),
-        }
-    }
-    model.compact()?;
-    Ok(replaced)
+    let is_conv = |node: &TypedNode| node.op_is::<Conv>();
+    replace_chains(model, ("patch embedding", "stem"), is_conv, plan)
 }
 
 /// A matched stem.
-struct Plan {
-    input: OutletId,
-    output: OutletId,
-    op: Stem,
-}
+type Plan = Replacement<Stem>;
 
 /// A float 3×3 stride-2 convolution padded by one pixel on `[1, C, H, W]`, group 1: its
 /// OIHW kernel and its bias (one per output channel), or `None`.
@@ -253,7 +227,7 @@ fn strided_conv(
 
 /// Match the stem starting at the convolution `first`: `Ok(None)` if `first` does not start
 /// one, `Err(reason)` if it starts like one but differs.
-fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, String>> {
+fn plan(model: &TypedModel, first: usize) -> TractResult<Match<Stem>> {
     let input = model.node(first).inputs[0];
     let Some(&[1, cin, height, width]) = concrete_shape(model, input)?.as_deref() else {
         return Ok(Ok(None));
@@ -304,7 +278,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Result<Option<Plan>, St
         return Ok(Err("stem weights do not pack".into()));
     };
     Ok(Ok(Some(Plan {
-        input,
+        inputs: vec![input],
         output,
         op: Stem {
             geometry: Geometry { height, width },

@@ -32,7 +32,8 @@ use super::gemm::{same_bits, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
-    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, next_op, Isa,
+    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, next_op,
+    replace_chains, Isa, Match, Replacement,
 };
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
@@ -245,47 +246,21 @@ const PRODUCT: [&str; 2] = ["abc,bcd->ead", "abcd,acde->abe"];
 /// [`ImageToTokenOutput`]; returns how many. Chains that start like one but differ are logged
 /// with the reason and left to tract.
 pub fn rewrite_image_to_token_output(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let Some(node) = model.nodes().get(id) else {
-            continue;
-        };
-        if node.op_as::<AxisSoftmax>().is_none() {
-            continue;
-        }
-        let name = node.name.clone();
-        match plan(model, id)? {
-            Ok(Some(plan)) => {
-                let mut patch = TypedModelPatch::default();
-                let inputs = [plan.scores, plan.values, plan.residual]
-                    .iter()
-                    .map(|&o| patch.tap_model(model, o))
-                    .collect::<TractResult<Vec<_>>>()?;
-                let out = patch.wire_node(format!("{name}.token_mixing"), plan.op, &inputs)?;
-                patch.shunt_outside(model, plan.output, out[0])?;
-                patch.apply(model)?;
-                replaced += 1;
-            }
-            Ok(None) => {}
-            Err(why) => log::debug!("image->token output at {name} left to tract: {why}"),
-        }
-    }
-    model.compact()?;
-    Ok(replaced)
+    let is_softmax = |node: &TypedNode| node.op_as::<AxisSoftmax>().is_some();
+    replace_chains(
+        model,
+        ("image->token output", "token_mixing"),
+        is_softmax,
+        plan,
+    )
 }
 
 /// A matched chain.
-struct Plan {
-    scores: OutletId,
-    values: OutletId,
-    residual: OutletId,
-    output: OutletId,
-    op: ImageToTokenOutput,
-}
+type Plan = Replacement<ImageToTokenOutput>;
 
 /// Match the chain starting at the softmax `softmax`: `Ok(None)` if it is some other softmax,
 /// `Err(reason)` if it starts like the chain but differs.
-fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, String>> {
+fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<ImageToTokenOutput>> {
     let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
     let node = model.node(softmax);
     let axis = node.op_as::<AxisSoftmax>().context("a softmax")?.axis;
@@ -385,9 +360,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Result<Option<Plan>, 
         norm_op.recip
     );
     Ok(Ok(Some(Plan {
-        scores: node.inputs[0],
-        values,
-        residual,
+        inputs: vec![node.inputs[0], values, residual],
         output: OutletId::new(norm, 0),
         op: ImageToTokenOutput {
             heads: h,
