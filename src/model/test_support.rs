@@ -114,13 +114,49 @@ fn with_float_rewrites(model: InferenceModel, softmax: bool) -> TypedModel {
     typed
 }
 
-/// A deterministic tensor of `shape` with values in [-scale, scale].
+/// `len` deterministic values in [-scale, scale], different for each `seed`.
+pub(crate) fn pattern_values(len: usize, seed: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i * 7919 + seed * 104_729) % 4001) as f32 / 2000.0 - 1.0) * scale)
+        .collect()
+}
+
+/// A deterministic tensor of `shape` with values in [-scale, scale] ([`pattern_values`]).
 pub(crate) fn pattern_tensor(shape: &[usize], seed: usize, scale: f32) -> Tensor {
     let len: usize = shape.iter().product();
-    let values: Vec<f32> = (0..len)
-        .map(|i| (((i * 7919 + seed * 104_729) % 4001) as f32 / 2000.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_shape(shape, &values).expect("shape")
+    Tensor::from_shape(shape, &pattern_values(len, seed, scale)).expect("shape")
+}
+
+/// The golden frame (`tests/fixtures/golden/frame.png`) preprocessed for the model in `dir`:
+/// the encoder's input.
+pub(crate) fn golden_input(dir: &std::path::Path) -> Tensor {
+    let manifest = Manifest::load(dir).expect("manifest");
+    let frame = image::open(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/frame.png"),
+    )
+    .expect("frame.png")
+    .to_rgb8();
+    crate::preprocess::Preprocessor::new(&manifest.preprocess)
+        .run(&frame)
+        .expect("preprocess")
+        .tensor
+}
+
+/// GELU in f64 from its definition, `x · Φ(x)`, with erf by its Taylor series (exact enough
+/// for |x| < 8; beyond, erf is ±1 to f64 precision): the reference of the fused ops' tests.
+pub(crate) fn gelu_f64(x: f64) -> f64 {
+    let z = x / std::f64::consts::SQRT_2;
+    let erf = if z.abs() > 6.0 {
+        z.signum()
+    } else {
+        let (mut term, mut sum) = (z, z);
+        for n in 1..200 {
+            term *= -z * z / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    };
+    0.5 * x * (1.0 + erf)
 }
 
 /// `model` optimised and run on `inputs`: its first output's values.

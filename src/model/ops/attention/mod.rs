@@ -437,7 +437,7 @@ fn plan(model: &TypedModel, softmax: &TypedNode) -> TractResult<Result<Plan, Str
 mod tests {
     use super::*;
     use crate::model::decoder::f32_slice;
-    use crate::model::{Manifest, Precision};
+    use crate::model::Precision;
 
     /// The same attention in f64, straight from the definition.
     fn reference(op: &WindowAttention, qkv: &[f32], windows: usize) -> Vec<f32> {
@@ -542,7 +542,6 @@ mod tests {
     /// for the golden frame, against tract's own output of the subgraph it replaces; returns the
     /// cores checked and the largest error relative to the output's largest value.
     fn against_tract(dir: &std::path::Path, precision: Precision) -> (usize, f32) {
-        let manifest = Manifest::load(dir).expect("manifest");
         let (typed, _) = crate::model::test_support::decluttered_encoder(dir, precision);
         let mut plans = Vec::new();
         for id in typed.eval_order().expect("order") {
@@ -560,16 +559,9 @@ mod tests {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .expect("plan");
-        let frame = image::open(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/golden/frame.png"),
-        )
-        .expect("frame.png")
-        .to_rgb8();
-        let input = crate::preprocess::Preprocessor::new(&manifest.preprocess)
-            .run(&frame)
-            .expect("preprocess");
-        let outs = runnable.run(tvec!(input.tensor.into())).expect("run");
+        let outs = runnable
+            .run(tvec!(crate::model::test_support::golden_input(dir).into()))
+            .expect("run");
         let mut worst = 0f32;
         for (i, p) in plans.iter().enumerate() {
             let got =

@@ -2,39 +2,10 @@ use super::*;
 use crate::model::decoder::f32_slice;
 use crate::model::qmatmul::rewrite_gelu;
 use crate::model::test_support::{
-    decluttered_encoder, fixture_dir, max_difference, pattern_input, run_first_output,
+    decluttered_encoder, fixture_dir, gelu_f64 as gelu, golden_input, max_difference,
+    pattern_input, pattern_values as pattern, run_first_output,
 };
-use crate::model::{Manifest, Precision};
-
-/// Deterministic values in about ±`scale`.
-fn pattern(len: usize, seed: usize, scale: f32) -> Vec<f32> {
-    (0..len)
-        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * scale)
-        .collect()
-}
-
-fn gelu(x: f64) -> f64 {
-    // erf from its series is exact enough for a reference at these magnitudes.
-    0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))
-}
-
-fn erf(x: f64) -> f64 {
-    // Abramowitz & Stegun 7.1.26 is too coarse for a reference; sum the Taylor series with
-    // enough terms for |x| < 6 and clamp beyond.
-    if x.abs() > 6.0 {
-        return x.signum();
-    }
-    let (mut term, mut sum, mut n) = (x, x, 0.0);
-    while term.abs() > 1e-17 * sum.abs().max(1e-300) {
-        n += 1.0;
-        term *= -x * x / n;
-        sum += term / (2.0 * n + 1.0);
-        if n > 400.0 {
-            break;
-        }
-    }
-    sum * 2.0 / std::f64::consts::PI.sqrt()
-}
+use crate::model::Precision;
 
 /// The block in f64 straight from its definition, on CHW `input`.
 fn reference(w: &RawWeights, g: &Geometry, finish: Finish, input: &[f32]) -> Vec<f32> {
@@ -216,7 +187,6 @@ fn sizes_that_do_not_fit_are_an_error() {
 /// frame, against tract's own output of the chain it replaces: the blocks of each kind, and
 /// the largest error relative to the output's largest value.
 fn against_tract(dir: &std::path::Path, precision: Precision) -> TractResult<(usize, usize, f32)> {
-    let manifest = Manifest::load(dir).expect("manifest");
     let (mut typed, _) = decluttered_encoder(dir, precision);
     rewrite_gelu(&mut typed)?;
     let mut plans = Vec::new();
@@ -232,15 +202,7 @@ fn against_tract(dir: &std::path::Path, precision: Precision) -> TractResult<(us
     let outlets: Vec<OutletId> = plans.iter().flat_map(|p| [p.inputs[0], p.output]).collect();
     probe.select_output_outlets(&outlets)?;
     let runnable = probe.into_optimized()?.into_runnable()?;
-    let frame = image::open(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/frame.png"),
-    )
-    .expect("frame.png")
-    .to_rgb8();
-    let input = crate::preprocess::Preprocessor::new(&manifest.preprocess)
-        .run(&frame)
-        .expect("preprocess");
-    let outs = runnable.run(tvec!(input.tensor.into()))?;
+    let outs = runnable.run(tvec!(golden_input(dir).into()))?;
     let mut worst = 0f32;
     for (i, p) in plans.iter().enumerate() {
         let got =

@@ -1,31 +1,11 @@
 use super::*;
 use crate::model::decoder::f32_slice;
 use crate::model::qmatmul::rewrite_gelu;
-use crate::model::test_support::{decluttered_encoder, fixture_dir, max_difference};
-use crate::model::{Manifest, Precision};
-
-/// Deterministic values in about ±`scale`.
-fn pattern(len: usize, seed: usize, scale: f32) -> Vec<f32> {
-    (0..len)
-        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * scale)
-        .collect()
-}
-
-/// GELU in f64 (erf by its Taylor series, exact enough at these magnitudes).
-fn gelu(x: f64) -> f64 {
-    let z = x / std::f64::consts::SQRT_2;
-    let erf = if z.abs() > 6.0 {
-        z.signum()
-    } else {
-        let (mut term, mut sum) = (z, z);
-        for n in 1..200 {
-            term *= -z * z / n as f64;
-            sum += term / (2 * n + 1) as f64;
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    };
-    0.5 * x * (1.0 + erf)
-}
+use crate::model::test_support::{
+    decluttered_encoder, fixture_dir, gelu_f64 as gelu, golden_input, max_difference,
+    pattern_values as pattern,
+};
+use crate::model::Precision;
 
 /// A 3×3 stride-2 convolution padded by one, in f64: OIHW `kernel`, CHW `input`.
 fn conv(input: &[f64], (c, h, w): (usize, usize, usize), kernel: &[f32], bias: &[f32]) -> Vec<f64> {
@@ -150,7 +130,6 @@ fn sizes_that_do_not_fit_are_an_error() -> TractResult<()> {
 /// The stem of `dir`'s encoder at `precision` on the golden frame, against tract's own output
 /// of the chain it replaces: the largest error relative to the output's largest value.
 fn against_tract(dir: &std::path::Path, precision: Precision) -> TractResult<f32> {
-    let manifest = Manifest::load(dir).expect("manifest");
     let (mut typed, _) = decluttered_encoder(dir, precision);
     rewrite_gelu(&mut typed)?;
     let mut plans = Vec::new();
@@ -166,17 +145,10 @@ fn against_tract(dir: &std::path::Path, precision: Precision) -> TractResult<f32
     let mut probe = typed.clone();
     probe.select_output_outlets(&[p.output])?;
     let runnable = probe.into_optimized()?.into_runnable()?;
-    let frame = image::open(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/frame.png"),
-    )
-    .expect("frame.png")
-    .to_rgb8();
-    let input = crate::preprocess::Preprocessor::new(&manifest.preprocess)
-        .run(&frame)
-        .expect("preprocess");
-    let want = runnable.run(tvec!(input.tensor.clone().into()))?;
+    let input = golden_input(dir);
+    let want = runnable.run(tvec!(input.clone().into()))?;
     let got =
-        p.op.eval(&EvalContext::out_of_plan(), tvec!(input.tensor.into()))?;
+        p.op.eval(&EvalContext::out_of_plan(), tvec!(input.into()))?;
     let (err, scale) = max_difference(f32_slice(&got[0]), f32_slice(&want[0]));
     Ok(err / scale.max(1e-6))
 }
