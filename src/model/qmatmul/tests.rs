@@ -414,58 +414,36 @@ fn qmatmul_speed() {
     };
     let executor = tract_linalg::multithread::Executor::multithread(2);
     tract_linalg::multithread::multithread_tract_scope(executor, || {
+        let rows = |data| MatrixA {
+            data,
+            m,
+            layout: Layout::RowMajor,
+        };
+        let (a_i8, a_f32) = (rows(Activations::I8(&a)), rows(Activations::F32(&af, q)));
         let mut c8 = vec![0i8; m * n];
         let i8_ms = time(&mut || {
-            let a = MatrixA {
-                data: Activations::I8(&a),
-                m,
-                layout: Layout::RowMajor,
-            };
-            qmatmul(&a, &packed, &requant, Output::I8(&mut c8), Layout::RowMajor).unwrap();
+            qmatmul(
+                &a_i8,
+                &packed,
+                &requant,
+                Output::I8(&mut c8),
+                Layout::RowMajor,
+            )
+            .unwrap();
         });
         let mut cf = vec![0f32; m * n];
-        let f32_ms = time(&mut || {
-            let a = MatrixA {
-                data: Activations::F32(&af, q),
-                m,
-                layout: Layout::RowMajor,
-            };
-            qmatmul(
-                &a,
-                &packed,
-                &requant,
-                Output::F32(&mut cf, dq),
-                Layout::RowMajor,
-            )
-            .unwrap();
-        });
+        let f32_out = |finish: Option<RowsFinish<'_>>, cf: &mut [f32]| {
+            let out = Output::F32(cf, dq);
+            qmatmul_then(&a_f32, &packed, &requant, out, Layout::RowMajor, finish).unwrap();
+        };
+        let f32_ms = time(&mut || f32_out(None, &mut cf));
         let gelu_ms = time(&mut || {
-            let a = MatrixA {
-                data: Activations::F32(&af, q),
-                m,
-                layout: Layout::RowMajor,
-            };
-            qmatmul(
-                &a,
-                &packed,
-                &requant,
-                Output::F32(&mut cf, dq),
-                Layout::RowMajor,
-            )
-            .unwrap();
+            f32_out(None, &mut cf);
             epilogue.apply(&mut cf, n).unwrap();
         });
         let bias = epilogue.bias.as_deref().map(Vec::as_slice);
         let finish = |rows: &mut [f32]| super::epilogue::apply_rows(rows, n, bias, true);
-        let fused_ms = time(&mut || {
-            let a = MatrixA {
-                data: Activations::F32(&af, q),
-                m,
-                layout: Layout::RowMajor,
-            };
-            let out = Output::F32(&mut cf, dq);
-            qmatmul_then(&a, &packed, &requant, out, Layout::RowMajor, Some(&finish)).unwrap();
-        });
+        let fused_ms = time(&mut || f32_out(Some(&finish), &mut cf));
         let gmac = (m * k * n) as f64 / 1e9;
         eprintln!(
             "{} m={m} k={k} n={n}, 2 threads: i8->i8 {i8_ms:.1} ms ({:.0} GMAC/s), f32->f32 \
