@@ -125,6 +125,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
             "Attention",
             "Upscaling",
             "Stem",
+            "ImageToToken",
         ]
         .iter()
         .any(|k| op_name.contains(k))
@@ -154,6 +155,10 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                 })
                 .or_else(|| {
                     node.op_as::<super::ops::ImageToTokenOutput>()
+                        .map(|op| op.kernel_name())
+                })
+                .or_else(|| {
+                    node.op_as::<super::ops::TokenToImageAttention>()
                         .map(|op| op.kernel_name())
                 })
                 .or_else(|| {

@@ -313,6 +313,12 @@ pub(crate) fn optimize(
     if upscaling > 0 {
         log::debug!("{stage}: mask upscaling on TinysamMaskUpscaling");
     }
+    let token_to_image = ops::rewrite_token_to_image(&mut typed).map_err(load_err)?;
+    if token_to_image > 0 {
+        log::debug!(
+            "{stage}: {token_to_image} token->image attention cores on TinysamTokenToImageAttention"
+        );
+    }
     let softmax = ops::rewrite_softmax(&mut typed).map_err(load_err)?;
     if softmax > 0 {
         log::debug!("{stage}: {softmax} softmax ops on TinysamSoftmax");

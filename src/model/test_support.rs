@@ -235,3 +235,30 @@ pub(crate) fn run_all_outputs(model: TypedModel, inputs: &[Tensor]) -> TractResu
         .map(|t| Ok(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
         .collect()
 }
+
+/// The ignored speed tests of the decoder ops: the default model's per-prompt graph at 2
+/// threads, batches 1 and 4, with tract's nodes and after `rewrite`; prints the best of 8 runs.
+pub(crate) fn time_prompt_graph(
+    what: &str,
+    rewrite: fn(&mut TypedModel) -> TractResult<usize>,
+) -> TractResult<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    super::set_threads(2);
+    for batch in [1, 4] {
+        let (tract_nodes, inputs) = decluttered_prompt_graph(&dir, batch, 2);
+        let mut ours = tract_nodes.clone();
+        rewrite(&mut ours)?;
+        for (name, model) in [("tract", tract_nodes), (what, ours)] {
+            let plan = model.into_optimized()?.into_runnable()?;
+            let values: TVec<TValue> = inputs.iter().cloned().map(TValue::from).collect();
+            let mut best = f64::MAX;
+            for _ in 0..8 {
+                let t = std::time::Instant::now();
+                plan.run(values.clone())?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            eprintln!("prompt graph, {name}, batch {batch}: best of 8 {best:.2} ms");
+        }
+    }
+    Ok(())
+}

@@ -29,19 +29,34 @@ pub struct PackedWeights {
 impl PackedWeights {
     /// Pack `b`, `k` rows of `n` values, row-major; `None` if the sizes do not fit.
     pub fn pack(b: &[f32], k: usize, n: usize) -> Option<PackedWeights> {
+        let mut packed = PackedWeights {
+            k: 0,
+            n: 0,
+            panels: Vec::new(),
+        };
+        packed.repack(b, k, n)?;
+        Some(packed)
+    }
+
+    /// Pack `b` (as [`PackedWeights::pack`]) into this value, reusing its allocation: for
+    /// operands packed anew many times in a loop. `None` (and `self` unchanged) if the sizes do
+    /// not fit.
+    pub fn repack(&mut self, b: &[f32], k: usize, n: usize) -> Option<()> {
         if k == 0 || n == 0 || k.checked_mul(n)? != b.len() {
             return None;
         }
         let count = n.div_ceil(PANEL);
-        let mut panels = vec![0f32; count * k * PANEL];
-        for (p, panel) in panels.chunks_exact_mut(k * PANEL).enumerate() {
+        self.panels.clear();
+        self.panels.resize(count * k * PANEL, 0.0);
+        for (p, panel) in self.panels.chunks_exact_mut(k * PANEL).enumerate() {
             let c0 = p * PANEL;
             let width = PANEL.min(n - c0);
             for (dst, src) in panel.chunks_exact_mut(PANEL).zip(b.chunks_exact(n)) {
                 dst[..width].copy_from_slice(&src[c0..c0 + width]);
             }
         }
-        Some(PackedWeights { k, n, panels })
+        (self.k, self.n) = (k, n);
+        Some(())
     }
 
     /// Rows of the matrix (the products' inner dimension).

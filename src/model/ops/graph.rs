@@ -201,6 +201,39 @@ pub(crate) fn axis_op_chain(model: &TypedModel, id: usize) -> (Vec<usize>, usize
     (chain, end)
 }
 
+/// The node producing `outlet` through axis ops only (each with one input), and those axis
+/// ops in evaluation order (empty if `outlet` is that node's own output).
+pub(crate) fn producer_before_axis_ops(
+    model: &TypedModel,
+    outlet: OutletId,
+) -> (usize, Vec<usize>) {
+    let mut chain = Vec::new();
+    let mut at = outlet.node;
+    loop {
+        let node = model.node(at);
+        if node.op_as::<AxisOp>().is_none() || node.inputs.len() != 1 {
+            chain.reverse();
+            return (at, chain);
+        }
+        chain.push(at);
+        at = node.inputs[0].node;
+    }
+}
+
+/// Whether the axis ops `chain` leave a `shape` tensor's values in their order (reshapes that
+/// only split or merge axes), checked by running them on the indices.
+pub(crate) fn keeps_order(
+    model: &TypedModel,
+    chain: &[usize],
+    shape: &[usize],
+) -> TractResult<bool> {
+    Ok(indices_through(model, chain, shape)?.is_some_and(|got| {
+        got.iter()
+            .enumerate()
+            .all(|(i, &v)| usize::try_from(v) == Ok(i))
+    }))
+}
+
 /// What the ops `chain` make of a `shape` tensor holding its own flat indices: for each output
 /// element, the index of the input element it comes from. `None` if the indices do not fit an
 /// `i32` or an op cannot run out of a plan.

@@ -21,6 +21,7 @@ pub mod mbconv;
 pub mod softmax;
 pub mod stem;
 pub mod token_mixing;
+pub mod token_to_image;
 
 pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
 pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
@@ -29,6 +30,7 @@ pub use mbconv::{rewrite_mbconv, MbConv};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
 pub use stem::{rewrite_stem, Stem};
 pub use token_mixing::{rewrite_image_to_token_output, ImageToTokenOutput};
+pub use token_to_image::{rewrite_token_to_image, TokenToImageAttention};
 
 /// Whether two optional float vectors hold the same values bit for bit (how our ops with float
 /// parameters are `Eq`, as tract requires of ops).

@@ -50,23 +50,8 @@ fn other_orders_are_not_image_tokens_first() -> TractResult<()> {
 #[test]
 #[ignore]
 fn token_mixing_speed() -> TractResult<()> {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
-    crate::model::set_threads(2);
-    for batch in [1, 4] {
-        let (tract_nodes, inputs) = decluttered_prompt_graph(&dir, batch, 2);
-        let mut ours = tract_nodes.clone();
-        rewrite_image_to_token_output(&mut ours)?;
-        for (name, model) in [("tract", tract_nodes), ("ours", ours)] {
-            let plan = model.into_optimized()?.into_runnable()?;
-            let values: TVec<TValue> = inputs.iter().cloned().map(TValue::from).collect();
-            let mut best = f64::MAX;
-            for _ in 0..8 {
-                let t = std::time::Instant::now();
-                plan.run(values.clone())?;
-                best = best.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            eprintln!("prompt graph, {name}, batch {batch}: best of 8 {best:.2} ms");
-        }
-    }
-    Ok(())
+    crate::model::test_support::time_prompt_graph(
+        "our image->token output",
+        rewrite_image_to_token_output,
+    )
 }

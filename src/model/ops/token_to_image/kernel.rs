@@ -1,0 +1,199 @@
+//! The arithmetic of [`super::TokenToImageAttention`] for one part of a prompt's image tokens,
+//! free of tract: a tile of image tokens at a time, their keys with the positional encoding
+//! added, the logits of every query row against them (a product on our f32 kernel), an online
+//! softmax (running maximum and sum per query row, earlier sums rescaled when the maximum grows)
+//! and the weighted sum of the tile's keys added to the part's accumulator. [`finish`] combines
+//! the parts' running sums into the softmax-weighted sums.
+//!
+//! One generic body, compiled three times: with AVX-512F, with AVX2 + FMA (x86_64, chosen at
+//! run time) and plainly (NEON on aarch64).
+#![allow(unsafe_code)]
+
+use super::super::fastmath::exp_fused;
+use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
+#[cfg(target_arch = "x86_64")]
+use super::super::gemm::{Avx2, Avx512};
+
+/// Image tokens per tile.
+pub(crate) const TILE: usize = 64;
+/// Image tokens per part (one task). A fixed split, so that the result does not depend on how
+/// many threads run the parts.
+pub(crate) const PART: usize = 512;
+/// The most rows per product block of any kernel (scratch is sized for it).
+const MAX_ROWS: usize = 8;
+
+/// Values in one part's running state for `rows` query rows of width `dim`: the running
+/// maximum and sum per row, then the `rows × dim` accumulated weighted sums.
+pub(crate) fn state_len(rows: usize, dim: usize) -> Option<usize> {
+    dim.checked_add(2)?.checked_mul(rows)
+}
+
+/// One part: `queries` the prompt's query rows (already scaled) transposed and packed
+/// (`D × R`), `keys` the part's image tokens (`[n, D]`, `n` a multiple of [`TILE`]) and
+/// `key_pe` the positional encoding of the same tokens.
+pub(crate) struct Part<'a> {
+    pub(crate) queries: &'a PackedWeights,
+    pub(crate) keys: &'a [f32],
+    pub(crate) key_pe: &'a [f32],
+}
+
+/// Per-task buffers: a tile's keys with the positional encoding, its logits and weights, its
+/// keys packed, the tile's weighted sum and a product block.
+pub(crate) struct Scratch {
+    keys_pe: Vec<f32>,
+    scores: Vec<f32>,
+    tile_max: Vec<f32>,
+    weights: Vec<f32>,
+    tile_keys: PackedWeights,
+    mixed: Vec<f32>,
+    block: Vec<f32>,
+}
+
+impl Scratch {
+    /// Buffers for `rows` query rows of width `dim`; `None` if `dim` is 0.
+    pub(crate) fn new(rows: usize, dim: usize) -> Option<Scratch> {
+        Some(Scratch {
+            keys_pe: vec![0f32; TILE * dim],
+            scores: vec![0f32; TILE * rows],
+            tile_max: vec![0f32; rows],
+            weights: vec![0f32; rows * TILE],
+            tile_keys: PackedWeights::pack(&vec![0f32; TILE * dim], TILE, dim)?,
+            mixed: vec![0f32; rows * dim],
+            block: block_scratch(dim.max(TILE), MAX_ROWS),
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn part_avx512(
+    m: Avx512,
+    job: &Part<'_>,
+    state: &mut [f32],
+    s: &mut Scratch,
+) -> Option<()> {
+    part::<true, _>(m, job, state, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn part_avx2(
+    m: Avx2,
+    job: &Part<'_>,
+    state: &mut [f32],
+    s: &mut Scratch,
+) -> Option<()> {
+    part::<true, _>(m, job, state, s)
+}
+
+pub(crate) fn part_portable(job: &Part<'_>, state: &mut [f32], s: &mut Scratch) -> Option<()> {
+    #[cfg(target_arch = "aarch64")]
+    return part::<true, _>(super::super::gemm::Neon, job, state, s);
+    #[cfg(not(target_arch = "aarch64"))]
+    part::<false, _>(super::super::gemm::Scalar, job, state, s)
+}
+
+/// Run the part's tiles into `state` (see [`state_len`]); `None` if the sizes do not fit.
+#[inline(always)]
+fn part<const FMA: bool, M: Micro>(
+    m: M,
+    job: &Part<'_>,
+    state: &mut [f32],
+    scratch: &mut Scratch,
+) -> Option<()> {
+    let (d, r) = (job.queries.k(), job.queries.n());
+    if state.len() != state_len(r, d)?
+        || job.keys.len() != job.key_pe.len()
+        || !job.keys.len().is_multiple_of(TILE * d)
+    {
+        return None;
+    }
+    let (max, rest) = state.split_at_mut(r);
+    let (sum, acc) = rest.split_at_mut(r);
+    max.fill(f32::NEG_INFINITY);
+    sum.fill(0.0);
+    acc.fill(0.0);
+    let Scratch {
+        keys_pe,
+        scores,
+        tile_max,
+        weights,
+        tile_keys,
+        mixed,
+        block,
+    } = scratch;
+    for (keys, pe) in job
+        .keys
+        .chunks_exact(TILE * d)
+        .zip(job.key_pe.chunks_exact(TILE * d))
+    {
+        for ((x, &k), &p) in keys_pe.iter_mut().zip(keys).zip(pe) {
+            *x = k + p;
+        }
+        // Logits: the tile's tokens as rows, one column per query row.
+        product(m, keys_pe, job.queries, scores, block);
+        // Where a query row's maximum grows, rescale what it has summed so far.
+        tile_max.copy_from_slice(&scores[..r]);
+        for row in scores.chunks_exact(r).skip(1) {
+            for (t, &v) in tile_max.iter_mut().zip(row) {
+                *t = if v > *t { v } else { *t };
+            }
+        }
+        for (j, (mx, &t)) in max.iter_mut().zip(tile_max.iter()).enumerate() {
+            if t > *mx {
+                // A first maximum (-inf before) gives e^-87: the sums it scales are still 0.
+                let scale = exp_fused::<FMA>(*mx - t);
+                *mx = t;
+                sum[j] *= scale;
+                for a in &mut acc[j * d..(j + 1) * d] {
+                    *a *= scale;
+                }
+            }
+        }
+        for row in scores.chunks_exact_mut(r) {
+            for ((x, &mx), total) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+                *x = exp_fused::<FMA>(*x - mx);
+                *total += *x;
+            }
+        }
+        // Weighted sum of the tile's keys: the weights as rows (one per query row).
+        transpose(scores, TILE, r, weights);
+        tile_keys.repack(keys, TILE, d)?;
+        product(m, weights, tile_keys, mixed, block);
+        for (a, &x) in acc.iter_mut().zip(mixed.iter()) {
+            *a += x;
+        }
+    }
+    Some(())
+}
+
+/// `out` (`R × D`) = the softmax-weighted sums of the keys: the parts' running states
+/// (consecutive, [`state_len`] values each) rescaled to their common maximum, summed and
+/// divided by the summed weights.
+pub(crate) fn finish(states: &[f32], rows: usize, dim: usize, out: &mut [f32]) -> Option<()> {
+    let len = state_len(rows, dim)?;
+    if len == 0 || !states.len().is_multiple_of(len) || out.len() != rows.checked_mul(dim)? {
+        return None;
+    }
+    for (j, row) in out.chunks_exact_mut(dim).enumerate() {
+        let top = states
+            .chunks_exact(len)
+            .map(|s| s[j])
+            .fold(f32::NEG_INFINITY, f32::max);
+        row.fill(0.0);
+        let mut total = 0f32;
+        for state in states.chunks_exact(len) {
+            let scale = (state[j] - top).exp();
+            total += scale * state[rows + j];
+            let at = 2 * rows + j * dim;
+            for (o, &a) in row.iter_mut().zip(&state[at..at + dim]) {
+                *o += scale * a;
+            }
+        }
+        let recip = 1.0 / total;
+        for o in row {
+            *o *= recip;
+        }
+    }
+    Some(())
+}

@@ -1,0 +1,169 @@
+use super::*;
+use crate::model::test_support::{
+    decluttered_prompt_graph, fixture_dir, max_difference, pattern_values, run_all_outputs,
+};
+
+/// The per-prompt graph of the model in `dir`: tract's nodes against our op, every output
+/// (image tokens, mask weights, IoU).
+fn compare(dir: &std::path::Path, batch: usize, points: usize) -> TractResult<()> {
+    let (tract_nodes, inputs) = decluttered_prompt_graph(dir, batch, points);
+    let mut ours = tract_nodes.clone();
+    let n = rewrite_token_to_image(&mut ours)?;
+    // The second block's and the final token->image attention (the first block's image side
+    // comes from the per-frame graph).
+    assert_eq!(n, 2, "{n} chains matched");
+    let want = run_all_outputs(tract_nodes, &inputs)?;
+    let got = run_all_outputs(ours, &inputs)?;
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+        let (err, scale) = max_difference(got, want);
+        eprintln!(
+            "{}: batch {batch}, output {i}: largest difference {err:e} of {scale}",
+            dir.display()
+        );
+        assert!(err <= 1e-5 * scale.max(1.0), "output {i}: {err} of {scale}");
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_attention_matches_the_fixtures_prompt_graph() -> TractResult<()> {
+    compare(&fixture_dir(), 1, 2)?;
+    compare(&fixture_dir(), 3, 1)
+}
+
+/// The default model's sizes: 56 query rows, 256 channels, 4 096 image tokens in 8 parts.
+#[test]
+fn fused_attention_matches_the_default_models_prompt_graph() -> TractResult<()> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    compare(&dir, 1, 2)?;
+    compare(&dir, 2, 1)
+}
+
+/// Against the definition in f64, on sizes that fill no block evenly (5 query rows, 40
+/// channels, two whole parts and one of a single tile) and logits large enough that each
+/// row's maximum moves between tiles and parts, so the online rescaling is exercised; for a
+/// batch of two with the keys shared and with keys per prompt.
+#[test]
+fn fused_attention_matches_its_definition() -> TractResult<()> {
+    let (r, p, d) = (5, 2 * PART + TILE, 40);
+    let op = |batched| TokenToImageAttention {
+        rows: r,
+        pixels: p,
+        dim: d,
+        batched,
+        key_pe: Arc::new(pattern_values(p * d, 3, 0.5)),
+    };
+    for (batched, keys_batch) in [(false, 1), (true, 1), (true, 2)] {
+        let batch = if batched { 2 } else { 1 };
+        let queries = pattern_values(batch * r * d, 1, 1.5);
+        // A ramp along the image tokens on top of the pattern: later tokens score higher
+        // for some rows and lower for others.
+        let keys: Vec<f32> = pattern_values(keys_batch * p * d, 2, 2.0)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                v + ((i / d) % p) as f32 / p as f32 * if i % 2 == 0 { 3.0 } else { -3.0 }
+            })
+            .collect();
+        let op = op(batched);
+        let q_shape: Vec<usize> = if batched {
+            vec![batch, r, d]
+        } else {
+            vec![r, d]
+        };
+        let got = op.eval(
+            &EvalContext::out_of_plan(),
+            tvec!(
+                Tensor::from_shape(&q_shape, &queries)?.into_tvalue(),
+                Tensor::from_shape(&[keys_batch, p, d], &keys)?.into_tvalue()
+            ),
+        )?;
+        let got = got[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let mut want = vec![0f32; batch * r * d];
+        for b in 0..batch {
+            let keys = &keys[(if keys_batch == 1 { 0 } else { b }) * p * d..][..p * d];
+            for j in 0..r {
+                let q = &queries[(b * r + j) * d..][..d];
+                let logits: Vec<f64> = (0..p)
+                    .map(|i| {
+                        (0..d)
+                            .map(|c| q[c] as f64 * (keys[i * d + c] + op.key_pe[i * d + c]) as f64)
+                            .sum()
+                    })
+                    .collect();
+                let top = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for c in 0..d {
+                    let v: f64 = (0..p).map(|i| weights[i] * keys[i * d + c] as f64).sum();
+                    want[(b * r + j) * d + c] = (v / total) as f32;
+                }
+            }
+        }
+        let (err, scale) = max_difference(&got, &want);
+        eprintln!(
+            "batched {batched}, keys batch {keys_batch}: largest difference {err:e} of {scale}"
+        );
+        assert!(err <= 2e-6 * scale.max(1.0), "{err} of {scale}");
+    }
+    Ok(())
+}
+
+#[test]
+fn other_softmaxes_are_left_alone() -> TractResult<()> {
+    // The per-prompt graph's image->token softmax (over the prompt tokens) is not followed
+    // by the weighted sum of keys.
+    let (mut model, _) = decluttered_prompt_graph(&fixture_dir(), 1, 2);
+    let before = model.nodes().len();
+    assert_eq!(rewrite_token_to_image(&mut model)?, 2);
+    assert!(model.nodes().len() < before);
+    assert_eq!(rewrite_token_to_image(&mut model)?, 0);
+    Ok(())
+}
+
+/// Not a test: `cargo test --release --lib token_to_image_speed -- --ignored --nocapture`
+/// times the per-prompt graph with tract's nodes and with our op (default model, 2 threads,
+/// best of 8).
+#[test]
+#[ignore]
+fn token_to_image_speed() -> TractResult<()> {
+    crate::model::test_support::time_prompt_graph(
+        "our token->image attention",
+        rewrite_token_to_image,
+    )
+}
+
+/// Not a test: `cargo test --release --lib token_to_image_op_speed -- --ignored --nocapture`
+/// times the op alone at the default model's sizes (56 query rows, 4 096 image tokens, 256
+/// channels), best of 20, at 1 and 2 threads.
+#[test]
+#[ignore]
+fn token_to_image_op_speed() -> TractResult<()> {
+    let (r, p, d) = (56, 4096, 256);
+    let op = TokenToImageAttention {
+        rows: r,
+        pixels: p,
+        dim: d,
+        batched: false,
+        key_pe: Arc::new(pattern_values(p * d, 3, 0.5)),
+    };
+    let queries = Tensor::from_shape(&[r, d], &pattern_values(r * d, 1, 0.2))?.into_tvalue();
+    let keys = Tensor::from_shape(&[1, p, d], &pattern_values(p * d, 2, 1.0))?.into_tvalue();
+    for threads in [1, 2] {
+        crate::model::set_threads(threads);
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            op.eval(
+                &EvalContext::out_of_plan(),
+                tvec!(queries.clone(), keys.clone()),
+            )?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let gmacs = (2 * r * p * d) as f64 / best / 1e6;
+        eprintln!(
+            "token->image op, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s"
+        );
+    }
+    Ok(())
+}
