@@ -329,6 +329,10 @@ pub(crate) fn optimize(
             "{stage}: {mixing} image->token attention outputs on TinysamImageToTokenOutput"
         );
     }
+    let logits = ops::rewrite_image_to_token_logits(&mut typed).map_err(load_err)?;
+    if logits > 0 {
+        log::debug!("{stage}: {logits} image->token outputs compute their own logits");
+    }
     typed.into_optimized().map_err(load_err)
 }
 

@@ -29,7 +29,9 @@ pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
 pub use mbconv::{rewrite_mbconv, MbConv};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
 pub use stem::{rewrite_stem, Stem};
-pub use token_mixing::{rewrite_image_to_token_output, ImageToTokenOutput};
+pub use token_mixing::{
+    rewrite_image_to_token_logits, rewrite_image_to_token_output, ImageToTokenOutput, LogitsSource,
+};
 pub use token_to_image::{rewrite_token_to_image, TokenToImageAttention};
 
 /// Whether two optional float vectors hold the same values bit for bit (how our ops with float

@@ -1,14 +1,16 @@
 //! The arithmetic of [`super::ImageToTokenOutput`] for one tile of image tokens of one prompt,
-//! free of tract: the softmax over each head's prompt tokens (scores read with the image tokens
-//! contiguous, as the graph keeps them), written transposed as the rows of a product with the
-//! prompt's projected token values, then the bias and the residual.
+//! free of tract: the attention logits (given with the image tokens contiguous, as the graph
+//! keeps them, or computed here from the tile's image tokens plus the positional encoding and
+//! the prompt's query rows), the softmax over each head's prompt tokens, written transposed as
+//! the rows of a product with the prompt's projected token values, then the bias, the residual
+//! and the LayerNorm.
 //!
 //! One generic body, compiled three times: with AVX-512F, with AVX2 + FMA (x86_64, chosen at
 //! run time) and plainly (NEON on aarch64).
 #![allow(unsafe_code)]
 
 use super::super::fastmath::{exp_fused, layer_norm};
-use super::super::gemm::{block_scratch, product, Micro, PackedWeights};
+use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
 
@@ -24,34 +26,59 @@ pub(crate) struct Norm<'a> {
     pub(crate) beta: &'a [f32],
 }
 
-/// One tile: `scores` are the prompt's `[H, T, P]` attention logits (all of them), `first` the
-/// tile's first image token; `values` the prompt's `[H·T, D]` projected token values, packed;
+/// Where a tile's attention logits come from.
+pub(crate) enum Logits<'a> {
+    /// The prompt's `[H, T, P]` logits (all of them), computed by the graph; `first` is the
+    /// tile's first image token.
+    Given {
+        all: &'a [f32],
+        pixels: usize,
+        first: usize,
+    },
+    /// Computed here: `(residual + pe) · queries + bias` for the tile's image tokens, with the
+    /// prompt's query rows transposed and packed (`D × H·T`), one bias per row and the tile's
+    /// rows of the positional encoding.
+    FromKeys {
+        queries: &'a PackedWeights,
+        bias: &'a [f32],
+        pe: &'a [f32],
+    },
+}
+
+/// One tile: its logits; `values` the prompt's `[H·T, D]` projected token values, packed;
 /// `residual` the tile's `[TILE, D]` input image tokens; `bias` `D` values.
 pub(crate) struct Tile<'a> {
-    pub(crate) scores: &'a [f32],
+    pub(crate) logits: Logits<'a>,
     pub(crate) heads: usize,
     pub(crate) tokens: usize,
-    pub(crate) pixels: usize,
-    pub(crate) first: usize,
     pub(crate) values: &'a PackedWeights,
     pub(crate) residual: &'a [f32],
     pub(crate) bias: &'a [f32],
     pub(crate) norm: Norm<'a>,
 }
 
-/// Per-task buffers: the tile's exponentials per head, its weights, a product block.
+/// Per-task buffers: the tile's image tokens plus positional encoding, its logits (tokens as
+/// rows, then transposed), its exponentials per head, its weights, a product block.
 pub(crate) struct Scratch {
+    keys_pe: Vec<f32>,
+    local: Vec<f32>,
+    logits: Vec<f32>,
     exps: Vec<f32>,
     weights: Vec<f32>,
     block: Vec<f32>,
 }
 
 impl Scratch {
-    pub(crate) fn new(heads: usize, tokens: usize) -> Scratch {
+    /// Buffers for `heads × tokens` prompt tokens and image tokens of width `dim`.
+    pub(crate) fn new(heads: usize, tokens: usize, dim: usize) -> Scratch {
+        let rows = heads * tokens;
         Scratch {
+            keys_pe: vec![0f32; TILE * dim],
+            local: vec![0f32; TILE * rows],
+            logits: vec![0f32; rows * TILE],
             exps: vec![0f32; tokens * TILE],
-            weights: vec![0f32; TILE * heads * tokens],
-            block: block_scratch(heads * tokens, MAX_ROWS),
+            weights: vec![0f32; TILE * rows],
+            block: block_scratch(rows.max(dim), MAX_ROWS),
         }
     }
 }
@@ -79,31 +106,54 @@ pub(crate) fn tile_portable(tile: &Tile<'_>, out: &mut [f32], s: &mut Scratch) {
 /// residual).
 #[inline(always)]
 fn mix<const FMA: bool, M: Micro>(m: M, tile: &Tile<'_>, out: &mut [f32], scratch: &mut Scratch) {
-    let (h, t, p) = (tile.heads, tile.tokens, tile.pixels);
-    let rows = out.len() / tile.values.n();
+    let (h, t) = (tile.heads, tile.tokens);
+    let d = tile.values.n();
+    let rows = out.len() / d;
     let ht = h * t;
     let Scratch {
+        keys_pe,
+        local,
+        logits,
         exps,
         weights,
         block,
     } = scratch;
     let weights = &mut weights[..rows * ht];
+    // The logits as `[H·T]` runs of image tokens: `scores[row · stride + first ..]`.
+    let (scores, stride, first): (&[f32], usize, usize) = match tile.logits {
+        Logits::Given { all, pixels, first } => (all, pixels, first),
+        Logits::FromKeys { queries, bias, pe } => {
+            let keys_pe = &mut keys_pe[..rows * d];
+            for ((x, &k), &p) in keys_pe.iter_mut().zip(tile.residual).zip(pe) {
+                *x = k + p;
+            }
+            let local = &mut local[..rows * ht];
+            product(m, keys_pe, queries, local, block);
+            for row in local.chunks_exact_mut(ht) {
+                for (x, &b) in row.iter_mut().zip(bias) {
+                    *x += b;
+                }
+            }
+            transpose(local, rows, ht, &mut logits[..ht * rows]);
+            (&logits[..], rows, 0)
+        }
+    };
     for head in 0..h {
         // Max over the head's T tokens, for each image token of the tile.
         let mut max = [f32::NEG_INFINITY; TILE];
         for token in 0..t {
-            let at = (head * t + token) * p + tile.first;
-            for (mx, &s) in max.iter_mut().zip(&tile.scores[at..at + rows]) {
+            let at = (head * t + token) * stride + first;
+            for (mx, &s) in max.iter_mut().zip(&scores[at..at + rows]) {
                 *mx = if s > *mx { s } else { *mx };
             }
         }
         let mut sum = [0f32; TILE];
         for token in 0..t {
-            let at = (head * t + token) * p + tile.first;
+            let at = (head * t + token) * stride + first;
             let e = &mut exps[token * TILE..token * TILE + rows];
             for (((e, &s), &mx), sum) in e
                 .iter_mut()
-                .zip(&tile.scores[at..at + rows])
+                .zip(&scores[at..at + rows])
                 .zip(&max)
                 .zip(sum.iter_mut())
             {
@@ -121,7 +171,6 @@ fn mix<const FMA: bool, M: Micro>(m: M, tile: &Tile<'_>, out: &mut [f32], scratc
         }
     }
     product(m, weights, tile.values, out, block);
-    let d = tile.values.n();
     let Norm { eps, gamma, beta } = tile.norm;
     for (row, residual) in out.chunks_exact_mut(d).zip(tile.residual.chunks_exact(d)) {
         for ((x, &b), &r) in row.iter_mut().zip(tile.bias).zip(residual) {

@@ -28,21 +28,34 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
-use super::gemm::{same_bits, PackedWeights};
+use super::gemm::{same_bits, transpose, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
-    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, next_op,
-    replace_chains, Isa, Match, Replacement,
+    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, keeps_order,
+    next_op, producer_before_axis_ops, replace_chains, Isa, Match, Replacement,
 };
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
-use kernel::{Norm, Scratch, Tile, TILE};
+use super::token_to_image::keys_logits;
+use kernel::{Logits, Norm, Scratch, Tile, TILE};
+
+/// Where the op's attention logits come from.
+#[derive(Debug, Clone)]
+pub enum LogitsSource {
+    /// Its first input, `[B, H, T, P]`.
+    Input,
+    /// Computed per tile: `(residual + pe) · queries + bias`, with the query rows `[B, H, T, D]`
+    /// and one bias per row `[B, H·T]` as the first two inputs, and this positional encoding
+    /// (`[P, D]`, a constant of the op).
+    FromKeys(Arc<Vec<f32>>),
+}
 
 /// `LayerNorm(residual + bias + Σ_{h,t} softmax_t(scores)[h, t, p] · values[h, t, :])` for
-/// every image token `p`: scores `[B, H, T, P]`, values `[B, H, T, D]`, residual `[B or 1, P,
-/// D]` → `[B, P, D]` (without the leading `B` axis on scores and values for a batch of one, as
-/// tract declutters it).
+/// every image token `p`: scores `[B, H, T, P]` (an input, or computed from the residual, see
+/// [`LogitsSource`]), values `[B, H, T, D]`, residual `[B or 1, P, D]` → `[B, P, D]` (without
+/// the leading `B` axis on scores, queries and values for a batch of one, as tract declutters
+/// it).
 #[derive(Debug, Clone)]
 pub struct ImageToTokenOutput {
     /// Heads (H).
@@ -55,6 +68,8 @@ pub struct ImageToTokenOutput {
     pub dim: usize,
     /// Whether scores and values have the batch axis.
     pub batched: bool,
+    /// Where the logits come from.
+    pub logits: LogitsSource,
     bias: Arc<Vec<f32>>,
     /// The LayerNorm after the residual: ε, γ and β (absent ones in the graph as 1 and 0).
     eps: f32,
@@ -74,6 +89,11 @@ impl PartialEq for ImageToTokenOutput {
                 other.batched,
             )
             && self.eps.to_bits() == other.eps.to_bits()
+            && match (&self.logits, &other.logits) {
+                (LogitsSource::Input, LogitsSource::Input) => true,
+                (LogitsSource::FromKeys(a), LogitsSource::FromKeys(b)) => same_bits(a, b),
+                _ => false,
+            }
             && [&self.bias, &self.gamma, &self.beta]
                 .into_iter()
                 .zip([&other.bias, &other.gamma, &other.beta])
@@ -118,11 +138,15 @@ impl Op for ImageToTokenOutput {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} heads × {} tokens → {} image tokens × {}, LayerNorm, kernel {}",
+            "{} heads × {} tokens → {} image tokens × {}, LayerNorm{}, kernel {}",
             self.heads,
             self.tokens,
             self.pixels,
             self.dim,
+            match self.logits {
+                LogitsSource::Input => "",
+                LogitsSource::FromKeys(_) => ", logits from keys + pe",
+            },
             Isa::detect()
         )])
     }
@@ -134,72 +158,134 @@ impl EvalOp for ImageToTokenOutput {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (scores, values, residual) = args_3!(inputs);
         let (h, t, p, d) = (self.heads, self.tokens, self.pixels, self.dim);
+        let ht = h * t;
+        let mut inputs = inputs.into_iter();
+        let mut next = || {
+            inputs
+                .next()
+                .context("TinysamImageToTokenOutput: too few inputs")
+        };
+        let (first, row_bias) = match self.logits {
+            LogitsSource::Input => (next()?, None),
+            LogitsSource::FromKeys(_) => (next()?, Some(next()?)),
+        };
+        let (values, residual) = (next()?, next()?);
         let batch = if self.batched {
-            scores.shape().first().copied().unwrap_or(0)
+            first.shape().first().copied().unwrap_or(0)
         } else {
             1
         };
         let lead: &[usize] = if self.batched { &[batch] } else { &[] };
         let want = |tail: &[usize]| [lead, tail].concat();
+        let first_tail = match self.logits {
+            LogitsSource::Input => [h, t, p],
+            LogitsSource::FromKeys(_) => [h, t, d],
+        };
         ensure!(
-            scores.shape() == want(&[h, t, p]) && values.shape() == want(&[h, t, d]),
-            "TinysamImageToTokenOutput: scores {:?} and values {:?} do not fit {self:?}",
-            scores.shape(),
+            first.shape() == want(&first_tail) && values.shape() == want(&[h, t, d]),
+            "TinysamImageToTokenOutput: {} {:?} and values {:?} do not fit {self:?}",
+            if row_bias.is_some() {
+                "queries"
+            } else {
+                "scores"
+            },
+            first.shape(),
             values.shape()
         );
+        if let Some(row_bias) = &row_bias {
+            ensure!(
+                row_bias.len() == batch * ht,
+                "TinysamImageToTokenOutput: row bias {:?} for {batch} prompts of {ht} rows",
+                row_bias.shape()
+            );
+        }
         let rs = residual.shape();
         ensure!(
             rs.len() == 3 && (rs[0] == 1 || rs[0] == batch) && rs[1] == p && rs[2] == d,
             "TinysamImageToTokenOutput: residual {rs:?} for {batch} prompts of [{p}, {d}]"
         );
         let residual_batch = rs[0];
-        let scores_view = scores.try_as_plain_ram()?;
-        let scores = scores_view.as_slice::<f32>()?;
+        let first_view = first.try_as_plain_ram()?;
+        let first = first_view.as_slice::<f32>()?;
+        let row_bias_view = row_bias
+            .as_ref()
+            .map(|b| b.try_as_plain_ram())
+            .transpose()?;
+        let row_bias = row_bias_view
+            .as_ref()
+            .map(|v| v.as_slice::<f32>())
+            .transpose()?;
         let values_view = values.try_as_plain_ram()?;
         let values = values_view.as_slice::<f32>()?;
         let residual_view = residual.try_as_plain_ram()?;
         let residual = residual_view.as_slice::<f32>()?;
         let packed: Vec<PackedWeights> = values
-            .chunks_exact(h * t * d)
-            .map(|v| PackedWeights::pack(v, h * t, d).context("token values"))
+            .chunks_exact(ht * d)
+            .map(|v| PackedWeights::pack(v, ht, d).context("token values"))
             .collect::<TractResult<_>>()?;
+        // With logits computed here: each prompt's query rows as the columns of a product.
+        let queries: Vec<PackedWeights> = match self.logits {
+            LogitsSource::Input => Vec::new(),
+            LogitsSource::FromKeys(_) => {
+                let mut transposed = vec![0f32; ht * d];
+                first
+                    .chunks_exact(ht * d)
+                    .map(|q| {
+                        transpose(q, ht, d, &mut transposed);
+                        PackedWeights::pack(&transposed, d, ht).context("query rows")
+                    })
+                    .collect::<TractResult<_>>()?
+            }
+        };
         let mut out = Tensor::zero::<f32>(&[batch, p, d])?;
         let isa = Isa::detect();
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
-            let work = batch * p * h * t * d;
+            let work = batch * p * ht * d;
             let tiles_per_prompt = p / TILE;
-            tract_linalg::multithread::par_chunks_mut(data, TILE * d, work, |first, chunk| {
-                let mut scratch = Scratch::new(h, t);
-                for (i, out) in chunk.chunks_exact_mut(TILE * d).enumerate() {
-                    let tile = first + i;
-                    let (b, start) = (tile / tiles_per_prompt, tile % tiles_per_prompt * TILE);
-                    let rb = if residual_batch == 1 { 0 } else { b };
-                    let at = (rb * p + start) * d;
-                    let job = Tile {
-                        scores: scores
-                            .get(b * h * t * p..(b + 1) * h * t * p)
-                            .context("scores")?,
-                        heads: h,
-                        tokens: t,
-                        pixels: p,
-                        first: start,
-                        values: packed.get(b).context("values")?,
-                        residual: residual.get(at..at + TILE * d).context("residual")?,
-                        bias: &self.bias,
-                        norm: Norm {
-                            eps: self.eps,
-                            gamma: &self.gamma,
-                            beta: &self.beta,
-                        },
-                    };
-                    self.tile(isa, &job, out, &mut scratch);
-                }
-                Ok(())
-            })?;
+            tract_linalg::multithread::par_chunks_mut(
+                data,
+                TILE * d,
+                work,
+                |first_tile, chunk| {
+                    let mut scratch = Scratch::new(h, t, d);
+                    for (i, out) in chunk.chunks_exact_mut(TILE * d).enumerate() {
+                        let tile = first_tile + i;
+                        let (b, start) = (tile / tiles_per_prompt, tile % tiles_per_prompt * TILE);
+                        let rb = if residual_batch == 1 { 0 } else { b };
+                        let at = (rb * p + start) * d;
+                        let logits = match (&self.logits, row_bias) {
+                            (LogitsSource::FromKeys(pe), Some(row_bias)) => Logits::FromKeys {
+                                queries: queries.get(b).context("query rows")?,
+                                bias: row_bias.get(b * ht..(b + 1) * ht).context("row bias")?,
+                                pe: pe.get(start * d..(start + TILE) * d).context("pe")?,
+                            },
+                            _ => Logits::Given {
+                                all: first.get(b * ht * p..(b + 1) * ht * p).context("scores")?,
+                                pixels: p,
+                                first: start,
+                            },
+                        };
+                        let job = Tile {
+                            logits,
+                            heads: h,
+                            tokens: t,
+                            values: packed.get(b).context("values")?,
+                            residual: residual.get(at..at + TILE * d).context("residual")?,
+                            bias: &self.bias,
+                            norm: Norm {
+                                eps: self.eps,
+                                gamma: &self.gamma,
+                                beta: &self.beta,
+                            },
+                        };
+                        self.tile(isa, &job, out, &mut scratch);
+                    }
+                    Ok(())
+                },
+            )?;
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -368,6 +454,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<ImageToTokenOut
             pixels: p,
             dim: d,
             batched,
+            logits: LogitsSource::Input,
             bias: Arc::new(bias),
             eps: norm_op.eps,
             gamma: Arc::new(
@@ -386,6 +473,103 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<ImageToTokenOut
             ),
         },
     })))
+}
+
+/// Give each [`ImageToTokenOutput`] whose logits the graph computes from the op's own residual
+/// input — `queries · (residual + pe) + row bias`, the split decoder's later blocks — the
+/// logits' inputs instead ([`LogitsSource::FromKeys`]), so that the logits are computed a tile
+/// at a time inside it and the graph's add over the image tokens, its logits product and the
+/// packing of its operand go; returns how many. Run after [`rewrite_image_to_token_output`].
+pub fn rewrite_image_to_token_logits(model: &mut TypedModel) -> TractResult<usize> {
+    let takes_logits = |node: &TypedNode| {
+        node.op_as::<ImageToTokenOutput>()
+            .is_some_and(|op| matches!(op.logits, LogitsSource::Input))
+    };
+    replace_chains(
+        model,
+        ("image->token logits", "logits"),
+        takes_logits,
+        plan_logits,
+    )
+}
+
+/// Match the logits feeding the [`ImageToTokenOutput`] node `id`: `Ok(None)` if they are not an
+/// add of a logits product and a row bias, `Err(reason)` if they start like it but differ.
+fn plan_logits(model: &TypedModel, id: usize) -> TractResult<Match<ImageToTokenOutput>> {
+    let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
+    let node = model.node(id);
+    let op = node
+        .op_as::<ImageToTokenOutput>()
+        .context("an image->token output")?;
+    let &[scores, values, residual] = node.inputs.as_slice() else {
+        return Ok(Ok(None));
+    };
+    let (h, t, p, d) = (op.heads, op.tokens, op.pixels, op.dim);
+    let ht = h * t;
+    let Some(scores_shape) = shape_of(scores)? else {
+        return Ok(Ok(None));
+    };
+    let batch = if op.batched { scores_shape[0] } else { 1 };
+    let (add, after_add) = producer_before_axis_ops(model, scores);
+    let add_node = model.node(add);
+    let is_add = add_node
+        .op_as::<TypedBinOp>()
+        .is_some_and(|b| b.0.is::<Add>() && b.1.is_none());
+    if !is_add || add_node.inputs.len() != 2 {
+        return Ok(Ok(None));
+    }
+    let Some(add_shape) = shape_of(OutletId::new(add, 0))? else {
+        return Ok(Ok(None));
+    };
+    for (logits_at, bias_at) in [(0, 1), (1, 0)] {
+        let (logits, before_add) = producer_before_axis_ops(model, add_node.inputs[logits_at]);
+        let found = match keys_logits(model, logits, p)? {
+            Ok(Some(found)) => found,
+            Ok(None) => continue,
+            Err(why) => return Ok(Err(why)),
+        };
+        need!(
+            found.keys == residual,
+            "the logits are not over the residual image tokens"
+        );
+        let Some(logits_shape) = shape_of(OutletId::new(logits, 0))? else {
+            return Ok(Err("logits have a symbolic shape".into()));
+        };
+        need!(
+            add_shape.iter().product::<usize>() == batch * ht * p
+                && keeps_order(model, &after_add, &add_shape)?
+                && keeps_order(model, &before_add, &logits_shape)?
+                && shape_of(add_node.inputs[logits_at])?.as_ref() == Some(&add_shape),
+            "the axis ops around the logits reorder them"
+        );
+        let lead: &[usize] = if op.batched { &[batch] } else { &[] };
+        let queries_shape = shape_of(found.queries)?;
+        need!(
+            queries_shape == Some([lead, &[h, t, d]].concat()),
+            "queries are {queries_shape:?}"
+        );
+        let bias = add_node.inputs[bias_at];
+        let bias_shape = shape_of(bias)?.unwrap_or_default();
+        let rank = add_shape.len();
+        need!(
+            bias_shape.len() == rank
+                && bias_shape[rank - 1] == 1
+                && add_shape[rank - 1] == p
+                && bias_shape.iter().product::<usize>() == batch * ht
+                && bias_shape[..rank - 1] == add_shape[..rank - 1],
+            "row bias is {bias_shape:?} for logits {add_shape:?}"
+        );
+        need!(found.pe.len() == p * d, "positional encoding size");
+        return Ok(Ok(Some(Plan {
+            inputs: vec![found.queries, bias, values, residual],
+            output: OutletId::new(id, 0),
+            op: ImageToTokenOutput {
+                logits: LogitsSource::FromKeys(Arc::new(found.pe)),
+                ..op.clone()
+            },
+        })));
+    }
+    Ok(Ok(None))
 }
 
 /// Whether the axis ops `chain` turn the `[.., H, T, P]` weights into `[.., P, H, T]` (any

@@ -4,19 +4,33 @@ use crate::model::test_support::{
 };
 
 /// The per-prompt graph of the model in `dir`: tract's nodes against our op, every output
-/// (image tokens, mask weights, IoU).
-fn compare(dir: &std::path::Path, batch: usize, points: usize) -> TractResult<()> {
+/// (image tokens, mask weights, IoU); with `logits`, the later block's op computes its own
+/// logits, and the token->image attention is ours too (as `optimize` leaves the graph).
+fn compare(dir: &std::path::Path, batch: usize, points: usize, logits: bool) -> TractResult<()> {
     let (tract_nodes, inputs) = decluttered_prompt_graph(dir, batch, points);
     let mut ours = tract_nodes.clone();
     let n = rewrite_image_to_token_output(&mut ours)?;
     // Both blocks of the two-way transformer.
     assert_eq!(n, 2, "{n} chains matched");
+    if logits {
+        assert_eq!(super::super::rewrite_token_to_image(&mut ours)?, 2);
+        // The second block's logits (the first block's come from the per-frame queries).
+        let n = rewrite_image_to_token_logits(&mut ours)?;
+        assert_eq!(n, 1, "{n} logits matched");
+        let fused = ours
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<ImageToTokenOutput>())
+            .filter(|op| matches!(op.logits, LogitsSource::FromKeys(_)))
+            .count();
+        assert_eq!(fused, 1);
+    }
     let want = run_all_outputs(tract_nodes, &inputs)?;
     let got = run_all_outputs(ours, &inputs)?;
     for (i, (got, want)) in got.iter().zip(&want).enumerate() {
         let (err, scale) = max_difference(got, want);
         eprintln!(
-            "{}: batch {batch}, output {i}: largest difference {err:e} of {scale}",
+            "{}: batch {batch}, logits {logits}, output {i}: largest difference {err:e} of {scale}",
             dir.display()
         );
         assert!(err <= 1e-5 * scale.max(1.0), "output {i}: {err} of {scale}");
@@ -26,15 +40,20 @@ fn compare(dir: &std::path::Path, batch: usize, points: usize) -> TractResult<()
 
 #[test]
 fn fused_output_matches_the_fixtures_prompt_graph() -> TractResult<()> {
-    compare(&fixture_dir(), 1, 2)?;
-    compare(&fixture_dir(), 3, 1)
+    for logits in [false, true] {
+        compare(&fixture_dir(), 1, 2, logits)?;
+        compare(&fixture_dir(), 3, 1, logits)?;
+    }
+    Ok(())
 }
 
 /// The default model's sizes: 8 heads, 256 channels, 4 096 image tokens, whole product blocks.
 #[test]
 fn fused_output_matches_the_default_models_prompt_graph() -> TractResult<()> {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
-    compare(&dir, 2, 2)
+    compare(&dir, 2, 2, false)?;
+    compare(&dir, 1, 2, true)?;
+    compare(&dir, 2, 1, true)
 }
 
 #[test]
