@@ -306,6 +306,44 @@ fn split_decoder_matches_the_one_graph_decoder() {
     }
 }
 
+/// A batch spread over two threads (one prompt per thread at a time) gives exactly the masks,
+/// scores and kept prompts of the same batch on one thread, in the same order.
+#[test]
+fn prompts_spread_over_threads_match_one_thread() {
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+
+    let split = segmenter(Some(Precision::Fp32));
+    let emb = embed_golden_input(&split.model);
+    let m2 = split.mask_size().pow(2);
+    let prompts: Vec<_> = (0..7)
+        .map(|i| {
+            Prompt::point(12.0 + 23.0 * i as f32, 130.0 - 15.0 * i as f32)
+                .to_model(&emb.geometry, m2)
+                .unwrap()
+        })
+        .collect();
+    let run = |executor: Executor, min_iou: f32| {
+        multithread_tract_scope(executor, || {
+            split.decode_promising(&emb, &prompts, min_iou).unwrap()
+        })
+    };
+    let (all, every) = run(Executor::SingleThread, f32::MIN);
+    assert_eq!(every, (0..7).collect::<Vec<_>>());
+    let mut best: Vec<f32> = (0..7)
+        .map(|b| (0..3).map(|k| all.iou(b, k)).fold(f32::MIN, f32::max))
+        .collect();
+    best.sort_by(f32::total_cmp);
+    for min_iou in [f32::MIN, best[3]] {
+        let (want, want_kept) = run(Executor::SingleThread, min_iou);
+        let (got, got_kept) = run(Executor::multithread(2), min_iou);
+        assert_eq!(got_kept, want_kept);
+        assert!(!got_kept.is_empty() && got_kept.len() <= 7);
+        assert_eq!(got.masks.shape(), want.masks.shape());
+        assert!(flat(&got.masks) == flat(&want.masks), "masks differ");
+        assert!(flat(&got.iou) == flat(&want.iou), "scores differ");
+    }
+}
+
 /// `decode_promising` keeps exactly the prompts with a mask above the IoU threshold, with the
 /// masks `decode` gives them, on both decoder forms (the split one upscales only those).
 #[test]
