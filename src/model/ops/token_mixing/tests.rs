@@ -52,8 +52,8 @@ fn fused_output_matches_the_fixtures_prompt_graph() -> TractResult<()> {
 fn fused_output_matches_the_default_models_prompt_graph() -> TractResult<()> {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
     compare(&dir, 2, 2, false)?;
-    compare(&dir, 1, 2, true)?;
-    compare(&dir, 2, 1, true)
+    // One prompt at a time, as the decoder runs them (batches: the fixture's test).
+    compare(&dir, 1, 2, true)
 }
 
 #[test]

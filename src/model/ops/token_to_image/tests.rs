@@ -31,12 +31,12 @@ fn fused_attention_matches_the_fixtures_prompt_graph() -> TractResult<()> {
     compare(&fixture_dir(), 3, 1)
 }
 
-/// The default model's sizes: 56 query rows, 256 channels, 4 096 image tokens in 8 parts.
+/// The default model's sizes: 56 query rows, 256 channels, 4 096 image tokens in 8 parts; one
+/// prompt, as the decoder runs them (batches: the fixture's test and the definition's).
 #[test]
 fn fused_attention_matches_the_default_models_prompt_graph() -> TractResult<()> {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
-    compare(&dir, 1, 2)?;
-    compare(&dir, 2, 1)
+    compare(&dir, 1, 2)
 }
 
 /// Against the definition in f64, on sizes that fill no block evenly (5 query rows, 40
