@@ -36,14 +36,20 @@ run() {
     for form in auto one-graph; do
         run "$BIN" info --model "$MODEL" --decoder-graph "$form"
     done
-    echo "## Per-prompt time by batch size (split form; batches run one prompt at a time)"
+    echo "## Per-prompt time by batch size (split form)"
     echo
-    run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 1,2,4,8,16,64 \
-        --runs 3 --threads 2
+    echo "Batches run one prompt per thread at a time, each prompt single-threaded; a single prompt"
+    echo "runs on all threads. At 2 threads, then at 1."
+    echo
+    for threads in 2 1; do
+        run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 \
+            --batches 1,2,4,8,16,64 --runs 3 --threads "$threads"
+    done
     echo "## Profiles of one decoder batch"
     echo
-    echo "The one graph at batch 16 (before), the split form at 16 and at 1 (it runs one prompt at a"
-    echo "time; nodes named masks:... are the mask graph's)."
+    echo "The one graph at batch 16 (before), the split form at 16 (the profile runs the batch as one"
+    echo "plan run on both threads, not as the decoder does) and at 1; nodes named masks:... are the"
+    echo "mask graph's."
     echo
     run "$BIN" bench --model "$MODEL" --image "$IMAGE" --precisions fp32 --batches 16 --runs 1 \
         --threads 2 --profile --decoder-graph one-graph
@@ -53,11 +59,12 @@ run() {
         --threads 2 --profile
     echo "## Our fused decoder ops against tract's nodes"
     echo
-    echo "The per-prompt graph with tract's nodes and with TinysamImageToTokenOutput, the mask graph"
-    echo "with tract's nodes and as TinysamMaskUpscaling (same inputs, best of 8), at batch 1 and 4."
+    echo "The per-prompt graph with tract's nodes and with TinysamImageToTokenOutput or"
+    echo "TinysamTokenToImageAttention, the mask graph with tract's nodes and as TinysamMaskUpscaling"
+    echo "(same inputs, best of 8), at batch 1 and 4; the token->image op alone at 1 and 2 threads."
     echo
-    run cargo test --release --locked --quiet --lib -- token_mixing_speed upscaling_speed \
-        --ignored --nocapture --test-threads 1
+    run cargo test --release --locked --quiet --lib -- token_mixing_speed token_to_image_speed \
+        token_to_image_op_speed upscaling_speed --ignored --nocapture --test-threads 1
     echo "## Segment everything (hierarchical, encoder INT8, decoder split)"
     echo
     run "$BIN" segment "$IMAGE" --everything --model "$MODEL" --out target/decoder-bench/everything
