@@ -306,6 +306,37 @@ fn split_decoder_matches_the_one_graph_decoder() {
     }
 }
 
+/// `count` one-point prompts for `emb`'s frame, from `(x, y)` in steps of `(dx, dy)` pixels.
+fn diagonal_points(
+    emb: &Embedding,
+    mask_len: usize,
+    count: usize,
+    (x, y): (f32, f32),
+    (dx, dy): (f32, f32),
+) -> Vec<tinysam_edge::prompt::ModelPrompt> {
+    (0..count)
+        .map(|i| {
+            Prompt::point(x + dx * i as f32, y + dy * i as f32)
+                .to_model(&emb.geometry, mask_len)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The median over prompts of each prompt's best predicted IoU: a threshold that keeps about
+/// half of them.
+fn median_best_iou(logits: &MaskLogits) -> f32 {
+    let mut best: Vec<f32> = (0..logits.batch())
+        .map(|b| {
+            (0..logits.masks_per_prompt)
+                .map(|k| logits.iou(b, k))
+                .fold(f32::MIN, f32::max)
+        })
+        .collect();
+    best.sort_by(f32::total_cmp);
+    best[best.len() / 2]
+}
+
 /// A batch spread over two threads (one prompt per thread at a time) gives exactly the masks,
 /// scores and kept prompts of the same batch on one thread, in the same order.
 #[test]
@@ -315,13 +346,7 @@ fn prompts_spread_over_threads_match_one_thread() {
     let split = segmenter(Some(Precision::Fp32));
     let emb = embed_golden_input(&split.model);
     let m2 = split.mask_size().pow(2);
-    let prompts: Vec<_> = (0..7)
-        .map(|i| {
-            Prompt::point(12.0 + 23.0 * i as f32, 130.0 - 15.0 * i as f32)
-                .to_model(&emb.geometry, m2)
-                .unwrap()
-        })
-        .collect();
+    let prompts = diagonal_points(&emb, m2, 7, (12.0, 130.0), (23.0, -15.0));
     let run = |executor: Executor, min_iou: f32| {
         multithread_tract_scope(executor, || {
             split.decode_promising(&emb, &prompts, min_iou).unwrap()
@@ -329,11 +354,7 @@ fn prompts_spread_over_threads_match_one_thread() {
     };
     let (all, every) = run(Executor::SingleThread, f32::MIN);
     assert_eq!(every, (0..7).collect::<Vec<_>>());
-    let mut best: Vec<f32> = (0..7)
-        .map(|b| (0..3).map(|k| all.iou(b, k)).fold(f32::MIN, f32::max))
-        .collect();
-    best.sort_by(f32::total_cmp);
-    for min_iou in [f32::MIN, best[3]] {
+    for min_iou in [f32::MIN, median_best_iou(&all)] {
         let (want, want_kept) = run(Executor::SingleThread, min_iou);
         let (got, got_kept) = run(Executor::multithread(2), min_iou);
         assert_eq!(got_kept, want_kept);
@@ -352,20 +373,10 @@ fn promising_prompts_keep_their_masks_and_the_rest_are_dropped() {
     let one = one_graph_fp32();
     let emb = embed_golden_input(&split.model);
     let m2 = split.mask_size().pow(2);
-    let prompts: Vec<_> = (0..11)
-        .map(|i| {
-            Prompt::point(8.0 + 17.0 * i as f32, 140.0 - 12.0 * i as f32)
-                .to_model(&emb.geometry, m2)
-                .unwrap()
-        })
-        .collect();
+    let prompts = diagonal_points(&emb, m2, 11, (8.0, 140.0), (17.0, -12.0));
     for seg in [split, one] {
         let all = seg.decode(&emb, &prompts, None).unwrap();
-        let mut best: Vec<f32> = (0..all.batch())
-            .map(|b| (0..3).map(|k| all.iou(b, k)).fold(f32::MIN, f32::max))
-            .collect();
-        best.sort_by(f32::total_cmp);
-        let threshold = best[best.len() / 2];
+        let threshold = median_best_iou(&all);
         let (kept, indices) = seg.decode_promising(&emb, &prompts, threshold).unwrap();
         let want: Vec<usize> = (0..all.batch())
             .filter(|&b| (0..3).any(|k| all.iou(b, k) > threshold))

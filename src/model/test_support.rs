@@ -248,17 +248,44 @@ pub(crate) fn time_prompt_graph(
         let (tract_nodes, inputs) = decluttered_prompt_graph(&dir, batch, 2);
         let mut ours = tract_nodes.clone();
         rewrite(&mut ours)?;
+        let values: TVec<TValue> = inputs.iter().cloned().map(TValue::from).collect();
         for (name, model) in [("tract", tract_nodes), (what, ours)] {
-            let plan = model.into_optimized()?.into_runnable()?;
-            let values: TVec<TValue> = inputs.iter().cloned().map(TValue::from).collect();
-            let mut best = f64::MAX;
-            for _ in 0..8 {
-                let t = std::time::Instant::now();
-                plan.run(values.clone())?;
-                best = best.min(t.elapsed().as_secs_f64() * 1e3);
-            }
+            let best = best_of_8(model, &values)?;
             eprintln!("prompt graph, {name}, batch {batch}: best of 8 {best:.2} ms");
         }
+    }
+    Ok(())
+}
+
+/// `model` optimised, then the fastest of 8 runs on `inputs`, in milliseconds.
+pub(crate) fn best_of_8(model: TypedModel, inputs: &TVec<TValue>) -> TractResult<f64> {
+    let plan = model.into_optimized()?.into_runnable()?;
+    let mut best = f64::MAX;
+    for _ in 0..8 {
+        let t = std::time::Instant::now();
+        plan.run(inputs.clone())?;
+        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(best)
+}
+
+/// Run `tract_nodes` and `ours` on `inputs` and check that every output agrees within 1e-5 of
+/// its scale (at least 1); `label` names the case in the printed differences.
+pub(crate) fn assert_outputs_agree(
+    label: &str,
+    tract_nodes: TypedModel,
+    ours: TypedModel,
+    inputs: &[Tensor],
+) -> TractResult<()> {
+    let want = run_all_outputs(tract_nodes, inputs)?;
+    let got = run_all_outputs(ours, inputs)?;
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+        let (err, scale) = max_difference(got, want);
+        eprintln!("{label}, output {i}: largest difference {err:e} of {scale}");
+        assert!(
+            err <= 1e-5 * scale.max(1.0),
+            "{label}, output {i}: {err} of {scale}"
+        );
     }
     Ok(())
 }

@@ -81,13 +81,7 @@ fn upscaling_speed() -> TractResult<()> {
             pattern_tensor(&weights, 2, 1.0).into()
         ];
         for (name, model) in [("tract", tract_nodes), ("ours", ours)] {
-            let plan = model.into_optimized()?.into_runnable()?;
-            let mut best = f64::MAX;
-            for _ in 0..8 {
-                let t = std::time::Instant::now();
-                plan.run(inputs.clone())?;
-                best = best.min(t.elapsed().as_secs_f64() * 1e3);
-            }
+            let best = crate::model::test_support::best_of_8(model, &inputs)?;
             eprintln!("mask graph, {name}, batch {batch}: best of 8 {best:.2} ms");
         }
     }

@@ -1,7 +1,5 @@
 use super::*;
-use crate::model::test_support::{
-    decluttered_prompt_graph, fixture_dir, max_difference, run_all_outputs,
-};
+use crate::model::test_support::{assert_outputs_agree, decluttered_prompt_graph, fixture_dir};
 
 /// The per-prompt graph of the model in `dir`: tract's nodes against our op, every output
 /// (image tokens, mask weights, IoU); with `logits`, the later block's op computes its own
@@ -25,16 +23,8 @@ fn compare(dir: &std::path::Path, batch: usize, points: usize, logits: bool) -> 
             .count();
         assert_eq!(fused, 1);
     }
-    let want = run_all_outputs(tract_nodes, &inputs)?;
-    let got = run_all_outputs(ours, &inputs)?;
-    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
-        let (err, scale) = max_difference(got, want);
-        eprintln!(
-            "{}: batch {batch}, logits {logits}, output {i}: largest difference {err:e} of {scale}",
-            dir.display()
-        );
-        assert!(err <= 1e-5 * scale.max(1.0), "output {i}: {err} of {scale}");
-    }
+    let label = format!("{}: batch {batch}, logits {logits}", dir.display());
+    assert_outputs_agree(&label, tract_nodes, ours, &inputs)?;
     Ok(())
 }
 

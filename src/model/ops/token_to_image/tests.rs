@@ -1,6 +1,6 @@
 use super::*;
 use crate::model::test_support::{
-    decluttered_prompt_graph, fixture_dir, max_difference, pattern_values, run_all_outputs,
+    assert_outputs_agree, decluttered_prompt_graph, fixture_dir, max_difference, pattern_values,
 };
 
 /// The per-prompt graph of the model in `dir`: tract's nodes against our op, every output
@@ -12,16 +12,8 @@ fn compare(dir: &std::path::Path, batch: usize, points: usize) -> TractResult<()
     // The second block's and the final token->image attention (the first block's image side
     // comes from the per-frame graph).
     assert_eq!(n, 2, "{n} chains matched");
-    let want = run_all_outputs(tract_nodes, &inputs)?;
-    let got = run_all_outputs(ours, &inputs)?;
-    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
-        let (err, scale) = max_difference(got, want);
-        eprintln!(
-            "{}: batch {batch}, output {i}: largest difference {err:e} of {scale}",
-            dir.display()
-        );
-        assert!(err <= 1e-5 * scale.max(1.0), "output {i}: {err} of {scale}");
-    }
+    let label = format!("{}: batch {batch}", dir.display());
+    assert_outputs_agree(&label, tract_nodes, ours, &inputs)?;
     Ok(())
 }
 
