@@ -29,12 +29,14 @@ pub(crate) fn state_len(rows: usize, dim: usize) -> Option<usize> {
 }
 
 /// One part: `queries` the prompt's query rows (already scaled) transposed and packed
-/// (`D × R`), `keys` the part's image tokens (`[n, D]`, `n` a multiple of [`TILE`]) and
-/// `key_pe` the positional encoding of the same tokens.
+/// (`D × R`), `keys` the part's image tokens (`[n, D]`, `n` a multiple of [`TILE`]), `key_pe`
+/// the positional encoding of the same tokens (added to the keys for the logits only) if any,
+/// and `values` what the weights sum (`[n, D]`: the keys themselves in SAM's later blocks).
 pub(crate) struct Part<'a> {
     pub(crate) queries: &'a PackedWeights,
     pub(crate) keys: &'a [f32],
-    pub(crate) key_pe: &'a [f32],
+    pub(crate) key_pe: Option<&'a [f32]>,
+    pub(crate) values: &'a [f32],
 }
 
 /// Per-task buffers: a tile's keys with the positional encoding, its logits and weights, its
@@ -102,9 +104,11 @@ fn part<const FMA: bool, M: Micro>(
     scratch: &mut Scratch,
 ) -> Option<()> {
     let (d, r) = (job.queries.k(), job.queries.n());
+    let n = job.keys.len();
     if state.len() != state_len(r, d)?
-        || job.keys.len() != job.key_pe.len()
-        || !job.keys.len().is_multiple_of(TILE * d)
+        || job.key_pe.is_some_and(|pe| pe.len() != n)
+        || job.values.len() != n
+        || !n.is_multiple_of(TILE * d)
     {
         return None;
     }
@@ -122,16 +126,24 @@ fn part<const FMA: bool, M: Micro>(
         mixed,
         block,
     } = scratch;
-    for (keys, pe) in job
+    for (t, (keys, values)) in job
         .keys
         .chunks_exact(TILE * d)
-        .zip(job.key_pe.chunks_exact(TILE * d))
+        .zip(job.values.chunks_exact(TILE * d))
+        .enumerate()
     {
-        for ((x, &k), &p) in keys_pe.iter_mut().zip(keys).zip(pe) {
-            *x = k + p;
-        }
         // Logits: the tile's tokens as rows, one column per query row.
-        product(m, keys_pe, job.queries, scores, block);
+        let rows: &[f32] = match job.key_pe {
+            Some(pe) => {
+                let pe = &pe[t * TILE * d..(t + 1) * TILE * d];
+                for ((x, &k), &p) in keys_pe.iter_mut().zip(keys).zip(pe) {
+                    *x = k + p;
+                }
+                keys_pe
+            }
+            None => keys,
+        };
+        product(m, rows, job.queries, scores, block);
         // Where a query row's maximum grows, rescale what it has summed so far.
         tile_max.copy_from_slice(&scores[..r]);
         for row in scores.chunks_exact(r).skip(1) {
@@ -156,9 +168,9 @@ fn part<const FMA: bool, M: Micro>(
                 *total += *x;
             }
         }
-        // Weighted sum of the tile's keys: the weights as rows (one per query row).
+        // Weighted sum of the tile's values: the weights as rows (one per query row).
         transpose(scores, TILE, r, weights);
-        tile_keys.repack(keys, TILE, d)?;
+        tile_keys.repack(values, TILE, d)?;
         product(m, weights, tile_keys, mixed, block);
         for (a, &x) in acc.iter_mut().zip(mixed.iter()) {
             *a += x;

@@ -28,7 +28,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use super::gemm::{same_bits, transpose, PackedWeights};
+use super::gemm::{transpose, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
@@ -37,28 +37,49 @@ use super::graph::{
 };
 use kernel::{Part, Scratch, PART, TILE};
 
-/// `softmax_P(q · (keys + pe)ᵀ) · keys` for every query row: queries `[.., D]` (`R` rows, for
-/// a batch of B prompts `[B, .., D]`), keys `[B or 1, P, D]` → `[R, D]` (batched `[B, R, D]`);
-/// the positional encoding `pe` (`[P, D]`) is a constant of the op.
+/// `softmax_P(q · (keys + pe)ᵀ) · values` for every query row of every head: queries `[T, H, c]`
+/// (for a batch of B prompts `[B, T, H, c]`), keys `[B or 1, H, P, c]`, values the keys
+/// themselves or an input of their shape → `[T, H, c]` (batched `[B, T, H, c]`). The positional
+/// encoding `pe` (`[P, c]`, one head) is a constant of the op, or absent.
+///
+/// SAM's later blocks have one "head" of the model width (queries `[R, D]`, keys `[B, P, D]`,
+/// values = keys, with pe); its first block has 8 heads of 16 over the per-frame tensors (keys and
+/// values separate, no pe).
 #[derive(Debug, Clone)]
 pub struct TokenToImageAttention {
-    /// Query rows per prompt (R = heads × prompt tokens).
+    /// Heads (H).
+    pub heads: usize,
+    /// Query rows per head and prompt (T).
     pub rows: usize,
     /// Image tokens (P).
     pub pixels: usize,
-    /// Width of queries and keys (D).
+    /// Width of a head's queries, keys and values (c).
     pub dim: usize,
     /// Whether queries and output have the batch axis.
     pub batched: bool,
-    key_pe: Arc<Vec<f32>>,
+    /// Whether the values are an input of their own (else the keys).
+    pub separate_values: bool,
+    key_pe: Option<Arc<Vec<f32>>>,
 }
 
 // tract wants ops `Eq`: the positional encoding compares by its bits.
 impl PartialEq for TokenToImageAttention {
     fn eq(&self, other: &TokenToImageAttention) -> bool {
-        (self.rows, self.pixels, self.dim, self.batched)
-            == (other.rows, other.pixels, other.dim, other.batched)
-            && same_bits(&self.key_pe, &other.key_pe)
+        (
+            self.heads,
+            self.rows,
+            self.pixels,
+            self.dim,
+            self.batched,
+            self.separate_values,
+        ) == (
+            other.heads,
+            other.rows,
+            other.pixels,
+            other.dim,
+            other.batched,
+            other.separate_values,
+        ) && super::same_bits(&self.key_pe, &other.key_pe)
     }
 }
 impl Eq for TokenToImageAttention {}
@@ -97,6 +118,17 @@ impl TokenToImageAttention {
         kernel::part_portable(job, state, scratch)
     }
 
+    /// `[T, H, c]`, batched `[B, T, H, c]`; one head: `[T, c]` (`[B, T, c]`), as the graph has it.
+    fn output_shape<D: Clone + From<usize>>(&self, batch: D) -> TVec<D> {
+        let mut shape: TVec<D> = if self.batched { tvec![batch] } else { tvec![] };
+        shape.push(self.rows.into());
+        if self.heads > 1 {
+            shape.push(self.heads.into());
+        }
+        shape.push(self.dim.into());
+        shape
+    }
+
     fn batch_of(&self, queries: &TypedFact) -> TDim {
         if self.batched {
             queries.shape[0].clone()
@@ -113,10 +145,12 @@ impl Op for TokenToImageAttention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} query rows × {} image tokens × {}, online softmax, kernel {}",
+            "{} head(s) × {} query rows × {} image tokens × {}{}, online softmax, kernel {}",
+            self.heads,
             self.rows,
             self.pixels,
             self.dim,
+            if self.key_pe.is_some() { ", + pe" } else { "" },
             Isa::detect()
         )])
     }
@@ -128,76 +162,107 @@ impl EvalOp for TokenToImageAttention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (queries, keys) = args_2!(inputs);
-        let (r, p, d) = (self.rows, self.pixels, self.dim);
+        let (h, t, p, c) = (self.heads, self.rows, self.pixels, self.dim);
+        let mut inputs = inputs.into_iter();
+        let mut next = || {
+            inputs
+                .next()
+                .context("TinysamTokenToImageAttention: too few inputs")
+        };
+        let queries = next()?;
+        let keys = next()?;
+        let values = if self.separate_values {
+            Some(next()?)
+        } else {
+            None
+        };
         let qs = queries.shape();
         let batch = if self.batched {
             qs.first().copied().unwrap_or(0)
         } else {
             1
         };
+        let per_prompt = t * h * c;
         ensure!(
-            qs.last() == Some(&d) && queries.len() == batch * r * d,
-            "TinysamTokenToImageAttention: queries {qs:?} do not fit {r} rows of {d}"
+            qs.last() == Some(&c) && queries.len() == batch * per_prompt,
+            "TinysamTokenToImageAttention: queries {qs:?} do not fit {t} rows × {h} heads of {c}"
         );
         let ks = keys.shape();
+        let keys_batch = ks.first().copied().unwrap_or(0);
         ensure!(
-            ks.len() == 3 && (ks[0] == 1 || ks[0] == batch) && ks[1] == p && ks[2] == d,
-            "TinysamTokenToImageAttention: keys {ks:?} for {batch} prompts of [{p}, {d}]"
+            (keys_batch == 1 || keys_batch == batch) && keys.len() == keys_batch * h * p * c,
+            "TinysamTokenToImageAttention: keys {ks:?} for {batch} prompts of {h} × [{p}, {c}]"
         );
-        let keys_batch = ks[0];
+        if let Some(values) = &values {
+            ensure!(
+                values.shape() == ks,
+                "TinysamTokenToImageAttention: values {:?} and keys {ks:?} differ",
+                values.shape()
+            );
+        }
         let queries_view = queries.try_as_plain_ram()?;
         let queries = queries_view.as_slice::<f32>()?;
         let keys_view = keys.try_as_plain_ram()?;
         let keys = keys_view.as_slice::<f32>()?;
-        // Each prompt's query rows as the columns of the logits product.
-        let mut transposed = vec![0f32; r * d];
-        let packed: Vec<PackedWeights> = queries
-            .chunks_exact(r * d)
-            .map(|q| {
-                transpose(q, r, d, &mut transposed);
-                PackedWeights::pack(&transposed, d, r).context("query rows")
-            })
-            .collect::<TractResult<_>>()?;
+        let values_view = values.as_ref().map(|v| v.try_as_plain_ram()).transpose()?;
+        let values = match &values_view {
+            Some(v) => v.as_slice::<f32>()?,
+            None => keys,
+        };
+        // Each prompt's and head's query rows as the columns of the logits product.
+        let mut rows = vec![0f32; t * c];
+        let mut transposed = vec![0f32; t * c];
+        let mut packed = Vec::with_capacity(batch * h);
+        for q in queries.chunks_exact(per_prompt) {
+            for head in 0..h {
+                for (row, src) in rows.chunks_exact_mut(c).zip(q.chunks_exact(h * c)) {
+                    row.copy_from_slice(&src[head * c..(head + 1) * c]);
+                }
+                transpose(&rows, t, c, &mut transposed);
+                packed.push(PackedWeights::pack(&transposed, c, t).context("query rows")?);
+            }
+        }
         let parts = p.div_ceil(PART);
-        let len = kernel::state_len(r, d).context("state size")?;
-        let mut states = vec![0f32; batch * parts * len];
+        let len = kernel::state_len(t, c).context("state size")?;
+        let mut states = vec![0f32; batch * h * parts * len];
         let isa = Isa::detect();
-        let work = batch * r * p * d;
+        let work = batch * h * t * p * c;
         tract_linalg::multithread::par_chunks_mut(&mut states, len, work, |first, chunk| {
-            let mut scratch = Scratch::new(r, d).context("scratch")?;
+            let mut scratch = Scratch::new(t, c).context("scratch")?;
             for (i, state) in chunk.chunks_exact_mut(len).enumerate() {
                 let unit = first + i;
-                let (b, part) = (unit / parts, unit % parts);
+                let (prompt_head, part) = (unit / parts, unit % parts);
+                let (b, head) = (prompt_head / h, prompt_head % h);
                 let kb = if keys_batch == 1 { 0 } else { b };
                 let start = part * PART;
                 let end = (start + PART).min(p);
+                let at = ((kb * h + head) * p + start) * c..((kb * h + head) * p + end) * c;
                 let job = Part {
-                    queries: packed.get(b).context("query rows")?,
-                    keys: keys
-                        .get((kb * p + start) * d..(kb * p + end) * d)
-                        .context("keys")?,
-                    key_pe: self.key_pe.get(start * d..end * d).context("pe")?,
+                    queries: packed.get(prompt_head).context("query rows")?,
+                    keys: keys.get(at.clone()).context("keys")?,
+                    key_pe: match &self.key_pe {
+                        Some(pe) => Some(pe.get(start * c..end * c).context("pe")?),
+                        None => None,
+                    },
+                    values: values.get(at).context("values")?,
                 };
                 self.part(isa, &job, state, &mut scratch)
                     .context("TinysamTokenToImageAttention: part sizes")?;
             }
             Ok(())
         })?;
-        let shape: Vec<usize> = if self.batched {
-            vec![batch, r, d]
-        } else {
-            vec![r, d]
-        };
-        let mut out = Tensor::zero::<f32>(&shape)?;
+        let mut out = Tensor::zero::<f32>(&self.output_shape(batch))?;
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
-            for (out, states) in data
-                .chunks_exact_mut(r * d)
-                .zip(states.chunks_exact(parts * len))
-            {
-                kernel::finish(states, r, d, out).context("finishing the softmax")?;
+            let mut head_out = vec![0f32; t * c];
+            for (prompt_head, states) in states.chunks_exact(parts * len).enumerate() {
+                let (b, head) = (prompt_head / h, prompt_head % h);
+                kernel::finish(states, t, c, &mut head_out).context("finishing the softmax")?;
+                let prompt = &mut data[b * per_prompt..(b + 1) * per_prompt];
+                for (dst, src) in prompt.chunks_exact_mut(h * c).zip(head_out.chunks_exact(c)) {
+                    dst[head * c..(head + 1) * c].copy_from_slice(src);
+                }
             }
         }
         Ok(tvec!(out.into_tvalue()))
@@ -210,19 +275,16 @@ impl TypedOp for TokenToImageAttention {
             inputs.iter().all(|f| f.datum_type == f32::datum_type()),
             "TinysamTokenToImageAttention is f32 only"
         );
-        let shape: TVec<TDim> = if self.batched {
-            tvec![self.batch_of(inputs[0]), self.rows.into(), self.dim.into()]
-        } else {
-            tvec![self.rows.into(), self.dim.into()]
-        };
-        Ok(tvec!(f32::fact(shape)))
+        Ok(tvec!(f32::fact(
+            self.output_shape(self.batch_of(inputs[0]))
+        )))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         // Two products of R × P × D.
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
-            self.batch_of(inputs[0]) * (2 * self.rows * self.pixels * self.dim)
+            self.batch_of(inputs[0]) * (2 * self.heads * self.rows * self.pixels * self.dim)
         )))
     }
 
@@ -234,6 +296,10 @@ impl TypedOp for TokenToImageAttention {
 // (`mk,akn->mn`, `amk,akn->amn`).
 const LOGITS: [&str; 2] = ["abc,dec->abe", "abcd,aed->abce"];
 const WEIGHTED_SUM: [&str; 2] = ["ab,cbd->ad", "abc,acd->abd"];
+// The first block's per-head forms for one prompt: logits `mbk,abnk->bmn`, weighted sum
+// `bmk,abkn->mbn`.
+const HEAD_LOGITS: &str = "abc,dbec->bae";
+const HEAD_SUM: &str = "abc,dace->bae";
 
 /// Replace each token->image attention core (see the module docs) by
 /// [`TokenToImageAttention`]; returns how many. Chains that start like one but differ are
@@ -321,8 +387,11 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
     {
         return Ok(Ok(None));
     }
-    let batched = rank == 3;
     let (logits, reshapes) = producer_before_axis_ops(model, node.inputs[0]);
+    if reshapes.is_empty() && einsum_expr(model, logits).as_deref() == Some(HEAD_LOGITS) {
+        return plan_per_head(model, softmax, logits, &shape);
+    }
+    let batched = rank == 3;
     let (r, p) = (shape[rank - 2], shape[rank - 1]);
     let found = match keys_logits(model, logits, p)? {
         Ok(Some(found)) => found,
@@ -396,11 +465,89 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
         inputs: vec![queries, keys],
         output: OutletId::new(sum, 0),
         op: TokenToImageAttention {
+            heads: 1,
             rows: r,
             pixels: p,
             dim: d,
             batched,
-            key_pe: Arc::new(pe),
+            separate_values: false,
+            key_pe: Some(Arc::new(pe)),
+        },
+    })))
+}
+
+/// The first block's per-head form (one prompt): logits `[H, T, P]` of queries `[T, H, c]`
+/// against the per-frame keys `[1, H, P, c]` (einsum `mbk,abnk->bmn`), the softmax
+/// `softmax`, and the weighted sum of the per-frame values `[1, H, P, c]` (`bmk,abkn->mbn`).
+fn plan_per_head(
+    model: &TypedModel,
+    softmax: usize,
+    logits: usize,
+    shape: &[usize],
+) -> TractResult<Match<TokenToImageAttention>> {
+    let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
+    let &[h, t, p] = shape else {
+        return Ok(Err(format!("per-head logits are {shape:?}")));
+    };
+    let (after, end) = axis_op_chain(model, softmax);
+    let Some(sum) = next_op::<EinSum>(model, end) else {
+        return Ok(Ok(None));
+    };
+    if einsum_expr(model, sum).as_deref() != Some(HEAD_SUM) {
+        return Ok(Ok(None));
+    }
+    need!(
+        after.is_empty(),
+        "axis ops between the softmax and the product"
+    );
+    let sum_node = model.node(sum);
+    need!(
+        sum_node.inputs[0] == OutletId::new(softmax, 0),
+        "the softmax is not the product's first operand"
+    );
+    need!(
+        sole_consumer(model, OutletId::new(logits, 0)).is_some(),
+        "the logits have other consumers"
+    );
+    let logits_node = model.node(logits);
+    let (queries, keys, values) = (
+        logits_node.inputs[0],
+        logits_node.inputs[1],
+        sum_node.inputs[1],
+    );
+    let queries_shape = shape_of(queries)?.unwrap_or_default();
+    let c = queries_shape.last().copied().unwrap_or(0);
+    need!(
+        queries_shape == [t, h, c] && c > 0,
+        "queries are {queries_shape:?}, expected [{t}, {h}, c]"
+    );
+    let want = Some(vec![1, h, p, c]);
+    need!(
+        shape_of(keys)? == want && shape_of(values)? == want,
+        "keys {:?} and values {:?}, expected {want:?}",
+        shape_of(keys)?,
+        shape_of(values)?
+    );
+    need!(
+        p.is_multiple_of(TILE),
+        "{p} image tokens are not a multiple of {TILE}"
+    );
+    need!(
+        shape_of(OutletId::new(sum, 0))? == Some(vec![t, h, c]),
+        "the weighted sum gives {:?}",
+        shape_of(OutletId::new(sum, 0))?
+    );
+    Ok(Ok(Some(Plan {
+        inputs: vec![queries, keys, values],
+        output: OutletId::new(sum, 0),
+        op: TokenToImageAttention {
+            heads: h,
+            rows: t,
+            pixels: p,
+            dim: c,
+            batched: false,
+            separate_values: true,
+            key_pe: None,
         },
     })))
 }

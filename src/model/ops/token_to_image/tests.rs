@@ -9,9 +9,10 @@ fn compare(dir: &std::path::Path, batch: usize, points: usize) -> TractResult<()
     let (tract_nodes, inputs) = decluttered_prompt_graph(dir, batch, points);
     let mut ours = tract_nodes.clone();
     let n = rewrite_token_to_image(&mut ours)?;
-    // The second block's and the final token->image attention (the first block's image side
-    // comes from the per-frame graph).
-    assert_eq!(n, 2, "{n} chains matched");
+    // The second block's and the final token->image attention, and for one prompt the first
+    // block's per-head one over the per-frame tensors.
+    let want = if batch == 1 { 3 } else { 2 };
+    assert_eq!(n, want, "{n} chains matched");
     let label = format!("{}: batch {batch}", dir.display());
     assert_outputs_agree(&label, tract_nodes, ours, &inputs)?;
     Ok(())
@@ -33,68 +34,91 @@ fn fused_attention_matches_the_default_models_prompt_graph() -> TractResult<()> 
 
 /// Against the definition in f64, on sizes that fill no block evenly (5 query rows, 40
 /// channels, two whole parts and one of a single tile) and logits large enough that each
-/// row's maximum moves between tiles and parts, so the online rescaling is exercised; for a
-/// batch of two with the keys shared and with keys per prompt.
+/// row's maximum moves between tiles and parts, so the online rescaling is exercised: the later
+/// blocks' form (one head, pe, values = keys) for one prompt and for a batch of two with the
+/// keys shared and per prompt, and the first block's (3 heads of 16, separate values, no pe).
 #[test]
 fn fused_attention_matches_its_definition() -> TractResult<()> {
-    let (r, p, d) = (5, 2 * PART + TILE, 40);
-    let op = |batched| TokenToImageAttention {
-        rows: r,
-        pixels: p,
-        dim: d,
-        batched,
-        key_pe: Arc::new(pattern_values(p * d, 3, 0.5)),
-    };
-    for (batched, keys_batch) in [(false, 1), (true, 1), (true, 2)] {
-        let batch = if batched { 2 } else { 1 };
-        let queries = pattern_values(batch * r * d, 1, 1.5);
+    let p = 2 * PART + TILE;
+    // (heads, dim, with pe and values = keys, batched, keys batch)
+    for (h, d, later, batched, keys_batch) in [
+        (1, 40, true, false, 1),
+        (1, 40, true, true, 1),
+        (1, 40, true, true, 2),
+        (3, 16, false, false, 1),
+    ] {
+        let (r, batch) = (5, if batched { 2 } else { 1 });
+        let op = TokenToImageAttention {
+            heads: h,
+            rows: r,
+            pixels: p,
+            dim: d,
+            batched,
+            separate_values: !later,
+            key_pe: later.then(|| Arc::new(pattern_values(p * d, 3, 0.5))),
+        };
+        let queries = pattern_values(batch * r * h * d, 1, 1.5);
         // A ramp along the image tokens on top of the pattern: later tokens score higher
         // for some rows and lower for others.
-        let keys: Vec<f32> = pattern_values(keys_batch * p * d, 2, 2.0)
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                v + ((i / d) % p) as f32 / p as f32 * if i % 2 == 0 { 3.0 } else { -3.0 }
-            })
-            .collect();
-        let op = op(batched);
-        let q_shape: Vec<usize> = if batched {
-            vec![batch, r, d]
-        } else {
-            vec![r, d]
+        let ramp = |seed| -> Vec<f32> {
+            pattern_values(keys_batch * h * p * d, seed, 2.0)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    v + ((i / d) % p) as f32 / p as f32 * if i % 2 == 0 { 3.0 } else { -3.0 }
+                })
+                .collect()
         };
-        let got = op.eval(
-            &EvalContext::out_of_plan(),
-            tvec!(
-                Tensor::from_shape(&q_shape, &queries)?.into_tvalue(),
-                Tensor::from_shape(&[keys_batch, p, d], &keys)?.into_tvalue()
-            ),
-        )?;
+        let keys = ramp(2);
+        let values = if later { keys.clone() } else { ramp(4) };
+        let mut q_shape = vec![r, h, d];
+        if batched {
+            q_shape.insert(0, batch);
+        }
+        let kv_shape = [keys_batch, h, p, d];
+        let mut inputs = tvec!(
+            Tensor::from_shape(&q_shape, &queries)?.into_tvalue(),
+            Tensor::from_shape(&kv_shape, &keys)?.into_tvalue()
+        );
+        if !later {
+            inputs.push(Tensor::from_shape(&kv_shape, &values)?.into_tvalue());
+        }
+        let got = op.eval(&EvalContext::out_of_plan(), inputs)?;
         let got = got[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-        let mut want = vec![0f32; batch * r * d];
+        let pe = op
+            .key_pe
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| vec![0.0; p * d]);
+        let mut want = vec![0f32; batch * r * h * d];
         for b in 0..batch {
-            let keys = &keys[(if keys_batch == 1 { 0 } else { b }) * p * d..][..p * d];
-            for j in 0..r {
-                let q = &queries[(b * r + j) * d..][..d];
-                let logits: Vec<f64> = (0..p)
-                    .map(|i| {
-                        (0..d)
-                            .map(|c| q[c] as f64 * (keys[i * d + c] + op.key_pe[i * d + c]) as f64)
-                            .sum()
-                    })
-                    .collect();
-                let top = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                for c in 0..d {
-                    let v: f64 = (0..p).map(|i| weights[i] * keys[i * d + c] as f64).sum();
-                    want[(b * r + j) * d + c] = (v / total) as f32;
+            for head in 0..h {
+                let at = ((if keys_batch == 1 { 0 } else { b }) * h + head) * p * d;
+                let (keys, values) = (&keys[at..][..p * d], &values[at..][..p * d]);
+                for j in 0..r {
+                    let row = ((b * r + j) * h + head) * d;
+                    let q = &queries[row..][..d];
+                    let logits: Vec<f64> = (0..p)
+                        .map(|i| {
+                            (0..d)
+                                .map(|c| q[c] as f64 * (keys[i * d + c] + pe[i * d + c]) as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let top = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for c in 0..d {
+                        let v: f64 = (0..p).map(|i| weights[i] * values[i * d + c] as f64).sum();
+                        want[row + c] = (v / total) as f32;
+                    }
                 }
             }
         }
         let (err, scale) = max_difference(&got, &want);
         eprintln!(
-            "batched {batched}, keys batch {keys_batch}: largest difference {err:e} of {scale}"
+            "{h} head(s) of {d}, batched {batched}, keys batch {keys_batch}: largest difference \
+             {err:e} of {scale}"
         );
         assert!(err <= 2e-6 * scale.max(1.0), "{err} of {scale}");
     }
@@ -107,7 +131,7 @@ fn other_softmaxes_are_left_alone() -> TractResult<()> {
     // by the weighted sum of keys.
     let (mut model, _) = decluttered_prompt_graph(&fixture_dir(), 1, 2);
     let before = model.nodes().len();
-    assert_eq!(rewrite_token_to_image(&mut model)?, 2);
+    assert_eq!(rewrite_token_to_image(&mut model)?, 3);
     assert!(model.nodes().len() < before);
     assert_eq!(rewrite_token_to_image(&mut model)?, 0);
     Ok(())
@@ -133,11 +157,13 @@ fn token_to_image_speed() -> TractResult<()> {
 fn token_to_image_op_speed() -> TractResult<()> {
     let (r, p, d) = (56, 4096, 256);
     let op = TokenToImageAttention {
+        heads: 1,
         rows: r,
         pixels: p,
         dim: d,
         batched: false,
-        key_pe: Arc::new(pattern_values(p * d, 3, 0.5)),
+        separate_values: false,
+        key_pe: Some(Arc::new(pattern_values(p * d, 3, 0.5))),
     };
     let queries = Tensor::from_shape(&[r, d], &pattern_values(r * d, 1, 0.2))?.into_tvalue();
     let keys = Tensor::from_shape(&[1, p, d], &pattern_values(p * d, 2, 1.0))?.into_tvalue();
