@@ -370,6 +370,30 @@ pub(crate) fn keys_logits(
     Ok(Ok(Some(KeysLogits { queries, keys, pe })))
 }
 
+/// The weighted sum after the softmax `softmax`: an einsum of one of `forms` taking the
+/// softmax's output as its first operand, with no axis ops between. `Ok(Some(node))`, `Ok(None)`
+/// if the softmax feeds no such product, `Err(reason)` if it does in another way.
+fn weighted_sum_after(
+    model: &TypedModel,
+    softmax: usize,
+    forms: &[&str],
+) -> Result<Option<usize>, String> {
+    let (after, end) = axis_op_chain(model, softmax);
+    let Some(sum) = next_op::<EinSum>(model, end) else {
+        return Ok(None);
+    };
+    if !einsum_expr(model, sum).is_some_and(|e| forms.contains(&e.as_str())) {
+        return Ok(None);
+    }
+    if !after.is_empty() {
+        return Err("axis ops between the softmax and the product".into());
+    }
+    if model.node(sum).inputs[0] != OutletId::new(softmax, 0) {
+        return Err("the softmax is not the product's first operand".into());
+    }
+    Ok(Some(sum))
+}
+
 /// Match the chain through the softmax `softmax`: `Ok(None)` if it is some other softmax,
 /// `Err(reason)` if it starts like the chain but differs.
 fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAttention>> {
@@ -398,23 +422,12 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
         Ok(None) => return Ok(Ok(None)),
         Err(why) => return Ok(Err(why)),
     };
-    // The weighted sum after the softmax.
-    let (after, end) = axis_op_chain(model, softmax);
-    let Some(sum) = next_op::<EinSum>(model, end) else {
-        return Ok(Ok(None));
+    let sum = match weighted_sum_after(model, softmax, &WEIGHTED_SUM) {
+        Ok(Some(sum)) => sum,
+        Ok(None) => return Ok(Ok(None)),
+        Err(why) => return Ok(Err(why)),
     };
-    if !einsum_expr(model, sum).is_some_and(|e| WEIGHTED_SUM.contains(&e.as_str())) {
-        return Ok(Ok(None));
-    }
-    need!(
-        after.is_empty(),
-        "axis ops between the softmax and the product"
-    );
     let sum_node = model.node(sum);
-    need!(
-        sum_node.inputs[0] == OutletId::new(softmax, 0),
-        "the softmax is not the product's first operand"
-    );
     let batch = if batched { shape[0] } else { 1 };
     for &id in std::iter::once(&logits).chain(&reshapes) {
         need!(
@@ -489,22 +502,12 @@ fn plan_per_head(
     let &[h, t, p] = shape else {
         return Ok(Err(format!("per-head logits are {shape:?}")));
     };
-    let (after, end) = axis_op_chain(model, softmax);
-    let Some(sum) = next_op::<EinSum>(model, end) else {
-        return Ok(Ok(None));
+    let sum = match weighted_sum_after(model, softmax, &[HEAD_SUM]) {
+        Ok(Some(sum)) => sum,
+        Ok(None) => return Ok(Ok(None)),
+        Err(why) => return Ok(Err(why)),
     };
-    if einsum_expr(model, sum).as_deref() != Some(HEAD_SUM) {
-        return Ok(Ok(None));
-    }
-    need!(
-        after.is_empty(),
-        "axis ops between the softmax and the product"
-    );
     let sum_node = model.node(sum);
-    need!(
-        sum_node.inputs[0] == OutletId::new(softmax, 0),
-        "the softmax is not the product's first operand"
-    );
     need!(
         sole_consumer(model, OutletId::new(logits, 0)).is_some(),
         "the logits have other consumers"
