@@ -18,8 +18,9 @@ use crate::{Error, Result};
 /// Largest batch the per-prompt graph runs at once (larger ones run in chunks of this size).
 /// One: with our fused ops the per-prompt and mask graphs are no faster per prompt in batches of
 /// 4 than alone (15.1 against 16.0 ms and 5.35 against 5.4 ms on the default model,
-/// `benches/decoder-results.md`), and one at a time keeps 4 MB of image-side tensors per run
-/// instead of 16 and needs only the single-prompt plans.
+/// `benches/decoder-results.md` as of 8a00837; tried again with the token->image op: not faster
+/// in alternating runs), one at a time keeps 4 MB of image-side tensors per run instead of 16 and
+/// needs only the single-prompt plans, and a batch's chunks run side by side, one per thread.
 pub const SPLIT_CHUNK: usize = 1;
 
 /// Plans kept before the least recently built is dropped.
