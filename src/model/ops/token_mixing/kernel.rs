@@ -43,6 +43,15 @@ pub(crate) enum Logits<'a> {
         bias: &'a [f32],
         pe: &'a [f32],
     },
+    /// Computed here, head by head: the prompt's `[H, P, c]` per-frame keys (all of them; the
+    /// tile's rows start at image token `first`) times each head's query rows, transposed and
+    /// packed (`c × T`).
+    PerHead {
+        queries: &'a [PackedWeights],
+        keys: &'a [f32],
+        pixels: usize,
+        first: usize,
+    },
 }
 
 /// One tile: its logits; `values` the prompt's `[H·T, D]` projected token values, packed;
@@ -135,6 +144,26 @@ fn mix<const FMA: bool, M: Micro>(m: M, tile: &Tile<'_>, out: &mut [f32], scratc
                 }
             }
             transpose(local, rows, ht, &mut logits[..ht * rows]);
+            (&logits[..], rows, 0)
+        }
+        Logits::PerHead {
+            queries,
+            keys,
+            pixels,
+            first,
+        } => {
+            for (head, q) in queries.iter().enumerate() {
+                let c = q.k();
+                let at = (head * pixels + first) * c;
+                let local = &mut local[..rows * t];
+                product(m, &keys[at..at + rows * c], q, local, block);
+                transpose(
+                    local,
+                    rows,
+                    t,
+                    &mut logits[head * t * rows..(head + 1) * t * rows],
+                );
+            }
             (&logits[..], rows, 0)
         }
     };

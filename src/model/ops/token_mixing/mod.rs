@@ -33,11 +33,11 @@ use super::gemm::{same_bits, transpose, PackedWeights};
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
     axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, keeps_order,
-    next_op, producer_before_axis_ops, replace_chains, Isa, Match, Replacement,
+    next_op, producer_before_axis_ops, replace_chains, sole_consumer, Isa, Match, Replacement,
 };
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
-use super::token_to_image::keys_logits;
+use super::token_to_image::{einsum_expr, keys_logits, HEAD_LOGITS};
 use kernel::{Logits, Norm, Scratch, Tile, TILE};
 
 /// Where the op's attention logits come from.
@@ -49,6 +49,9 @@ pub enum LogitsSource {
     /// and one bias per row `[B, H·T]` as the first two inputs, and this positional encoding
     /// (`[P, D]`, a constant of the op).
     FromKeys(Arc<Vec<f32>>),
+    /// Computed per tile, head by head, for one prompt: the query rows `[T, H, c]` (the first
+    /// input) against per-frame keys `[1, H, P, c]` (the second), SAM's first block; holds `c`.
+    PerHead(usize),
 }
 
 /// `LayerNorm(residual + bias + Σ_{h,t} softmax_t(scores)[h, t, p] · values[h, t, :])` for
@@ -92,6 +95,7 @@ impl PartialEq for ImageToTokenOutput {
             && match (&self.logits, &other.logits) {
                 (LogitsSource::Input, LogitsSource::Input) => true,
                 (LogitsSource::FromKeys(a), LogitsSource::FromKeys(b)) => same_bits(a, b),
+                (LogitsSource::PerHead(a), LogitsSource::PerHead(b)) => a == b,
                 _ => false,
             }
             && [&self.bias, &self.gamma, &self.beta]
@@ -146,6 +150,7 @@ impl Op for ImageToTokenOutput {
             match self.logits {
                 LogitsSource::Input => "",
                 LogitsSource::FromKeys(_) => ", logits from keys + pe",
+                LogitsSource::PerHead(_) => ", logits per head",
             },
             Isa::detect()
         )])
@@ -166,9 +171,14 @@ impl EvalOp for ImageToTokenOutput {
                 .next()
                 .context("TinysamImageToTokenOutput: too few inputs")
         };
-        let (first, row_bias) = match self.logits {
+        // The second input: the row bias, or the per-head keys.
+        let (first, second) = match self.logits {
             LogitsSource::Input => (next()?, None),
-            LogitsSource::FromKeys(_) => (next()?, Some(next()?)),
+            LogitsSource::FromKeys(_) | LogitsSource::PerHead(_) => (next()?, Some(next()?)),
+        };
+        let (row_bias, head_keys) = match self.logits {
+            LogitsSource::PerHead(_) => (None, second),
+            _ => (second, None),
         };
         let (values, residual) = (next()?, next()?);
         let batch = if self.batched {
@@ -178,21 +188,33 @@ impl EvalOp for ImageToTokenOutput {
         };
         let lead: &[usize] = if self.batched { &[batch] } else { &[] };
         let want = |tail: &[usize]| [lead, tail].concat();
+        let c = match self.logits {
+            LogitsSource::PerHead(c) => c,
+            _ => d,
+        };
         let first_tail = match self.logits {
             LogitsSource::Input => [h, t, p],
             LogitsSource::FromKeys(_) => [h, t, d],
+            LogitsSource::PerHead(c) => [t, h, c],
         };
         ensure!(
             first.shape() == want(&first_tail) && values.shape() == want(&[h, t, d]),
             "TinysamImageToTokenOutput: {} {:?} and values {:?} do not fit {self:?}",
-            if row_bias.is_some() {
-                "queries"
-            } else {
+            if matches!(self.logits, LogitsSource::Input) {
                 "scores"
+            } else {
+                "queries"
             },
             first.shape(),
             values.shape()
         );
+        if let Some(keys) = &head_keys {
+            ensure!(
+                !self.batched && keys.shape() == [1, h, p, c],
+                "TinysamImageToTokenOutput: per-head keys {:?}, expected [1, {h}, {p}, {c}]",
+                keys.shape()
+            );
+        }
         if let Some(row_bias) = &row_bias {
             ensure!(
                 row_bias.len() == batch * ht,
@@ -224,9 +246,30 @@ impl EvalOp for ImageToTokenOutput {
             .chunks_exact(ht * d)
             .map(|v| PackedWeights::pack(v, ht, d).context("token values"))
             .collect::<TractResult<_>>()?;
-        // With logits computed here: each prompt's query rows as the columns of a product.
+        let head_keys_view = head_keys
+            .as_ref()
+            .map(|k| k.try_as_plain_ram())
+            .transpose()?;
+        let head_keys = head_keys_view
+            .as_ref()
+            .map(|v| v.as_slice::<f32>())
+            .transpose()?;
+        // With logits computed here: each prompt's (or head's) query rows as the columns of a
+        // product.
         let queries: Vec<PackedWeights> = match self.logits {
             LogitsSource::Input => Vec::new(),
+            LogitsSource::PerHead(_) => {
+                let (mut rows, mut transposed) = (vec![0f32; t * c], vec![0f32; t * c]);
+                (0..h)
+                    .map(|head| {
+                        for (row, src) in rows.chunks_exact_mut(c).zip(first.chunks_exact(h * c)) {
+                            row.copy_from_slice(&src[head * c..(head + 1) * c]);
+                        }
+                        transpose(&rows, t, c, &mut transposed);
+                        PackedWeights::pack(&transposed, c, t).context("query rows")
+                    })
+                    .collect::<TractResult<_>>()?
+            }
             LogitsSource::FromKeys(_) => {
                 let mut transposed = vec![0f32; ht * d];
                 first
@@ -257,6 +300,12 @@ impl EvalOp for ImageToTokenOutput {
                         let rb = if residual_batch == 1 { 0 } else { b };
                         let at = (rb * p + start) * d;
                         let logits = match (&self.logits, row_bias) {
+                            (LogitsSource::PerHead(_), _) => Logits::PerHead {
+                                queries: &queries,
+                                keys: head_keys.context("per-head keys")?,
+                                pixels: p,
+                                first: start,
+                            },
                             (LogitsSource::FromKeys(pe), Some(row_bias)) => Logits::FromKeys {
                                 queries: queries.get(b).context("query rows")?,
                                 bias: row_bias.get(b * ht..(b + 1) * ht).context("row bias")?,
@@ -511,6 +560,9 @@ fn plan_logits(model: &TypedModel, id: usize) -> TractResult<Match<ImageToTokenO
     };
     let batch = if op.batched { scores_shape[0] } else { 1 };
     let (add, after_add) = producer_before_axis_ops(model, scores);
+    if after_add.is_empty() && einsum_expr(model, add).as_deref() == Some(HEAD_LOGITS) {
+        return plan_head_logits(model, (id, op), add, [values, residual]);
+    }
     let add_node = model.node(add);
     let is_add = add_node
         .op_as::<TypedBinOp>()
@@ -570,6 +622,43 @@ fn plan_logits(model: &TypedModel, id: usize) -> TractResult<Match<ImageToTokenO
         })));
     }
     Ok(Ok(None))
+}
+
+/// The first block's logits for one prompt: einsum node `logits` (`mbk,abnk->bmn`) of the query
+/// rows `[T, H, c]` and the per-frame keys `[1, H, P, c]` gives the op's `[H, T, P]` scores.
+fn plan_head_logits(
+    model: &TypedModel,
+    (id, op): (usize, &ImageToTokenOutput),
+    logits: usize,
+    [values, residual]: [OutletId; 2],
+) -> TractResult<Match<ImageToTokenOutput>> {
+    let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
+    let (h, t, p) = (op.heads, op.tokens, op.pixels);
+    let node = model.node(logits);
+    let (queries, keys) = (node.inputs[0], node.inputs[1]);
+    let queries_shape = shape_of(queries)?.unwrap_or_default();
+    let c = queries_shape.last().copied().unwrap_or(0);
+    need!(
+        !op.batched && queries_shape == [t, h, c] && c > 0 && c <= op.dim,
+        "per-head queries are {queries_shape:?} for {h} heads of {t} tokens"
+    );
+    need!(
+        shape_of(keys)? == Some(vec![1, h, p, c]),
+        "per-head keys are {:?}",
+        shape_of(keys)?
+    );
+    need!(
+        sole_consumer(model, OutletId::new(logits, 0)).is_some(),
+        "the logits have other consumers"
+    );
+    Ok(Ok(Some(Plan {
+        inputs: vec![queries, keys, values, residual],
+        output: OutletId::new(id, 0),
+        op: ImageToTokenOutput {
+            logits: LogitsSource::PerHead(c),
+            ..op.clone()
+        },
+    })))
 }
 
 /// Whether the axis ops `chain` turn the `[.., H, T, P]` weights into `[.., P, H, T]` (any

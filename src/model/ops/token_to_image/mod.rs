@@ -298,7 +298,7 @@ const LOGITS: [&str; 2] = ["abc,dec->abe", "abcd,aed->abce"];
 const WEIGHTED_SUM: [&str; 2] = ["ab,cbd->ad", "abc,acd->abd"];
 // The first block's per-head forms for one prompt: logits `mbk,abnk->bmn`, weighted sum
 // `bmk,abkn->mbn`.
-const HEAD_LOGITS: &str = "abc,dbec->bae";
+pub(crate) const HEAD_LOGITS: &str = "abc,dbec->bae";
 const HEAD_SUM: &str = "abc,dace->bae";
 
 /// Replace each token->image attention core (see the module docs) by
@@ -318,7 +318,7 @@ pub fn rewrite_token_to_image(model: &mut TypedModel) -> TractResult<usize> {
 type Plan = Replacement<TokenToImageAttention>;
 
 /// The canonical expression of einsum node `id`.
-fn einsum_expr(model: &TypedModel, id: usize) -> Option<String> {
+pub(crate) fn einsum_expr(model: &TypedModel, id: usize) -> Option<String> {
     model
         .node(id)
         .op_as::<EinSum>()
