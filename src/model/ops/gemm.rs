@@ -70,6 +70,24 @@ impl PackedWeights {
     }
 }
 
+/// Head `head` of a block of query rows `q` laid out `[T, H, c]` (`heads` = H), as the columns
+/// of a logits product: its `T × c` rows transposed and packed as a `c × T` matrix. With one
+/// head, a `[T, c]` block. `None` if the sizes do not fit.
+pub fn pack_head_columns(q: &[f32], heads: usize, head: usize, c: usize) -> Option<PackedWeights> {
+    let width = heads.checked_mul(c)?;
+    if width == 0 || head >= heads || !q.len().is_multiple_of(width) {
+        return None;
+    }
+    let t = q.len() / width;
+    let mut columns = vec![0f32; c * t];
+    for (ti, row) in q.chunks_exact(width).enumerate() {
+        for (ci, &v) in row[head * c..(head + 1) * c].iter().enumerate() {
+            columns[ci * t + ti] = v;
+        }
+    }
+    PackedWeights::pack(&columns, c, t)
+}
+
 // Values compare by their bits (tract wants its ops `Eq`).
 impl PartialEq for PackedWeights {
     fn eq(&self, other: &PackedWeights) -> bool {

@@ -28,7 +28,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
-use super::gemm::{same_bits, transpose, PackedWeights};
+use super::gemm::{pack_head_columns, same_bits, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
@@ -171,14 +171,11 @@ impl EvalOp for ImageToTokenOutput {
                 .next()
                 .context("TinysamImageToTokenOutput: too few inputs")
         };
-        // The second input: the row bias, or the per-head keys.
-        let (first, second) = match self.logits {
-            LogitsSource::Input => (next()?, None),
-            LogitsSource::FromKeys(_) | LogitsSource::PerHead(_) => (next()?, Some(next()?)),
-        };
-        let (row_bias, head_keys) = match self.logits {
-            LogitsSource::PerHead(_) => (None, second),
-            _ => (second, None),
+        let first = next()?;
+        // The row bias (logits from keys + pe) or the per-head keys (logits per head).
+        let second = match self.logits {
+            LogitsSource::Input => None,
+            LogitsSource::FromKeys(_) | LogitsSource::PerHead(_) => Some(next()?),
         };
         let (values, residual) = (next()?, next()?);
         let batch = if self.batched {
@@ -188,10 +185,6 @@ impl EvalOp for ImageToTokenOutput {
         };
         let lead: &[usize] = if self.batched { &[batch] } else { &[] };
         let want = |tail: &[usize]| [lead, tail].concat();
-        let c = match self.logits {
-            LogitsSource::PerHead(c) => c,
-            _ => d,
-        };
         let first_tail = match self.logits {
             LogitsSource::Input => [h, t, p],
             LogitsSource::FromKeys(_) => [h, t, d],
@@ -208,19 +201,18 @@ impl EvalOp for ImageToTokenOutput {
             first.shape(),
             values.shape()
         );
-        if let Some(keys) = &head_keys {
-            ensure!(
-                !self.batched && keys.shape() == [1, h, p, c],
-                "TinysamImageToTokenOutput: per-head keys {:?}, expected [1, {h}, {p}, {c}]",
-                keys.shape()
-            );
-        }
-        if let Some(row_bias) = &row_bias {
-            ensure!(
+        match (&self.logits, &second) {
+            (LogitsSource::FromKeys(_), Some(row_bias)) => ensure!(
                 row_bias.len() == batch * ht,
                 "TinysamImageToTokenOutput: row bias {:?} for {batch} prompts of {ht} rows",
                 row_bias.shape()
-            );
+            ),
+            (&LogitsSource::PerHead(c), Some(keys)) => ensure!(
+                !self.batched && keys.shape() == [1, h, p, c],
+                "TinysamImageToTokenOutput: per-head keys {:?}, expected [1, {h}, {p}, {c}]",
+                keys.shape()
+            ),
+            _ => {}
         }
         let rs = residual.shape();
         ensure!(
@@ -230,11 +222,8 @@ impl EvalOp for ImageToTokenOutput {
         let residual_batch = rs[0];
         let first_view = first.try_as_plain_ram()?;
         let first = first_view.as_slice::<f32>()?;
-        let row_bias_view = row_bias
-            .as_ref()
-            .map(|b| b.try_as_plain_ram())
-            .transpose()?;
-        let row_bias = row_bias_view
+        let second_view = second.as_ref().map(|s| s.try_as_plain_ram()).transpose()?;
+        let second = second_view
             .as_ref()
             .map(|v| v.as_slice::<f32>())
             .transpose()?;
@@ -246,40 +235,19 @@ impl EvalOp for ImageToTokenOutput {
             .chunks_exact(ht * d)
             .map(|v| PackedWeights::pack(v, ht, d).context("token values"))
             .collect::<TractResult<_>>()?;
-        let head_keys_view = head_keys
-            .as_ref()
-            .map(|k| k.try_as_plain_ram())
-            .transpose()?;
-        let head_keys = head_keys_view
-            .as_ref()
-            .map(|v| v.as_slice::<f32>())
-            .transpose()?;
         // With logits computed here: each prompt's (or head's) query rows as the columns of a
         // product.
         let queries: Vec<PackedWeights> = match self.logits {
             LogitsSource::Input => Vec::new(),
-            LogitsSource::PerHead(_) => {
-                let (mut rows, mut transposed) = (vec![0f32; t * c], vec![0f32; t * c]);
-                (0..h)
-                    .map(|head| {
-                        for (row, src) in rows.chunks_exact_mut(c).zip(first.chunks_exact(h * c)) {
-                            row.copy_from_slice(&src[head * c..(head + 1) * c]);
-                        }
-                        transpose(&rows, t, c, &mut transposed);
-                        PackedWeights::pack(&transposed, c, t).context("query rows")
-                    })
-                    .collect::<TractResult<_>>()?
-            }
-            LogitsSource::FromKeys(_) => {
-                let mut transposed = vec![0f32; ht * d];
-                first
-                    .chunks_exact(ht * d)
-                    .map(|q| {
-                        transpose(q, ht, d, &mut transposed);
-                        PackedWeights::pack(&transposed, d, ht).context("query rows")
-                    })
-                    .collect::<TractResult<_>>()?
-            }
+            LogitsSource::PerHead(c) => (0..h)
+                .map(|head| pack_head_columns(first, h, head, c))
+                .collect::<Option<_>>()
+                .context("query rows")?,
+            LogitsSource::FromKeys(_) => first
+                .chunks_exact(ht * d)
+                .map(|q| pack_head_columns(q, 1, 0, d))
+                .collect::<Option<_>>()
+                .context("query rows")?,
         };
         let mut out = Tensor::zero::<f32>(&[batch, p, d])?;
         let isa = Isa::detect();
@@ -299,19 +267,21 @@ impl EvalOp for ImageToTokenOutput {
                         let (b, start) = (tile / tiles_per_prompt, tile % tiles_per_prompt * TILE);
                         let rb = if residual_batch == 1 { 0 } else { b };
                         let at = (rb * p + start) * d;
-                        let logits = match (&self.logits, row_bias) {
-                            (LogitsSource::PerHead(_), _) => Logits::PerHead {
+                        let logits = match &self.logits {
+                            LogitsSource::PerHead(_) => Logits::PerHead {
                                 queries: &queries,
-                                keys: head_keys.context("per-head keys")?,
+                                keys: second.context("per-head keys")?,
                                 pixels: p,
                                 first: start,
                             },
-                            (LogitsSource::FromKeys(pe), Some(row_bias)) => Logits::FromKeys {
+                            LogitsSource::FromKeys(pe) => Logits::FromKeys {
                                 queries: queries.get(b).context("query rows")?,
-                                bias: row_bias.get(b * ht..(b + 1) * ht).context("row bias")?,
+                                bias: second
+                                    .and_then(|bias| bias.get(b * ht..(b + 1) * ht))
+                                    .context("row bias")?,
                                 pe: pe.get(start * d..(start + TILE) * d).context("pe")?,
                             },
-                            _ => Logits::Given {
+                            LogitsSource::Input => Logits::Given {
                                 all: first.get(b * ht * p..(b + 1) * ht * p).context("scores")?,
                                 pixels: p,
                                 first: start,

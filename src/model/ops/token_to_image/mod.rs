@@ -28,7 +28,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use super::gemm::{transpose, PackedWeights};
+use super::gemm::{pack_head_columns, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
@@ -210,18 +210,11 @@ impl EvalOp for TokenToImageAttention {
             None => keys,
         };
         // Each prompt's and head's query rows as the columns of the logits product.
-        let mut rows = vec![0f32; t * c];
-        let mut transposed = vec![0f32; t * c];
-        let mut packed = Vec::with_capacity(batch * h);
-        for q in queries.chunks_exact(per_prompt) {
-            for head in 0..h {
-                for (row, src) in rows.chunks_exact_mut(c).zip(q.chunks_exact(h * c)) {
-                    row.copy_from_slice(&src[head * c..(head + 1) * c]);
-                }
-                transpose(&rows, t, c, &mut transposed);
-                packed.push(PackedWeights::pack(&transposed, c, t).context("query rows")?);
-            }
-        }
+        let packed: Vec<PackedWeights> = queries
+            .chunks_exact(per_prompt)
+            .flat_map(|q| (0..h).map(move |head| pack_head_columns(q, h, head, c)))
+            .collect::<Option<_>>()
+            .context("query rows")?;
         let parts = p.div_ceil(PART);
         let len = kernel::state_len(t, c).context("state size")?;
         let mut states = vec![0f32; batch * h * parts * len];
