@@ -121,6 +121,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
             "MatMul",
             "Conv",
             "DepthWise",
+            "TokenDepthwise",
             "Deconv",
             "Attention",
             "Upscaling",
@@ -166,6 +167,10 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
                         .map(|op| op.kernel_name())
                 })
                 .or_else(|| node.op_as::<super::ops::Stem>().map(|op| op.kernel_name()))
+                .or_else(|| {
+                    node.op_as::<super::ops::TokenDepthwise>()
+                        .map(|op| op.kernel_name())
+                })
                 .unwrap_or_default();
             if dt.is_integer() {
                 integer_macs += macs;

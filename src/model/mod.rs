@@ -297,6 +297,10 @@ pub(crate) fn optimize(
     if norms > 0 {
         log::debug!("{stage}: {norms} LayerNorms on TinysamLayerNorm");
     }
+    let local_convs = ops::rewrite_token_depthwise(&mut typed).map_err(load_err)?;
+    if local_convs > 0 {
+        log::debug!("{stage}: {local_convs} depthwise convolutions read tokens as HWC images");
+    }
     let gelus = qmatmul::rewrite_gelu(&mut typed).map_err(load_err)?;
     if gelus > 0 {
         log::debug!("{stage}: {gelus} GELUs on TinysamGelu");

@@ -20,6 +20,7 @@ pub mod mask_upscaling;
 pub mod mbconv;
 pub mod softmax;
 pub mod stem;
+pub mod token_depthwise;
 pub mod token_mixing;
 pub mod token_to_image;
 
@@ -29,6 +30,7 @@ pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
 pub use mbconv::{rewrite_mbconv, MbConv};
 pub use softmax::{rewrite_softmax, AxisSoftmax};
 pub use stem::{rewrite_stem, Stem};
+pub use token_depthwise::{rewrite_token_depthwise, TokenDepthwise};
 pub use token_mixing::{
     rewrite_image_to_token_logits, rewrite_image_to_token_output, ImageToTokenOutput, LogitsSource,
 };
