@@ -337,6 +337,13 @@ pub(crate) fn optimize(
     if logits > 0 {
         log::debug!("{stage}: {logits} image->token outputs compute their own logits");
     }
+    // Last: the other rewrites match some of the same axis ops.
+    let gathers = ops::rewrite_row_gathers(&mut typed).map_err(load_err)?;
+    if gathers > 0 {
+        log::debug!(
+            "{stage}: {gathers} row-moving chains (window partitions, merges) on TinysamRowGather"
+        );
+    }
     typed.into_optimized().map_err(load_err)
 }
 
