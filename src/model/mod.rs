@@ -267,6 +267,10 @@ pub(crate) fn optimize(
         qmatmul::fuse_quantization(&mut typed, &mut report).map_err(load_err)?;
         let (biases, gelus) = qmatmul::fuse_epilogues(&mut typed).map_err(load_err)?;
         log::debug!("{stage}: {biases} bias adds and {gelus} GELUs fused into int8 products");
+        let chained = qmatmul::chain_products(&mut typed).map_err(load_err)?;
+        if chained > 0 {
+            log::debug!("{stage}: {chained} int8 products hand i8 rows to the next");
+        }
         if !report.replaced.is_empty() || !report.kept.is_empty() {
             log::info!(
                 "{stage}: {} quantized matmuls on {}, {} left to tract; {} quantize and {} \

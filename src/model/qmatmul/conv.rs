@@ -192,6 +192,9 @@ impl EvalOp for QConvOp {
                 let out_i = match &mut out {
                     super::Output::I8(v) => super::Output::I8(&mut v[range]),
                     super::Output::F32(v, dq) => super::Output::F32(&mut v[range], *dq),
+                    super::Output::Requantized(v, dq, q) => {
+                        super::Output::Requantized(&mut v[range], *dq, *q)
+                    }
                 };
                 qmatmul(&patches, &self.b, &self.requant, out_i, Layout::ColMajor)
                     .map_err(|e| format_err!("{e}"))?;

@@ -38,7 +38,7 @@ use tract_linalg::multithread::{current_tract_executor, Executor};
 
 pub use conv::{Im2Col, QConvOp};
 pub use epilogue::{fuse_epilogues, rewrite_gelu, Epilogue, GeluOp};
-pub use op::{as_int8_op, Int8Op, QMatMulOp};
+pub use op::{as_int8_op, chain_products, Int8Op, QMatMulOp};
 pub use rewrite::{
     compare_with_tract, fuse_quantization, rewrite_quantized_matmuls, Agreement, RewriteReport,
 };
@@ -340,22 +340,32 @@ pub enum Output<'a> {
     I8(&'a mut [i8]),
     /// Float results and how to dequantize them.
     F32(&'a mut [f32], Dequantize),
+    /// Results dequantized to f32, finished (bias, GELU) and quantized again by the next
+    /// product's input quantization (a fused `QuantizeLinear`), each task's rows in a buffer of
+    /// its own: the f32 values never reach memory whole. Row-major only.
+    Requantized(&'a mut [i8], Dequantize, Quantize),
 }
 
 impl Output<'_> {
     fn len(&self) -> usize {
         match self {
-            Output::I8(v) => v.len(),
+            Output::I8(v) | Output::Requantized(v, _, _) => v.len(),
             Output::F32(v, _) => v.len(),
         }
     }
 
-    fn ptr(&mut self) -> OutPtr {
+    fn ptr(&mut self) -> TaskOut {
         match self {
-            Output::I8(v) => OutPtr::I8(v.as_mut_ptr()),
-            Output::F32(v, dq) => OutPtr::F32(v.as_mut_ptr(), *dq),
+            Output::I8(v) => TaskOut::Direct(OutPtr::I8(v.as_mut_ptr())),
+            Output::F32(v, dq) => TaskOut::Direct(OutPtr::F32(v.as_mut_ptr(), *dq)),
+            Output::Requantized(v, dq, q) => TaskOut::Requantized(v.as_mut_ptr(), *dq, *q),
         }
     }
+}
+
+thread_local! {
+    /// A task's f32 rows on their way to [`Output::Requantized`], kept between tasks.
+    static REQUANTIZE_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A constant right-hand matrix (k × n), packed once for one kernel.
@@ -563,6 +573,11 @@ pub fn qmatmul_then(
             "a fused finish needs a row-major f32 output".into(),
         ));
     }
+    if matches!(c, Output::Requantized(..)) && c_layout != Layout::RowMajor {
+        return Err(QMatMulError::Shape(
+            "a requantized output must be row-major".into(),
+        ));
+    }
     a.check().map_err(QMatMulError::Shape)?;
     if a.depth() != k {
         return Err(QMatMulError::Shape(format!(
@@ -594,7 +609,22 @@ pub fn qmatmul_then(
                 match &mut c {
                     Output::I8(c) => c[at] = v,
                     Output::F32(c, dq) => c[at] = dq.apply(v),
+                    // Row by row below.
+                    Output::Requantized(..) => {}
                 }
+            }
+        }
+        if let Output::Requantized(c, dq, q) = &mut c {
+            // Row-major (checked above): each row dequantized, finished, quantized again.
+            let mut row = vec![0f32; n];
+            for out in c.chunks_exact_mut(n) {
+                for (col, x) in row.iter_mut().enumerate() {
+                    *x = dq.apply(requant.apply(0, col));
+                }
+                if let Some(finish) = finish {
+                    finish(&mut row);
+                }
+                q.slice(&row, out);
             }
         }
         if let (Some(finish), Output::F32(c, _)) = (finish, &mut c) {
@@ -633,8 +663,39 @@ pub fn qmatmul_then(
     let run_task = |task: usize| {
         let first_row = task * blocks_per_task * mr;
         let rows = (blocks_per_task * mr).min(m - first_row);
+        let out = match out {
+            TaskOut::Direct(out) => out,
+            TaskOut::Requantized(p, dq, q) => {
+                REQUANTIZE_ROWS.with_borrow_mut(|buf| {
+                    buf.resize(rows * n, 0.0);
+                    // SAFETY: the buffer holds this task's `rows × n` values, written at rows
+                    // counted from `first_row` (the row base).
+                    let rows_out = OutPtr::F32(buf.as_mut_ptr(), dq);
+                    unsafe {
+                        rows_task(
+                            a,
+                            b,
+                            &columns,
+                            (first_row, rows),
+                            rows_out,
+                            Layout::RowMajor,
+                            first_row,
+                        )
+                    };
+                    if let Some(finish) = finish {
+                        finish(buf);
+                    }
+                    // SAFETY: the output is row-major (checked above): this task's rows are the
+                    // `rows × n` bytes from row `first_row`, inside C; no other task touches them.
+                    let done =
+                        unsafe { std::slice::from_raw_parts_mut(p.add(first_row * n), rows * n) };
+                    q.slice(buf, done);
+                });
+                return;
+            }
+        };
         // SAFETY: tasks cover disjoint row ranges, and every index written is < m × n.
-        unsafe { rows_task(a, b, &columns, first_row, rows, out, c_layout) };
+        unsafe { rows_task(a, b, &columns, (first_row, rows), out, c_layout, 0) };
         if let (Some(finish), OutPtr::F32(p, _)) = (finish, out) {
             // SAFETY: the output is row-major (checked above), so this task's rows are the
             // `rows × n` values from row `first_row`, inside C; no other task touches them.
@@ -659,7 +720,8 @@ struct ColumnRequant {
     zero_point: i32,
 }
 
-/// Output pointer shared by tasks that write disjoint elements.
+/// Where a task's tiles go: C itself (i8, or f32 dequantized), shared by tasks that write
+/// disjoint elements.
 #[derive(Clone, Copy)]
 enum OutPtr {
     I8(*mut i8),
@@ -668,6 +730,17 @@ enum OutPtr {
 // SAFETY: only used by `qmatmul`'s tasks, each writing its own rows.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+/// Where a task's rows go: straight to C, or (see [`Output::Requantized`]) through the task's
+/// f32 buffer to i8 C.
+#[derive(Clone, Copy)]
+enum TaskOut {
+    Direct(OutPtr),
+    Requantized(*mut i8, Dequantize, Quantize),
+}
+// SAFETY: only used by `qmatmul`'s tasks, each writing its own rows.
+unsafe impl Send for TaskOut {}
+unsafe impl Sync for TaskOut {}
 
 #[inline]
 fn c_index(layout: Layout, m: usize, n: usize, row: usize, col: usize) -> usize {
@@ -678,17 +751,20 @@ fn c_index(layout: Layout, m: usize, n: usize, row: usize, col: usize) -> usize 
 }
 
 /// Rows `first_row .. first_row + rows` of C: pack them from A, run every tile, requantize.
+/// Row `r` of C is written at row `r - row_base` of `out` (0, or `first_row` for a task's own
+/// buffer).
 ///
 /// # Safety
-/// `out` points to `a.m × b.n` values no other task writes in these rows.
+/// `out` points to `(a.m - row_base) × b.n` values no other task writes in these rows, and a
+/// non-zero `row_base` needs a row-major `out`.
 unsafe fn rows_task(
     a: &impl RowSource,
     b: &PackedB,
     columns: &ColumnRequant,
-    first_row: usize,
-    rows: usize,
+    (first_row, rows): (usize, usize),
     out: OutPtr,
     c_layout: Layout,
+    row_base: usize,
 ) {
     let kernel = b.kernel;
     let (mr, nr, kp) = (kernel.mr(), kernel.nr(), b.kp);
@@ -700,9 +776,9 @@ unsafe fn rows_task(
     let mut tile_f32 = vec![0f32; mr * nr];
     let spot = |blk: usize, p: usize| {
         (
-            (first_row + blk * mr, p * nr),
+            (first_row + blk * mr - row_base, p * nr),
             (mr, nr),
-            (first_row + rows, n, m),
+            (first_row + rows - row_base, n, m),
         )
     };
     // An i8 tile to C, dequantized on the way where C is f32.

@@ -500,6 +500,7 @@ fn plan_node(
         input_quant: None,
         output_dequant: None,
         epilogue: Default::default(),
+        output_requant: None,
     }))
 }
 

@@ -332,6 +332,88 @@ fn fused_quantize_and_dequantize_match_the_unfused_path() {
     }
 }
 
+/// A requantized output (dequantize, bias + GELU, quantize again, per task) equals the f32
+/// output with the same finish, quantized afterwards: on every kernel, on one and on three
+/// threads, with row counts that fill no tile or task evenly, and with k = 0.
+#[test]
+fn requantized_rows_equal_quantizing_the_f32_output() {
+    let q = Quantize {
+        scale: 7.5,
+        zero_point: 0,
+    };
+    let dq = Dequantize {
+        scale: 0.021,
+        zero_point: 0,
+    };
+    for (m, k, n) in [(301, 40, 35), (9, 16, 16), (1, 5, 3), (70, 0, 12)] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 211) as f32 / 17.0 - 6.0)
+            .collect();
+        let b = values(k * n, 5);
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.03 - 0.4).collect();
+        let requant = Requant {
+            bias: vec![-7],
+            scale: vec![0.006],
+            zero_point: 0,
+        };
+        let finish = |rows: &mut [f32]| super::epilogue::apply_rows(rows, n, Some(&bias), true);
+        for kernel in Kernel::supported() {
+            let packed = PackedB::from_row_major(kernel, k, n, &b);
+            let a = MatrixA {
+                data: Activations::F32(&x, q),
+                m,
+                layout: Layout::RowMajor,
+            };
+            let mut f32_out = vec![0f32; m * n];
+            let out = Output::F32(&mut f32_out, dq);
+            qmatmul_then(&a, &packed, &requant, out, Layout::RowMajor, Some(&finish)).unwrap();
+            let mut want = vec![0i8; m * n];
+            q.slice(&f32_out, &mut want);
+            for threads in [1, 3] {
+                let mut got = vec![0i8; m * n];
+                tract_linalg::multithread::multithread_tract_scope(
+                    tract_linalg::multithread::Executor::multithread(threads),
+                    || {
+                        let out = Output::Requantized(&mut got, dq, q);
+                        qmatmul_then(&a, &packed, &requant, out, Layout::RowMajor, Some(&finish))
+                    },
+                )
+                .unwrap();
+                assert_eq!(got, want, "{kernel} {m}x{k}x{n}, {threads} threads");
+            }
+            let mut col = vec![0i8; m * n];
+            let out = Output::Requantized(&mut col, dq, q);
+            assert!(qmatmul_then(&a, &packed, &requant, out, Layout::ColMajor, None).is_err());
+        }
+    }
+}
+
+/// The fixture's INT8 encoder with its products chained (fc1 hands i8 rows to fc2) gives the
+/// same embedding, bit for bit, as without.
+#[test]
+fn chained_products_keep_the_fixture_embedding() {
+    use crate::model::test_support::{
+        decluttered_encoder, fixture_dir, pattern_input, run_first_output,
+    };
+    let (mut graph, s) = decluttered_encoder(&fixture_dir(), crate::model::Precision::Int8);
+    let mut report = rewrite_quantized_matmuls(&mut graph, Kernel::detect()).unwrap();
+    fuse_quantization(&mut graph, &mut report).unwrap();
+    fuse_epilogues(&mut graph).unwrap();
+    let mut chained = graph.clone();
+    let count = chain_products(&mut chained).unwrap();
+    let mlp = graph
+        .nodes()
+        .iter()
+        .filter(|n| n.name.contains("mlp/fc1") && n.op_is::<QMatMulOp>())
+        .count();
+    assert!(mlp > 0 && count >= mlp, "{count} chained, {mlp} MLPs");
+    let input = pattern_input(s);
+    assert_eq!(
+        run_first_output(chained, &input).unwrap(),
+        run_first_output(graph, &input).unwrap()
+    );
+}
+
 /// Patches gathered from an image equal an explicit im2col matrix, padding and strides included.
 #[test]
 fn im2col_rows_match_an_explicit_gather() {
