@@ -1,10 +1,12 @@
 //! The arithmetic of [`super::WindowAttention`] for one (window, head) pair, free of tract (so
-//! that `benches/pi5_mca.py` compiles it alone for the Cortex-A76 cycle model): gather q, kᵀ and
-//! v into cache, then per block of [`ROWS`] query rows the scores ([`LANES`] keys at a time, in
-//! registers), the softmax and the weighted sum of v rows.
+//! that `benches/pi5_mca.py` compiles it alone for the Cortex-A76 cycle model): gather kᵀ and v
+//! into cache, then per block of [`ROWS`] query rows (read where they are) the scores
+//! ([`LANES`] keys at a time, in registers), the softmax and the weighted sum of v rows.
 //!
 //! One generic body, compiled three times: with AVX-512F, with AVX2 + FMA (x86_64, chosen at
-//! run time) and plainly (NEON with fused multiply-adds on aarch64).
+//! run time) and plainly (NEON with fused multiply-adds on aarch64). The AVX-512 form computes
+//! its scores two key chunks at a time with intrinsics (12 accumulators: written generically,
+//! the compiler spilled them, 4x slower) and its weighted sums 16 lanes wide.
 #![allow(unsafe_code)]
 
 use super::super::fastmath::{exp_fused, madd};
@@ -16,9 +18,10 @@ const MAX_ROWS: usize = 8;
 /// Key columns per vector chunk.
 pub(crate) const LANES: usize = 16;
 
-/// Per-task buffers: q (row-padded), kᵀ (column-padded, scaled) and one block of scores.
+/// Per-task buffers: a zero row (the padding query rows read it), kᵀ (column-padded, scaled),
+/// v and one block of scores.
 pub(crate) struct Scratch {
-    q: Vec<f32>,
+    zero_row: Vec<f32>,
     kt: Vec<f32>,
     v: Vec<f32>,
     p: Vec<f32>,
@@ -26,11 +29,9 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub(crate) fn new(tokens: usize, dim: usize) -> Scratch {
-        // Rows padded to a multiple of any block height up to MAX_ROWS.
-        let rows = tokens + MAX_ROWS;
         let cols = tokens.div_ceil(LANES) * LANES;
         Scratch {
-            q: vec![0.0; rows * dim],
+            zero_row: vec![0.0; dim],
             kt: vec![0.0; dim * cols],
             v: vec![0.0; tokens * dim],
             p: vec![0.0; MAX_ROWS * cols],
@@ -58,25 +59,25 @@ pub(crate) struct Head<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub(crate) unsafe fn head_avx512(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
-    attend::<true, 6>(head, out, scratch)
+    attend::<true, 6, true>(head, out, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn head_avx2(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
-    attend::<true, ROWS>(head, out, scratch)
+    attend::<true, ROWS, false>(head, out, scratch)
 }
 
 pub(crate) fn head_portable(head: &Head<'_>, out: &mut [f32], scratch: &mut Scratch) {
     // aarch64 always has fused multiply-add (NEON `fmla`); elsewhere it would be a libm call.
-    attend::<{ cfg!(target_arch = "aarch64") }, ROWS>(head, out, scratch)
+    attend::<{ cfg!(target_arch = "aarch64") }, ROWS, false>(head, out, scratch)
 }
 
 /// The kernel, written so that the compiler vectorises it for whichever target features the
 /// calling function enables: fixed-size inner loops over [`LANES`] key columns and [`ROWS`]
 /// query rows, accumulators in registers.
 #[inline(always)]
-pub(crate) fn attend<const FMA: bool, const R: usize>(
+pub(crate) fn attend<const FMA: bool, const R: usize, const WIDE: bool>(
     head: &Head<'_>,
     out: &mut [f32],
     scratch: &mut Scratch,
@@ -84,31 +85,54 @@ pub(crate) fn attend<const FMA: bool, const R: usize>(
     let (n, d) = (head.tokens, head.dim);
     let rows = n.div_ceil(R) * R;
     let cols = n.div_ceil(LANES) * LANES;
-    let Scratch { q, kt, v, p } = scratch;
-    // Gather this head's q, kᵀ · scale and v. Layouts for the score loop, so that it reads
-    // both operands in order without index checks: q per block of R rows as [d][R], kᵀ per
-    // chunk of LANES keys as [d][LANES]. Padding rows and keys stay zero.
-    q[..rows * d].fill(0.0);
+    let Scratch { zero_row, kt, v, p } = scratch;
+    // Gather this head's kᵀ · scale and v. kᵀ per chunk of LANES keys as [d][LANES], so that
+    // the score loop reads it in order; padding keys stay zero. q is read where it is, one
+    // value of R rows at a time (a broadcast each); padding rows read zeros.
     kt[..cols * d].fill(0.0);
     for t in 0..n {
         let row = &head.input[t * head.stride..(t + 1) * head.stride];
         v[t * d..(t + 1) * d].copy_from_slice(&row[head.v_at..head.v_at + d]);
-        let (qb, qr) = (t / R * d * R, t % R);
-        for (dd, &x) in row[head.q_at..head.q_at + d].iter().enumerate() {
-            q[qb + dd * R + qr] = x;
-        }
         let (kc, kl) = (t / LANES * d * LANES, t % LANES);
         for (dd, &x) in row[head.k_at..head.k_at + d].iter().enumerate() {
             kt[kc + dd * LANES + kl] = x * head.scale;
         }
     }
-    for (block, qblock) in q[..rows * d].chunks_exact(d * R).enumerate() {
+    let zeros = &zero_row[..d];
+    for block in 0..rows / R {
         let r0 = block * R;
-        // Scores of R query rows against every key, LANES keys at a time.
-        for (chunk, kchunk) in kt[..cols * d].chunks_exact(d * LANES).enumerate() {
+        let qrows: [&[f32]; R] = std::array::from_fn(|r| {
+            let t = r0 + r;
+            if t < n {
+                let at = t * head.stride + head.q_at;
+                &head.input[at..at + d]
+            } else {
+                zeros
+            }
+        });
+        // Scores of R query rows against every key, LANES keys at a time; with AVX-512 two
+        // chunks at once in registers (2·R accumulator chains hide the multiply-add latency,
+        // and each q value is broadcast once for both).
+        let chunks = cols / LANES;
+        let mut chunk = 0;
+        #[cfg(target_arch = "x86_64")]
+        if WIDE && R == 6 {
+            let pairs = chunks / 2;
+            // SAFETY: WIDE is only compiled into `head_avx512` (AVX-512F and FMA present); kt
+            // holds `chunks` chunks of d × LANES, p holds R rows of `cols`, every q row d values.
+            unsafe { score_pairs_avx512(&qrows, &kt[..cols * d], d, pairs, p, cols) };
+            chunk = 2 * pairs;
+        }
+        for (chunk, kchunk) in kt[chunk * d * LANES..cols * d]
+            .chunks_exact(d * LANES)
+            .enumerate()
+            .map(|(i, k)| (chunk + i, k))
+        {
             let mut acc = [[0f32; LANES]; R];
-            for (k, qd) in kchunk.chunks_exact(LANES).zip(qblock.chunks_exact(R)) {
-                for (acc, &qv) in acc.iter_mut().zip(qd) {
+            for (dd, k) in kchunk.chunks_exact(LANES).enumerate() {
+                for (acc, qrow) in acc.iter_mut().zip(&qrows) {
+                    // SAFETY: `dd < d` (kchunk holds d chunks) and every row holds d values.
+                    let qv = unsafe { *qrow.get_unchecked(dd) };
                     for (a, &kv) in acc.iter_mut().zip(k) {
                         *a = madd::<FMA>(qv, kv, *a);
                     }
@@ -135,7 +159,7 @@ pub(crate) fn attend<const FMA: bool, const R: usize>(
         // row ran 3x slower: the compiler kept their accumulators in memory.)
         for (rr, &recip) in recips.iter().enumerate().take(valid) {
             let o = &mut out[(r0 + rr) * head.out_stride + head.out_at..][..d];
-            weighted_rows::<FMA>(&p[rr * cols..rr * cols + n], v, d, recip, o);
+            weighted_rows::<FMA, WIDE>(&p[rr * cols..rr * cols + n], v, d, recip, o);
         }
     }
 }
@@ -176,15 +200,26 @@ fn softmax_unnormalised<const FMA: bool>(s: &mut [f32]) -> f32 {
     1.0 / sum
 }
 
-/// `o = recip · Σ_j w_j v_j` over the rows of `v` (`w.len()` rows of `d`).
+/// `o = recip · Σ_j w_j v_j` over the rows of `v` (`w.len()` rows of `d`); `WIDE`: 16-lane
+/// vectors (AVX-512) where `d` is a multiple of 16.
 #[inline(always)]
-fn weighted_rows<const FMA: bool>(w: &[f32], v: &[f32], d: usize, recip: f32, o: &mut [f32]) {
+fn weighted_rows<const FMA: bool, const WIDE: bool>(
+    w: &[f32],
+    v: &[f32],
+    d: usize,
+    recip: f32,
+    o: &mut [f32],
+) {
     match d {
-        16 => weighted_rows_const::<FMA, 16>(w, v, recip, o),
-        24 => weighted_rows_const::<FMA, 24>(w, v, recip, o),
-        32 => weighted_rows_const::<FMA, 32>(w, v, recip, o),
-        48 => weighted_rows_const::<FMA, 48>(w, v, recip, o),
-        64 => weighted_rows_const::<FMA, 64>(w, v, recip, o),
+        16 if WIDE => weighted_rows_const::<FMA, 16, 16>(w, v, recip, o),
+        32 if WIDE => weighted_rows_const::<FMA, 32, 16>(w, v, recip, o),
+        48 if WIDE => weighted_rows_const::<FMA, 48, 16>(w, v, recip, o),
+        64 if WIDE => weighted_rows_const::<FMA, 64, 16>(w, v, recip, o),
+        16 => weighted_rows_const::<FMA, 16, 8>(w, v, recip, o),
+        24 => weighted_rows_const::<FMA, 24, 8>(w, v, recip, o),
+        32 => weighted_rows_const::<FMA, 32, 8>(w, v, recip, o),
+        48 => weighted_rows_const::<FMA, 48, 8>(w, v, recip, o),
+        64 => weighted_rows_const::<FMA, 64, 8>(w, v, recip, o),
         _ => {
             o.fill(0.0);
             for (&wj, vj) in w.iter().zip(v.chunks_exact(d)) {
@@ -200,7 +235,7 @@ fn weighted_rows<const FMA: bool>(w: &[f32], v: &[f32], d: usize, recip: f32, o:
 }
 
 #[inline(always)]
-fn weighted_rows_const<const FMA: bool, const D: usize>(
+fn weighted_rows_const<const FMA: bool, const D: usize, const L: usize>(
     w: &[f32],
     v: &[f32],
     recip: f32,
@@ -210,7 +245,6 @@ fn weighted_rows_const<const FMA: bool, const D: usize>(
     // v): independent FMA chains on fixed-size arrays, which the compiler keeps in registers.
     // (With the whole D-wide row as two arrays, or runs of a run-time length, it kept them on
     // the stack: a store and a reload per multiply-add, 40 % of the attention's time.)
-    const L: usize = 8;
     let rows = w.len().min(v.len() / D);
     let lane = |j: usize, c: usize| -> &[f32; L] {
         <&[f32; L]>::try_from(&v[j * D + c * L..j * D + (c + 1) * L]).unwrap_or(&[0.0; L])
@@ -235,6 +269,70 @@ fn weighted_rows_const<const FMA: bool, const D: usize>(
         }
         for l in 0..L {
             o[l] = (even[l] + odd[l]) * recip;
+        }
+    }
+}
+
+/// Scores of 6 query rows (`qrows`, d values each) against chunk pairs `0 .. pairs` of `kt`
+/// (per chunk [d][LANES]), into rows of `p` (`cols` apart): 12 accumulators in registers.
+///
+/// # Safety
+/// AVX-512F and FMA present; `kt` holds `2 · pairs` chunks of `d × LANES`; `p` holds 6 rows of
+/// `cols ≥ 2 · pairs · LANES`; `qrows` has at least 6 rows of at least `d` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn score_pairs_avx512<const R: usize>(
+    qrows: &[&[f32]; R],
+    kt: &[f32],
+    d: usize,
+    pairs: usize,
+    p: &mut [f32],
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(
+        R == 6 && kt.len() >= 2 * pairs * d * LANES && p.len() >= 5 * cols + 2 * pairs * LANES
+    );
+    let q: [*const f32; 6] = std::array::from_fn(|r| qrows[r].as_ptr());
+    for pair in 0..pairs {
+        // SAFETY (all reads and writes): inside the slices, per the contract above.
+        unsafe {
+            let ka = kt.as_ptr().add(2 * pair * d * LANES);
+            let kb = ka.add(d * LANES);
+            let z = _mm512_setzero_ps();
+            let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5) = (z, z, z, z, z, z);
+            let (mut b0, mut b1, mut b2, mut b3, mut b4, mut b5) = (z, z, z, z, z, z);
+            for dd in 0..d {
+                let va = _mm512_loadu_ps(ka.add(dd * LANES));
+                let vb = _mm512_loadu_ps(kb.add(dd * LANES));
+                let s0 = _mm512_set1_ps(*q[0].add(dd));
+                a0 = _mm512_fmadd_ps(s0, va, a0);
+                b0 = _mm512_fmadd_ps(s0, vb, b0);
+                let s1 = _mm512_set1_ps(*q[1].add(dd));
+                a1 = _mm512_fmadd_ps(s1, va, a1);
+                b1 = _mm512_fmadd_ps(s1, vb, b1);
+                let s2 = _mm512_set1_ps(*q[2].add(dd));
+                a2 = _mm512_fmadd_ps(s2, va, a2);
+                b2 = _mm512_fmadd_ps(s2, vb, b2);
+                let s3 = _mm512_set1_ps(*q[3].add(dd));
+                a3 = _mm512_fmadd_ps(s3, va, a3);
+                b3 = _mm512_fmadd_ps(s3, vb, b3);
+                let s4 = _mm512_set1_ps(*q[4].add(dd));
+                a4 = _mm512_fmadd_ps(s4, va, a4);
+                b4 = _mm512_fmadd_ps(s4, vb, b4);
+                let s5 = _mm512_set1_ps(*q[5].add(dd));
+                a5 = _mm512_fmadd_ps(s5, va, a5);
+                b5 = _mm512_fmadd_ps(s5, vb, b5);
+            }
+            let c0 = 2 * pair * LANES;
+            let out = p.as_mut_ptr().add(c0);
+            for (r, (a, b)) in [(a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5)]
+                .into_iter()
+                .enumerate()
+            {
+                _mm512_storeu_ps(out.add(r * cols), a);
+                _mm512_storeu_ps(out.add(r * cols + LANES), b);
+            }
         }
     }
 }
