@@ -539,45 +539,49 @@ mod tests {
     }
 
     /// Not a test: `cargo test --release --lib window_attention_speed -- --ignored --nocapture`
-    /// times stage 1's attention (361 windows of 49 tokens, 4 heads of 32) per compiled form,
-    /// on one thread: best of 5.
+    /// times stage 1's attention (361 windows of 49 tokens, 4 heads of 32) and stage 2's (25
+    /// windows of 196 tokens, 5 heads of 32) per compiled form, on one thread: best of 5.
     #[test]
     #[ignore]
     fn window_attention_speed() {
-        let (heads, n, d, windows) = (4, 49, 32, 361);
-        let width = 3 * d;
-        let qkv: Vec<f32> = (0..windows * n * heads * width)
-            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.004)
-            .collect();
-        let op = WindowAttention {
-            heads,
-            head_axis: true,
-            tokens: n,
-            head_dim: d,
-            width,
-            q_at: 0,
-            k_at: d,
-            v_at: 2 * d,
-            scale: 0.17,
-            bias: Some(Arc::new(
-                (0..heads * n * n)
-                    .map(|i| (i % 17) as f32 * 0.1 - 0.8)
-                    .collect(),
-            )),
-        };
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-            if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
-                continue;
+        for (heads, n, d, windows) in [(4, 49, 32, 361), (5, 196, 32, 25)] {
+            let width = 3 * d;
+            let qkv: Vec<f32> = (0..windows * n * heads * width)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.004)
+                .collect();
+            let op = WindowAttention {
+                heads,
+                head_axis: true,
+                tokens: n,
+                head_dim: d,
+                width,
+                q_at: 0,
+                k_at: d,
+                v_at: 2 * d,
+                scale: 0.17,
+                bias: Some(Arc::new(
+                    (0..heads * n * n)
+                        .map(|i| (i % 17) as f32 * 0.1 - 0.8)
+                        .collect(),
+                )),
+            };
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
+                    continue;
+                }
+                let best = (0..5)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        std::hint::black_box(run(&op, isa, &qkv, windows));
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .fold(f64::MAX, f64::min);
+                let gmac = (windows * heads * 2 * n * n * d) as f64 / 1e9;
+                eprintln!(
+                    "{windows} windows x {heads} heads x {n} tokens, {isa}: {best:.2} ms, {:.1} GMAC/s",
+                    gmac / best * 1e3
+                );
             }
-            let best = (0..5)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    std::hint::black_box(run(&op, isa, &qkv, windows));
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .fold(f64::MAX, f64::min);
-            let gmac = (windows * heads * 2 * n * n * d) as f64 / 1e9;
-            eprintln!("{isa}: {best:.2} ms, {:.1} GMAC/s", gmac / best * 1e3);
         }
     }
 
