@@ -297,6 +297,12 @@ pub(crate) fn optimize(
     for (node, why) in &attention.kept {
         log::debug!("{stage}: attention at {node} left to tract: {why}");
     }
+    let (qkv_in, i8_out) = ops::fuse_attention_quantization(&mut typed).map_err(load_err)?;
+    if qkv_in + i8_out > 0 {
+        log::debug!(
+            "{stage}: {qkv_in} attention cores read i8 qkv, {i8_out} write i8 for their projection"
+        );
+    }
     let norms = ops::rewrite_layer_norm(&mut typed).map_err(load_err)?;
     if norms > 0 {
         log::debug!("{stage}: {norms} LayerNorms on TinysamLayerNorm");

@@ -25,7 +25,10 @@ pub mod token_depthwise;
 pub mod token_mixing;
 pub mod token_to_image;
 
-pub use attention::{rewrite_window_attention, AttentionReport, WindowAttention};
+pub use attention::{
+    fuse_attention_quantization, rewrite_window_attention, AttentionQuant, AttentionReport,
+    WindowAttention,
+};
 pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
 pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
 pub use mbconv::{rewrite_mbconv, MbConv};
