@@ -307,6 +307,10 @@ pub(crate) fn optimize(
     if norms > 0 {
         log::debug!("{stage}: {norms} LayerNorms on TinysamLayerNorm");
     }
+    let folded = qmatmul::fold_layer_norms(&mut typed).map_err(load_err)?;
+    if folded > 0 {
+        log::debug!("{stage}: {folded} LayerNorms normalise rows as an int8 product packs them");
+    }
     let local_convs = ops::rewrite_token_depthwise(&mut typed).map_err(load_err)?;
     if local_convs > 0 {
         log::debug!("{stage}: {local_convs} depthwise convolutions read tokens as HWC images");

@@ -121,6 +121,18 @@ impl LayerNormOp {
         Ok(())
     }
 
+    /// A normaliser of single rows of `c` values, exactly as [`Self::normalise_rows`], with
+    /// tract's routines looked up once (for products that normalise their input rows as they
+    /// pack them).
+    pub(crate) fn row_normaliser(&self, c: usize) -> TractResult<RowNormaliser<'_>> {
+        Ok(RowNormaliser {
+            op: self,
+            c,
+            sum: Func::ReduceSum.reduce_f32()?,
+            rms_norm: tract_linalg::routines::rms_norm_f32()?,
+        })
+    }
+
     /// Normalise one row in place, given its sum and the RMS normalisation routine.
     fn row(&self, row: &mut [f32], sum: f32, rms_norm: fn(&mut [f32], f32)) {
         let mean = sum * self.recip;
@@ -138,6 +150,33 @@ impl LayerNormOp {
                 *x += b;
             }
         }
+    }
+}
+
+/// See [`LayerNormOp::row_normaliser`].
+pub(crate) struct RowNormaliser<'a> {
+    op: &'a LayerNormOp,
+    c: usize,
+    sum: Box<dyn tract_linalg::reduce::Reduce<f32>>,
+    rms_norm: fn(&mut [f32], f32),
+}
+
+impl RowNormaliser<'_> {
+    /// Normalise `row` (`c` values) in place.
+    pub(crate) fn normalise(&self, row: &mut [f32]) -> TractResult<()> {
+        ensure!(
+            row.len() == self.c,
+            "a row of {} values for a LayerNorm over {}",
+            row.len(),
+            self.c
+        );
+        let total = if self.c >= 4 {
+            self.sum.run_with_params(row, ())?
+        } else {
+            row.iter().sum()
+        };
+        self.op.row(row, total, self.rms_norm);
+        Ok(())
     }
 }
 

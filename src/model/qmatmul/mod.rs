@@ -38,7 +38,7 @@ use tract_linalg::multithread::{current_tract_executor, Executor};
 
 pub use conv::{Im2Col, QConvOp};
 pub use epilogue::{fuse_epilogues, rewrite_gelu, Epilogue, GeluOp};
-pub use op::{as_int8_op, chain_products, Int8Op, QMatMulOp};
+pub use op::{as_int8_op, chain_products, fold_layer_norms, Int8Op, QMatMulOp};
 pub use rewrite::{
     compare_with_tract, fuse_quantization, rewrite_quantized_matmuls, Agreement, RewriteReport,
 };

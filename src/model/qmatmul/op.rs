@@ -13,6 +13,7 @@ use super::{
     qmatmul_then, Activations, Dequantize, Layout, MatrixA, Output, PackedB, Quantize, Requant,
     RowsFinish,
 };
+use crate::model::ops::LayerNormOp;
 
 /// What [`QMatMulOp`] and [`QConvOp`](super::QConvOp) share: packed weights and the
 /// quantization steps that can be folded into them.
@@ -83,6 +84,9 @@ pub struct QMatMulOp {
     /// again, and the f32 results exist only a task's rows at a time (see
     /// [`chain_products`]).
     pub output_requant: Option<Quantize>,
+    /// A LayerNorm before the fused input quantization: each row is normalised as it is
+    /// packed, so the normalised tensor is never written (see [`fold_layer_norms`]).
+    pub input_norm: Option<LayerNormOp>,
 }
 
 impl QMatMulOp {
@@ -133,6 +137,10 @@ impl Op for QMatMulOp {
                 ", quantizes for the next product"
             } else {
                 ""
+            } + if self.input_norm.is_some() {
+                ", normalises its input rows (LayerNorm)"
+            } else {
+                ""
             },
         ])
     }
@@ -145,6 +153,9 @@ impl EvalOp for QMatMulOp {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 1, "TinysamQMatMul takes one input");
+        if let Some(norm) = &self.input_norm {
+            return self.eval_normalised(norm, &inputs[0]);
+        }
         let a = activations(&inputs[0], self.input_quant)?;
         let k = self.b.k();
         ensure!(
@@ -206,6 +217,108 @@ impl EvalOp for QMatMulOp {
             self.epilogue.apply(view.as_slice_mut::<f32>()?, n)?;
         }
         Ok(tvec!(c.into_tvalue()))
+    }
+}
+
+impl QMatMulOp {
+    /// [`EvalOp::eval`] with a folded LayerNorm: rows normalised and quantized as they are
+    /// packed.
+    fn eval_normalised(&self, norm: &LayerNormOp, input: &Tensor) -> TractResult<TVec<TValue>> {
+        let quant = self
+            .input_quant
+            .context("a folded LayerNorm needs the fused input quantization")?;
+        ensure!(
+            self.a_layout == Layout::RowMajor,
+            "a folded LayerNorm needs row-major activations"
+        );
+        let view = input.try_as_plain_ram()?;
+        let data = view.as_slice::<f32>()?;
+        let k = self.b.k();
+        ensure!(
+            k > 0 && data.len() % k == 0,
+            "activation of shape {:?} is not m × {k}",
+            input.shape()
+        );
+        let source = NormalizedRows {
+            data,
+            k,
+            normaliser: norm.row_normaliser(k)?,
+            quant,
+            failure: std::sync::Mutex::new(None),
+        };
+        let shape = self.output_shape(input.shape())?;
+        let n = self.b.n();
+        let (bias, gelu) = (
+            self.epilogue.bias.as_deref().map(Vec::as_slice),
+            self.epilogue.gelu,
+        );
+        let finish = |rows: &mut [f32]| apply_rows(rows, n, bias, gelu);
+        let fused = self.c_layout == Layout::RowMajor && bias.is_none_or(|b| b.len() == n);
+        let finish: Option<RowsFinish<'_>> = if self.epilogue.is_empty() {
+            None
+        } else {
+            ensure!(
+                fused && self.output_dequant.is_some(),
+                "an epilogue after a folded LayerNorm needs a row-major f32 output"
+            );
+            Some(&finish)
+        };
+        let (dequant, requant) = (self.output_dequant, self.output_requant);
+        let mut c = output_tensor(&shape, dequant.filter(|_| requant.is_none()))?;
+        {
+            let mut view = c.try_as_plain_ram_mut()?;
+            let out = match (dequant, requant) {
+                (Some(dq), Some(q)) => Output::Requantized(view.as_slice_mut::<i8>()?, dq, q),
+                (Some(dq), None) => Output::F32(view.as_slice_mut::<f32>()?, dq),
+                (None, _) => Output::I8(view.as_slice_mut::<i8>()?),
+            };
+            qmatmul_then(&source, &self.b, &self.requant, out, self.c_layout, finish)
+                .map_err(|e| format_err!("{e}"))?;
+        }
+        if let Some(why) = source.failure.lock().ok().and_then(|mut f| f.take()) {
+            bail!("folded LayerNorm: {why}");
+        }
+        Ok(tvec!(c.into_tvalue()))
+    }
+}
+
+/// Rows of f32 activations, each normalised by a LayerNorm and quantized as it is fetched.
+struct NormalizedRows<'a> {
+    data: &'a [f32],
+    k: usize,
+    normaliser: crate::model::ops::layer_norm::RowNormaliser<'a>,
+    quant: Quantize,
+    /// The first normalisation error (the kernels' fetch cannot return one).
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+thread_local! {
+    /// One row on its way through the LayerNorm.
+    static NORMALISED_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl super::RowSource for NormalizedRows<'_> {
+    fn rows(&self) -> usize {
+        self.data.len() / self.k
+    }
+    fn depth(&self) -> usize {
+        self.k
+    }
+    fn fetch(&self, row: usize, buf: &mut [i8]) {
+        let k = self.k;
+        NORMALISED_ROW.with_borrow_mut(|x| {
+            x.clear();
+            x.extend_from_slice(&self.data[row * k..(row + 1) * k]);
+            match self.normaliser.normalise(x) {
+                Ok(()) => self.quant.slice(x, &mut buf[..k]),
+                Err(e) => {
+                    buf[..k].fill(0);
+                    if let Ok(mut failure) = self.failure.lock() {
+                        failure.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -344,4 +457,49 @@ pub fn chain_products(model: &mut TypedModel) -> TractResult<usize> {
     }
     model.compact()?;
     Ok(chained)
+}
+
+/// Fold each [`LayerNormOp`] whose only reader is a [`QMatMulOp`] that quantizes its f32 input
+/// (TinyViT's attention and MLP norms before qkv and fc1) into that product: rows are
+/// normalised as they are packed, by the same routines, so the values are the same bit for bit
+/// and the normalised tensor (up to 9 MB) is never written nor re-read. Returns how many.
+pub fn fold_layer_norms(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    for id in model.eval_order()? {
+        let Some(node) = model.nodes().get(id) else {
+            continue;
+        };
+        let Some(product) = node.op_as::<QMatMulOp>() else {
+            continue;
+        };
+        if product.input_norm.is_some()
+            || product.input_quant.is_none()
+            || product.a_layout != Layout::RowMajor
+        {
+            continue;
+        }
+        let norm_node = model.node(node.inputs[0].node);
+        let Some(norm) = norm_node.op_as::<LayerNormOp>() else {
+            continue;
+        };
+        if !norm.averages_over(product.b.k())
+            || norm_node.outputs[0].successors.len() != 1
+            || model.outlet_fact(norm_node.inputs[0])?.datum_type != f32::datum_type()
+        {
+            continue;
+        }
+        let name = node.name.clone();
+        let op = QMatMulOp {
+            input_norm: Some(norm.clone()),
+            ..product.clone()
+        };
+        let mut patch = TypedModelPatch::new(format!("fold LayerNorm into {name}"));
+        let tap = patch.tap_model(model, norm_node.inputs[0])?;
+        let out = patch.wire_node(format!("{name}.normalising"), op, &[tap])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+        patch.apply(model)?;
+        folded += 1;
+    }
+    model.compact()?;
+    Ok(folded)
 }

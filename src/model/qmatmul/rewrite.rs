@@ -501,6 +501,7 @@ fn plan_node(
         output_dequant: None,
         epilogue: Default::default(),
         output_requant: None,
+        input_norm: None,
     }))
 }
 

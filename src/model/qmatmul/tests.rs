@@ -414,6 +414,45 @@ fn chained_products_keep_the_fixture_embedding() {
     );
 }
 
+/// The fixture's INT8 encoder with its 20 LayerNorms folded into the products after them (rows
+/// normalised while packed): the same embedding, bit for bit; the shipped model's too on x86_64.
+#[test]
+fn folded_layer_norms_keep_the_embeddings() {
+    use crate::model::test_support::{
+        decluttered_encoder, fixture_dir, golden_input, pattern_input, run_first_output,
+    };
+    let default_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    let mut dirs = vec![(fixture_dir(), false)];
+    if cfg!(target_arch = "x86_64") {
+        dirs.push((default_dir, true));
+    }
+    for (dir, golden) in dirs {
+        let (mut graph, s) = decluttered_encoder(&dir, crate::model::Precision::Int8);
+        let mut report = rewrite_quantized_matmuls(&mut graph, Kernel::detect()).unwrap();
+        fuse_quantization(&mut graph, &mut report).unwrap();
+        fuse_epilogues(&mut graph).unwrap();
+        crate::model::ops::rewrite_layer_norm(&mut graph).unwrap();
+        let mut folded = graph.clone();
+        assert_eq!(
+            fold_layer_norms(&mut folded).unwrap(),
+            20,
+            "{}",
+            dir.display()
+        );
+        let input = if golden {
+            golden_input(&dir)
+        } else {
+            pattern_input(s)
+        };
+        assert_eq!(
+            run_first_output(folded, &input).unwrap(),
+            run_first_output(graph, &input).unwrap(),
+            "{}",
+            dir.display()
+        );
+    }
+}
+
 /// Patches gathered from an image equal an explicit im2col matrix, padding and strides included.
 #[test]
 fn im2col_rows_match_an_explicit_gather() {
