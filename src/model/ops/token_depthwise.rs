@@ -11,9 +11,11 @@
 //! over rows; [`rewrite_token_depthwise`] puts it in place of the transpose, convolution,
 //! transpose chain.
 //!
-//! The arithmetic is tract's, bit for bit (INT8 graphs quantize what follows, and a last-bit
-//! difference there changes later roundings): the bias, then each tap inside the image added in
-//! row-major order as a product rounded on its own (no fused multiply-add).
+//! On x86_64 the arithmetic is tract's, bit for bit (INT8 graphs quantize what follows, and a
+//! last-bit difference there changes later roundings): the bias, then each tap inside the image
+//! added in row-major order as a product rounded on its own. On aarch64 tract's NEON kernels use
+//! fused multiply-adds for their vector parts and plain ones for the scalar tails of its own
+//! zones; ours fuses everywhere, which agrees within rounding (the tests state the bound).
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
@@ -217,9 +219,15 @@ fn convolve_rows(image: &Image<'_>, first_row: usize, out: &mut [f32]) {
                     };
                     let pixel = &image.input[(yy * w + xx) * c..(yy * w + xx + 1) * c];
                     let tap = &image.taps[(3 * ky + kx) * c..(3 * ky + kx + 1) * c];
+                    // x86_64: as tract, the product rounded, then added. aarch64: fused
+                    // multiply-adds (tract's NEON kernels fuse too, but split rows and channels
+                    // into vector and scalar parts by its own zones: within rounding of ours).
                     for ((a, &v), &k) in acc.iter_mut().zip(pixel).zip(tap) {
-                        // As tract: the product rounded, then added (no fused multiply-add).
-                        *a += k * v;
+                        *a = if cfg!(target_arch = "aarch64") {
+                            v.mul_add(k, *a)
+                        } else {
+                            *a + k * v
+                        };
                     }
                 }
             }
@@ -439,7 +447,7 @@ mod tests {
     }
 
     #[test]
-    fn tokens_convolve_with_tracts_values_bit_for_bit() -> TractResult<()> {
+    fn tokens_convolve_with_tracts_values() -> TractResult<()> {
         let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
             .into_iter()
             .filter(|&i| i == Isa::Portable || Isa::detect() == Isa::Avx512 || i == Isa::detect())
@@ -468,11 +476,23 @@ mod tests {
                 .any(|n| n.op_is::<AxisOp>() || n.op_is::<Conv>()));
             let input = crate::model::test_support::pattern_tensor(&[h * w, c], 7, 2.0);
             let want = run_first_output(graph, &input)?;
-            assert_eq!(run_first_output(ours, &input)?, want, "{h}x{w}x{c}");
+            // Bit for bit on x86_64; within rounding on aarch64 (see the module docs).
+            let agree = |got: &[f32], what: &str| {
+                if cfg!(target_arch = "x86_64") {
+                    assert_eq!(got, &want[..], "{what} {h}x{w}x{c}");
+                } else {
+                    let (err, scale) = max_difference(got, &want);
+                    assert!(
+                        err <= 1e-6 * scale.max(1.0),
+                        "{what} {h}x{w}x{c}: {err} of {scale}"
+                    );
+                }
+            };
+            agree(&run_first_output(ours, &input)?, "graph");
             for &isa in &isas {
                 let mut got = vec![f32::NAN; want.len()];
                 op.run(isa, crate::model::decoder::f32_slice(&input), &mut got)?;
-                assert_eq!(got, want, "{isa} {h}x{w}x{c}");
+                agree(&got, &isa.to_string());
             }
             let mut short = vec![0f32; want.len() - 1];
             let data = crate::model::decoder::f32_slice(&input);
@@ -505,7 +525,7 @@ mod tests {
     }
 
     /// The fixture's encoders: every block's local convolution is rewritten and the embedding
-    /// stays the same, bit for bit.
+    /// stays the same, bit for bit on x86_64.
     #[test]
     fn the_fixture_encoders_keep_their_embeddings() -> TractResult<()> {
         for precision in [Precision::Fp32, Precision::Int8] {
@@ -525,8 +545,14 @@ mod tests {
                 &run_first_output(graph, &input)?,
             );
             eprintln!("fixture {precision} encoder, token depthwise: {err:e} of {scale}");
-            assert_eq!(
-                err, 0.0,
+            // Bit for bit on x86_64; on aarch64 by rounding (and the int8 steps it may flip).
+            let bound = if cfg!(target_arch = "x86_64") {
+                0.0
+            } else {
+                1e-3 * scale
+            };
+            assert!(
+                err <= bound,
                 "{precision}: the embedding moved by {err} of {scale}"
             );
         }

@@ -113,16 +113,22 @@ pub(crate) fn attend<const FMA: bool, const R: usize, const WIDE: bool>(
         // Scores of R query rows against every key, LANES keys at a time; with AVX-512 two
         // chunks at once in registers (2·R accumulator chains hide the multiply-add latency,
         // and each q value is broadcast once for both).
-        let chunks = cols / LANES;
-        let mut chunk = 0;
-        #[cfg(target_arch = "x86_64")]
-        if WIDE && R == 6 {
-            let pairs = chunks / 2;
-            // SAFETY: WIDE is only compiled into `head_avx512` (AVX-512F and FMA present); kt
-            // holds `chunks` chunks of d × LANES, p holds R rows of `cols`, every q row d values.
-            unsafe { score_pairs_avx512(&qrows, &kt[..cols * d], d, pairs, p, cols) };
-            chunk = 2 * pairs;
-        }
+        // Chunks done two at a time (none outside AVX-512).
+        let chunk = if WIDE && R == 6 {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let pairs = cols / LANES / 2;
+                // SAFETY: WIDE is only compiled into `head_avx512` (AVX-512F and FMA present);
+                // kt holds `chunks` chunks of d × LANES, p holds R rows of `cols`, every q row
+                // d values.
+                unsafe { score_pairs_avx512(&qrows, &kt[..cols * d], d, pairs, p, cols) };
+                2 * pairs
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            0
+        } else {
+            0
+        };
         for (chunk, kchunk) in kt[chunk * d * LANES..cols * d]
             .chunks_exact(d * LANES)
             .enumerate()
