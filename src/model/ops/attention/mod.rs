@@ -195,13 +195,22 @@ impl EvalOp for WindowAttention {
                 }
                 Qkv::I8(all, dq, bias) => {
                     let in_w = &all[w * window_in..(w + 1) * window_in];
-                    for (f, (&q, col)) in scratch
+                    // As the qkv product's epilogue: dequantize, then add the bias; a token's
+                    // row at a time, so that the loops vectorise.
+                    let cols = self.heads * self.width;
+                    for (f, q) in scratch
                         .dequantized
-                        .iter_mut()
-                        .zip(in_w.iter().zip((0..self.heads * self.width).cycle()))
+                        .chunks_exact_mut(cols)
+                        .zip(in_w.chunks_exact(cols))
                     {
-                        // As the qkv product's epilogue: dequantize, then add the bias.
-                        *f = dq.apply(q) + bias.map_or(0.0, |b| b[col]);
+                        for (f, &q) in f.iter_mut().zip(q) {
+                            *f = dq.apply(q);
+                        }
+                        if let Some(bias) = bias {
+                            for (f, &b) in f.iter_mut().zip(bias) {
+                                *f += b;
+                            }
+                        }
                     }
                     for h in 0..self.heads {
                         self.head(isa, &scratch.dequantized, h, out_w, &mut scratch.head);
