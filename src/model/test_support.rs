@@ -289,3 +289,25 @@ pub(crate) fn assert_outputs_agree(
     }
     Ok(())
 }
+
+// Its tests run on x86_64 only (under qemu the 1024² encoder takes minutes).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// The shipped model's INT8 encoder at 1024², decluttered, with and without `rewrite` (which
+/// must replace `expected` chains), run on the golden frame: the two embeddings must be equal
+/// bit for bit. For the rewrites that only move values or keep tract's arithmetic.
+pub(crate) fn assert_default_int8_encoder_unchanged(
+    rewrite: impl Fn(&mut TypedModel) -> TractResult<usize>,
+    expected: usize,
+) -> TractResult<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    let (graph, _) = decluttered_encoder(&dir, Precision::Int8);
+    let mut ours = graph.clone();
+    assert_eq!(rewrite(&mut ours)?, expected, "chains replaced");
+    let input = golden_input(&dir);
+    let (err, scale) = max_difference(
+        &run_model(ours, std::slice::from_ref(&input))?,
+        &run_model(graph, std::slice::from_ref(&input))?,
+    );
+    assert_eq!(err, 0.0, "the embedding moved by {err} of {scale}");
+    Ok(())
+}

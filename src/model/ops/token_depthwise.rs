@@ -564,16 +564,9 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_default_int8_encoder_keeps_its_embedding() -> TractResult<()> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
-        let (graph, _) = decluttered_encoder(&dir, Precision::Int8);
-        let mut ours = graph.clone();
-        assert_eq!(rewrite_token_depthwise(&mut ours)?, 10);
-        let input = crate::model::test_support::golden_input(&dir);
-        let (err, scale) = max_difference(
-            &run_first_output(ours, &input)?,
-            &run_first_output(graph, &input)?,
-        );
-        assert_eq!(err, 0.0, "the embedding moved by {err} of {scale}");
-        Ok(())
+        crate::model::test_support::assert_default_int8_encoder_unchanged(
+            rewrite_token_depthwise,
+            10,
+        )
     }
 }

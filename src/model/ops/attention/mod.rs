@@ -227,52 +227,51 @@ impl EvalOp for WindowAttention {
             out: vec![0f32; window_out],
         };
         let out = match self.quant.output {
-            None => {
-                let mut out = Tensor::zero::<f32>(&out_shape)?;
-                {
-                    let mut view = out.try_as_plain_ram_mut()?;
-                    let out_data = view.as_slice_mut::<f32>()?;
-                    tract_linalg::multithread::par_chunks_mut(
-                        out_data,
-                        window_out,
-                        total,
-                        |first, chunk| {
-                            let mut scratch = new_scratch();
-                            for (i, out_w) in chunk.chunks_exact_mut(window_out).enumerate() {
-                                window(first + i, out_w, &mut scratch);
-                            }
-                            Ok(())
-                        },
-                    )?;
-                }
-                out
-            }
-            Some(q) => {
-                let mut out = Tensor::zero::<i8>(&out_shape)?;
-                {
-                    let mut view = out.try_as_plain_ram_mut()?;
-                    let out_data = view.as_slice_mut::<i8>()?;
-                    tract_linalg::multithread::par_chunks_mut(
-                        out_data,
-                        window_out,
-                        total,
-                        |first, chunk| {
-                            let mut scratch = new_scratch();
-                            let mut f32_out = std::mem::take(&mut scratch.out);
-                            for (i, out_w) in chunk.chunks_exact_mut(window_out).enumerate() {
-                                window(first + i, &mut f32_out, &mut scratch);
-                                // As the projection's fused quantization of its input.
-                                q.slice(&f32_out, out_w);
-                            }
-                            Ok(())
-                        },
-                    )?;
-                }
-                out
-            }
+            None => per_window::<f32>(
+                &out_shape,
+                (window_out, total),
+                new_scratch,
+                |w, out_w, scratch| window(w, out_w, scratch),
+            )?,
+            Some(q) => per_window::<i8>(
+                &out_shape,
+                (window_out, total),
+                new_scratch,
+                |w, out_w, scratch| {
+                    let mut f32_out = std::mem::take(&mut scratch.out);
+                    window(w, &mut f32_out, scratch);
+                    // As the projection's fused quantization of its input.
+                    q.slice(&f32_out, out_w);
+                    scratch.out = f32_out;
+                },
+            )?,
         };
         Ok(tvec!(out.into_tvalue()))
     }
+}
+
+/// A tensor of `shape` made of windows of `window_out` values, each filled by `fill(window,
+/// values, scratch)`, threaded over windows (`work`: the values read, for the threading
+/// threshold) with one scratch per task.
+fn per_window<T: Datum + Copy + tract_onnx::tract_core::num_traits::Zero>(
+    shape: &[usize],
+    (window_out, work): (usize, usize),
+    new_scratch: impl Fn() -> WindowScratch + Sync,
+    fill: impl Fn(usize, &mut [T], &mut WindowScratch) + Sync,
+) -> TractResult<Tensor> {
+    let mut out = Tensor::zero::<T>(shape)?;
+    {
+        let mut view = out.try_as_plain_ram_mut()?;
+        let values = view.as_slice_mut::<T>()?;
+        tract_linalg::multithread::par_chunks_mut(values, window_out, work, |first, chunk| {
+            let mut scratch = new_scratch();
+            for (i, out_w) in chunk.chunks_exact_mut(window_out).enumerate() {
+                fill(first + i, out_w, &mut scratch);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(out)
 }
 
 /// The qkv input as the op receives it.
