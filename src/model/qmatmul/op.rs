@@ -153,132 +153,99 @@ impl EvalOp for QMatMulOp {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == 1, "TinysamQMatMul takes one input");
-        if let Some(norm) = &self.input_norm {
-            return self.eval_normalised(norm, &inputs[0]);
-        }
-        let a = activations(&inputs[0], self.input_quant)?;
+        let input = &inputs[0];
         let k = self.b.k();
-        ensure!(
-            k > 0 && a.len() % k == 0,
-            "activation of shape {:?} is not m × {k}",
-            inputs[0].shape()
-        );
-        let m = a.len() / k;
-        let shape = self.output_shape(inputs[0].shape())?;
+        let shape = self.output_shape(input.shape())?;
+        let c = if let Some(norm) = &self.input_norm {
+            // Rows normalised and quantized as they are packed.
+            let quant = self
+                .input_quant
+                .context("a folded LayerNorm needs the fused input quantization")?;
+            ensure!(
+                self.a_layout == Layout::RowMajor,
+                "a folded LayerNorm needs row-major activations"
+            );
+            let view = input.try_as_plain_ram()?;
+            let data = view.as_slice::<f32>()?;
+            ensure!(
+                k > 0 && data.len() % k == 0,
+                "activation of shape {:?} is not m × {k}",
+                input.shape()
+            );
+            let source = NormalizedRows {
+                data,
+                k,
+                normaliser: norm.row_normaliser(k)?,
+                quant,
+                failure: std::sync::Mutex::new(None),
+            };
+            let c = self.run(&source, &shape)?;
+            if let Some(why) = source.failure.lock().ok().and_then(|mut f| f.take()) {
+                bail!("folded LayerNorm: {why}");
+            }
+            c
+        } else {
+            let a = activations(input, self.input_quant)?;
+            ensure!(
+                k > 0 && a.len() % k == 0,
+                "activation of shape {:?} is not m × {k}",
+                input.shape()
+            );
+            let a = MatrixA {
+                data: a,
+                m: a.len() / k,
+                layout: self.a_layout,
+            };
+            self.run(&a, &shape)?
+        };
+        Ok(tvec!(c.into_tvalue()))
+    }
+}
+
+impl QMatMulOp {
+    /// The product of the rows of `a` into a new output tensor of `shape`, in the output form
+    /// the op's fused steps ask for, with its epilogue.
+    fn run(&self, a: &impl super::RowSource, shape: &[usize]) -> TractResult<Tensor> {
         let n = self.b.n();
         let (bias, gelu) = (
             self.epilogue.bias.as_deref().map(Vec::as_slice),
             self.epilogue.gelu,
         );
         let finish = |rows: &mut [f32]| apply_rows(rows, n, bias, gelu);
+        let rows_fit = self.c_layout == Layout::RowMajor && bias.is_none_or(|b| b.len() == n);
         if let (Some(q), Some(dq)) = (self.output_requant, self.output_dequant) {
             ensure!(
-                self.c_layout == Layout::RowMajor && bias.is_none_or(|b| b.len() == n),
+                rows_fit,
                 "a requantized output needs a row-major output and a bias per column"
             );
-            let mut c = output_tensor(&shape, None)?;
+            let mut c = output_tensor(shape, None)?;
             {
                 let mut view = c.try_as_plain_ram_mut()?;
-                let a = MatrixA {
-                    data: a,
-                    m,
-                    layout: self.a_layout,
-                };
                 let out = Output::Requantized(view.as_slice_mut::<i8>()?, dq, q);
                 let finish: Option<RowsFinish<'_>> = if self.epilogue.is_empty() {
                     None
                 } else {
                     Some(&finish)
                 };
-                qmatmul_then(&a, &self.b, &self.requant, out, self.c_layout, finish)
+                qmatmul_then(a, &self.b, &self.requant, out, self.c_layout, finish)
                     .map_err(|e| format_err!("{e}"))?;
             }
-            return Ok(tvec!(c.into_tvalue()));
+            return Ok(c);
         }
-        let mut c = output_tensor(&shape, self.output_dequant)?;
+        let mut c = output_tensor(shape, self.output_dequant)?;
         // The epilogue runs on each task's rows as they are finished (while in cache) when the
         // output is row-major f32, else in a pass of its own.
-        let fused = !self.epilogue.is_empty()
-            && self.output_dequant.is_some()
-            && self.c_layout == Layout::RowMajor
-            && bias.is_none_or(|b| b.len() == n);
+        let fused = !self.epilogue.is_empty() && self.output_dequant.is_some() && rows_fit;
         with_output(&mut c, self.output_dequant, |out| {
-            let a = MatrixA {
-                data: a,
-                m,
-                layout: self.a_layout,
-            };
             let finish: Option<RowsFinish<'_>> = if fused { Some(&finish) } else { None };
-            qmatmul_then(&a, &self.b, &self.requant, out, self.c_layout, finish)
+            qmatmul_then(a, &self.b, &self.requant, out, self.c_layout, finish)
                 .map_err(|e| format_err!("{e}"))
         })?;
         if !self.epilogue.is_empty() && !fused {
             let mut view = c.try_as_plain_ram_mut()?;
             self.epilogue.apply(view.as_slice_mut::<f32>()?, n)?;
         }
-        Ok(tvec!(c.into_tvalue()))
-    }
-}
-
-impl QMatMulOp {
-    /// [`EvalOp::eval`] with a folded LayerNorm: rows normalised and quantized as they are
-    /// packed.
-    fn eval_normalised(&self, norm: &LayerNormOp, input: &Tensor) -> TractResult<TVec<TValue>> {
-        let quant = self
-            .input_quant
-            .context("a folded LayerNorm needs the fused input quantization")?;
-        ensure!(
-            self.a_layout == Layout::RowMajor,
-            "a folded LayerNorm needs row-major activations"
-        );
-        let view = input.try_as_plain_ram()?;
-        let data = view.as_slice::<f32>()?;
-        let k = self.b.k();
-        ensure!(
-            k > 0 && data.len() % k == 0,
-            "activation of shape {:?} is not m × {k}",
-            input.shape()
-        );
-        let source = NormalizedRows {
-            data,
-            k,
-            normaliser: norm.row_normaliser(k)?,
-            quant,
-            failure: std::sync::Mutex::new(None),
-        };
-        let shape = self.output_shape(input.shape())?;
-        let n = self.b.n();
-        let (bias, gelu) = (
-            self.epilogue.bias.as_deref().map(Vec::as_slice),
-            self.epilogue.gelu,
-        );
-        let finish = |rows: &mut [f32]| apply_rows(rows, n, bias, gelu);
-        let fused = self.c_layout == Layout::RowMajor && bias.is_none_or(|b| b.len() == n);
-        let finish: Option<RowsFinish<'_>> = if self.epilogue.is_empty() {
-            None
-        } else {
-            ensure!(
-                fused && self.output_dequant.is_some(),
-                "an epilogue after a folded LayerNorm needs a row-major f32 output"
-            );
-            Some(&finish)
-        };
-        let (dequant, requant) = (self.output_dequant, self.output_requant);
-        let mut c = output_tensor(&shape, dequant.filter(|_| requant.is_none()))?;
-        {
-            let mut view = c.try_as_plain_ram_mut()?;
-            let out = match (dequant, requant) {
-                (Some(dq), Some(q)) => Output::Requantized(view.as_slice_mut::<i8>()?, dq, q),
-                (Some(dq), None) => Output::F32(view.as_slice_mut::<f32>()?, dq),
-                (None, _) => Output::I8(view.as_slice_mut::<i8>()?),
-            };
-            qmatmul_then(&source, &self.b, &self.requant, out, self.c_layout, finish)
-                .map_err(|e| format_err!("{e}"))?;
-        }
-        if let Some(why) = source.failure.lock().ok().and_then(|mut f| f.take()) {
-            bail!("folded LayerNorm: {why}");
-        }
-        Ok(tvec!(c.into_tvalue()))
+        Ok(c)
     }
 }
 
