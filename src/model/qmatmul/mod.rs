@@ -524,13 +524,28 @@ impl RowSource for MatrixA<'_> {
         let (m, k) = (self.m, self.depth());
         match self.layout {
             Layout::RowMajor => self.data.copy_to(row * k, &mut buf[..k]),
-            Layout::ColMajor => {
-                for (kk, v) in buf[..k].iter_mut().enumerate() {
-                    *v = self.data.get(kk * m + row);
+            // Row `row` is a column of memory: values `row`, `row + m`, …. Gathered first and
+            // quantized as one slice (vectorised) rather than value by value, where the
+            // scalar rounding is a libm call on baseline x86_64.
+            Layout::ColMajor => match self.data {
+                Activations::I8(v) => {
+                    for (dst, &x) in buf[..k].iter_mut().zip(v[row..].iter().step_by(m)) {
+                        *dst = x;
+                    }
                 }
-            }
+                Activations::F32(v, q) => GATHERED_ROW.with_borrow_mut(|column| {
+                    column.clear();
+                    column.extend(v[row..].iter().step_by(m).take(k));
+                    q.slice(column, &mut buf[..k]);
+                }),
+            },
         }
     }
+}
+
+thread_local! {
+    /// One column-major row of f32 activations on its way to being quantized.
+    static GATHERED_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Errors of [`qmatmul`]: operands that do not fit together.
@@ -913,10 +928,10 @@ fn store_tile<T: Copy, U>(
     let (row_end, n, m) = limits;
     let rows = mr.min(row_end.saturating_sub(row0));
     let cols = nr.min(n.saturating_sub(col0));
-    for r in 0..rows {
-        let src = &tile[r * nr..r * nr + cols];
-        match c_layout {
-            Layout::RowMajor => {
+    match c_layout {
+        Layout::RowMajor => {
+            for r in 0..rows {
+                let src = &tile[r * nr..r * nr + cols];
                 // SAFETY: row0 + r < m and col0 + cols <= n: `cols` values of that row of C,
                 // a row this task owns.
                 let dst =
@@ -925,12 +940,20 @@ fn store_tile<T: Copy, U>(
                     *d = convert(v);
                 }
             }
-            Layout::ColMajor => {
-                for (c, &v) in src.iter().enumerate() {
-                    let at = c_index(c_layout, m, n, row0 + r, col0 + c);
-                    // SAFETY: row0 + r < m and col0 + c < n, so `at` is inside C; this task
-                    // owns the row.
-                    unsafe { *out.add(at) = convert(v) };
+        }
+        // Column by column, so each column's `rows` values are one contiguous run of C.
+        Layout::ColMajor => {
+            for c in 0..cols {
+                // SAFETY: rows row0 .. row0 + rows (< m) of column col0 + c (< n) are `rows`
+                // consecutive values of C from `(col0 + c) · m + row0`, rows this task owns.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.add(c_index(c_layout, m, n, row0, col0 + c)),
+                        rows,
+                    )
+                };
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = convert(tile[r * nr + c]);
                 }
             }
         }
