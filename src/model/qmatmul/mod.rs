@@ -7,7 +7,7 @@
 //! dispatcher, so [`rewrite`] replaces the quantized `EinSum` nodes whose weights are constant by
 //! [`QMatMulOp`], which runs one of these kernels:
 //!
-//! * [`Kernel::Avx512Vnni`]: `vpdpbusd` on u8 × i8 quads (64 exact MACs an instruction), 8×16
+//! * [`Kernel::Avx512Vnni`]: `vpdpbusd` on u8 × i8 quads (64 exact MACs an instruction), 8×32
 //!   tiles, on CPUs with AVX-512 VNNI (Ice Lake and later Xeons, Zen 4);
 //! * [`Kernel::Avx2`]: `vpmaddwd` on i16 pairs (16 exact MACs an instruction), 6×16 tiles;
 //! * [`Kernel::NeonDot`]: `sdot` (Armv8.2 dotprod, Cortex-A76/A78/X1, Jetson Orin), 8×8 tiles;

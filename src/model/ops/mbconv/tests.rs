@@ -264,3 +264,43 @@ fn the_fixture_encoder_keeps_its_embedding() -> TractResult<()> {
     assert!(err <= 1e-4 * scale.max(1.0), "{err} of {scale}");
     Ok(())
 }
+
+/// Speed of stage 0's blocks at the default model's size (an MBConv 64 → 256 → 64 on 256 × 256,
+/// the patch merging 64 → 128 → 128 with stride 2) per compiled form, on one thread: best of 3.
+/// `cargo test --release --lib -- --ignored mbconv_speed --nocapture`.
+#[test]
+#[ignore]
+fn mbconv_speed() -> TractResult<()> {
+    for (cin, hidden, cout, stride, finish) in [
+        (64, 256, 64, 1, Finish::Residual),
+        (64, 128, 128, 2, Finish::Tokens),
+    ] {
+        let raw = RawWeights::new(cin, hidden, cout);
+        let g = Geometry {
+            height: 256,
+            width: 256,
+            stride,
+            pixel_major_input: false,
+        };
+        let op = raw.op(g, finish);
+        let input = pattern(cin * 256 * 256, 7, 2.0);
+        let (oh, ow) = g.output();
+        let mut out = vec![0f32; cout * oh * ow];
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
+                continue;
+            }
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                op.run(isa, &input, &mut out)?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            eprintln!(
+                "{cin} → {hidden} → {cout}, stride {stride}, {isa}: {best:.1} ms, {:.1} GMAC/s",
+                op.macs() as f64 / best / 1e6
+            );
+        }
+    }
+    Ok(())
+}
