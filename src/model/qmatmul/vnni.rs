@@ -16,6 +16,7 @@ pub(super) const MR: usize = 8;
 /// this replaced, could keep only 1.6 of the 2 busy) and one A broadcast per 2 instructions.
 pub(super) const NR: usize = 32;
 /// i32 lanes per register.
+#[cfg(target_arch = "x86_64")]
 const LANES: usize = 16;
 
 /// Whether this CPU has AVX-512F and AVX-512 VNNI.
