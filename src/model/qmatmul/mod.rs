@@ -331,6 +331,29 @@ impl Activations<'_> {
             Activations::F32(v, q) => q.slice(&v[start..start + dst.len()], dst),
         }
     }
+
+    /// Values `start`, `start + stride`, … (`dst.len()` of them), quantized, into `dst`: f32
+    /// values are gathered first and quantized as one slice (vectorised), not one by one
+    /// (where the scalar rounding is a libm call on baseline x86_64).
+    pub fn copy_strided_to(&self, start: usize, stride: usize, dst: &mut [i8]) {
+        match self {
+            Activations::I8(v) => {
+                for (d, &x) in dst.iter_mut().zip(v[start..].iter().step_by(stride)) {
+                    *d = x;
+                }
+            }
+            Activations::F32(v, q) => GATHERED.with_borrow_mut(|gathered| {
+                gathered.clear();
+                gathered.extend(v[start..].iter().step_by(stride).take(dst.len()));
+                q.slice(gathered, dst);
+            }),
+        }
+    }
+}
+
+thread_local! {
+    /// Strided f32 activations on their way to being quantized ([`Activations::copy_strided_to`]).
+    static GATHERED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Where results go: i8, or f32 dequantized on the way out (a fused `DequantizeLinear`).
@@ -524,28 +547,10 @@ impl RowSource for MatrixA<'_> {
         let (m, k) = (self.m, self.depth());
         match self.layout {
             Layout::RowMajor => self.data.copy_to(row * k, &mut buf[..k]),
-            // Row `row` is a column of memory: values `row`, `row + m`, …. Gathered first and
-            // quantized as one slice (vectorised) rather than value by value, where the
-            // scalar rounding is a libm call on baseline x86_64.
-            Layout::ColMajor => match self.data {
-                Activations::I8(v) => {
-                    for (dst, &x) in buf[..k].iter_mut().zip(v[row..].iter().step_by(m)) {
-                        *dst = x;
-                    }
-                }
-                Activations::F32(v, q) => GATHERED_ROW.with_borrow_mut(|column| {
-                    column.clear();
-                    column.extend(v[row..].iter().step_by(m).take(k));
-                    q.slice(column, &mut buf[..k]);
-                }),
-            },
+            // Row `row` is a column of memory: values `row`, `row + m`, ….
+            Layout::ColMajor => self.data.copy_strided_to(row, m, &mut buf[..k]),
         }
     }
-}
-
-thread_local! {
-    /// One column-major row of f32 activations on its way to being quantized.
-    static GATHERED_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Errors of [`qmatmul`]: operands that do not fit together.
