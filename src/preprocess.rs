@@ -1,11 +1,11 @@
 //! Frame -> encoder input, exactly as SAM prepares images.
 //!
-//! Longest side resized to the model size with a bilinear (antialiased, Pillow-compatible)
-//! filter on 8-bit RGB, per-channel `(x - mean) / std` through a lookup table, zero padding at
-//! the bottom and right. Owns the resize scratch so frames don't allocate beyond the tensor.
+//! Longest side resized to the model size with Pillow's bilinear (antialiased) filter on 8-bit
+//! RGB, bit for bit ([`pillow`]), per-channel `(x - mean) / std` through a lookup table, zero
+//! padding at the bottom and right.
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+pub mod pillow;
+
 use image::RgbImage;
 use tract_onnx::prelude::{tract_ndarray, Tensor};
 
@@ -75,8 +75,6 @@ pub struct Preprocessor {
     size: u32,
     /// `lut[c][v]` = (v - mean[c]) / std[c].
     lut: [[f32; 256]; 3],
-    resizer: Resizer,
-    scratch: Option<Image<'static>>,
 }
 
 impl Preprocessor {
@@ -91,8 +89,6 @@ impl Preprocessor {
         Preprocessor {
             size: u32::try_from(spec.image_size).unwrap_or(u32::MAX),
             lut,
-            resizer: Resizer::new(),
-            scratch: None,
         }
     }
 
@@ -100,30 +96,17 @@ impl Preprocessor {
     pub fn run(&mut self, frame: &RgbImage) -> Result<ImageTensor> {
         let geometry = Geometry::new(frame.width(), frame.height(), self.size)?;
         let (rw, rh) = (geometry.resized_width, geometry.resized_height);
-        let src = ImageRef::new(
-            frame.width(),
-            frame.height(),
-            frame.as_raw(),
-            PixelType::U8x3,
-        )
-        .map_err(|e| Error::Image(format!("frame buffer does not match its size: {e}")))?;
-        let scratch = match self.scratch.take() {
-            Some(img) if img.width() == rw && img.height() == rh => img,
-            _ => Image::new(rw, rh, PixelType::U8x3),
-        };
-        let mut dst = scratch;
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-        self.resizer.resize(&src, &mut dst, &options).map_err(|e| {
-            Error::Image(format!(
-                "resizing {}x{} frame: {e}",
-                frame.width(),
-                frame.height()
-            ))
-        })?;
+        let (fw, fh) = (frame.width() as usize, frame.height() as usize);
+        let resized = pillow::resize_rgb8(frame.as_raw(), (fw, fh), (rw as usize, rh as usize))
+            .ok_or_else(|| {
+                Error::Image(format!(
+                    "resizing a {fw}x{fh} frame to {rw}x{rh}: the buffer does not match its size"
+                ))
+            })?;
         let s = self.size as usize;
         let mut data = vec![0f32; 3 * s * s];
         let (rw, rh) = (rw as usize, rh as usize);
-        let pixels = dst.buffer();
+        let pixels = &resized;
         let (r_plane, rest) = data.split_at_mut(s * s);
         let (g_plane, b_plane) = rest.split_at_mut(s * s);
         for (y, row) in pixels.chunks_exact(rw * 3).take(rh).enumerate() {
@@ -139,7 +122,6 @@ impl Preprocessor {
                 b[x] = self.lut[2][usize::from(px[2])];
             }
         }
-        self.scratch = Some(dst);
         let tensor: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), data)
             .map_err(|e| Error::Image(format!("building the input tensor: {e}")))?
             .into();

@@ -9,6 +9,7 @@ mod everything;
 mod kernels;
 mod parity;
 mod pixel;
+mod reference;
 mod rle;
 mod tinysamd;
 mod wire;

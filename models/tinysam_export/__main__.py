@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fixtures", help="write the test-size models and golden tensors for the Rust tests")
     f.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "tests" / "fixtures")
+
+    r = sub.add_parser(
+        "reference-fixtures", help="write the golden outputs of SAM's reference resize (PIL) and mask upsampling (torch)"
+    )
+    r.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "reference"
+    )
     return p
 
 
@@ -81,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             from .fixtures import write_fixtures
 
             write_fixtures(args.out)
+        elif args.command == "reference-fixtures":
+            from .reference_fixtures import write_reference_fixtures
+
+            write_reference_fixtures(args.out)
     except (CheckpointError, ImageError, FidelityError, ExportError, ValueError) as e:
         log.error("%s", e)
         return 1

@@ -1,17 +1,23 @@
 //! Low-resolution mask logits -> frame-sized binary masks with score, stability, box and area.
 //!
-//! The decoder's m x m logits cover the padded model input. One bilinear pass maps every frame
-//! pixel centre to its place in that grid (SAM upsamples to the model size, crops the padding and
-//! resizes again: the same sampling positions, one interpolation instead of two), thresholds at 0
-//! and counts the pixels above +-offset for the stability score in the same pass.
+//! The decoder's m x m logits cover the padded model input. SAM's `postprocess_masks` maps them to
+//! the frame in two bilinear steps (PyTorch's `F.interpolate`, `align_corners=False`, no
+//! antialias): up to the model size, crop of the padding, then to the frame size. The two steps
+//! are not one bilinear interpolation, but along each axis their composite is a fixed linear map:
+//! every frame pixel takes a weighted sum of at most a few consecutive low-res values
+//! ([`upsample`]). So the frame-size logits are computed as SAM's, without the model-size
+//! intermediate, one axis at a time; the same pass thresholds at 0 and counts the pixels above
+//! +-offset for the stability score.
 
 pub mod polygon;
 pub mod rle;
+pub mod upsample;
 
 use serde::Serialize;
 
 use crate::preprocess::Geometry;
 pub use rle::Rle;
+use upsample::AxisTaps;
 
 /// Logit above which a pixel belongs to the mask.
 pub const MASK_THRESHOLD: f32 = 0.0;
@@ -64,49 +70,28 @@ pub struct MaskResult {
     pub low_res_logits: Vec<f32>,
 }
 
-/// Precomputed bilinear taps from frame pixels to low-res logits.
+/// SAM's mask upsampling from m x m logits to one frame geometry, its taps computed once.
 #[derive(Debug, Clone)]
 pub struct Upsampler {
     geometry: Geometry,
     size: usize,
-    cols: Vec<(usize, usize, f32)>,
-    rows: Vec<(usize, usize, f32)>,
-}
-
-/// Bilinear tap `(i0, i1, weight of i1)` in low-res logits of side `m` for a model-space
-/// coordinate (align_corners = false, clamped to the grid).
-fn low_res_tap(model_px: f32, model: u32, m: usize) -> (usize, usize, f32) {
-    let low = (model_px * m as f32 / model as f32 - 0.5).clamp(0.0, (m - 1) as f32);
-    // `low` is clamped to 0..=m-1, so the cast is exact and in range.
-    let i0 = low.floor() as usize;
-    (i0, (i0 + 1).min(m - 1), low - i0 as f32)
-}
-
-fn taps(frame: u32, resized: u32, model: u32, m: usize) -> Vec<(usize, usize, f32)> {
-    (0..frame)
-        .map(|i| low_res_tap((i as f32 + 0.5) * resized as f32 / frame as f32, model, m))
-        .collect()
+    cols: AxisTaps,
+    rows: AxisTaps,
 }
 
 impl Upsampler {
     /// Taps for masks of side `size` on frames of `geometry`.
     pub fn new(geometry: Geometry, size: usize) -> Upsampler {
         let size = size.max(1);
+        let model = geometry.model_size as usize;
+        let axis = |frame: u32, resized: u32| {
+            AxisTaps::sam(size, model, resized as usize, frame as usize)
+        };
         Upsampler {
             geometry,
             size,
-            cols: taps(
-                geometry.frame_width,
-                geometry.resized_width,
-                geometry.model_size,
-                size,
-            ),
-            rows: taps(
-                geometry.frame_height,
-                geometry.resized_height,
-                geometry.model_size,
-                size,
-            ),
+            cols: axis(geometry.frame_width, geometry.resized_width),
+            rows: axis(geometry.frame_height, geometry.resized_height),
         }
     }
 
@@ -115,62 +100,100 @@ impl Upsampler {
         self.geometry
     }
 
-    /// The upsampled logit at frame point (x, y) (pixel centres are at +0.5), computed alone.
+    /// The upsampled logit of the frame pixel that contains the point (x, y) (frame pixel
+    /// coordinates, clamped to the frame), computed alone; -inf if `low` is not m x m.
     pub fn logit_at(&self, low: &[f32], x: f32, y: f32) -> f32 {
         let m = self.size;
         if low.len() != m * m {
             return f32::NEG_INFINITY;
         }
-        let (mx, my) = self.geometry.frame_to_model(x, y);
-        let (x0, x1, fx) = low_res_tap(mx, self.geometry.model_size, m);
-        let (y0, y1, fy) = low_res_tap(my, self.geometry.model_size, m);
-        bilinear(low, m, y0, y1, fy, x0, x1, fx)
+        // Saturating float-to-int casts, then clamped to the frame: NaN lands on pixel 0.
+        let px = (x.floor().max(0.0) as usize).min(self.cols.len().saturating_sub(1));
+        let py = (y.floor().max(0.0) as usize).min(self.rows.len().saturating_sub(1));
+        let (row0, wy) = self.rows.taps(py);
+        let (col0, wx) = self.cols.taps(px);
+        let mut sum = 0f32;
+        // Trailing taps past the grid have weight 0: skip them rather than read past a row.
+        for (line, &w) in low.chunks_exact(m).skip(row0).zip(wy) {
+            sum += w * wx.iter().zip(&line[col0..]).map(|(&a, &b)| a * b).sum::<f32>();
+        }
+        sum
     }
 
-    /// Frame-sized logits, row-major (for callers that need the values, e.g. tests).
+    /// Frame-sized logits, row-major (for callers that need the values, e.g. tests); empty if
+    /// `low` is not m x m.
     pub fn logits(&self, low: &[f32]) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows.len() * self.cols.len());
+        self.for_each_row(low, |_, row| out.extend_from_slice(row));
+        out
+    }
+
+    /// Call `f(y, logits of frame row y)` for every frame row, top to bottom; nothing if `low`
+    /// is not m x m. One horizontal pass over the low-res rows the frame uses, then each frame
+    /// row from the few low-res rows it takes.
+    fn for_each_row(&self, low: &[f32], mut f: impl FnMut(usize, &[f32])) {
         let m = self.size;
-        for &(y0, y1, fy) in &self.rows {
-            for &(x0, x1, fx) in &self.cols {
-                out.push(bilinear(low, m, y0, y1, fy, x0, x1, fx));
+        if low.len() != m * m || self.rows.is_empty() || self.cols.is_empty() {
+            return;
+        }
+        let width = self.cols.len();
+        let (first_row, end_row) = self.rows.span();
+        let end_row = end_row.min(m);
+        let mut across = vec![0f32; end_row.saturating_sub(first_row) * width];
+        for (line, out) in low
+            .chunks_exact(m)
+            .skip(first_row)
+            .zip(across.chunks_exact_mut(width))
+        {
+            for (x, o) in out.iter_mut().enumerate() {
+                let (col0, w) = self.cols.taps(x);
+                *o = w.iter().zip(&line[col0..]).map(|(&a, &b)| a * b).sum();
             }
         }
-        out
+        let mut row = vec![0f32; width];
+        for y in 0..self.rows.len() {
+            let (row0, w) = self.rows.taps(y);
+            row.fill(0.0);
+            let lines = across.chunks_exact(width).skip(row0 - first_row);
+            for (line, &w) in lines.zip(w) {
+                for (o, &v) in row.iter_mut().zip(line) {
+                    *o += w * v;
+                }
+            }
+            f(y, &row);
+        }
     }
 
     /// Threshold `low` (m*m logits) at frame size and measure the mask.
     pub fn mask(&self, low: &[f32], index: usize, score: f32) -> MaskResult {
-        let m = self.size;
         let (w, h) = (self.geometry.frame_width, self.geometry.frame_height);
-        let mut data = vec![0u8; self.rows.len() * self.cols.len()];
+        let width = self.cols.len();
+        let mut data = vec![0u8; self.rows.len() * width];
         let (mut hi, mut lo, mut area) = (0u64, 0u64, 0u64);
         let (mut min_x, mut min_y, mut max_x, mut max_y) = (u32::MAX, u32::MAX, 0u32, 0u32);
-        if low.len() == m * m {
-            for (y, &(y0, y1, fy)) in self.rows.iter().enumerate() {
-                let row = &mut data[y * self.cols.len()..(y + 1) * self.cols.len()];
-                let mut row_any = false;
-                for (x, &(x0, x1, fx)) in self.cols.iter().enumerate() {
-                    let v = bilinear(low, m, y0, y1, fy, x0, x1, fx);
-                    hi += u64::from(v > MASK_THRESHOLD + STABILITY_OFFSET);
-                    lo += u64::from(v > MASK_THRESHOLD - STABILITY_OFFSET);
-                    if v > MASK_THRESHOLD {
-                        row[x] = 1;
-                        area += 1;
-                        row_any = true;
-                        // x < width <= u32::MAX
-                        let xu = x as u32;
-                        min_x = min_x.min(xu);
-                        max_x = max_x.max(xu);
-                    }
-                }
-                if row_any {
-                    let yu = y as u32;
-                    min_y = min_y.min(yu);
-                    max_y = max_y.max(yu);
+        self.for_each_row(low, |y, logits| {
+            let row = &mut data[y * width..(y + 1) * width];
+            let mut row_any = false;
+            for (x, &v) in logits.iter().enumerate() {
+                hi += u64::from(v > MASK_THRESHOLD + STABILITY_OFFSET);
+                lo += u64::from(v > MASK_THRESHOLD - STABILITY_OFFSET);
+                if v > MASK_THRESHOLD {
+                    row[x] = 1;
+                    area += 1;
+                    row_any = true;
+                    // x < width <= u32::MAX
+                    let xu = x as u32;
+                    min_x = min_x.min(xu);
+                    max_x = max_x.max(xu);
                 }
             }
-        }
+            if row_any {
+                // y < height <= u32::MAX
+                let yu = y as u32;
+                min_y = min_y.min(yu);
+                max_y = max_y.max(yu);
+            }
+        });
         let bbox = if area > 0 {
             [min_x, min_y, max_x - min_x + 1, max_y - min_y + 1]
         } else {
@@ -190,23 +213,6 @@ impl Upsampler {
             low_res_logits: low.to_vec(),
         }
     }
-}
-
-#[inline]
-#[allow(clippy::too_many_arguments)]
-fn bilinear(
-    low: &[f32],
-    m: usize,
-    y0: usize,
-    y1: usize,
-    fy: f32,
-    x0: usize,
-    x1: usize,
-    fx: f32,
-) -> f32 {
-    let a = low[y0 * m + x0] * (1.0 - fx) + low[y0 * m + x1] * fx;
-    let b = low[y1 * m + x0] * (1.0 - fx) + low[y1 * m + x1] * fx;
-    a * (1.0 - fy) + b * fy
 }
 
 /// Stability score of logits (used to filter before upsampling): the share of pixels above

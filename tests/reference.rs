@@ -1,0 +1,111 @@
+//! SAM's reference pre- and post-processing against the golden outputs of Pillow and PyTorch in
+//! `tests/fixtures/reference/` (`cd models && python -m tinysam_export reference-fixtures`): the
+//! longest-side resize bit for bit, the two-step mask interpolation to float rounding.
+
+use std::path::PathBuf;
+
+use ndarray_npy::ReadNpyExt;
+use tinysam_edge::postprocess::Upsampler;
+use tinysam_edge::preprocess::{pillow, Geometry};
+use tract_onnx::prelude::tract_ndarray::ArrayD;
+
+use crate::util::fixtures;
+
+fn reference(name: &str) -> PathBuf {
+    fixtures().join("reference").join(name)
+}
+
+fn cases() -> serde_json::Value {
+    let text = std::fs::read_to_string(reference("cases.json")).expect("reference cases.json");
+    serde_json::from_str(&text).expect("cases.json parses")
+}
+
+fn npy(name: &str) -> ArrayD<f32> {
+    let file = std::fs::File::open(reference(name)).expect("fixture opens");
+    ArrayD::<f32>::read_npy(file).expect("fixture is a float32 npy")
+}
+
+fn field<'a>(case: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    case.get(key).unwrap_or_else(|| panic!("case without {key}: {case}"))
+}
+
+fn size(case: &serde_json::Value, key: &str) -> u32 {
+    let v = field(case, key).as_u64().expect("a size");
+    u32::try_from(v).expect("a small size")
+}
+
+#[test]
+fn resize_equals_pillow_bit_for_bit() {
+    let cases = cases();
+    let resize = field(&cases, "resize").as_array().expect("resize cases");
+    assert!(resize.len() >= 8);
+    for case in resize {
+        let input = image::open(reference(field(case, "input").as_str().expect("name")))
+            .expect("input png")
+            .to_rgb8();
+        let expected = image::open(reference(field(case, "expected").as_str().expect("name")))
+            .expect("expected png")
+            .to_rgb8();
+        let g = Geometry::new(input.width(), input.height(), size(case, "model_size")).unwrap();
+        assert_eq!(
+            (g.resized_width, g.resized_height),
+            expected.dimensions(),
+            "{case}: SAM's rounding of the resized size"
+        );
+        let ours = pillow::resize_rgb8(
+            input.as_raw(),
+            (input.width() as usize, input.height() as usize),
+            (g.resized_width as usize, g.resized_height as usize),
+        )
+        .expect("sizes fit");
+        let differing = ours
+            .iter()
+            .zip(expected.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(differing, 0, "{case}: {differing} values differ from Pillow's");
+    }
+}
+
+#[test]
+fn upsampling_equals_sams_two_steps() {
+    let cases = cases();
+    let upsample = field(&cases, "upsample").as_array().expect("upsample cases");
+    assert!(upsample.len() >= 6);
+    for case in upsample {
+        let low = npy(field(case, "low").as_str().expect("name"));
+        let expected = npy(field(case, "expected").as_str().expect("name"));
+        let m = low.shape()[0];
+        let (w, h) = (size(case, "width"), size(case, "height"));
+        assert_eq!(expected.shape(), [h as usize, w as usize]);
+        let g = Geometry::new(w, h, size(case, "model_size")).unwrap();
+        let up = Upsampler::new(g, m);
+        let low: Vec<f32> = low.iter().copied().collect();
+        let want: Vec<f32> = expected.iter().copied().collect();
+        let ours = up.logits(&low);
+        assert_eq!(ours.len(), want.len());
+        let err = ours
+            .iter()
+            .zip(&want)
+            .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        // Logits of +-20: the reordered sums round differently in the last bits only.
+        assert!(err < 1e-4, "{case}: max abs difference {err}");
+        let mask = up.mask(&low, 0, 1.0);
+        for (i, (&bit, &v)) in mask.mask.data.iter().zip(&want).enumerate() {
+            if v.abs() > 1e-4 {
+                assert_eq!(bit == 1, v > 0.0, "{case}: pixel {i}, reference logit {v}");
+            }
+        }
+        assert_eq!(
+            mask.area,
+            ours.iter().filter(|&&v| v > 0.0).count() as u64,
+            "{case}"
+        );
+        // One pixel alone, as segment-everything reads it.
+        for (x, y) in [(0, 0), (w - 1, h - 1), (w / 2, h / 3)] {
+            let alone = up.logit_at(&low, x as f32 + 0.25, y as f32 + 0.75);
+            let row = ours[(y * w + x) as usize];
+            assert!((alone - row).abs() < 1e-5, "{case}: ({x}, {y}) {alone} vs {row}");
+        }
+    }
+}
