@@ -26,7 +26,8 @@ fn npy(name: &str) -> ArrayD<f32> {
 }
 
 fn field<'a>(case: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
-    case.get(key).unwrap_or_else(|| panic!("case without {key}: {case}"))
+    case.get(key)
+        .unwrap_or_else(|| panic!("case without {key}: {case}"))
 }
 
 fn size(case: &serde_json::Value, key: &str) -> u32 {
@@ -63,14 +64,19 @@ fn resize_equals_pillow_bit_for_bit() {
             .zip(expected.as_raw())
             .filter(|(a, b)| a != b)
             .count();
-        assert_eq!(differing, 0, "{case}: {differing} values differ from Pillow's");
+        assert_eq!(
+            differing, 0,
+            "{case}: {differing} values differ from Pillow's"
+        );
     }
 }
 
 #[test]
 fn upsampling_equals_sams_two_steps() {
     let cases = cases();
-    let upsample = field(&cases, "upsample").as_array().expect("upsample cases");
+    let upsample = field(&cases, "upsample")
+        .as_array()
+        .expect("upsample cases");
     assert!(upsample.len() >= 6);
     for case in upsample {
         let low = npy(field(case, "low").as_str().expect("name"));
@@ -105,7 +111,10 @@ fn upsampling_equals_sams_two_steps() {
         for (x, y) in [(0, 0), (w - 1, h - 1), (w / 2, h / 3)] {
             let alone = up.logit_at(&low, x as f32 + 0.25, y as f32 + 0.75);
             let row = ours[(y * w + x) as usize];
-            assert!((alone - row).abs() < 1e-5, "{case}: ({x}, {y}) {alone} vs {row}");
+            assert!(
+                (alone - row).abs() < 1e-5,
+                "{case}: ({x}, {y}) {alone} vs {row}"
+            );
         }
     }
 }

@@ -63,3 +63,24 @@ def test_fixtures_reproduce(tmp_path):
     assert scaled_max_err(iou_new, iou_old) < 1e-3
 
     assert json.loads((tmp_path / "golden" / "cases.json").read_text()) == json.loads((golden / "cases.json").read_text())
+
+
+def test_reference_fixtures_reproduce(tmp_path):
+    """PIL's resized images are the same bytes; torch's logits the same to float rounding (its CPU
+    kernels differ between machines in the last bits)."""
+    from PIL import Image
+
+    from tinysam_export.reference_fixtures import write_reference_fixtures
+
+    write_reference_fixtures(tmp_path)
+    committed = REPO / "tests" / "fixtures" / "reference"
+    cases = json.loads((committed / "cases.json").read_text())
+    assert json.loads((tmp_path / "cases.json").read_text())["resize"] == cases["resize"]
+    for case in cases["resize"]:
+        for key in ("input", "expected"):
+            new, old = np.asarray(Image.open(tmp_path / case[key])), np.asarray(Image.open(committed / case[key]))
+            assert np.array_equal(new, old), case[key]
+    for case in cases["upsample"]:
+        assert np.array_equal(np.load(tmp_path / case["low"]), np.load(committed / case["low"])), case["low"]
+        new, old = np.load(tmp_path / case["expected"]), np.load(committed / case["expected"])
+        assert scaled_max_err(new, old) < 1e-6, case["expected"]

@@ -84,9 +84,8 @@ impl Upsampler {
     pub fn new(geometry: Geometry, size: usize) -> Upsampler {
         let size = size.max(1);
         let model = geometry.model_size as usize;
-        let axis = |frame: u32, resized: u32| {
-            AxisTaps::sam(size, model, resized as usize, frame as usize)
-        };
+        let axis =
+            |frame: u32, resized: u32| AxisTaps::sam(size, model, resized as usize, frame as usize);
         Upsampler {
             geometry,
             size,
@@ -115,7 +114,11 @@ impl Upsampler {
         let mut sum = 0f32;
         // Trailing taps past the grid have weight 0: skip them rather than read past a row.
         for (line, &w) in low.chunks_exact(m).skip(row0).zip(wy) {
-            sum += w * wx.iter().zip(&line[col0..]).map(|(&a, &b)| a * b).sum::<f32>();
+            sum += w * wx
+                .iter()
+                .zip(&line[col0..])
+                .map(|(&a, &b)| a * b)
+                .sum::<f32>();
         }
         sum
     }

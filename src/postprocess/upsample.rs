@@ -150,7 +150,10 @@ mod tests {
                     .zip(values[first..].iter().chain(std::iter::repeat(&0.0)))
                     .map(|(a, b)| a * b)
                     .sum();
-                assert!((got - want).abs() < 1e-4, "{low} {model} {resized} {frame} @{o}");
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{low} {model} {resized} {frame} @{o}"
+                );
                 let total: f32 = w.iter().sum();
                 assert!((total - 1.0).abs() < 1e-5);
             }

@@ -220,3 +220,30 @@ mod tests {
         assert!(resize_rgb8(&[], (0, 2), (3, 3)).is_none());
     }
 }
+
+#[cfg(test)]
+mod speed {
+    /// Not a test: `cargo test --release --lib resize_speed -- --ignored --nocapture` times the
+    /// resize of common camera sizes to SAM's 1024 (best of 10).
+    #[test]
+    #[ignore]
+    fn resize_speed() {
+        for (w, h, ow, oh) in [
+            (640, 480, 1024, 768),
+            (769, 770, 1023, 1024),
+            (1280, 720, 1024, 576),
+            (1920, 1080, 1024, 576),
+        ] {
+            let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7919 % 251) as u8).collect();
+            let best = (0..10)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    let out = super::resize_rgb8(&rgb, (w, h), (ow, oh)).expect("sizes");
+                    std::hint::black_box(out);
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min);
+            eprintln!("{w}x{h} -> {ow}x{oh}: {:.2} ms", best * 1e3);
+        }
+    }
+}
