@@ -330,3 +330,30 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Not a test: `cargo test --release --lib upsample_speed -- --ignored --nocapture` times one
+    /// 256 x 256 mask to common frame sizes (SAM's model size 1024; best of 10).
+    #[test]
+    #[ignore]
+    fn upsample_speed() {
+        let m = 256;
+        let low: Vec<f32> = (0..m * m)
+            .map(|i| ((i * 7919) % 2003) as f32 / 100.0 - 10.0)
+            .collect();
+        for (w, h) in [(640, 480), (769, 770), (1920, 1080)] {
+            let up = Upsampler::new(Geometry::new(w, h, 1024).expect("size"), m);
+            let best = (0..10)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(up.mask(&low, 0, 1.0));
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min);
+            eprintln!("mask {m}x{m} -> {w}x{h}: {:.2} ms", best * 1e3);
+        }
+    }
+}
