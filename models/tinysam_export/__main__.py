@@ -94,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             write_reference_fixtures(args.out)
     except (CheckpointError, ImageError, FidelityError, ExportError, ValueError) as e:
         log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception as e:  # one line for the user; the traceback with --verbose
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log.error("%s%s (run with --verbose for the traceback)", type(e).__name__, ": " + cause if cause else "")
+        log.debug("traceback", exc_info=True)
         return 1
     return 0
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +19,11 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import ModelConfig
-from .export import DEFAULT_OPSET, export_decoder, export_encoder, export_split_decoder, io_spec
-from .images import Photo, calibration_set, evaluation_set, sampled_prompts
+from .export import DEFAULT_OPSET, ExportError, export_decoder, export_encoder, export_split_decoder, io_spec
+from .images import ImageError, Photo, calibration_set, evaluation_set, sampled_prompts
 from .quantize import QuantOptions, integer_mac_share, quantize
-from .validate import MIN_MEAN_MASK_IOU, OnnxPipeline, check_fidelity, fidelity_report
-from .weights import file_sha256, load_checkpoint, synthetic_model
+from .validate import MIN_MEAN_MASK_IOU, FidelityError, OnnxPipeline, check_fidelity, fidelity_report
+from .weights import CheckpointError, file_sha256, load_checkpoint, synthetic_model
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,42 @@ class BuildRequest:
     extra_calibration: tuple[Path, ...] = ()
     enforce_fidelity: bool = True
     use_shared_images: bool = True  # False: scikit-image photos only, reproducible anywhere
+
+
+EXPECTED_ERRORS = (CheckpointError, ImageError, FidelityError, ExportError)
+"""Errors that already say what went wrong in the user's terms."""
+
+
+@contextmanager
+def step(what: str):
+    """Run one stage of a build: any unexpected exception (onnxruntime's, onnx's, torch's) comes
+    out as an `ExportError` naming the stage and the cause in one line."""
+    try:
+        yield
+    except EXPECTED_ERRORS:
+        raise
+    except MemoryError as e:
+        raise ExportError(f"{what}: out of memory") from e
+    except Exception as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"{what}: {type(e).__name__}{': ' + cause if cause else ''}") from e
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Put the finished `staging` directory at `out`, replacing what was there only once the new
+    one is complete (two renames on the same filesystem)."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _git_commit() -> str:
@@ -123,17 +163,47 @@ def add_split_decoder(model_dir: Path, checkpoint: Path | None = None) -> dict:
     else:
         model = load_checkpoint(cfg, checkpoint)
     split = split_decoder_paths(model_dir)
-    export_split_decoder(model, *split.values(), model_dir / "decoder.fp32.onnx", manifest.get("opset", DEFAULT_OPSET))
+    # Exported next to the directory's files, moved in only when all three passed the check.
+    with tempfile.TemporaryDirectory(prefix=".split-decoder-", dir=model_dir) as tmp:
+        staged = split_decoder_paths(Path(tmp))
+        with step("exporting the split FP32 decoder"):
+            export_split_decoder(model, *staged.values(), model_dir / "decoder.fp32.onnx", manifest.get("opset", DEFAULT_OPSET))
+        for role, staged_file in staged.items():
+            os.replace(staged_file, split[role])
     manifest["files"] = [f for f in manifest["files"] if f["role"] not in split] + split_decoder_entries(split)
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    staged_manifest = path.with_suffix(".json.partial")
+    staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staged_manifest, path)
     return manifest
 
 
 def build(req: BuildRequest) -> dict:
-    """Build the model directory described by `req`; returns the manifest it wrote."""
+    """Build the model directory described by `req`; returns the manifest it wrote.
+
+    The files are written to a hidden sibling directory that replaces `req.out_dir` only when
+    the build has succeeded: a failed build leaves no half-written directory, and an existing
+    one untouched. Failures raise one of `EXPECTED_ERRORS`, each naming its cause.
+    """
     started = time.monotonic()
     out = req.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    with step(f"creating {out.parent}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifest = _build_into(req, staging)
+        with step(f"moving the finished build to {out}"):
+            _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote %s in %.0f s", out, time.monotonic() - started)
+    return manifest
+
+
+def _build_into(req: BuildRequest, out: Path) -> dict:
+    """The build itself, into the empty directory `out`."""
     cfg = req.cfg
     if req.checkpoint is not None:
         model = load_checkpoint(cfg, req.checkpoint)
@@ -153,29 +223,39 @@ def build(req: BuildRequest) -> dict:
         ("decoder", "int8"): out / "decoder.int8.onnx",
     }
     log.info("exporting FP32 graphs")
-    export_encoder(model, paths["encoder", "fp32"], req.opset)
-    export_decoder(model, paths["decoder", "fp32"], req.opset)
+    with step("exporting the FP32 encoder"):
+        export_encoder(model, paths["encoder", "fp32"], req.opset)
+    with step("exporting the FP32 decoder"):
+        export_decoder(model, paths["decoder", "fp32"], req.opset)
     split = split_decoder_paths(out)
-    export_split_decoder(model, *split.values(), paths["decoder", "fp32"], req.opset)
+    with step("exporting the split FP32 decoder"):
+        export_split_decoder(model, *split.values(), paths["decoder", "fp32"], req.opset)
     del model
 
     calib = calibration_set(list(req.extra_calibration), req.use_shared_images)
     log.info("quantizing on %d calibration photos: %s", len(calib), ", ".join(p.name for p in calib))
-    quantize(paths["encoder", "fp32"], paths["encoder", "int8"], encoder_feeds(cfg, calib), req.quant, req.quant.encoder_calibration)
-    fp32_pipe = OnnxPipeline.load(cfg, paths["encoder", "fp32"], paths["decoder", "fp32"])
-    dec_feeds = decoder_feeds(fp32_pipe, calib, req.calibration_prompts, req.seed)
-    quantize(
-        paths["decoder", "fp32"], paths["decoder", "int8"], tqdm(dec_feeds, desc="calibrate decoder", leave=False), req.quant,
-        req.quant.decoder_calibration,
-    )
+    with step("quantizing the encoder"):
+        quantize(
+            paths["encoder", "fp32"], paths["encoder", "int8"], encoder_feeds(cfg, calib), req.quant,
+            req.quant.encoder_calibration,
+        )
+    with step("calibrating the decoder"):
+        fp32_pipe = OnnxPipeline.load(cfg, paths["encoder", "fp32"], paths["decoder", "fp32"])
+        dec_feeds = decoder_feeds(fp32_pipe, calib, req.calibration_prompts, req.seed)
+    with step("quantizing the decoder"):
+        quantize(
+            paths["decoder", "fp32"], paths["decoder", "int8"], tqdm(dec_feeds, desc="calibrate decoder", leave=False),
+            req.quant, req.quant.decoder_calibration,
+        )
 
     log.info("measuring INT8 fidelity")
-    report = fidelity_report(
-        cfg,
-        (paths["encoder", "fp32"], paths["decoder", "fp32"]),
-        (paths["encoder", "int8"], paths["decoder", "int8"]),
-        evaluation_set(req.use_shared_images),
-    )
+    with step("measuring INT8 fidelity"):
+        report = fidelity_report(
+            cfg,
+            (paths["encoder", "fp32"], paths["decoder", "fp32"]),
+            (paths["encoder", "int8"], paths["decoder", "int8"]),
+            evaluation_set(req.use_shared_images),
+        )
     decoder_precision = req.decoder_precision
     if decoder_precision == "auto":
         s = report["summary"]
@@ -230,5 +310,4 @@ def build(req: BuildRequest) -> dict:
         "tool": {"name": "tinysam_export", "version": __version__, "git_commit": _git_commit()},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("wrote %s in %.0f s", out, time.monotonic() - started)
     return manifest

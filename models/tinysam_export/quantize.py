@@ -97,6 +97,33 @@ def float_nodes(model: onnx.ModelProto, options: QuantOptions) -> list[str]:
     return keep
 
 
+def materialize_shared_initializers(model: onnx.ModelProto) -> int:
+    """Give every tensor that is an `Identity` of an initializer its own initializer.
+
+    torch.onnx merges identical initializers (all-zero biases of equal shape, as a freshly
+    initialised checkpoint has) into one, read by the others through `Identity` nodes; the
+    quantizer then looks those biases up as initializers, finds none and fails. Copies cost the
+    duplicated bytes only. Returns how many `Identity` nodes were replaced.
+    """
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    keep, copies = [], []
+    for node in g.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            copies.append(copy)
+        else:
+            keep.append(node)
+    if copies:
+        del g.node[:]
+        g.node.extend(keep)
+        g.initializer.extend(copies)
+    return len(copies)
+
+
 def quantize(
     fp32: Path, out: Path, feeds: Iterable[dict[str, np.ndarray]], options: QuantOptions, calibration: str
 ) -> Path:
@@ -107,6 +134,10 @@ def quantize(
         # as com.microsoft QGemm, an op tract does not have.
         quant_pre_process(str(fp32), str(prepped), skip_optimization=True, skip_symbolic_shape=True)
         model = onnx.load(str(prepped))
+        shared = materialize_shared_initializers(model)
+        if shared:
+            log.info("%s: %d shared initializers given their own copies before quantizing", fp32.name, shared)
+            onnx.save(model, str(prepped))
         exclude = float_nodes(model, options)
         method = {
             "minmax": CalibrationMethod.MinMax,
