@@ -28,6 +28,8 @@ dpkg-deb -x "$deb" "$root"
     --socket "$root/d.sock" --stats-interval 0 2>"$root/log" &
 pid=$!
 for _ in $(seq 1 600); do [ -S "$root/d.sock" ] && break; sleep 0.1; done
-"$root/usr/bin/tinysam" sub --socket "$root/d.sock" --status | grep -q '"encoder": "int8"'
+# Captured, then searched: `| grep -q` would close the pipe while the status is still printing.
+status=$("$root/usr/bin/tinysam" sub --socket "$root/d.sock" --status)
+grep -q '"encoder": "int8"' <<<"$status"
 kill -TERM "$pid"; wait "$pid"
 echo "packaged daemon ran with the packaged model"

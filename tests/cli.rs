@@ -102,3 +102,34 @@ fn info_reports_isa_and_kernels() {
     assert!(v["isa"].as_str().unwrap().len() > 2);
     assert!(v["encoder"]["kernels"]["nodes"].as_array().unwrap().len() > 5);
 }
+
+/// A reader that stops early (`| head -1`, `| grep -q`) ends the CLI quietly, by SIGPIPE as
+/// other Unix tools end, not with a panic in `println!`.
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+
+    let mut child = tinysam()
+        .arg("info")
+        .arg("--model")
+        .arg(test_model())
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the pipe before the CLI writes: its first write fails.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status.signal(), Some(13), "{status:?}: {stderr}");
+}

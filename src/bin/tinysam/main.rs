@@ -421,7 +421,20 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Let a closed stdout end the process quietly, as it ends `head` or `grep -q`'s other Unix
+/// producers, instead of a panic in `println!` (Rust ignores SIGPIPE by default).
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called first thing in `main`, before any thread exists; SIG_DFL installs no
+    // handler code.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("warning: cannot restore the default SIGPIPE action: {e}");
+    }
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
