@@ -87,3 +87,43 @@ fn upscaling_speed() -> TractResult<()> {
     }
     Ok(())
 }
+
+/// Not a test: `cargo test --release --lib upscaling_op_speed -- --ignored --nocapture` times
+/// the op alone at the default model's sizes (64² tokens × 256 → 64 → 32 channels, 3 masks),
+/// best of 20 at 1 and 2 threads.
+#[test]
+#[ignore]
+fn upscaling_op_speed() -> TractResult<()> {
+    use crate::model::test_support::pattern_values;
+    let (side, d, c1, c2, masks) = (64, 256, 64, 32, 3);
+    let op = MaskUpscaling {
+        side,
+        weights: Arc::new(kernel::Weights {
+            up1: PackedWeights::pack(&pattern_values(d * 4 * c1, 1, 0.1), d, 4 * c1).expect("up1"),
+            bias1: pattern_values(c1, 2, 0.1),
+            eps: 1e-6,
+            gamma: pattern_values(c1, 3, 1.0),
+            beta: pattern_values(c1, 4, 0.1),
+            up2: PackedWeights::pack(&pattern_values(c1 * 4 * c2, 5, 0.2), c1, 4 * c2)
+                .expect("up2"),
+            bias2: pattern_values(c2, 6, 0.1),
+        }),
+    };
+    let inputs = tvec![
+        pattern_tensor(&[1, side * side, d], 7, 3.0).into_tvalue(),
+        pattern_tensor(&[1, masks, c2], 8, 1.0).into_tvalue(),
+    ];
+    let macs = side * side * (d * 4 * c1 + 4 * c1 * 4 * c2 + 16 * c2 * masks);
+    for threads in [1, 2] {
+        crate::model::set_threads(threads);
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let start = std::time::Instant::now();
+            op.eval(&EvalContext::out_of_plan(), inputs.clone())?;
+            best = best.min(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let gmacs = macs as f64 / best / 1e6;
+        eprintln!("upscaling op, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s");
+    }
+    Ok(())
+}

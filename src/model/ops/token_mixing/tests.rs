@@ -71,3 +71,65 @@ fn token_mixing_speed() -> TractResult<()> {
         rewrite_image_to_token_output,
     )
 }
+
+/// Not a test: `cargo test --release --lib token_mixing_op_speed -- --ignored --nocapture` times
+/// the op alone at the default model's sizes (8 heads x 7 tokens, 4 096 image tokens, 256
+/// channels), logits given and logits from keys + pe, best of 20 at 1 and 2 threads.
+#[test]
+#[ignore]
+fn token_mixing_op_speed() -> TractResult<()> {
+    use crate::model::test_support::pattern_tensor;
+    let (h, t, p, d) = (8, 7, 4096, 256);
+    let op = |logits| ImageToTokenOutput {
+        heads: h,
+        tokens: t,
+        pixels: p,
+        dim: d,
+        batched: false,
+        logits,
+        bias: Arc::new(vec![0.01; d]),
+        eps: 1e-5,
+        gamma: Arc::new(vec![1.0; d]),
+        beta: Arc::new(vec![0.0; d]),
+    };
+    let pe = Arc::new(crate::model::test_support::pattern_values(p * d, 5, 0.5));
+    let cases = [
+        (
+            "logits given",
+            op(LogitsSource::Input),
+            tvec![
+                pattern_tensor(&[h, t, p], 1, 4.0).into_tvalue(),
+                pattern_tensor(&[h, t, d], 2, 1.0).into_tvalue(),
+                pattern_tensor(&[1, p, d], 3, 1.0).into_tvalue(),
+            ],
+            h * t * p * d,
+        ),
+        (
+            "logits from keys + pe",
+            op(LogitsSource::FromKeys(pe)),
+            tvec![
+                pattern_tensor(&[h, t, d], 1, 0.1).into_tvalue(),
+                pattern_tensor(&[h * t], 4, 0.1).into_tvalue(),
+                pattern_tensor(&[h, t, d], 2, 1.0).into_tvalue(),
+                pattern_tensor(&[1, p, d], 3, 1.0).into_tvalue(),
+            ],
+            2 * h * t * p * d,
+        ),
+    ];
+    for threads in [1, 2] {
+        crate::model::set_threads(threads);
+        for (name, op, inputs, macs) in &cases {
+            let mut best = f64::MAX;
+            for _ in 0..20 {
+                let start = std::time::Instant::now();
+                op.eval(&EvalContext::out_of_plan(), inputs.clone())?;
+                best = best.min(start.elapsed().as_secs_f64() * 1e3);
+            }
+            let gmacs = *macs as f64 / best / 1e6;
+            eprintln!(
+                "token mixing op, {name}, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s"
+            );
+        }
+    }
+    Ok(())
+}
