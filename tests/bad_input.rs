@@ -16,6 +16,25 @@ fn copy_model(to: &Path) {
     }
 }
 
+/// Write `file`'s new SHA-256 into the manifest of `dir`, as a manifest written for the damaged
+/// file would have it: the load then gets past the hash check to tract.
+fn rehash(dir: &Path, file: &str) {
+    use sha2::{Digest, Sha256};
+    let hash = format!(
+        "{:x}",
+        Sha256::digest(std::fs::read(dir.join(file)).unwrap())
+    );
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for entry in manifest["files"].as_array_mut().unwrap() {
+        if entry["path"] == file {
+            entry["sha256"] = hash.clone().into();
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+}
+
 #[test]
 fn missing_model_directory() {
     let err = Model::load(Path::new("/nonexistent/model"), PrecisionChoice::default())
@@ -71,6 +90,13 @@ fn missing_and_corrupt_model_files() {
     std::fs::write(dir.path().join("encoder.int8.onnx"), b"garbage").unwrap();
     let err = Model::load(dir.path(), choice).err().unwrap();
     assert!(
+        matches!(err, Error::ModelMismatch { .. }) && err.to_string().contains("SHA-256"),
+        "{err:?}"
+    );
+    // The same garbage with a manifest written for it: tract refuses to parse it.
+    rehash(dir.path(), "encoder.int8.onnx");
+    let err = Model::load(dir.path(), choice).err().unwrap();
+    assert!(
         matches!(
             err,
             Error::ModelLoad {
@@ -80,6 +106,84 @@ fn missing_and_corrupt_model_files() {
         ),
         "{err:?}"
     );
+}
+
+/// One flipped bit in a weight: the graph still parses and would serve wrong masks, so the
+/// manifest's hash is what catches it.
+#[test]
+fn damaged_weights_are_refused_by_their_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(dir.path());
+    let path = dir.path().join("encoder.fp32.onnx");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+    let choice = PrecisionChoice {
+        encoder: Some(Precision::Fp32),
+        decoder: Some(Precision::Fp32),
+        ..Default::default()
+    };
+    let err = Model::load(dir.path(), choice).err().unwrap();
+    assert!(matches!(err, Error::ModelMismatch { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("encoder.fp32.onnx") && text.contains("SHA-256"),
+        "{text}"
+    );
+}
+
+/// An index constant out of range (the window attention's relative-position index) with a
+/// manifest that matches the file: tract panics while optimising the graph, and the load must
+/// come back as an error naming the file, not unwind through the caller.
+#[test]
+fn corrupt_index_constant_is_an_error_not_a_panic() {
+    use prost::Message;
+    use tract_onnx::pb::ModelProto;
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(dir.path());
+    let path = dir.path().join("encoder.int8.onnx");
+    let mut model = ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let mut damaged = 0;
+    for node in &mut graph.node {
+        let feeds_gather = node.op_type == "Constant" && node.output[0].starts_with("onnx::Gather");
+        if !feeds_gather {
+            continue;
+        }
+        for attr in &mut node.attribute {
+            if let Some(t) = attr.t.as_mut() {
+                // int64 (data type 7), stored raw little-endian or as int64_data.
+                if t.data_type == 7 && t.raw_data.len() >= 8 {
+                    t.raw_data[..8].copy_from_slice(&1_000_000i64.to_le_bytes());
+                    damaged += 1;
+                } else if let Some(first) = t.int64_data.first_mut() {
+                    *first = 1_000_000;
+                    damaged += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        damaged > 0,
+        "the test model has no index constant to damage"
+    );
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    rehash(dir.path(), "encoder.int8.onnx");
+    let choice = PrecisionChoice {
+        encoder: Some(Precision::Int8),
+        decoder: Some(Precision::Fp32),
+        ..Default::default()
+    };
+    let loaded = std::panic::catch_unwind(|| Model::load(dir.path(), choice));
+    let err = loaded
+        .expect("the load returns instead of panicking")
+        .err()
+        .expect("a damaged index is an error");
+    let text = format!("{err:#}");
+    assert!(matches!(err, Error::ModelLoad { .. }), "{err:?}");
+    assert!(text.contains("encoder.int8.onnx"), "{text}");
 }
 
 #[test]

@@ -318,7 +318,7 @@ impl Decoder {
                     reason: format!("mask graph output is {:?}, expected {want:?}", fact.shape),
                 });
             }
-            typed.into_runnable().map_err(load_err)
+            super::unpanic(|| typed.into_runnable()).map_err(load_err)
         })
     }
 
@@ -369,7 +369,7 @@ impl Decoder {
             }
         }
         log::debug!("decoder plan built for batch {batch} x {points} points");
-        typed.into_runnable().map_err(load_err)
+        super::unpanic(|| typed.into_runnable()).map_err(load_err)
     }
 
     /// Compute and keep the per-frame tensors of `embedding` (no mask input) now, so the first
@@ -399,13 +399,14 @@ impl Decoder {
             source,
         };
         let (mask_tensor, has_mask) = self.mask_inputs(mask)?;
-        let out = frame
-            .run(tvec!(
+        let out = super::unpanic(|| {
+            frame.run(tvec!(
                 TValue::from_const(embedding.tensor.clone()),
                 mask_tensor.into(),
                 has_mask.into()
             ))
-            .map_err(infer)?;
+        })
+        .map_err(infer)?;
         let tensors = Arc::new(FrameTensors(
             out.into_iter().map(|t| t.into_arc_tensor()).collect(),
         ));
@@ -594,9 +595,10 @@ impl Decoder {
                     };
                     let plan =
                         self.mask_plan((graph, masks_path), tokens.shape(), weights.shape())?;
-                    let out = plan
-                        .run(tvec!(tokens.into_tvalue(), weights.into_tvalue()))
-                        .map_err(infer_err)?;
+                    let out = super::unpanic(|| {
+                        plan.run(tvec!(tokens.into_tvalue(), weights.into_tvalue()))
+                    })
+                    .map_err(infer_err)?;
                     let chunk_masks = out
                         .into_iter()
                         .next()
@@ -650,7 +652,9 @@ impl Decoder {
         input: &DecoderInput,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (plan, inputs) = self.batch_inputs(embedding, input)?;
-        let mut out = plan.run(inputs).map_err(infer_err)?.into_iter();
+        let mut out = super::unpanic(|| plan.run(inputs))
+            .map_err(infer_err)?
+            .into_iter();
         match (out.next(), out.next(), out.next()) {
             (Some(tokens), Some(weights), Some(iou)) => Ok((
                 tokens.into_tensor(),
@@ -666,7 +670,9 @@ impl Decoder {
     /// The one-graph form on one batch (or the split form's error on a malformed one).
     fn decode_one_graph(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
         let (plan, inputs) = self.batch_inputs(embedding, input)?;
-        let mut out = plan.run(inputs).map_err(infer_err)?.into_iter();
+        let mut out = super::unpanic(|| plan.run(inputs))
+            .map_err(infer_err)?
+            .into_iter();
         let (Some(masks), Some(iou)) = (out.next(), out.next()) else {
             return Err(infer_err(anyhow::anyhow!(
                 "decoder returned fewer than 2 outputs"
@@ -782,9 +788,8 @@ fn frame_plan(
     for (ix, fact) in facts.into_iter().enumerate() {
         model.set_input_fact(ix, fact).map_err(load_err)?;
     }
-    super::optimize(model, Role::DecoderFrame, path, int8)?
-        .into_runnable()
-        .map_err(load_err)
+    let typed = super::optimize(model, Role::DecoderFrame, path, int8)?;
+    super::unpanic(|| typed.into_runnable()).map_err(load_err)
 }
 
 /// Concrete shapes of the per-frame plan's outputs.

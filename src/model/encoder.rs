@@ -80,7 +80,7 @@ impl Encoder {
                 ),
             });
         }
-        let plan = typed.into_runnable().map_err(load_err)?;
+        let plan = super::unpanic(|| typed.into_runnable()).map_err(load_err)?;
         Ok(Encoder {
             plan,
             path,
@@ -93,12 +93,12 @@ impl Encoder {
     /// Run the encoder on a preprocessed image.
     pub fn embed(&self, image: ImageTensor) -> Result<Embedding> {
         let geometry = image.geometry;
-        let mut out = self
-            .plan
-            .run(tvec!(image.tensor.into()))
-            .map_err(|source| Error::Inference {
-                stage: "encoder",
-                source,
+        let mut out =
+            super::unpanic(|| self.plan.run(tvec!(image.tensor.into()))).map_err(|source| {
+                Error::Inference {
+                    stage: "encoder",
+                    source,
+                }
             })?;
         let tensor = out.remove(0).into_arc_tensor();
         Ok(Embedding::new(tensor, geometry))

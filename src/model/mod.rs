@@ -212,17 +212,20 @@ pub(crate) fn parse_onnx(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "model file missing"),
         });
     }
+    verify_sha256(&path, &entry.sha256)?;
     // Shapes come from the input facts we set: the symbolic `batch`/`points` names that shape
     // inference left in value_info and outputs would otherwise clash with concrete batch sizes.
-    let model = tract_onnx::onnx()
-        .with_ignore_value_info(true)
-        .with_ignore_output_shapes(true)
-        .model_for_path(&path)
-        .map_err(|source| Error::ModelLoad {
-            stage,
-            path: path.clone(),
-            source,
-        })?;
+    let model = unpanic(|| {
+        tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .with_ignore_output_shapes(true)
+            .model_for_path(&path)
+    })
+    .map_err(|source| Error::ModelLoad {
+        stage,
+        path: path.clone(),
+        source,
+    })?;
     let names: Vec<String> = model
         .input_outlets()
         .map_err(|source| Error::ModelLoad {
@@ -243,9 +246,85 @@ pub(crate) fn parse_onnx(
     Ok((path, model))
 }
 
+/// Check that `path` hashes to the manifest's `expected` SHA-256 (hex): a damaged or swapped
+/// model file is refused by name before tract parses it. Reads the file in 1 MiB blocks.
+pub(crate) fn verify_sha256(path: &Path, expected: &str) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let io_err = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut block).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(block.get(..n).unwrap_or_default());
+    }
+    let actual = format!("{:x}", hasher.finalize());
+    if actual.eq_ignore_ascii_case(expected.trim()) {
+        return Ok(());
+    }
+    Err(Error::ModelMismatch {
+        path: path.to_path_buf(),
+        reason: if expected.trim().is_empty() {
+            "the manifest gives no SHA-256 for it".to_string()
+        } else {
+            format!(
+                "its SHA-256 is {actual}, the manifest says {expected}: the file is damaged or \
+                 not the one the manifest was written for"
+            )
+        },
+    })
+}
+
+/// Run `f`, turning a panic inside it into an error that carries the panic's message: tract
+/// panics on some malformed graphs (an index out of bounds from a corrupt constant, say), and a
+/// model file must never take a thread, or the daemon, down with it.
+pub(crate) fn unpanic<T>(f: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(anyhow::anyhow!(
+            "tract panicked: {}",
+            panic_message(payload.as_ref())
+        ))
+    })
+}
+
+/// The message a panic was raised with, when it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
 /// Optimise a parsed graph for running; INT8 graphs get their quantized matmuls replaced by
-/// ours first (unless `int8` says tract's).
+/// ours first (unless `int8` says tract's). A panic inside tract comes out as
+/// [`Error::ModelLoad`].
 pub(crate) fn optimize(
+    model: InferenceModel,
+    role: Role,
+    path: &Path,
+    int8: Int8Matmul,
+) -> Result<TypedModel> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        optimize_unguarded(model, role, path, int8)
+    }))
+    .unwrap_or_else(|payload| {
+        Err(Error::ModelLoad {
+            stage: stage_name(role),
+            path: path.to_path_buf(),
+            source: anyhow::anyhow!("tract panicked: {}", panic_message(payload.as_ref())),
+        })
+    })
+}
+
+fn optimize_unguarded(
     model: InferenceModel,
     role: Role,
     path: &Path,
