@@ -302,12 +302,10 @@ impl FrameSource for FileSource {
         self.seq += 1;
         let captured_ns = monotonic_now_ns();
         let started = Instant::now();
-        let image = image::open(path)
-            .map_err(|e| CameraError::BadFile {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?
-            .to_rgb8();
+        let image = crate::pixel::read_image(path).map_err(|e| CameraError::BadFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         self.last_size = image.dimensions();
         Ok(Some(Frame {
             seq,
@@ -468,7 +466,7 @@ impl<O: CameraOpener> FrameSource for Reopening<O> {
     }
 }
 
-/// An error and its causes on one line, for logs.
+/// An error and its causes on one line, for logs (line breaks inside a message become spaces).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
@@ -477,7 +475,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         out.push_str(&c.to_string());
         cause = c.source();
     }
-    out
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 pub use v4l2::{list_cameras, CameraDescription, V4l2Opener};

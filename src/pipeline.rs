@@ -565,6 +565,64 @@ impl Pipeline {
     }
 }
 
+/// What the capture loop does after frames that do not decode: nothing for the first few in
+/// a row (a camera's occasional bad frame costs no time), then waits that double from
+/// [`CorruptBackoff::FIRST`] up to [`CorruptBackoff::MAX`], so that a source with nothing
+/// decodable (a folder of broken files at `--fps 0`, a camera sending garbage) does not spin; one
+/// log line says so when the waits start, and one when a frame decodes again.
+#[derive(Debug, Default)]
+struct CorruptBackoff {
+    /// Bad frames since the last good one.
+    in_a_row: u32,
+    /// The next wait, once waiting has started.
+    wait: Option<Duration>,
+}
+
+impl CorruptBackoff {
+    /// Bad frames in a row before the first wait.
+    const TOLERATED: u32 = 3;
+    const FIRST: Duration = Duration::from_millis(20);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn decoded(&mut self) {
+        if self.wait.is_some() {
+            log::info!(
+                "source decodes again after {} bad frames in a row",
+                self.in_a_row
+            );
+        }
+        *self = CorruptBackoff::default();
+    }
+
+    /// After a bad frame: wait if it is one too many in a row (waking early on `stop`).
+    fn failed(&mut self, stop: &AtomicBool) {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        if self.in_a_row < Self::TOLERATED {
+            return;
+        }
+        let wait = match self.wait {
+            Some(w) => (w * 2).min(Self::MAX),
+            None => {
+                log::warn!(
+                    "{} bad frames in a row: waiting between tries (up to {:?})",
+                    self.in_a_row,
+                    Self::MAX
+                );
+                Self::FIRST
+            }
+        };
+        self.wait = Some(wait);
+        let until = Instant::now() + wait;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(50)));
+        }
+    }
+}
+
 fn capture_loop(
     mut source: Box<dyn FrameSource>,
     out: LatestSender<Frame>,
@@ -574,11 +632,13 @@ fn capture_loop(
 ) {
     let c = &metrics.counters;
     let mut last_size = (0, 0);
+    let mut backoff = CorruptBackoff::default();
     while !stop.load(Ordering::Relaxed) {
         let next = source.next_frame();
         c.reopens.store(source.reopens(), Ordering::Relaxed);
         match next {
             Ok(Some(frame)) => {
+                backoff.decoded();
                 // Capture latency: from the capture timestamp until the RGB frame is ready
                 // (driver queue + dequeue + conversion); pacing waits are not part of it.
                 let lag_ns = crate::camera::monotonic_now_ns().saturating_sub(frame.captured_ns);
@@ -609,6 +669,7 @@ fn capture_loop(
                 if n <= 10 || n.is_multiple_of(100) {
                     log::warn!("{} (corrupt frames so far: {n})", error_chain(&e));
                 }
+                backoff.failed(stop);
             }
             Err(e) => {
                 log::error!("source failed: {}", error_chain(&e));
@@ -911,6 +972,56 @@ impl MaskWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source whose every frame is bad: the loop keeps trying, but waits between tries
+    /// instead of spinning (before: thousands of tries per second at `--fps 0`).
+    #[test]
+    fn undecodable_source_backs_off() {
+        struct Broken(std::sync::Arc<std::sync::atomic::AtomicU64>);
+        impl FrameSource for Broken {
+            fn next_frame(
+                &mut self,
+            ) -> std::result::Result<Option<Frame>, crate::camera::CameraError> {
+                self.0.fetch_add(1, Ordering::Relaxed);
+                Err(crate::camera::CameraError::BadFile {
+                    path: "broken.jpg".into(),
+                    reason: "image does not decode".into(),
+                })
+            }
+            fn info(&self) -> SourceInfo {
+                SourceInfo {
+                    uri: "test:broken".into(),
+                    width: 0,
+                    height: 0,
+                    format: None,
+                    fps: 0.0,
+                }
+            }
+        }
+        let tries = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (tx, _rx) = LatestSender::channel();
+        let metrics = Metrics::new();
+        let info = Mutex::new(Broken(tries.clone()).info());
+        let loop_stop = stop.clone();
+        let source = Box::new(Broken(tries.clone()));
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            scope.spawn(|| capture_loop(source, tx, &metrics, &info, &loop_stop));
+            std::thread::sleep(Duration::from_millis(600));
+            stop.store(true, Ordering::Relaxed);
+        });
+        let n = tries.load(Ordering::Relaxed);
+        // 3 without waiting, then 20, 40, 80, 160, 320 ms: about 8 tries in 0.6 s.
+        assert!(
+            (4..=12).contains(&n),
+            "{n} tries in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(metrics.counters.corrupt.load(Ordering::Relaxed), n);
+        // Stopping is not held up by the wait.
+        assert!(started.elapsed() < Duration::from_millis(900));
+    }
 
     #[test]
     fn latest_wins_replaces_and_counts() {

@@ -50,6 +50,9 @@ pub enum PixelError {
     /// A JPEG that does not decode (corrupt or truncated frame).
     #[error("corrupt MJPEG frame: {0}")]
     Jpeg(String),
+    /// A still image (file) that does not decode completely: corrupt, truncated or not an image.
+    #[error("image does not decode: {0}")]
+    Image(String),
     /// A JPEG whose size differs from the negotiated one.
     #[error("MJPEG frame is {got_width}x{got_height}, expected {width}x{height}")]
     JpegSize {
@@ -279,6 +282,38 @@ pub fn mjpeg_to_rgb(src: &[u8], width: u32, height: u32, out: &mut [u8]) -> Resu
     decoder
         .decode_into(out)
         .map_err(|e| PixelError::Jpeg(e.to_string()))
+}
+
+/// Decode a still image (JPEG, PNG) to RGB8, strictly: a truncated or corrupt JPEG is an
+/// error, never a partly grey picture (the `image` crate's JPEG path decodes whatever data there
+/// is and fills the rest). Other formats go through the `image` crate, which refuses truncated
+/// PNGs itself.
+pub fn decode_image(bytes: &[u8]) -> Result<image::RgbImage, PixelError> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return image::load_from_memory(bytes)
+            .map(|i| i.to_rgb8())
+            .map_err(|e| PixelError::Image(e.to_string()));
+    }
+    let bad = |e: &dyn std::fmt::Display| PixelError::Image(format!("JPEG: {e}"));
+    let options = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_strict_mode(true)
+        .set_max_width(MAX_JPEG_SIDE)
+        .set_max_height(MAX_JPEG_SIDE);
+    let mut decoder = JpegDecoder::new_with_options(std::io::Cursor::new(bytes), options);
+    decoder.decode_headers().map_err(|e| bad(&e))?;
+    let info = decoder.info().ok_or_else(|| bad(&"no frame header"))?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    // Both sides are at most MAX_JPEG_SIDE (checked by the decoder), so this cannot overflow.
+    let mut rgb = vec![0u8; usize::from(info.width) * usize::from(info.height) * 3];
+    decoder.decode_into(&mut rgb).map_err(|e| bad(&e))?;
+    image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| bad(&"size does not match its pixels"))
+}
+
+/// Read and decode an image file with [`decode_image`].
+pub fn read_image(path: &std::path::Path) -> Result<image::RgbImage, PixelError> {
+    let bytes = std::fs::read(path).map_err(|e| PixelError::Image(e.to_string()))?;
+    decode_image(&bytes)
 }
 
 /// Convert one camera buffer of `format` to RGB8 in `out`.

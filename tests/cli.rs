@@ -82,6 +82,28 @@ fn segment_reports_bad_input_clearly() {
             .arg(std::env::temp_dir().join("tinysam-cli-outside")),
         "outside the 200x150 image",
     );
+    // A truncated JPEG is refused by name, not segmented with its missing part grey.
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.jpg");
+    let mut jpeg = Vec::new();
+    image::open(fixtures().join("golden/frame.png"))
+        .unwrap()
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    std::fs::write(&cut, &jpeg[..jpeg.len() / 2]).unwrap();
+    assert_fails_with(
+        tinysam()
+            .arg("segment")
+            .arg(&cut)
+            .args(["--point", "5,5", "--model"])
+            .arg(test_model())
+            .arg("--out")
+            .arg(dir.path().join("seg")),
+        "image does not decode",
+    );
 }
 
 #[test]

@@ -184,3 +184,46 @@ fn corrupt_and_truncated_mjpeg_are_errors_not_panics() {
         Err(PixelError::JpegSize { .. })
     ));
 }
+
+/// An image as a quality-90 JPEG (RGB or grey, as given).
+fn still_jpeg(image: &image::DynamicImage) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+        .encode_image(image)
+        .expect("encodes");
+    bytes
+}
+
+/// Still images decode strictly: a whole JPEG as the `image` crate decodes it, a cut one (or a
+/// cut PNG) refused instead of decoded with its missing part grey, grey JPEGs as RGB.
+#[test]
+fn still_images_decode_strictly() {
+    use tinysam_edge::pixel::decode_image;
+    let frame = image::DynamicImage::ImageRgb8(photo());
+    let jpeg = still_jpeg(&frame);
+    let ours = decode_image(&jpeg).expect("a whole JPEG decodes");
+    let theirs = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+    assert_eq!(ours.dimensions(), theirs.dimensions());
+    assert!(
+        ours.as_raw() == theirs.as_raw(),
+        "same pixels as image's decoder"
+    );
+
+    let cut = &jpeg[..jpeg.len() * 4 / 10];
+    let err = decode_image(cut).expect_err("a truncated JPEG is refused");
+    assert!(matches!(err, PixelError::Image(_)), "{err:?}");
+
+    let mut png = Vec::new();
+    frame
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    assert_eq!(decode_image(&png).unwrap().as_raw(), photo().as_raw());
+    assert!(decode_image(&png[..png.len() / 2]).is_err());
+    assert!(decode_image(b"not an image").is_err());
+
+    let grey = decode_image(&still_jpeg(&image::DynamicImage::ImageLuma8(
+        frame.to_luma8(),
+    )))
+    .expect("a grey JPEG decodes");
+    assert!(grey.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+}

@@ -186,9 +186,8 @@ fn prompts_from(args: &SegmentArgs) -> Vec<Prompt> {
 fn load_and_embed(
     args: &SegmentArgs,
 ) -> anyhow::Result<(image::RgbImage, Segmenter, Embedding, f64)> {
-    let frame = image::open(&args.image)
-        .with_context(|| format!("reading image {}", args.image.display()))?
-        .to_rgb8();
+    let frame = tinysam_edge::pixel::read_image(&args.image)
+        .with_context(|| format!("reading image {}", args.image.display()))?;
     let seg = args.model.load()?;
     let t0 = Instant::now();
     let embedding = seg.embed(&frame)?;
