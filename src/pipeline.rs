@@ -281,7 +281,11 @@ impl Subscription {
 
 struct ClientEntry {
     name: String,
+    /// Subscription results and the like: bounded, dropped and counted when full.
     tx: Sender<Outbound>,
+    /// Answers to the client's prompt requests: never dropped (their number is bounded by the
+    /// request queue), and sent before the results waiting in `tx`.
+    answers: Sender<Outbound>,
     stats: Arc<ClientStats>,
     subscriptions: Vec<Subscription>,
 }
@@ -299,7 +303,12 @@ impl Hub {
     }
 
     /// Add a client whose writer drains `tx`.
-    pub fn register(&self, name: String, tx: Sender<Outbound>) -> (ClientId, Arc<ClientStats>) {
+    pub fn register(
+        &self,
+        name: String,
+        tx: Sender<Outbound>,
+        answers: Sender<Outbound>,
+    ) -> (ClientId, Arc<ClientStats>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let stats = Arc::new(ClientStats::default());
         self.lock().insert(
@@ -307,6 +316,7 @@ impl Hub {
             ClientEntry {
                 name,
                 tx,
+                answers,
                 stats: stats.clone(),
                 subscriptions: Vec::new(),
             },
@@ -366,6 +376,16 @@ impl Hub {
         let clients = self.lock();
         if let Some(c) = clients.get(&client) {
             Hub::offer(c, item);
+        }
+    }
+
+    /// Queue the answer to one of `client`'s prompt requests: never dropped, whatever its
+    /// result queue holds (a client that is gone simply gets nothing).
+    pub fn answer(&self, client: ClientId, item: Outbound) {
+        let clients = self.lock();
+        if let Some(c) = clients.get(&client) {
+            // Unbounded: a disconnected client is the only failure, and then nobody waits.
+            let _ = c.answers.send(item);
         }
     }
 
@@ -816,7 +836,7 @@ impl MaskWorker {
             Ok(f) => f,
             Err(miss) => {
                 let (code, message) = miss.to_error();
-                self.hub.deliver(
+                self.hub.answer(
                     job.client,
                     Outbound::Message(ServerMessage::error(Some(job.request_id), code, message)),
                 );
@@ -831,7 +851,7 @@ impl MaskWorker {
                         Ok(ms) => masks.extend(ms.into_iter().map(|m| (i as u32, m))),
                         Err(e) => {
                             let msg = format!("prompt {i}: {e}");
-                            self.hub.deliver(
+                            self.hub.answer(
                                 job.client,
                                 Outbound::Message(ServerMessage::error(
                                     Some(job.request_id),
@@ -860,7 +880,7 @@ impl MaskWorker {
                 ))
             }
         };
-        self.hub.deliver(job.client, reply);
+        self.hub.answer(job.client, reply);
     }
 
     fn publish(&self, frame: &EncodedFrame) {
@@ -1039,7 +1059,7 @@ mod tests {
     fn rate_cap_skips_and_counts() {
         let hub = Hub::default();
         let (tx, _rx) = bounded(4);
-        let (id, stats) = hub.register("t".into(), tx);
+        let (id, stats) = hub.register("t".into(), tx, crossbeam_channel::unbounded().0);
         let sub = Subscription::new(
             1,
             SubscribeMode::Everything,
@@ -1061,8 +1081,9 @@ mod tests {
         let hub = Hub::default();
         let (tx_a, rx_a) = bounded(1);
         let (tx_b, rx_b) = bounded(1);
-        let (a, stats_a) = hub.register("a".into(), tx_a);
-        let (b, stats_b) = hub.register("b".into(), tx_b);
+        let (answers_a, answers_rx) = crossbeam_channel::unbounded();
+        let (a, stats_a) = hub.register("a".into(), tx_a, answers_a);
+        let (b, stats_b) = hub.register("b".into(), tx_b, crossbeam_channel::unbounded().0);
         for _ in 0..3 {
             hub.deliver(
                 a,
@@ -1076,6 +1097,14 @@ mod tests {
         assert_eq!(stats_a.dropped.load(Ordering::Relaxed), 2);
         assert_eq!(stats_b.dropped.load(Ordering::Relaxed), 0);
         assert_eq!((rx_a.len(), rx_b.len()), (1, 1));
+        // An answer to a request still gets through a full result queue, and is not counted
+        // as dropped (issue 16: it used to be lost, and the client waited forever).
+        hub.answer(
+            a,
+            Outbound::Message(ServerMessage::error(Some(7), ErrorCode::Busy, "answer")),
+        );
+        assert_eq!(answers_rx.len(), 1);
+        assert_eq!(stats_a.dropped.load(Ordering::Relaxed), 2);
         for i in 0..MAX_SUBSCRIPTIONS as u32 {
             let s = Subscription::new(
                 i,

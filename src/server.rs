@@ -191,7 +191,8 @@ fn spawn_client(
     count: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
     let (tx, rx) = bounded(ctx.queue.max(1));
-    let (id, stats) = ctx.hub.register(String::new(), tx.clone());
+    let (answers_tx, answers) = crossbeam_channel::unbounded();
+    let (id, stats) = ctx.hub.register(String::new(), tx.clone(), answers_tx);
     log::info!("client {id} connected");
     let write_half = stream.try_clone()?;
     write_half.set_write_timeout(Some(ctx.stall_timeout))?;
@@ -202,7 +203,10 @@ fn spawn_client(
         let metrics = ctx.metrics.clone();
         std::thread::Builder::new()
             .name(format!("client-{id}-tx"))
-            .spawn(move || write_loop(id, write_half, rx, &stats, &metrics, &stop, &closing))?
+            .spawn(move || {
+                let queues = Queues { answers, rx };
+                write_loop(id, write_half, queues, &stats, &metrics, &stop, &closing)
+            })?
     };
     std::thread::Builder::new()
         .name(format!("client-{id}-rx"))
@@ -461,17 +465,39 @@ fn encode_masks(batch: &MaskBatch, dropped: u64) -> ServerMessage {
     })
 }
 
+/// What a client's writer sends: answers to its prompt requests first (never dropped), then
+/// everything else (subscription results, dropped when full; replies of the reader thread).
+struct Queues {
+    answers: Receiver<Outbound>,
+    rx: Receiver<Outbound>,
+}
+
+impl Queues {
+    /// The next item, an answer if one waits; `Timeout` after [`POLL`] with nothing.
+    fn next(&self) -> Result<Outbound, RecvTimeoutError> {
+        if let Ok(item) = self.answers.try_recv() {
+            return Ok(item);
+        }
+        crossbeam_channel::select! {
+            // A closed answer queue (the client is being removed) leaves the other one.
+            recv(self.answers) -> item => item.or_else(|_| self.rx.recv_timeout(POLL)),
+            recv(self.rx) -> item => item.map_err(|_| RecvTimeoutError::Disconnected),
+            default(POLL) => Err(RecvTimeoutError::Timeout),
+        }
+    }
+}
+
 fn write_loop(
     id: ClientId,
     mut stream: UnixStream,
-    rx: Receiver<Outbound>,
+    queues: Queues,
     stats: &ClientStats,
     metrics: &Metrics,
     stop: &AtomicBool,
     closing: &AtomicBool,
 ) {
     loop {
-        let item = match rx.recv_timeout(POLL) {
+        let item = match queues.next() {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
                 if stop.load(Ordering::Relaxed) || closing.load(Ordering::Relaxed) {
@@ -538,6 +564,49 @@ fn record_publish(metrics: &Metrics, batch: &MaskBatch, started: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With the result queue full, an answer to a request is the next message on the wire.
+    #[test]
+    fn answers_go_before_queued_results() {
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let (tx, rx) = bounded(3);
+        let (answers_tx, answers) = crossbeam_channel::unbounded();
+        for i in 0..3 {
+            tx.send(Outbound::Message(ServerMessage::error(
+                None,
+                ErrorCode::Busy,
+                format!("result {i}"),
+            )))
+            .expect("queued");
+        }
+        answers_tx
+            .send(Outbound::Message(ServerMessage::error(
+                Some(42),
+                ErrorCode::Busy,
+                "the answer",
+            )))
+            .expect("queued");
+        drop((tx, answers_tx));
+        std::thread::spawn(move || {
+            let (stats, metrics) = (ClientStats::default(), Metrics::new());
+            let (stop, closing) = (AtomicBool::new(false), AtomicBool::new(false));
+            let queues = Queues { answers, rx };
+            write_loop(1, ours, queues, &stats, &metrics, &stop, &closing);
+        });
+        let mut texts = Vec::new();
+        for _ in 0..4 {
+            let (header, body) = protocol::read_frame(&mut theirs, MAX_SERVER_BODY)
+                .expect("reads")
+                .expect("a message");
+            let msg = ServerMessage::decode(header.kind, &body).expect("decodes");
+            texts.push(format!("{msg:?}"));
+        }
+        assert!(texts[0].contains("the answer"), "{texts:?}");
+        assert!(texts[3].contains("result 2"), "{texts:?}");
+    }
 
     /// A reader whose connection is marked closing must give up, not retry forever: the bug was
     /// an `Interrupted` error, which `read_frame` (and `read_exact`) retry, so the reader thread
