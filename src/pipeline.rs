@@ -379,6 +379,11 @@ impl Hub {
         }
     }
 
+    /// Whether `client` is still registered (connected).
+    pub fn is_connected(&self, client: ClientId) -> bool {
+        self.lock().contains_key(&client)
+    }
+
     /// Queue the answer to one of `client`'s prompt requests: never dropped, whatever its
     /// result queue holds (a client that is gone simply gets nothing).
     pub fn answer(&self, client: ClientId, item: Outbound) {
@@ -832,6 +837,16 @@ impl MaskWorker {
     }
 
     fn answer(&self, job: PromptJob) {
+        // A client that has gone waits for nothing: its queued requests are skipped, not run
+        // (a flood of requests from a client that then left kept the decoder busy for ~45 s).
+        if !self.hub.is_connected(job.client) {
+            log::debug!(
+                "request {} of client {}: the client has gone; skipped",
+                job.request_id,
+                job.client
+            );
+            return;
+        }
         let frame = match self.ring.get(job.frame_seq) {
             Ok(f) => f,
             Err(miss) => {
@@ -1125,5 +1140,9 @@ mod tests {
             0.0,
         );
         assert_eq!(hub.subscribe(a, s).unwrap_err().0, ErrorCode::TooMany);
+        // A client that leaves is no longer connected: its queued requests are skipped.
+        assert!(hub.is_connected(a));
+        hub.unregister(a);
+        assert!(!hub.is_connected(a) && hub.is_connected(b));
     }
 }
