@@ -255,16 +255,22 @@ pub fn rgb24_to_rgb(
 /// Largest JPEG side the decoder accepts before allocating (bigger is a corrupt header).
 const MAX_JPEG_SIDE: usize = 8192;
 
-/// Decode one MJPEG frame (baseline JPEG, default Huffman tables allowed) into RGB8 `out` of the
-/// negotiated size. Truncated or corrupt data is an error (strict mode), never a partial image.
-pub fn mjpeg_to_rgb(src: &[u8], width: u32, height: u32, out: &mut [u8]) -> Result<(), PixelError> {
-    let (w, h) = check_output(width, height, out)?;
+/// A JPEG decoder to RGB that refuses truncated or corrupt data (strict mode) and headers
+/// larger than [`MAX_JPEG_SIDE`].
+fn strict_jpeg(bytes: &[u8]) -> JpegDecoder<std::io::Cursor<&[u8]>> {
     let options = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_strict_mode(true)
         .set_max_width(MAX_JPEG_SIDE)
         .set_max_height(MAX_JPEG_SIDE);
-    let mut decoder = JpegDecoder::new_with_options(std::io::Cursor::new(src), options);
+    JpegDecoder::new_with_options(std::io::Cursor::new(bytes), options)
+}
+
+/// Decode one MJPEG frame (baseline JPEG, default Huffman tables allowed) into RGB8 `out` of the
+/// negotiated size. Truncated or corrupt data is an error (strict mode), never a partial image.
+pub fn mjpeg_to_rgb(src: &[u8], width: u32, height: u32, out: &mut [u8]) -> Result<(), PixelError> {
+    let (w, h) = check_output(width, height, out)?;
+    let mut decoder = strict_jpeg(src);
     decoder
         .decode_headers()
         .map_err(|e| PixelError::Jpeg(e.to_string()))?;
@@ -295,12 +301,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<image::RgbImage, PixelError> {
             .map_err(|e| PixelError::Image(e.to_string()));
     }
     let bad = |e: &dyn std::fmt::Display| PixelError::Image(format!("JPEG: {e}"));
-    let options = DecoderOptions::default()
-        .jpeg_set_out_colorspace(ColorSpace::RGB)
-        .set_strict_mode(true)
-        .set_max_width(MAX_JPEG_SIDE)
-        .set_max_height(MAX_JPEG_SIDE);
-    let mut decoder = JpegDecoder::new_with_options(std::io::Cursor::new(bytes), options);
+    let mut decoder = strict_jpeg(bytes);
     decoder.decode_headers().map_err(|e| bad(&e))?;
     let info = decoder.info().ok_or_else(|| bad(&"no frame header"))?;
     let (w, h) = (u32::from(info.width), u32::from(info.height));

@@ -16,6 +16,15 @@ fn copy_model(to: &Path) {
     }
 }
 
+/// Both stages in FP32.
+fn fp32() -> PrecisionChoice {
+    PrecisionChoice {
+        encoder: Some(Precision::Fp32),
+        decoder: Some(Precision::Fp32),
+        ..Default::default()
+    }
+}
+
 /// Write `file`'s new SHA-256 into the manifest of `dir`, as a manifest written for the damaged
 /// file would have it: the load then gets past the hash check to tract.
 fn rehash(dir: &Path, file: &str) {
@@ -119,12 +128,7 @@ fn damaged_weights_are_refused_by_their_hash() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x10;
     std::fs::write(&path, bytes).unwrap();
-    let choice = PrecisionChoice {
-        encoder: Some(Precision::Fp32),
-        decoder: Some(Precision::Fp32),
-        ..Default::default()
-    };
-    let err = Model::load(dir.path(), choice).err().unwrap();
+    let err = Model::load(dir.path(), fp32()).err().unwrap();
     assert!(matches!(err, Error::ModelMismatch { .. }), "{err:?}");
     let text = err.to_string();
     assert!(
@@ -196,12 +200,7 @@ fn wrong_graph_for_the_role() {
         dir.path().join("encoder.fp32.onnx"),
     )
     .unwrap();
-    let choice = PrecisionChoice {
-        encoder: Some(Precision::Fp32),
-        decoder: Some(Precision::Fp32),
-        ..Default::default()
-    };
-    let err = Model::load(dir.path(), choice).err().unwrap();
+    let err = Model::load(dir.path(), fp32()).err().unwrap();
     assert!(matches!(err, Error::ModelMismatch { .. }), "{err:?}");
     assert!(err.to_string().contains("encoder.fp32.onnx"));
 }
