@@ -21,7 +21,7 @@ pub enum ClientError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     /// The server answered with an error.
-    #[error("server error {:?}: {}", .0.code, .0.message)]
+    #[error("tinysamd: {}: {}", .0.code, .0.message)]
     Server(ErrorReply),
     /// The server closed the connection.
     #[error("server closed the connection")]

@@ -237,6 +237,37 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// The code as it is spelled on the wire (`invalid_prompt`), for people reading errors.
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            ErrorCode::BadHeader => "bad_header",
+            ErrorCode::VersionUnsupported => "version_unsupported",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnknownKind => "unknown_kind",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::OutOfOrder => "out_of_order",
+            ErrorCode::InvalidPrompt => "invalid_prompt",
+            ErrorCode::FrameExpired => "frame_expired",
+            ErrorCode::FrameNotYet => "frame_not_yet",
+            ErrorCode::NoFrame => "no_frame",
+            ErrorCode::TooMany => "too_many",
+            ErrorCode::Busy => "busy",
+            ErrorCode::ResultTooLarge => "result_too_large",
+            ErrorCode::UnknownSubscription => "unknown_subscription",
+            ErrorCode::Dropped => "dropped",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.wire_name())
+    }
+}
+
 /// How masks travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -825,6 +856,32 @@ pub fn parse_client_bytes(bytes: &[u8]) -> Result<ClientMessage, ProtocolError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_codes_print_as_on_the_wire() {
+        for code in [
+            ErrorCode::BadHeader,
+            ErrorCode::VersionUnsupported,
+            ErrorCode::TooLarge,
+            ErrorCode::UnknownKind,
+            ErrorCode::Malformed,
+            ErrorCode::InvalidRequest,
+            ErrorCode::OutOfOrder,
+            ErrorCode::InvalidPrompt,
+            ErrorCode::FrameExpired,
+            ErrorCode::FrameNotYet,
+            ErrorCode::NoFrame,
+            ErrorCode::TooMany,
+            ErrorCode::Busy,
+            ErrorCode::ResultTooLarge,
+            ErrorCode::UnknownSubscription,
+            ErrorCode::Dropped,
+            ErrorCode::Internal,
+        ] {
+            let wire = serde_json::to_value(code).expect("serialises");
+            assert_eq!(wire.as_str(), Some(code.to_string().as_str()));
+        }
+    }
     use proptest::prelude::*;
 
     fn subscribe() -> ClientMessage {

@@ -277,3 +277,46 @@ fn accepts_a_socket_passed_by_systemd() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// `tinysam sub` ends non-zero with the wire code and the daemon's reason when its subscription
+/// is refused (before: it printed the error, then "0 mask(s)", and exited 0), and says where it
+/// looked when no daemon listens.
+#[test]
+fn sub_reports_refusals_and_a_missing_daemon() {
+    let _g = crate::daemon::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut child = spawn(&socket, &[]);
+    drop(wait_for_socket(&socket, &mut child));
+    let out = Command::new(env!("CARGO_BIN_EXE_tinysam"))
+        .args([
+            "sub",
+            "--point",
+            "5000,5000",
+            "--count",
+            "1",
+            "--timeout",
+            "20",
+        ])
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let _ = child.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("invalid_prompt") && stderr.contains("outside the 160x120 image"),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tinysam"))
+        .args(["sub", "--status", "--socket"])
+        .arg(dir.path().join("none.sock"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is tinysamd running"), "{stderr}");
+}

@@ -166,8 +166,13 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(tinysam_edge::config::default_socket_path);
-    let mut client = Client::connect(&socket, "tinysam-sub")
-        .with_context(|| format!("connecting to tinysamd at {}", socket.display()))?;
+    let mut client = Client::connect(&socket, "tinysam-sub").with_context(|| {
+        format!(
+            "connecting to tinysamd at {} (is tinysamd running, and is this its socket? \
+             --socket or [socket] path in its config)",
+            socket.display()
+        )
+    })?;
     if args.status {
         let status = client.status(1)?;
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -220,10 +225,12 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
                 }
             }
             Ok(ServerMessage::Error(e)) => {
-                if args.once {
-                    bail!("tinysamd: {:?}: {}", e.code, e.message);
+                // The request, or the subscription before any result, was refused: nothing
+                // will come, so end with the daemon's reason instead of waiting or succeeding.
+                if args.once || (received == 0 && e.id == Some(1)) {
+                    bail!("tinysamd refused it: {}: {}", e.code, e.message);
                 }
-                eprintln!("tinysamd: {:?}: {}", e.code, e.message);
+                eprintln!("tinysamd: {}: {}", e.code, e.message);
             }
             Ok(_) => {}
             Err(ClientError::Timeout(t)) => bail!("no result from tinysamd within {t:?}"),
