@@ -82,6 +82,22 @@ fn segment_reports_bad_input_clearly() {
             .arg(std::env::temp_dir().join("tinysam-cli-outside")),
         "outside the 200x150 image",
     );
+    // Prompts are checked before the model loads and the frame encodes: with a model
+    // directory that does not exist, the prompt's error is still the one reported.
+    assert_fails_with(
+        tinysam()
+            .arg("segment")
+            .arg(fixtures().join("golden/frame.png"))
+            .args([
+                "--point",
+                "10,10",
+                "--point",
+                "5000,5",
+                "--model",
+                "/nonexistent/model",
+            ]),
+        "prompt 0: point 1 (5000, 5) is outside the 200x150 image",
+    );
     // A truncated JPEG is refused by name, not segmented with its missing part grey.
     let dir = tempfile::tempdir().unwrap();
     let cut = dir.path().join("cut.jpg");

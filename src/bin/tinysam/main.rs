@@ -182,12 +182,22 @@ fn prompts_from(args: &SegmentArgs) -> Vec<Prompt> {
         .collect()
 }
 
-/// Read the image, load the model and encode the frame; the encoder time in ms.
+/// Read the image, check `prompts` against its size (before the seconds of model loading and
+/// encoding), load the model and encode the frame; the encoder time in ms.
 fn load_and_embed(
     args: &SegmentArgs,
+    prompts: &[Prompt],
 ) -> anyhow::Result<(image::RgbImage, Segmenter, Embedding, f64)> {
     let frame = tinysam_edge::pixel::read_image(&args.image)
         .with_context(|| format!("reading image {}", args.image.display()))?;
+    let (width, height) = frame.dimensions();
+    // Whether a prompt fits the frame does not depend on the model size: any valid one will do.
+    let geometry = tinysam_edge::preprocess::Geometry::new(width, height, width.max(height))?;
+    for (i, prompt) in prompts.iter().enumerate() {
+        prompt
+            .to_model(&geometry, 0)
+            .with_context(|| format!("prompt {i}"))?;
+    }
     let seg = args.model.load()?;
     let t0 = Instant::now();
     let embedding = seg.embed(&frame)?;
@@ -202,7 +212,7 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
     if prompts.is_empty() {
         bail!("give at least one --point or --box, or --everything");
     }
-    let (frame, seg, embedding, encoder_ms) = load_and_embed(&args)?;
+    let (frame, seg, embedding, encoder_ms) = load_and_embed(&args, &prompts)?;
     let selection = if args.all_masks {
         MaskSelection::All
     } else {
@@ -294,7 +304,7 @@ fn output_prefix(out: &Path) -> anyhow::Result<String> {
 }
 
 fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
-    let (frame, seg, embedding, encoder_ms) = load_and_embed(&args)?;
+    let (frame, seg, embedding, encoder_ms) = load_and_embed(&args, &[])?;
     let params = EverythingParams {
         strategy: if args.flat {
             Strategy::Flat
