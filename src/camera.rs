@@ -150,13 +150,18 @@ impl Pacer {
         let (start, first) = *self.start.get_or_insert((Instant::now(), index));
         let due = start
             + Duration::from_secs_f64(index.saturating_sub(first) as f64 / f64::from(self.fps));
-        while !stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            if now >= due {
-                return;
-            }
-            std::thread::sleep((due - now).min(Duration::from_millis(50)));
+        sleep_until(due, stop);
+    }
+}
+
+/// Sleep until `until`, in steps of at most 50 ms so that `stop` ends the wait early.
+pub fn sleep_until(until: Instant, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= until {
+            return;
         }
+        std::thread::sleep((until - now).min(Duration::from_millis(50)));
     }
 }
 

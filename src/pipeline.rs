@@ -637,14 +637,7 @@ impl CorruptBackoff {
             }
         };
         self.wait = Some(wait);
-        let until = Instant::now() + wait;
-        while !stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            if now >= until {
-                break;
-            }
-            std::thread::sleep((until - now).min(Duration::from_millis(50)));
-        }
+        crate::camera::sleep_until(Instant::now() + wait, stop);
     }
 }
 

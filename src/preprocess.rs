@@ -106,10 +106,9 @@ impl Preprocessor {
         let s = self.size as usize;
         let mut data = vec![0f32; 3 * s * s];
         let (rw, rh) = (rw as usize, rh as usize);
-        let pixels = &resized;
         let (r_plane, rest) = data.split_at_mut(s * s);
         let (g_plane, b_plane) = rest.split_at_mut(s * s);
-        for (y, row) in pixels.chunks_exact(rw * 3).take(rh).enumerate() {
+        for (y, row) in resized.chunks_exact(rw * 3).take(rh).enumerate() {
             let o = y * s;
             let (r, g, b) = (
                 &mut r_plane[o..o + rw],

@@ -247,24 +247,16 @@ pub(crate) fn parse_onnx(
 }
 
 /// Check that `path` hashes to the manifest's `expected` SHA-256 (hex): a damaged or swapped
-/// model file is refused by name before tract parses it. Reads the file in 1 MiB blocks.
+/// model file is refused by name before tract parses it.
 pub(crate) fn verify_sha256(path: &Path, expected: &str) -> Result<()> {
     use sha2::{Digest, Sha256};
-    use std::io::Read;
     let io_err = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };
     let mut file = std::fs::File::open(path).map_err(io_err)?;
     let mut hasher = Sha256::new();
-    let mut block = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut block).map_err(io_err)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(block.get(..n).unwrap_or_default());
-    }
+    std::io::copy(&mut file, &mut hasher).map_err(io_err)?;
     let actual = format!("{:x}", hasher.finalize());
     if actual.eq_ignore_ascii_case(expected.trim()) {
         return Ok(());
@@ -286,21 +278,19 @@ pub(crate) fn verify_sha256(path: &Path, expected: &str) -> Result<()> {
 /// panics on some malformed graphs (an index out of bounds from a corrupt constant, say), and a
 /// model file must never take a thread, or the daemon, down with it.
 pub(crate) fn unpanic<T>(f: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        Err(anyhow::anyhow!(
-            "tract panicked: {}",
-            panic_message(payload.as_ref())
-        ))
-    })
+    caught(f).unwrap_or_else(|panic| Err(anyhow::anyhow!("{panic}")))
 }
 
-/// The message a panic was raised with, when it has one.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string())
+/// `f`'s value, or `tract panicked: <message>` if it panicked.
+fn caught<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_string());
+        format!("tract panicked: {message}")
+    })
 }
 
 /// Optimise a parsed graph for running; INT8 graphs get their quantized matmuls replaced by
@@ -312,14 +302,11 @@ pub(crate) fn optimize(
     path: &Path,
     int8: Int8Matmul,
 ) -> Result<TypedModel> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        optimize_unguarded(model, role, path, int8)
-    }))
-    .unwrap_or_else(|payload| {
+    caught(|| optimize_unguarded(model, role, path, int8)).unwrap_or_else(|panic| {
         Err(Error::ModelLoad {
             stage: stage_name(role),
             path: path.to_path_buf(),
-            source: anyhow::anyhow!("tract panicked: {}", panic_message(payload.as_ref())),
+            source: anyhow::anyhow!("{panic}"),
         })
     })
 }

@@ -110,17 +110,12 @@ impl Upsampler {
         let px = (x.floor().max(0.0) as usize).min(self.cols.len().saturating_sub(1));
         let py = (y.floor().max(0.0) as usize).min(self.rows.len().saturating_sub(1));
         let (row0, wy) = self.rows.taps(py);
-        let (col0, wx) = self.cols.taps(px);
-        let mut sum = 0f32;
         // Trailing taps past the grid have weight 0: skip them rather than read past a row.
-        for (line, &w) in low.chunks_exact(m).skip(row0).zip(wy) {
-            sum += w * wx
-                .iter()
-                .zip(&line[col0..])
-                .map(|(&a, &b)| a * b)
-                .sum::<f32>();
-        }
-        sum
+        low.chunks_exact(m)
+            .skip(row0)
+            .zip(wy)
+            .map(|(line, &w)| w * self.cols.apply(px, line))
+            .sum()
     }
 
     /// Frame-sized logits, row-major (for callers that need the values, e.g. tests); empty if
@@ -149,8 +144,7 @@ impl Upsampler {
             .zip(across.chunks_exact_mut(width))
         {
             for (x, o) in out.iter_mut().enumerate() {
-                let (col0, w) = self.cols.taps(x);
-                *o = w.iter().zip(&line[col0..]).map(|(&a, &b)| a * b).sum();
+                *o = self.cols.apply(x, line);
             }
         }
         let mut row = vec![0f32; width];

@@ -92,9 +92,19 @@ impl AxisTaps {
     }
 
     /// Frame pixel `o`'s first low-res index and its weights (panics if `o >= len()`).
+    #[inline]
     pub fn taps(&self, o: usize) -> (usize, &[f32]) {
         let at = o * self.stride;
         (self.first[o], &self.weights[at..at + self.stride])
+    }
+
+    /// Frame pixel `o`'s value from one line of low-res values: its weights times the values
+    /// from its first index (trailing taps past the line's end have weight 0 and are skipped).
+    #[inline]
+    pub fn apply(&self, o: usize, line: &[f32]) -> f32 {
+        let (first, weights) = self.taps(o);
+        let values = line.get(first..).unwrap_or_default();
+        weights.iter().zip(values).map(|(&w, &v)| w * v).sum()
     }
 
     /// The low-res indices any pixel reads: `first..end` (`0..0` when empty).

@@ -68,13 +68,9 @@ impl AxisTaps {
             }
             for (w, k) in weights[..count].iter().zip(fixed.iter_mut()) {
                 let w = if total != 0.0 { w / total } else { *w };
-                let scaled = w * f64::from(1u32 << PRECISION_BITS);
-                // |w| <= 1, so the rounded value fits an i32 with room to spare.
-                *k = if w < 0.0 {
-                    (scaled - 0.5) as i32
-                } else {
-                    (scaled + 0.5) as i32
-                };
+                // The triangle filter is never negative, so Pillow's rounding is `+ 0.5`, then
+                // truncation; 0 <= w <= 1, so the value fits an i32 with room to spare.
+                *k = (w * f64::from(1u32 << PRECISION_BITS) + 0.5) as i32;
             }
             bounds.push((first, count));
         }
