@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import CONFIGS
-from .export import ExportError
+from .export import ExportError, one_line
 from .images import ImageError
 from .quantize import QuantOptions
 from .validate import FidelityError
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("interrupted")
         return 130
     except Exception as e:  # one line for the user; the traceback with --verbose
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        log.error("%s%s (run with --verbose for the traceback)", type(e).__name__, ": " + cause if cause else "")
+        log.error("%s (run with --verbose for the traceback)", one_line(e))
         log.debug("traceback", exc_info=True)
         return 1
     return 0

@@ -19,7 +19,15 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import ModelConfig
-from .export import DEFAULT_OPSET, ExportError, export_decoder, export_encoder, export_split_decoder, io_spec
+from .export import (
+    DEFAULT_OPSET,
+    ExportError,
+    export_decoder,
+    export_encoder,
+    export_split_decoder,
+    io_spec,
+    one_line,
+)
 from .images import ImageError, Photo, calibration_set, evaluation_set, sampled_prompts
 from .quantize import QuantOptions, integer_mac_share, quantize
 from .validate import MIN_MEAN_MASK_IOU, FidelityError, OnnxPipeline, check_fidelity, fidelity_report
@@ -64,8 +72,7 @@ def step(what: str):
     except MemoryError as e:
         raise ExportError(f"{what}: out of memory") from e
     except Exception as e:
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExportError(f"{what}: {type(e).__name__}{': ' + cause if cause else ''}") from e
+        raise ExportError(f"{what}: {one_line(e)}") from e
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

@@ -24,6 +24,12 @@ class ExportError(Exception):
     """An exported graph that fails the checker or disagrees with PyTorch."""
 
 
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message` (or just `Type`), for errors a user reads."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _export(module: torch.nn.Module, args: tuple, out: Path, inputs, outputs, dynamic_axes, opset: int) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
