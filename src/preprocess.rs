@@ -70,7 +70,7 @@ pub struct ImageTensor {
     pub geometry: Geometry,
 }
 
-/// Reusable preprocessing state for one model.
+/// One model's preprocessing: its input size and normalisation table.
 pub struct Preprocessor {
     size: u32,
     /// `lut[c][v]` = (v - mean[c]) / std[c].
@@ -93,7 +93,7 @@ impl Preprocessor {
     }
 
     /// Resize, normalise and pad `frame` into a fresh encoder input.
-    pub fn run(&mut self, frame: &RgbImage) -> Result<ImageTensor> {
+    pub fn run(&self, frame: &RgbImage) -> Result<ImageTensor> {
         let geometry = Geometry::new(frame.width(), frame.height(), self.size)?;
         let (rw, rh) = (geometry.resized_width, geometry.resized_height);
         let (fw, fh) = (frame.width() as usize, frame.height() as usize);

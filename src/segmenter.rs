@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
 
 use image::RgbImage;
 
@@ -50,8 +49,8 @@ pub type PromptOutcome = std::result::Result<Vec<MaskResult>, PromptError>;
 pub struct Segmenter {
     /// The model.
     pub model: Model,
-    /// Reused resize buffers; only the thread that encodes takes the lock.
-    preprocessor: Mutex<Preprocessor>,
+    /// Resize and normalisation (no mutable state: any thread may use it).
+    preprocessor: Preprocessor,
     /// Largest decoder batch.
     pub max_batch: usize,
 }
@@ -65,7 +64,7 @@ impl Segmenter {
 
     /// Wrap a loaded model.
     pub fn new(model: Model) -> Segmenter {
-        let preprocessor = Mutex::new(Preprocessor::new(&model.manifest.preprocess));
+        let preprocessor = Preprocessor::new(&model.manifest.preprocess);
         Segmenter {
             model,
             preprocessor,
@@ -81,12 +80,7 @@ impl Segmenter {
 
     /// Resize, normalise and pad one frame into the encoder's input.
     pub fn preprocess(&self, frame: &RgbImage) -> Result<crate::preprocess::ImageTensor> {
-        // A panic while preprocessing leaves only reusable scratch buffers behind: keep going.
-        let mut preprocessor = self
-            .preprocessor
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        preprocessor.run(frame)
+        self.preprocessor.run(frame)
     }
 
     /// Encode an already preprocessed frame.

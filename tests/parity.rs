@@ -60,7 +60,7 @@ fn golden_prompts() -> Vec<Prompt> {
 #[test]
 fn preprocessing_matches_the_python_reference() {
     let model = shared_model(Precision::Fp32);
-    let mut pre = Preprocessor::new(&model.manifest.preprocess);
+    let pre = Preprocessor::new(&model.manifest.preprocess);
     let ours = pre.run(&frame()).unwrap();
     let golden = npy("preprocessed.npy");
     assert_eq!(ours.tensor.shape(), golden.shape());
