@@ -69,16 +69,46 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener,
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
-    let listener = UnixListener::bind(path).map_err(io_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    // Bind and set up under a private name, then link it to `path`: the path appears only once
+    // the socket listens with its final mode and group, so a client that waits for the file
+    // never meets a refused connection or a socket its group cannot open yet. `link` fails if
+    // `path` appeared meanwhile (another daemon won the race) instead of replacing it.
+    let staging = staging_path(path);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(io_err)?;
+    let staged = StagedSocket(&staging);
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
     if let Some(name) = group {
         let gid = nix::unistd::Group::from_name(name)
             .map_err(|e| io_err(std::io::Error::from(e)))?
             .ok_or_else(|| ServerError::NoSuchGroup(name.to_string()))?
             .gid;
-        std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(io_err)?;
+        std::os::unix::fs::chown(&staging, None, Some(gid.as_raw())).map_err(io_err)?;
     }
+    match std::fs::hard_link(&staging, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ServerError::InUse(path.to_path_buf()))
+        }
+        Err(e) => return Err(io_err(e)),
+    }
+    drop(staged);
     Ok(listener)
+}
+
+/// The private name a socket is bound under before it appears at `path`: a hidden sibling named
+/// after the process (two daemons never share it), short so that it fits wherever `path` does.
+fn staging_path(path: &Path) -> PathBuf {
+    path.with_file_name(format!(".tinysamd-{}", std::process::id()))
+}
+
+/// Removes the staging name when binding ends, whether it succeeded or not.
+struct StagedSocket<'a>(&'a Path);
+
+impl Drop for StagedSocket<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// The listening socket passed by systemd socket activation (`LISTEN_FDS`), if any.
@@ -564,6 +594,26 @@ fn record_publish(metrics: &Metrics, batch: &MaskBatch, started: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The socket appears listening with its mode, no staging name is left, and a second bind
+    /// on a live socket is refused without touching it.
+    #[test]
+    fn bind_appears_ready_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("d.sock");
+        let listener = bind(&path, 0o640, None).expect("bound");
+        let mode = std::fs::metadata(&path).expect("socket file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("listing")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["d.sock"]);
+        let _client = UnixStream::connect(&path).expect("connects through the linked name");
+        assert!(listener.accept().is_ok());
+        assert!(matches!(bind(&path, 0o640, None), Err(ServerError::InUse(_))));
+        assert_eq!(std::fs::read_dir(dir.path()).expect("listing").count(), 1);
+    }
 
     /// With the result queue full, an answer to a request is the next message on the wire.
     #[test]

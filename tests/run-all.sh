@@ -13,6 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/models/.venv
+export ROOT VENV
 export TINYSAM_CACHE=${TINYSAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tinysam-edge}
 LOGS=$ROOT/target/test-logs
 mkdir -p "$LOGS" "$TINYSAM_CACHE"
@@ -51,21 +52,67 @@ finish_suite() { # name, status, seconds, log
     [ "$tests" -eq 0 ] && tests=-
     if [ "$2" -eq 0 ]; then record "$1" passed "$3" "$tests"; else record "$1" FAILED "$3" "$tests"; fi
 }
+# Every suite runs under a time limit, in its own process group (`timeout` makes one), and
+# whatever it leaves running is killed when it ends: a test that fails before stopping a daemon
+# it started must not keep a pipe of this script open, or the run waits for CI's own limit.
+# The limit is SUITE_LIMIT seconds (default 2400), and never past RUN_LIMIT seconds (default
+# 4800) from the start, so that the summary is printed inside CI's 90 minutes.
+SUITE_LIMIT=${SUITE_LIMIT:-2400}
+RUN_LIMIT=${RUN_LIMIT:-4800}
+export -f say
+# The seconds the next suite may take; 0 when the run's time is spent.
+suite_limit() {
+    local left=$((RUN_LIMIT - ($(date +%s) - T0)))
+    [ "$left" -lt "$SUITE_LIMIT" ] || left=$SUITE_LIMIT
+    [ "$left" -gt 0 ] || left=0
+    echo "$left"
+}
+# Run a command (or a function of this script) limited, its output to a log; prints its status.
+limited() { # limit, log, command...
+    local limit=$1 log=$2 pid status
+    shift 2
+    declare -F "$1" >/dev/null && export -f "$1"
+    timeout -k 20 "$limit" bash -c '"$@"' _ "$@" >"$log" 2>&1 </dev/null &
+    pid=$!
+    wait "$pid"
+    status=$?
+    kill -KILL -- -"$pid" 2>/dev/null
+    [ "$status" -eq 124 ] && echo "==> stopped after its limit of $limit s" >>"$log"
+    return "$status"
+}
 run_suite() { # name, command...; returns the command's status
-    local name=$1 start log status
+    local name=$1 start log status limit tailer
     shift
     say "$name: $*"
     log=$(suite_log "$name")
+    limit=$(suite_limit)
+    if [ "$limit" -eq 0 ]; then
+        echo "no time left of RUN_LIMIT=$RUN_LIMIT s" | tee "$log"
+        record "$name" "NO-TIME" 0
+        return 1
+    fi
     start=$(date +%s)
-    "$@" 2>&1 | tee "$log"
-    status=${PIPESTATUS[0]}
-    finish_suite "$name" "$status" $(( $(date +%s) - start )) "$log"
+    : >"$log"
+    tail -n +1 -f "$log" &
+    tailer=$!
+    limited "$limit" "$log" "$@"
+    status=$?
+    sleep 0.3
+    kill "$tailer" 2>/dev/null
+    wait "$tailer" 2>/dev/null
+    if [ "$status" -eq 124 ]; then
+        echo "==> $name: stopped after its limit of $limit s"
+        record "$name" TIMEOUT $(( $(date +%s) - start )) "$(count_tests "$log")"
+    else
+        finish_suite "$name" "$status" $(( $(date +%s) - start )) "$log"
+    fi
     return "$status"
 }
 # Suites that run side by side: each in the background with its own log, printed when all are
 # done; each keeps its own seconds.
 run_parallel() { # "name|command..." ...
-    local spec name log status seconds pids=() names=() start=$(date +%s)
+    local spec name log status seconds limit pids=() names=() start=$(date +%s)
+    limit=$(suite_limit)
     for spec in "$@"; do
         name=${spec%%|*}
         names+=("$name")
@@ -74,7 +121,12 @@ run_parallel() { # "name|command..." ...
             log=$(suite_log "$name")
             t=$(date +%s)
             status=0
-            bash -c "${spec#*|}" >"$log" 2>&1 || status=$?
+            if [ "$limit" -gt 0 ]; then
+                limited "$limit" "$log" bash -c "${spec#*|}" || status=$?
+            else
+                echo "no time left of RUN_LIMIT=$RUN_LIMIT s" >"$log"
+                status=1
+            fi
             echo "$status $(( $(date +%s) - t ))" >"$log.status"
         ) &
         pids+=($!)

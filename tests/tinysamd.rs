@@ -8,7 +8,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tinysam_edge::client::Client;
 
-use crate::util::test_model;
+use crate::util::{test_model, KillOnDrop};
 
 fn tinysamd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tinysamd"));
@@ -18,7 +18,12 @@ fn tinysamd() -> Command {
     c
 }
 
-fn spawn(socket: &Path, extra: &[&str]) -> Child {
+/// A daemon on the test model at `socket`, killed when the guard drops (a failed test too).
+fn spawn(socket: &Path, extra: &[&str]) -> KillOnDrop {
+    KillOnDrop(spawn_child(socket, extra))
+}
+
+fn spawn_child(socket: &Path, extra: &[&str]) -> Child {
     tinysamd()
         .args(["--source", "synthetic", "--width", "160", "--height", "120"])
         .args(["--fps", "5", "--threads", "1", "--encoder", "fp32"])
@@ -83,7 +88,7 @@ fn stale_socket_is_replaced_and_a_live_one_refused() {
     let mut first = spawn(&socket, &[]);
     let _c = wait_for_socket(&socket, &mut first);
     // A second daemon on the same path must not steal it.
-    let second = spawn(&socket, &[]).wait_with_output().unwrap();
+    let second = spawn_child(&socket, &[]).wait_with_output().unwrap();
     assert_eq!(second.status.code(), Some(1));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("in use"), "{err}");
@@ -91,7 +96,7 @@ fn stale_socket_is_replaced_and_a_live_one_refused() {
     assert!(first.wait().unwrap().success());
     // A regular file in the way is never deleted.
     std::fs::write(&socket, "precious").unwrap();
-    let out = spawn(&socket, &[]).wait_with_output().unwrap();
+    let out = spawn_child(&socket, &[]).wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
@@ -189,17 +194,19 @@ fn sighup_reloads_what_it_safely_can() {
         .unwrap();
     };
     write_config(5, 32);
-    let mut child = tinysamd()
-        .arg("--config")
-        .arg(&config)
-        .args(["--threads", "1", "--encoder", "fp32", "--model"])
-        .arg(test_model())
-        .arg("--socket")
-        .arg(&socket)
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        tinysamd()
+            .arg("--config")
+            .arg(&config)
+            .args(["--threads", "1", "--encoder", "fp32", "--model"])
+            .arg(test_model())
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let mut client = wait_for_socket(&socket, &mut child);
     let pid = Pid::from_raw(child.id() as i32);
     let wait_log = |needle: &str| {
@@ -239,39 +246,47 @@ fn accepts_a_socket_passed_by_systemd() {
     );
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("activated.sock");
-    let mut child = Command::new(activate)
-        .arg("-l")
-        .arg(&socket)
-        .arg(env!("CARGO_BIN_EXE_tinysamd"))
-        .args([
-            "--source",
-            "synthetic",
-            "--width",
-            "160",
-            "--height",
-            "120",
-            "--fps",
-            "5",
-        ])
-        .args(["--threads", "1", "--encoder", "fp32", "--model"])
-        .arg(test_model())
-        // The path tinysamd would bind itself: it must not, and must not create it.
-        .arg("--socket")
-        .arg(dir.path().join("own.sock"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // systemd-socket-activate listens first and starts tinysamd on the first connection.
-    let until = Instant::now() + Duration::from_secs(5);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < until,
-            "systemd-socket-activate did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut client =
-        Client::connect(&socket, "activated").expect("handshake over the passed socket");
+    let mut child = KillOnDrop(
+        Command::new(activate)
+            .arg("-l")
+            .arg(&socket)
+            .arg(env!("CARGO_BIN_EXE_tinysamd"))
+            .args([
+                "--source",
+                "synthetic",
+                "--width",
+                "160",
+                "--height",
+                "120",
+                "--fps",
+                "5",
+            ])
+            .args(["--threads", "1", "--encoder", "fp32", "--model"])
+            .arg(test_model())
+            // The path tinysamd would bind itself: it must not, and must not create it.
+            .arg("--socket")
+            .arg(dir.path().join("own.sock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // systemd-socket-activate listens first and starts tinysamd on the first connection. Its
+    // socket file appears at bind(), a moment before listen(): a connect in between is refused,
+    // so retry (CI once lost that race).
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut client = loop {
+        match Client::connect(&socket, "activated") {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < until,
+                    "no handshake over the passed socket: {e:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
     assert!(client.status(1).is_ok());
     assert!(!dir.path().join("own.sock").exists());
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();

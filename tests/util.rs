@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
+use std::process::Child;
 use std::sync::OnceLock;
 
 use ndarray_npy::ReadNpyExt;
@@ -11,6 +13,33 @@ use tract_onnx::prelude::tract_ndarray::ArrayD;
 /// `tests/fixtures/` in the source tree.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A child process that is killed and reaped when the test ends, panics included: a failed
+/// assertion must not leave a daemon running that holds the test runner's output pipe open (CI
+/// then waits for that pipe's end until its time limit).
+pub struct KillOnDrop(pub Child);
+
+impl Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// The test-size model directory.
