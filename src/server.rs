@@ -602,7 +602,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("d.sock");
         let listener = bind(&path, 0o640, None).expect("bound");
-        let mode = std::fs::metadata(&path).expect("socket file").permissions().mode();
+        let mode = std::fs::metadata(&path)
+            .expect("socket file")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o640);
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("listing")
@@ -611,7 +614,10 @@ mod tests {
         assert_eq!(names, ["d.sock"]);
         let _client = UnixStream::connect(&path).expect("connects through the linked name");
         assert!(listener.accept().is_ok());
-        assert!(matches!(bind(&path, 0o640, None), Err(ServerError::InUse(_))));
+        assert!(matches!(
+            bind(&path, 0o640, None),
+            Err(ServerError::InUse(_))
+        ));
         assert_eq!(std::fs::read_dir(dir.path()).expect("listing").count(), 1);
     }
 
