@@ -36,7 +36,7 @@ use std::fmt;
 
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
-pub use conv::{Im2Col, QConvOp};
+pub use conv::{patch_order, Im2Col, PaddedImage, QConvOp};
 pub use epilogue::{fuse_epilogues, rewrite_gelu, Epilogue, GeluOp};
 pub use op::{as_int8_op, chain_products, fold_layer_norms, Int8Op, QMatMulOp};
 pub use rewrite::{

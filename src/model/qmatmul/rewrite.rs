@@ -16,7 +16,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::conv::{ConvGeometry, QConvOp};
+use super::conv::{patch_order, ConvGeometry, QConvOp};
 use super::op::{as_int8_op, OutAxis, QMatMulOp};
 use super::{Dequantize, Kernel, Layout, PackedB, Quantize, Requant};
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
@@ -209,8 +209,11 @@ fn plan_conv(
     let k = geometry.depth();
     let w_view = w.try_as_plain_ram()?;
     let w_data = w_view.as_slice::<i8>()?;
-    // OIHW: output channel o's patch weights are contiguous, in the patch order of Im2Col.
-    let packed = PackedB::new(kernel, k, o, |kk, c| w_data[c * k + kk]);
+    // OIHW: output channel o's patch weights are contiguous, (channel, ky, kx); Im2Col's rows
+    // are (ky, kx, channel).
+    let packed = PackedB::new(kernel, k, o, |kk, c| {
+        w_data[c * k + patch_order(&geometry, kk)]
+    });
     let per_channel = |slot: usize| facts[slot].shape.volume().to_usize().ok() == Some(o);
     let requant = match requant_of(&facts, per_channel)? {
         Ok(r) => r,

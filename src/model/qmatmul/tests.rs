@@ -453,7 +453,8 @@ fn folded_layer_norms_keep_the_embeddings() {
     }
 }
 
-/// Patches gathered from an image equal an explicit im2col matrix, padding and strides included.
+/// Patches gathered from an image equal an explicit im2col matrix, padding, strides and
+/// dilations included, in the (ky, kx, channel) order that [`patch_order`] maps to OIHW's.
 #[test]
 fn im2col_rows_match_an_explicit_gather() {
     let geometry = conv::ConvGeometry {
@@ -465,27 +466,34 @@ fn im2col_rows_match_an_explicit_gather() {
         output: [4, 5],
     };
     let image = values(3 * 7 * 6, 11);
-    let patches = Im2Col {
-        image: Activations::I8(&image),
-        geometry,
+    let floats: Vec<f32> = image.iter().map(|&v| f32::from(v) * 0.5).collect();
+    let quantize = Quantize {
+        scale: 2.0,
+        zero_point: 0,
     };
-    let mut row = vec![0i8; geometry.depth()];
-    for p in 0..geometry.pixels() {
-        patches.fetch(p, &mut row);
-        let (oy, ox) = (p / 5, p % 5);
-        let mut i = 0;
-        for c in 0..3 {
+    for source in [Activations::I8(&image), Activations::F32(&floats, quantize)] {
+        let padded = PaddedImage::new(source, geometry);
+        let patches = Im2Col { image: &padded };
+        let mut row = vec![0i8; geometry.depth()];
+        for p in 0..geometry.pixels() {
+            patches.fetch(p, &mut row);
+            let (oy, ox) = (p / 5, p % 5);
+            let mut i = 0;
             for ky in 0..3 {
                 for kx in 0..2 {
-                    let y = (oy * 2 + ky) as isize - 1;
-                    let x = (ox + kx * 2) as isize - 1;
-                    let want = if (0..7).contains(&y) && (0..6).contains(&x) {
-                        image[c * 42 + y as usize * 6 + x as usize]
-                    } else {
-                        0
-                    };
-                    assert_eq!(row[i], want, "pixel {p} value {i}");
-                    i += 1;
+                    for c in 0..3 {
+                        let y = (oy * 2 + ky) as isize - 1;
+                        let x = (ox + kx * 2) as isize - 1;
+                        let want = if (0..7).contains(&y) && (0..6).contains(&x) {
+                            image[c * 42 + y as usize * 6 + x as usize]
+                        } else {
+                            0
+                        };
+                        assert_eq!(row[i], want, "pixel {p} value {i}");
+                        // The same value's place in an OIHW kernel's patch row.
+                        assert_eq!(patch_order(&geometry, i), c * 6 + ky * 2 + kx);
+                        i += 1;
+                    }
                 }
             }
         }
