@@ -153,6 +153,9 @@ pub struct SocketConfig {
     pub queue: usize,
     /// A subscriber whose socket accepts nothing for this long is disconnected (ms).
     pub stall_timeout_ms: u64,
+    /// A connection that sends nothing for this long, with no standing subscription whose
+    /// results it reads, is closed (s); 0: never.
+    pub idle_timeout_s: u64,
 }
 
 impl Default for SocketConfig {
@@ -164,6 +167,7 @@ impl Default for SocketConfig {
             max_clients: 32,
             queue: 4,
             stall_timeout_ms: 2000,
+            idle_timeout_s: 60,
         }
     }
 }
@@ -266,6 +270,8 @@ pub struct Settings {
     pub queue: usize,
     /// Stall timeout.
     pub stall_timeout: std::time::Duration,
+    /// Idle timeout (`None`: never).
+    pub idle_timeout: Option<std::time::Duration>,
     /// Embedding ring size.
     pub ring: usize,
     /// Metric log interval (`None`: never).
@@ -413,6 +419,13 @@ impl Config {
                 "must be 50..=600000",
             ));
         }
+        if k.idle_timeout_s > 86_400 {
+            return Err(invalid(
+                "socket.idle_timeout_s",
+                k.idle_timeout_s.to_string(),
+                "must be 0 (never) or 1..=86400",
+            ));
+        }
         let p = &self.pipeline;
         if !(1..=64).contains(&p.ring) {
             return Err(invalid(
@@ -480,6 +493,8 @@ impl Config {
             max_clients: k.max_clients,
             queue: k.queue,
             stall_timeout: std::time::Duration::from_millis(k.stall_timeout_ms),
+            idle_timeout: (k.idle_timeout_s > 0)
+                .then(|| std::time::Duration::from_secs(k.idle_timeout_s)),
             ring: p.ring,
             stats_interval: (p.stats_interval_s > 0.0)
                 .then(|| std::time::Duration::from_secs_f32(p.stats_interval_s)),

@@ -187,6 +187,7 @@ impl Daemon {
                 max_clients: settings.max_clients,
                 queue: settings.queue,
                 stall_timeout: settings.stall_timeout,
+                idle_timeout: settings.idle_timeout,
                 stop: stop.clone(),
             },
         )
@@ -246,6 +247,7 @@ impl Daemon {
             || new.max_clients != old.max_clients
             || new.queue != old.queue
             || new.stall_timeout != old.stall_timeout
+            || new.idle_timeout != old.idle_timeout
         {
             restart.push("socket");
         }

@@ -272,11 +272,21 @@ impl Subscription {
             prompts,
             encoding,
             multimask,
-            min_interval: (max_rate_hz > 0.0).then(|| Duration::from_secs_f32(1.0 / max_rate_hz)),
+            min_interval: min_interval(max_rate_hz),
             last_sent: None,
             reported_invalid: false,
         }
     }
+}
+
+/// The least time between two results at `max_rate_hz` (`None`: no limit, for 0 or less). The
+/// protocol admits 0 or 0.001..=1000; any other value is still no panic: rates whose interval
+/// does not fit a `Duration` (below ~5e-20 Hz) mean "at most once".
+fn min_interval(max_rate_hz: f32) -> Option<Duration> {
+    if max_rate_hz.is_nan() || max_rate_hz <= 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f32(1.0 / max_rate_hz).unwrap_or(Duration::MAX))
 }
 
 struct ClientEntry {
@@ -377,6 +387,16 @@ impl Hub {
         if let Some(c) = clients.get(&client) {
             Hub::offer(c, item);
         }
+    }
+
+    /// Whether `client` has a subscription that sends it results by itself (prompts or
+    /// everything, not on-demand).
+    pub fn has_standing_subscription(&self, client: ClientId) -> bool {
+        self.lock().get(&client).is_some_and(|c| {
+            c.subscriptions
+                .iter()
+                .any(|s| s.mode != SubscribeMode::OnDemand)
+        })
     }
 
     /// Whether `client` is still registered (connected).
@@ -1000,6 +1020,18 @@ impl MaskWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any rate gives an interval without panicking; tiny ones mean "at most once".
+    #[test]
+    fn any_rate_gives_an_interval() {
+        assert_eq!(min_interval(0.0), None);
+        assert_eq!(min_interval(-3.0), None);
+        assert_eq!(min_interval(f32::NAN), None);
+        assert_eq!(min_interval(4.0), Some(Duration::from_millis(250)));
+        assert_eq!(min_interval(1e-20), Some(Duration::MAX));
+        assert_eq!(min_interval(f32::MIN_POSITIVE), Some(Duration::MAX));
+        assert_eq!(min_interval(f32::INFINITY), Some(Duration::ZERO));
+    }
 
     /// A source whose every frame is bad: the loop keeps trying, but waits between tries
     /// instead of spinning (before: thousands of tries per second at `--fps 0`).

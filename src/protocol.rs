@@ -24,6 +24,10 @@ pub const MAX_SERVER_BODY: usize = 64 << 20;
 pub const MAX_PROMPTS: usize = 64;
 /// Most points in one prompt.
 pub const MAX_POINTS: usize = crate::prompt::MAX_POINTS;
+/// The lowest non-zero `max_rate_hz` of a subscription: one result per 1 000 s.
+pub const MIN_RATE_HZ: f32 = 0.001;
+/// The highest `max_rate_hz` of a subscription.
+pub const MAX_RATE_HZ: f32 = 1000.0;
 /// Most subscriptions per client.
 pub const MAX_SUBSCRIPTIONS: usize = 8;
 /// Longest client name.
@@ -235,6 +239,8 @@ pub enum ErrorCode {
     Dropped,
     /// The daemon failed (model error); details in the message.
     Internal,
+    /// The connection sent nothing and subscribed to nothing for the daemon's idle time; closed.
+    Idle,
 }
 
 impl ErrorCode {
@@ -258,6 +264,7 @@ impl ErrorCode {
             ErrorCode::UnknownSubscription => "unknown_subscription",
             ErrorCode::Dropped => "dropped",
             ErrorCode::Internal => "internal",
+            ErrorCode::Idle => "idle",
         }
     }
 }
@@ -759,10 +766,14 @@ impl ClientMessage {
                 if m.mode == SubscribeMode::Prompts && m.prompts.is_empty() {
                     return Err(invalid(k, "mode prompts needs at least one prompt".into()));
                 }
-                if !(m.max_rate_hz.is_finite() && (0.0..=1000.0).contains(&m.max_rate_hz)) {
+                let rate = m.max_rate_hz;
+                if !(rate == 0.0 || (MIN_RATE_HZ..=MAX_RATE_HZ).contains(&rate)) {
                     return Err(invalid(
                         k,
-                        format!("max_rate_hz {} not in 0..=1000", m.max_rate_hz),
+                        format!(
+                            "max_rate_hz {rate} must be 0 (no limit) or \
+                             {MIN_RATE_HZ}..={MAX_RATE_HZ}"
+                        ),
                     ));
                 }
                 ClientMessage::Subscribe(m)
@@ -1033,6 +1044,31 @@ mod tests {
             parse_client_bytes(&nan.encode()).unwrap_err().code(),
             ErrorCode::InvalidRequest
         );
+    }
+
+    /// A subscription's rate is 0 (no limit) or 0.001..=1000 Hz: before, 1e-20 passed and its
+    /// interval overflowed a `Duration` in the reader thread (a panic that leaked the client).
+    #[test]
+    fn subscription_rates_outside_the_range_are_refused() {
+        let subscribe = |max_rate_hz| {
+            ClientMessage::Subscribe(Subscribe {
+                id: 1,
+                mode: SubscribeMode::Everything,
+                prompts: Vec::new(),
+                encoding: MaskEncoding::Rle,
+                max_rate_hz,
+                multimask: false,
+            })
+            .encode()
+        };
+        for good in [0.0, MIN_RATE_HZ, 1.0, MAX_RATE_HZ] {
+            assert!(parse_client_bytes(&subscribe(good)).is_ok(), "{good}");
+        }
+        for bad in [1e-20, 5e-4, -1.0, 1000.5, f32::NAN, f32::INFINITY, -0.0001] {
+            let err = parse_client_bytes(&subscribe(bad)).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidRequest, "{bad}");
+            assert!(err.to_string().contains("max_rate_hz"), "{err}");
+        }
     }
 
     proptest! {

@@ -139,6 +139,9 @@ pub struct ServerContext {
     pub queue: usize,
     /// Disconnect a client that accepts nothing for this long.
     pub stall_timeout: Duration,
+    /// Close a connection that sends nothing for this long and has no standing subscription
+    /// (one that reads its results is alive); `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// Set to stop.
     pub stop: Arc<AtomicBool>,
 }
@@ -200,10 +203,8 @@ fn accept_loop(listener: UnixListener, ctx: ServerContext, count: Arc<AtomicUsiz
                     let _ = stream.write_all(&msg.encode());
                     continue;
                 }
-                count.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = spawn_client(stream, ctx.clone(), count.clone()) {
                     log::error!("starting client threads: {e}");
-                    count.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL / 2),
@@ -215,6 +216,52 @@ fn accept_loop(listener: UnixListener, ctx: ServerContext, count: Arc<AtomicUsiz
     }
 }
 
+/// One client's hold on the server: its place under the connection cap, its registration in
+/// the hub and its writer thread, all given back when the guard drops — on every way out of the
+/// reader thread, a panic included, and when starting the client fails half-way.
+struct ClientSlot {
+    id: ClientId,
+    hub: Arc<Hub>,
+    count: Arc<AtomicUsize>,
+    closing: Arc<AtomicBool>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl ClientSlot {
+    /// Take a place under the cap and register with the hub.
+    fn claim(
+        hub: &Arc<Hub>,
+        count: Arc<AtomicUsize>,
+        tx: Sender<Outbound>,
+        answers: Sender<Outbound>,
+    ) -> (ClientSlot, Arc<ClientStats>) {
+        count.fetch_add(1, Ordering::Relaxed);
+        let (id, stats) = hub.register(String::new(), tx, answers);
+        let slot = ClientSlot {
+            id,
+            hub: hub.clone(),
+            count,
+            closing: Arc::new(AtomicBool::new(false)),
+            writer: None,
+        };
+        (slot, stats)
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::Relaxed);
+        // Its result queue closes with the hub's sender (the reader's went first).
+        self.hub.unregister(self.id);
+        // The writer ends when it has flushed what it can (or at its stall timeout).
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        log::info!("client {} disconnected", self.id);
+    }
+}
+
 fn spawn_client(
     stream: UnixStream,
     ctx: ServerContext,
@@ -222,13 +269,14 @@ fn spawn_client(
 ) -> std::io::Result<()> {
     let (tx, rx) = bounded(ctx.queue.max(1));
     let (answers_tx, answers) = crossbeam_channel::unbounded();
-    let (id, stats) = ctx.hub.register(String::new(), tx.clone(), answers_tx);
+    let (mut slot, stats) = ClientSlot::claim(&ctx.hub, count, tx.clone(), answers_tx);
+    let id = slot.id;
     log::info!("client {id} connected");
     let write_half = stream.try_clone()?;
     write_half.set_write_timeout(Some(ctx.stall_timeout))?;
     stream.set_read_timeout(Some(POLL))?;
-    let closing = Arc::new(AtomicBool::new(false));
-    let writer = {
+    let closing = slot.closing.clone();
+    slot.writer = Some({
         let (stop, closing, stats) = (ctx.stop.clone(), closing.clone(), stats.clone());
         let metrics = ctx.metrics.clone();
         std::thread::Builder::new()
@@ -237,26 +285,23 @@ fn spawn_client(
                 let queues = Queues { answers, rx };
                 write_loop(id, write_half, queues, &stats, &metrics, &stop, &closing)
             })?
-    };
+    });
+    // On failure the closure, and with it the slot, is dropped here: the client is released.
     std::thread::Builder::new()
         .name(format!("client-{id}-rx"))
         .spawn(move || {
+            // Declared first, dropped last: the reader (and its sender) go before the slot
+            // waits for the writer.
+            let _slot = slot;
             let mut reader = ClientReader {
                 id,
                 stream,
-                ctx: ctx.clone(),
+                ctx,
                 tx,
-                closing: closing.clone(),
+                closing,
                 hello: false,
             };
             reader.run();
-            closing.store(true, Ordering::Relaxed);
-            ctx.hub.unregister(id);
-            drop(reader);
-            // The writer ends when it has flushed what it can (or at its stall timeout).
-            let _ = writer.join();
-            count.fetch_sub(1, Ordering::Relaxed);
-            log::info!("client {id} disconnected");
         })?;
     Ok(())
 }
@@ -267,7 +312,11 @@ struct PatientReader<'a> {
     stream: &'a UnixStream,
     stop: &'a AtomicBool,
     closing: &'a AtomicBool,
-    deadline: Option<Instant>,
+    /// When to give up waiting, and what to say then.
+    deadline: Option<(Instant, &'static str)>,
+    /// Asked at the deadline: whether the client is alive all the same (it subscribed and
+    /// reads); then the wait goes on for the given time.
+    keep_alive: Option<(&'a dyn Fn() -> bool, Duration)>,
 }
 
 impl Read for PatientReader<'_> {
@@ -281,11 +330,16 @@ impl Read for PatientReader<'_> {
                     "closing",
                 ));
             }
-            if self.deadline.is_some_and(|d| Instant::now() > d) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no hello within the handshake timeout",
-                ));
+            if let Some((deadline, why)) = self.deadline {
+                let now = Instant::now();
+                if now > deadline {
+                    match self.keep_alive {
+                        Some((alive, extend)) if alive() => {
+                            self.deadline = Some((now + extend, why));
+                        }
+                        _ => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)),
+                    }
+                }
             }
             match (&mut &*self.stream).read(buf) {
                 Ok(n) => return Ok(n),
@@ -328,12 +382,27 @@ impl ClientReader {
 
     fn run(&mut self) {
         loop {
-            let deadline = (!self.hello).then(|| Instant::now() + HANDSHAKE_TIMEOUT);
+            let now = Instant::now();
+            let (deadline, timeout_code) = if self.hello {
+                let idle = self.ctx.idle_timeout;
+                let deadline = idle.map(|t| (now + t, "nothing received within the idle timeout"));
+                (deadline, ErrorCode::Idle)
+            } else {
+                let why = "no hello within the handshake timeout";
+                (Some((now + HANDSHAKE_TIMEOUT, why)), ErrorCode::OutOfOrder)
+            };
+            let (hub, id) = (&self.ctx.hub, self.id);
+            let subscribed = move || hub.has_standing_subscription(id);
             let mut reader = PatientReader {
                 stream: &self.stream,
                 stop: &self.ctx.stop,
                 closing: &self.closing,
                 deadline,
+                keep_alive: self
+                    .ctx
+                    .idle_timeout
+                    .filter(|_| self.hello)
+                    .map(|t| (&subscribed as &dyn Fn() -> bool, t)),
             };
             let (header, body) = match protocol::read_frame(&mut reader, MAX_CLIENT_BODY) {
                 Ok(Some(frame)) => frame,
@@ -341,11 +410,7 @@ impl ClientReader {
                 Err(ProtocolError::Io(e)) => {
                     if e.kind() == std::io::ErrorKind::TimedOut {
                         log::warn!("client {}: {e}", self.id);
-                        self.reply(ServerMessage::error(
-                            None,
-                            ErrorCode::OutOfOrder,
-                            e.to_string(),
-                        ));
+                        self.reply(ServerMessage::error(None, timeout_code, e.to_string()));
                     }
                     return;
                 }
@@ -680,6 +745,7 @@ mod tests {
                 stop: &stop,
                 closing: &closing,
                 deadline: None,
+                keep_alive: None,
             };
             let _ = done_tx.send(protocol::read_frame(&mut reader, MAX_CLIENT_BODY).err());
         });

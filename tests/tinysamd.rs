@@ -109,6 +109,10 @@ fn bad_configs_exit_78_naming_the_key() {
         ("[source]\nfps = -1\n", "source.fps"),
         ("[socket]\nmode = \"999\"\n", "socket.mode"),
         ("[pipeline]\nring = 1000\n", "pipeline.ring"),
+        (
+            "[socket]\nidle_timeout_s = 100000\n",
+            "socket.idle_timeout_s",
+        ),
         ("[sauce]\nuri = \"synthetic\"\n", "sauce"),
         ("[source\n", "line 1"),
     ];

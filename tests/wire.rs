@@ -322,3 +322,82 @@ fn eight_mixed_subscribers_and_a_stalled_one() {
     );
     daemon.shutdown(Duration::from_secs(1));
 }
+
+/// Clients that misbehave and leave give their slots back: 3 times the client cap connect, ask
+/// for a rate below the protocol's floor (before: a panic in the reader thread that kept the
+/// slot and a ghost subscriber), and go; then a new client is served. A client that says hello
+/// and then nothing is closed with `idle` after `socket.idle_timeout_s`, while a standing
+/// subscriber that reads its results stays, however silent.
+#[test]
+fn slots_come_back_and_idle_connections_close() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 160\nheight = 120\nfps = 5",
+        "idle_timeout_s = 1\n",
+    );
+    s.max_clients = 4;
+    let daemon = start(s, DaemonOptions::default());
+    let path = daemon.settings.socket_path.clone();
+
+    for i in 0..12 {
+        let mut c = Client::connect(&path, &format!("tiny-rate-{i}")).unwrap();
+        c.send(&ClientMessage::Subscribe(Subscribe {
+            id: 1,
+            mode: SubscribeMode::Everything,
+            prompts: Vec::new(),
+            encoding: MaskEncoding::Bbox,
+            max_rate_hz: 1e-20,
+            multimask: false,
+        }))
+        .unwrap();
+        expect_error(&mut c, ErrorCode::InvalidRequest);
+    }
+    // Slots are given back as the readers notice the hang-ups.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut fresh = loop {
+        match Client::connect(&path, "fresh") {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < until, "no slot came back: {e:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert!(fresh.status(1).is_ok());
+
+    // Silent after hello: closed with `idle` after about a second.
+    let mut silent = Client::connect(&path, "silent").unwrap();
+    let mut subscriber = Client::connect(&path, "subscriber").unwrap();
+    subscribe(
+        &mut subscriber,
+        1,
+        SubscribeMode::Prompts,
+        MaskEncoding::Bbox,
+    );
+    let started = Instant::now();
+    expect_error(&mut silent, ErrorCode::Idle);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    expect_closed(&mut silent);
+    // The subscriber has sent nothing since, for well over the idle time, and still gets masks.
+    std::thread::sleep(Duration::from_millis(1500));
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut masks = 0;
+    while masks < 3 {
+        assert!(
+            Instant::now() < until,
+            "the subscriber stopped getting masks"
+        );
+        match subscriber.recv(Some(Duration::from_secs(10))) {
+            Ok(ServerMessage::Masks(_)) => masks += 1,
+            Ok(_) => {}
+            Err(e) => panic!("the subscriber was dropped: {e:?}"),
+        }
+    }
+    drop(fresh);
+}
