@@ -212,6 +212,12 @@ impl Daemon {
         &self.pipeline.metrics
     }
 
+    /// Why a pipeline stage stopped without being asked (a panic, or the stage after it gone),
+    /// if one did: the daemon can no longer do its job and should exit non-zero.
+    pub fn failure(&self) -> Option<String> {
+        self.pipeline.failure.get()
+    }
+
     /// Clients connected now.
     pub fn client_count(&self) -> usize {
         self.server.client_count()

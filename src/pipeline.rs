@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,19 +26,45 @@ use crate::segmenter::{MaskSelection, Segmenter};
 /// Sends into a one-slot queue, replacing what is still waiting there.
 pub struct LatestSender<T> {
     tx: Sender<T>,
+    /// Its own receiver, to take out a value still waiting when a newer one comes.
     rx: Receiver<T>,
+    /// Alive while the [`LatestReceiver`] is: the channel itself cannot tell, because of `rx`.
+    receiver: Weak<()>,
+}
+
+/// The receiving side of [`LatestSender::channel`]; dropping it (its stage ended or panicked)
+/// makes the sender's `send` return `None`.
+pub struct LatestReceiver<T> {
+    rx: Receiver<T>,
+    _alive: Arc<()>,
+}
+
+impl<T> std::ops::Deref for LatestReceiver<T> {
+    type Target = Receiver<T>;
+    fn deref(&self) -> &Receiver<T> {
+        &self.rx
+    }
 }
 
 impl<T> LatestSender<T> {
     /// A one-slot queue: the sender and the receiver side.
-    pub fn channel() -> (LatestSender<T>, Receiver<T>) {
+    pub fn channel() -> (LatestSender<T>, LatestReceiver<T>) {
         let (tx, rx) = bounded(1);
-        (LatestSender { tx, rx: rx.clone() }, rx)
+        let alive = Arc::new(());
+        let sender = LatestSender {
+            tx,
+            rx: rx.clone(),
+            receiver: Arc::downgrade(&alive),
+        };
+        (sender, LatestReceiver { rx, _alive: alive })
     }
 
     /// Put `value` in the slot; returns how many waiting values it replaced, or `None` if the
     /// receiver is gone.
     pub fn send(&self, mut value: T) -> Option<u64> {
+        if self.receiver.strong_count() == 0 {
+            return None;
+        }
         let mut replaced = 0;
         loop {
             match self.tx.try_send(value) {
@@ -53,6 +79,59 @@ impl<T> LatestSender<T> {
             }
         }
     }
+}
+
+/// The first reason a pipeline stage stopped without being asked to: a panic, or the stage after
+/// it gone. The daemon polls it and exits non-zero, so that systemd restarts it, instead of
+/// serving on with a capture thread that feeds nobody.
+#[derive(Debug, Default)]
+pub struct StageFailure(Mutex<Option<String>>);
+
+impl StageFailure {
+    fn record(&self, why: String) {
+        let mut first = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if first.is_none() {
+            *first = Some(why);
+        }
+    }
+
+    /// Why a stage failed, if one did.
+    pub fn get(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Run `body` as the pipeline stage `name` on a thread of its own. An `Err` or a panic, unless
+/// `stop` was set (at shutdown the stages end in any order), is logged and recorded in `failure`.
+fn spawn_stage(
+    name: &'static str,
+    failure: Arc<StageFailure>,
+    stop: Arc<AtomicBool>,
+    body: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                Ok(Ok(())) => return,
+                Ok(Err(why)) => why,
+                Err(panic) => {
+                    let text = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".into());
+                    format!("panicked: {text}")
+                }
+            };
+            if !stop.load(Ordering::Relaxed) {
+                log::error!("pipeline stage {name} stopped: {why}");
+                failure.record(format!("{name}: {why}"));
+            }
+        })
 }
 
 /// A frame after the encoder.
@@ -529,6 +608,8 @@ pub struct Pipeline {
     pub source_info: Arc<Mutex<SourceInfo>>,
     /// Set to stop every thread.
     pub stop: Arc<AtomicBool>,
+    /// Why a stage stopped on its own, if one did.
+    pub failure: Arc<StageFailure>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -548,11 +629,17 @@ impl Pipeline {
         let (encoded_tx, encoded_rx) = LatestSender::channel();
         let (request_tx, request_rx) = bounded(options.request_queue.max(1));
 
+        let failure = Arc::new(StageFailure::default());
+        type StageBody = Box<dyn FnOnce() -> Result<(), String> + Send>;
+        let stage = |name: &'static str, body: StageBody| {
+            spawn_stage(name, failure.clone(), stop.clone(), body)
+        };
         let capture = {
             let (metrics, info, stop) = (metrics.clone(), source_info.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("capture".into())
-                .spawn(move || capture_loop(source, frame_tx, &metrics, &info, &stop))?
+            stage(
+                "capture",
+                Box::new(move || capture_loop(source, frame_tx, &metrics, &info, &stop)),
+            )?
         };
         let encoder = {
             let (seg, metrics, ring, stop) = (
@@ -562,11 +649,12 @@ impl Pipeline {
                 stop.clone(),
             );
             let delay = options.extra_encode_delay;
-            std::thread::Builder::new()
-                .name("encoder".into())
-                .spawn(move || {
+            stage(
+                "encoder",
+                Box::new(move || {
                     encode_loop(&seg, frame_rx, encoded_tx, &ring, &metrics, delay, &stop)
-                })?
+                }),
+            )?
         };
         let worker = {
             let (hub, metrics, ring, stop) =
@@ -579,9 +667,10 @@ impl Pipeline {
                 metrics,
                 everything,
             };
-            std::thread::Builder::new()
-                .name("masks".into())
-                .spawn(move || worker.run(encoded_rx, request_rx, &stop))?
+            stage(
+                "masks",
+                Box::new(move || worker.run(encoded_rx, request_rx, &stop)),
+            )?
         };
         Ok(Pipeline {
             hub,
@@ -590,6 +679,7 @@ impl Pipeline {
             requests: request_tx,
             source_info,
             stop,
+            failure,
             threads: vec![capture, encoder, worker],
         })
     }
@@ -661,13 +751,15 @@ impl CorruptBackoff {
     }
 }
 
+/// Frames from `source` to the encoder until `stop` or the source ends; `Err` if the encoder is
+/// gone.
 fn capture_loop(
     mut source: Box<dyn FrameSource>,
     out: LatestSender<Frame>,
     metrics: &Metrics,
     info: &Mutex<SourceInfo>,
     stop: &AtomicBool,
-) {
+) -> Result<(), String> {
     let c = &metrics.counters;
     let mut last_size = (0, 0);
     let mut backoff = CorruptBackoff::default();
@@ -692,7 +784,7 @@ fn capture_loop(
                     Some(replaced) => {
                         c.dropped.fetch_add(replaced, Ordering::Relaxed);
                     }
-                    None => break,
+                    None => return Err("the encoder takes no more frames".into()),
                 }
             }
             Ok(None) => {
@@ -715,17 +807,19 @@ fn capture_loop(
             }
         }
     }
+    Ok(())
 }
 
+/// Frames to embeddings until `stop` or the capture ends; `Err` if the mask worker is gone.
 fn encode_loop(
     segmenter: &Segmenter,
-    frames: Receiver<Frame>,
+    frames: LatestReceiver<Frame>,
     out: LatestSender<Arc<EncodedFrame>>,
     ring: &EmbeddingRing,
     metrics: &Metrics,
     extra_delay: Option<Duration>,
     stop: &AtomicBool,
-) {
+) -> Result<(), String> {
     while !stop.load(Ordering::Relaxed) {
         let frame = match frames.recv_timeout(Duration::from_millis(100)) {
             Ok(f) => f,
@@ -779,9 +873,10 @@ fn encode_loop(
                     .skipped
                     .fetch_add(replaced, Ordering::Relaxed);
             }
-            None => break,
+            None => return Err("the mask worker takes no more embeddings".into()),
         }
     }
+    Ok(())
 }
 
 /// Turns embeddings into masks for subscriptions and requests.
@@ -794,12 +889,13 @@ struct MaskWorker {
 }
 
 impl MaskWorker {
+    /// Until `stop`; `Err` if the request queue closes first.
     fn run(
         &self,
-        frames: Receiver<Arc<EncodedFrame>>,
+        frames: LatestReceiver<Arc<EncodedFrame>>,
         jobs: Receiver<PromptJob>,
         stop: &AtomicBool,
-    ) {
+    ) -> Result<(), String> {
         let mut frames_open = true;
         while !stop.load(Ordering::Relaxed) {
             // Requests first: a client waiting for an answer beats the next frame.
@@ -808,11 +904,11 @@ impl MaskWorker {
                 continue;
             }
             let never = crossbeam_channel::never();
-            let frames_rx = if frames_open { &frames } else { &never };
+            let frames_rx = if frames_open { &*frames } else { &never };
             select! {
                 recv(jobs) -> job => match job {
                     Ok(job) => self.answer(job),
-                    Err(_) => break,
+                    Err(_) => return Err("the request queue closed".into()),
                 },
                 recv(frames_rx) -> frame => match frame {
                     Ok(frame) => self.publish(&frame),
@@ -821,6 +917,7 @@ impl MaskWorker {
                 default(Duration::from_millis(100)) => {}
             }
         }
+        Ok(())
     }
 
     fn segment(
@@ -1090,9 +1187,66 @@ mod tests {
         assert_eq!(tx.send(2), Some(1));
         assert_eq!(tx.send(3), Some(1));
         assert_eq!(rx.try_recv().ok(), Some(3));
+        // The sender keeps a receiver of its own, yet sees the consumer go (before: it never
+        // did, so a capture thread fed a dead encoder forever).
         drop(rx);
-        // The sender keeps a receiver clone, so a closed consumer is seen only via its own drop;
-        // that is fine: the pipeline ends on the stop flag.
+        assert_eq!(tx.send(4), None);
+    }
+
+    /// A stage whose consumer died ends with an error, and the failure is recorded once; a
+    /// panicking stage is recorded too; nothing is recorded after `stop`.
+    #[test]
+    fn a_dead_stage_is_a_recorded_failure() {
+        let failure = Arc::new(StageFailure::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = LatestSender::channel();
+        drop(rx);
+        let metrics = Arc::new(Metrics::new());
+        let info = Arc::new(Mutex::new(SourceInfo {
+            uri: "synthetic".into(),
+            width: 0,
+            height: 0,
+            format: None,
+            fps: 0.0,
+        }));
+        let source: Box<dyn FrameSource> = Box::new(crate::camera::SyntheticSource::new(
+            32,
+            24,
+            0.0,
+            stop.clone(),
+        ));
+        let (m, i, st) = (metrics.clone(), info.clone(), stop.clone());
+        let capture = spawn_stage("capture", failure.clone(), stop.clone(), move || {
+            capture_loop(source, tx, &m, &i, &st)
+        })
+        .expect("thread");
+        capture.join().expect("no panic escapes a stage");
+        let why = failure.get().expect("recorded");
+        assert!(why.starts_with("capture: the encoder"), "{why}");
+
+        let panicking = spawn_stage("masks", failure.clone(), stop.clone(), || {
+            panic!("kernel bug")
+        })
+        .expect("thread");
+        panicking.join().expect("no panic escapes a stage");
+        // The first failure stays the one reported.
+        assert!(failure.get().expect("recorded").starts_with("capture:"));
+        let other = Arc::new(StageFailure::default());
+        spawn_stage("masks", other.clone(), stop.clone(), || {
+            panic!("kernel bug")
+        })
+        .expect("thread")
+        .join()
+        .expect("no panic escapes a stage");
+        assert_eq!(other.get().as_deref(), Some("masks: panicked: kernel bug"));
+
+        stop.store(true, Ordering::Relaxed);
+        let after_stop = Arc::new(StageFailure::default());
+        spawn_stage("encoder", after_stop.clone(), stop, || Err("gone".into()))
+            .expect("thread")
+            .join()
+            .expect("joins");
+        assert_eq!(after_stop.get(), None);
     }
 
     #[test]

@@ -242,6 +242,16 @@ fn run(args: Args) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
+        if let Some(why) = daemon.failure() {
+            // A stage that died cannot come back in-process; exit non-zero so that systemd
+            // restarts the service (and stop pinging its watchdog).
+            notify(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status("a pipeline stage failed"),
+            ]);
+            daemon.shutdown(Duration::from_millis(800));
+            anyhow::bail!("pipeline stage {why}; exiting so that the service restarts");
+        }
         if watchdog.is_some() {
             notify(&[sd_notify::NotifyState::Watchdog]);
         }
