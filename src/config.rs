@@ -77,7 +77,7 @@ impl SourceKind {
 }
 
 /// `[source]`: the camera or its stand-in.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     /// `synthetic`, `file:PATH` or `v4l2:/dev/videoN`.

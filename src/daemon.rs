@@ -231,33 +231,56 @@ impl Daemon {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = new.everything.clone();
         let old = &self.settings;
+        // Every field by name, no `..`: a new setting does not compile until it is sorted into
+        // "applied live" or "needs a restart" here (before, `int8_matmul` and `source.loop`
+        // changed silently without taking effect).
+        let Settings {
+            source,
+            source_config,
+            pixel_format,
+            model_dir,
+            encoder,
+            decoder,
+            threads,
+            int8_matmul,
+            socket_path,
+            socket_mode,
+            socket_group,
+            max_clients,
+            queue,
+            stall_timeout,
+            idle_timeout,
+            ring,
+            // Applied live, below.
+            stats_interval: _,
+            everything: _,
+        } = &new;
         let mut restart = Vec::new();
-        if new.source != old.source
-            || new.source_config.width != old.source_config.width
-            || new.source_config.height != old.source_config.height
-            || new.source_config.fps != old.source_config.fps
-            || new.pixel_format != old.pixel_format
+        if *source != old.source
+            || *source_config != old.source_config
+            || *pixel_format != old.pixel_format
         {
             restart.push("source");
         }
-        if new.model_dir != old.model_dir
-            || new.encoder != old.encoder
-            || new.decoder != old.decoder
-            || new.threads != old.threads
+        if *model_dir != old.model_dir
+            || *encoder != old.encoder
+            || *decoder != old.decoder
+            || *threads != old.threads
+            || *int8_matmul != old.int8_matmul
         {
             restart.push("model");
         }
-        if new.socket_path != old.socket_path
-            || new.socket_mode != old.socket_mode
-            || new.socket_group != old.socket_group
-            || new.max_clients != old.max_clients
-            || new.queue != old.queue
-            || new.stall_timeout != old.stall_timeout
-            || new.idle_timeout != old.idle_timeout
+        if *socket_path != old.socket_path
+            || *socket_mode != old.socket_mode
+            || *socket_group != old.socket_group
+            || *max_clients != old.max_clients
+            || *queue != old.queue
+            || *stall_timeout != old.stall_timeout
+            || *idle_timeout != old.idle_timeout
         {
             restart.push("socket");
         }
-        if new.ring != old.ring {
+        if *ring != old.ring {
             restart.push("pipeline.ring");
         }
         self.settings.everything = new.everything;
