@@ -294,6 +294,8 @@ pub struct MaskBatch {
     pub masks: Arc<Vec<(u32, MaskResult)>>,
     /// Wire encoding.
     pub encoding: MaskEncoding,
+    /// Prompts of a request that were refused: (prompt index, why).
+    pub refused: Vec<(u32, String)>,
 }
 
 /// What a client's writer thread sends.
@@ -970,31 +972,34 @@ impl MaskWorker {
         };
         let reply = match self.segment(&frame, &job.prompts, job.multimask) {
             Ok(outcomes) => {
-                let mut masks = Vec::new();
-                for (i, outcome) in outcomes.into_iter().enumerate() {
+                // A bad prompt is refused on its own; the others are answered.
+                let (mut masks, mut refused) = (Vec::new(), Vec::new());
+                for (i, outcome) in (0u32..).zip(outcomes) {
                     match outcome {
-                        Ok(ms) => masks.extend(ms.into_iter().map(|m| (i as u32, m))),
-                        Err(e) => {
-                            let msg = format!("prompt {i}: {e}");
-                            self.hub.answer(
-                                job.client,
-                                Outbound::Message(ServerMessage::error(
-                                    Some(job.request_id),
-                                    ErrorCode::InvalidPrompt,
-                                    msg,
-                                )),
-                            );
-                            return;
-                        }
+                        Ok(ms) => masks.extend(ms.into_iter().map(|m| (i, m))),
+                        Err(e) => refused.push((i, e.to_string())),
                     }
                 }
-                Outbound::Masks(MaskBatch {
-                    subscription: None,
-                    request_id: Some(job.request_id),
-                    frame: MaskWorker::meta(&frame),
-                    masks: Arc::new(masks),
-                    encoding: job.encoding,
-                })
+                if !refused.is_empty() && refused.len() == job.prompts.len() {
+                    let why: Vec<String> = refused
+                        .iter()
+                        .map(|(i, e)| format!("prompt {i}: {e}"))
+                        .collect();
+                    Outbound::Message(ServerMessage::error(
+                        Some(job.request_id),
+                        ErrorCode::InvalidPrompt,
+                        why.join("; "),
+                    ))
+                } else {
+                    Outbound::Masks(MaskBatch {
+                        subscription: None,
+                        request_id: Some(job.request_id),
+                        frame: MaskWorker::meta(&frame),
+                        masks: Arc::new(masks),
+                        encoding: job.encoding,
+                        refused,
+                    })
+                }
             }
             Err(e) => {
                 log::error!("request {}: {}", job.request_id, error_chain(&e));
@@ -1065,6 +1070,7 @@ impl MaskWorker {
                         frame: meta,
                         masks: Arc::new(masks),
                         encoding: sub.encoding,
+                        refused: Vec::new(),
                     }),
                 );
             }
@@ -1107,6 +1113,7 @@ impl MaskWorker {
                         frame: meta,
                         masks: masks.clone(),
                         encoding: sub.encoding,
+                        refused: Vec::new(),
                     }),
                 );
             }

@@ -12,6 +12,20 @@ use crate::preprocess::Geometry;
 /// Most points one prompt may carry (a box counts as two).
 pub const MAX_POINTS: usize = 32;
 
+/// The one rule for a prompt's size, used by the CLI, the library and the wire protocol: its
+/// points plus two for a box (the decoder takes a box as its two corners) are at most
+/// [`MAX_POINTS`]. Returns that count.
+pub fn check_point_count(points: usize, has_box: bool) -> Result<usize, PromptError> {
+    let count = points.saturating_add(if has_box { 2 } else { 0 });
+    if count > MAX_POINTS {
+        return Err(PromptError::TooManyPoints {
+            count,
+            max: MAX_POINTS,
+        });
+    }
+    Ok(count)
+}
+
 /// Why a prompt was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PromptError {
@@ -53,6 +67,21 @@ pub enum PromptError {
         width: u32,
         /// Frame height.
         height: u32,
+    },
+    /// A box whose corners are not top-left then bottom-right.
+    #[error(
+        "box ({x0}, {y0}, {x1}, {y1}) is reversed: give the top-left corner, then the \
+         bottom-right (x0 <= x1, y0 <= y1)"
+    )]
+    ReversedBox {
+        /// Left.
+        x0: f32,
+        /// Top.
+        y0: f32,
+        /// Right.
+        x1: f32,
+        /// Bottom.
+        y1: f32,
     },
     /// More points than [`MAX_POINTS`].
     #[error("prompt has {count} points, at most {max} are allowed")]
@@ -232,13 +261,7 @@ impl Prompt {
         if self.points.is_empty() && self.bbox.is_none() {
             return Err(PromptError::Empty);
         }
-        let count = self.points.len() + if self.bbox.is_some() { 2 } else { 0 };
-        if count > MAX_POINTS {
-            return Err(PromptError::TooManyPoints {
-                count,
-                max: MAX_POINTS,
-            });
-        }
+        let count = check_point_count(self.points.len(), self.bbox.is_some())?;
         if let Some(mask) = &self.mask_input {
             if mask.len() != mask_values {
                 return Err(PromptError::MaskInputSize {
@@ -274,8 +297,16 @@ impl Prompt {
                 if ![b.x0, b.y0, b.x1, b.y1].iter().all(|v| v.is_finite()) {
                     return Err(PromptError::NotFinite { what: "box".into() });
                 }
-                let (x0, x1) = (b.x0.min(b.x1).clamp(0.0, w), b.x0.max(b.x1).clamp(0.0, w));
-                let (y0, y1) = (b.y0.min(b.y1).clamp(0.0, h), b.y0.max(b.y1).clamp(0.0, h));
+                if b.x1 < b.x0 || b.y1 < b.y0 {
+                    return Err(PromptError::ReversedBox {
+                        x0: b.x0,
+                        y0: b.y0,
+                        x1: b.x1,
+                        y1: b.y1,
+                    });
+                }
+                let (x0, x1) = (b.x0.clamp(0.0, w), b.x1.clamp(0.0, w));
+                let (y0, y1) = (b.y0.clamp(0.0, h), b.y1.clamp(0.0, h));
                 if x1 - x0 < 1.0 || y1 - y0 < 1.0 {
                     return Err(PromptError::EmptyBox {
                         x0: b.x0,
@@ -373,6 +404,19 @@ mod tests {
             outside.to_model(&g, 1),
             Err(PromptError::EmptyBox { .. })
         ));
+        let reversed = Prompt {
+            bbox: Some(BoxPrompt {
+                x0: 300.0,
+                y0: 5.0,
+                x1: 100.0,
+                y1: 50.0,
+            }),
+            ..Prompt::default()
+        };
+        assert!(matches!(
+            reversed.to_model(&g, 1),
+            Err(PromptError::ReversedBox { .. })
+        ));
         let many = Prompt {
             points: vec![Prompt::point(1.0, 1.0).points[0]; MAX_POINTS + 1],
             ..Prompt::default()
@@ -381,6 +425,28 @@ mod tests {
             many.to_model(&g, 1),
             Err(PromptError::TooManyPoints { .. })
         ));
+        // One rule everywhere: a box counts as two points.
+        let corners = |points| Prompt {
+            points: vec![Prompt::point(1.0, 1.0).points[0]; points],
+            bbox: Some(BoxPrompt {
+                x0: 1.0,
+                y0: 1.0,
+                x1: 50.0,
+                y1: 50.0,
+            }),
+            ..Prompt::default()
+        };
+        assert!(corners(MAX_POINTS - 2).to_model(&g, 1).is_ok());
+        assert!(matches!(
+            corners(MAX_POINTS - 1).to_model(&g, 1),
+            Err(PromptError::TooManyPoints { count: 33, .. })
+        ));
+        assert_eq!(
+            check_point_count(MAX_POINTS - 2, true).ok(),
+            Some(MAX_POINTS)
+        );
+        assert!(check_point_count(MAX_POINTS - 1, true).is_err());
+        assert!(check_point_count(usize::MAX, true).is_err());
         let mask = Prompt {
             mask_input: Some(vec![0.0; 3]),
             ..Prompt::point(1.0, 1.0)

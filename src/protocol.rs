@@ -540,6 +540,21 @@ pub struct Masks {
     pub dropped: u64,
     /// The masks.
     pub masks: Vec<WireMask>,
+    /// Prompts of a prompt request that were refused (the others are answered in `masks`);
+    /// a request whose every prompt is refused gets an `error invalid_prompt` instead.
+    #[serde(default)]
+    pub refused: Vec<RefusedPrompt>,
+}
+
+/// A prompt the model could not take for this frame, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusedPrompt {
+    /// Index of the prompt in the request.
+    pub prompt: u32,
+    /// Always `invalid_prompt` today.
+    pub code: ErrorCode,
+    /// What is wrong with it.
+    pub message: String,
 }
 
 /// Rolling latency of one stage.
@@ -703,14 +718,8 @@ fn check_prompts(kind: Kind, prompts: &[WirePrompt]) -> Result<(), ProtocolError
         if p.points.is_empty() && p.bbox.is_none() {
             return Err(invalid(kind, format!("prompt {i} has no point and no box")));
         }
-        if p.points.len() > MAX_POINTS {
-            return Err(invalid(
-                kind,
-                format!(
-                    "prompt {i} has {} points, at most {MAX_POINTS}",
-                    p.points.len()
-                ),
-            ));
+        if let Err(e) = crate::prompt::check_point_count(p.points.len(), p.bbox.is_some()) {
+            return Err(invalid(kind, format!("prompt {i}: {e}")));
         }
         let finite = p
             .points
@@ -953,6 +962,11 @@ mod tests {
                 rle: None,
                 bitmap: Some(vec![255, 255, 0, 0, 255, 255, 0, 0]),
                 polygons: None,
+            }],
+            refused: vec![RefusedPrompt {
+                prompt: 1,
+                code: ErrorCode::InvalidPrompt,
+                message: "outside".into(),
             }],
         });
         let bytes = masks.encode();

@@ -17,8 +17,8 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use crate::metrics::{Metrics, Stage};
 use crate::pipeline::{ClientId, ClientStats, Hub, MaskBatch, Outbound, PromptJob, Subscription};
 use crate::protocol::{
-    self, ClientMessage, ErrorCode, Limits, Masks, ProtocolError, ServerMessage, Status,
-    Subscribed, Welcome, WireMask, MAX_CLIENT_BODY, MAX_SERVER_BODY, PROTOCOL_VERSION,
+    self, ClientMessage, ErrorCode, Limits, Masks, ProtocolError, RefusedPrompt, ServerMessage,
+    Status, Subscribed, Welcome, WireMask, MAX_CLIENT_BODY, MAX_SERVER_BODY, PROTOCOL_VERSION,
 };
 
 /// The socket could not be set up.
@@ -557,6 +557,15 @@ fn encode_masks(batch: &MaskBatch, dropped: u64) -> ServerMessage {
         height: batch.frame.height,
         dropped,
         masks,
+        refused: batch
+            .refused
+            .iter()
+            .map(|(prompt, message)| RefusedPrompt {
+                prompt: *prompt,
+                code: ErrorCode::InvalidPrompt,
+                message: message.clone(),
+            })
+            .collect(),
     })
 }
 

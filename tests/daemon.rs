@@ -256,6 +256,36 @@ fn the_ring_answers_prompts_for_recent_frames() {
         panic!("expected an error")
     };
     assert_eq!((e.code, e.id), (ErrorCode::InvalidPrompt, Some(13)));
+    // Beside good ones, bad prompts are refused one by one and the good ones answered (before:
+    // one bad prompt refused the whole request).
+    let reversed_box = WirePrompt {
+        points: Vec::new(),
+        bbox: Some([200.0, 100.0, 50.0, 150.0]),
+    };
+    c.request(PromptRequest {
+        request_id: 14,
+        frame_seq: None,
+        prompts: vec![
+            point_prompt(5000.0, 1.0),
+            point_prompt(100.0, 120.0),
+            reversed_box,
+        ],
+        encoding: MaskEncoding::Bbox,
+        multimask: false,
+    })
+    .unwrap();
+    let ServerMessage::Masks(m) = c.recv(Some(Duration::from_secs(20))).unwrap() else {
+        panic!("expected masks")
+    };
+    assert_eq!(m.request_id, Some(14));
+    assert_eq!(m.masks.iter().map(|k| k.prompt).collect::<Vec<_>>(), [1]);
+    let refused: Vec<(u32, ErrorCode)> = m.refused.iter().map(|r| (r.prompt, r.code)).collect();
+    assert_eq!(
+        refused,
+        [(0, ErrorCode::InvalidPrompt), (2, ErrorCode::InvalidPrompt)]
+    );
+    assert!(m.refused[0].message.contains("outside"), "{:?}", m.refused);
+    assert!(m.refused[1].message.contains("reversed"), "{:?}", m.refused);
     daemon.shutdown(Duration::from_secs(1));
 }
 

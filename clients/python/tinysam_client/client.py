@@ -143,7 +143,12 @@ class Client:
         self._wait("subscribed", lambda b: b["id"] == sub_id)
 
     def prompt(self, request_id, prompts, frame_seq=None, encoding="rle", multimask=False):
-        """Segment `prompts` on frame `frame_seq` (None: newest) and wait for the masks."""
+        """Segment `prompts` on frame `frame_seq` (None: newest) and wait for the masks.
+
+        Returns the `masks` message: its "masks" answer the prompts the model took, and its
+        "refused" (possibly absent) lists the others as {prompt, code, message}; when every
+        prompt is refused, ServerError (code "invalid_prompt") is raised instead.
+        """
         self.send(
             "prompt_request",
             {
