@@ -23,7 +23,10 @@ if [ "$#" -gt 0 ]; then exit 0; fi
 root=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$root"' EXIT
 dpkg-deb -x "$deb" "$root"
-"$root/usr/bin/tinysamd" --config "$root/etc/tinysamd/config.toml" --check-config >/dev/null
+# The packaged config, with the packaged model (its files' SHA-256 are checked) and the test
+# pattern in place of the device's camera.
+"$root/usr/bin/tinysamd" --config "$root/etc/tinysamd/config.toml" --check-config \
+    --model "$root/usr/share/tinysam-edge/model" --source synthetic >/dev/null
 "$root/usr/bin/tinysamd" --model "$root/usr/share/tinysam-edge/model" --source synthetic \
     --socket "$root/d.sock" --stats-interval 0 2>"$root/log" &
 pid=$!

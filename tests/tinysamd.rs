@@ -141,12 +141,14 @@ fn bad_configs_exit_78_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tinysamd.toml"));
-    // The shipped example config is valid.
+    // The shipped example config is valid (its camera and installed model are those of the
+    // target device: here the test model and pattern stand in, so the rest is checked).
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/config.toml");
     let out = tinysamd()
         .arg("--config")
         .arg(&example)
-        .arg("--check-config")
+        .args(["--check-config", "--source", "synthetic", "--model"])
+        .arg(test_model())
         .output()
         .unwrap();
     assert!(
@@ -154,6 +156,82 @@ fn bad_configs_exit_78_naming_the_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `--check-config` checks what a start would fail on (before: "configuration is valid" for a
+/// model folder, a source file or a socket group that did not exist), and a start with a
+/// missing group exits 78 like any configuration error (before: 1, and systemd restarted it
+/// every 2 s).
+#[test]
+fn check_config_checks_what_a_start_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tinysamd()
+        .args(["--check-config", "--model", "/nonexistent/model"])
+        .args(["--source", "file:/nonexistent/frames"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(78), "{stdout}{stderr}");
+    assert!(stdout.contains("2 problem(s)"), "{stdout}");
+    assert!(stderr.contains("/nonexistent/model") && stderr.contains("/nonexistent/frames"));
+    // The effective configuration is printed as TOML a config file can take.
+    let toml_part = stdout.split("# effective configuration").nth(1).unwrap();
+    let toml_part = toml_part.split_once('\n').unwrap().1;
+    let written = dir.path().join("effective.toml");
+    std::fs::write(&written, toml_part).unwrap();
+    assert!(tinysamd_edge_config_parses(&written), "{toml_part}");
+
+    // A damaged model file is named, with its hash.
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(test_model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let victim = model.join("encoder.fp32.onnx");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    let config = dir.path().join("group.toml");
+    std::fs::write(&config, "[socket]\ngroup = \"no-such-group-here\"\n").unwrap();
+    let out = tinysamd()
+        .arg("--config")
+        .arg(&config)
+        .args(["--check-config", "--encoder", "fp32", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("encoder.fp32.onnx") && stderr.contains("SHA-256"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no-such-group-here"), "{stderr}");
+
+    // The real start with that group: a configuration failure, exit 78.
+    let out = tinysamd()
+        .arg("--config")
+        .arg(&config)
+        .args(["--source", "synthetic", "--encoder", "fp32", "--model"])
+        .arg(test_model())
+        .arg("--socket")
+        .arg(dir.path().join("d.sock"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("no-such-group-here"), "{stderr}");
+}
+
+fn tinysamd_edge_config_parses(path: &Path) -> bool {
+    tinysam_edge::config::Config::from_file(path)
+        .and_then(|c| c.validate())
+        .is_ok()
 }
 
 #[test]

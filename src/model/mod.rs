@@ -246,6 +246,73 @@ pub(crate) fn parse_onnx(
     Ok((path, model))
 }
 
+/// What [`verify_files`] found: the model, the precisions a load would pick and the files it
+/// checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedModel {
+    /// The manifest's model name.
+    pub model: String,
+    /// Encoder precision a load would use.
+    pub encoder: Precision,
+    /// Decoder precision a load would use.
+    pub decoder: Precision,
+    /// Every file of those precisions, each of which matched its SHA-256.
+    pub files: Vec<PathBuf>,
+}
+
+/// Check a model directory the way [`Model::load`] would, without building anything: the
+/// manifest, the chosen (or default) precisions, the INT8 kernel on this CPU, and the SHA-256 of
+/// every file of those precisions (`tinysamd --check-config`).
+pub fn verify_files(dir: &Path, choice: &PrecisionChoice) -> Result<VerifiedModel> {
+    let manifest = Manifest::load(dir)?;
+    let encoder = choice
+        .encoder
+        .unwrap_or(manifest.default_precision(Role::Encoder));
+    let decoder = choice
+        .decoder
+        .unwrap_or(manifest.default_precision(Role::Decoder));
+    if let Some(k) = choice.int8_matmul.resolved().kernel() {
+        if !k.is_supported() {
+            return Err(Error::Unsupported(format!(
+                "int8 kernel {k} does not run on this CPU (supported: {:?})",
+                qmatmul::Kernel::supported()
+            )));
+        }
+    }
+    if manifest.file(Role::Encoder, encoder).is_none() {
+        return Err(Error::ModelMismatch {
+            path: dir.join("manifest.json"),
+            reason: format!("it lists no {encoder} encoder"),
+        });
+    }
+    if manifest.file(Role::Decoder, decoder).is_none() {
+        return Err(Error::ModelMismatch {
+            path: dir.join("manifest.json"),
+            reason: format!("it lists no {decoder} decoder"),
+        });
+    }
+    let mut files = Vec::new();
+    for entry in &manifest.files {
+        let wanted = if entry.role == Role::Encoder {
+            encoder
+        } else {
+            decoder
+        };
+        if entry.precision != wanted {
+            continue;
+        }
+        let path = dir.join(&entry.path);
+        verify_sha256(&path, &entry.sha256)?;
+        files.push(path);
+    }
+    Ok(VerifiedModel {
+        model: manifest.model.clone(),
+        encoder,
+        decoder,
+        files,
+    })
+}
+
 /// Check that `path` hashes to the manifest's `expected` SHA-256 (hex): a damaged or swapped
 /// model file is refused by name before tract parses it.
 pub(crate) fn verify_sha256(path: &Path, expected: &str) -> Result<()> {

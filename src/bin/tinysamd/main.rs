@@ -10,8 +10,9 @@ use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tinysam_edge::camera::error_chain;
-use tinysam_edge::config::{Config, ConfigError, Settings};
-use tinysam_edge::daemon::{Daemon, DaemonOptions};
+use tinysam_edge::config::{Config, ConfigError, Settings, SourceKind};
+use tinysam_edge::daemon::{Daemon, DaemonError, DaemonOptions};
+use tinysam_edge::server::ServerError;
 
 /// systemd's EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 const EXIT_CONFIG: u8 = 78;
@@ -164,24 +165,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => return Err(anyhow::Error::new(e).context(ConfigFailure)),
     };
     if args.check_config {
-        println!("configuration is valid");
-        println!(
-            "  source    {:?} {}x{} @ {} fps",
-            settings.source,
-            settings.source_config.width,
-            settings.source_config.height,
-            settings.source_config.fps
-        );
-        println!("  model     {}", settings.model_dir.display());
-        println!("  threads   {}", settings.threads);
-        println!(
-            "  socket    {} (mode {:o})",
-            settings.socket_path.display(),
-            settings.socket_mode
-        );
-        println!("  ring      {}", settings.ring);
-        println!("  everything {:?}", settings.everything);
-        return Ok(());
+        return check_config(&args, &settings);
     }
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
@@ -268,6 +252,67 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// `--check-config`: what a start would fail on, checked without starting (the model's files
+/// and their SHA-256, the source's path, the socket's group), then the effective configuration
+/// as TOML. Any problem is a configuration failure (exit 78).
+fn check_config(args: &Args, settings: &Settings) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    let mut checked = Vec::new();
+    let choice = tinysam_edge::model::PrecisionChoice {
+        encoder: settings.encoder,
+        decoder: settings.decoder,
+        int8_matmul: settings.int8_matmul,
+        ..Default::default()
+    };
+    match tinysam_edge::model::verify_files(&settings.model_dir, &choice) {
+        Ok(m) => checked.push(format!(
+            "model {} in {}: encoder {}, decoder {}; {} files match their SHA-256",
+            m.model,
+            settings.model_dir.display(),
+            m.encoder,
+            m.decoder,
+            m.files.len()
+        )),
+        Err(e) => problems.push(format!("[model] dir: {}", error_chain(&e))),
+    }
+    match &settings.source {
+        SourceKind::Synthetic => checked.push("source: the synthetic test pattern".into()),
+        SourceKind::File(p) | SourceKind::V4l2(p) => match std::fs::metadata(p) {
+            Ok(_) => checked.push(format!("source {} exists", p.display())),
+            Err(e) => problems.push(format!("[source] uri: {}: {e}", p.display())),
+        },
+    }
+    if let Some(group) = &settings.socket_group {
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(_)) => checked.push(format!("socket group {group} exists")),
+            Ok(None) => problems.push(format!("[socket] group: no group named {group:?}")),
+            Err(e) => problems.push(format!("[socket] group: looking up {group:?}: {e}")),
+        }
+    }
+    // The file with the flags applied, paths as resolved.
+    let mut effective = args.config().context(ConfigFailure)?;
+    effective.model.dir = settings.model_dir.clone();
+    effective.socket.path = settings.socket_path.clone();
+    let toml = toml::to_string(&effective).context("writing the configuration as TOML")?;
+    if problems.is_empty() {
+        println!("configuration is valid");
+    } else {
+        println!("configuration has {} problem(s)", problems.len());
+    }
+    for line in &checked {
+        println!("  ok: {line}");
+    }
+    for line in &problems {
+        println!("  problem: {line}");
+    }
+    println!("\n# effective configuration (file, then flags; empty paths resolved)\n{toml}");
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{}", problems.join("; ")).context(ConfigFailure))
+    }
+}
+
 /// Marks a configuration error for the exit code.
 #[derive(Debug)]
 struct ConfigFailure;
@@ -288,7 +333,17 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let config = e.is::<ConfigFailure>() || e.chain().any(|c| c.is::<ConfigError>());
+            // A missing socket group is the configuration's fault too: exit 78, so that
+            // systemd does not restart into the same failure every 2 s.
+            let config = e.is::<ConfigFailure>()
+                || e.chain().any(|c| {
+                    c.is::<ConfigError>()
+                        || matches!(c.downcast_ref(), Some(ServerError::NoSuchGroup(_)))
+                        || matches!(
+                            c.downcast_ref(),
+                            Some(DaemonError::Socket(ServerError::NoSuchGroup(_)))
+                        )
+                });
             eprintln!("tinysamd: error: {}", error_chain(e.as_ref()));
             if config {
                 ExitCode::from(EXIT_CONFIG)
