@@ -29,6 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 
+from tinysam_client.rle import decode_rle
 from tinysam_export.config import CONFIGS
 from tinysam_export.images import Prompt, fixed_prompts
 from tinysam_export.reference_fixtures import sam_postprocess
@@ -36,15 +37,9 @@ from tinysam_export.validate import OnnxPipeline, mask_iou
 
 
 def rle_decode(rle: dict) -> np.ndarray:
-    """COCO uncompressed RLE (column-major counts, starting with zeros) -> H x W bool."""
+    """`tinysam segment`'s COCO compressed RLE -> H x W bool (the Python client's decoder)."""
     h, w = rle["size"]
-    flat = np.zeros(h * w, bool)
-    at, value = 0, False
-    for count in rle["counts"]:
-        flat[at : at + count] = value
-        at += count
-        value = not value
-    return flat.reshape(w, h).T
+    return np.frombuffer(decode_rle(rle["counts"], w, h), np.uint8).reshape(h, w).astype(bool)
 
 
 def with_pad(prompt: Prompt) -> Prompt:

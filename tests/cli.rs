@@ -40,7 +40,19 @@ fn segment_writes_masks_overlay_and_json() {
             .unwrap();
     let masks = json["prompts"][0]["masks"].as_array().unwrap();
     assert_eq!(masks.len(), 3);
-    assert!(masks[0]["rle_string"].is_string());
+    // COCO compressed RLE, as pycocotools takes it, and the PNG each mask went to.
+    assert!(masks[0]["rle"]["counts"].is_string());
+    assert_eq!(masks[0]["rle"]["size"], serde_json::json!([150, 200]));
+    assert_eq!(
+        masks[2]["file"].as_str().unwrap(),
+        dir.path().join("seg.mask-2.png").to_str().unwrap()
+    );
+    // Best first: scores do not increase down the list.
+    let scores: Vec<f64> = masks.iter().map(|m| m["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    // Compact JSON: one line.
+    let text = std::fs::read_to_string(dir.path().join("seg.json")).unwrap();
+    assert_eq!(text.lines().count(), 1);
     let overlay = image::open(dir.path().join("seg.overlay.png")).unwrap();
     assert_eq!((overlay.width(), overlay.height()), (200, 150));
     let mask = image::open(dir.path().join("seg.mask-0.png"))

@@ -240,10 +240,18 @@ pub struct MaskSummary {
     pub bbox: [u32; 4],
     /// Object pixels.
     pub area: u64,
-    /// COCO RLE, uncompressed counts.
-    pub rle: Rle,
-    /// COCO RLE, pycocotools compressed string.
-    pub rle_string: String,
+    /// The mask as COCO's compressed RLE, `{"size": [h, w], "counts": "..."}`: what
+    /// `pycocotools.mask.decode` takes as it is (and what the socket sends).
+    pub rle: CompressedRle,
+}
+
+/// COCO RLE with pycocotools' compressed counts string.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CompressedRle {
+    /// `[height, width]`.
+    pub size: [u32; 2],
+    /// pycocotools' compressed counts.
+    pub counts: String,
 }
 
 impl From<&MaskResult> for MaskSummary {
@@ -255,8 +263,10 @@ impl From<&MaskResult> for MaskSummary {
             stability: m.stability,
             bbox: m.bbox,
             area: m.area,
-            rle_string: rle.to_compressed(),
-            rle,
+            rle: CompressedRle {
+                size: rle.size,
+                counts: rle.to_compressed(),
+            },
         }
     }
 }

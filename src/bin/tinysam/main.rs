@@ -154,7 +154,16 @@ struct SegmentReport<'a> {
 struct PromptReport {
     prompt: usize,
     error: Option<String>,
-    masks: Vec<MaskSummary>,
+    masks: Vec<MaskReport>,
+}
+
+/// A mask of one prompt and the PNG it was written to.
+#[derive(Serialize)]
+struct MaskReport {
+    #[serde(flatten)]
+    summary: MaskSummary,
+    /// The PNG's file name (`PREFIX.mask-N.png`, numbered in the order of this report).
+    file: String,
 }
 
 fn prompts_from(args: &SegmentArgs) -> Vec<Prompt> {
@@ -234,6 +243,7 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
     for (i, outcome) in outcomes.iter().enumerate() {
         match outcome {
             Ok(masks) => {
+                let mut files = Vec::with_capacity(masks.len());
                 for m in masks {
                     let path = format!("{prefix}.mask-{mask_no}.png");
                     let png = image::GrayImage::from_raw(
@@ -245,11 +255,19 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
                     png.save(&path).with_context(|| format!("writing {path}"))?;
                     mask_no += 1;
                     drawn.push(&m.mask);
+                    files.push(path);
                 }
                 reports.push(PromptReport {
                     prompt: i,
                     error: None,
-                    masks: masks.iter().map(MaskSummary::from).collect(),
+                    masks: masks
+                        .iter()
+                        .zip(files)
+                        .map(|(m, file)| MaskReport {
+                            summary: MaskSummary::from(m),
+                            file,
+                        })
+                        .collect(),
                 });
             }
             Err(e) => {
@@ -278,13 +296,15 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
         prompts: reports,
     };
     let json_path = format!("{prefix}.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+    // Compact: the masks' RLE strings make it megabytes when pretty-printed.
+    std::fs::write(&json_path, serde_json::to_string(&report)?)
         .with_context(|| format!("writing {json_path}"))?;
     for r in &report.prompts {
         for m in &r.masks {
+            let s = &m.summary;
             println!(
-                "prompt {} mask {}: score {:.3} stability {:.3} area {} bbox {:?}",
-                r.prompt, m.index, m.score, m.stability, m.area, m.bbox
+                "prompt {} mask {} (best first): score {:.3} stability {:.3} area {} bbox {:?} -> {}",
+                r.prompt, s.index, s.score, s.stability, s.area, s.bbox, m.file
             );
         }
     }
@@ -339,7 +359,7 @@ fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
         "masks": result.masks.iter().map(MaskSummary::from).collect::<Vec<_>>(),
     });
     let json_path = format!("{prefix}.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
+    std::fs::write(&json_path, serde_json::to_string(&json)?)
         .with_context(|| format!("writing {json_path}"))?;
     println!(
         "{:?}: {} masks from {} decoder prompts ({} skipped, {} with a mask above the IoU threshold, \
