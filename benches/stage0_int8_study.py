@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))
 
-from tinysam_export import quantize as q  # noqa: E402
-from tinysam_export.build import encoder_feeds  # noqa: E402
-from tinysam_export.config import CONFIGS  # noqa: E402
-from tinysam_export.images import calibration_set, evaluation_set  # noqa: E402
-from tinysam_export.validate import fidelity_report  # noqa: E402
+from tinysam_export import quantize as q
+from tinysam_export.build import encoder_feeds
+from tinysam_export.config import CONFIGS
+from tinysam_export.images import calibration_set, evaluation_set
+from tinysam_export.validate import fidelity_report
 
 # Node-name parts of each group of stage 0's full (non-depthwise) convolutions.
 GROUPS = {
@@ -105,11 +105,11 @@ def main() -> None:
     lines = [
         "# Stage 0 in INT8: fidelity by keep-float rule",
         "",
-        f"Made by `models/.venv/bin/python benches/stage0_int8_study.py` on {time.strftime('%Y-%m-%d')}: "
+        (f"Made by `models/.venv/bin/python benches/stage0_int8_study.py` on {time.strftime('%Y-%m-%d')}: "
         f"`{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}` "
         f"({manifest['weights']['kind']} weights), the toolchain's quantizer (percentile calibration on "
         f"{len(calib)} photos), INT8 encoder + FP32 decoder against all-FP32 on {len(photos)} photos x the "
-        "fixed prompts (onnxruntime).",
+        "fixed prompts (onnxruntime)."),
         "",
         "| variant | integer MAC share | embedding cosine mean (min) | best-mask IoU mean (min) |",
         "|---|---|---|---|",

@@ -258,6 +258,14 @@ elif run_suite "python: environment (uv)" setup_python; then
     export TINYSAM_BIN_DIR
     run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
 fi
+# Every command the README shows, run as written (placeholders filled, on the test model) or
+# skipped by a named rule; needs the binaries built above (and the Python client, if installed).
+BIN_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
+if [ -x "$VENV/bin/python" ] && [ "${SKIP_PYTHON:-0}" != "1" ]; then
+    run_suite "README walk-through" python3 tests/readme_walk.py --bin-dir "$BIN_DIR" --python "$VENV/bin/python"
+else
+    run_suite "README walk-through" python3 tests/readme_walk.py --bin-dir "$BIN_DIR"
+fi
 
 say "summary"
 printf '%-40s %-8s %6s %8s\n' suite status tests seconds
