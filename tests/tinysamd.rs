@@ -399,6 +399,34 @@ fn accepts_a_socket_passed_by_systemd() {
     assert!(child.wait().unwrap().success());
 }
 
+/// `tinysam sub --timeout` counts only while the daemon makes no progress: an everything pass
+/// that takes longer than the timeout (seconds on the test model, with 1 thread) is waited for
+/// while frames keep being encoded (before: "no result within 1s").
+#[test]
+fn sub_waits_while_the_daemon_makes_progress() {
+    let _g = crate::daemon::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut child = spawn(&socket, &[]);
+    drop(wait_for_socket(&socket, &mut child));
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_tinysam"))
+        .args(["sub", "--everything", "--count", "1", "--timeout", "1"])
+        .args(["--encoding", "bbox", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "after {took:?}: {stderr}");
+    assert!(
+        took > Duration::from_secs(1),
+        "the pass took {took:?}: this test needs one longer than the timeout"
+    );
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let _ = child.wait();
+}
+
 /// `tinysam sub` ends non-zero with the wire code and the daemon's reason when its subscription
 /// is refused (before: it printed the error, then "0 mask(s)", and exited 0), and says where it
 /// looked when no daemon listens.

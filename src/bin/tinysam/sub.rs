@@ -9,7 +9,8 @@ use tinysam_edge::client::{Client, ClientError};
 use tinysam_edge::postprocess::rle::Rle;
 use tinysam_edge::prompt::{BoxPrompt, PointLabel, PromptPoint};
 use tinysam_edge::protocol::{
-    MaskEncoding, Masks, PromptRequest, ServerMessage, Subscribe, SubscribeMode, WirePrompt,
+    ClientMessage, MaskEncoding, Masks, PromptRequest, ServerMessage, StatusRequest, Subscribe,
+    SubscribeMode, WirePrompt,
 };
 
 /// Mask encodings, for the command line.
@@ -77,7 +78,9 @@ pub struct SubArgs {
     /// Write each mask as a PNG into this directory (rle and bitmap encodings).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Give up after this many seconds without a message.
+    /// Give up after this many seconds without a result while the daemon makes no progress
+    /// (it encodes no new frame): a slow model on a slow machine is waited for, a stuck daemon
+    /// is not.
     #[arg(long, default_value_t = 60.0)]
     timeout: f32,
 }
@@ -212,11 +215,23 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
             multimask: args.multimask,
         })?;
     }
-    let timeout = Duration::from_secs_f32(args.timeout.max(0.1));
+    let timeout = Duration::try_from_secs_f32(args.timeout.max(0.1))
+        .with_context(|| format!("--timeout {} is not a number of seconds", args.timeout))?;
+    // While nothing arrives, ask the daemon how far it is, a few times per timeout.
+    let poll = (timeout / 4).min(Duration::from_secs(5));
+    let mut progress = Progress::new(timeout);
+    let ask_progress = |client: &mut Client| {
+        client.send(&ClientMessage::StatusRequest(StatusRequest {
+            request_id: PROGRESS_REQUEST,
+        }))
+    };
+    ask_progress(&mut client)?;
     let mut received = 0u64;
     loop {
-        match client.recv(Some(timeout)) {
+        match client.recv(Some(poll)) {
+            Ok(ServerMessage::Status(s)) => progress.encoded(s.frames_encoded),
             Ok(ServerMessage::Masks(m)) => {
+                progress.advanced();
                 report(&m, &args)?;
                 received += 1;
                 let done = args.once || (args.count > 0 && received >= args.count);
@@ -233,8 +248,55 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
                 eprintln!("tinysamd: {}: {}", e.code, e.message);
             }
             Ok(_) => {}
-            Err(ClientError::Timeout(t)) => bail!("no result from tinysamd within {t:?}"),
+            Err(ClientError::Timeout(_)) => {
+                if progress.stalled() {
+                    bail!(
+                        "no result from tinysamd, and no new frame encoded, within {timeout:?} \
+                         (frames encoded so far: {})",
+                        progress
+                            .last_encoded
+                            .map_or_else(|| "unknown".to_string(), |n| n.to_string())
+                    );
+                }
+                ask_progress(&mut client)?;
+            }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// The request id of the status requests that watch the daemon's progress.
+const PROGRESS_REQUEST: u32 = 0xffff_fff0;
+
+/// Whether the daemon still moves: a result, or a new encoded frame, within `timeout`.
+struct Progress {
+    timeout: Duration,
+    since: std::time::Instant,
+    last_encoded: Option<u64>,
+}
+
+impl Progress {
+    fn new(timeout: Duration) -> Progress {
+        Progress {
+            timeout,
+            since: std::time::Instant::now(),
+            last_encoded: None,
+        }
+    }
+
+    fn advanced(&mut self) {
+        self.since = std::time::Instant::now();
+    }
+
+    /// A status report said the daemon has encoded `frames` frames.
+    fn encoded(&mut self, frames: u64) {
+        if self.last_encoded.is_some_and(|last| frames > last) {
+            self.advanced();
+        }
+        self.last_encoded = Some(frames);
+    }
+
+    fn stalled(&self) -> bool {
+        self.since.elapsed() >= self.timeout
     }
 }
