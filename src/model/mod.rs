@@ -131,22 +131,7 @@ pub struct Model {
 impl Model {
     /// Load `dir` (with `manifest.json`) at the chosen precisions.
     pub fn load(dir: &Path, choice: PrecisionChoice) -> Result<Model> {
-        let manifest = Manifest::load(dir)?;
-        let enc_p = choice
-            .encoder
-            .unwrap_or(manifest.default_precision(Role::Encoder));
-        let dec_p = choice
-            .decoder
-            .unwrap_or(manifest.default_precision(Role::Decoder));
-        let int8 = choice.int8_matmul.resolved();
-        if let Some(k) = int8.kernel() {
-            if !k.is_supported() {
-                return Err(Error::Unsupported(format!(
-                    "int8 kernel {k} does not run on this CPU (supported: {:?})",
-                    qmatmul::Kernel::supported()
-                )));
-            }
-        }
+        let (manifest, enc_p, dec_p, int8) = resolve(dir, &choice)?;
         let encoder = Encoder::load(dir, &manifest, enc_p, int8)?;
         let decoder = Decoder::load(dir, &manifest, dec_p, int8, choice.decoder_graph)?;
         log::info!(
@@ -246,6 +231,32 @@ pub(crate) fn parse_onnx(
     Ok((path, model))
 }
 
+/// The manifest of `dir` and what a load with `choice` uses from it: the encoder and decoder
+/// precisions (the manifest's defaults where `choice` has none) and the INT8 implementation,
+/// refused if its kernel does not run on this CPU.
+fn resolve(
+    dir: &Path,
+    choice: &PrecisionChoice,
+) -> Result<(Manifest, Precision, Precision, Int8Matmul)> {
+    let manifest = Manifest::load(dir)?;
+    let encoder = choice
+        .encoder
+        .unwrap_or(manifest.default_precision(Role::Encoder));
+    let decoder = choice
+        .decoder
+        .unwrap_or(manifest.default_precision(Role::Decoder));
+    let int8 = choice.int8_matmul.resolved();
+    if let Some(k) = int8.kernel() {
+        if !k.is_supported() {
+            return Err(Error::Unsupported(format!(
+                "int8 kernel {k} does not run on this CPU (supported: {:?})",
+                qmatmul::Kernel::supported()
+            )));
+        }
+    }
+    Ok((manifest, encoder, decoder, int8))
+}
+
 /// What [`verify_files`] found: the model, the precisions a load would pick and the files it
 /// checked.
 #[derive(Debug, Clone)]
@@ -264,21 +275,7 @@ pub struct VerifiedModel {
 /// manifest, the chosen (or default) precisions, the INT8 kernel on this CPU, and the SHA-256 of
 /// every file of those precisions (`tinysamd --check-config`).
 pub fn verify_files(dir: &Path, choice: &PrecisionChoice) -> Result<VerifiedModel> {
-    let manifest = Manifest::load(dir)?;
-    let encoder = choice
-        .encoder
-        .unwrap_or(manifest.default_precision(Role::Encoder));
-    let decoder = choice
-        .decoder
-        .unwrap_or(manifest.default_precision(Role::Decoder));
-    if let Some(k) = choice.int8_matmul.resolved().kernel() {
-        if !k.is_supported() {
-            return Err(Error::Unsupported(format!(
-                "int8 kernel {k} does not run on this CPU (supported: {:?})",
-                qmatmul::Kernel::supported()
-            )));
-        }
-    }
+    let (manifest, encoder, decoder, _) = resolve(dir, choice)?;
     if manifest.file(Role::Encoder, encoder).is_none() {
         return Err(Error::ModelMismatch {
             path: dir.join("manifest.json"),
