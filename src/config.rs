@@ -525,6 +525,69 @@ pub fn default_socket_path() -> PathBuf {
 mod tests {
     use super::*;
 
+    /// `docs/config.md` lists every key of every table with its real default, and nothing that
+    /// is not a key: the document cannot drift from the structs.
+    #[test]
+    fn docs_config_lists_every_key_with_its_default() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config.md"),
+        )
+        .expect("docs/config.md");
+        // (table, key) -> the documented default, from rows `| `key`[, `key`] | default[, …] |`.
+        let mut documented = std::collections::BTreeMap::new();
+        let mut table = None;
+        for line in doc.lines() {
+            if let Some(rest) = line.strip_prefix("## `[") {
+                table = rest.split(']').next().map(str::to_string);
+                continue;
+            }
+            let (Some(t), Some(row)) = (&table, line.strip_prefix("| `")) else {
+                continue;
+            };
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let keys: Vec<&str> = cells[0].split(", ").map(|k| k.trim_matches('`')).collect();
+            let defaults: Vec<&str> = cells[1]
+                .split("`, `")
+                .map(|d| d.trim_matches('`'))
+                .collect();
+            assert_eq!(keys.len(), defaults.len(), "{line}");
+            for (k, d) in keys.into_iter().zip(defaults) {
+                documented.insert((t.clone(), k.to_string()), d.to_string());
+            }
+        }
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults as TOML");
+        let mut actual = std::collections::BTreeMap::new();
+        for (t, keys) in defaults.as_table().expect("tables") {
+            for (k, v) in keys.as_table().expect("keys") {
+                actual.insert((t.clone(), k.clone()), v.clone());
+            }
+        }
+        let doc_keys: Vec<_> = documented.keys().collect();
+        let real_keys: Vec<_> = actual.keys().collect();
+        assert_eq!(
+            doc_keys, real_keys,
+            "keys in docs/config.md vs the config structs"
+        );
+        for (key, value) in &actual {
+            let text = &documented[key];
+            let parsed: toml::Table =
+                toml::from_str(&format!("v = {text}")).unwrap_or_else(|e| panic!("{key:?}: {e}"));
+            let same = match (&parsed["v"], value) {
+                (a, b) if a == b => true,
+                // Numbers as the f32 settings hold them (0.7 is 0.699999988 in f32).
+                (a, b) => {
+                    let number = |v: &toml::Value| {
+                        v.as_float()
+                            .or(v.as_integer().map(|i| i as f64))
+                            .map(|f| f as f32)
+                    };
+                    number(a).is_some() && number(a) == number(b)
+                }
+            };
+            assert!(same, "{key:?}: docs say {text}, the default is {value}");
+        }
+    }
+
     fn parse(text: &str) -> Result<Settings, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))?.validate()
     }
