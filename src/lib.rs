@@ -26,6 +26,15 @@ pub mod server;
 
 use std::path::PathBuf;
 
+/// The message a panic carried (`panic!`'s text), for errors and logs that report a caught one.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
 /// Everything the library can fail with; each variant names what it was working on.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -118,14 +118,7 @@ fn spawn_stage(
             let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
                 Ok(Ok(())) => return,
                 Ok(Err(why)) => why,
-                Err(panic) => {
-                    let text = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "no message".into());
-                    format!("panicked: {text}")
-                }
+                Err(panic) => format!("panicked: {}", crate::panic_message(&*panic)),
             };
             if !stop.load(Ordering::Relaxed) {
                 log::error!("pipeline stage {name} stopped: {why}");

@@ -347,14 +347,8 @@ pub(crate) fn unpanic<T>(f: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
 
 /// `f`'s value, or `tract panicked: <message>` if it panicked.
 fn caught<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_string());
-        format!("tract panicked: {message}")
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|payload| format!("tract panicked: {}", crate::panic_message(&*payload)))
 }
 
 /// Optimise a parsed graph for running; INT8 graphs get their quantized matmuls replaced by
