@@ -159,19 +159,19 @@ pub fn product<M: Micro>(m: M, a: &[f32], w: &PackedWeights, c: &mut [f32], scra
 /// `dst[c · rows + r] = src[r · cols + c]`: a `rows × cols` matrix transposed, in tiles that
 /// stay in L1.
 #[inline(always)]
-pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+pub fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
     transpose_strided(src, (rows, cols), cols, 0, dst);
 }
 
 /// `dst[c · rows + r] = src[offset + r · stride + c]` for `r < rows`, `c < cols`: `rows` runs
 /// of `cols` values, `stride` apart, transposed, in 8 × 8 tiles.
 #[inline(always)]
-pub fn transpose_strided(
-    src: &[f32],
+pub fn transpose_strided<T: Copy>(
+    src: &[T],
     (rows, cols): (usize, usize),
     stride: usize,
     offset: usize,
-    dst: &mut [f32],
+    dst: &mut [T],
 ) {
     const T: usize = 8;
     for r0 in (0..rows).step_by(T) {

@@ -10,6 +10,7 @@ use tract_onnx::tract_core::ops::Cost;
 
 use super::op::{activations, output_fact, output_tensor, with_output};
 use super::{qmatmul, Activations, Dequantize, Layout, PackedB, Quantize, Requant, RowSource};
+use crate::model::ops::gemm::transpose_strided;
 
 /// Geometry of a 2-D convolution on one CHW image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,19 +79,10 @@ impl PaddedImage {
         };
         let mut data = vec![0i8; height * width * c];
         let [top, left] = geometry.pad_before;
-        const TILE: usize = 16;
         for y in 0..h {
+            // Image row y of every plane (c runs of w, a plane apart) as w pixels of c values.
             let row = &mut data[((y + top) * width + left) * c..][..w * c];
-            for c0 in (0..c).step_by(TILE) {
-                for x0 in (0..w).step_by(TILE) {
-                    for ch in c0..(c0 + TILE).min(c) {
-                        let src = &quantized[(ch * h + y) * w..][..w];
-                        for x in x0..(x0 + TILE).min(w) {
-                            row[x * c + ch] = src[x];
-                        }
-                    }
-                }
-            }
+            transpose_strided(&quantized, (c, w), h * w, y * w, row);
         }
         PaddedImage {
             data,
