@@ -97,7 +97,8 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener,
 }
 
 /// The private name a socket is bound under before it appears at `path`: a hidden sibling named
-/// after the process (two daemons never share it), short so that it fits wherever `path` does.
+/// after the process (two daemons never share it), kept short (`.tinysamd-PID`) because socket
+/// paths are limited to 107 bytes.
 fn staging_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".tinysamd-{}", std::process::id()))
 }
@@ -383,26 +384,32 @@ impl ClientReader {
     fn run(&mut self) {
         loop {
             let now = Instant::now();
-            let (deadline, timeout_code) = if self.hello {
-                let idle = self.ctx.idle_timeout;
-                let deadline = idle.map(|t| (now + t, "nothing received within the idle timeout"));
-                (deadline, ErrorCode::Idle)
-            } else {
-                let why = "no hello within the handshake timeout";
-                (Some((now + HANDSHAKE_TIMEOUT, why)), ErrorCode::OutOfOrder)
-            };
             let (hub, id) = (&self.ctx.hub, self.id);
             let subscribed = move || hub.has_standing_subscription(id);
+            // Before hello: the handshake timeout. After: the idle timeout, if any, which a
+            // client with a standing subscription outlives.
+            let (deadline, keep_alive, timeout_code) = match (self.hello, self.ctx.idle_timeout) {
+                (false, _) => (
+                    Some((
+                        now + HANDSHAKE_TIMEOUT,
+                        "no hello within the handshake timeout",
+                    )),
+                    None,
+                    ErrorCode::OutOfOrder,
+                ),
+                (true, Some(idle)) => (
+                    Some((now + idle, "nothing received within the idle timeout")),
+                    Some((&subscribed as &dyn Fn() -> bool, idle)),
+                    ErrorCode::Idle,
+                ),
+                (true, None) => (None, None, ErrorCode::Idle),
+            };
             let mut reader = PatientReader {
                 stream: &self.stream,
                 stop: &self.ctx.stop,
                 closing: &self.closing,
                 deadline,
-                keep_alive: self
-                    .ctx
-                    .idle_timeout
-                    .filter(|_| self.hello)
-                    .map(|t| (&subscribed as &dyn Fn() -> bool, t)),
+                keep_alive,
             };
             let (header, body) = match protocol::read_frame(&mut reader, MAX_CLIENT_BODY) {
                 Ok(Some(frame)) => frame,
