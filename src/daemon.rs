@@ -35,6 +35,14 @@ pub enum DaemonError {
     Threads(#[source] std::io::Error),
 }
 
+impl DaemonError {
+    /// Whether the configuration is at fault, so that a restart would fail the same way (a
+    /// socket group that does not exist): the daemon then exits 78 (systemd's EX_CONFIG).
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, DaemonError::Socket(ServerError::NoSuchGroup(_)))
+    }
+}
+
 /// Start-up options beyond the config file.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonOptions {

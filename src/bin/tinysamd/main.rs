@@ -12,7 +12,6 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tinysam_edge::camera::error_chain;
 use tinysam_edge::config::{Config, ConfigError, Settings, SourceKind};
 use tinysam_edge::daemon::{Daemon, DaemonError, DaemonOptions};
-use tinysam_edge::server::ServerError;
 
 /// systemd's EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 const EXIT_CONFIG: u8 = 78;
@@ -160,12 +159,12 @@ fn list_cameras() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let settings = match args.settings() {
-        Ok(s) => s,
+    let (config, settings) = match args.config().and_then(|c| c.validate().map(|s| (c, s))) {
+        Ok(both) => both,
         Err(e) => return Err(anyhow::Error::new(e).context(ConfigFailure)),
     };
     if args.check_config {
-        return check_config(&args, &settings);
+        return check_config(config, &settings);
     }
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
@@ -255,7 +254,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// `--check-config`: what a start would fail on, checked without starting (the model's files
 /// and their SHA-256, the source's path, the socket's group), then the effective configuration
 /// as TOML. Any problem is a configuration failure (exit 78).
-fn check_config(args: &Args, settings: &Settings) -> anyhow::Result<()> {
+fn check_config(mut effective: Config, settings: &Settings) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     let mut checked = Vec::new();
     let choice = tinysam_edge::model::PrecisionChoice {
@@ -290,7 +289,6 @@ fn check_config(args: &Args, settings: &Settings) -> anyhow::Result<()> {
         }
     }
     // The file with the flags applied, paths as resolved.
-    let mut effective = args.config().context(ConfigFailure)?;
     effective.model.dir = settings.model_dir.clone();
     effective.socket.path = settings.socket_path.clone();
     let toml = toml::to_string(&effective).context("writing the configuration as TOML")?;
@@ -338,11 +336,8 @@ fn main() -> ExitCode {
             let config = e.is::<ConfigFailure>()
                 || e.chain().any(|c| {
                     c.is::<ConfigError>()
-                        || matches!(c.downcast_ref(), Some(ServerError::NoSuchGroup(_)))
-                        || matches!(
-                            c.downcast_ref(),
-                            Some(DaemonError::Socket(ServerError::NoSuchGroup(_)))
-                        )
+                        || c.downcast_ref::<DaemonError>()
+                            .is_some_and(DaemonError::is_configuration)
                 });
             eprintln!("tinysamd: error: {}", error_chain(e.as_ref()));
             if config {
