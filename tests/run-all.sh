@@ -159,6 +159,10 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run." >&2
     exit 1
 fi
+# Where cargo puts the release binaries (CARGO_TARGET_DIR and config honoured), for the suites
+# that run them.
+BIN_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
+export BIN_DIR
 
 # uv, once per machine, in its own venv under the cache; its package cache (~/.cache/uv) makes
 # the next clone's installs local copies. cross/env.sh finds it on PATH too.
@@ -206,12 +210,10 @@ smoke_daemon() {
     local dir pid ok=1
     dir=$(mktemp -d)
     cargo build --release --locked --quiet --bins || return 1
-    local bin
-    bin=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
-    "$bin/tinysamd" --socket "$dir/d.sock" --stats-interval 0 2>"$dir/log" &
+    "$BIN_DIR/tinysamd" --socket "$dir/d.sock" --stats-interval 0 2>"$dir/log" &
     pid=$!
     for _ in $(seq 1 600); do [ -S "$dir/d.sock" ] && break; sleep 0.1; done
-    if "$bin/tinysam" sub --socket "$dir/d.sock" --point 320,240 --count 1 --timeout 300; then
+    if "$BIN_DIR/tinysam" sub --socket "$dir/d.sock" --point 320,240 --count 1 --timeout 300; then
         ok=0
     fi
     kill -TERM "$pid" && wait "$pid" || ok=1
@@ -244,7 +246,7 @@ run_parallel "vm camera: aarch64 (vivid)|bash cross/vm/run.sh aarch64" \
 run_suite "debian package (arm64)" bash debian/check.sh --target aarch64-unknown-linux-gnu --variant arm64
 run_suite "debian package (amd64)" bash debian/check.sh
 run_suite "systemd units" bash systemd/check.sh \
-    "$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/tinysamd"
+    "$BIN_DIR/tinysamd"
 
 # --- Python (model toolchain) -------------------------------------------------------------
 if [ "${SKIP_PYTHON:-0}" = "1" ]; then
@@ -253,14 +255,11 @@ if [ "${SKIP_PYTHON:-0}" = "1" ]; then
 elif run_suite "python: environment (uv)" setup_python; then
     run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
     # Talks to the tinysamd and tinysam binaries built by the Rust tests above.
-    TINYSAM_BIN_DIR=$(cargo metadata --format-version 1 --no-deps |
-        "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
-    export TINYSAM_BIN_DIR
+    export TINYSAM_BIN_DIR=$BIN_DIR
     run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
 fi
 # Every command the README shows, run as written (placeholders filled, on the test model) or
 # skipped by a named rule; needs the binaries built above (and the Python client, if installed).
-BIN_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
 if [ -x "$VENV/bin/python" ] && [ "${SKIP_PYTHON:-0}" != "1" ]; then
     run_suite "README walk-through" python3 tests/readme_walk.py --bin-dir "$BIN_DIR" --python "$VENV/bin/python"
 else
