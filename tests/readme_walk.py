@@ -90,6 +90,7 @@ class Walk:
         self.env.pop("TINYSAMD_CONFIG", None)
         self.socket = runtime / "tinysamd.sock"
         self.daemon: subprocess.Popen | None = None
+        self.daemon_log = None
 
     def argv(self, line: str) -> list[str]:
         """The command as it runs here."""
@@ -114,13 +115,13 @@ class Walk:
         if words[0] == "python3" and words[1].startswith("clients/python/"):
             if self.python is None:
                 raise Skip("no Python with the client installed (the test command makes models/.venv)")
-            return [self.python, *words[1:], "--count", "2"]
+            return [self.python, *words[1:]]
         raise Uncovered(line)
 
     def start_daemon(self, argv: list[str]) -> None:
         self.stop_daemon()
-        log = open(self.work / "daemon.log", "w")  # noqa: SIM115 (kept open for the daemon)
-        self.daemon = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        self.daemon_log = open(self.work / "daemon.log", "w")  # noqa: SIM115 (closed in stop_daemon)
+        self.daemon = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=self.daemon_log, stderr=self.daemon_log)
         until = time.time() + 60
         while not self.socket.exists():
             if self.daemon.poll() is not None:
@@ -134,6 +135,9 @@ class Walk:
             self.daemon.send_signal(signal.SIGTERM)
             self.daemon.wait(timeout=10)
         self.daemon = None
+        if self.daemon_log is not None:
+            self.daemon_log.close()
+            self.daemon_log = None
 
     def run(self, line: str) -> str:
         argv = self.argv(line)
