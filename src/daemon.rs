@@ -226,6 +226,13 @@ impl Daemon {
         self.pipeline.failure.get()
     }
 
+    /// The first pipeline stage that has been inside one piece of work (a frame to encode, a
+    /// request, an everything batch) for longer than `limit`, and for how long: the service
+    /// watchdog is pinged only while there is none.
+    pub fn stalled(&self, limit: Duration) -> Option<(&'static str, Duration)> {
+        self.pipeline.stalled(limit)
+    }
+
     /// Clients connected now.
     pub fn client_count(&self) -> usize {
         self.server.client_count()

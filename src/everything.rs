@@ -168,16 +168,40 @@ pub fn agreement(reference: &[&BinaryMask], candidate: &[&BinaryMask]) -> f32 {
     total / reference.len() as f32
 }
 
+/// How far an everything pass has got, after each decoder batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The round: 1 (flat mode's only one, or the hierarchical sparse grid) or 2 (the dense
+    /// points the first round left open).
+    pub round: u8,
+    /// Points of this round decoded so far.
+    pub done: usize,
+    /// Points of this round.
+    pub total: usize,
+}
+
 /// Runs the generator against one embedding.
 pub struct Generator<'a> {
     segmenter: &'a Segmenter,
     params: EverythingParams,
+    on_progress: Option<&'a dyn Fn(Progress)>,
 }
 
 impl<'a> Generator<'a> {
     /// A generator with `params`.
     pub fn new(segmenter: &'a Segmenter, params: EverythingParams) -> Generator<'a> {
-        Generator { segmenter, params }
+        Generator {
+            segmenter,
+            params,
+            on_progress: None,
+        }
+    }
+
+    /// Call `report` after every decoder batch (a pass takes seconds to minutes: progress
+    /// output, the service watchdog).
+    pub fn on_progress(mut self, report: &'a dyn Fn(Progress)) -> Generator<'a> {
+        self.on_progress = Some(report);
+        self
     }
 
     /// Segment everything in the frame `embedding` came from.
@@ -192,12 +216,12 @@ impl<'a> Generator<'a> {
         let dense = point_grid(p.points_per_side.max(1), g.frame_width, g.frame_height);
         match p.strategy {
             Strategy::Flat => {
-                kept = self.round(embedding, &up, &dense, &mut stats)?;
+                kept = self.round(embedding, &up, &dense, 1, &mut stats)?;
             }
             Strategy::Hierarchical => {
                 let n_sparse = (p.points_per_side / p.sparse_divisor.max(1)).max(1);
                 let sparse = point_grid(n_sparse, g.frame_width, g.frame_height);
-                let first = self.round(embedding, &up, &sparse, &mut stats)?;
+                let first = self.round(embedding, &up, &sparse, 1, &mut stats)?;
                 let mut todo = Vec::with_capacity(dense.len());
                 for &(x, y) in &dense {
                     let done = first
@@ -211,7 +235,7 @@ impl<'a> Generator<'a> {
                 }
                 stats.skipped_points = skipped.len();
                 kept.extend(first);
-                kept.extend(self.round(embedding, &up, &todo, &mut stats)?);
+                kept.extend(self.round(embedding, &up, &todo, 2, &mut stats)?);
             }
         }
         stats.candidates = kept.len();
@@ -239,7 +263,7 @@ impl<'a> Generator<'a> {
         points: &[(f32, f32)],
     ) -> Result<Vec<MaskResult>> {
         let up = Upsampler::new(embedding.geometry, self.segmenter.mask_size());
-        self.round(embedding, &up, points, &mut EverythingStats::default())
+        self.round(embedding, &up, points, 1, &mut EverythingStats::default())
     }
 
     fn round(
@@ -247,6 +271,7 @@ impl<'a> Generator<'a> {
         embedding: &Embedding,
         up: &Upsampler,
         points: &[(f32, f32)],
+        round: u8,
         stats: &mut EverythingStats,
     ) -> Result<Vec<MaskResult>> {
         let p = &self.params;
@@ -257,6 +282,7 @@ impl<'a> Generator<'a> {
         let valid_cols =
             ((g.resized_width as usize * m).div_ceil(g.model_size as usize)).clamp(1, m);
         let mut out = Vec::new();
+        let done_before = stats.decoder_prompts;
         for chunk in points.chunks(p.points_per_batch.max(1)) {
             let prompts: Vec<_> = chunk
                 .iter()
@@ -292,6 +318,13 @@ impl<'a> Generator<'a> {
                     r.stability = stability;
                     out.push(r);
                 }
+            }
+            if let Some(report) = self.on_progress {
+                report(Progress {
+                    round,
+                    done: stats.decoder_prompts.saturating_sub(done_before),
+                    total: points.len(),
+                });
             }
         }
         Ok(out)

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod everything;
+pub mod heartbeat;
 pub mod metrics;
 pub mod model;
 pub mod overlay;

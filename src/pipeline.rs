@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
 
 use crate::camera::{error_chain, Frame, FrameSource, SourceInfo};
-use crate::everything::{EverythingParams, Generator};
+use crate::everything::{EverythingParams, Generator, Progress};
+use crate::heartbeat::{first_stalled, Heartbeat, Working};
 use crate::metrics::{Counters, Metrics, Stage};
 use crate::model::Embedding;
 use crate::postprocess::MaskResult;
@@ -605,6 +606,9 @@ pub struct Pipeline {
     pub stop: Arc<AtomicBool>,
     /// Why a stage stopped on its own, if one did.
     pub failure: Arc<StageFailure>,
+    /// The encoder's and the mask worker's progress, for the service watchdog. (Capture has
+    /// none: its waits are the camera's, and a camera that stops is reopened, not restarted.)
+    pub heartbeats: [Arc<Heartbeat>; 2],
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -625,6 +629,8 @@ impl Pipeline {
         let (request_tx, request_rx) = bounded(options.request_queue.max(1));
 
         let failure = Arc::new(StageFailure::default());
+        let encoder_beat = Arc::new(Heartbeat::new("encoder"));
+        let worker_beat = Arc::new(Heartbeat::new("masks"));
         type StageBody = Box<dyn FnOnce() -> Result<(), String> + Send>;
         let stage = |name: &'static str, body: StageBody| {
             spawn_stage(name, failure.clone(), stop.clone(), body)
@@ -637,18 +643,17 @@ impl Pipeline {
             )?
         };
         let encoder = {
-            let (seg, metrics, ring, stop) = (
-                segmenter.clone(),
-                metrics.clone(),
-                ring.clone(),
-                stop.clone(),
-            );
-            let delay = options.extra_encode_delay;
+            let encoder = Encoder {
+                segmenter: segmenter.clone(),
+                ring: ring.clone(),
+                metrics: metrics.clone(),
+                heartbeat: encoder_beat.clone(),
+                extra_delay: options.extra_encode_delay,
+            };
+            let stop = stop.clone();
             stage(
                 "encoder",
-                Box::new(move || {
-                    encode_loop(&seg, frame_rx, encoded_tx, &ring, &metrics, delay, &stop)
-                }),
+                Box::new(move || encoder.run(frame_rx, encoded_tx, &stop)),
             )?
         };
         let worker = {
@@ -661,6 +666,7 @@ impl Pipeline {
                 ring,
                 metrics,
                 everything,
+                heartbeat: worker_beat.clone(),
             };
             stage(
                 "masks",
@@ -675,8 +681,15 @@ impl Pipeline {
             source_info,
             stop,
             failure,
+            heartbeats: [encoder_beat, worker_beat],
             threads: vec![capture, encoder, worker],
         })
+    }
+
+    /// The first stage that has been inside one piece of work for longer than `limit` without
+    /// progress, and for how long (see [`crate::heartbeat`]).
+    pub fn stalled(&self, limit: Duration) -> Option<(&'static str, Duration)> {
+        first_stalled(self.heartbeats.iter().map(|h| &**h), limit, Instant::now())
     }
 
     /// Stop the threads and wait up to `deadline` for them (an encoder mid-frame is left to
@@ -805,73 +818,90 @@ fn capture_loop(
     Ok(())
 }
 
-/// Frames to embeddings until `stop` or the capture ends; `Err` if the mask worker is gone.
-fn encode_loop(
-    segmenter: &Segmenter,
-    frames: LatestReceiver<Frame>,
-    out: LatestSender<Arc<EncodedFrame>>,
-    ring: &EmbeddingRing,
-    metrics: &Metrics,
+/// Turns frames into embeddings, kept in the ring and handed to the mask worker.
+struct Encoder {
+    segmenter: Arc<Segmenter>,
+    ring: Arc<EmbeddingRing>,
+    metrics: Arc<Metrics>,
+    heartbeat: Arc<Heartbeat>,
+    /// Extra time per frame (tests and benchmarks).
     extra_delay: Option<Duration>,
-    stop: &AtomicBool,
-) -> Result<(), String> {
-    while !stop.load(Ordering::Relaxed) {
-        let frame = match frames.recv_timeout(Duration::from_millis(100)) {
-            Ok(f) => f,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-        };
-        let started = Instant::now();
-        let input = match segmenter.preprocess(&frame.image) {
-            Ok(i) => i,
-            Err(e) => {
-                log::error!("frame {}: {}", frame.seq, error_chain(&e));
-                continue;
+}
+
+impl Encoder {
+    /// Frames to embeddings until `stop` or the capture ends; `Err` if the mask worker is gone.
+    fn run(
+        &self,
+        frames: LatestReceiver<Frame>,
+        out: LatestSender<Arc<EncodedFrame>>,
+        stop: &AtomicBool,
+    ) -> Result<(), String> {
+        let Encoder {
+            segmenter,
+            ring,
+            metrics,
+            heartbeat,
+            extra_delay,
+        } = self;
+        while !stop.load(Ordering::Relaxed) {
+            let frame = match frames.recv_timeout(Duration::from_millis(100)) {
+                Ok(f) => f,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
+            let _working = heartbeat.working();
+            let started = Instant::now();
+            let input = match segmenter.preprocess(&frame.image) {
+                Ok(i) => i,
+                Err(e) => {
+                    log::error!("frame {}: {}", frame.seq, error_chain(&e));
+                    continue;
+                }
+            };
+            metrics.record(Stage::Preprocess, started.elapsed());
+            let started = Instant::now();
+            let embedding = match segmenter.encode(input) {
+                Ok(e) => e,
+                Err(e) => {
+                    log::error!("frame {}: {}", frame.seq, error_chain(&e));
+                    continue;
+                }
+            };
+            // The decoder's per-frame work belongs to the frame, not to its first prompt.
+            if let Err(e) = segmenter.model.decoder.prepare(&embedding) {
+                log::warn!(
+                    "frame {}: decoder per-frame tensors: {} (computed again at the first prompt)",
+                    frame.seq,
+                    error_chain(&e)
+                );
             }
-        };
-        metrics.record(Stage::Preprocess, started.elapsed());
-        let started = Instant::now();
-        let embedding = match segmenter.encode(input) {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("frame {}: {}", frame.seq, error_chain(&e));
-                continue;
+            if let Some(d) = extra_delay {
+                std::thread::sleep(*d);
             }
-        };
-        // The decoder's per-frame work belongs to the frame, not to its first prompt.
-        if let Err(e) = segmenter.model.decoder.prepare(&embedding) {
-            log::warn!(
-                "frame {}: decoder per-frame tensors: {} (computed again at the first prompt)",
-                frame.seq,
-                error_chain(&e)
-            );
-        }
-        if let Some(d) = extra_delay {
-            std::thread::sleep(d);
-        }
-        metrics.record(Stage::Encode, started.elapsed());
-        let (width, height) = frame.image.dimensions();
-        let encoded = Arc::new(EncodedFrame {
-            seq: frame.seq,
-            captured_ns: frame.captured_ns,
-            width,
-            height,
-            embedding,
-        });
-        ring.push(encoded.clone());
-        metrics.frame_encoded();
-        log::trace!("frame {} encoded", frame.seq);
-        match out.send(encoded) {
-            Some(replaced) => {
-                metrics
-                    .counters
-                    .skipped
-                    .fetch_add(replaced, Ordering::Relaxed);
+            metrics.record(Stage::Encode, started.elapsed());
+            let (width, height) = frame.image.dimensions();
+            let encoded = Arc::new(EncodedFrame {
+                seq: frame.seq,
+                captured_ns: frame.captured_ns,
+                width,
+                height,
+                embedding,
+            });
+            ring.push(encoded.clone());
+            metrics.frame_encoded();
+            log::trace!("frame {} encoded", frame.seq);
+            match out.send(encoded) {
+                Some(replaced) => {
+                    metrics
+                        .counters
+                        .skipped
+                        .fetch_add(replaced, Ordering::Relaxed);
+                }
+                None => return Err("the mask worker takes no more embeddings".into()),
             }
-            None => return Err("the mask worker takes no more embeddings".into()),
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Turns embeddings into masks for subscriptions and requests.
@@ -881,6 +911,7 @@ struct MaskWorker {
     ring: Arc<EmbeddingRing>,
     metrics: Arc<Metrics>,
     everything: Arc<RwLock<EverythingParams>>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl MaskWorker {
@@ -895,6 +926,7 @@ impl MaskWorker {
         while !stop.load(Ordering::Relaxed) {
             // Requests first: a client waiting for an answer beats the next frame.
             if let Ok(job) = jobs.try_recv() {
+                let _working = self.heartbeat.working();
                 self.answer(job);
                 continue;
             }
@@ -902,11 +934,17 @@ impl MaskWorker {
             let frames_rx = if frames_open { &*frames } else { &never };
             select! {
                 recv(jobs) -> job => match job {
-                    Ok(job) => self.answer(job),
+                    Ok(job) => {
+                        let _working = self.heartbeat.working();
+                        self.answer(job);
+                    }
                     Err(_) => return Err("the request queue closed".into()),
                 },
                 recv(frames_rx) -> frame => match frame {
-                    Ok(frame) => self.publish(&frame),
+                    Ok(frame) => {
+                        let working = self.heartbeat.working();
+                        self.publish(&frame, &working);
+                    }
                     Err(_) => frames_open = false,
                 },
                 default(Duration::from_millis(100)) => {}
@@ -1006,7 +1044,9 @@ impl MaskWorker {
         self.hub.answer(job.client, reply);
     }
 
-    fn publish(&self, frame: &EncodedFrame) {
+    /// Standing prompts and everything passes due on `frame`; `working` beats after each group
+    /// of prompts and each decoder batch of an everything pass.
+    fn publish(&self, frame: &EncodedFrame, working: &Working<'_>) {
         let due = self.hub.due(Instant::now());
         if due.is_empty() {
             return;
@@ -1033,6 +1073,7 @@ impl MaskWorker {
                     return;
                 }
             };
+            working.beat();
             let mut outcomes = outcomes.into_iter();
             for (client, sub) in group {
                 let mut masks = Vec::new();
@@ -1079,7 +1120,9 @@ impl MaskWorker {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 let started = Instant::now();
-                match Generator::new(&self.segmenter, params).run(&frame.embedding) {
+                let beat = |_: Progress| working.beat();
+                let generator = Generator::new(&self.segmenter, params).on_progress(&beat);
+                match generator.run(&frame.embedding) {
                     Ok(result) => {
                         self.metrics.record(Stage::Everything, started.elapsed());
                         everything = Some(Arc::new(

@@ -136,6 +136,68 @@ fn frames_flow_in_order_with_standing_prompts() {
     assert!(!dir.path().join("d.sock").exists(), "socket file removed");
 }
 
+/// The service watchdog's view (`Daemon::stalled`): an encoder inside one frame for longer than
+/// the limit is a stall (tinysamd then stops pinging systemd); a daemon whose `--once` file source
+/// has ended is idle, never stalled, however long it waits.
+#[test]
+fn a_stalled_encoder_is_reported_an_idle_one_is_not() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 160\nheight = 120\nfps = 8",
+        "",
+    );
+    let daemon = start(
+        s,
+        DaemonOptions {
+            extra_encode_delay: Some(Duration::from_millis(1500)),
+            ..DaemonOptions::default()
+        },
+    );
+    let limit = Duration::from_millis(300);
+    let until = Instant::now() + Duration::from_secs(20);
+    let stalled = loop {
+        if let Some(found) = daemon.stalled(limit) {
+            break found;
+        }
+        assert!(
+            Instant::now() < until,
+            "an encode of 1.5 s never counted as a stall"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(stalled.0, "encoder");
+    assert!(stalled.1 > limit, "{stalled:?}");
+    // With a limit above the encode time it is progress, not a stall.
+    for _ in 0..40 {
+        assert_eq!(daemon.stalled(Duration::from_secs(10)), None);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.shutdown(Duration::from_secs(3));
+
+    let frames = dir.path().join("frames");
+    std::fs::create_dir(&frames).unwrap();
+    RgbImage::from_pixel(160, 120, image::Rgb([90, 120, 150]))
+        .save(frames.join("a.png"))
+        .unwrap();
+    let s = settings(
+        dir.path(),
+        &format!("uri = \"file:{}\"\nfps = 0\nloop = false", frames.display()),
+        "",
+    );
+    let daemon = start(s, DaemonOptions::default());
+    let mut c = Client::connect(&socket(&daemon), "idle").unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while c.status(1).unwrap().frames_encoded < 1 {
+        assert!(Instant::now() < until, "the one frame was never encoded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemon.stalled(Duration::from_millis(100)), None);
+    daemon.shutdown(Duration::from_secs(1));
+}
+
 #[test]
 fn latest_frame_wins_under_a_slow_encoder() {
     let _g = serial();

@@ -1,6 +1,8 @@
 //! Segment-everything on the fixture model: prompt counts, the hierarchical skip rule, agreement.
 
-use tinysam_edge::everything::{agreement, point_grid, EverythingParams, Generator, Strategy};
+use tinysam_edge::everything::{
+    agreement, point_grid, EverythingParams, Generator, Progress, Strategy,
+};
 use tinysam_edge::postprocess::Upsampler;
 
 use crate::util::fixtures;
@@ -43,7 +45,12 @@ fn hierarchical_skips_exactly_the_done_points() {
     );
 
     let p = params(Strategy::Hierarchical);
-    let hier = Generator::new(seg, p.clone()).run(&emb).unwrap();
+    let reports = std::cell::RefCell::new(Vec::new());
+    let report = |r: Progress| reports.borrow_mut().push(r);
+    let hier = Generator::new(seg, p.clone())
+        .on_progress(&report)
+        .run(&emb)
+        .unwrap();
     // Independent recomputation of round 1 and the done rule at frame resolution.
     let sparse = point_grid(2, 200, 200);
     let first = Generator::new(seg, p.clone())
@@ -65,6 +72,19 @@ fn hierarchical_skips_exactly_the_done_points() {
     assert_eq!(hier.skipped, expected);
     assert_eq!(hier.stats.decoder_prompts, 4 + 64 - expected.len());
     assert!(hier.stats.decoder_prompts < flat.stats.decoder_prompts);
+    // Progress after every decoder batch of 16: round 1's 4 points in one, round 2's in order.
+    let round2 = 64 - expected.len();
+    let mut want = vec![Progress {
+        round: 1,
+        done: 4,
+        total: 4,
+    }];
+    want.extend((1..=round2.div_ceil(16)).map(|k| Progress {
+        round: 2,
+        done: (16 * k).min(round2),
+        total: round2,
+    }));
+    assert_eq!(reports.into_inner(), want);
 
     let a: Vec<_> = flat.masks.iter().map(|m| &m.mask).collect();
     let b: Vec<_> = hier.masks.iter().map(|m| &m.mask).collect();

@@ -468,3 +468,62 @@ fn sub_reports_refusals_and_a_missing_daemon() {
     assert!(!out.status.success());
     assert!(stderr.contains("is tinysamd running"), "{stderr}");
 }
+
+/// Under systemd's watchdog (`WATCHDOG_USEC`), tinysamd pings while its pipeline makes progress:
+/// `READY=1` once, then `WATCHDOG=1` at least every half interval. (That it stops pinging when a
+/// stage hangs is tested in-process: `daemon::a_stalled_encoder_is_reported_an_idle_one_is_not`.)
+#[test]
+fn pings_the_systemd_watchdog_while_the_pipeline_runs() {
+    use std::os::unix::net::UnixDatagram;
+    let _g = crate::daemon::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let socket = dir.path().join("d.sock");
+    let _child = KillOnDrop(
+        tinysamd()
+            .args(["--source", "synthetic", "--width", "160", "--height", "120"])
+            .args([
+                "--fps",
+                "5",
+                "--threads",
+                "1",
+                "--encoder",
+                "fp32",
+                "--model",
+            ])
+            .arg(test_model())
+            .arg("--socket")
+            .arg(&socket)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("WATCHDOG_PID")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (mut ready, mut pings) = (false, Vec::new());
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 512];
+    while pings.len() < 4 && Instant::now() < until {
+        let Ok(n) = notify.recv(&mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if text.lines().any(|l| l == "READY=1") {
+            ready = true;
+        }
+        if text.lines().any(|l| l == "WATCHDOG=1") {
+            assert!(ready, "a watchdog ping before READY=1: {text:?}");
+            pings.push(Instant::now());
+        }
+    }
+    assert_eq!(pings.len(), 4, "watchdog pings in 30 s (ready: {ready})");
+    for pair in pings.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap <= Duration::from_millis(800), "pings {gap:?} apart");
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use tinysam_edge::everything::{EverythingParams, Generator, Strategy};
+use tinysam_edge::everything::{EverythingParams, Generator, Progress, Strategy};
 use tinysam_edge::model::{self, kernels, Embedding, Precision, PrecisionChoice, Role};
 use tinysam_edge::overlay;
 use tinysam_edge::postprocess::MaskSummary;
@@ -323,6 +323,55 @@ fn output_prefix(out: &Path) -> anyhow::Result<String> {
     Ok(out.to_string_lossy().to_string())
 }
 
+/// Progress of a long everything pass on stderr: one line rewritten in place on a terminal, else a
+/// line at most every few seconds (a pass takes seconds to minutes).
+struct EverythingProgress {
+    started: Instant,
+    terminal: bool,
+    last: std::cell::Cell<Option<Instant>>,
+}
+
+impl EverythingProgress {
+    fn new(started: Instant) -> EverythingProgress {
+        EverythingProgress {
+            started,
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last: std::cell::Cell::new(None),
+        }
+    }
+
+    fn report(&self, p: Progress) {
+        let every = if self.terminal { 0.2 } else { 5.0 };
+        let now = Instant::now();
+        let due = self
+            .last
+            .get()
+            .is_none_or(|t| (now - t).as_secs_f32() >= every);
+        if !due && p.done < p.total {
+            return;
+        }
+        self.last.set(Some(now));
+        let line = format!(
+            "everything: round {}: {}/{} points decoded, {:.1} s",
+            p.round,
+            p.done,
+            p.total,
+            (now - self.started).as_secs_f32()
+        );
+        if self.terminal {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal && self.last.get().is_some() {
+            eprintln!();
+        }
+    }
+}
+
 fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
     let (frame, seg, embedding, encoder_ms) = load_and_embed(&args, &[])?;
     let params = EverythingParams {
@@ -338,7 +387,13 @@ fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
         ..EverythingParams::default()
     };
     let t1 = Instant::now();
-    let result = Generator::new(&seg, params.clone()).run(&embedding)?;
+    let progress = EverythingProgress::new(t1);
+    let report = |p: Progress| progress.report(p);
+    let result = Generator::new(&seg, params.clone())
+        .on_progress(&report)
+        .run(&embedding);
+    progress.finish();
+    let result = result?;
     let everything_ms = t1.elapsed().as_secs_f64() * 1e3;
     let prefix = output_prefix(&args.out)?;
     let mut overlay_img = frame.clone();

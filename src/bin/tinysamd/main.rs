@@ -190,6 +190,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or(Duration::from_secs(1))
         .min(Duration::from_secs(1));
     let mut last_stats = Instant::now();
+    let mut stall_reported = false;
     loop {
         match sig_rx.recv_timeout(tick) {
             Ok(SIGHUP) => {
@@ -235,8 +236,31 @@ fn run(args: Args) -> anyhow::Result<()> {
             daemon.shutdown(Duration::from_millis(800));
             anyhow::bail!("pipeline stage {why}; exiting so that the service restarts");
         }
-        if watchdog.is_some() {
-            notify(&[sd_notify::NotifyState::Watchdog]);
+        if let Some(interval) = watchdog {
+            // Pinged only while every stage gets on with its work: a hung encoder or mask
+            // worker then gets the service restarted by systemd.
+            match daemon.stalled(interval) {
+                None => {
+                    if stall_reported {
+                        log::info!("the pipeline makes progress again; watchdog pings resume");
+                        stall_reported = false;
+                    }
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                Some((stage, how_long)) if !stall_reported => {
+                    log::error!(
+                        "pipeline stage {stage} has made no progress for {:.1} s (watchdog \
+                         interval {:.1} s): no more watchdog pings, so systemd restarts the service",
+                        how_long.as_secs_f32(),
+                        interval.as_secs_f32()
+                    );
+                    notify(&[sd_notify::NotifyState::Status(
+                        "a pipeline stage is stalled",
+                    )]);
+                    stall_reported = true;
+                }
+                Some(_) => {}
+            }
         }
         if let Some(every) = daemon.settings.stats_interval {
             if last_stats.elapsed() >= every {
