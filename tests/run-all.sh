@@ -161,8 +161,9 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 # Where cargo puts the release binaries (CARGO_TARGET_DIR and config honoured), for the suites
 # that run them.
-BIN_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
-export BIN_DIR
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+BIN_DIR=$TARGET_DIR/release
+export TARGET_DIR BIN_DIR
 
 # uv, once per machine, in its own venv under the cache; its package cache (~/.cache/uv) makes
 # the next clone's installs local copies. cross/env.sh finds it on PATH too.
@@ -229,7 +230,7 @@ run_suite "aarch64: release build (glibc <= 2.31)" bash cross/build.sh
 bench_aarch64() {
     local out
     out=$(qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu \
-        target/aarch64-unknown-linux-gnu/release/tinysam bench --json - \
+        "$TARGET_DIR/aarch64-unknown-linux-gnu/release/tinysam" bench --json - \
         --model tests/fixtures/test_model --precisions int8 --runs 1 --batches 1,4) || return 1
     echo "$out"
     echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert "dotprod" in r["isa"] and r["encoder_ms"] and r["decoder_ms"]["4"], r'

@@ -4,28 +4,32 @@
 # test-size model and a subscriber, and injects faults (vivid's Disconnect button; driver unbind +
 # rmmod + insmod). The VM's init (cross/vm/init) reports on the console; this script checks it.
 #
-#   bash cross/vm/run.sh aarch64   # the cross-built aarch64 binaries (run cross/build.sh first)
-#   bash cross/vm/run.sh x86_64    # the host release binaries
+#   bash cross/vm/run.sh aarch64   # the cross-built aarch64 binaries (cross/build.sh, run if missing)
+#   bash cross/vm/run.sh x86_64    # the host release binaries (built if missing)
 #
 # Downloads (Debian packages): the kernel, busybox-static, and QEMU's system emulators, which are
 # unpacked rather than installed, so the host's own QEMU packages are left alone; their shared
 # libraries are installed with apt. They are kept outside the work tree, in
 # $TINYSAM_CACHE (default ~/.cache/tinysam-edge), so a fresh clone on the same machine reuses
 # them; of the kernel package only the kernel image and the media driver modules are unpacked.
-# The initramfs and the console log go to target/vm/.
+# The initramfs and the console log go to target/vm/ (under CARGO_TARGET_DIR if set).
 set -euo pipefail
 ARCH=${1:?usage: run.sh aarch64|x86_64}
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$(dirname "$VM_DIR")")
 CACHE=${TINYSAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tinysam-edge}/vm
-WORK=$ROOT/target/vm
+# Where cargo puts its builds (CARGO_TARGET_DIR and cargo's config honoured).
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+TARGET_DIR=${TARGET_DIR:-$ROOT/target}
+WORK=$TARGET_DIR/vm
 mkdir -p "$CACHE" "$WORK"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 case "$ARCH" in
     aarch64)
         DEB_ARCH=arm64
-        BIN_DIR=$ROOT/target/aarch64-unknown-linux-gnu/release
+        BIN_DIR=$TARGET_DIR/aarch64-unknown-linux-gnu/release
         STRIP=aarch64-linux-gnu-strip
         READELF=aarch64-linux-gnu-readelf
         LIB_DIRS=(/usr/aarch64-linux-gnu/lib)
@@ -35,7 +39,7 @@ case "$ARCH" in
         ;;
     x86_64)
         DEB_ARCH=amd64
-        BIN_DIR=$ROOT/target/release
+        BIN_DIR=$TARGET_DIR/release
         STRIP=strip
         READELF=readelf
         LIB_DIRS=(/lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu)
@@ -44,6 +48,28 @@ case "$ARCH" in
         ;;
     *) echo "unknown architecture $ARCH (aarch64 or x86_64)" >&2; exit 2 ;;
 esac
+
+# The binaries first, built here if missing (cargo does nothing when they are up to date), so
+# that a failed build stops the test before any download (VM_FETCH_ONLY needs none).
+binaries_missing() {
+    local bin
+    for bin in tinysamd tinysam examples/v4l2_control; do
+        [ -x "$BIN_DIR/$bin" ] || return 0
+    done
+    return 1
+}
+if [ "${VM_FETCH_ONLY:-0}" != 1 ] && binaries_missing; then
+    echo "building the $ARCH binaries the VM runs"
+    if [ "$ARCH" = aarch64 ]; then
+        bash "$ROOT/cross/build.sh"
+    else
+        (cd "$ROOT" && cargo build --release --locked --bins --example v4l2_control)
+    fi
+    if binaries_missing; then
+        echo "the build left binaries missing in $BIN_DIR (tinysamd, tinysam, examples/v4l2_control)" >&2
+        exit 1
+    fi
+fi
 
 # apt with its own package lists for one Debian architecture; nothing on the host changes.
 private_apt() { # DEB_ARCH apt-get|apt-cache ARGS...
@@ -132,12 +158,6 @@ done
 
 # The initramfs: busybox, init, vivid and its dependencies, our binaries and their libraries,
 # the test model.
-for bin in tinysamd tinysam examples/v4l2_control; do
-    [ -x "$BIN_DIR/$bin" ] || {
-        echo "missing $BIN_DIR/$bin: build it first (cross/build.sh or cargo build --release --bins --example v4l2_control)" >&2
-        exit 1
-    }
-done
 INITRD_DIR=$WORK/initrd-$ARCH
 rm -rf "$INITRD_DIR" && mkdir -p "$INITRD_DIR"/{bin,lib/modules,proc,sys,dev,run,tmp}
 cp "$GUEST/root/bin/busybox" "$INITRD_DIR/bin/"
