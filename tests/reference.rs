@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use ndarray_npy::ReadNpyExt;
 use tinysam_edge::postprocess::Upsampler;
 use tinysam_edge::preprocess::{pillow, Geometry};
 use tract_onnx::prelude::tract_ndarray::ArrayD;
@@ -21,8 +20,7 @@ fn cases() -> serde_json::Value {
 }
 
 fn npy(name: &str) -> ArrayD<f32> {
-    let file = std::fs::File::open(reference(name)).expect("fixture opens");
-    ArrayD::<f32>::read_npy(file).expect("fixture is a float32 npy")
+    crate::util::read_npy(&reference(name))
 }
 
 fn field<'a>(case: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {

@@ -1,11 +1,10 @@
 //! Helpers shared by the integration tests.
 
 use std::ops::{Deref, DerefMut};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::OnceLock;
 
-use ndarray_npy::ReadNpyExt;
 use tinysam_edge::model::{Model, Precision, PrecisionChoice};
 use tinysam_edge::segmenter::Segmenter;
 use tract_onnx::prelude::tract_ndarray::ArrayD;
@@ -76,10 +75,65 @@ pub fn segmenter(p: Option<Precision>) -> &'static Segmenter {
 
 /// A golden tensor written by `models/` with numpy.
 pub fn npy(name: &str) -> ArrayD<f32> {
-    let path = fixtures().join("golden").join(name);
-    let file =
-        std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    ArrayD::<f32>::read_npy(file).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    read_npy(&fixtures().join("golden").join(name))
+}
+
+/// A float32 `.npy` file as numpy writes it (C order, little-endian `<f4`; format versions 1 to
+/// 3). Read here rather than with a crate: ndarray-npy's header parser (py_literal, pest, psm,
+/// stacker) cost the test command a compile on each target, for the few lines below.
+pub fn read_npy(path: &Path) -> ArrayD<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let fail = |why: &str| -> ! { panic!("{}: not a float32 .npy file: {why}", path.display()) };
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        fail("no NUMPY magic");
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (
+            usize::from(u16::from_le_bytes([bytes[8], bytes[9]])),
+            10usize,
+        ),
+        2 | 3 if bytes.len() >= 12 => {
+            let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+            (usize::try_from(len).unwrap_or(usize::MAX), 12)
+        }
+        v => fail(&format!("format version {v}")),
+    };
+    let header = bytes
+        .get(start..start.saturating_add(header_len))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .unwrap_or_else(|| fail("header cut short or not text"));
+    let value_of = |key: &str| -> &str {
+        let at = header
+            .find(&format!("'{key}':"))
+            .unwrap_or_else(|| fail(&format!("no '{key}' in {header:?}")));
+        header[at + key.len() + 3..].trim_start()
+    };
+    if !value_of("descr").starts_with("'<f4'") {
+        fail(&format!("dtype is not '<f4' in {header:?}"));
+    }
+    if !value_of("fortran_order").starts_with("False") {
+        fail("Fortran order");
+    }
+    let shape_text = value_of("shape");
+    let shape: Vec<usize> = shape_text
+        .strip_prefix('(')
+        .and_then(|t| t.split(')').next())
+        .unwrap_or_else(|| fail(&format!("shape in {header:?}")))
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse().unwrap_or_else(|_| fail(&format!("shape {d:?}"))))
+        .collect();
+    let data = &bytes[start + header_len..];
+    let count: usize = shape.iter().product();
+    if data.len() != count * 4 {
+        fail(&format!("{} data bytes for shape {shape:?}", data.len()));
+    }
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    ArrayD::from_shape_vec(shape, values).unwrap_or_else(|e| fail(&e.to_string()))
 }
 
 /// The golden cases (prompts, RLE strings).
