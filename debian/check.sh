@@ -4,9 +4,15 @@
 #   bash debian/check.sh [--target aarch64-unknown-linux-gnu]   (cross: contents only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Installed once per machine (~/.cargo/bin), a pinned version so every machine packages alike.
-command -v cargo-deb >/dev/null || cargo install cargo-deb --version 3.8.0 --locked --quiet
-deb=$(cargo deb --no-build --strip "$@" 2>/dev/null | tail -n 1)
+# Installed once per machine (~/.cargo/bin), a pinned version so every machine packages alike;
+# without its liblzma and ELF-parsing features (C code and crates to compile on every fresh CI
+# machine): the check below compresses with the system's gzip.
+command -v cargo-deb >/dev/null ||
+    cargo install cargo-deb --version 3.8.0 --locked --quiet --no-default-features
+# The check packages with `gzip -1` (`--fast -Z gz --compress-system`): the same files, control
+# data and maintainer scripts as a release package (`cargo deb`, xz), but ~3 s to compress the
+# default model's 74 MB of incompressible float weights instead of 40-100 s (tests/TIMINGS.md).
+deb=$(cargo deb --no-build --strip --fast -Z gz --compress-system "$@" 2>/dev/null | tail -n 1)
 echo "built $deb ($(du -h "$deb" | cut -f1))"
 contents=$(dpkg-deb -c "$deb")
 for f in usr/bin/tinysamd usr/bin/tinysam etc/tinysamd/config.toml \
