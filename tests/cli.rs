@@ -183,3 +183,47 @@ fn closed_stdout_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(status.signal(), Some(13), "{status:?}: {stderr}");
 }
+
+/// `segment --everything` reports its progress on stderr (not a terminal here: a line per round
+/// at least, its last with every point decoded) and writes the masks' JSON.
+#[test]
+fn segment_everything_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("all");
+    let out = tinysam()
+        .arg("segment")
+        .arg(fixtures().join("golden/frame.png"))
+        .args(["--everything", "--points-per-side", "8", "--model"])
+        .arg(test_model())
+        .arg("--out")
+        .arg(&prefix)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let progress: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("everything: round"))
+        .collect();
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.starts_with("everything: round 1: 4/4 points decoded")),
+        "{stderr}"
+    );
+    let last = progress.last().expect("progress lines");
+    let counts = last
+        .strip_prefix("everything: round 2: ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|f| f.split_once('/'))
+        .unwrap_or_else(|| panic!("no round 2 line: {stderr}"));
+    assert_eq!(counts.0, counts.1, "{last}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("all.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        json["stats"]["decoder_prompts"].as_u64().unwrap(),
+        4 + counts.0.parse::<u64>().unwrap()
+    );
+}
