@@ -951,7 +951,10 @@ mod tests {
     /// for the golden frame, against tract's own output of the subgraph it replaces; returns the
     /// cores checked and the largest error relative to the output's largest value.
     fn against_tract(dir: &std::path::Path, precision: Precision) -> (usize, f32) {
-        let (typed, _) = crate::model::test_support::decluttered_encoder(dir, precision);
+        let (mut typed, _) = crate::model::test_support::decluttered_encoder(dir, precision);
+        if precision == Precision::Int8 {
+            crate::model::test_support::int8_products_on_our_kernels(&mut typed).expect("int8");
+        }
         let mut plans = Vec::new();
         for id in typed.eval_order().expect("order") {
             let node = typed.node(id);
