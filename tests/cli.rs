@@ -227,3 +227,31 @@ fn segment_everything_reports_progress() {
         4 + counts.0.parse::<u64>().unwrap()
     );
 }
+
+/// `cross/vm/run.sh` looks for the binaries where cargo puts them (`CARGO_TARGET_DIR` honoured)
+/// and before any download: with an empty target directory and `VM_NO_BUILD=1` it fails at once,
+/// naming that directory, and its download cache stays empty.
+#[test]
+fn vm_script_finds_binaries_through_cargo_before_downloading() {
+    let target = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/cross/vm/run.sh"))
+        .arg("x86_64")
+        .env("CARGO_TARGET_DIR", target.path())
+        .env("TINYSAM_CACHE", cache.path())
+        .env("VM_NO_BUILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let expected = format!("missing binaries in {}/release", target.path().display());
+    assert!(stderr.contains(&expected), "{stderr}");
+    let downloaded: Vec<_> = std::fs::read_dir(cache.path().join("vm"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        downloaded.is_empty(),
+        "downloads before the check: {downloaded:?}"
+    );
+}

@@ -59,6 +59,11 @@ binaries_missing() {
     return 1
 }
 if [ "${VM_FETCH_ONLY:-0}" != 1 ] && binaries_missing; then
+    # VM_NO_BUILD=1: fail at once instead of building.
+    if [ "${VM_NO_BUILD:-0}" = 1 ]; then
+        echo "missing binaries in $BIN_DIR (tinysamd, tinysam, examples/v4l2_control) and VM_NO_BUILD=1" >&2
+        exit 1
+    fi
     echo "building the $ARCH binaries the VM runs"
     if [ "$ARCH" = aarch64 ]; then
         bash "$ROOT/cross/build.sh"
