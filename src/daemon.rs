@@ -140,9 +140,9 @@ impl Daemon {
             source,
             PipelineOptions {
                 ring: settings.ring,
-                request_queue: 64,
                 everything: everything.clone(),
                 extra_encode_delay: options.extra_encode_delay,
+                ..PipelineOptions::default()
             },
             stop.clone(),
         )

@@ -22,6 +22,7 @@ pub mod postprocess;
 pub mod preprocess;
 pub mod prompt;
 pub mod protocol;
+pub mod scheduler;
 pub mod segmenter;
 pub mod server;
 

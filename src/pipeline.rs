@@ -22,6 +22,7 @@ use crate::model::Embedding;
 use crate::postprocess::MaskResult;
 use crate::prompt::Prompt;
 use crate::protocol::{ErrorCode, MaskEncoding, ServerMessage, SubscribeMode, MAX_SUBSCRIPTIONS};
+use crate::scheduler::RequestQueue;
 use crate::segmenter::{MaskSelection, Segmenter};
 
 /// Sends into a one-slot queue, replacing what is still waiting there.
@@ -566,13 +567,27 @@ pub struct PromptJob {
     pub multimask: bool,
 }
 
+/// Prompt requests one client may have waiting (the protocol's `busy` past it).
+pub const DEFAULT_REQUESTS_PER_CLIENT: usize = 8;
+
+/// Prompts an everything pass decodes between two looks at the request queue: a request waits
+/// for at most this many prompts of a pass (~0.3 s on the default model at 2 threads) instead of
+/// the whole pass. Decoding runs one prompt per thread at a time whatever the batch, so smaller
+/// batches cost nothing per prompt.
+pub const DEFAULT_EVERYTHING_CHUNK: usize = 16;
+
 /// Knobs of a pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
     /// Embedding ring size.
     pub ring: usize,
-    /// Queued prompt requests before clients get `busy`.
+    /// Prompt requests of all clients waiting before a client gets `busy`.
     pub request_queue: usize,
+    /// Prompt requests of one client waiting before it gets `busy`.
+    pub requests_per_client: usize,
+    /// Most prompts an everything pass decodes between two looks at the request queue (its
+    /// decoder batch; the pass's result does not depend on it).
+    pub everything_chunk: usize,
     /// Segment-everything parameters (changed on reload).
     pub everything: Arc<RwLock<EverythingParams>>,
     /// Extra time the encoder spends per frame: for backpressure tests and benchmarks only.
@@ -584,6 +599,8 @@ impl Default for PipelineOptions {
         PipelineOptions {
             ring: 4,
             request_queue: 64,
+            requests_per_client: DEFAULT_REQUESTS_PER_CLIENT,
+            everything_chunk: DEFAULT_EVERYTHING_CHUNK,
             everything: Arc::default(),
             extra_encode_delay: None,
         }
@@ -598,8 +615,8 @@ pub struct Pipeline {
     pub ring: Arc<EmbeddingRing>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Queue of prompt requests to the mask worker.
-    pub requests: Sender<PromptJob>,
+    /// Prompt requests waiting for the mask worker.
+    pub requests: Arc<RequestQueue>,
     /// The source as it last described itself.
     pub source_info: Arc<Mutex<SourceInfo>>,
     /// Set to stop every thread.
@@ -626,7 +643,10 @@ impl Pipeline {
         let source_info = Arc::new(Mutex::new(source.info()));
         let (frame_tx, frame_rx) = LatestSender::channel();
         let (encoded_tx, encoded_rx) = LatestSender::channel();
-        let (request_tx, request_rx) = bounded(options.request_queue.max(1));
+        let requests = Arc::new(RequestQueue::new(
+            options.requests_per_client,
+            options.request_queue,
+        ));
 
         let failure = Arc::new(StageFailure::default());
         let encoder_beat = Arc::new(Heartbeat::new("encoder"));
@@ -666,18 +686,17 @@ impl Pipeline {
                 ring,
                 metrics,
                 everything,
+                everything_chunk: options.everything_chunk.max(1),
+                requests: requests.clone(),
                 heartbeat: worker_beat.clone(),
             };
-            stage(
-                "masks",
-                Box::new(move || worker.run(encoded_rx, request_rx, &stop)),
-            )?
+            stage("masks", Box::new(move || worker.run(encoded_rx, &stop)))?
         };
         Ok(Pipeline {
             hub,
             ring,
             metrics,
-            requests: request_tx,
+            requests,
             source_info,
             stop,
             failure,
@@ -911,35 +930,34 @@ struct MaskWorker {
     ring: Arc<EmbeddingRing>,
     metrics: Arc<Metrics>,
     everything: Arc<RwLock<EverythingParams>>,
+    /// Prompts of an everything pass between two looks at the request queue.
+    everything_chunk: usize,
+    requests: Arc<RequestQueue>,
     heartbeat: Arc<Heartbeat>,
 }
 
 impl MaskWorker {
-    /// Until `stop`; `Err` if the request queue closes first.
+    /// Until `stop`. Priorities: prompt requests (clients in turn), then the standing prompts
+    /// and everything passes of the newest frame; an everything pass answers the requests that
+    /// arrive meanwhile after each of its decoder batches.
     fn run(
         &self,
         frames: LatestReceiver<Arc<EncodedFrame>>,
-        jobs: Receiver<PromptJob>,
         stop: &AtomicBool,
     ) -> Result<(), String> {
         let mut frames_open = true;
         while !stop.load(Ordering::Relaxed) {
             // Requests first: a client waiting for an answer beats the next frame.
-            if let Ok(job) = jobs.try_recv() {
-                let _working = self.heartbeat.working();
+            if let Some(job) = self.requests.pop() {
+                let working = self.heartbeat.working();
                 self.answer(job);
+                self.answer_waiting(&working);
                 continue;
             }
             let never = crossbeam_channel::never();
             let frames_rx = if frames_open { &*frames } else { &never };
             select! {
-                recv(jobs) -> job => match job {
-                    Ok(job) => {
-                        let _working = self.heartbeat.working();
-                        self.answer(job);
-                    }
-                    Err(_) => return Err("the request queue closed".into()),
-                },
+                recv(self.requests.bell()) -> _ => {}
                 recv(frames_rx) -> frame => match frame {
                     Ok(frame) => {
                         let working = self.heartbeat.working();
@@ -950,7 +968,16 @@ impl MaskWorker {
                 default(Duration::from_millis(100)) => {}
             }
         }
+        self.requests.close();
         Ok(())
+    }
+
+    /// Answer every request waiting now, clients in turn, beating after each.
+    fn answer_waiting(&self, working: &Working<'_>) {
+        while let Some(job) = self.requests.pop() {
+            self.answer(job);
+            working.beat();
+        }
     }
 
     fn segment(
@@ -1074,6 +1101,7 @@ impl MaskWorker {
                 }
             };
             working.beat();
+            self.answer_waiting(working);
             let mut outcomes = outcomes.into_iter();
             for (client, sub) in group {
                 let mut masks = Vec::new();
@@ -1120,8 +1148,17 @@ impl MaskWorker {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 let started = Instant::now();
-                let beat = |_: Progress| working.beat();
-                let generator = Generator::new(&self.segmenter, params).on_progress(&beat);
+                // Between decoder batches: the requests that came meanwhile, then a beat.
+                let params = EverythingParams {
+                    points_per_batch: params.points_per_batch.min(self.everything_chunk),
+                    ..params
+                };
+                let between_batches = |_: Progress| {
+                    self.answer_waiting(working);
+                    working.beat();
+                };
+                let generator =
+                    Generator::new(&self.segmenter, params).on_progress(&between_batches);
                 match generator.run(&frame.embedding) {
                     Ok(result) => {
                         self.metrics.record(Stage::Everything, started.elapsed());

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::metrics::{Metrics, Stage};
 use crate::pipeline::{ClientId, ClientStats, Hub, MaskBatch, Outbound, PromptJob, Subscription};
@@ -20,6 +20,7 @@ use crate::protocol::{
     self, ClientMessage, ErrorCode, Limits, Masks, ProtocolError, RefusedPrompt, ServerMessage,
     Status, Subscribed, Welcome, WireMask, MAX_CLIENT_BODY, MAX_SERVER_BODY, PROTOCOL_VERSION,
 };
+use crate::scheduler::{Refusal, RequestQueue};
 
 /// The socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -128,8 +129,8 @@ pub fn listener_from_systemd() -> Option<UnixListener> {
 pub struct ServerContext {
     /// Subscribers.
     pub hub: Arc<Hub>,
-    /// Prompt requests to the mask worker.
-    pub requests: Sender<PromptJob>,
+    /// Prompt requests waiting for the mask worker.
+    pub requests: Arc<RequestQueue>,
     /// Where publish latencies go.
     pub metrics: Arc<Metrics>,
     /// Builds a status report.
@@ -223,6 +224,8 @@ fn accept_loop(listener: UnixListener, ctx: ServerContext, count: Arc<AtomicUsiz
 struct ClientSlot {
     id: ClientId,
     hub: Arc<Hub>,
+    /// Its prompt requests still waiting are dropped with it.
+    requests: Arc<RequestQueue>,
     count: Arc<AtomicUsize>,
     closing: Arc<AtomicBool>,
     writer: Option<JoinHandle<()>>,
@@ -231,16 +234,17 @@ struct ClientSlot {
 impl ClientSlot {
     /// Take a place under the cap and register with the hub.
     fn claim(
-        hub: &Arc<Hub>,
+        ctx: &ServerContext,
         count: Arc<AtomicUsize>,
         tx: Sender<Outbound>,
         answers: Sender<Outbound>,
     ) -> (ClientSlot, Arc<ClientStats>) {
         count.fetch_add(1, Ordering::Relaxed);
-        let (id, stats) = hub.register(String::new(), tx, answers);
+        let (id, stats) = ctx.hub.register(String::new(), tx, answers);
         let slot = ClientSlot {
             id,
-            hub: hub.clone(),
+            hub: ctx.hub.clone(),
+            requests: ctx.requests.clone(),
             count,
             closing: Arc::new(AtomicBool::new(false)),
             writer: None,
@@ -254,6 +258,10 @@ impl Drop for ClientSlot {
         self.closing.store(true, Ordering::Relaxed);
         // Its result queue closes with the hub's sender (the reader's went first).
         self.hub.unregister(self.id);
+        let cancelled = self.requests.cancel(self.id);
+        if cancelled > 0 {
+            log::debug!("client {}: {cancelled} waiting requests dropped", self.id);
+        }
         // The writer ends when it has flushed what it can (or at its stall timeout).
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -270,7 +278,7 @@ fn spawn_client(
 ) -> std::io::Result<()> {
     let (tx, rx) = bounded(ctx.queue.max(1));
     let (answers_tx, answers) = crossbeam_channel::unbounded();
-    let (mut slot, stats) = ClientSlot::claim(&ctx.hub, count, tx.clone(), answers_tx);
+    let (mut slot, stats) = ClientSlot::claim(&ctx, count, tx.clone(), answers_tx);
     let id = slot.id;
     log::info!("client {id} connected");
     let write_half = stream.try_clone()?;
@@ -526,17 +534,15 @@ impl ClientReader {
                     encoding: r.encoding,
                     multimask: r.multimask,
                 };
-                match self.ctx.requests.try_send(job) {
+                match self.ctx.requests.submit(job) {
                     Ok(()) => true,
-                    Err(TrySendError::Full(_)) => self.reply(ServerMessage::error(
-                        Some(r.request_id),
-                        ErrorCode::Busy,
-                        "the request queue is full; retry",
-                    )),
-                    Err(TrySendError::Disconnected(_)) => self.reply(ServerMessage::error(
+                    Err(why @ (Refusal::ClientFull(_) | Refusal::Full(_))) => self.reply(
+                        ServerMessage::error(Some(r.request_id), ErrorCode::Busy, why.to_string()),
+                    ),
+                    Err(why @ Refusal::Closed) => self.reply(ServerMessage::error(
                         Some(r.request_id),
                         ErrorCode::Internal,
-                        "the mask worker has stopped",
+                        why.to_string(),
                     )),
                 }
             }

@@ -488,3 +488,75 @@ fn a_lost_camera_is_reopened_and_subscribers_stay() {
     assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
     daemon.shutdown(Duration::from_secs(1));
 }
+
+/// Issue 16's scheduler: a client that sends one request while another has eight waiting is
+/// answered after at most a few of them (clients take turns), not after all eight (a single queue
+/// served first in, first out); each client still gets its own answers in its own order. An
+/// everything subscriber keeps the worker inside everything passes meanwhile, which now answer
+/// requests between their chunks.
+#[test]
+fn a_flood_does_not_hold_back_another_clients_request() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10",
+        "",
+    );
+    let daemon = start(s, DaemonOptions::default());
+    let path = socket(&daemon);
+    let mut everything = Client::connect(&path, "everything").unwrap();
+    subscribe(
+        &mut everything,
+        1,
+        SubscribeMode::Everything,
+        MaskEncoding::Bbox,
+    );
+    next_masks(&mut everything);
+    let request = |id: u32| PromptRequest {
+        request_id: id,
+        frame_seq: None,
+        prompts: vec![point_prompt(100.0 + id as f32, 120.0)],
+        encoding: MaskEncoding::Bbox,
+        multimask: false,
+    };
+    let mut flood = Client::connect(&path, "flood").unwrap();
+    let mut single = Client::connect(&path, "single").unwrap();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let flooder = std::thread::spawn(move || {
+        for id in 0..8 {
+            flood.request(request(id)).unwrap();
+        }
+        sent_tx.send(()).unwrap();
+        (0..8)
+            .map(
+                |_| match flood.recv(Some(Duration::from_secs(60))).unwrap() {
+                    ServerMessage::Masks(m) => (m.request_id, Instant::now()),
+                    other => panic!("flood: expected masks, got {other:?}"),
+                },
+            )
+            .collect::<Vec<_>>()
+    });
+    sent_rx.recv().unwrap();
+    single.request(request(100)).unwrap();
+    let answered = match single.recv(Some(Duration::from_secs(60))).unwrap() {
+        ServerMessage::Masks(m) => {
+            assert_eq!(m.request_id, Some(100));
+            Instant::now()
+        }
+        other => panic!("single: expected masks, got {other:?}"),
+    };
+    let flood_answers = flooder.join().unwrap();
+    let ids: Vec<Option<u32>> = flood_answers.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        ids,
+        (0..8).map(Some).collect::<Vec<_>>(),
+        "in the flood's order"
+    );
+    let before = flood_answers.iter().filter(|(_, t)| *t < answered).count();
+    assert!(
+        before <= 3,
+        "the single request waited for {before} of the flood's 8 requests"
+    );
+    daemon.shutdown(Duration::from_secs(1));
+}
