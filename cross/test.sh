@@ -7,21 +7,27 @@
 # (cli::, tinysamd::: qemu-user cannot exec a second foreign binary without binfmt_misc) and the
 # timing-sensitive daemon tests (daemon::, wire::: latency and frame-drop bounds assume real time).
 #
-# The Cortex-A76 runs everything else. The Cortex-A53 runs what depends on the CPU: kernel
-# selection and the int8 kernels (the lib's model:: tests, qmatmul's among them, and kernels::),
-# and parity with the recorded tolerances (parity::, everything::). What is left (pixel formats,
-# RLE, prompts, protocol, config, bad input) is plain Rust whose result is the same on any
-# aarch64 core; it runs on the A76.
+# The Cortex-A76 runs everything else, our kernels for both kinds of core among it: the kernel
+# tests run every kernel the CPU supports, and an A76 supports the portable ones as well as the
+# SDOT ones. The Cortex-A53 runs what only a core without the dot product shows: which kernels
+# are picked (the lib's detection test and kernels::, which run the models and list the kernels
+# that ran) and the models' outputs on those kernels, tract's non-dot ones included (parity of
+# the INT8 and FP32 encoders and decoders with onnxruntime's recorded outputs).
+#
+#   bash cross/test.sh            # build, then run under both CPUs
+#   bash cross/test.sh --no-run   # build only (tests/run-all.sh builds while the x86 suites run)
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cross_setup
 cd "$ROOT"
 skip=(--skip cli:: --skip tinysamd:: --skip daemon:: --skip wire::)
 # libtest filters: a test runs when its path contains any of them.
-a53_only=(model:: kernels:: parity:: everything::)
+a53_only=(kernels:: parity::fp32_matches_onnxruntime parity::int8_matches_onnxruntime
+    detection_picks_a_supported_one)
 start=$(date +%s)
 cargo-zigbuild test --release --locked --target "$ZIG_TARGET" --no-run
 echo "aarch64 test build: $(( $(date +%s) - start )) s"
+[ "${1:-}" = --no-run ] && exit 0
 for cpu in ${CPUS:-cortex-a76 cortex-a53}; do
     filters=()
     [ "$cpu" = cortex-a53 ] && filters=("${a53_only[@]}")

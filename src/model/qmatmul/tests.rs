@@ -220,6 +220,9 @@ fn kernel_names_parse_and_detection_picks_a_supported_one() {
     #[cfg(target_arch = "aarch64")]
     if std::arch::is_aarch64_feature_detected!("dotprod") {
         assert_eq!(Kernel::detect(), Kernel::NeonDot);
+    } else {
+        // A Cortex-A53 (Pi 3/4's core is the A72, also without the dot product).
+        assert_eq!(Kernel::detect(), Kernel::Portable);
     }
 }
 
