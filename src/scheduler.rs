@@ -2,14 +2,15 @@
 //!
 //! A single first-in-first-out queue lets one client that sends many requests delay every other
 //! client behind all of them (a flood of 64 legal requests kept another client's single prompt
-//! waiting for seconds). Here each client has its own queue, capped at
-//! [`RequestQueue::per_client`] waiting requests, and the worker takes one request from each
-//! client in turn, so a client waits for at most one request of each other client before its
-//! own. The whole queue is capped too ([`RequestQueue::capacity`]): past either cap a request is
-//! refused at once (`busy`), the others are not affected. The requests of a client that leaves
+//! waiting for seconds). Here each client has its own queue, capped at a number of waiting
+//! requests, and the worker takes one request from each client in turn, so a client waits for at
+//! most one request of each other client before its own. The whole queue is capped too
+//! ([`RequestQueue::new`]): past either cap a request is refused at once (`busy`), the others
+//! are not affected. The requests of a client that leaves
 //! are dropped with it ([`RequestQueue::cancel`]).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Mutex, PoisonError};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -32,11 +33,17 @@ pub enum Refusal {
 
 #[derive(Default)]
 struct Queues {
+    /// Only clients with a request waiting: a queue is removed when it empties.
     by_client: BTreeMap<ClientId, VecDeque<PromptJob>>,
     /// The client served last: the next turn goes to the first client after it.
     last_served: Option<ClientId>,
-    waiting: usize,
     closed: bool,
+}
+
+impl Queues {
+    fn waiting(&self) -> usize {
+        self.by_client.values().map(VecDeque::len).sum()
+    }
 }
 
 /// Per-client queues of prompt requests with round-robin service.
@@ -67,31 +74,21 @@ impl RequestQueue {
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Most requests one client may have waiting.
-    pub fn per_client(&self) -> usize {
-        self.per_client
-    }
-
-    /// Most requests waiting in all.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Queue `job` behind its client's earlier requests.
     pub fn submit(&self, job: PromptJob) -> Result<(), Refusal> {
         let mut q = self.lock();
         if q.closed {
             return Err(Refusal::Closed);
         }
-        if q.waiting >= self.capacity {
-            return Err(Refusal::Full(q.waiting));
+        let waiting = q.waiting();
+        if waiting >= self.capacity {
+            return Err(Refusal::Full(waiting));
         }
         let mine = q.by_client.entry(job.client).or_default();
         if mine.len() >= self.per_client {
             return Err(Refusal::ClientFull(mine.len()));
         }
         mine.push_back(job);
-        q.waiting += 1;
         drop(q);
         // A full bell already says "something is waiting".
         let _ = self.bell.try_send(());
@@ -102,43 +99,33 @@ impl RequestQueue {
     /// one waiting.
     pub fn pop(&self) -> Option<PromptJob> {
         let mut q = self.lock();
-        let after = q.last_served;
-        let next = match after {
-            Some(last) => q
-                .by_client
-                .range(last + 1..)
-                .chain(q.by_client.range(..=last))
-                .find(|(_, jobs)| !jobs.is_empty())
-                .map(|(c, _)| *c),
-            None => q
-                .by_client
-                .iter()
-                .find(|(_, jobs)| !jobs.is_empty())
-                .map(|(c, _)| *c),
-        }?;
+        let after = q.last_served.map_or(Bound::Unbounded, Bound::Excluded);
+        let next = q
+            .by_client
+            .range((after, Bound::Unbounded))
+            .chain(q.by_client.iter())
+            .map(|(c, _)| *c)
+            .next()?;
         let jobs = q.by_client.get_mut(&next)?;
         let job = jobs.pop_front();
         if jobs.is_empty() {
             q.by_client.remove(&next);
         }
-        if job.is_some() {
-            q.waiting = q.waiting.saturating_sub(1);
-            q.last_served = Some(next);
-        }
+        q.last_served = Some(next);
         job
     }
 
     /// Drop every request of `client` (it has gone); returns how many.
     pub fn cancel(&self, client: ClientId) -> usize {
-        let mut q = self.lock();
-        let dropped = q.by_client.remove(&client).map_or(0, |jobs| jobs.len());
-        q.waiting = q.waiting.saturating_sub(dropped);
-        dropped
+        self.lock()
+            .by_client
+            .remove(&client)
+            .map_or(0, |jobs| jobs.len())
     }
 
     /// Requests waiting in all.
     pub fn waiting(&self) -> usize {
-        self.lock().waiting
+        self.lock().waiting()
     }
 
     /// Refuse requests from now on (the worker is stopping).
