@@ -108,39 +108,6 @@ run_suite() { # name, command...; returns the command's status
     fi
     return "$status"
 }
-# Suites that run side by side: each in the background with its own log, printed when all are
-# done; each keeps its own seconds.
-run_parallel() { # "name|command..." ...
-    local spec name log status seconds limit pids=() names=() start=$(date +%s)
-    limit=$(suite_limit)
-    for spec in "$@"; do
-        name=${spec%%|*}
-        names+=("$name")
-        say "$name (in parallel): ${spec#*|}"
-        (
-            log=$(suite_log "$name")
-            t=$(date +%s)
-            status=0
-            if [ "$limit" -gt 0 ]; then
-                limited "$limit" "$log" bash -c "${spec#*|}" || status=$?
-            else
-                echo "no time left of RUN_LIMIT=$RUN_LIMIT s" >"$log"
-                status=1
-            fi
-            echo "$status $(( $(date +%s) - t ))" >"$log.status"
-        ) &
-        pids+=($!)
-    done
-    wait "${pids[@]}"
-    for name in "${names[@]}"; do
-        log=$(suite_log "$name")
-        say "$name: output"
-        cat "$log"
-        read -r status seconds <"$log.status"
-        finish_suite "$name" "$status" "$seconds" "$log"
-    done
-    echo "side by side: $(( $(date +%s) - start )) s for ${names[*]}"
-}
 
 # Suites that run in the background while the next ones run in the foreground (downloads beside
 # the builds). Each has its own log and seconds; `join_suite` waits for it, prints its output and
@@ -178,6 +145,21 @@ join_suite() { # name; returns the suite's status
         finish_suite "$name" "$status" "$seconds" "$log"
     fi
     return "$status"
+}
+
+# Suites that run side by side: each in the background with its own log, printed when all are
+# done; each keeps its own seconds.
+run_parallel() { # "name|command..." ...
+    local spec name names=() start=$(date +%s)
+    for spec in "$@"; do
+        name=${spec%%|*}
+        names+=("$name")
+        start_suite "$name" bash -c "${spec#*|}"
+    done
+    for name in "${names[@]}"; do
+        join_suite "$name"
+    done
+    echo "side by side: $(( $(date +%s) - start )) s for ${names[*]}"
 }
 
 need_root_apt() { # packages...
