@@ -142,6 +142,8 @@ impl Daemon {
                 ring: settings.ring,
                 everything: everything.clone(),
                 extra_encode_delay: options.extra_encode_delay,
+                // One everything prompt per decoder thread between two looks at the requests.
+                everything_chunk: settings.threads.max(1),
                 ..PipelineOptions::default()
             },
             stop.clone(),

@@ -22,7 +22,7 @@ use crate::model::Embedding;
 use crate::postprocess::MaskResult;
 use crate::prompt::Prompt;
 use crate::protocol::{ErrorCode, MaskEncoding, ServerMessage, SubscribeMode, MAX_SUBSCRIPTIONS};
-use crate::scheduler::RequestQueue;
+use crate::scheduler::{EncoderYield, RequestQueue};
 use crate::segmenter::{MaskSelection, Segmenter};
 
 /// Sends into a one-slot queue, replacing what is still waiting there.
@@ -570,11 +570,15 @@ pub struct PromptJob {
 /// Prompt requests one client may have waiting (the protocol's `busy` past it).
 pub const DEFAULT_REQUESTS_PER_CLIENT: usize = 8;
 
-/// Prompts an everything pass decodes between two looks at the request queue: a request waits
-/// for at most this many prompts of a pass (~0.3 s on the default model at 2 threads) instead of
-/// the whole pass. Decoding runs one prompt per thread at a time whatever the batch, so smaller
-/// batches cost nothing per prompt.
-pub const DEFAULT_EVERYTHING_CHUNK: usize = 16;
+/// Prompts an everything pass decodes between two looks at the request queue, unless the
+/// pipeline is told otherwise (the daemon uses its thread count): a request waits for at most
+/// this many prompts of a pass instead of the whole pass. Decoding runs one prompt per thread at
+/// a time whatever the batch, so a chunk of one prompt per thread costs nothing per prompt, and a
+/// request waits for at most one prompt's decoding per thread (~40 ms on the default model).
+/// Measured with `benches/daemon_scheduling.py` (2 threads, a request beside 3 everything
+/// subscribers, the encoder yielding to requests): p50 242 ms with chunks of 16 prompts, 98 ms
+/// with 4, 51 ms with 2.
+pub const DEFAULT_EVERYTHING_CHUNK: usize = 2;
 
 /// Knobs of a pipeline.
 #[derive(Debug, Clone)]
@@ -648,6 +652,7 @@ impl Pipeline {
             options.request_queue,
         ));
 
+        let cores = Arc::new(EncoderYield::default());
         let failure = Arc::new(StageFailure::default());
         let encoder_beat = Arc::new(Heartbeat::new("encoder"));
         let worker_beat = Arc::new(Heartbeat::new("masks"));
@@ -668,6 +673,7 @@ impl Pipeline {
                 ring: ring.clone(),
                 metrics: metrics.clone(),
                 heartbeat: encoder_beat.clone(),
+                cores: cores.clone(),
                 extra_delay: options.extra_encode_delay,
             };
             let stop = stop.clone();
@@ -689,6 +695,7 @@ impl Pipeline {
                 everything_chunk: options.everything_chunk.max(1),
                 requests: requests.clone(),
                 heartbeat: worker_beat.clone(),
+                cores,
             };
             stage("masks", Box::new(move || worker.run(encoded_rx, &stop)))?
         };
@@ -843,6 +850,8 @@ struct Encoder {
     ring: Arc<EmbeddingRing>,
     metrics: Arc<Metrics>,
     heartbeat: Arc<Heartbeat>,
+    /// Where the encoder gives the cores to prompt requests.
+    cores: Arc<EncoderYield>,
     /// Extra time per frame (tests and benchmarks).
     extra_delay: Option<Duration>,
 }
@@ -860,8 +869,12 @@ impl Encoder {
             ring,
             metrics,
             heartbeat,
+            cores,
             extra_delay,
         } = self;
+        // How long the last frame's encoding took: the most the encoder waits for requests in
+        // one frame, so that a stream of requests halves the frame rate at worst.
+        let mut last_encode = FIRST_YIELD_BUDGET;
         while !stop.load(Ordering::Relaxed) {
             let frame = match frames.recv_timeout(Duration::from_millis(100)) {
                 Ok(f) => f,
@@ -879,7 +892,16 @@ impl Encoder {
             };
             metrics.record(Stage::Preprocess, started.elapsed());
             let started = Instant::now();
-            let embedding = match segmenter.encode(input) {
+            let mut budget = last_encode;
+            let mut yielded = Duration::ZERO;
+            let mut between_ops = || {
+                if !budget.is_zero() {
+                    let waited = cores.wait_while_urgent(budget);
+                    budget = budget.saturating_sub(waited);
+                    yielded += waited;
+                }
+            };
+            let embedding = match segmenter.encode_between_ops(input, &mut between_ops) {
                 Ok(e) => e,
                 Err(e) => {
                     log::error!("frame {}: {}", frame.seq, error_chain(&e));
@@ -894,6 +916,7 @@ impl Encoder {
                     error_chain(&e)
                 );
             }
+            last_encode = started.elapsed().saturating_sub(yielded);
             if let Some(d) = extra_delay {
                 std::thread::sleep(*d);
             }
@@ -923,6 +946,10 @@ impl Encoder {
     }
 }
 
+/// The most the encoder waits for prompt requests while it encodes its first frame; later
+/// frames wait at most as long as the frame before took to encode.
+const FIRST_YIELD_BUDGET: Duration = Duration::from_secs(1);
+
 /// Turns embeddings into masks for subscriptions and requests.
 struct MaskWorker {
     segmenter: Arc<Segmenter>,
@@ -934,6 +961,8 @@ struct MaskWorker {
     everything_chunk: usize,
     requests: Arc<RequestQueue>,
     heartbeat: Arc<Heartbeat>,
+    /// Takes the cores from the encoder while a request is decoded.
+    cores: Arc<EncoderYield>,
 }
 
 impl MaskWorker {
@@ -1028,7 +1057,11 @@ impl MaskWorker {
                 return;
             }
         };
-        let reply = match self.segment(&frame, &job.prompts, job.multimask) {
+        let decoded = {
+            let _urgent = self.cores.urgent();
+            self.segment(&frame, &job.prompts, job.multimask)
+        };
+        let reply = match decoded {
             Ok(outcomes) => {
                 // A bad prompt is refused on its own; the others are answered.
                 let (mut masks, mut refused) = (Vec::new(), Vec::new());

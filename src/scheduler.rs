@@ -8,10 +8,15 @@
 //! ([`RequestQueue::new`]): past either cap a request is refused at once (`busy`), the others
 //! are not affected. The requests of a client that leaves
 //! are dropped with it ([`RequestQueue::cancel`]).
+//!
+//! The cores are scheduled too ([`EncoderYield`]): while a request is decoded the encoder waits
+//! at its next op boundary, so that the request has every thread instead of sharing them with the
+//! next frame's encoding (which made a one-prompt request take 3.5 times its standalone time).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -140,6 +145,63 @@ impl RequestQueue {
     }
 }
 
+/// Decoder work that takes the cores from the encoder. While any [`UrgentWork`] guard lives, an
+/// encoder calling [`EncoderYield::wait_while_urgent`] between its ops waits (up to a limit the
+/// encoder chooses, so that a stream of requests slows frames down but cannot stop them).
+#[derive(Default)]
+pub struct EncoderYield {
+    urgent: Mutex<usize>,
+    cleared: Condvar,
+}
+
+impl EncoderYield {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.urgent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Mark urgent work until the guard is dropped (on every exit path, panics included).
+    pub fn urgent(&self) -> UrgentWork<'_> {
+        let mut urgent = self.lock();
+        *urgent = urgent.saturating_add(1);
+        UrgentWork { owner: self }
+    }
+
+    /// Whether urgent work is under way.
+    #[cfg(test)]
+    fn is_urgent(&self) -> bool {
+        *self.lock() > 0
+    }
+
+    /// Block while urgent work is under way, at most `limit`; returns the time waited.
+    pub fn wait_while_urgent(&self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let urgent = self.lock();
+        if *urgent == 0 {
+            return Duration::ZERO;
+        }
+        let _ = self
+            .cleared
+            .wait_timeout_while(urgent, limit, |n| *n > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        started.elapsed()
+    }
+}
+
+/// Urgent work in progress (see [`EncoderYield::urgent`]).
+pub struct UrgentWork<'a> {
+    owner: &'a EncoderYield,
+}
+
+impl Drop for UrgentWork<'_> {
+    fn drop(&mut self) {
+        let mut urgent = self.owner.lock();
+        *urgent = urgent.saturating_sub(1);
+        if *urgent == 0 {
+            self.owner.cleared.notify_all();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +291,55 @@ mod tests {
         assert_eq!(q.submit(job(1, 2)), Err(Refusal::Closed));
         // What was queued before is still served.
         assert_eq!(order(&q), [(1, 0), (1, 1)]);
+    }
+
+    #[test]
+    fn the_encoder_waits_while_urgent_work_lasts_and_no_longer() {
+        let share = std::sync::Arc::new(EncoderYield::default());
+        assert_eq!(
+            share.wait_while_urgent(Duration::from_secs(5)),
+            Duration::ZERO
+        );
+        let urgent = share.urgent();
+        let nested = share.urgent();
+        assert!(share.is_urgent());
+        let encoder = {
+            let share = share.clone();
+            std::thread::spawn(move || share.wait_while_urgent(Duration::from_secs(30)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        drop(nested);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!encoder.is_finished(), "one guard is still alive");
+        drop(urgent);
+        let waited = encoder.join().expect("the waiting thread");
+        assert!(waited >= Duration::from_millis(100), "waited {waited:?}");
+        assert!(
+            waited < Duration::from_secs(30),
+            "woken when the work ended"
+        );
+        assert!(!share.is_urgent());
+    }
+
+    #[test]
+    fn the_wait_is_bounded_and_a_panic_releases_the_guard() {
+        let share = std::sync::Arc::new(EncoderYield::default());
+        let urgent = share.urgent();
+        let waited = share.wait_while_urgent(Duration::from_millis(30));
+        assert!(waited >= Duration::from_millis(30) && waited < Duration::from_secs(10));
+        drop(urgent);
+        let panicking = {
+            let share = share.clone();
+            std::thread::spawn(move || {
+                let _urgent = share.urgent();
+                panic!("a decoder failure");
+            })
+        };
+        assert!(panicking.join().is_err());
+        assert!(!share.is_urgent());
+        assert_eq!(
+            share.wait_while_urgent(Duration::from_secs(5)),
+            Duration::ZERO
+        );
     }
 }

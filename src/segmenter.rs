@@ -88,6 +88,16 @@ impl Segmenter {
         self.model.encoder.embed(input)
     }
 
+    /// [`Segmenter::encode`], calling `between_ops` before each of the encoder's ops (see
+    /// [`crate::model::Encoder::embed_between_ops`]).
+    pub fn encode_between_ops(
+        &self,
+        input: crate::preprocess::ImageTensor,
+        between_ops: &mut dyn FnMut(),
+    ) -> Result<Embedding> {
+        self.model.encoder.embed_between_ops(input, between_ops)
+    }
+
     /// Side of the decoder's low-res masks.
     pub fn mask_size(&self) -> usize {
         self.model.decoder.mask_size()

@@ -124,6 +124,42 @@ fn fp32_matches_onnxruntime() {
     assert!(err < 1e-4, "fp32 iou error {err}");
 }
 
+/// The daemon's encoder runs with a hook between ops (where it waits for prompt requests): the
+/// hook is called once before each op, a wait inside it changes nothing, and the embedding is
+/// the one `embed` gives, bit for bit.
+#[test]
+fn the_encoder_with_a_hook_between_ops_gives_the_same_embedding() {
+    let model = shared_model(Precision::Fp32);
+    let x: Tensor = npy("preprocessed.npy").into();
+    let geometry = Geometry::new(200, 150, 256).unwrap();
+    let plain = model
+        .encoder
+        .embed(ImageTensor {
+            tensor: x.clone(),
+            geometry,
+        })
+        .unwrap();
+    let mut calls = 0usize;
+    let hooked = model
+        .encoder
+        .embed_between_ops(
+            ImageTensor {
+                tensor: x,
+                geometry,
+            },
+            &mut || {
+                calls += 1;
+                if calls % 50 == 1 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(calls, model.encoder.plan().order_without_consts().len());
+    assert!(calls > 10, "{calls} ops");
+    assert_eq!(flat(&plain.tensor), flat(&hooked.tensor));
+}
+
 /// Least cosine similarity between tract's INT8 outputs and onnxruntime's (x86_64) golden ones.
 /// On aarch64 the outputs drift further: measured under qemu-aarch64 (Cortex-A76 and A53),
 /// embedding cosine 0.9977 and 98.4 % of mask pixels on the same side of 0, against more than

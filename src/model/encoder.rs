@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::plan::eval;
 
 use super::decoder::FrameTensors;
 use super::manifest::{Manifest, Precision, Role};
@@ -92,14 +93,29 @@ impl Encoder {
 
     /// Run the encoder on a preprocessed image.
     pub fn embed(&self, image: ImageTensor) -> Result<Embedding> {
+        self.embed_between_ops(image, &mut || {})
+    }
+
+    /// [`Encoder::embed`], calling `between_ops` before each op of the plan runs. A caller
+    /// that must at times give the cores to more urgent work blocks there: the daemon's encoder
+    /// waits while a prompt request is decoded, instead of sharing the threads with it.
+    pub fn embed_between_ops(
+        &self,
+        image: ImageTensor,
+        between_ops: &mut dyn FnMut(),
+    ) -> Result<Embedding> {
         let geometry = image.geometry;
-        let mut out =
-            super::unpanic(|| self.plan.run(tvec!(image.tensor.into()))).map_err(|source| {
-                Error::Inference {
-                    stage: "encoder",
-                    source,
-                }
-            })?;
+        let mut out = super::unpanic(|| {
+            let mut state = self.plan.spawn()?;
+            state.run_plan_with_eval(tvec!(image.tensor.into()), |ctx, op_state, node, input| {
+                between_ops();
+                eval(ctx, op_state, node, input)
+            })
+        })
+        .map_err(|source| Error::Inference {
+            stage: "encoder",
+            source,
+        })?;
         let tensor = out.remove(0).into_arc_tensor();
         Ok(Embedding::new(tensor, geometry))
     }
