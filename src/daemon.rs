@@ -18,6 +18,11 @@ use crate::protocol::{ModelInfo, Status};
 use crate::segmenter::Segmenter;
 use crate::server::{self, Server, ServerContext, ServerError};
 
+/// Prompts of up to this many points (with or without a box) have their decoder plans built
+/// when the daemon starts, so that no client waits while one is optimised; larger prompts build
+/// theirs on first use.
+pub const PREPARED_PROMPT_POINTS: usize = 4;
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -116,6 +121,16 @@ impl Daemon {
             },
         )
         .map_err(DaemonError::Model)?;
+        let started = std::time::Instant::now();
+        segmenter
+            .model
+            .decoder
+            .prepare_plans(PREPARED_PROMPT_POINTS)
+            .map_err(DaemonError::Model)?;
+        log::info!(
+            "decoder plans for prompts of up to {PREPARED_PROMPT_POINTS} points (with or without a box) built in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
         let segmenter = Arc::new(segmenter);
         let (listener, socket_file) = match (!options.ignore_socket_activation)
             .then(server::listener_from_systemd)

@@ -449,3 +449,108 @@ fn one_graph_fp32() -> &'static Segmenter {
         .unwrap()
     })
 }
+
+/// A freshly loaded FP32 fixture (its own plan cache) with the given decoder graphs.
+fn fresh_fp32(graph: tinysam_edge::model::DecoderGraph) -> Segmenter {
+    Segmenter::load(
+        &fixtures().join("test_model"),
+        PrecisionChoice {
+            encoder: Some(Precision::Fp32),
+            decoder: Some(Precision::Fp32),
+            decoder_graph: graph,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Prompts of `points` foreground points, with a box if `boxed`, in the golden frame (200x150).
+fn prompt_of(points: usize, boxed: bool) -> Prompt {
+    Prompt {
+        points: (0..points)
+            .map(|i| PromptPoint {
+                x: 15.0 + 30.0 * i as f32,
+                y: 20.0 + 20.0 * i as f32,
+                label: PointLabel::Foreground,
+            })
+            .collect(),
+        bbox: boxed.then_some(BoxPrompt {
+            x0: 10.0,
+            y0: 10.0,
+            x1: 180.0,
+            y1: 140.0,
+        }),
+        ..Prompt::default()
+    }
+}
+
+/// After `prepare_plans(4)` (what the daemon does at start), prompts of up to 4 points with or
+/// without a box, and segment-everything's batches, build no plan while they are answered; a
+/// larger prompt builds its own plan once.
+#[test]
+fn prepared_plans_leave_nothing_to_build_while_serving() {
+    use tinysam_edge::model::DecoderGraph;
+
+    for graph in [DecoderGraph::Auto, DecoderGraph::OneGraph] {
+        let seg = fresh_fp32(graph);
+        let emb = embed_golden_input(&seg.model);
+        let decoder = &seg.model.decoder;
+        decoder.prepare_plans(4).unwrap();
+        let built = decoder.plans_built();
+        let m2 = seg.mask_size().pow(2);
+        let decode = |prompts: &[Prompt]| {
+            let prompts: Vec<_> = prompts
+                .iter()
+                .map(|p| p.to_model(&emb.geometry, m2).unwrap())
+                .collect();
+            seg.decode(&emb, &prompts, None).unwrap()
+        };
+        for points in 0..=4 {
+            for boxed in [false, true] {
+                if points > 0 || boxed {
+                    let out = decode(&[prompt_of(points, boxed)]);
+                    assert_eq!(out.batch(), 1);
+                }
+            }
+        }
+        for batch in [2, 5, 64, 70] {
+            let prompts: Vec<Prompt> = (0..batch)
+                .map(|i| Prompt::point(5.0 + (i % 19) as f32 * 10.0, 5.0 + (i / 19) as f32 * 30.0))
+                .collect();
+            assert_eq!(decode(&prompts).batch(), batch);
+        }
+        assert_eq!(decoder.plans_built(), built, "{graph:?}: a plan was built");
+        decode(&[prompt_of(6, false)]);
+        decode(&[prompt_of(6, false)]);
+        assert_eq!(decoder.plans_built(), built + 1, "{graph:?}");
+    }
+}
+
+/// The one-graph decoder pads a batch up to its plan's size and runs large ones in chunks: each
+/// prompt's logits are those it gets alone.
+#[test]
+fn one_graph_batches_of_any_size_give_each_prompts_own_logits() {
+    let one = one_graph_fp32();
+    let emb = embed_golden_input(&one.model);
+    let m2 = one.mask_size().pow(2);
+    let prompts: Vec<_> = (0..70)
+        .map(|i| {
+            Prompt::point(3.0 + (i % 14) as f32 * 14.0, 4.0 + (i / 14) as f32 * 28.0)
+                .to_model(&emb.geometry, m2)
+                .unwrap()
+        })
+        .collect();
+    let all = one.decode(&emb, &prompts, None).unwrap();
+    assert_eq!(all.batch(), 70);
+    for i in [0, 5, 63, 64, 69] {
+        let alone = one.decode(&emb, &prompts[i..=i], None).unwrap();
+        for k in 0..alone.masks_per_prompt {
+            let err = scaled_max_err(all.mask(i, k), alone.mask(0, k));
+            assert!(err < 1e-5, "prompt {i} mask {k}: {err}");
+            assert!(
+                (all.iou(i, k) - alone.iou(0, k)).abs() < 1e-5,
+                "prompt {i} iou {k}"
+            );
+        }
+    }
+}

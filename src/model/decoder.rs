@@ -1,8 +1,10 @@
 //! Prompt encoder + mask decoder: a batch of prompts against one embedding.
 //!
 //! The graph has a dynamic prompt batch `B` and point count `N`. tract optimises best with
-//! concrete shapes, so a plan is built per (B, N) on first use and cached (a handful of shapes
-//! occur in practice: single prompts, the everything-mode batch, boxes).
+//! concrete shapes, so a plan is built per (B, N) and cached. The split form runs one prompt at
+//! a time (B = 1); the one graph runs batches padded up to one of [`ONE_GRAPH_BATCHES`].
+//! [`Decoder::prepare_plans`] builds the plans of the usual prompts ahead (the daemon does so
+//! at start, so that no plan is optimised while a client waits); others are built on first use.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -23,8 +25,15 @@ use crate::{Error, Result};
 /// needs only the single-prompt plans, and a batch's chunks run side by side, one per thread.
 pub const SPLIT_CHUNK: usize = 1;
 
-/// Plans kept before the least recently built is dropped.
+/// Plans kept before the least recently built is dropped (not counting those
+/// [`Decoder::prepare_plans`] built, which stay).
 const MAX_CACHED_PLANS: usize = 8;
+
+/// The batch sizes the one-graph decoder's plans are built for: a batch runs in chunks of the
+/// largest, the last chunk padded (with copies of its last prompt, whose rows are then dropped:
+/// prompts of a batch do not see each other, so this is exact) up to the smallest size that
+/// holds it. Four plans serve every batch size.
+pub const ONE_GRAPH_BATCHES: [usize; 4] = [1, 4, 16, 64];
 
 /// A batch of B prompts with N points each, in model-input coordinates.
 #[derive(Debug, Clone)]
@@ -94,15 +103,27 @@ pub(crate) fn f32_slice(t: &Tensor) -> &[f32] {
 #[derive(Default)]
 struct PlanCache {
     plans: HashMap<(usize, usize), Arc<TypedRunnableModel>>,
+    /// The keys that may be dropped, least recently built first (kept plans are not here).
     order: VecDeque<(usize, usize)>,
+    /// Plans built so far (for the tests of what is built when).
+    built: usize,
+}
+
+/// Whether a plan stays in the cache whatever else is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Always,
+    WhileRecent,
 }
 
 impl PlanCache {
     /// The plan under `key`, built by `build` on first use; the least recently built beyond
-    /// [`MAX_CACHED_PLANS`] is dropped.
+    /// [`MAX_CACHED_PLANS`] is dropped, unless it was built to be kept always (a plan built on
+    /// first use and asked for again with `Keep::Always` becomes one).
     fn get_or_build(
         cache: &Mutex<PlanCache>,
         key: (usize, usize),
+        keep: Keep,
         build: impl FnOnce() -> Result<Arc<TypedRunnableModel>>,
     ) -> Result<Arc<TypedRunnableModel>> {
         // A panic while holding the lock leaves a consistent map: keep using it.
@@ -111,13 +132,22 @@ impl PlanCache {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
         };
-        if let Some(p) = lock().plans.get(&key) {
-            return Ok(p.clone());
+        {
+            let mut cache = lock();
+            if let Some(p) = cache.plans.get(&key).cloned() {
+                if keep == Keep::Always {
+                    cache.order.retain(|k| *k != key);
+                }
+                return Ok(p);
+            }
         }
         let plan = build()?;
         let mut cache = lock();
+        cache.built = cache.built.saturating_add(1);
         cache.plans.insert(key, plan.clone());
-        cache.order.push_back(key);
+        if keep == Keep::WhileRecent {
+            cache.order.push_back(key);
+        }
         while cache.order.len() > MAX_CACHED_PLANS {
             if let Some(old) = cache.order.pop_front() {
                 cache.plans.remove(&old);
@@ -252,9 +282,68 @@ impl Decoder {
     /// The runnable plan run per batch of B prompts of N points (the whole decoder, or its
     /// per-prompt half), built on first use (also for kernel reports).
     pub fn plan(&self, batch: usize, points: usize) -> Result<Arc<TypedRunnableModel>> {
-        PlanCache::get_or_build(&self.cache, (batch, points), || {
+        PlanCache::get_or_build(&self.cache, (batch, points), Keep::WhileRecent, || {
             self.build_plan(batch, points)
         })
+    }
+
+    /// Build (and keep for good) every plan that a prompt of up to `max_points` points, with or
+    /// without a box, needs, and those of segment-everything's batches: after this, such prompts
+    /// never wait for a plan to be optimised (~0.2 s each on the default model on x86, longer on
+    /// a Pi). Point counts above it are built on first use, as before.
+    pub fn prepare_plans(&self, max_points: usize) -> Result<()> {
+        // A prompt of p points without a box gets one padding point, with a box two corners.
+        let counts = 2..=max_points.saturating_add(2);
+        match &self.graphs {
+            Graphs::Split {
+                masks, masks_path, ..
+            } => {
+                let mut shapes = None;
+                for n in counts {
+                    let plan = PlanCache::get_or_build(&self.cache, (1, n), Keep::Always, || {
+                        self.build_plan(1, n)
+                    })?;
+                    shapes.get_or_insert_with(|| {
+                        let model = plan.model();
+                        let shape = |ix: usize| {
+                            model
+                                .output_fact(ix)
+                                .ok()
+                                .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
+                        };
+                        (shape(0), shape(1))
+                    });
+                }
+                if let Some((Some(tokens), Some(weights))) = shapes {
+                    self.mask_plan_kept((masks, masks_path), &tokens, &weights, Keep::Always)?;
+                }
+            }
+            Graphs::One => {
+                for n in counts {
+                    PlanCache::get_or_build(&self.cache, (1, n), Keep::Always, || {
+                        self.build_plan(1, n)
+                    })?;
+                }
+                // Segment-everything: one point (and its padding) per prompt, every batch size.
+                for b in ONE_GRAPH_BATCHES {
+                    PlanCache::get_or_build(&self.cache, (b, 2), Keep::Always, || {
+                        self.build_plan(b, 2)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans built so far, of every graph (for tests of what is built when).
+    pub fn plans_built(&self) -> usize {
+        let built = |cache: &Mutex<PlanCache>| {
+            cache
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .built
+        };
+        built(&self.cache).saturating_add(built(&self.mask_plans))
     }
 
     /// Every plan a batch of B prompts of N points runs, for kernel reports: the one above, and
@@ -290,12 +379,22 @@ impl Decoder {
     /// The split form's mask plan for image tokens and mask weights of these shapes.
     fn mask_plan(
         &self,
-        (masks, path): (&InferenceModel, &Path),
+        graph: (&InferenceModel, &Path),
         tokens: &[usize],
         weights: &[usize],
     ) -> Result<Arc<TypedRunnableModel>> {
+        self.mask_plan_kept(graph, tokens, weights, Keep::WhileRecent)
+    }
+
+    fn mask_plan_kept(
+        &self,
+        (masks, path): (&InferenceModel, &Path),
+        tokens: &[usize],
+        weights: &[usize],
+        keep: Keep,
+    ) -> Result<Arc<TypedRunnableModel>> {
         let batch = tokens.first().copied().unwrap_or(0);
-        PlanCache::get_or_build(&self.mask_plans, (batch, 0), || {
+        PlanCache::get_or_build(&self.mask_plans, (batch, 0), keep, || {
             let load_err = |source| Error::ModelLoad {
                 stage: stage_name(Role::DecoderMasks),
                 path: path.to_path_buf(),
@@ -668,7 +767,66 @@ impl Decoder {
     }
 
     /// The one-graph form on one batch (or the split form's error on a malformed one).
+    /// The one graph on a batch of any size: chunks of the largest of [`ONE_GRAPH_BATCHES`], the
+    /// last padded up to the smallest that holds it (see there).
     fn decode_one_graph(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
+        let (b, n) = (input.batch(), input.points_per_prompt);
+        let largest = ONE_GRAPH_BATCHES[ONE_GRAPH_BATCHES.len() - 1];
+        let bucket = |c: usize| ONE_GRAPH_BATCHES.into_iter().find(|&s| s >= c);
+        if n == 0 || input.coords.len() != b * n || input.labels.len() != b * n {
+            // batch_inputs' error.
+            return self.decode_one_graph_batch(embedding, input);
+        }
+        if bucket(b) == Some(b) {
+            return self.decode_one_graph_batch(embedding, input);
+        }
+        let (k, m) = (self.masks_per_prompt, self.mask_size);
+        let (mut masks, mut iou) = (Vec::new(), Vec::new());
+        let mut first = 0;
+        while first < b {
+            let end = (first + largest).min(b);
+            let size = bucket(end - first).unwrap_or(largest);
+            let (mut coords, mut labels) = (
+                input.coords[first * n..end * n].to_vec(),
+                input.labels[first * n..end * n].to_vec(),
+            );
+            // Copies of the chunk's last prompt fill it up to the plan's batch.
+            let last = (end - 1) * n..end * n;
+            for _ in end - first..size {
+                coords.extend_from_slice(&input.coords[last.clone()]);
+                labels.extend_from_slice(&input.labels[last.clone()]);
+            }
+            let chunk = DecoderInput {
+                points_per_prompt: n,
+                coords,
+                labels,
+                mask_input: input.mask_input.clone(),
+            };
+            let out = self.decode_one_graph_batch(embedding, &chunk)?;
+            let real = end - first;
+            let short = || infer_err(anyhow::anyhow!("decoder gave fewer rows than its batch"));
+            masks.extend_from_slice(
+                f32_slice(&out.masks)
+                    .get(..real * k * m * m)
+                    .ok_or_else(short)?,
+            );
+            iou.extend_from_slice(f32_slice(&out.iou).get(..real * k).ok_or_else(short)?);
+            first = end;
+        }
+        Ok(MaskLogits {
+            masks: Arc::new(Tensor::from_shape(&[b, k, m, m], &masks).map_err(infer_err)?),
+            iou: Arc::new(Tensor::from_shape(&[b, k], &iou).map_err(infer_err)?),
+            masks_per_prompt: k,
+            size: m,
+        })
+    }
+
+    /// The one graph on one batch, with the plan of its size.
+    fn decode_one_graph_batch(
+        &self,
+        embedding: &Embedding,
+        input: &DecoderInput,
+    ) -> Result<MaskLogits> {
         let (plan, inputs) = self.batch_inputs(embedding, input)?;
         let mut out = super::unpanic(|| plan.run(inputs))
             .map_err(infer_err)?
