@@ -14,7 +14,7 @@ use crate::everything::EverythingParams;
 use crate::metrics::Counters;
 use crate::model::PrecisionChoice;
 use crate::pipeline::{Pipeline, PipelineOptions};
-use crate::protocol::{ModelInfo, Status};
+use crate::protocol::{ClientCounters, ModelInfo, StageLatency, Status, MAX_SUBSCRIPTIONS};
 use crate::segmenter::Segmenter;
 use crate::server::{self, Server, ServerContext, ServerError};
 
@@ -159,6 +159,7 @@ impl Daemon {
                 extra_encode_delay: options.extra_encode_delay,
                 // One everything prompt per decoder thread between two looks at the requests.
                 everything_chunk: settings.threads.max(1),
+                subscriptions_per_client: MAX_SUBSCRIPTIONS,
                 ..PipelineOptions::default()
             },
             stop.clone(),
@@ -197,8 +198,28 @@ impl Daemon {
                     camera_reopens: Counters::get(&c.reopens),
                     newest_frame: span.map(|s| s.1),
                     oldest_frame: span.map(|s| s.0),
-                    stages: metrics.latencies(),
-                    clients: hub.counters(),
+                    stages: metrics
+                        .latencies()
+                        .into_iter()
+                        .map(|l| StageLatency {
+                            stage: l.stage.into(),
+                            count: l.count,
+                            p50_ms: l.p50_ms,
+                            p95_ms: l.p95_ms,
+                        })
+                        .collect(),
+                    clients: hub
+                        .counters()
+                        .into_iter()
+                        .map(|c| ClientCounters {
+                            client_id: c.id,
+                            name: c.name,
+                            subscriptions: u32::try_from(c.subscriptions).unwrap_or(u32::MAX),
+                            sent: c.sent,
+                            dropped: c.dropped,
+                            rate_limited: c.rate_limited,
+                        })
+                        .collect(),
                 }
             }
         };

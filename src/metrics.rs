@@ -4,9 +4,20 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
-use crate::protocol::StageLatency;
+/// Rolling latency of one stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageLatency {
+    /// Stage name.
+    pub stage: &'static str,
+    /// Samples in the window.
+    pub count: u64,
+    /// Median, ms.
+    pub p50_ms: f32,
+    /// 95th percentile, ms.
+    pub p95_ms: f32,
+}
+use std::time::{Duration, Instant};
 
 /// Samples kept per stage.
 const WINDOW: usize = 512;
@@ -165,7 +176,7 @@ impl Metrics {
                 let mut v: Vec<f32> = w.iter().copied().collect();
                 v.sort_by(f32::total_cmp);
                 StageLatency {
-                    stage: stage.name().into(),
+                    stage: stage.name(),
                     count: v.len() as u64,
                     p50_ms: percentile(&v, 0.50),
                     p95_ms: percentile(&v, 0.95),

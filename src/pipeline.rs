@@ -19,9 +19,9 @@ use crate::everything::{EverythingParams, Generator, Progress};
 use crate::heartbeat::{first_stalled, Heartbeat, Working};
 use crate::metrics::{Counters, Metrics, Stage};
 use crate::model::Embedding;
-use crate::postprocess::MaskResult;
+use crate::postprocess::{MaskEncoding, MaskResult};
 use crate::prompt::Prompt;
-use crate::protocol::{ErrorCode, MaskEncoding, ServerMessage, SubscribeMode, MAX_SUBSCRIPTIONS};
+pub use crate::scheduler::{ClientId, PromptJob};
 use crate::scheduler::{EncoderYield, RequestQueue};
 use crate::segmenter::{MaskSelection, Segmenter};
 
@@ -172,28 +172,61 @@ pub enum RingMiss {
 }
 
 impl RingMiss {
-    /// Wire code and message.
-    pub fn to_error(&self) -> (ErrorCode, String) {
-        match self {
-            RingMiss::Empty => (ErrorCode::NoFrame, "no frame has been encoded yet".into()),
+    /// The failure a request for this frame gets.
+    pub fn failure(&self, request_id: u32) -> Failure {
+        let (kind, message) = match self {
+            RingMiss::Empty => (FailureKind::NoFrame, "no frame has been encoded yet".into()),
             RingMiss::Expired {
                 requested,
                 oldest,
                 newest,
             } => (
-                ErrorCode::FrameExpired,
+                FailureKind::FrameExpired,
                 format!("frame {requested} has left the ring (holds {oldest}..={newest})"),
             ),
             RingMiss::NotYet { requested, newest } => (
-                ErrorCode::FrameNotYet,
+                FailureKind::FrameNotYet,
                 format!("frame {requested} is not encoded yet (newest is {newest})"),
             ),
             RingMiss::Skipped { requested } => (
-                ErrorCode::FrameExpired,
+                FailureKind::FrameExpired,
                 format!("frame {requested} was dropped before the encoder"),
             ),
+        };
+        Failure {
+            id: Some(request_id),
+            kind,
+            message,
         }
     }
+}
+
+/// Why a request, a subscription or a subscription's prompts got no masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No frame has been encoded yet.
+    NoFrame,
+    /// The frame has left the embedding ring, or never reached the encoder.
+    FrameExpired,
+    /// The frame has not been encoded yet.
+    FrameNotYet,
+    /// The model cannot take the prompt (outside the frame, empty).
+    InvalidPrompt,
+    /// The client has as many subscriptions as it may.
+    TooManySubscriptions,
+    /// The client has gone, or the model failed.
+    Internal,
+}
+
+/// A failure for a client: of its request or subscription `id`, with a message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The request or subscription it concerns.
+    pub id: Option<u32>,
+    /// What went wrong.
+    pub kind: FailureKind,
+    /// The details.
+    pub message: String,
 }
 
 /// The embeddings of the last K encoded frames.
@@ -260,9 +293,6 @@ impl EmbeddingRing {
     }
 }
 
-/// Server-given client id.
-pub type ClientId = u64;
-
 /// Frame facts sent with every result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameMeta {
@@ -298,8 +328,10 @@ pub struct MaskBatch {
 pub enum Outbound {
     /// Masks to encode and send.
     Masks(MaskBatch),
-    /// A ready message.
-    Message(ServerMessage),
+    /// A failure to report.
+    Failed(Failure),
+    /// A message the server has already encoded.
+    Encoded(Vec<u8>),
 }
 
 /// Per-client counters.
@@ -313,13 +345,27 @@ pub struct ClientStats {
     pub rate_limited: AtomicU64,
 }
 
+/// What a subscription delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionKind {
+    /// Segment-everything masks for every frame.
+    Everything,
+    /// The subscription's prompts, applied to every frame.
+    Prompts,
+    /// Nothing per frame: the client's prompt requests only.
+    OnDemand,
+}
+
+/// Subscriptions one client may hold, unless the pipeline is told otherwise.
+pub const DEFAULT_SUBSCRIPTIONS_PER_CLIENT: usize = 8;
+
 /// A standing subscription.
 #[derive(Debug, Clone)]
 pub struct Subscription {
     /// Client-chosen id.
     pub id: u32,
     /// What it delivers.
-    pub mode: SubscribeMode,
+    pub mode: SubscriptionKind,
     /// Standing prompts.
     pub prompts: Vec<Prompt>,
     /// Wire encoding.
@@ -336,7 +382,7 @@ impl Subscription {
     /// A new subscription.
     pub fn new(
         id: u32,
-        mode: SubscribeMode,
+        mode: SubscriptionKind,
         prompts: Vec<Prompt>,
         encoding: MaskEncoding,
         multimask: bool,
@@ -376,14 +422,46 @@ struct ClientEntry {
     subscriptions: Vec<Subscription>,
 }
 
+/// A client as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSnapshot {
+    /// The hub's id for it.
+    pub id: ClientId,
+    /// Its name from the hello.
+    pub name: String,
+    /// Subscriptions it holds.
+    pub subscriptions: usize,
+    /// Messages written to it.
+    pub sent: u64,
+    /// Results dropped because its queue was full.
+    pub dropped: u64,
+    /// Results skipped by its rate caps.
+    pub rate_limited: u64,
+}
+
 /// The connected clients and their subscriptions.
-#[derive(Default)]
 pub struct Hub {
     clients: Mutex<BTreeMap<ClientId, ClientEntry>>,
     next_id: AtomicU64,
+    max_subscriptions: usize,
+}
+
+impl Default for Hub {
+    fn default() -> Hub {
+        Hub::new(DEFAULT_SUBSCRIPTIONS_PER_CLIENT)
+    }
 }
 
 impl Hub {
+    /// A hub whose clients may hold up to `max_subscriptions` subscriptions each.
+    pub fn new(max_subscriptions: usize) -> Hub {
+        Hub {
+            clients: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            max_subscriptions,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ClientId, ClientEntry>> {
         self.clients.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -423,23 +501,27 @@ impl Hub {
     }
 
     /// Add or replace a subscription.
-    pub fn subscribe(
-        &self,
-        client: ClientId,
-        sub: Subscription,
-    ) -> Result<(), (ErrorCode, String)> {
+    pub fn subscribe(&self, client: ClientId, sub: Subscription) -> Result<(), Failure> {
         let mut clients = self.lock();
+        let fail = |kind, message| Failure {
+            id: Some(sub.id),
+            kind,
+            message,
+        };
         let Some(c) = clients.get_mut(&client) else {
-            return Err((ErrorCode::Internal, "client is gone".into()));
+            return Err(fail(FailureKind::Internal, "client is gone".into()));
         };
         if let Some(existing) = c.subscriptions.iter_mut().find(|s| s.id == sub.id) {
             *existing = sub;
             return Ok(());
         }
-        if c.subscriptions.len() >= MAX_SUBSCRIPTIONS {
-            return Err((
-                ErrorCode::TooMany,
-                format!("at most {MAX_SUBSCRIPTIONS} subscriptions per client"),
+        if c.subscriptions.len() >= self.max_subscriptions {
+            return Err(fail(
+                FailureKind::TooManySubscriptions,
+                format!(
+                    "at most {} subscriptions per client",
+                    self.max_subscriptions
+                ),
             ));
         }
         c.subscriptions.push(sub);
@@ -471,7 +553,7 @@ impl Hub {
         self.lock().get(&client).is_some_and(|c| {
             c.subscriptions
                 .iter()
-                .any(|s| s.mode != SubscribeMode::OnDemand)
+                .any(|s| s.mode != SubscriptionKind::OnDemand)
         })
     }
 
@@ -506,7 +588,7 @@ impl Hub {
         let mut out = Vec::new();
         for (id, c) in clients.iter_mut() {
             for s in c.subscriptions.iter_mut() {
-                if s.mode == SubscribeMode::OnDemand {
+                if s.mode == SubscriptionKind::OnDemand {
                     continue;
                 }
                 if let (Some(min), Some(last)) = (s.min_interval, s.last_sent) {
@@ -535,36 +617,19 @@ impl Hub {
     }
 
     /// Counters of every client.
-    pub fn counters(&self) -> Vec<crate::protocol::ClientCounters> {
+    pub fn counters(&self) -> Vec<ClientSnapshot> {
         self.lock()
             .iter()
-            .map(|(id, c)| crate::protocol::ClientCounters {
-                client_id: *id,
+            .map(|(id, c)| ClientSnapshot {
+                id: *id,
                 name: c.name.clone(),
-                subscriptions: c.subscriptions.len() as u32,
+                subscriptions: c.subscriptions.len(),
                 sent: c.stats.sent.load(Ordering::Relaxed),
                 dropped: c.stats.dropped.load(Ordering::Relaxed),
                 rate_limited: c.stats.rate_limited.load(Ordering::Relaxed),
             })
             .collect()
     }
-}
-
-/// A prompt request from a client, for the mask worker.
-#[derive(Debug)]
-pub struct PromptJob {
-    /// Who asked.
-    pub client: ClientId,
-    /// Their id for it.
-    pub request_id: u32,
-    /// Frame, or newest.
-    pub frame_seq: Option<u64>,
-    /// The prompts.
-    pub prompts: Vec<Prompt>,
-    /// Wire encoding.
-    pub encoding: MaskEncoding,
-    /// Three masks per prompt.
-    pub multimask: bool,
 }
 
 /// Prompt requests one client may have waiting (the protocol's `busy` past it).
@@ -589,6 +654,8 @@ pub struct PipelineOptions {
     pub request_queue: usize,
     /// Prompt requests of one client waiting before it gets `busy`.
     pub requests_per_client: usize,
+    /// Subscriptions one client may hold.
+    pub subscriptions_per_client: usize,
     /// Most prompts an everything pass decodes between two looks at the request queue (its
     /// decoder batch; the pass's result does not depend on it).
     pub everything_chunk: usize,
@@ -604,6 +671,7 @@ impl Default for PipelineOptions {
             ring: 4,
             request_queue: 64,
             requests_per_client: DEFAULT_REQUESTS_PER_CLIENT,
+            subscriptions_per_client: DEFAULT_SUBSCRIPTIONS_PER_CLIENT,
             everything_chunk: DEFAULT_EVERYTHING_CHUNK,
             everything: Arc::default(),
             extra_encode_delay: None,
@@ -641,7 +709,7 @@ impl Pipeline {
         options: PipelineOptions,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<Pipeline> {
-        let hub = Arc::new(Hub::default());
+        let hub = Arc::new(Hub::new(options.subscriptions_per_client));
         let ring = Arc::new(EmbeddingRing::new(options.ring));
         let metrics = Arc::new(Metrics::new());
         let source_info = Arc::new(Mutex::new(source.info()));
@@ -1049,11 +1117,8 @@ impl MaskWorker {
         let frame = match self.ring.get(job.frame_seq) {
             Ok(f) => f,
             Err(miss) => {
-                let (code, message) = miss.to_error();
-                self.hub.answer(
-                    job.client,
-                    Outbound::Message(ServerMessage::error(Some(job.request_id), code, message)),
-                );
+                self.hub
+                    .answer(job.client, Outbound::Failed(miss.failure(job.request_id)));
                 return;
             }
         };
@@ -1076,11 +1141,11 @@ impl MaskWorker {
                         .iter()
                         .map(|(i, e)| format!("prompt {i}: {e}"))
                         .collect();
-                    Outbound::Message(ServerMessage::error(
-                        Some(job.request_id),
-                        ErrorCode::InvalidPrompt,
-                        why.join("; "),
-                    ))
+                    Outbound::Failed(Failure {
+                        id: Some(job.request_id),
+                        kind: FailureKind::InvalidPrompt,
+                        message: why.join("; "),
+                    })
                 } else {
                     Outbound::Masks(MaskBatch {
                         subscription: None,
@@ -1094,11 +1159,11 @@ impl MaskWorker {
             }
             Err(e) => {
                 log::error!("request {}: {}", job.request_id, error_chain(&e));
-                Outbound::Message(ServerMessage::error(
-                    Some(job.request_id),
-                    ErrorCode::Internal,
-                    error_chain(&e),
-                ))
+                Outbound::Failed(Failure {
+                    id: Some(job.request_id),
+                    kind: FailureKind::Internal,
+                    message: error_chain(&e),
+                })
             }
         };
         self.hub.answer(job.client, reply);
@@ -1117,7 +1182,7 @@ impl MaskWorker {
         for multimask in [false, true] {
             let group: Vec<&(ClientId, Subscription)> = due
                 .iter()
-                .filter(|(_, s)| s.mode == SubscribeMode::Prompts && s.multimask == multimask)
+                .filter(|(_, s)| s.mode == SubscriptionKind::Prompts && s.multimask == multimask)
                 .collect();
             if group.is_empty() {
                 continue;
@@ -1149,11 +1214,11 @@ impl MaskWorker {
                     if self.hub.mark_invalid(*client, sub.id) {
                         self.hub.deliver(
                             *client,
-                            Outbound::Message(ServerMessage::error(
-                                Some(sub.id),
-                                ErrorCode::InvalidPrompt,
-                                msg,
-                            )),
+                            Outbound::Failed(Failure {
+                                id: Some(sub.id),
+                                kind: FailureKind::InvalidPrompt,
+                                message: msg,
+                            }),
                         );
                     }
                 }
@@ -1172,7 +1237,7 @@ impl MaskWorker {
         }
         for (client, sub) in due
             .iter()
-            .filter(|(_, s)| s.mode == SubscribeMode::Everything)
+            .filter(|(_, s)| s.mode == SubscriptionKind::Everything)
         {
             if everything.is_none() {
                 let params = self
@@ -1369,7 +1434,7 @@ mod tests {
         let (id, stats) = hub.register("t".into(), tx, crossbeam_channel::unbounded().0);
         let sub = Subscription::new(
             1,
-            SubscribeMode::Everything,
+            SubscriptionKind::Everything,
             vec![],
             MaskEncoding::Bbox,
             false,
@@ -1392,30 +1457,21 @@ mod tests {
         let (a, stats_a) = hub.register("a".into(), tx_a, answers_a);
         let (b, stats_b) = hub.register("b".into(), tx_b, crossbeam_channel::unbounded().0);
         for _ in 0..3 {
-            hub.deliver(
-                a,
-                Outbound::Message(ServerMessage::error(None, ErrorCode::Busy, "x")),
-            );
+            hub.deliver(a, Outbound::Encoded(b"x".to_vec()));
         }
-        hub.deliver(
-            b,
-            Outbound::Message(ServerMessage::error(None, ErrorCode::Busy, "y")),
-        );
+        hub.deliver(b, Outbound::Encoded(b"y".to_vec()));
         assert_eq!(stats_a.dropped.load(Ordering::Relaxed), 2);
         assert_eq!(stats_b.dropped.load(Ordering::Relaxed), 0);
         assert_eq!((rx_a.len(), rx_b.len()), (1, 1));
         // An answer to a request still gets through a full result queue, and is not counted
         // as dropped (issue 16: it used to be lost, and the client waited forever).
-        hub.answer(
-            a,
-            Outbound::Message(ServerMessage::error(Some(7), ErrorCode::Busy, "answer")),
-        );
+        hub.answer(a, Outbound::Encoded(b"answer".to_vec()));
         assert_eq!(answers_rx.len(), 1);
         assert_eq!(stats_a.dropped.load(Ordering::Relaxed), 2);
-        for i in 0..MAX_SUBSCRIPTIONS as u32 {
+        for i in 0..DEFAULT_SUBSCRIPTIONS_PER_CLIENT as u32 {
             let s = Subscription::new(
                 i,
-                SubscribeMode::OnDemand,
+                SubscriptionKind::OnDemand,
                 vec![],
                 MaskEncoding::Rle,
                 false,
@@ -1425,13 +1481,16 @@ mod tests {
         }
         let s = Subscription::new(
             99,
-            SubscribeMode::OnDemand,
+            SubscriptionKind::OnDemand,
             vec![],
             MaskEncoding::Rle,
             false,
             0.0,
         );
-        assert_eq!(hub.subscribe(a, s).unwrap_err().0, ErrorCode::TooMany);
+        assert_eq!(
+            hub.subscribe(a, s).unwrap_err().kind,
+            FailureKind::TooManySubscriptions
+        );
         // A client that leaves is no longer connected: its queued requests are skipped.
         assert!(hub.is_connected(a));
         hub.unregister(a);

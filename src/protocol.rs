@@ -10,6 +10,8 @@ use std::io::Read;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::postprocess::MaskEncoding;
+
 /// First four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"TSAM";
 /// The protocol version this build speaks.
@@ -273,21 +275,6 @@ impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.wire_name())
     }
-}
-
-/// How masks travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MaskEncoding {
-    /// COCO compressed RLE string (pycocotools `counts`), column-major.
-    #[default]
-    Rle,
-    /// Raw mono8 bitmap, row-major, 0 or 255, width * height bytes.
-    Bitmap,
-    /// Outer contours as COCO polygons `[x0, y0, x1, y1, ...]`.
-    Polygon,
-    /// Box, area and scores only.
-    Bbox,
 }
 
 /// What a subscription delivers.

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::metrics::{Metrics, Stage};
-use crate::pipeline::{ClientId, ClientStats, Hub, MaskBatch, Outbound, PromptJob, Subscription};
+use crate::pipeline::{
+    ClientId, ClientStats, Failure, FailureKind, Hub, MaskBatch, Outbound, PromptJob, Subscription,
+    SubscriptionKind,
+};
 use crate::protocol::{
     self, ClientMessage, ErrorCode, Limits, Masks, ProtocolError, RefusedPrompt, ServerMessage,
     Status, Subscribed, Welcome, WireMask, MAX_CLIENT_BODY, MAX_SERVER_BODY, PROTOCOL_VERSION,
@@ -379,7 +382,7 @@ impl ClientReader {
     fn reply(&self, msg: ServerMessage) -> bool {
         match self
             .tx
-            .send_timeout(Outbound::Message(msg), self.ctx.stall_timeout)
+            .send_timeout(Outbound::Encoded(msg.encode()), self.ctx.stall_timeout)
         {
             Ok(()) => true,
             Err(_) => {
@@ -499,7 +502,7 @@ impl ClientReader {
                 let prompts = s.prompts.iter().map(|p| p.to_prompt()).collect();
                 let sub = Subscription::new(
                     s.id,
-                    s.mode,
+                    subscription_kind(s.mode),
                     prompts,
                     s.encoding,
                     s.multimask,
@@ -511,7 +514,7 @@ impl ClientReader {
                         log::debug!("client {} subscribed {} ({mode:?})", self.id, s.id);
                         self.reply(ServerMessage::Subscribed(Subscribed { id: s.id }))
                     }
-                    Err((code, msg)) => self.reply(ServerMessage::error(Some(s.id), code, msg)),
+                    Err(failure) => self.reply(failure_message(failure)),
                 }
             }
             ClientMessage::Unsubscribe(u) => {
@@ -630,7 +633,8 @@ fn write_loop(
                 let msg = encode_masks(&batch, stats.dropped.load(Ordering::Relaxed));
                 (msg.encode(), Some(batch))
             }
-            Outbound::Message(msg) => (msg.encode(), None),
+            Outbound::Failed(failure) => (failure_message(failure).encode(), None),
+            Outbound::Encoded(bytes) => (bytes, None),
         };
         let bytes = if bytes.len() - protocol::HEADER_LEN > MAX_SERVER_BODY {
             let id = batch.as_ref().and_then(|b| b.subscription.or(b.request_id));
@@ -678,6 +682,28 @@ fn record_publish(metrics: &Metrics, batch: &MaskBatch, started: Instant) {
     }
 }
 
+/// The wire error for a failure of the pipeline's.
+fn failure_message(failure: Failure) -> ServerMessage {
+    let code = match failure.kind {
+        FailureKind::NoFrame => ErrorCode::NoFrame,
+        FailureKind::FrameExpired => ErrorCode::FrameExpired,
+        FailureKind::FrameNotYet => ErrorCode::FrameNotYet,
+        FailureKind::InvalidPrompt => ErrorCode::InvalidPrompt,
+        FailureKind::TooManySubscriptions => ErrorCode::TooMany,
+        FailureKind::Internal => ErrorCode::Internal,
+    };
+    ServerMessage::error(failure.id, code, failure.message)
+}
+
+/// The pipeline's kind of subscription for a wire mode.
+fn subscription_kind(mode: protocol::SubscribeMode) -> SubscriptionKind {
+    match mode {
+        protocol::SubscribeMode::Everything => SubscriptionKind::Everything,
+        protocol::SubscribeMode::Prompts => SubscriptionKind::Prompts,
+        protocol::SubscribeMode::OnDemand => SubscriptionKind::OnDemand,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,19 +744,15 @@ mod tests {
         let (tx, rx) = bounded(3);
         let (answers_tx, answers) = crossbeam_channel::unbounded();
         for i in 0..3 {
-            tx.send(Outbound::Message(ServerMessage::error(
-                None,
-                ErrorCode::Busy,
-                format!("result {i}"),
-            )))
+            tx.send(Outbound::Encoded(
+                ServerMessage::error(None, ErrorCode::Busy, format!("result {i}")).encode(),
+            ))
             .expect("queued");
         }
         answers_tx
-            .send(Outbound::Message(ServerMessage::error(
-                Some(42),
-                ErrorCode::Busy,
-                "the answer",
-            )))
+            .send(Outbound::Encoded(
+                ServerMessage::error(Some(42), ErrorCode::Busy, "the answer").encode(),
+            ))
             .expect("queued");
         drop((tx, answers_tx));
         std::thread::spawn(move || {

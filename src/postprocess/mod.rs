@@ -19,6 +19,21 @@ use crate::preprocess::Geometry;
 pub use rle::Rle;
 use upsample::AxisTaps;
 
+/// How masks are represented for a consumer (the wire protocol sends them so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskEncoding {
+    /// COCO compressed RLE string (pycocotools `counts`), column-major.
+    #[default]
+    Rle,
+    /// Raw mono8 bitmap, row-major, 0 or 255, width * height bytes.
+    Bitmap,
+    /// Outer contours as COCO polygons `[x0, y0, x1, y1, ...]`.
+    Polygon,
+    /// Box, area and scores only.
+    Bbox,
+}
+
 /// Logit above which a pixel belongs to the mask.
 pub const MASK_THRESHOLD: f32 = 0.0;
 
@@ -246,7 +261,7 @@ pub struct MaskSummary {
 }
 
 /// COCO RLE with pycocotools' compressed counts string.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CompressedRle {
     /// `[height, width]`.
     pub size: [u32; 2],
