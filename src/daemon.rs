@@ -14,7 +14,9 @@ use crate::everything::EverythingParams;
 use crate::metrics::Counters;
 use crate::model::PrecisionChoice;
 use crate::pipeline::{Pipeline, PipelineOptions};
-use crate::protocol::{ClientCounters, ModelInfo, StageLatency, Status, MAX_SUBSCRIPTIONS};
+use crate::protocol::{
+    ClientCounters, ModelInfo, SourceStatus, StageLatency, Status, MAX_SUBSCRIPTIONS,
+};
 use crate::segmenter::Segmenter;
 use crate::server::{self, Server, ServerContext, ServerError};
 
@@ -187,7 +189,16 @@ impl Daemon {
                 Status {
                     request_id,
                     uptime_s: metrics.started.elapsed().as_secs_f64(),
-                    source: info.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+                    source: {
+                        let s = info.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                        SourceStatus {
+                            uri: s.uri,
+                            width: s.width,
+                            height: s.height,
+                            format: s.format,
+                            fps: s.fps,
+                        }
+                    },
                     model: model_info.clone(),
                     fps: metrics.fps(),
                     frames_captured: Counters::get(&c.captured),

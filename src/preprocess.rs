@@ -7,10 +7,20 @@
 pub mod pillow;
 
 use image::RgbImage;
-use tract_onnx::prelude::{tract_ndarray, Tensor};
+use serde::{Deserialize, Serialize};
 
-use crate::model::manifest::PreprocessSpec;
 use crate::{Error, Result};
+
+/// Normalisation constants of the encoder input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreprocessSpec {
+    /// Side of the square encoder input.
+    pub image_size: usize,
+    /// Per-channel mean in 0..255 units, RGB order.
+    pub pixel_mean: [f32; 3],
+    /// Per-channel standard deviation in 0..255 units, RGB order.
+    pub pixel_std: [f32; 3],
+}
 
 /// Frame and model-input sizes of one image, for coordinate and mask transforms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +73,12 @@ impl Geometry {
 }
 
 /// The encoder input (1, 3, S, S) and the geometry it was made with.
+#[derive(Debug, Clone)]
 pub struct ImageTensor {
-    /// Normalised, padded NCHW float tensor.
-    pub tensor: Tensor,
+    /// Normalised, padded NCHW values: 3 planes of S x S.
+    pub data: Vec<f32>,
+    /// S, the side of the model input.
+    pub side: usize,
     /// Frame and model sizes.
     pub geometry: Geometry,
 }
@@ -121,10 +134,11 @@ impl Preprocessor {
                 b[x] = self.lut[2][usize::from(px[2])];
             }
         }
-        let tensor: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), data)
-            .map_err(|e| Error::Image(format!("building the input tensor: {e}")))?
-            .into();
-        Ok(ImageTensor { tensor, geometry })
+        Ok(ImageTensor {
+            data,
+            side: s,
+            geometry,
+        })
     }
 }
 

@@ -328,50 +328,6 @@ impl WirePrompt {
     }
 }
 
-/// Polygon simplification tolerance, pixels.
-pub const POLYGON_TOLERANCE: f64 = 1.0;
-
-impl WireMask {
-    /// One mask for prompt `prompt`, in `encoding`.
-    pub fn from_mask(
-        prompt: u32,
-        mask: &crate::postprocess::MaskResult,
-        encoding: MaskEncoding,
-    ) -> WireMask {
-        let mut out = WireMask {
-            prompt,
-            output: mask.index as u32,
-            score: mask.score,
-            stability: mask.stability,
-            bbox: mask.bbox,
-            area: mask.area,
-            rle: None,
-            bitmap: None,
-            polygons: None,
-        };
-        match encoding {
-            MaskEncoding::Rle => out.rle = Some(mask.mask.to_rle().to_compressed()),
-            MaskEncoding::Bitmap => {
-                out.bitmap = Some(
-                    mask.mask
-                        .data
-                        .iter()
-                        .map(|&v| if v > 0 { 255 } else { 0 })
-                        .collect(),
-                )
-            }
-            MaskEncoding::Polygon => {
-                out.polygons = Some(crate::postprocess::polygon::mask_polygons(
-                    &mask.mask,
-                    POLYGON_TOLERANCE,
-                ))
-            }
-            MaskEncoding::Bbox => {}
-        }
-        out
-    }
-}
-
 /// Client → server: the handshake.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -557,6 +513,21 @@ pub struct StageLatency {
     pub p95_ms: f32,
 }
 
+/// The frame source, in a status report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// The source as configured (`synthetic`, `file:...`, `v4l2:...`).
+    pub uri: String,
+    /// Frame width.
+    pub width: u32,
+    /// Frame height.
+    pub height: u32,
+    /// Camera pixel format, for V4L2 sources.
+    pub format: Option<String>,
+    /// Frame rate asked of the source (0: as fast as it goes).
+    pub fps: f32,
+}
+
 /// Counters of one connected client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientCounters {
@@ -582,7 +553,7 @@ pub struct Status {
     /// Seconds since start.
     pub uptime_s: f64,
     /// Source description.
-    pub source: crate::camera::SourceInfo,
+    pub source: SourceStatus,
     /// Model directory, precisions and sizes.
     pub model: ModelInfo,
     /// Frames per second through the encoder (recent).

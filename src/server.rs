@@ -19,6 +19,8 @@ use crate::pipeline::{
     ClientId, ClientStats, Failure, FailureKind, Hub, MaskBatch, Outbound, PromptJob, Subscription,
     SubscriptionKind,
 };
+use crate::postprocess::polygon::mask_polygons;
+use crate::postprocess::{MaskEncoding, MaskResult};
 use crate::protocol::{
     self, ClientMessage, ErrorCode, Limits, Masks, ProtocolError, RefusedPrompt, ServerMessage,
     Status, Subscribed, Welcome, WireMask, MAX_CLIENT_BODY, MAX_SERVER_BODY, PROTOCOL_VERSION,
@@ -558,11 +560,44 @@ impl ClientReader {
     }
 }
 
+/// Polygon simplification tolerance, pixels.
+pub const POLYGON_TOLERANCE: f64 = 1.0;
+
+/// One mask for prompt `prompt`, in `encoding`, as it goes on the wire.
+fn wire_mask(prompt: u32, mask: &MaskResult, encoding: MaskEncoding) -> WireMask {
+    let mut out = WireMask {
+        prompt,
+        output: u32::try_from(mask.index).unwrap_or(u32::MAX),
+        score: mask.score,
+        stability: mask.stability,
+        bbox: mask.bbox,
+        area: mask.area,
+        rle: None,
+        bitmap: None,
+        polygons: None,
+    };
+    match encoding {
+        MaskEncoding::Rle => out.rle = Some(mask.mask.to_rle().to_compressed()),
+        MaskEncoding::Bitmap => {
+            out.bitmap = Some(
+                mask.mask
+                    .data
+                    .iter()
+                    .map(|&v| if v > 0 { 255 } else { 0 })
+                    .collect(),
+            )
+        }
+        MaskEncoding::Polygon => out.polygons = Some(mask_polygons(&mask.mask, POLYGON_TOLERANCE)),
+        MaskEncoding::Bbox => {}
+    }
+    out
+}
+
 fn encode_masks(batch: &MaskBatch, dropped: u64) -> ServerMessage {
     let masks: Vec<WireMask> = batch
         .masks
         .iter()
-        .map(|(prompt, m)| WireMask::from_mask(*prompt, m, batch.encoding))
+        .map(|(prompt, m)| wire_mask(*prompt, m, batch.encoding))
         .collect();
     ServerMessage::Masks(Masks {
         subscription: batch.subscription,

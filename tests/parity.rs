@@ -63,12 +63,8 @@ fn preprocessing_matches_the_python_reference() {
     let pre = Preprocessor::new(&model.manifest.preprocess);
     let ours = pre.run(&frame()).unwrap();
     let golden = npy("preprocessed.npy");
-    assert_eq!(ours.tensor.shape(), golden.shape());
-    let a = ours.tensor.to_plain_array_view::<f32>().unwrap();
-    let (a, b): (Vec<f32>, Vec<f32>) = (
-        a.iter().copied().collect(),
-        golden.iter().copied().collect(),
-    );
+    assert_eq!([1, 3, ours.side, ours.side][..], *golden.shape());
+    let (a, b): (Vec<f32>, Vec<f32>) = (ours.data, golden.iter().copied().collect());
     let max = a
         .iter()
         .zip(&b)
@@ -79,14 +75,19 @@ fn preprocessing_matches_the_python_reference() {
     assert!(max == 0.0, "max abs diff {max} (mean {mean})");
 }
 
-fn embed_golden_input(model: &Model) -> Embedding {
+/// The golden preprocessed input (1, 3, 256, 256) of the golden frame (200 x 150).
+fn golden_input() -> ImageTensor {
     let x = npy("preprocessed.npy");
-    let tensor: Tensor = x.into();
-    let geometry = Geometry::new(200, 150, 256).unwrap();
-    model
-        .encoder
-        .embed(ImageTensor { tensor, geometry })
-        .unwrap()
+    let side = x.shape()[3];
+    ImageTensor {
+        data: x.iter().copied().collect(),
+        side,
+        geometry: Geometry::new(200, 150, 256).unwrap(),
+    }
+}
+
+fn embed_golden_input(model: &Model) -> Embedding {
+    model.encoder.embed(golden_input()).unwrap()
 }
 
 /// The batched golden prompts decoded against `emb`.
@@ -130,30 +131,16 @@ fn fp32_matches_onnxruntime() {
 #[test]
 fn the_encoder_with_a_hook_between_ops_gives_the_same_embedding() {
     let model = shared_model(Precision::Fp32);
-    let x: Tensor = npy("preprocessed.npy").into();
-    let geometry = Geometry::new(200, 150, 256).unwrap();
-    let plain = model
-        .encoder
-        .embed(ImageTensor {
-            tensor: x.clone(),
-            geometry,
-        })
-        .unwrap();
+    let plain = model.encoder.embed(golden_input()).unwrap();
     let mut calls = 0usize;
     let hooked = model
         .encoder
-        .embed_between_ops(
-            ImageTensor {
-                tensor: x,
-                geometry,
-            },
-            &mut || {
-                calls += 1;
-                if calls % 50 == 1 {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                }
-            },
-        )
+        .embed_between_ops(golden_input(), &mut || {
+            calls += 1;
+            if calls % 50 == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
         .unwrap();
     assert_eq!(calls, model.encoder.plan().order_without_consts().len());
     assert!(calls > 10, "{calls} ops");

@@ -35,6 +35,18 @@ impl Embedding {
     }
 }
 
+/// The encoder's input tensor (1, 3, S, S) of a preprocessed image, without copying its values.
+pub fn input_tensor(image: ImageTensor) -> Result<Tensor> {
+    let s = image.side;
+    let values = image.data.len();
+    tract_ndarray::Array4::from_shape_vec((1, 3, s, s), image.data)
+        .map(Tensor::from)
+        .map_err(|e| Error::Inference {
+            stage: "encoder",
+            source: anyhow::anyhow!("an input of {values} values is not 3 planes of {s}x{s}: {e}"),
+        })
+}
+
 /// An optimised, runnable encoder plan.
 pub struct Encoder {
     plan: Arc<TypedRunnableModel>,
@@ -105,9 +117,10 @@ impl Encoder {
         between_ops: &mut dyn FnMut(),
     ) -> Result<Embedding> {
         let geometry = image.geometry;
+        let input = input_tensor(image)?;
         let mut out = super::unpanic(|| {
             let mut state = self.plan.spawn()?;
-            state.run_plan_with_eval(tvec!(image.tensor.into()), |ctx, op_state, node, input| {
+            state.run_plan_with_eval(tvec!(input.into()), |ctx, op_state, node, input| {
                 between_ops();
                 eval(ctx, op_state, node, input)
             })

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::preprocess::PreprocessSpec;
 use crate::{Error, Result};
 
 /// The manifest layout this build understands.
@@ -55,17 +56,6 @@ impl ModelConfig {
     pub fn low_res_mask_size(&self) -> usize {
         4 * self.embedding_size()
     }
-}
-
-/// Normalisation constants of the encoder input.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PreprocessSpec {
-    /// Side of the square encoder input.
-    pub image_size: usize,
-    /// Per-channel mean in 0..255 units, RGB order.
-    pub pixel_mean: [f32; 3],
-    /// Per-channel standard deviation in 0..255 units, RGB order.
-    pub pixel_std: [f32; 3],
 }
 
 /// Default precision per stage.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
 
 pub use decoder::{Decoder, DecoderForm, DecoderInput, MaskLogits};
-pub use encoder::{Embedding, Encoder};
+pub use encoder::{input_tensor, Embedding, Encoder};
 pub use manifest::{Manifest, Precision, Role};
 
 use crate::{Error, Result};

@@ -136,10 +136,10 @@ pub(crate) fn golden_input(dir: &std::path::Path) -> Tensor {
     )
     .expect("frame.png")
     .to_rgb8();
-    crate::preprocess::Preprocessor::new(&manifest.preprocess)
+    let image = crate::preprocess::Preprocessor::new(&manifest.preprocess)
         .run(&frame)
-        .expect("preprocess")
-        .tensor
+        .expect("preprocess");
+    super::input_tensor(image).expect("input tensor")
 }
 
 /// GELU in f64 from its definition, `x · Φ(x)`, with erf by its Taylor series (exact enough

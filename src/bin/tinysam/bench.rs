@@ -236,7 +236,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if args.profile {
             let input = tinysam_edge::preprocess::Preprocessor::new(&seg.model.manifest.preprocess)
                 .run(&frame)?;
-            let times = profile::profile(seg.model.encoder.plan(), vec![input.tensor])?;
+            let input = tinysam_edge::model::input_tensor(input)?;
+            let times = profile::profile(seg.model.encoder.plan(), vec![input])?;
             profiles.push((p, profile::by_layer(&times, 4)));
             print_profile(&format!("encoder {p}"), &times, 12);
         }

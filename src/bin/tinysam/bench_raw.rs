@@ -62,13 +62,7 @@ pub fn run(args: &BenchArgs, out: &std::path::Path) -> anyhow::Result<()> {
     let budget = Duration::from_secs_f64(args.budget_s);
 
     // Encoder: one warm-up run (allocator, lazy state), then timed runs on a copy of the input.
-    let embed = || -> anyhow::Result<_> {
-        let copy = tinysam_edge::preprocess::ImageTensor {
-            tensor: input.tensor.clone(),
-            geometry: input.geometry,
-        };
-        Ok(m.encoder.embed(copy)?)
-    };
+    let embed = || -> anyhow::Result<_> { Ok(m.encoder.embed(input.clone())?) };
     let embedding = embed()?;
     let encoder_ms = timed_runs(args.runs, budget, || embed().map(drop))?;
 
