@@ -14,18 +14,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
-use crate::metrics::{Metrics, Stage};
-use crate::pipeline::{
-    ClientId, ClientStats, Failure, FailureKind, Hub, MaskBatch, Outbound, PromptJob, Subscription,
-    SubscriptionKind,
+use crate::hub::{
+    ClientStats, Failure, FailureKind, Hub, MaskBatch, Outbound, Subscription, SubscriptionKind,
 };
+use crate::metrics::{Metrics, Stage};
 use crate::postprocess::polygon::mask_polygons;
 use crate::postprocess::{MaskEncoding, MaskResult};
 use crate::protocol::{
     self, ClientMessage, ErrorCode, Limits, Masks, ProtocolError, RefusedPrompt, ServerMessage,
     Status, Subscribed, Welcome, WireMask, MAX_CLIENT_BODY, MAX_SERVER_BODY, PROTOCOL_VERSION,
 };
-use crate::scheduler::{Refusal, RequestQueue};
+use crate::scheduler::{ClientId, PromptJob, Refusal, RequestQueue};
 
 /// The socket could not be set up.
 #[derive(Debug, thiserror::Error)]
