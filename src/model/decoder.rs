@@ -298,23 +298,13 @@ impl Decoder {
             Graphs::Split {
                 masks, masks_path, ..
             } => {
-                let mut shapes = None;
                 for n in counts {
                     let plan = PlanCache::get_or_build(&self.cache, (1, n), Keep::Always, || {
                         self.build_plan(1, n)
                     })?;
-                    shapes.get_or_insert_with(|| {
-                        let model = plan.model();
-                        let shape = |ix: usize| {
-                            model
-                                .output_fact(ix)
-                                .ok()
-                                .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
-                        };
-                        (shape(0), shape(1))
-                    });
-                }
-                if let Some((Some(tokens), Some(weights))) = shapes {
+                    // Every point count gives the mask graph inputs of the same shapes.
+                    let (tokens, weights) =
+                        (self.output_shape(&plan, 0)?, self.output_shape(&plan, 1)?);
                     self.mask_plan_kept((masks, masks_path), &tokens, &weights, Keep::Always)?;
                 }
             }
@@ -360,20 +350,22 @@ impl Decoder {
             masks, masks_path, ..
         } = &self.graphs
         {
-            let model = plan.model();
-            let shape = |ix: usize| {
-                model
-                    .output_fact(ix)
-                    .ok()
-                    .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
-                    .ok_or_else(|| Error::ModelMismatch {
-                        path: self.path.clone(),
-                        reason: format!("per-prompt output {ix} has no concrete shape"),
-                    })
-            };
-            plans.push(self.mask_plan((masks, masks_path), &shape(0)?, &shape(1)?)?);
+            let (tokens, weights) = (self.output_shape(&plan, 0)?, self.output_shape(&plan, 1)?);
+            plans.push(self.mask_plan((masks, masks_path), &tokens, &weights)?);
         }
         Ok(plans)
+    }
+
+    /// The concrete shape of a per-prompt plan's output `ix`.
+    fn output_shape(&self, plan: &TypedRunnableModel, ix: usize) -> Result<Vec<usize>> {
+        plan.model()
+            .output_fact(ix)
+            .ok()
+            .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
+            .ok_or_else(|| Error::ModelMismatch {
+                path: self.path.clone(),
+                reason: format!("per-prompt output {ix} has no concrete shape"),
+            })
     }
 
     /// The split form's mask plan for image tokens and mask weights of these shapes.
