@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+use crate::{error_chain, monotonic_now_ns};
+
 use crate::pixel::{self, PixelError, PixelFormat};
 
 /// One RGB frame as it left the camera.
@@ -118,16 +120,6 @@ pub trait FrameSource: Send {
     /// Times the source lost its device and reopened it.
     fn reopens(&self) -> u64 {
         0
-    }
-}
-
-/// Nanoseconds of CLOCK_MONOTONIC now (what V4L2 stamps its buffers with).
-pub fn monotonic_now_ns() -> u64 {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
-        Ok(t) => (t.tv_sec() as u64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(t.tv_nsec() as u64),
-        Err(_) => 0,
     }
 }
 
@@ -469,18 +461,6 @@ impl<O: CameraOpener> FrameSource for Reopening<O> {
                 fps: 0.0,
             })
     }
-}
-
-/// An error and its causes on one line, for logs (line breaks inside a message become spaces).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 pub use v4l2::{list_cameras, CameraDescription, V4l2Opener};

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod everything;
+pub mod geometry;
 pub mod heartbeat;
 pub mod hub;
 pub mod latest;
@@ -30,6 +31,28 @@ pub mod segmenter;
 pub mod server;
 
 use std::path::PathBuf;
+
+/// Nanoseconds of CLOCK_MONOTONIC now (what V4L2 stamps its buffers with).
+pub fn monotonic_now_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => (t.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec() as u64),
+        Err(_) => 0,
+    }
+}
+
+/// An error and its causes on one line, for logs (line breaks inside a message become spaces).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
 
 /// The message a panic carried (`panic!`'s text), for errors and logs that report a caught one.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
 
-use crate::camera::{error_chain, Frame, FrameSource, SourceInfo};
+use crate::camera::{Frame, FrameSource, SourceInfo};
+use crate::error_chain;
 use crate::everything::{EverythingParams, Generator, Progress};
 use crate::heartbeat::{first_stalled, Heartbeat, Working};
 use crate::hub::{
@@ -315,7 +316,7 @@ fn capture_loop(
                 backoff.decoded();
                 // Capture latency: from the capture timestamp until the RGB frame is ready
                 // (driver queue + dequeue + conversion); pacing waits are not part of it.
-                let lag_ns = crate::camera::monotonic_now_ns().saturating_sub(frame.captured_ns);
+                let lag_ns = crate::monotonic_now_ns().saturating_sub(frame.captured_ns);
                 metrics.record(Stage::Capture, Duration::from_nanos(lag_ns));
                 metrics.record(Stage::Convert, frame.convert);
                 Counters::bump(&c.captured);

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::preprocess::Geometry;
+use crate::geometry::Geometry;
 
 /// Most points one prompt may carry (a box counts as two).
 pub const MAX_POINTS: usize = 32;

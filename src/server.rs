@@ -707,7 +707,7 @@ fn write_loop(
 
 fn record_publish(metrics: &Metrics, batch: &MaskBatch, started: Instant) {
     metrics.record(Stage::Publish, started.elapsed());
-    let now = crate::camera::monotonic_now_ns();
+    let now = crate::monotonic_now_ns();
     if batch.subscription.is_some() && now > batch.frame.captured_ns {
         metrics.record(
             Stage::EndToEnd,

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use tinysam_edge::camera::{
-    monotonic_now_ns, CameraError, CameraOpener, Frame, FrameSource, Reopening, SourceInfo,
-    SyntheticSource,
+    CameraError, CameraOpener, Frame, FrameSource, Reopening, SourceInfo, SyntheticSource,
 };
 use tinysam_edge::client::Client;
 use tinysam_edge::config::{Config, Settings};
 use tinysam_edge::daemon::{Daemon, DaemonOptions};
+use tinysam_edge::monotonic_now_ns;
 use tinysam_edge::pixel::PixelError;
 use tinysam_edge::protocol::{
     ErrorCode, MaskEncoding, Masks, PromptRequest, ServerMessage, Subscribe, SubscribeMode,

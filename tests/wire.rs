@@ -6,9 +6,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use tinysam_edge::camera::monotonic_now_ns;
 use tinysam_edge::client::{Client, ClientError};
 use tinysam_edge::daemon::DaemonOptions;
+use tinysam_edge::monotonic_now_ns;
 use tinysam_edge::protocol::{
     ClientMessage, ErrorCode, Header, Hello, MaskEncoding, PromptRequest, ServerMessage, Subscribe,
     SubscribeMode, WirePrompt, MAX_CLIENT_BODY, MAX_SUBSCRIPTIONS, PROTOCOL_VERSION,

@@ -15,7 +15,7 @@ pub mod upsample;
 
 use serde::Serialize;
 
-use crate::preprocess::Geometry;
+use crate::geometry::Geometry;
 pub use rle::Rle;
 use upsample::AxisTaps;
 

@@ -60,7 +60,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
     while latencies.len() < frames {
         match client.recv(Some(Duration::from_secs(600)))? {
             ServerMessage::Masks(m) => {
-                let ms = (tinysam_edge::camera::monotonic_now_ns() - m.capture_ns) as f64 / 1e6;
+                let ms = (tinysam_edge::monotonic_now_ns() - m.capture_ns) as f64 / 1e6;
                 eprintln!("frame {}: {ms:.1} ms capture to receipt", m.frame_seq);
                 // The first result includes plan warm-up: not counted.
                 if !std::mem::take(&mut first) {

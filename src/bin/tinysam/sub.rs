@@ -133,7 +133,7 @@ fn report(masks: &Masks, args: &SubArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(masks)?);
     } else {
         let latency_ms =
-            tinysam_edge::camera::monotonic_now_ns().saturating_sub(masks.capture_ns) as f64 / 1e6;
+            tinysam_edge::monotonic_now_ns().saturating_sub(masks.capture_ns) as f64 / 1e6;
         println!(
             "frame {} ({}x{}): {} mask(s), dropped {}, {latency_ms:.1} ms after capture",
             masks.frame_seq,

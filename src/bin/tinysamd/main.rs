@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tinysam_edge::camera::error_chain;
 use tinysam_edge::config::{Config, ConfigError, Settings, SourceKind};
 use tinysam_edge::daemon::{Daemon, DaemonError, DaemonOptions};
+use tinysam_edge::error_chain;
 
 /// systemd's EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 const EXIT_CONFIG: u8 = 78;
