@@ -111,6 +111,12 @@ pub enum Error {
         #[source]
         source: anyhow::Error,
     },
+    /// The caller stopped a model run before it ended (a daemon shutting down).
+    #[error("the {stage} was stopped before it finished")]
+    Stopped {
+        /// "encoder".
+        stage: &'static str,
+    },
     /// A setting this CPU or build cannot honour (e.g. an int8 kernel it lacks).
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -405,15 +405,19 @@ impl Encoder {
             let started = Instant::now();
             let mut budget = last_encode;
             let mut yielded = Duration::ZERO;
+            // Between two ops: wait while a request is decoded; give up the frame on `stop` (a
+            // daemon that is stopping does not finish a frame nobody will get).
             let mut between_ops = || {
                 if !budget.is_zero() {
                     let waited = cores.wait_while_urgent(budget);
                     budget = budget.saturating_sub(waited);
                     yielded += waited;
                 }
+                !stop.load(Ordering::Relaxed)
             };
             let embedding = match segmenter.encode_between_ops(input, &mut between_ops) {
                 Ok(e) => e,
+                Err(crate::Error::Stopped { .. }) => break,
                 Err(e) => {
                     log::error!("frame {}: {}", frame.seq, error_chain(&e));
                     continue;

@@ -93,7 +93,7 @@ impl Segmenter {
     pub fn encode_between_ops(
         &self,
         input: crate::preprocess::ImageTensor,
-        between_ops: &mut dyn FnMut(),
+        between_ops: &mut dyn FnMut() -> bool,
     ) -> Result<Embedding> {
         self.model.encoder.embed_between_ops(input, between_ops)
     }

@@ -127,7 +127,7 @@ fn fp32_matches_onnxruntime() {
 
 /// The daemon's encoder runs with a hook between ops (where it waits for prompt requests): the
 /// hook is called once before each op, a wait inside it changes nothing, and the embedding is
-/// the one `embed` gives, bit for bit.
+/// the one `embed` gives, bit for bit; a hook that returns false stops the encoding there.
 #[test]
 fn the_encoder_with_a_hook_between_ops_gives_the_same_embedding() {
     let model = shared_model(Precision::Fp32);
@@ -140,11 +140,23 @@ fn the_encoder_with_a_hook_between_ops_gives_the_same_embedding() {
             if calls % 50 == 1 {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
+            true
         })
         .unwrap();
     assert_eq!(calls, model.encoder.plan().order_without_consts().len());
     assert!(calls > 10, "{calls} ops");
     assert_eq!(flat(&plain.tensor), flat(&hooked.tensor));
+    // A hook that says stop ends the encoding at once, with an error that says so.
+    let mut asked = 0usize;
+    let stopped = model.encoder.embed_between_ops(golden_input(), &mut || {
+        asked += 1;
+        asked < 5
+    });
+    assert!(matches!(
+        stopped,
+        Err(tinysam_edge::Error::Stopped { stage: "encoder" })
+    ));
+    assert_eq!(asked, 5, "no op runs after the hook said stop");
 }
 
 /// Least cosine similarity between tract's INT8 outputs and onnxruntime's (x86_64) golden ones.

@@ -47,6 +47,11 @@ pub fn input_tensor(image: ImageTensor) -> Result<Tensor> {
         })
 }
 
+/// The caller's hook asked the encoder to stop between two ops.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped between two ops")]
+struct Stopped;
+
 /// An optimised, runnable encoder plan.
 pub struct Encoder {
     plan: Arc<TypedRunnableModel>,
@@ -105,29 +110,40 @@ impl Encoder {
 
     /// Run the encoder on a preprocessed image.
     pub fn embed(&self, image: ImageTensor) -> Result<Embedding> {
-        self.embed_between_ops(image, &mut || {})
+        self.embed_between_ops(image, &mut || true)
     }
 
     /// [`Encoder::embed`], calling `between_ops` before each op of the plan runs. A caller
     /// that must at times give the cores to more urgent work blocks there: the daemon's encoder
-    /// waits while a prompt request is decoded, instead of sharing the threads with it.
+    /// waits while a prompt request is decoded, instead of sharing the threads with it. When
+    /// `between_ops` returns false the encoding is abandoned at once ([`Error::Stopped`]): a
+    /// daemon that is stopping does not finish the frame first.
     pub fn embed_between_ops(
         &self,
         image: ImageTensor,
-        between_ops: &mut dyn FnMut(),
+        between_ops: &mut dyn FnMut() -> bool,
     ) -> Result<Embedding> {
         let geometry = image.geometry;
         let input = input_tensor(image)?;
         let mut out = super::unpanic(|| {
             let mut state = self.plan.spawn()?;
             state.run_plan_with_eval(tvec!(input.into()), |ctx, op_state, node, input| {
-                between_ops();
-                eval(ctx, op_state, node, input)
+                if between_ops() {
+                    eval(ctx, op_state, node, input)
+                } else {
+                    Err(anyhow::Error::new(Stopped))
+                }
             })
         })
-        .map_err(|source| Error::Inference {
-            stage: "encoder",
-            source,
+        .map_err(|source| {
+            if source.downcast_ref::<Stopped>().is_some() {
+                Error::Stopped { stage: "encoder" }
+            } else {
+                Error::Inference {
+                    stage: "encoder",
+                    source,
+                }
+            }
         })?;
         let tensor = out.remove(0).into_arc_tensor();
         Ok(Embedding::new(tensor, geometry))
