@@ -435,18 +435,7 @@ fn one_graph_fp32() -> &'static Segmenter {
     use tinysam_edge::model::DecoderGraph;
 
     static ONE: std::sync::OnceLock<Segmenter> = std::sync::OnceLock::new();
-    ONE.get_or_init(|| {
-        Segmenter::load(
-            &fixtures().join("test_model"),
-            PrecisionChoice {
-                encoder: Some(Precision::Fp32),
-                decoder: Some(Precision::Fp32),
-                decoder_graph: DecoderGraph::OneGraph,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    })
+    ONE.get_or_init(|| fresh_fp32(DecoderGraph::OneGraph))
 }
 
 /// A freshly loaded FP32 fixture (its own plan cache) with the given decoder graphs.

@@ -117,6 +117,14 @@ enum Keep {
 }
 
 impl PlanCache {
+    /// The cache behind `cache`; a panic while holding the lock leaves a consistent map, so a
+    /// poisoned lock is used as it is.
+    fn locked(cache: &Mutex<PlanCache>) -> std::sync::MutexGuard<'_, PlanCache> {
+        cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The plan under `key`, built by `build` on first use; the least recently built beyond
     /// [`MAX_CACHED_PLANS`] is dropped, unless it was built to be kept always (a plan built on
     /// first use and asked for again with `Keep::Always` becomes one).
@@ -126,12 +134,7 @@ impl PlanCache {
         keep: Keep,
         build: impl FnOnce() -> Result<Arc<TypedRunnableModel>>,
     ) -> Result<Arc<TypedRunnableModel>> {
-        // A panic while holding the lock leaves a consistent map: keep using it.
-        let lock = || {
-            cache
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        };
+        let lock = || PlanCache::locked(cache);
         {
             let mut cache = lock();
             if let Some(p) = cache.plans.get(&key).cloned() {
@@ -294,27 +297,26 @@ impl Decoder {
     pub fn prepare_plans(&self, max_points: usize) -> Result<()> {
         // A prompt of p points without a box gets one padding point, with a box two corners.
         let counts = 2..=max_points.saturating_add(2);
+        let mut one_point = None;
+        for n in counts {
+            let plan = PlanCache::get_or_build(&self.cache, (1, n), Keep::Always, || {
+                self.build_plan(1, n)
+            })?;
+            one_point.get_or_insert(plan);
+        }
         match &self.graphs {
+            // Every point count gives the mask graph inputs of the same shapes.
             Graphs::Split {
                 masks, masks_path, ..
             } => {
-                for n in counts {
-                    let plan = PlanCache::get_or_build(&self.cache, (1, n), Keep::Always, || {
-                        self.build_plan(1, n)
-                    })?;
-                    // Every point count gives the mask graph inputs of the same shapes.
+                if let Some(plan) = one_point {
                     let (tokens, weights) =
                         (self.output_shape(&plan, 0)?, self.output_shape(&plan, 1)?);
                     self.mask_plan_kept((masks, masks_path), &tokens, &weights, Keep::Always)?;
                 }
             }
+            // Segment-everything: one point (and its padding) per prompt, every batch size.
             Graphs::One => {
-                for n in counts {
-                    PlanCache::get_or_build(&self.cache, (1, n), Keep::Always, || {
-                        self.build_plan(1, n)
-                    })?;
-                }
-                // Segment-everything: one point (and its padding) per prompt, every batch size.
                 for b in ONE_GRAPH_BATCHES {
                     PlanCache::get_or_build(&self.cache, (b, 2), Keep::Always, || {
                         self.build_plan(b, 2)
@@ -327,12 +329,7 @@ impl Decoder {
 
     /// Plans built so far, of every graph (for tests of what is built when).
     pub fn plans_built(&self) -> usize {
-        let built = |cache: &Mutex<PlanCache>| {
-            cache
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .built
-        };
+        let built = |cache| PlanCache::locked(cache).built;
         built(&self.cache).saturating_add(built(&self.mask_plans))
     }
 
@@ -758,7 +755,6 @@ impl Decoder {
         }
     }
 
-    /// The one-graph form on one batch (or the split form's error on a malformed one).
     /// The one graph on a batch of any size: chunks of the largest of [`ONE_GRAPH_BATCHES`], the
     /// last padded up to the smallest that holds it (see there).
     fn decode_one_graph(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
