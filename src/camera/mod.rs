@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::pixel::{self, PixelError, PixelFormat};
 
@@ -55,7 +55,7 @@ impl Frame {
 }
 
 /// What a source is, for status reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SourceInfo {
     /// The source as configured (`synthetic`, `file:...`, `v4l2:...`).
     pub uri: String,
