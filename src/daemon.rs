@@ -356,6 +356,7 @@ impl Daemon {
     /// Returns within about `deadline` even if the encoder is mid-frame.
     pub fn shutdown(self, deadline: Duration) {
         self.stop.store(true, Ordering::Relaxed);
+        self.server.stop();
         if let Some(path) = &self.socket_file {
             if let Err(e) = std::fs::remove_file(path) {
                 log::warn!("removing {}: {e}", path.display());

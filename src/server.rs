@@ -2,17 +2,26 @@
 //! clients, and runs two threads per client — a reader that parses and answers requests, and a
 //! writer that drains the client's own bounded queue. A client that stops reading is disconnected
 //! after the stall timeout; it never blocks the pipeline or other clients.
+//!
+//! Nothing polls for shutdown: [`Server::stop`] wakes the accept loop through a socket pair it
+//! waits on beside the listener, and shuts every client socket down for reading, so that each
+//! reader's blocked `read` returns at once; a client's writer wakes when the client's slot is
+//! released. Reads time out only at the handshake and idle deadlines.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::hub::{
     ClientStats, Failure, FailureKind, Hub, MaskBatch, Outbound, Subscription, SubscriptionKind,
@@ -51,8 +60,8 @@ pub enum ServerError {
 
 /// How long a new client has to send its hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Poll interval of blocking reads and accepts, so that shutdown is seen promptly.
-const POLL: Duration = Duration::from_millis(100);
+/// Pause after a failed `accept` (out of file descriptors, say) before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Bind `path`, replacing a stale socket file (one no daemon answers on), then set its mode and
 /// group.
@@ -148,26 +157,101 @@ pub struct ServerContext {
     /// Close a connection that sends nothing for this long and has no standing subscription
     /// (one that reads its results is alive); `None`: never.
     pub idle_timeout: Option<Duration>,
-    /// Set to stop.
+    /// Set when the daemon stops ([`Server::stop`] sets it too).
     pub stop: Arc<AtomicBool>,
+}
+
+/// What [`Server::stop`] must reach: the accept loop's wake-up socket and the open client
+/// sockets (clones of them), under one lock with the stopped state, so that a client that
+/// connects while the server stops is shut down as it registers.
+struct Shutter {
+    state: Mutex<ShutterState>,
+    /// Written to (shut down) to wake the accept loop.
+    wake: UnixStream,
+}
+
+#[derive(Default)]
+struct ShutterState {
+    stopped: bool,
+    clients: HashMap<ClientId, UnixStream>,
+}
+
+impl Shutter {
+    fn locked(&self) -> MutexGuard<'_, ShutterState> {
+        // The map stays consistent if a holder panicked: every change is one insert or remove.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keep a handle on a client's socket until [`Shutter::forget`]; shut it down at once if
+    /// the server has stopped.
+    fn watch(&self, id: ClientId, stream: &UnixStream) -> std::io::Result<()> {
+        let handle = stream.try_clone()?;
+        let mut state = self.locked();
+        if state.stopped {
+            let _ = handle.shutdown(Shutdown::Read);
+        }
+        state.clients.insert(id, handle);
+        Ok(())
+    }
+
+    fn forget(&self, id: ClientId) {
+        self.locked().clients.remove(&id);
+    }
+
+    /// Wake every blocked reader and the accept loop; later clients are shut down as they
+    /// register.
+    fn stop(&self) {
+        let mut state = self.locked();
+        state.stopped = true;
+        for stream in state.clients.values() {
+            // A reader blocked in `read` gets end-of-file; replies can still be written.
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        drop(state);
+        let _ = self.wake.shutdown(Shutdown::Both);
+    }
 }
 
 /// The accept loop and client threads.
 pub struct Server {
     accept: JoinHandle<()>,
     clients: Arc<AtomicUsize>,
+    shutter: Arc<Shutter>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Server {
     /// Start accepting on `listener`.
     pub fn start(listener: UnixListener, ctx: ServerContext) -> std::io::Result<Server> {
+        // Non-blocking: a connection that was ready when `poll` said so may be gone by the time
+        // `accept` runs, and the loop must not block there.
         listener.set_nonblocking(true)?;
+        let (wake, woken) = UnixStream::pair()?;
+        let shutter = Arc::new(Shutter {
+            state: Mutex::new(ShutterState::default()),
+            wake,
+        });
         let clients = Arc::new(AtomicUsize::new(0));
-        let count = clients.clone();
-        let accept = std::thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || accept_loop(listener, ctx, count))?;
-        Ok(Server { accept, clients })
+        let stop = ctx.stop.clone();
+        let accept = {
+            let (count, shutter) = (clients.clone(), shutter.clone());
+            std::thread::Builder::new()
+                .name("accept".into())
+                .spawn(move || accept_loop(listener, woken, ctx, count, shutter))?
+        };
+        Ok(Server {
+            accept,
+            clients,
+            shutter,
+            stop,
+        })
+    }
+
+    /// Stop accepting and end every client's connection: blocked threads wake at once (see the
+    /// module docs). [`Server::join`] waits for them.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.shutter.stop();
     }
 
     /// Clients connected now.
@@ -175,7 +259,8 @@ impl Server {
         self.clients.load(Ordering::Relaxed)
     }
 
-    /// Wait up to `deadline` for the accept loop and the client threads to end (after `stop`).
+    /// Wait up to `deadline` for the accept loop and the client threads to end (after
+    /// [`Server::stop`]).
     pub fn join(self, deadline: Duration) {
         let until = Instant::now() + deadline;
         while (!self.accept.is_finished() || self.clients.load(Ordering::Relaxed) > 0)
@@ -189,8 +274,39 @@ impl Server {
     }
 }
 
-fn accept_loop(listener: UnixListener, ctx: ServerContext, count: Arc<AtomicUsize>) {
+/// Whether `listener` has a connection waiting (false: `woken` says stop, or poll failed).
+fn connection_waiting(listener: &UnixListener, woken: &UnixStream) -> bool {
+    let ready = PollFlags::POLLIN;
+    let mut fds = [
+        PollFd::new(listener.as_fd(), ready),
+        PollFd::new(woken.as_fd(), ready),
+    ];
+    loop {
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                log::warn!("waiting for clients: {e}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+                return false;
+            }
+        }
+    }
+    let any = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+    !any(&fds[1]) && any(&fds[0])
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    woken: UnixStream,
+    ctx: ServerContext,
+    count: Arc<AtomicUsize>,
+    shutter: Arc<Shutter>,
+) {
     while !ctx.stop.load(Ordering::Relaxed) {
+        if !connection_waiting(&listener, &woken) {
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 if let Err(e) = stream.set_nonblocking(false) {
@@ -209,14 +325,14 @@ fn accept_loop(listener: UnixListener, ctx: ServerContext, count: Arc<AtomicUsiz
                     let _ = stream.write_all(&msg.encode());
                     continue;
                 }
-                if let Err(e) = spawn_client(stream, ctx.clone(), count.clone()) {
+                if let Err(e) = spawn_client(stream, ctx.clone(), count.clone(), &shutter) {
                     log::error!("starting client threads: {e}");
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL / 2),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 log::warn!("accept: {e}");
-                std::thread::sleep(POLL);
+                std::thread::sleep(ACCEPT_BACKOFF);
             }
         }
     }
@@ -232,41 +348,52 @@ struct ClientSlot {
     requests: Arc<RequestQueue>,
     count: Arc<AtomicUsize>,
     closing: Arc<AtomicBool>,
+    /// Its socket, for [`Server::stop`]; forgotten with the slot.
+    shutter: Arc<Shutter>,
+    /// Never sends: dropping it tells the writer the client is gone.
+    closed: Option<Sender<()>>,
     writer: Option<JoinHandle<()>>,
 }
 
 impl ClientSlot {
     /// Take a place under the cap and register with the hub.
+    /// Returns the slot, the client's counters and the receiver that closes with the slot.
     fn claim(
         ctx: &ServerContext,
         count: Arc<AtomicUsize>,
+        shutter: &Arc<Shutter>,
         tx: Sender<Outbound>,
         answers: Sender<Outbound>,
-    ) -> (ClientSlot, Arc<ClientStats>) {
+    ) -> (ClientSlot, Arc<ClientStats>, Receiver<()>) {
         count.fetch_add(1, Ordering::Relaxed);
         let (id, stats) = ctx.hub.register(String::new(), tx, answers);
+        let (closed, on_close) = bounded(0);
         let slot = ClientSlot {
             id,
             hub: ctx.hub.clone(),
             requests: ctx.requests.clone(),
             count,
             closing: Arc::new(AtomicBool::new(false)),
+            shutter: shutter.clone(),
+            closed: Some(closed),
             writer: None,
         };
-        (slot, stats)
+        (slot, stats, on_close)
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.closing.store(true, Ordering::Relaxed);
+        self.shutter.forget(self.id);
         // Its result queue closes with the hub's sender (the reader's went first).
         self.hub.unregister(self.id);
         let cancelled = self.requests.cancel(self.id);
         if cancelled > 0 {
             log::debug!("client {}: {cancelled} waiting requests dropped", self.id);
         }
-        // The writer ends when it has flushed what it can (or at its stall timeout).
+        // The writer ends when it has written the item in hand (or at its stall timeout).
+        drop(self.closed.take());
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -279,24 +406,29 @@ fn spawn_client(
     stream: UnixStream,
     ctx: ServerContext,
     count: Arc<AtomicUsize>,
+    shutter: &Arc<Shutter>,
 ) -> std::io::Result<()> {
     let (tx, rx) = bounded(ctx.queue.max(1));
     let (answers_tx, answers) = crossbeam_channel::unbounded();
-    let (mut slot, stats) = ClientSlot::claim(&ctx, count, tx.clone(), answers_tx);
+    let (mut slot, stats, closed) = ClientSlot::claim(&ctx, count, shutter, tx.clone(), answers_tx);
     let id = slot.id;
     log::info!("client {id} connected");
+    shutter.watch(id, &stream)?;
     let write_half = stream.try_clone()?;
     write_half.set_write_timeout(Some(ctx.stall_timeout))?;
-    stream.set_read_timeout(Some(POLL))?;
     let closing = slot.closing.clone();
     slot.writer = Some({
-        let (stop, closing, stats) = (ctx.stop.clone(), closing.clone(), stats.clone());
+        let (closing, stats) = (closing.clone(), stats.clone());
         let metrics = ctx.metrics.clone();
         std::thread::Builder::new()
             .name(format!("client-{id}-tx"))
             .spawn(move || {
-                let queues = Queues { answers, rx };
-                write_loop(id, write_half, queues, &stats, &metrics, &stop, &closing)
+                let queues = Queues {
+                    answers,
+                    rx,
+                    closed,
+                };
+                write_loop(id, write_half, queues, &stats, &metrics, &closing)
             })?
     });
     // On failure the closure, and with it the slot, is dropped here: the client is released.
@@ -319,8 +451,9 @@ fn spawn_client(
     Ok(())
 }
 
-/// Reads with a short timeout so that shutdown and disconnects are seen; gives up on `stop`,
-/// `closing` or past `deadline`.
+/// Reads until `deadline` (blocking without one); gives up on `stop`, `closing` or past the
+/// deadline. [`Server::stop`] and a writer that gives up shut the socket down, which ends a
+/// blocked read with end-of-file.
 struct PatientReader<'a> {
     stream: &'a UnixStream,
     stop: &'a AtomicBool,
@@ -343,9 +476,10 @@ impl Read for PatientReader<'_> {
                     "closing",
                 ));
             }
+            let mut timeout = None;
             if let Some((deadline, why)) = self.deadline {
                 let now = Instant::now();
-                if now > deadline {
+                if now >= deadline {
                     match self.keep_alive {
                         Some((alive, extend)) if alive() => {
                             self.deadline = Some((now + extend, why));
@@ -353,7 +487,14 @@ impl Read for PatientReader<'_> {
                         _ => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)),
                     }
                 }
+                // At least a millisecond: a zero timeout means none at all.
+                timeout = self.deadline.map(|(deadline, _)| {
+                    deadline
+                        .saturating_duration_since(now)
+                        .max(Duration::from_millis(1))
+                });
             }
+            self.stream.set_read_timeout(timeout)?;
             match (&mut &*self.stream).read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e)
@@ -624,19 +765,29 @@ fn encode_masks(batch: &MaskBatch, dropped: u64) -> ServerMessage {
 struct Queues {
     answers: Receiver<Outbound>,
     rx: Receiver<Outbound>,
+    /// Disconnects when the client's slot is released.
+    closed: Receiver<()>,
 }
 
 impl Queues {
-    /// The next item, an answer if one waits; `Timeout` after [`POLL`] with nothing.
-    fn next(&self) -> Result<Outbound, RecvTimeoutError> {
+    /// The next item, an answer if one waits; `None` once the client is gone.
+    fn next(&self) -> Option<Outbound> {
         if let Ok(item) = self.answers.try_recv() {
-            return Ok(item);
+            return Some(item);
         }
         crossbeam_channel::select! {
             // A closed answer queue (the client is being removed) leaves the other one.
-            recv(self.answers) -> item => item.or_else(|_| self.rx.recv_timeout(POLL)),
-            recv(self.rx) -> item => item.map_err(|_| RecvTimeoutError::Disconnected),
-            default(POLL) => Err(RecvTimeoutError::Timeout),
+            recv(self.answers) -> item => item.ok().or_else(|| self.next_result()),
+            recv(self.rx) -> item => item.ok(),
+            recv(self.closed) -> _ => None,
+        }
+    }
+
+    /// The next subscription result, or `None` once the client is gone.
+    fn next_result(&self) -> Option<Outbound> {
+        crossbeam_channel::select! {
+            recv(self.rx) -> item => item.ok(),
+            recv(self.closed) -> _ => None,
         }
     }
 }
@@ -647,20 +798,9 @@ fn write_loop(
     queues: Queues,
     stats: &ClientStats,
     metrics: &Metrics,
-    stop: &AtomicBool,
     closing: &AtomicBool,
 ) {
-    loop {
-        let item = match queues.next() {
-            Ok(item) => item,
-            Err(RecvTimeoutError::Timeout) => {
-                if stop.load(Ordering::Relaxed) || closing.load(Ordering::Relaxed) {
-                    break;
-                }
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
+    while let Some(item) = queues.next() {
         let started = Instant::now();
         let (bytes, batch) = match item {
             Outbound::Masks(batch) => {
@@ -694,7 +834,7 @@ fn write_loop(
                 log::debug!("client {id}: write failed: {e}");
             }
             closing.store(true, Ordering::Relaxed);
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let _ = stream.shutdown(Shutdown::Both);
             break;
         }
         stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -791,9 +931,15 @@ mod tests {
         drop((tx, answers_tx));
         std::thread::spawn(move || {
             let (stats, metrics) = (ClientStats::default(), Metrics::new());
-            let (stop, closing) = (AtomicBool::new(false), AtomicBool::new(false));
-            let queues = Queues { answers, rx };
-            write_loop(1, ours, queues, &stats, &metrics, &stop, &closing);
+            let closing = AtomicBool::new(false);
+            // The client stays (the sender of `closed` lives) until the queues are written.
+            let (_slot, closed) = bounded::<()>(0);
+            let queues = Queues {
+                answers,
+                rx,
+                closed,
+            };
+            write_loop(1, ours, queues, &stats, &metrics, &closing);
         });
         let mut texts = Vec::new();
         for _ in 0..4 {
@@ -813,7 +959,6 @@ mod tests {
     #[test]
     fn reader_of_a_closing_connection_returns_instead_of_spinning() {
         let (ours, _theirs) = UnixStream::pair().expect("socket pair");
-        ours.set_read_timeout(Some(POLL)).expect("read timeout");
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
             let stop = AtomicBool::new(false);
@@ -836,5 +981,76 @@ mod tests {
             }
             other => panic!("expected an I/O error for a closing connection, got {other:?}"),
         }
+    }
+
+    fn shutter() -> Arc<Shutter> {
+        let (wake, woken) = UnixStream::pair().expect("socket pair");
+        // The accept loop's end, kept open so that the wake-up is a shutdown, not a close.
+        std::mem::forget(woken);
+        Arc::new(Shutter {
+            state: Mutex::new(ShutterState::default()),
+            wake,
+        })
+    }
+
+    /// A reader blocked without any timeout (a client that said hello and has no idle limit)
+    /// returns as soon as the server stops: stopping shuts its socket down, nothing polls.
+    #[test]
+    fn stopping_wakes_a_reader_blocked_without_a_timeout() {
+        let shutter = shutter();
+        let (ours, _theirs) = UnixStream::pair().expect("socket pair");
+        shutter.watch(7, &ours).expect("watched");
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let (stop, closing) = (AtomicBool::new(false), AtomicBool::new(false));
+            let mut reader = PatientReader {
+                stream: &ours,
+                stop: &stop,
+                closing: &closing,
+                deadline: None,
+                keep_alive: None,
+            };
+            let read = protocol::read_frame(&mut reader, MAX_CLIENT_BODY);
+            let _ = done_tx.send(matches!(read, Ok(None)));
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the reader returned before the stop"
+        );
+        shutter.stop();
+        let clean_end = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader returned after the stop");
+        assert!(clean_end, "the reader saw end-of-file");
+        // A client that registers after the stop is shut down as it registers.
+        let (late, _peer) = UnixStream::pair().expect("socket pair");
+        shutter.watch(8, &late).expect("watched");
+        let mut byte = [0u8; 1];
+        assert_eq!((&late).read(&mut byte).expect("reads"), 0);
+        shutter.forget(7);
+        shutter.forget(8);
+        assert!(shutter.locked().clients.is_empty());
+    }
+
+    /// The accept loop's wait ends when the server stops, and says that no client is waiting.
+    #[test]
+    fn stopping_wakes_the_accept_loop() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = UnixListener::bind(dir.path().join("s.sock")).expect("bound");
+        let (wake, woken) = UnixStream::pair().expect("socket pair");
+        let shutter = Arc::new(Shutter {
+            state: Mutex::new(ShutterState::default()),
+            wake,
+        });
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = done_tx.send(connection_waiting(&listener, &woken));
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(300)).is_err());
+        shutter.stop();
+        let waiting = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the wait ended after the stop");
+        assert!(!waiting);
     }
 }
