@@ -6,7 +6,7 @@
 //!
 //! - per output pixel along each axis, a triangle filter stretched by the downscale factor
 //!   (antialiasing; plain bilinear interpolation when enlarging), its weights computed in `f64`,
-//!   normalised to sum to one, then rounded to fixed point with [`PRECISION_BITS`] fraction bits;
+//!   normalised to sum to one, then rounded to fixed point with `PRECISION_BITS` fraction bits;
 //! - a horizontal pass over only the rows the vertical pass reads, kept as 8-bit pixels (rounded
 //!   and clamped), then the vertical pass over those;
 //! - each sum starts at one half (`1 << (PRECISION_BITS - 1)`) and is shifted right and clamped

@@ -111,7 +111,7 @@ pub fn layer_norm<const FMA: bool>(
 /// Partial sums of [`lane_sum`].
 const LANES: usize = 16;
 
-/// `Σ f(a_i)` in [`LANES`] partial sums (vectorisable, unlike one running sum), added pairwise.
+/// `Σ f(a_i)` in `LANES` partial sums (vectorisable, unlike one running sum), added pairwise.
 #[inline(always)]
 pub fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];

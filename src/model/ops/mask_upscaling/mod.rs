@@ -9,7 +9,7 @@
 //! tract 0.23.9 runs that as fourteen nodes, each a pass over 4–8 MB per prompt, the bias adds and
 //! axis moves on one thread: 20 ms of a 51 ms one-point decode on the default model
 //! (`benches/decoder-results.md`). Here each task takes a row of the token grid, works 16 tokens
-//! at a time (their feature maps stay in L1/L2, see [`kernel`]) and writes the finished mask
+//! at a time (their feature maps stay in L1/L2, see `kernel`) and writes the finished mask
 //! values straight to their place in the K planes; rows are spread over tract's threads.
 //!
 //! [`rewrite_mask_upscaling`] finds the chain in a decluttered graph after our LayerNorm and

@@ -10,7 +10,7 @@
 //! Here a task takes a band of output rows and walks it top to bottom: each hidden row is
 //! computed once (expansion on our [`super::gemm`] kernels, bias, GELU) into a ring of three,
 //! each output row is the depthwise convolution of the ring, GELU, and the projection, finished
-//! and written in place (see [`kernel`]). Bands go to tract's threads; a band recomputes the
+//! and written in place (see `kernel`). Bands go to tract's threads; a band recomputes the
 //! hidden rows at its two edges.
 //!
 //! [`rewrite_mbconv`] finds the chains in a decluttered encoder after our GELU rewrite and

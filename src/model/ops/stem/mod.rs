@@ -6,7 +6,7 @@
 //! 80–100 ms of an INT8 frame on 2 threads of an AVX-512 host for 1.4 GMAC
 //! (`benches/encoder-profile-results.md`). Here a task walks a band of output rows; each
 //! intermediate row is computed once into a ring of three, both convolutions are products on
-//! our [`super::gemm`] kernels with patches as rows (see [`kernel`]), and bands go to tract's
+//! our [`super::gemm`] kernels with patches as rows (see `kernel`), and bands go to tract's
 //! threads.
 //!
 //! [`rewrite_stem`] finds the chain in a decluttered encoder after our GELU rewrite; a chain

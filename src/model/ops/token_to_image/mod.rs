@@ -9,7 +9,7 @@
 //! whole `[P, D]` map, a product that packs that sum, a softmax over `[H·T, P]` and a product
 //! that packs the keys again: four passes over 4 MB per block, two blocks per prompt, ~8 ms of a
 //! ~30 ms one-point prompt on the default model (`benches/decoder-results.md`). Here each task
-//! takes a fixed part of the image tokens and walks it a tile at a time (see [`kernel`]): keys +
+//! takes a fixed part of the image tokens and walks it a tile at a time (see `kernel`): keys +
 //! pe, logits, an online softmax and the weighted sum all happen while the tile is in L1; the
 //! parts' running sums are combined at the end.
 //!
