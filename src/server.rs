@@ -177,6 +177,14 @@ struct ShutterState {
 }
 
 impl Shutter {
+    /// A shutter that wakes the accept loop by shutting `wake` down (the loop polls its peer).
+    fn new(wake: UnixStream) -> Arc<Shutter> {
+        Arc::new(Shutter {
+            state: Mutex::new(ShutterState::default()),
+            wake,
+        })
+    }
+
     fn locked(&self) -> MutexGuard<'_, ShutterState> {
         // The map stays consistent if a holder panicked: every change is one insert or remove.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -227,10 +235,7 @@ impl Server {
         // `accept` runs, and the loop must not block there.
         listener.set_nonblocking(true)?;
         let (wake, woken) = UnixStream::pair()?;
-        let shutter = Arc::new(Shutter {
-            state: Mutex::new(ShutterState::default()),
-            wake,
-        });
+        let shutter = Shutter::new(wake);
         let clients = Arc::new(AtomicUsize::new(0));
         let stop = ctx.stop.clone();
         let accept = {
@@ -959,23 +964,11 @@ mod tests {
     #[test]
     fn reader_of_a_closing_connection_returns_instead_of_spinning() {
         let (ours, _theirs) = UnixStream::pair().expect("socket pair");
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let stop = AtomicBool::new(false);
-            let closing = AtomicBool::new(true);
-            let mut reader = PatientReader {
-                stream: &ours,
-                stop: &stop,
-                closing: &closing,
-                deadline: None,
-                keep_alive: None,
-            };
-            let _ = done_tx.send(protocol::read_frame(&mut reader, MAX_CLIENT_BODY).err());
-        });
-        let err = done_rx
+        let done = read_in_background(ours, true);
+        let read = done
             .recv_timeout(Duration::from_secs(10))
             .expect("read_frame returned");
-        match err {
+        match read.err() {
             Some(ProtocolError::Io(e)) => {
                 assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted)
             }
@@ -983,45 +976,45 @@ mod tests {
         }
     }
 
-    fn shutter() -> Arc<Shutter> {
-        let (wake, woken) = UnixStream::pair().expect("socket pair");
-        // The accept loop's end, kept open so that the wake-up is a shutdown, not a close.
-        std::mem::forget(woken);
-        Arc::new(Shutter {
-            state: Mutex::new(ShutterState::default()),
-            wake,
-        })
+    type Frame = Result<Option<(protocol::Header, Vec<u8>)>, ProtocolError>;
+
+    /// One `read_frame` on `stream` through a reader without a deadline, on a thread of its
+    /// own; its result comes on the channel.
+    fn read_in_background(stream: UnixStream, closing: bool) -> Receiver<Frame> {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let (stop, closing) = (AtomicBool::new(false), AtomicBool::new(closing));
+            let mut reader = PatientReader {
+                stream: &stream,
+                stop: &stop,
+                closing: &closing,
+                deadline: None,
+                keep_alive: None,
+            };
+            let _ = done_tx.send(protocol::read_frame(&mut reader, MAX_CLIENT_BODY));
+        });
+        done_rx
     }
 
     /// A reader blocked without any timeout (a client that said hello and has no idle limit)
     /// returns as soon as the server stops: stopping shuts its socket down, nothing polls.
     #[test]
     fn stopping_wakes_a_reader_blocked_without_a_timeout() {
-        let shutter = shutter();
+        // The accept loop's end of the wake-up pair stays open: the wake-up is a shutdown.
+        let (wake, _woken) = UnixStream::pair().expect("socket pair");
+        let shutter = Shutter::new(wake);
         let (ours, _theirs) = UnixStream::pair().expect("socket pair");
         shutter.watch(7, &ours).expect("watched");
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let (stop, closing) = (AtomicBool::new(false), AtomicBool::new(false));
-            let mut reader = PatientReader {
-                stream: &ours,
-                stop: &stop,
-                closing: &closing,
-                deadline: None,
-                keep_alive: None,
-            };
-            let read = protocol::read_frame(&mut reader, MAX_CLIENT_BODY);
-            let _ = done_tx.send(matches!(read, Ok(None)));
-        });
+        let done = read_in_background(ours, false);
         assert!(
-            done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            done.recv_timeout(Duration::from_millis(300)).is_err(),
             "the reader returned before the stop"
         );
         shutter.stop();
-        let clean_end = done_rx
+        let read = done
             .recv_timeout(Duration::from_secs(10))
             .expect("the reader returned after the stop");
-        assert!(clean_end, "the reader saw end-of-file");
+        assert!(matches!(read, Ok(None)), "the reader saw end-of-file");
         // A client that registers after the stop is shut down as it registers.
         let (late, _peer) = UnixStream::pair().expect("socket pair");
         shutter.watch(8, &late).expect("watched");
@@ -1038,10 +1031,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let listener = UnixListener::bind(dir.path().join("s.sock")).expect("bound");
         let (wake, woken) = UnixStream::pair().expect("socket pair");
-        let shutter = Arc::new(Shutter {
-            state: Mutex::new(ShutterState::default()),
-            wake,
-        });
+        let shutter = Shutter::new(wake);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
             let _ = done_tx.send(connection_waiting(&listener, &woken));
