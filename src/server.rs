@@ -775,7 +775,8 @@ struct Queues {
 }
 
 impl Queues {
-    /// The next item, an answer if one waits; `None` once the client is gone.
+    /// The next item, an answer if one waits; once the client is gone, what is still queued,
+    /// then `None` (a client that sends a request and closes its end still gets the answer).
     fn next(&self) -> Option<Outbound> {
         if let Ok(item) = self.answers.try_recv() {
             return Some(item);
@@ -784,15 +785,15 @@ impl Queues {
             // A closed answer queue (the client is being removed) leaves the other one.
             recv(self.answers) -> item => item.ok().or_else(|| self.next_result()),
             recv(self.rx) -> item => item.ok(),
-            recv(self.closed) -> _ => None,
+            recv(self.closed) -> _ => self.rx.try_recv().ok(),
         }
     }
 
-    /// The next subscription result, or `None` once the client is gone.
+    /// The next subscription result; once the client is gone, one still queued or `None`.
     fn next_result(&self) -> Option<Outbound> {
         crossbeam_channel::select! {
             recv(self.rx) -> item => item.ok(),
-            recv(self.closed) -> _ => None,
+            recv(self.closed) -> _ => self.rx.try_recv().ok(),
         }
     }
 }
@@ -956,6 +957,52 @@ mod tests {
         }
         assert!(texts[0].contains("the answer"), "{texts:?}");
         assert!(texts[3].contains("result 2"), "{texts:?}");
+    }
+
+    /// A client that is gone (its slot released) still gets what was queued for it: the reply to
+    /// a request it sent just before closing its end, say.
+    #[test]
+    fn a_released_client_gets_what_was_queued() {
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let (tx, rx) = bounded(8);
+        let (answers_tx, answers) = crossbeam_channel::unbounded();
+        let message = |text: String| {
+            Outbound::Encoded(ServerMessage::error(Some(1), ErrorCode::Busy, text).encode())
+        };
+        // Several results: a writer that stopped at the release would keep one of them only by
+        // luck (its wait picks among ready queues at random).
+        for i in 0..5 {
+            tx.send(message(format!("result {i}"))).expect("queued");
+        }
+        answers_tx
+            .send(message("an answer".into()))
+            .expect("queued");
+        let (slot, closed) = bounded::<()>(0);
+        drop(slot);
+        std::thread::spawn(move || {
+            let (stats, metrics) = (ClientStats::default(), Metrics::new());
+            let queues = Queues {
+                answers,
+                rx,
+                closed,
+            };
+            write_loop(1, ours, queues, &stats, &metrics, &AtomicBool::new(false));
+            // The senders outlive the writer: it ended because the client is gone.
+            drop((tx, answers_tx));
+        });
+        let mut texts = Vec::new();
+        while let Some((header, body)) =
+            protocol::read_frame(&mut theirs, MAX_SERVER_BODY).expect("reads")
+        {
+            let msg = ServerMessage::decode(header.kind, &body).expect("decodes");
+            texts.push(format!("{msg:?}"));
+        }
+        assert_eq!(texts.len(), 6, "{texts:?}");
+        assert!(texts[0].contains("an answer"), "{texts:?}");
+        assert!(texts[5].contains("result 4"), "{texts:?}");
     }
 
     /// A reader whose connection is marked closing must give up, not retry forever: the bug was
