@@ -164,6 +164,17 @@ fn malformed_messages_get_typed_errors() {
     );
 
     // Client cap (4): the bystander, the first bad client, and two more fit; the next is refused.
+    // The clients the server closed above are released by their own threads right after their
+    // last reply: wait until they are (the accept loop takes a new client at once).
+    let released = (0..1000).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        daemon.client_count() == 2
+    });
+    assert!(
+        released,
+        "{} clients still connected",
+        daemon.client_count()
+    );
     let _third = Client::connect(&path, "third").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let _fourth = Client::connect(&path, "fourth");
