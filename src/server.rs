@@ -16,7 +16,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -187,7 +187,7 @@ impl Shutter {
 
     fn locked(&self) -> MutexGuard<'_, ShutterState> {
         // The map stays consistent if a holder panicked: every change is one insert or remove.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Keep a handle on a client's socket until [`Shutter::forget`]; shut it down at once if
@@ -914,84 +914,45 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).expect("listing").count(), 1);
     }
 
-    /// With the result queue full, an answer to a request is the next message on the wire.
-    #[test]
-    fn answers_go_before_queued_results() {
+    /// What the writer puts on the wire for `answers` and `results` queued before it starts,
+    /// read until it ends. With `released`, the client's slot is gone while its queues stay
+    /// open; without, the slot stays and the queues close once written.
+    fn written(answers: &[&str], results: &[&str], released: bool) -> Vec<String> {
         let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
         theirs
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
-        let (tx, rx) = bounded(3);
-        let (answers_tx, answers) = crossbeam_channel::unbounded();
-        for i in 0..3 {
-            tx.send(Outbound::Encoded(
-                ServerMessage::error(None, ErrorCode::Busy, format!("result {i}")).encode(),
-            ))
-            .expect("queued");
-        }
-        answers_tx
-            .send(Outbound::Encoded(
-                ServerMessage::error(Some(42), ErrorCode::Busy, "the answer").encode(),
-            ))
-            .expect("queued");
-        drop((tx, answers_tx));
-        std::thread::spawn(move || {
-            let (stats, metrics) = (ClientStats::default(), Metrics::new());
-            let closing = AtomicBool::new(false);
-            // The client stays (the sender of `closed` lives) until the queues are written.
-            let (_slot, closed) = bounded::<()>(0);
-            let queues = Queues {
-                answers,
-                rx,
-                closed,
-            };
-            write_loop(1, ours, queues, &stats, &metrics, &closing);
-        });
-        let mut texts = Vec::new();
-        for _ in 0..4 {
-            let (header, body) = protocol::read_frame(&mut theirs, MAX_SERVER_BODY)
-                .expect("reads")
-                .expect("a message");
-            let msg = ServerMessage::decode(header.kind, &body).expect("decodes");
-            texts.push(format!("{msg:?}"));
-        }
-        assert!(texts[0].contains("the answer"), "{texts:?}");
-        assert!(texts[3].contains("result 2"), "{texts:?}");
-    }
-
-    /// A client that is gone (its slot released) still gets what was queued for it: the reply to
-    /// a request it sent just before closing its end, say.
-    #[test]
-    fn a_released_client_gets_what_was_queued() {
-        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
-        theirs
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("read timeout");
-        let (tx, rx) = bounded(8);
-        let (answers_tx, answers) = crossbeam_channel::unbounded();
-        let message = |text: String| {
-            Outbound::Encoded(ServerMessage::error(Some(1), ErrorCode::Busy, text).encode())
+        let (tx, rx) = bounded(results.len().max(1));
+        let (answers_tx, answers_rx) = crossbeam_channel::unbounded();
+        let message = |text: &str| {
+            Outbound::Encoded(ServerMessage::error(None, ErrorCode::Busy, text).encode())
         };
-        // Several results: a writer that stopped at the release would keep one of them only by
-        // luck (its wait picks among ready queues at random).
-        for i in 0..5 {
-            tx.send(message(format!("result {i}"))).expect("queued");
+        for text in results {
+            tx.send(message(text)).expect("queued");
         }
-        answers_tx
-            .send(message("an answer".into()))
-            .expect("queued");
+        for text in answers {
+            answers_tx.send(message(text)).expect("queued");
+        }
         let (slot, closed) = bounded::<()>(0);
-        drop(slot);
+        // Held until the writer has ended: the queues' senders when the slot is released (it
+        // must end because the client is gone), else the slot (it must end because the queues
+        // closed).
+        let held = if released {
+            drop(slot);
+            (None, Some((tx, answers_tx)))
+        } else {
+            drop((tx, answers_tx));
+            (Some(slot), None)
+        };
         std::thread::spawn(move || {
             let (stats, metrics) = (ClientStats::default(), Metrics::new());
             let queues = Queues {
-                answers,
+                answers: answers_rx,
                 rx,
                 closed,
             };
             write_loop(1, ours, queues, &stats, &metrics, &AtomicBool::new(false));
-            // The senders outlive the writer: it ended because the client is gone.
-            drop((tx, answers_tx));
+            drop(held);
         });
         let mut texts = Vec::new();
         while let Some((header, body)) =
@@ -1000,6 +961,30 @@ mod tests {
             let msg = ServerMessage::decode(header.kind, &body).expect("decodes");
             texts.push(format!("{msg:?}"));
         }
+        texts
+    }
+
+    /// With the result queue full, an answer to a request is the next message on the wire.
+    #[test]
+    fn answers_go_before_queued_results() {
+        let texts = written(
+            &["the answer"],
+            &["result 0", "result 1", "result 2"],
+            false,
+        );
+        assert!(texts[0].contains("the answer"), "{texts:?}");
+        assert!(texts[3].contains("result 2"), "{texts:?}");
+    }
+
+    /// A client that is gone (its slot released) still gets what was queued for it: the reply to
+    /// a request it sent just before closing its end, say.
+    #[test]
+    fn a_released_client_gets_what_was_queued() {
+        // Several results: a writer that stopped at the release would keep one of them only by
+        // luck (its wait picks among ready queues at random).
+        let results: Vec<String> = (0..5).map(|i| format!("result {i}")).collect();
+        let results: Vec<&str> = results.iter().map(String::as_str).collect();
+        let texts = written(&["an answer"], &results, true);
         assert_eq!(texts.len(), 6, "{texts:?}");
         assert!(texts[0].contains("an answer"), "{texts:?}");
         assert!(texts[5].contains("result 4"), "{texts:?}");
