@@ -159,8 +159,9 @@ impl Daemon {
                 ring: settings.ring,
                 everything: everything.clone(),
                 extra_encode_delay: options.extra_encode_delay,
-                // One everything prompt per decoder thread between two looks at the requests.
-                everything_chunk: settings.threads.max(1),
+                // One everything prompt per decoder thread between two looks at the requests
+                // (a one-graph decoder: the batch it would pad that to).
+                everything_chunk: segmenter.model.decoder.unpadded_batch(settings.threads),
                 subscriptions_per_client: MAX_SUBSCRIPTIONS,
                 ..PipelineOptions::default()
             },
@@ -207,6 +208,7 @@ impl Daemon {
                     frames_skipped: Counters::get(&c.skipped),
                     frames_corrupt: Counters::get(&c.corrupt),
                     camera_reopens: Counters::get(&c.reopens),
+                    everything_stopped: Counters::get(&c.everything_stopped),
                     newest_frame: span.map(|s| s.1),
                     oldest_frame: span.map(|s| s.0),
                     stages: metrics

@@ -13,6 +13,8 @@
 //! point itself (the official code tests the union of high-confidence masks at that pixel, which
 //! is the same test).
 
+use std::ops::ControlFlow;
+
 use serde::Serialize;
 
 use crate::model::{Embedding, MaskLogits};
@@ -184,7 +186,7 @@ pub struct Progress {
 pub struct Generator<'a> {
     segmenter: &'a Segmenter,
     params: EverythingParams,
-    on_progress: Option<&'a dyn Fn(Progress)>,
+    on_progress: Option<&'a dyn Fn(Progress) -> ControlFlow<()>>,
 }
 
 impl<'a> Generator<'a> {
@@ -198,8 +200,10 @@ impl<'a> Generator<'a> {
     }
 
     /// Call `report` after every decoder batch (a pass takes seconds to minutes: progress
-    /// output, the service watchdog).
-    pub fn on_progress(mut self, report: &'a dyn Fn(Progress)) -> Generator<'a> {
+    /// output, the service watchdog, other work in between). `ControlFlow::Break` stops the
+    /// pass there: [`run`](Self::run) returns [`Error::Stopped`](crate::Error::Stopped) (a
+    /// daemon whose everything subscribers have all left).
+    pub fn on_progress(mut self, report: &'a dyn Fn(Progress) -> ControlFlow<()>) -> Generator<'a> {
         self.on_progress = Some(report);
         self
     }
@@ -320,11 +324,16 @@ impl<'a> Generator<'a> {
                 }
             }
             if let Some(report) = self.on_progress {
-                report(Progress {
+                let progress = Progress {
                     round,
                     done: stats.decoder_prompts.saturating_sub(done_before),
                     total: points.len(),
-                });
+                };
+                if report(progress).is_break() {
+                    return Err(crate::Error::Stopped {
+                        stage: "everything pass",
+                    });
+                }
             }
         }
         Ok(out)

@@ -310,6 +310,13 @@ impl Hub {
         self.lock().contains_key(&client)
     }
 
+    /// Whether `client` is connected and still holds subscription `id`.
+    pub fn is_subscribed(&self, client: ClientId, id: u32) -> bool {
+        self.lock()
+            .get(&client)
+            .is_some_and(|c| c.subscriptions.iter().any(|s| s.id == id))
+    }
+
     /// Queue the answer to one of `client`'s prompt requests: never dropped, whatever its
     /// result queue holds (a client that is gone simply gets nothing).
     pub fn answer(&self, client: ClientId, item: Outbound) {
@@ -330,13 +337,18 @@ impl Hub {
         }
     }
 
-    /// Subscriptions due for a frame now (rate caps applied and counted), by client.
-    pub(crate) fn due(&self, now: Instant) -> Vec<(ClientId, Subscription)> {
+    /// Subscriptions of `kind` due for a frame now (rate caps applied and counted), by client.
+    /// (On-demand subscriptions are never due: they are answered per request.)
+    pub(crate) fn due(
+        &self,
+        now: Instant,
+        kind: SubscriptionKind,
+    ) -> Vec<(ClientId, Subscription)> {
         let mut clients = self.lock();
         let mut out = Vec::new();
         for (id, c) in clients.iter_mut() {
             for s in c.subscriptions.iter_mut() {
-                if s.mode == SubscriptionKind::OnDemand {
+                if s.mode != kind || s.mode == SubscriptionKind::OnDemand {
                     continue;
                 }
                 if let (Some(min), Some(last)) = (s.min_interval, s.last_sent) {
@@ -412,10 +424,26 @@ mod tests {
         );
         hub.subscribe(id, sub).unwrap();
         let t0 = Instant::now();
-        assert_eq!(hub.due(t0).len(), 1);
-        assert_eq!(hub.due(t0 + Duration::from_millis(100)).len(), 0);
-        assert_eq!(hub.due(t0 + Duration::from_millis(600)).len(), 1);
+        let everything = SubscriptionKind::Everything;
+        assert_eq!(hub.due(t0, everything).len(), 1);
+        assert_eq!(
+            hub.due(t0 + Duration::from_millis(100), everything).len(),
+            0
+        );
+        assert_eq!(
+            hub.due(t0 + Duration::from_millis(600), everything).len(),
+            1
+        );
         assert_eq!(stats.rate_limited.load(Ordering::Relaxed), 1);
+        // Another kind's turn neither takes this one's nor counts it as limited.
+        let later = t0 + Duration::from_secs(5);
+        assert!(hub.due(later, SubscriptionKind::Prompts).is_empty());
+        assert_eq!(hub.due(later, everything).len(), 1);
+        assert_eq!(stats.rate_limited.load(Ordering::Relaxed), 1);
+        assert!(hub.is_subscribed(id, 1));
+        assert!(!hub.is_subscribed(id, 2));
+        assert!(hub.unsubscribe(id, 1));
+        assert!(!hub.is_subscribed(id, 1));
     }
 
     #[test]

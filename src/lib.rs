@@ -111,10 +111,11 @@ pub enum Error {
         #[source]
         source: anyhow::Error,
     },
-    /// The caller stopped a model run before it ended (a daemon shutting down).
+    /// The caller stopped a model run before it ended (a daemon shutting down, an everything
+    /// pass nobody waits for any more).
     #[error("the {stage} was stopped before it finished")]
     Stopped {
-        /// "encoder".
+        /// "encoder" or "everything pass".
         stage: &'static str,
     },
     /// A setting this CPU or build cannot honour (e.g. an int8 kernel it lacks).

@@ -86,6 +86,10 @@ pub struct Counters {
     pub encoded: AtomicU64,
     /// Camera reopens after the device failed.
     pub reopens: AtomicU64,
+    /// Everything passes begun.
+    pub everything_started: AtomicU64,
+    /// Everything passes stopped before their end because all their subscribers had left.
+    pub everything_stopped: AtomicU64,
 }
 
 impl Counters {

@@ -6,6 +6,8 @@
 //! [`EmbeddingRing`] so that a prompt for a recent frame is answered against that frame. The
 //! [`Hub`] holds the subscribers; the [`RequestQueue`] the prompt requests, served in turn.
 
+use std::cell::RefCell;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -482,8 +484,8 @@ struct MaskWorker {
 
 impl MaskWorker {
     /// Until `stop`. Priorities: prompt requests (clients in turn), then the standing prompts
-    /// and everything passes of the newest frame; an everything pass answers the requests that
-    /// arrive meanwhile after each of its decoder batches.
+    /// of the newest frame, then everything passes, in chunks: between two chunks the requests
+    /// that arrived meanwhile are answered and the standing prompts of a newer frame served.
     fn run(
         &self,
         frames: LatestReceiver<Arc<EncodedFrame>>,
@@ -505,7 +507,8 @@ impl MaskWorker {
                 recv(frames_rx) -> frame => match frame {
                     Ok(frame) => {
                         let working = self.heartbeat.working();
-                        self.publish(&frame, &working);
+                        self.publish_prompts(&frame, &working);
+                        self.publish_everything(frame, &frames, &working);
                     }
                     Err(_) => frames_open = false,
                 },
@@ -616,20 +619,18 @@ impl MaskWorker {
         self.hub.answer(job.client, reply);
     }
 
-    /// Standing prompts and everything passes due on `frame`; `working` beats after each group
-    /// of prompts and each decoder batch of an everything pass.
-    fn publish(&self, frame: &EncodedFrame, working: &Working<'_>) {
-        let due = self.hub.due(Instant::now());
+    /// The standing prompts due on `frame`, all subscribers' prompts decoded together per mask
+    /// selection; `working` beats after each group, and waiting requests go first.
+    fn publish_prompts(&self, frame: &EncodedFrame, working: &Working<'_>) {
+        let due = self.hub.due(Instant::now(), SubscriptionKind::Prompts);
         if due.is_empty() {
             return;
         }
         let meta = MaskWorker::meta(frame);
-        let mut everything: Option<Arc<Vec<(u32, MaskResult)>>> = None;
-        // Standing prompts of all subscribers go to the decoder together, per mask selection.
         for multimask in [false, true] {
             let group: Vec<&(ClientId, Subscription)> = due
                 .iter()
-                .filter(|(_, s)| s.mode == SubscriptionKind::Prompts && s.multimask == multimask)
+                .filter(|(_, s)| s.multimask == multimask)
                 .collect();
             if group.is_empty() {
                 continue;
@@ -682,59 +683,85 @@ impl MaskWorker {
                 );
             }
         }
-        for (client, sub) in due
-            .iter()
-            .filter(|(_, s)| s.mode == SubscriptionKind::Everything)
-        {
-            if everything.is_none() {
-                let params = self
-                    .everything
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                let started = Instant::now();
-                // Between decoder batches: the requests that came meanwhile, then a beat.
-                let params = EverythingParams {
-                    points_per_batch: params.points_per_batch.min(self.everything_chunk),
-                    ..params
-                };
-                let between_batches = |_: Progress| {
-                    self.answer_waiting(working);
-                    working.beat();
-                };
-                let generator =
-                    Generator::new(&self.segmenter, params).on_progress(&between_batches);
-                match generator.run(&frame.embedding) {
-                    Ok(result) => {
-                        self.metrics.record(Stage::Everything, started.elapsed());
-                        everything = Some(Arc::new(
-                            result
-                                .masks
-                                .into_iter()
-                                .enumerate()
-                                .map(|(i, m)| (i as u32, m))
-                                .collect(),
-                        ));
-                    }
-                    Err(e) => {
-                        log::error!("everything, frame {}: {}", frame.seq, error_chain(&e));
-                        return;
+    }
+
+    /// The everything passes due on `frame`: one pass for all its subscribers, in chunks. Between
+    /// two chunks go, in this order, the requests waiting, the standing prompts of a frame that
+    /// arrived meanwhile (so that a pass of seconds does not hold them back), and a beat. A pass
+    /// stops when every subscriber it was for has left or unsubscribed. When a newer frame came
+    /// during the pass, the next pass runs on it (its standing prompts were served already).
+    fn publish_everything(
+        &self,
+        frame: Arc<EncodedFrame>,
+        frames: &LatestReceiver<Arc<EncodedFrame>>,
+        working: &Working<'_>,
+    ) {
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            let due = self.hub.due(Instant::now(), SubscriptionKind::Everything);
+            if due.is_empty() {
+                return;
+            }
+            let params = self
+                .everything
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let params = EverythingParams {
+                points_per_batch: params.points_per_batch.min(self.everything_chunk),
+                ..params
+            };
+            let newer: RefCell<Option<Arc<EncodedFrame>>> = RefCell::new(None);
+            let between_batches = |_: Progress| {
+                self.answer_waiting(working);
+                if let Ok(f) = frames.try_recv() {
+                    self.publish_prompts(&f, working);
+                    *newer.borrow_mut() = Some(f);
+                }
+                working.beat();
+                if due.iter().any(|(c, s)| self.hub.is_subscribed(*c, s.id)) {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            };
+            let started = Instant::now();
+            Counters::bump(&self.metrics.counters.everything_started);
+            let generator = Generator::new(&self.segmenter, params).on_progress(&between_batches);
+            match generator.run(&frame.embedding) {
+                Ok(result) => {
+                    self.metrics.record(Stage::Everything, started.elapsed());
+                    let masks: Arc<Vec<(u32, MaskResult)>> =
+                        Arc::new((0u32..).zip(result.masks).collect());
+                    let meta = MaskWorker::meta(&frame);
+                    for (client, sub) in &due {
+                        self.hub.deliver(
+                            *client,
+                            Outbound::Masks(MaskBatch {
+                                subscription: Some(sub.id),
+                                request_id: None,
+                                frame: meta,
+                                masks: masks.clone(),
+                                encoding: sub.encoding,
+                                refused: Vec::new(),
+                            }),
+                        );
                     }
                 }
+                Err(crate::Error::Stopped { .. }) => {
+                    Counters::bump(&self.metrics.counters.everything_stopped);
+                    log::info!(
+                        "everything pass on frame {} stopped after {:.1} s: its subscribers have left",
+                        frame.seq,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Err(e) => {
+                    log::error!("everything, frame {}: {}", frame.seq, error_chain(&e));
+                    return;
+                }
             }
-            if let Some(masks) = &everything {
-                self.hub.deliver(
-                    *client,
-                    Outbound::Masks(MaskBatch {
-                        subscription: Some(sub.id),
-                        request_id: None,
-                        frame: meta,
-                        masks: masks.clone(),
-                        encoding: sub.encoding,
-                        refused: Vec::new(),
-                    }),
-                );
-            }
+            next = newer.into_inner();
         }
     }
 }

@@ -560,3 +560,97 @@ fn a_flood_does_not_hold_back_another_clients_request() {
     );
     daemon.shutdown(Duration::from_secs(1));
 }
+
+/// Poll `counter` until it reaches `at_least`; panics after `limit`.
+fn wait_for_count(
+    counter: &std::sync::atomic::AtomicU64,
+    at_least: u64,
+    limit: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + limit;
+    while counter.load(std::sync::atomic::Ordering::Relaxed) < at_least {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Issue 16's priorities inside an everything pass of seconds: a `prompts` subscriber keeps
+/// getting the masks of newer frames while the pass runs (before, it got nothing until the pass
+/// ended), and a pass whose only subscriber has left stops instead of running to its end (before,
+/// it kept the worker busy for the whole pass, ~40 s in the README's walk-through).
+#[test]
+fn standing_prompts_go_on_during_an_everything_pass_and_an_abandoned_pass_stops() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // The flat 32x32 grid: 1 024 prompts, seconds per pass on the fixture model.
+    let s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10",
+        "[everything]\nstrategy = \"flat\"\npoints_per_side = 32\n",
+    );
+    let daemon = start(s, DaemonOptions::default());
+    let path = socket(&daemon);
+    let mut prompts = Client::connect(&path, "prompts").unwrap();
+    subscribe(&mut prompts, 1, SubscribeMode::Prompts, MaskEncoding::Bbox);
+    next_masks(&mut prompts);
+    let mut everything = Client::connect(&path, "everything").unwrap();
+    subscribe(
+        &mut everything,
+        2,
+        SubscribeMode::Everything,
+        MaskEncoding::Bbox,
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(ServerMessage::Masks(m)) = prompts.recv(Some(Duration::from_millis(100)))
+                {
+                    seen.push((m.frame_seq, Instant::now()));
+                }
+            }
+            seen
+        })
+    };
+    let first = next_masks(&mut everything);
+    let first_at = Instant::now();
+    let counters = &daemon.metrics().counters;
+    // The next pass begins on the newest frame at once; the subscriber leaves during it.
+    wait_for_count(
+        &counters.everything_started,
+        2,
+        Duration::from_secs(20),
+        "a second pass",
+    );
+    drop(everything);
+    wait_for_count(
+        &counters.everything_stopped,
+        1,
+        Duration::from_secs(60),
+        "the abandoned pass stopping",
+    );
+    let passes = daemon
+        .metrics()
+        .latencies()
+        .into_iter()
+        .find(|l| l.stage == "everything")
+        .map_or(0, |l| l.count);
+    assert_eq!(passes, 1, "only the first pass ran to its end");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = reader.join().unwrap();
+    daemon.shutdown(Duration::from_secs(1));
+    let during: Vec<u64> = seen
+        .iter()
+        .filter(|(seq, at)| *seq > first.frame_seq && *at < first_at)
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert!(
+        during.len() >= 2,
+        "the prompts subscriber got {} newer frames during the everything pass on frame {}: {during:?}",
+        during.len(),
+        first.frame_seq
+    );
+}

@@ -46,7 +46,10 @@ fn hierarchical_skips_exactly_the_done_points() {
 
     let p = params(Strategy::Hierarchical);
     let reports = std::cell::RefCell::new(Vec::new());
-    let report = |r: Progress| reports.borrow_mut().push(r);
+    let report = |r: Progress| {
+        reports.borrow_mut().push(r);
+        std::ops::ControlFlow::Continue(())
+    };
     let hier = Generator::new(seg, p.clone())
         .on_progress(&report)
         .run(&emb)
@@ -85,6 +88,25 @@ fn hierarchical_skips_exactly_the_done_points() {
         total: round2,
     }));
     assert_eq!(reports.into_inner(), want);
+
+    // A report that says stop ends the pass after that batch, with `Stopped`.
+    let batches = std::cell::Cell::new(0);
+    let stop_after_two = |_: Progress| {
+        batches.set(batches.get() + 1);
+        if batches.get() == 2 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    };
+    let stopped = Generator::new(seg, p.clone())
+        .on_progress(&stop_after_two)
+        .run(&emb);
+    assert!(
+        matches!(stopped, Err(tinysam_edge::Error::Stopped { .. })),
+        "{stopped:?}"
+    );
+    assert_eq!(batches.get(), 2, "no batch after the stop");
 
     let a: Vec<_> = flat.masks.iter().map(|m| &m.mask).collect();
     let b: Vec<_> = hier.masks.iter().map(|m| &m.mask).collect();

@@ -277,6 +277,21 @@ impl Decoder {
         }
     }
 
+    /// The smallest prompt batch that keeps `threads` inference threads busy without padding:
+    /// the split form decodes one prompt per thread whatever the batch; the one graph pads a
+    /// batch up to one of [`ONE_GRAPH_BATCHES`], so a smaller batch would cost the padded one.
+    /// (The daemon's everything passes run in chunks of this size.)
+    pub fn unpadded_batch(&self, threads: usize) -> usize {
+        let threads = threads.max(1);
+        match self.form() {
+            DecoderForm::Split => threads,
+            DecoderForm::OneGraph => ONE_GRAPH_BATCHES
+                .into_iter()
+                .find(|&s| s >= threads)
+                .unwrap_or(threads),
+        }
+    }
+
     /// Side of the low-res mask logits.
     pub fn mask_size(&self) -> usize {
         self.mask_size

@@ -297,6 +297,10 @@ pub struct Status {
     pub frames_corrupt: u64,
     /// Camera reopens after failures.
     pub camera_reopens: u64,
+    /// Everything passes stopped early because all their subscribers had left (absent from
+    /// older daemons: 0).
+    #[serde(default)]
+    pub everything_stopped: u64,
     /// Newest frame in the embedding ring.
     pub newest_frame: Option<u64>,
     /// Oldest frame in the embedding ring.

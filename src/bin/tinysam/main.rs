@@ -388,7 +388,10 @@ fn segment_everything(args: SegmentArgs) -> anyhow::Result<()> {
     };
     let t1 = Instant::now();
     let progress = EverythingProgress::new(t1);
-    let report = |p: Progress| progress.report(p);
+    let report = |p: Progress| {
+        progress.report(p);
+        std::ops::ControlFlow::Continue(())
+    };
     let result = Generator::new(&seg, params.clone())
         .on_progress(&report)
         .run(&embedding);
