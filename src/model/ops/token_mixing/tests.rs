@@ -48,7 +48,11 @@ fn fused_output_matches_the_fixtures_prompt_graph() -> TractResult<()> {
 #[test]
 fn fused_output_matches_the_default_models_prompt_graph() -> TractResult<()> {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
-    compare(&dir, 2, 2, false)?;
+    // A batch of the default model's size on x86_64 only: under qemu it took 19 of this test's
+    // 38 s, and the batched path is the same kernel code as the fixture's batch of 3.
+    if cfg!(target_arch = "x86_64") {
+        compare(&dir, 2, 2, false)?;
+    }
     // One prompt at a time, as the decoder runs them (batches: the fixture's test).
     compare(&dir, 1, 2, true)
 }
