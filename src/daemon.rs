@@ -159,9 +159,9 @@ impl Daemon {
                 ring: settings.ring,
                 everything: everything.clone(),
                 extra_encode_delay: options.extra_encode_delay,
-                // One everything prompt per decoder thread between two looks at the requests
-                // (a one-graph decoder: the batch it would pad that to).
-                everything_chunk: segmenter.model.decoder.unpadded_batch(settings.threads),
+                // One prompt per decoder thread (a one-graph decoder: the batch it would pad
+                // that to): everything chunks, and requests of different clients together.
+                decoder_batch: segmenter.model.decoder.unpadded_batch(settings.threads),
                 subscriptions_per_client: MAX_SUBSCRIPTIONS,
                 ..PipelineOptions::default()
             },

@@ -80,15 +80,16 @@ fn spawn_stage(
 /// Prompt requests one client may have waiting (the protocol's `busy` past it).
 pub const DEFAULT_REQUESTS_PER_CLIENT: usize = 8;
 
-/// Prompts an everything pass decodes between two looks at the request queue, unless the
-/// pipeline is told otherwise (the daemon uses its thread count): a request waits for at most
-/// this many prompts of a pass instead of the whole pass. Decoding runs one prompt per thread at
+/// Prompts decoded together, unless the pipeline is told otherwise (the daemon asks its
+/// decoder, [`crate::model::Decoder::unpadded_batch`]): an everything pass's chunk between two
+/// looks at the request queue (a request waits for at most this many prompts of a pass instead
+/// of the whole pass), and the most prompts of different clients' requests decoded together. Decoding runs one prompt per thread at
 /// a time whatever the batch, so a chunk of one prompt per thread costs nothing per prompt, and a
 /// request waits for at most one prompt's decoding per thread (~40 ms on the default model).
 /// Measured with `benches/daemon_scheduling.py` (2 threads, a request beside 3 everything
 /// subscribers, the encoder yielding to requests): p50 242 ms with chunks of 16 prompts, 98 ms
 /// with 4, 51 ms with 2.
-pub const DEFAULT_EVERYTHING_CHUNK: usize = 2;
+pub const DEFAULT_DECODER_BATCH: usize = 2;
 
 /// Knobs of a pipeline.
 #[derive(Debug, Clone)]
@@ -101,9 +102,10 @@ pub struct PipelineOptions {
     pub requests_per_client: usize,
     /// Subscriptions one client may hold.
     pub subscriptions_per_client: usize,
-    /// Most prompts an everything pass decodes between two looks at the request queue (its
-    /// decoder batch; the pass's result does not depend on it).
-    pub everything_chunk: usize,
+    /// Prompts decoded together: an everything pass's chunk between two looks at the request
+    /// queue, and the most prompts of a turn of requests of different clients (no result
+    /// depends on it).
+    pub decoder_batch: usize,
     /// Segment-everything parameters (changed on reload).
     pub everything: Arc<RwLock<EverythingParams>>,
     /// Extra time the encoder spends per frame: for backpressure tests and benchmarks only.
@@ -117,7 +119,7 @@ impl Default for PipelineOptions {
             request_queue: 64,
             requests_per_client: DEFAULT_REQUESTS_PER_CLIENT,
             subscriptions_per_client: DEFAULT_SUBSCRIPTIONS_PER_CLIENT,
-            everything_chunk: DEFAULT_EVERYTHING_CHUNK,
+            decoder_batch: DEFAULT_DECODER_BATCH,
             everything: Arc::default(),
             extra_encode_delay: None,
         }
@@ -205,7 +207,7 @@ impl Pipeline {
                 ring,
                 metrics,
                 everything,
-                everything_chunk: options.everything_chunk.max(1),
+                decoder_batch: options.decoder_batch.max(1),
                 requests: requests.clone(),
                 heartbeat: worker_beat.clone(),
                 cores,
@@ -474,8 +476,8 @@ struct MaskWorker {
     ring: Arc<EmbeddingRing>,
     metrics: Arc<Metrics>,
     everything: Arc<RwLock<EverythingParams>>,
-    /// Prompts of an everything pass between two looks at the request queue.
-    everything_chunk: usize,
+    /// Prompts decoded together (see [`PipelineOptions::decoder_batch`]).
+    decoder_batch: usize,
     requests: Arc<RequestQueue>,
     heartbeat: Arc<Heartbeat>,
     /// Takes the cores from the encoder while a request is decoded.
@@ -494,9 +496,10 @@ impl MaskWorker {
         let mut frames_open = true;
         while !stop.load(Ordering::Relaxed) {
             // Requests first: a client waiting for an answer beats the next frame.
-            if let Some(job) = self.requests.pop() {
+            let jobs = self.requests.pop_turn(self.decoder_batch);
+            if !jobs.is_empty() {
                 let working = self.heartbeat.working();
-                self.answer(job);
+                self.answer(jobs);
                 self.answer_waiting(&working);
                 continue;
             }
@@ -519,10 +522,14 @@ impl MaskWorker {
         Ok(())
     }
 
-    /// Answer every request waiting now, clients in turn, beating after each.
+    /// Answer every request waiting now, clients in turn, beating after each turn.
     fn answer_waiting(&self, working: &Working<'_>) {
-        while let Some(job) = self.requests.pop() {
-            self.answer(job);
+        loop {
+            let jobs = self.requests.pop_turn(self.decoder_batch);
+            if jobs.is_empty() {
+                return;
+            }
+            self.answer(jobs);
             working.beat();
         }
     }
@@ -553,70 +560,115 @@ impl MaskWorker {
         }
     }
 
-    fn answer(&self, job: PromptJob) {
-        // A client that has gone waits for nothing: its queued requests are skipped, not run
-        // (a flood of requests from a client that then left kept the decoder busy for ~45 s).
-        if !self.hub.is_connected(job.client) {
-            log::debug!(
-                "request {} of client {}: the client has gone; skipped",
-                job.request_id,
-                job.client
-            );
-            return;
-        }
-        let frame = match self.ring.get(job.frame_seq) {
-            Ok(f) => f,
-            Err(miss) => {
-                self.hub
-                    .answer(job.client, Outbound::Failed(miss.failure(job.request_id)));
-                return;
+    /// Answer one turn of requests (one per client, [`RequestQueue::pop_turn`]): those on the
+    /// same frame with the same mask selection are decoded together, so that two clients'
+    /// prompts run side by side on the inference threads (the split decoder decodes one prompt
+    /// per thread) instead of one after the other. Rows of a batch are independent: each
+    /// request gets the masks it would get alone.
+    fn answer(&self, jobs: Vec<PromptJob>) {
+        let mut groups: Vec<(Arc<EncodedFrame>, Vec<PromptJob>)> = Vec::new();
+        for job in jobs {
+            // A client that has gone waits for nothing: its queued requests are skipped, not
+            // run (a flood of requests from a client that then left kept the decoder busy for
+            // ~45 s).
+            if !self.hub.is_connected(job.client) {
+                log::debug!(
+                    "request {} of client {}: the client has gone; skipped",
+                    job.request_id,
+                    job.client
+                );
+                continue;
             }
-        };
-        let decoded = {
-            let _urgent = self.cores.urgent();
-            self.segment(&frame, &job.prompts, job.multimask)
-        };
-        let reply = match decoded {
-            Ok(outcomes) => {
-                // A bad prompt is refused on its own; the others are answered.
-                let (mut masks, mut refused) = (Vec::new(), Vec::new());
-                for (i, outcome) in (0u32..).zip(outcomes) {
-                    match outcome {
-                        Ok(ms) => masks.extend(ms.into_iter().map(|m| (i, m))),
-                        Err(e) => refused.push((i, e.to_string())),
+            match self.ring.get(job.frame_seq) {
+                Ok(frame) => {
+                    let same = groups.iter_mut().find(|(f, g)| {
+                        f.seq == frame.seq
+                            && g.first().is_some_and(|j| j.multimask == job.multimask)
+                    });
+                    match same {
+                        Some((_, group)) => group.push(job),
+                        None => groups.push((frame, vec![job])),
                     }
                 }
-                if !refused.is_empty() && refused.len() == job.prompts.len() {
-                    let why: Vec<String> = refused
-                        .iter()
-                        .map(|(i, e)| format!("prompt {i}: {e}"))
-                        .collect();
-                    Outbound::Failed(Failure {
-                        id: Some(job.request_id),
-                        kind: FailureKind::InvalidPrompt,
-                        message: why.join("; "),
-                    })
-                } else {
-                    Outbound::Masks(MaskBatch {
-                        subscription: None,
-                        request_id: Some(job.request_id),
-                        frame: MaskWorker::meta(&frame),
-                        masks: Arc::new(masks),
-                        encoding: job.encoding,
-                        refused,
-                    })
+                Err(miss) => self
+                    .hub
+                    .answer(job.client, Outbound::Failed(miss.failure(job.request_id))),
+            }
+        }
+        for (frame, group) in groups {
+            let multimask = group.first().is_some_and(|j| j.multimask);
+            let all: Vec<Prompt> = group
+                .iter()
+                .flat_map(|j| j.prompts.iter().cloned())
+                .collect();
+            let decoded = {
+                let _urgent = self.cores.urgent();
+                self.segment(&frame, &all, multimask)
+            };
+            match decoded {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for job in group {
+                        let mine: Vec<_> = outcomes.by_ref().take(job.prompts.len()).collect();
+                        let reply = MaskWorker::reply(&job, &frame, mine);
+                        self.hub.answer(job.client, reply);
+                    }
+                }
+                Err(e) => {
+                    log::error!(
+                        "requests {:?}: {}",
+                        group.iter().map(|j| j.request_id).collect::<Vec<_>>(),
+                        error_chain(&e)
+                    );
+                    for job in group {
+                        self.hub.answer(
+                            job.client,
+                            Outbound::Failed(Failure {
+                                id: Some(job.request_id),
+                                kind: FailureKind::Internal,
+                                message: error_chain(&e),
+                            }),
+                        );
+                    }
                 }
             }
-            Err(e) => {
-                log::error!("request {}: {}", job.request_id, error_chain(&e));
-                Outbound::Failed(Failure {
-                    id: Some(job.request_id),
-                    kind: FailureKind::Internal,
-                    message: error_chain(&e),
-                })
+        }
+    }
+
+    /// The reply to `job` from its prompts' outcomes: the masks, with the prompts refused on
+    /// their own listed; an error when every prompt was refused.
+    fn reply(
+        job: &PromptJob,
+        frame: &EncodedFrame,
+        outcomes: Vec<crate::segmenter::PromptOutcome>,
+    ) -> Outbound {
+        let (mut masks, mut refused) = (Vec::new(), Vec::new());
+        for (i, outcome) in (0u32..).zip(outcomes) {
+            match outcome {
+                Ok(ms) => masks.extend(ms.into_iter().map(|m| (i, m))),
+                Err(e) => refused.push((i, e.to_string())),
             }
-        };
-        self.hub.answer(job.client, reply);
+        }
+        if !refused.is_empty() && refused.len() == job.prompts.len() {
+            let why: Vec<String> = refused
+                .iter()
+                .map(|(i, e)| format!("prompt {i}: {e}"))
+                .collect();
+            Outbound::Failed(Failure {
+                id: Some(job.request_id),
+                kind: FailureKind::InvalidPrompt,
+                message: why.join("; "),
+            })
+        } else {
+            Outbound::Masks(MaskBatch {
+                subscription: None,
+                request_id: Some(job.request_id),
+                frame: MaskWorker::meta(frame),
+                masks: Arc::new(masks),
+                encoding: job.encoding,
+                refused,
+            })
+        }
     }
 
     /// The standing prompts due on `frame`, all subscribers' prompts decoded together per mask
@@ -708,7 +760,7 @@ impl MaskWorker {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
             let params = EverythingParams {
-                points_per_batch: params.points_per_batch.min(self.everything_chunk),
+                points_per_batch: params.points_per_batch.min(self.decoder_batch),
                 ..params
             };
             let newer: RefCell<Option<Arc<EncodedFrame>>> = RefCell::new(None);

@@ -124,21 +124,45 @@ impl RequestQueue {
     /// The next request: the oldest of the first client, after the one served last, that has
     /// one waiting.
     pub fn pop(&self) -> Option<PromptJob> {
+        self.pop_turn(0).into_iter().next()
+    }
+
+    /// Requests of different clients to decode together: the oldest request of each client that
+    /// has one waiting, in turn from the one after the client served last, until they hold
+    /// `max_prompts` prompts (always one request when any is waiting, however many prompts it
+    /// has). One request per client: a client's own requests are still answered one after
+    /// another, in its order.
+    pub fn pop_turn(&self, max_prompts: usize) -> Vec<PromptJob> {
         let mut q = self.lock();
-        let after = q.last_served.map_or(Bound::Unbounded, Bound::Excluded);
-        let next = q
-            .by_client
-            .range((after, Bound::Unbounded))
-            .chain(q.by_client.iter())
-            .map(|(c, _)| *c)
-            .next()?;
-        let jobs = q.by_client.get_mut(&next)?;
-        let job = jobs.pop_front();
-        if jobs.is_empty() {
-            q.by_client.remove(&next);
+        let clients: Vec<ClientId> = match q.last_served {
+            None => q.by_client.keys().copied().collect(),
+            Some(last) => q
+                .by_client
+                .range((Bound::Excluded(last), Bound::Unbounded))
+                .chain(q.by_client.range(..=last))
+                .map(|(c, _)| *c)
+                .collect(),
+        };
+        let mut jobs = Vec::new();
+        let mut prompts = 0usize;
+        for client in clients {
+            if !jobs.is_empty() && prompts >= max_prompts {
+                break;
+            }
+            let Some(waiting) = q.by_client.get_mut(&client) else {
+                continue;
+            };
+            let Some(job) = waiting.pop_front() else {
+                continue;
+            };
+            if waiting.is_empty() {
+                q.by_client.remove(&client);
+            }
+            prompts = prompts.saturating_add(job.prompts.len());
+            q.last_served = Some(client);
+            jobs.push(job);
         }
-        q.last_served = Some(next);
-        job
+        jobs
     }
 
     /// Drop every request of `client` (it has gone); returns how many.
@@ -271,6 +295,36 @@ mod tests {
         q.submit(job(2, 100)).unwrap();
         assert_eq!(q.pop().map(|j| (j.client, j.request_id)), Some((2, 100)));
         assert_eq!(q.pop().map(|j| j.request_id), Some(1));
+    }
+
+    fn prompts(client: ClientId, request_id: u32, n: usize) -> PromptJob {
+        PromptJob {
+            prompts: vec![Prompt::point(1.0, 1.0); n],
+            ..job(client, request_id)
+        }
+    }
+
+    #[test]
+    fn a_turn_takes_one_request_per_client_up_to_the_prompt_budget() {
+        let q = RequestQueue::new(8, 64);
+        for r in 0..3 {
+            q.submit(prompts(1, r, 1)).unwrap();
+        }
+        q.submit(prompts(2, 10, 1)).unwrap();
+        q.submit(prompts(3, 20, 3)).unwrap();
+        q.submit(prompts(4, 30, 1)).unwrap();
+        let ids = |jobs: Vec<PromptJob>| -> Vec<(ClientId, u32)> {
+            jobs.into_iter().map(|j| (j.client, j.request_id)).collect()
+        };
+        // Clients 1, 2 and 3 in turn; 3's three prompts fill the budget of 4.
+        assert_eq!(ids(q.pop_turn(4)), [(1, 0), (2, 10), (3, 20)]);
+        // The next turn starts after client 3, wraps round, and never takes two of client 1's.
+        assert_eq!(ids(q.pop_turn(4)), [(4, 30), (1, 1)]);
+        // A request larger than the budget still goes, alone.
+        q.submit(prompts(2, 11, 9)).unwrap();
+        assert_eq!(ids(q.pop_turn(4)), [(2, 11)]);
+        assert_eq!(ids(q.pop_turn(4)), [(1, 2)]);
+        assert!(q.pop_turn(4).is_empty());
     }
 
     #[test]

@@ -654,3 +654,87 @@ fn standing_prompts_go_on_during_an_everything_pass_and_an_abandoned_pass_stops(
         first.frame_seq
     );
 }
+
+/// Requests of different clients on the same frame are decoded together (one turn, one prompt
+/// per inference thread): each client still gets exactly the masks its request gets alone,
+/// whatever its prompts and mask selection, and in its own order.
+#[test]
+fn requests_decoded_together_get_the_masks_they_get_alone() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // Two threads: a turn holds two prompts. A frame every 2 s: the one asked for stays in the
+    // ring.
+    let mut s = settings(
+        dir.path(),
+        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 0.5",
+        "",
+    );
+    s.threads = 2;
+    let daemon = start(s, DaemonOptions::default());
+    let path = socket(&daemon);
+    let request =
+        |id: u32, frame_seq: Option<u64>, points: &[(f32, f32)], multimask: bool| PromptRequest {
+            request_id: id,
+            frame_seq,
+            prompts: points.iter().map(|&(x, y)| point_prompt(x, y)).collect(),
+            encoding: MaskEncoding::Rle,
+            multimask,
+        };
+    let answer = |c: &mut Client| match c.recv(Some(Duration::from_secs(60))).unwrap() {
+        ServerMessage::Masks(m) => m,
+        other => panic!("expected masks, got {other:?}"),
+    };
+    // The frame every request below asks for.
+    let mut first = Client::connect(&path, "first").unwrap();
+    subscribe(&mut first, 1, SubscribeMode::Prompts, MaskEncoding::Bbox);
+    let frame = next_masks(&mut first).frame_seq;
+    drop(first);
+    let asks: Vec<(Vec<(f32, f32)>, bool)> = vec![
+        (vec![(160.0, 120.0)], false),
+        (vec![(40.0, 200.0), (300.0, 20.0)], false),
+        (vec![(100.0, 100.0)], true),
+        (vec![(250.0, 180.0)], false),
+    ];
+    let mut clients: Vec<Client> = (0..asks.len())
+        .map(|i| Client::connect(&path, &format!("c{i}")).unwrap())
+        .collect();
+    // Alone: one request at a time.
+    let alone: Vec<Masks> = clients
+        .iter_mut()
+        .zip(&asks)
+        .enumerate()
+        .map(|(i, (c, (points, multi)))| {
+            c.request(request(i as u32 + 1, Some(frame), points, *multi))
+                .unwrap();
+            answer(c)
+        })
+        .collect();
+    // Together: every client sends two requests at once, then all answers are read.
+    for (i, (c, (points, multi))) in clients.iter_mut().zip(&asks).enumerate() {
+        let id = 100 + 10 * i as u32;
+        c.request(request(id, Some(frame), points, *multi)).unwrap();
+        c.request(request(id + 1, Some(frame), points, *multi))
+            .unwrap();
+    }
+    for (i, (c, want)) in clients.iter_mut().zip(&alone).enumerate() {
+        for k in 0..2 {
+            let got = answer(c);
+            assert_eq!(
+                got.request_id,
+                Some(100 + 10 * i as u32 + k),
+                "client {i}'s order"
+            );
+            assert_eq!(got.frame_seq, frame);
+            assert_eq!(got.masks.len(), want.masks.len(), "client {i}");
+            for (g, w) in got.masks.iter().zip(&want.masks) {
+                assert_eq!((g.prompt, g.output), (w.prompt, w.output), "client {i}");
+                assert!(
+                    (g.score - w.score).abs() < 1e-4,
+                    "client {i}: {g:?} vs {w:?}"
+                );
+                assert_eq!(g.rle, w.rle, "client {i}'s mask");
+            }
+        }
+    }
+    daemon.shutdown(Duration::from_secs(1));
+}
