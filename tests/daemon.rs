@@ -42,6 +42,11 @@ pub fn settings(dir: &Path, source: &str, extra: &str) -> Settings {
         .unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
+/// The `[source]` lines of a 320x240 synthetic camera at `fps`.
+pub fn synthetic_320x240(fps: &str) -> String {
+    format!("uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = {fps}")
+}
+
 pub fn start(settings: Settings, options: DaemonOptions) -> Daemon {
     let options = DaemonOptions {
         ignore_socket_activation: true,
@@ -97,11 +102,7 @@ fn socket(d: &Daemon) -> PathBuf {
 fn frames_flow_in_order_with_standing_prompts() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let s = settings(
-        dir.path(),
-        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 8",
-        "",
-    );
+    let s = settings(dir.path(), &synthetic_320x240("8"), "");
     let daemon = start(s, DaemonOptions::default());
     let mut c = Client::connect(&socket(&daemon), "order").unwrap();
     subscribe(&mut c, 1, SubscribeMode::Prompts, MaskEncoding::Rle);
@@ -202,11 +203,7 @@ fn a_stalled_encoder_is_reported_an_idle_one_is_not() {
 fn latest_frame_wins_under_a_slow_encoder() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let s = settings(
-        dir.path(),
-        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 50",
-        "",
-    );
+    let s = settings(dir.path(), &synthetic_320x240("50"), "");
     let daemon = start(
         s,
         DaemonOptions {
@@ -498,11 +495,7 @@ fn a_lost_camera_is_reopened_and_subscribers_stay() {
 fn a_flood_does_not_hold_back_another_clients_request() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let s = settings(
-        dir.path(),
-        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10",
-        "",
-    );
+    let s = settings(dir.path(), &synthetic_320x240("10"), "");
     let daemon = start(s, DaemonOptions::default());
     let path = socket(&daemon);
     let mut everything = Client::connect(&path, "everything").unwrap();
@@ -586,7 +579,7 @@ fn standing_prompts_go_on_during_an_everything_pass_and_an_abandoned_pass_stops(
     // The flat 32x32 grid: 1 024 prompts, seconds per pass on the fixture model.
     let s = settings(
         dir.path(),
-        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10",
+        &synthetic_320x240("10"),
         "[everything]\nstrategy = \"flat\"\npoints_per_side = 32\n",
     );
     let daemon = start(s, DaemonOptions::default());
@@ -664,11 +657,7 @@ fn requests_decoded_together_get_the_masks_they_get_alone() {
     let dir = tempfile::tempdir().unwrap();
     // Two threads: a turn holds two prompts. A frame every 2 s: the one asked for stays in the
     // ring.
-    let mut s = settings(
-        dir.path(),
-        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 0.5",
-        "",
-    );
+    let mut s = settings(dir.path(), &synthetic_320x240("0.5"), "");
     s.threads = 2;
     let daemon = start(s, DaemonOptions::default());
     let path = socket(&daemon);

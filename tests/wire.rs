@@ -14,7 +14,7 @@ use tinysam_edge::protocol::{
     SubscribeMode, WirePrompt, MAX_CLIENT_BODY, MAX_SUBSCRIPTIONS, PROTOCOL_VERSION,
 };
 
-use crate::daemon::{next_masks, serial, settings, start, subscribe};
+use crate::daemon::{next_masks, serial, settings, start, subscribe, synthetic_320x240};
 
 fn expect_error(c: &mut Client, code: ErrorCode) {
     match c.recv(Some(Duration::from_secs(10))) {
@@ -60,11 +60,7 @@ fn raw(bytes: &[u8], kind: u16) -> Vec<u8> {
 fn malformed_messages_get_typed_errors() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(
-        dir.path(),
-        "uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 4",
-        "",
-    );
+    let mut s = settings(dir.path(), &synthetic_320x240("4"), "");
     s.max_clients = 4;
     let daemon = start(s, DaemonOptions::default());
     let path = daemon.settings.socket_path.clone();
@@ -212,7 +208,7 @@ fn eight_mixed_subscribers_and_a_stalled_one() {
     let fps = 4.0;
     let s = settings(
         dir.path(),
-        &format!("uri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = {fps}"),
+        &synthetic_320x240(&fps.to_string()),
         "[everything]\npoints_per_side = 4\npred_iou_thresh = 0.0\nstability_thresh = 0.0",
     );
     let daemon = start(s, DaemonOptions::default());
