@@ -814,6 +814,14 @@ impl MaskWorker {
                 }
             }
             next = newer.into_inner();
+            // A frame encoded after the pass's last chunk is newer still: its standing prompts
+            // first, then the next pass on it.
+            if next.is_some() {
+                if let Ok(f) = frames.try_recv() {
+                    self.publish_prompts(&f, working);
+                    next = Some(f);
+                }
+            }
         }
     }
 }
