@@ -83,9 +83,10 @@ pub const DEFAULT_REQUESTS_PER_CLIENT: usize = 8;
 /// Prompts decoded together, unless the pipeline is told otherwise (the daemon asks its
 /// decoder, [`crate::model::Decoder::unpadded_batch`]): an everything pass's chunk between two
 /// looks at the request queue (a request waits for at most this many prompts of a pass instead
-/// of the whole pass), and the most prompts of different clients' requests decoded together. Decoding runs one prompt per thread at
-/// a time whatever the batch, so a chunk of one prompt per thread costs nothing per prompt, and a
-/// request waits for at most one prompt's decoding per thread (~40 ms on the default model).
+/// of the whole pass), and the most prompts of different clients' requests decoded together.
+/// Decoding runs one prompt per thread at a time whatever the batch, so a chunk of one prompt
+/// per thread costs nothing per prompt, and a request waits for at most one prompt's decoding
+/// per thread (~40 ms on the default model).
 /// Measured with `benches/daemon_scheduling.py` (2 threads, a request beside 3 everything
 /// subscribers, the encoder yielding to requests): p50 242 ms with chunks of 16 prompts, 98 ms
 /// with 4, 51 ms with 2.
@@ -566,7 +567,8 @@ impl MaskWorker {
     /// per thread) instead of one after the other. Rows of a batch are independent: each
     /// request gets the masks it would get alone.
     fn answer(&self, jobs: Vec<PromptJob>) {
-        let mut groups: Vec<(Arc<EncodedFrame>, Vec<PromptJob>)> = Vec::new();
+        // (frame, multimask, requests)
+        let mut groups: Vec<(Arc<EncodedFrame>, bool, Vec<PromptJob>)> = Vec::new();
         for job in jobs {
             // A client that has gone waits for nothing: its queued requests are skipped, not
             // run (a flood of requests from a client that then left kept the decoder busy for
@@ -581,13 +583,12 @@ impl MaskWorker {
             }
             match self.ring.get(job.frame_seq) {
                 Ok(frame) => {
-                    let same = groups.iter_mut().find(|(f, g)| {
-                        f.seq == frame.seq
-                            && g.first().is_some_and(|j| j.multimask == job.multimask)
+                    let same = groups.iter_mut().find(|(f, multimask, _)| {
+                        f.seq == frame.seq && *multimask == job.multimask
                     });
                     match same {
-                        Some((_, group)) => group.push(job),
-                        None => groups.push((frame, vec![job])),
+                        Some((_, _, group)) => group.push(job),
+                        None => groups.push((frame, job.multimask, vec![job])),
                     }
                 }
                 Err(miss) => self
@@ -595,8 +596,7 @@ impl MaskWorker {
                     .answer(job.client, Outbound::Failed(miss.failure(job.request_id))),
             }
         }
-        for (frame, group) in groups {
-            let multimask = group.first().is_some_and(|j| j.multimask);
+        for (frame, multimask, group) in groups {
             let all: Vec<Prompt> = group
                 .iter()
                 .flat_map(|j| j.prompts.iter().cloned())
@@ -766,8 +766,7 @@ impl MaskWorker {
             let newer: RefCell<Option<Arc<EncodedFrame>>> = RefCell::new(None);
             let between_batches = |_: Progress| {
                 self.answer_waiting(working);
-                if let Ok(f) = frames.try_recv() {
-                    self.publish_prompts(&f, working);
+                if let Some(f) = self.serve_newer_frame(frames, working) {
                     *newer.borrow_mut() = Some(f);
                 }
                 working.beat();
@@ -817,12 +816,20 @@ impl MaskWorker {
             // A frame encoded after the pass's last chunk is newer still: its standing prompts
             // first, then the next pass on it.
             if next.is_some() {
-                if let Ok(f) = frames.try_recv() {
-                    self.publish_prompts(&f, working);
-                    next = Some(f);
-                }
+                next = self.serve_newer_frame(frames, working).or(next);
             }
         }
+    }
+
+    /// The frame encoded since the worker last looked, if any, its standing prompts served.
+    fn serve_newer_frame(
+        &self,
+        frames: &LatestReceiver<Arc<EncodedFrame>>,
+        working: &Working<'_>,
+    ) -> Option<Arc<EncodedFrame>> {
+        let frame = frames.try_recv().ok()?;
+        self.publish_prompts(&frame, working);
+        Some(frame)
     }
 }
 
