@@ -287,13 +287,15 @@ run_suite "aarch64: clippy, test build" without_warnings bash cross/test.sh --no
 run_suite "aarch64: tests under qemu (A76, A53)" bash cross/test.sh
 run_suite "aarch64: release build (glibc <= 2.31)" bash cross/build.sh
 # The benchmark command on aarch64, as a functional check only: qemu timings mean nothing.
+# One batch size: each size is a decoder plan to build (12 s under qemu), and batched decoding
+# on aarch64 is checked by the parity tests above.
 bench_aarch64() {
     local out
     out=$(qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu \
         "$TARGET_DIR/aarch64-unknown-linux-gnu/release/tinysam" bench --json - \
-        --model tests/fixtures/test_model --precisions int8 --runs 1 --batches 1,4) || return 1
+        --model tests/fixtures/test_model --precisions int8 --runs 1 --batches 1) || return 1
     echo "$out"
-    echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert "dotprod" in r["isa"] and r["encoder_ms"] and r["decoder_ms"]["4"], r'
+    echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert "dotprod" in r["isa"] and r["encoder_ms"] and r["decoder_ms"]["1"], r'
 }
 run_suite "aarch64: bench under qemu (functional)" bench_aarch64
 # A real V4L2 driver (vivid) in a VM: the binaries built above, Debian's kernel, qemu-system TCG.
@@ -301,10 +303,12 @@ run_suite "aarch64: bench under qemu (functional)" bench_aarch64
 # for camera frames), so together they take ~2/3 of their sum. Each pixel format is read in one
 # of them (a format costs a daemon start and two frames under TCG, 30-70 s): format negotiation
 # and conversion are the same Rust on both architectures (the conversions are also unit tests on
-# both), the faults, the kernel choice and the reopening run in each.
+# both), the faults, the kernel choice and the reopening run in each. Two formats go to x86_64,
+# whose guest is the faster: aarch64 with YUYV and NV12 took 117 s against x86_64's 67 s with
+# RGB24 (the NV12 format alone 54 s of the aarch64 guest's time), so the pair waited on aarch64.
 join_suite "vm camera: downloads"
-run_parallel "vm camera: aarch64 (vivid)|FORMATS=yuyv,nv12 bash cross/vm/run.sh aarch64" \
-    "vm camera: x86_64 (vivid)|FORMATS=rgb24 bash cross/vm/run.sh x86_64"
+run_parallel "vm camera: aarch64 (vivid)|FORMATS=yuyv bash cross/vm/run.sh aarch64" \
+    "vm camera: x86_64 (vivid)|FORMATS=nv12,rgb24 bash cross/vm/run.sh x86_64"
 
 run_suite "debian package (arm64)" bash debian/check.sh --target aarch64-unknown-linux-gnu --variant arm64
 run_suite "debian package (amd64)" bash debian/check.sh
