@@ -301,11 +301,10 @@ run_suite "aarch64: bench under qemu (functional)" bench_aarch64
 # A real V4L2 driver (vivid) in a VM: the binaries built above, Debian's kernel, qemu-system TCG.
 # The two VMs side by side: each keeps ~1.2 of the 2 cores busy (TCG idles while the guest waits
 # for camera frames), so together they take ~2/3 of their sum. Each pixel format is read in one
-# of them (a format costs a daemon start and two frames under TCG, 30-70 s): format negotiation
-# and conversion are the same Rust on both architectures (the conversions are also unit tests on
-# both), the faults, the kernel choice and the reopening run in each. A format costs 40-55 s of
-# guest time in either VM: YUYV and NV12 in aarch64 took 117 ∥ 67 s, NV12 moved to x86_64
-# 80 ∥ 117 s (tests/TIMINGS.md), the same.
+# of them (a format costs a daemon start and two frames under TCG, 40-55 s of guest time in
+# either VM: YUYV and NV12 in aarch64 took 117 ∥ 67 s, NV12 in x86_64 80 ∥ 117 s, tests/TIMINGS.md):
+# format negotiation and conversion are the same Rust on both architectures (the conversions are
+# also unit tests on both), the faults, the kernel choice and the reopening run in each.
 join_suite "vm camera: downloads"
 run_parallel "vm camera: aarch64 (vivid)|FORMATS=yuyv bash cross/vm/run.sh aarch64" \
     "vm camera: x86_64 (vivid)|FORMATS=nv12,rgb24 bash cross/vm/run.sh x86_64"
