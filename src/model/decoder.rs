@@ -5,17 +5,28 @@
 //! a time (B = 1); the one graph runs batches padded up to one of [`ONE_GRAPH_BATCHES`].
 //! [`Decoder::prepare_plans`] builds the plans of the usual prompts ahead (the daemon does so
 //! at start, so that no plan is optimised while a client waits); others are built on first use.
+//!
+//! The split form runs the mask graph's first product in low rank
+//! (`ops::mask_upscaling::low_rank`): the per-prompt plans also give the transformer's
+//! coefficients and projected token values, the per-frame tensors gain the upscaling's base,
+//! and the mask plans take those instead of the image tokens.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tract_onnx::prelude::*;
 
 use super::encoder::Embedding;
 use super::manifest::{Manifest, Precision, Role};
+use super::ops::mask_upscaling::low_rank::{self, LowRankSource};
+use super::ops::MaskUpscaling;
 use super::{parse_onnx, stage_name};
 use crate::{Error, Result};
+
+/// The per-prompt graph's own outputs: image tokens, mask weights, IoU (the low-rank form's
+/// follow).
+const PROMPT_OUTPUTS: usize = 3;
 
 /// Largest batch the per-prompt graph runs at once (larger ones run in chunks of this size).
 /// One: with our fused ops the per-prompt and mask graphs are no faster per prompt in batches of
@@ -195,9 +206,18 @@ enum Graphs {
     },
 }
 
-/// The per-frame decoder tensors of one embedding (and mask input), inputs of the per-prompt
-/// graph. Computed once per embedding without mask input and kept with it.
+/// The per-frame decoder tensors of one embedding (and mask input): the inputs of the
+/// per-prompt graph, then (low-rank form) the mask upscaling's base. Computed once per embedding
+/// without mask input and kept with it.
 pub struct FrameTensors(Vec<Arc<Tensor>>);
+
+/// The split form's mask upscaling in low rank, once the first plans found it.
+struct LowRank {
+    /// What the per-prompt plans expose.
+    source: LowRankSource,
+    /// The mask plans' op, which computes the per-frame base.
+    upscaling: MaskUpscaling,
+}
 
 /// The decoder, parsed once, with optimised plans per batch shape.
 pub struct Decoder {
@@ -215,6 +235,13 @@ pub struct Decoder {
     embedding_shape: [usize; 4],
     mask_size: usize,
     masks_per_prompt: usize,
+    /// Whether the split form may run the mask upscaling in low rank.
+    low_rank_wanted: bool,
+    /// What the first per-prompt plan exposed for the low-rank form (`None`: not found, or not
+    /// wanted); every later plan must expose the same.
+    low_rank_source: OnceLock<Option<LowRankSource>>,
+    /// The low-rank form, once the first mask plan is built in it.
+    low_rank: OnceLock<Option<Arc<LowRank>>>,
 }
 
 impl Decoder {
@@ -231,7 +258,7 @@ impl Decoder {
         let e = manifest.config.embedding_size();
         let embedding_shape = [1, manifest.config.prompt_embed_dim, e, e];
         let mask_size = manifest.config.low_res_mask_size();
-        let split = graph == super::DecoderGraph::Auto
+        let split = graph != super::DecoderGraph::OneGraph
             && manifest.file(Role::DecoderFrame, precision).is_some()
             && manifest.file(Role::DecoderPrompt, precision).is_some()
             && manifest.file(Role::DecoderMasks, precision).is_some();
@@ -263,10 +290,39 @@ impl Decoder {
             embedding_shape,
             mask_size,
             masks_per_prompt: manifest.config.num_multimask_outputs,
+            low_rank_wanted: graph == super::DecoderGraph::Auto,
+            low_rank_source: OnceLock::new(),
+            low_rank: OnceLock::new(),
         };
-        // Fail at load, not at the first prompt, if the graph does not fit the manifest.
-        decoder.plan(1, 2)?;
+        // Fail at load, not at the first prompt, if the graph does not fit the manifest; the
+        // first mask plan decides the low-rank form before any per-frame tensors are computed.
+        let plan = decoder.plan(1, 2)?;
+        if let Graphs::Split {
+            masks, masks_path, ..
+        } = &decoder.graphs
+        {
+            let shapes = decoder.output_shapes(&plan)?;
+            decoder.mask_plan_kept((masks, masks_path), &shapes, Keep::WhileRecent)?;
+            match decoder.low_rank() {
+                Some(l) => log::info!(
+                    "decoder: mask upscaling's first product in low rank ({} rows per prompt)",
+                    l.source.weights.0 + l.source.weights.1 + 4
+                ),
+                None => log::info!("decoder: mask upscaling at full rank"),
+            }
+        }
         Ok(decoder)
+    }
+
+    /// The low-rank form of the split decoder, if it runs in it.
+    fn low_rank(&self) -> Option<&Arc<LowRank>> {
+        self.low_rank.get().and_then(Option::as_ref)
+    }
+
+    /// Whether the split form runs the mask upscaling's first product in low rank (see
+    /// `ops::mask_upscaling::low_rank`).
+    pub fn low_rank_upscaling(&self) -> bool {
+        self.low_rank().is_some()
     }
 
     /// Which graphs run prompts.
@@ -325,9 +381,8 @@ impl Decoder {
                 masks, masks_path, ..
             } => {
                 if let Some(plan) = one_point {
-                    let (tokens, weights) =
-                        (self.output_shape(&plan, 0)?, self.output_shape(&plan, 1)?);
-                    self.mask_plan_kept((masks, masks_path), &tokens, &weights, Keep::Always)?;
+                    let shapes = self.output_shapes(&plan)?;
+                    self.mask_plan_kept((masks, masks_path), &shapes, Keep::Always)?;
                 }
             }
             // Segment-everything: one point (and its padding) per prompt, every batch size.
@@ -362,41 +417,51 @@ impl Decoder {
             masks, masks_path, ..
         } = &self.graphs
         {
-            let (tokens, weights) = (self.output_shape(&plan, 0)?, self.output_shape(&plan, 1)?);
-            plans.push(self.mask_plan((masks, masks_path), &tokens, &weights)?);
+            let shapes = self.output_shapes(&plan)?;
+            plans.push(self.mask_plan((masks, masks_path), &shapes)?);
         }
         Ok(plans)
     }
 
-    /// The concrete shape of a per-prompt plan's output `ix`.
-    fn output_shape(&self, plan: &TypedRunnableModel, ix: usize) -> Result<Vec<usize>> {
-        plan.model()
-            .output_fact(ix)
-            .ok()
-            .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
-            .ok_or_else(|| Error::ModelMismatch {
-                path: self.path.clone(),
-                reason: format!("per-prompt output {ix} has no concrete shape"),
+    /// The concrete shapes of a per-prompt plan's outputs.
+    fn output_shapes(&self, plan: &TypedRunnableModel) -> Result<Vec<Vec<usize>>> {
+        let count = plan.model().outputs.len();
+        (0..count)
+            .map(|ix| {
+                plan.model()
+                    .output_fact(ix)
+                    .ok()
+                    .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
+                    .ok_or_else(|| Error::ModelMismatch {
+                        path: self.path.clone(),
+                        reason: format!("per-prompt output {ix} has no concrete shape"),
+                    })
             })
+            .collect()
     }
 
-    /// The split form's mask plan for image tokens and mask weights of these shapes.
+    /// The split form's mask plan for per-prompt outputs of these shapes (image tokens, mask
+    /// weights, IoU, then in the low-rank form the coefficients and values).
     fn mask_plan(
         &self,
         graph: (&InferenceModel, &Path),
-        tokens: &[usize],
-        weights: &[usize],
+        prompt_outputs: &[Vec<usize>],
     ) -> Result<Arc<TypedRunnableModel>> {
-        self.mask_plan_kept(graph, tokens, weights, Keep::WhileRecent)
+        self.mask_plan_kept(graph, prompt_outputs, Keep::WhileRecent)
     }
 
     fn mask_plan_kept(
         &self,
         (masks, path): (&InferenceModel, &Path),
-        tokens: &[usize],
-        weights: &[usize],
+        prompt_outputs: &[Vec<usize>],
         keep: Keep,
     ) -> Result<Arc<TypedRunnableModel>> {
+        let (Some(tokens), Some(weights)) = (prompt_outputs.first(), prompt_outputs.get(1)) else {
+            return Err(Error::ModelMismatch {
+                path: self.path.clone(),
+                reason: format!("per-prompt graph has {} outputs", prompt_outputs.len()),
+            });
+        };
         let batch = tokens.first().copied().unwrap_or(0);
         PlanCache::get_or_build(&self.mask_plans, (batch, 0), keep, || {
             let load_err = |source| Error::ModelLoad {
@@ -411,7 +476,10 @@ impl Decoder {
             model
                 .set_input_fact(1, f32::fact(weights).into())
                 .map_err(load_err)?;
-            let typed = super::optimize(model, Role::DecoderMasks, path, self.int8)?;
+            let mut typed = super::optimize(model, Role::DecoderMasks, path, self.int8)?;
+            if let Some(model) = self.low_rank_masks(&typed, prompt_outputs, path)? {
+                typed = model;
+            }
             let m = self.mask_size;
             let want = [batch, self.masks_per_prompt, m, m];
             let fact = typed.output_fact(0).map_err(load_err)?;
@@ -423,6 +491,65 @@ impl Decoder {
             }
             super::unpanic(|| typed.into_runnable()).map_err(load_err)
         })
+    }
+
+    /// The optimised mask graph `typed` in the low-rank form that takes the low-rank outputs of
+    /// a per-prompt plan (shapes `prompt_outputs`), or `None` for the full-rank form. The first
+    /// mask plan decides which (`Self::low_rank`); later ones must follow it.
+    fn low_rank_masks(
+        &self,
+        typed: &TypedModel,
+        prompt_outputs: &[Vec<usize>],
+        path: &Path,
+    ) -> Result<Option<TypedModel>> {
+        let Some(Some(source)) = self.low_rank_source.get() else {
+            self.low_rank.get_or_init(|| None);
+            return Ok(None);
+        };
+        if let Some(None) = self.low_rank.get() {
+            return Ok(None);
+        }
+        let load_err = |source| Error::ModelLoad {
+            stage: stage_name(Role::DecoderMasks),
+            path: path.to_path_buf(),
+            source,
+        };
+        let mismatch = |reason: String| Error::ModelMismatch {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let extra: [Vec<usize>; low_rank::EXTRA_OUTPUTS] = prompt_outputs
+            .get(PROMPT_OUTPUTS..)
+            .and_then(|e| e.to_vec().try_into().ok())
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "per-prompt plan has {} outputs, expected {}",
+                    prompt_outputs.len(),
+                    PROMPT_OUTPUTS + low_rank::EXTRA_OUTPUTS
+                ))
+            })?;
+        let model = match low_rank::low_rank_mask_model(typed, source, &extra).map_err(load_err)? {
+            Ok(model) => model,
+            Err(why) if self.low_rank.get().is_none() => {
+                log::debug!("mask upscaling at full rank: {why}");
+                self.low_rank.get_or_init(|| None);
+                return Ok(None);
+            }
+            Err(why) => return Err(mismatch(format!("mask graph not in low-rank form: {why}"))),
+        };
+        let upscaling = model
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<MaskUpscaling>())
+            .cloned()
+            .ok_or_else(|| mismatch("no low-rank upscaling op".into()))?;
+        let decided = self.low_rank.get_or_init(|| {
+            Some(Arc::new(LowRank {
+                source: source.clone(),
+                upscaling,
+            }))
+        });
+        Ok(decided.is_some().then_some(model))
     }
 
     fn build_plan(&self, batch: usize, points: usize) -> Result<Arc<TypedRunnableModel>> {
@@ -453,7 +580,10 @@ impl Decoder {
         for (ix, fact) in facts.into_iter().enumerate() {
             model.set_input_fact(ix, fact).map_err(load_err)?;
         }
-        let typed = super::optimize(model, role, &self.path, self.int8)?;
+        let mut typed = super::optimize(model, role, &self.path, self.int8)?;
+        if role == Role::DecoderPrompt {
+            self.expose_low_rank(&mut typed, batch)?;
+        }
         let k = self.masks_per_prompt;
         // The one graph gives masks and IoU; the per-prompt graph image tokens, mask weights
         // (shapes checked by the mask plan) and IoU.
@@ -473,6 +603,41 @@ impl Decoder {
         }
         log::debug!("decoder plan built for batch {batch} x {points} points");
         super::unpanic(|| typed.into_runnable()).map_err(load_err)
+    }
+
+    /// Make the per-prompt plan `typed` give the low-rank form's extra outputs when the decoder
+    /// runs in it (the first plan decides).
+    fn expose_low_rank(&self, typed: &mut TypedModel, batch: usize) -> Result<()> {
+        if !self.low_rank_wanted {
+            self.low_rank_source.get_or_init(|| None);
+            return Ok(());
+        }
+        let load_err = |source| Error::ModelLoad {
+            stage: stage_name(Role::DecoderPrompt),
+            path: self.path.clone(),
+            source,
+        };
+        let found = low_rank::expose_coefficients(typed).map_err(load_err)?;
+        let decided = self
+            .low_rank_source
+            .get_or_init(|| found.as_ref().ok().cloned());
+        match (decided, &found) {
+            (Some(want), Ok(got)) if want.same_as(got) => Ok(()),
+            (None, Err(why)) => {
+                log::debug!("mask upscaling at full rank: {why}");
+                Ok(())
+            }
+            // Exposed, but not used: the extra outputs are ignored.
+            (None, Ok(_)) => Ok(()),
+            (Some(_), Ok(_)) => Err(Error::ModelMismatch {
+                path: self.path.clone(),
+                reason: format!("the batch-{batch} plan's low-rank parameters differ"),
+            }),
+            (Some(_), Err(why)) => Err(Error::ModelMismatch {
+                path: self.path.clone(),
+                reason: format!("the batch-{batch} plan has no low-rank form: {why}"),
+            }),
+        }
     }
 
     /// Compute and keep the per-frame tensors of `embedding` (no mask input) now, so the first
@@ -510,9 +675,15 @@ impl Decoder {
             ))
         })
         .map_err(infer)?;
-        let tensors = Arc::new(FrameTensors(
-            out.into_iter().map(|t| t.into_arc_tensor()).collect(),
-        ));
+        let mut tensors: Vec<Arc<Tensor>> = out.into_iter().map(|t| t.into_arc_tensor()).collect();
+        if let Some(l) = self.low_rank() {
+            let tokens = tensors
+                .get(l.source.frame_tokens_input)
+                .ok_or_else(|| infer(anyhow::anyhow!("no per-frame image tokens")))?;
+            let base = super::unpanic(|| l.upscaling.frame_base(tokens)).map_err(infer)?;
+            tensors.push(Arc::new(base));
+        }
+        let tensors = Arc::new(FrameTensors(tensors));
         if mask.is_none() {
             // Another thread may have won the race with the same values: either is right.
             let _ = embedding.decoder_frame.set(tensors.clone());
@@ -548,22 +719,19 @@ impl Decoder {
         embedding: &Embedding,
         input: &DecoderInput,
     ) -> Result<Vec<super::profile::NodeTime>> {
-        let (plan, inputs) = self.batch_inputs(embedding, input)?;
+        let (plan, inputs, frame) = self.batch_inputs(embedding, input, None)?;
         let (mut times, outputs) =
             super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
         if let Graphs::Split {
             masks, masks_path, ..
         } = &self.graphs
         {
-            let (Some(tokens), Some(weights)) = (outputs.first(), outputs.get(1)) else {
-                return Err(infer_err(anyhow::anyhow!(
-                    "per-prompt graph returned fewer than 2 outputs"
-                )));
-            };
-            let plan = self.mask_plan((masks, masks_path), tokens.shape(), weights.shape())?;
+            let outputs: Vec<Tensor> = outputs.into_iter().map(|t| t.into_tensor()).collect();
+            let shapes: Vec<Vec<usize>> = outputs.iter().map(|t| t.shape().to_vec()).collect();
+            let plan = self.mask_plan((masks, masks_path), &shapes)?;
+            let inputs = self.mask_plan_inputs(frame.as_deref(), outputs)?;
             let (mask_times, _) =
-                super::profile::profile_values(&plan, tvec!(tokens.clone(), weights.clone()))
-                    .map_err(infer_err)?;
+                super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
             times.extend(mask_times.into_iter().map(|mut t| {
                 t.node = format!("masks:{}", t.node);
                 t
@@ -573,12 +741,47 @@ impl Decoder {
         Ok(times)
     }
 
-    /// The plan for `input`'s batch shape and its inputs.
+    /// The mask plan's inputs from a per-prompt plan's `outputs` (on the per-frame tensors
+    /// `frame`): image tokens and mask weights, or in the low-rank form the base, the
+    /// coefficients, the values and the mask weights.
+    fn mask_plan_inputs(
+        &self,
+        frame: Option<&FrameTensors>,
+        outputs: Vec<Tensor>,
+    ) -> Result<TVec<TValue>> {
+        let count = outputs.len();
+        let short = || infer_err(anyhow::anyhow!("per-prompt graph returned {count} outputs"));
+        let mut outputs = outputs.into_iter().map(Tensor::into_tvalue);
+        let tokens = outputs.next().ok_or_else(short)?;
+        let weights = outputs.next().ok_or_else(short)?;
+        if self.low_rank().is_none() {
+            return Ok(tvec!(tokens, weights));
+        }
+        let base = frame
+            .and_then(|f| f.0.last())
+            .ok_or_else(|| infer_err(anyhow::anyhow!("no upscaling base with the frame")))?;
+        let extra: Vec<TValue> = outputs.skip(1).collect();
+        if extra.len() != low_rank::EXTRA_OUTPUTS {
+            return Err(short());
+        }
+        let mut inputs: TVec<TValue> = tvec!(TValue::from_const(base.clone()));
+        inputs.extend(extra);
+        inputs.push(weights);
+        Ok(inputs)
+    }
+
+    /// The plan for `input`'s batch shape, its inputs and (split form) the per-frame tensors,
+    /// `frame` if given.
     fn batch_inputs(
         &self,
         embedding: &Embedding,
         input: &DecoderInput,
-    ) -> Result<(Arc<TypedRunnableModel>, TVec<TValue>)> {
+        frame: Option<&Arc<FrameTensors>>,
+    ) -> Result<(
+        Arc<TypedRunnableModel>,
+        TVec<TValue>,
+        Option<Arc<FrameTensors>>,
+    )> {
         let n = input.points_per_prompt;
         let b = input.batch();
         if n == 0 || b == 0 || input.coords.len() != b * n || input.labels.len() != b * n {
@@ -605,6 +808,7 @@ impl Decoder {
         let coords: Vec<f32> = input.coords.iter().flatten().copied().collect();
         let coords = Tensor::from_shape(&[b, n, 2], &coords).map_err(infer_err)?;
         let labels = Tensor::from_shape(&[b, n], &input.labels).map_err(infer_err)?;
+        let mut kept_frame = None;
         let inputs: TVec<TValue> = match &self.graphs {
             Graphs::One => {
                 let (mask, has_mask) = self.mask_inputs(input.mask_input.as_deref())?;
@@ -616,19 +820,30 @@ impl Decoder {
                     has_mask.into()
                 )
             }
-            Graphs::Split { frame, .. } => {
-                let kept = self.frame_tensors(frame, embedding, input.mask_input.as_deref())?;
+            Graphs::Split {
+                frame: frame_plan,
+                frame_shapes,
+                ..
+            } => {
+                let kept = match frame {
+                    Some(kept) => kept.clone(),
+                    None => {
+                        self.frame_tensors(frame_plan, embedding, input.mask_input.as_deref())?
+                    }
+                };
                 let mut inputs: TVec<TValue> = kept
                     .0
                     .iter()
+                    .take(frame_shapes.len())
                     .map(|t| TValue::from_const(t.clone()))
                     .collect();
                 inputs.push(coords.into());
                 inputs.push(labels.into());
+                kept_frame = Some(kept);
                 inputs
             }
         };
-        Ok((plan, inputs))
+        Ok((plan, inputs, kept_frame))
     }
 
     /// Decode one batch of prompts against `embedding`.
@@ -671,8 +886,13 @@ impl Decoder {
             Graphs::Split {
                 masks: graph,
                 masks_path,
+                frame: frame_plan,
                 ..
             } if well_formed => {
+                // The per-frame tensors once for every chunk (with a mask input they are not
+                // kept with the embedding).
+                let frame =
+                    self.frame_tensors(frame_plan, embedding, input.mask_input.as_deref())?;
                 let chunks = b.div_ceil(SPLIT_CHUNK);
                 let decoded = spread_over_threads(chunks, |c| {
                     let first = c * SPLIT_CHUNK;
@@ -683,25 +903,31 @@ impl Decoder {
                         labels: input.labels[first * n..end * n].to_vec(),
                         mask_input: input.mask_input.clone(),
                     };
-                    let (tokens, weights, scores) = self.run_prompts(embedding, &chunk)?;
-                    let scores = f32_slice(&scores);
+                    let outputs = self.run_prompts(embedding, &chunk, &frame)?;
+                    let scores = outputs
+                        .get(2)
+                        .map(f32_slice)
+                        .ok_or_else(|| infer_err(anyhow::anyhow!("no IoU output")))?;
                     let keep: Vec<usize> = (0..end - first)
                         .filter(|&i| promising(scores.get(i * k..(i + 1) * k).unwrap_or(&[])))
                         .collect();
                     if keep.is_empty() {
                         return Ok(None);
                     }
-                    let (tokens, weights) = if keep.len() == end - first {
-                        (tokens, weights)
+                    let scores = scores.to_vec();
+                    let outputs = if keep.len() == end - first {
+                        outputs
                     } else {
-                        (select_rows(&tokens, &keep)?, select_rows(&weights, &keep)?)
+                        outputs
+                            .iter()
+                            .map(|t| select_rows(t, &keep))
+                            .collect::<Result<Vec<_>>>()?
                     };
-                    let plan =
-                        self.mask_plan((graph, masks_path), tokens.shape(), weights.shape())?;
-                    let out = super::unpanic(|| {
-                        plan.run(tvec!(tokens.into_tvalue(), weights.into_tvalue()))
-                    })
-                    .map_err(infer_err)?;
+                    let shapes: Vec<Vec<usize>> =
+                        outputs.iter().map(|t| t.shape().to_vec()).collect();
+                    let plan = self.mask_plan((graph, masks_path), &shapes)?;
+                    let inputs = self.mask_plan_inputs(Some(&frame), outputs)?;
+                    let out = super::unpanic(|| plan.run(inputs)).map_err(infer_err)?;
                     let chunk_masks = out
                         .into_iter()
                         .next()
@@ -748,26 +974,27 @@ impl Decoder {
         Ok((logits, kept))
     }
 
-    /// The split form's per-prompt graph on one batch: image tokens, mask weights, IoU.
+    /// The split form's per-prompt graph on one batch, on the per-frame tensors `frame`: image
+    /// tokens, mask weights, IoU (and the low-rank form's outputs).
     fn run_prompts(
         &self,
         embedding: &Embedding,
         input: &DecoderInput,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (plan, inputs) = self.batch_inputs(embedding, input)?;
-        let mut out = super::unpanic(|| plan.run(inputs))
+        frame: &Arc<FrameTensors>,
+    ) -> Result<Vec<Tensor>> {
+        let (plan, inputs, _) = self.batch_inputs(embedding, input, Some(frame))?;
+        let out: Vec<Tensor> = super::unpanic(|| plan.run(inputs))
             .map_err(infer_err)?
-            .into_iter();
-        match (out.next(), out.next(), out.next()) {
-            (Some(tokens), Some(weights), Some(iou)) => Ok((
-                tokens.into_tensor(),
-                weights.into_tensor(),
-                iou.into_tensor(),
-            )),
-            _ => Err(infer_err(anyhow::anyhow!(
-                "per-prompt graph returned fewer than 3 outputs"
-            ))),
+            .into_iter()
+            .map(|t| t.into_tensor())
+            .collect();
+        if out.len() < PROMPT_OUTPUTS {
+            return Err(infer_err(anyhow::anyhow!(
+                "per-prompt graph returned {} outputs",
+                out.len()
+            )));
         }
+        Ok(out)
     }
 
     /// The one graph on a batch of any size: chunks of the largest of [`ONE_GRAPH_BATCHES`], the
@@ -830,7 +1057,7 @@ impl Decoder {
         embedding: &Embedding,
         input: &DecoderInput,
     ) -> Result<MaskLogits> {
-        let (plan, inputs) = self.batch_inputs(embedding, input)?;
+        let (plan, inputs, _) = self.batch_inputs(embedding, input, None)?;
         let mut out = super::unpanic(|| plan.run(inputs))
             .map_err(infer_err)?
             .into_iter();

@@ -46,6 +46,9 @@ pub enum DecoderGraph {
     Auto,
     /// The one-graph decoder (the reference the pair is checked against).
     OneGraph,
+    /// The per-frame + per-prompt pair with the mask upscaling's first product at full rank
+    /// (the reference the low-rank form is checked and timed against).
+    SplitFullRank,
 }
 
 impl std::str::FromStr for DecoderGraph {
@@ -54,7 +57,10 @@ impl std::str::FromStr for DecoderGraph {
         match s {
             "auto" | "split" => Ok(DecoderGraph::Auto),
             "one" | "one-graph" => Ok(DecoderGraph::OneGraph),
-            other => Err(format!("unknown decoder graph `{other}` (auto, one-graph)")),
+            "split-full-rank" => Ok(DecoderGraph::SplitFullRank),
+            other => Err(format!(
+                "unknown decoder graph `{other}` (auto, one-graph, split-full-rank)"
+            )),
         }
     }
 }

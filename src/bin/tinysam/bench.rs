@@ -34,7 +34,8 @@ pub struct BenchArgs {
     /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, vnni, sdot.
     #[arg(long, default_value = "auto")]
     pub int8_matmul: model::Int8Matmul,
-    /// Decoder form: auto (per-frame + per-prompt graphs when the model has them), one-graph.
+    /// Decoder form: auto (per-frame + per-prompt graphs when the model has them, the mask
+    /// upscaling in low rank), one-graph, split-full-rank.
     #[arg(long, default_value = "auto")]
     pub decoder_graph: model::DecoderGraph,
     /// Print the slowest encoder ops of each precision.

@@ -47,7 +47,8 @@ struct ModelArgs {
     /// INT8 matrix products: auto (ours, this CPU's fastest kernel), tract, portable, avx2, vnni, sdot.
     #[arg(long, default_value = "auto")]
     int8_matmul: model::Int8Matmul,
-    /// Decoder form: auto (per-frame + per-prompt graphs when the model has them), one-graph.
+    /// Decoder form: auto (per-frame + per-prompt graphs when the model has them, the mask
+    /// upscaling in low rank), one-graph, split-full-rank.
     #[arg(long, default_value = "auto")]
     decoder_graph: model::DecoderGraph,
 }

@@ -90,7 +90,8 @@ pub fn erf(x: f32) -> f32 {
 }
 
 /// LayerNorm of one row in place, as SAM's (mean, biased variance, `ε` inside the root), then
-/// `γ`, `β` and `then` on each value (`gamma`, `beta`: one per value of the row).
+/// `γ`, `β` and `then` on each value (`gamma`, `beta`: one per value of the row). Returns the
+/// row's mean and the scale `1 / √(variance + ε)` it applied.
 #[inline(always)]
 pub fn layer_norm<const FMA: bool>(
     row: &mut [f32],
@@ -98,7 +99,7 @@ pub fn layer_norm<const FMA: bool>(
     gamma: &[f32],
     beta: &[f32],
     then: impl Fn(f32) -> f32,
-) {
+) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = lane_sum(row, |x| x) / n;
     let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
@@ -106,6 +107,7 @@ pub fn layer_norm<const FMA: bool>(
     for ((x, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
         *x = then(madd::<FMA>((*x - mean) * scale, g, b));
     }
+    (mean, scale)
 }
 
 /// Partial sums of [`lane_sum`].

@@ -59,6 +59,20 @@ impl PackedWeights {
         Some(())
     }
 
+    /// The matrix again, `k` rows of `n` values, row-major.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut b = vec![0f32; k * n];
+        for (p, panel) in self.panels.chunks_exact(k * PANEL).enumerate() {
+            let c0 = p * PANEL;
+            let width = PANEL.min(n - c0);
+            for (src, dst) in panel.chunks_exact(PANEL).zip(b.chunks_exact_mut(n)) {
+                dst[c0..c0 + width].copy_from_slice(&src[..width]);
+            }
+        }
+        b
+    }
+
     /// Rows of the matrix (the products' inner dimension).
     pub fn k(&self) -> usize {
         self.k

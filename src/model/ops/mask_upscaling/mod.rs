@@ -12,12 +12,17 @@
 //! at a time (their feature maps stay in L1/L2, see `kernel`) and writes the finished mask
 //! values straight to their place in the K planes; rows are spread over tract's threads.
 //!
+//! The split decoder runs it in its low-rank form ([`low_rank`]): the first transposed
+//! convolution's prompt-independent part once per frame, the rest from the transformer's
+//! coefficients, with about half the multiply-adds per prompt.
+//!
 //! [`rewrite_mask_upscaling`] finds the chain in a decluttered graph after our LayerNorm and
 //! GELU rewrites, checks that the final axis moves compose to SAM's pixel order (by running them
 //! on an index tensor), and replaces it; anything else stays with tract, with the reason logged.
 #![allow(unsafe_code)]
 
 mod kernel;
+pub mod low_rank;
 
 use std::sync::Arc;
 
@@ -34,15 +39,21 @@ use super::graph::{
 };
 use super::layer_norm::LayerNormOp;
 use crate::model::qmatmul::GeluOp;
-use kernel::{Band, Scratch, Weights};
+use kernel::{Band, FirstProduct, LowRankRow, Scratch, Weights};
+use low_rank::LowRank;
 
 /// `[B, side², D]` image tokens and `[B, K, C2]` mask weights → `[B, K, 4·side, 4·side]` mask
 /// logits, as SAM's `output_upscaling` followed by the hypernetwork product.
+///
+/// In the low-rank form (see [`low_rank`]) the inputs are instead the per-frame base `[1,
+/// side², 4·C1]`, the first and second image->token outputs' coefficients `[B, side², n + 2]`
+/// and projected token values (`B · n · D` values each), and the mask weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaskUpscaling {
     /// Side of the image-token grid (64 for a 1024² input).
     pub side: usize,
     weights: Arc<Weights>,
+    low_rank: Option<Arc<LowRank>>,
 }
 
 impl MaskUpscaling {
@@ -60,7 +71,80 @@ impl MaskUpscaling {
     pub fn macs_per_prompt(&self, masks: usize) -> usize {
         let w = &self.weights;
         let pixels = self.side * self.side;
-        pixels * (w.up1.k() * w.up1.n() + 4 * w.up2.k() * w.up2.n() + 16 * w.bias2.len() * masks)
+        // The low-rank form's basis for a one-point prompt: 2 × 8 heads × 7 tokens + 4 rows.
+        let first = match &self.low_rank {
+            Some(_) => (2 * 56 + 4 + 1) * w.up1.n(),
+            None => w.up1.k() * w.up1.n(),
+        };
+        pixels * (first + 4 * w.up2.k() * w.up2.n() + 16 * w.bias2.len() * masks)
+    }
+
+    /// Whether the op takes the low-rank inputs (see [`low_rank`]).
+    pub fn is_low_rank(&self) -> bool {
+        self.low_rank.is_some()
+    }
+
+    /// The low-rank form's per-frame base `[1, side², 4·C1]` of the per-frame image tokens
+    /// `tokens` (`[1, side², D]`): `(γ₂γ₁ ⊙ k₀) · U`, spread over tract's threads.
+    pub fn frame_base(&self, tokens: &Tensor) -> TractResult<Tensor> {
+        let low_rank = self
+            .low_rank
+            .as_ref()
+            .context("TinysamMaskUpscaling: not in low-rank form")?;
+        let map = low_rank.frame_map();
+        let (d, width, pixels) = (map.k(), map.n(), self.side * self.side);
+        ensure!(
+            tokens.shape() == [1, pixels, d],
+            "TinysamMaskUpscaling: per-frame image tokens {:?}, expected [1, {pixels}, {d}]",
+            tokens.shape()
+        );
+        let view = tokens.try_as_plain_ram()?;
+        let tokens = view.as_slice::<f32>()?;
+        let mut base = Tensor::zero::<f32>(&[1, pixels, width])?;
+        {
+            let mut out = base.try_as_plain_ram_mut()?;
+            let out = out.as_slice_mut::<f32>()?;
+            let isa = Isa::detect();
+            const ROWS: usize = 64;
+            tract_linalg::multithread::par_chunks_mut(
+                out,
+                width,
+                pixels * d * width,
+                |first, chunk| {
+                    for (i, rows) in chunk.chunks_mut(ROWS * width).enumerate() {
+                        let at = (first + i * ROWS) * d;
+                        let count = rows.len() / width;
+                        let a = tokens.get(at..at + count * d).context("tokens")?;
+                        self.times(isa, a, map, rows);
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(base)
+    }
+
+    /// `c = a · w` on this CPU's kernel.
+    fn times(&self, isa: Isa, a: &[f32], w: &PackedWeights, c: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            Isa::Avx512 => {
+                if let Some(m) = Avx512::detect() {
+                    // SAFETY: `Isa::detect` found AVX-512F and FMA on this CPU.
+                    return unsafe { kernel::times_avx512(m, a, w, c) };
+                }
+            }
+            Isa::Avx2 => {
+                if let Some(m) = Avx2::detect() {
+                    // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
+                    return unsafe { kernel::times_avx2(m, a, w, c) };
+                }
+            }
+            Isa::Portable => {}
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = isa;
+        kernel::times_portable(a, w, c)
     }
 
     fn band(&self, isa: Isa, band: &Band<'_>, planes: &mut [&mut [f32]], scratch: &mut Scratch) {
@@ -95,11 +179,16 @@ impl Op for MaskUpscaling {
     fn info(&self) -> TractResult<Vec<String>> {
         let w = &self.weights;
         Ok(vec![format!(
-            "{}² tokens × {} → {} → {} channels, kernel {}",
+            "{}² tokens × {} → {} → {} channels{}, kernel {}",
             self.side,
             w.up1.k(),
             w.bias1.len(),
             w.bias2.len(),
+            if self.low_rank.is_some() {
+                ", low-rank first product"
+            } else {
+                ""
+            },
             Isa::detect()
         )])
     }
@@ -111,29 +200,96 @@ impl EvalOp for MaskUpscaling {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (tokens, hyper) = args_2!(inputs);
         let (d, c2, side) = (self.dim(), self.weights.bias2.len(), self.side);
         let pixels = side * side;
-        let (ts, hs) = (tokens.shape(), hyper.shape());
+        let Some(hyper) = inputs.last() else {
+            bail!("TinysamMaskUpscaling: no inputs");
+        };
+        let hs = hyper.shape();
+        // The first product's input per prompt: image tokens, or the low-rank inputs.
+        let (batch, first) = match &self.low_rank {
+            None => {
+                ensure!(
+                    inputs.len() == 2,
+                    "TinysamMaskUpscaling: {} inputs, expected 2",
+                    inputs.len()
+                );
+                let ts = inputs[0].shape();
+                ensure!(
+                    ts.len() == 3 && ts[1] == pixels && ts[2] == d,
+                    "TinysamMaskUpscaling: image tokens {ts:?}, expected [B, {pixels}, {d}]"
+                );
+                (ts[0], None)
+            }
+            Some(low_rank) => {
+                ensure!(
+                    inputs.len() == 6,
+                    "TinysamMaskUpscaling: {} inputs, expected 6",
+                    inputs.len()
+                );
+                let width = self.weights.up1.n();
+                let batch = inputs[1].shape().first().copied().unwrap_or(0);
+                let weights = |i: usize| inputs[i].shape().get(2).and_then(|n| n.checked_sub(2));
+                let (Some(n1), Some(n2)) = (weights(1), weights(2)) else {
+                    bail!(
+                        "TinysamMaskUpscaling: coefficients {:?}, {:?}",
+                        inputs[1].shape(),
+                        inputs[2].shape()
+                    );
+                };
+                ensure!(
+                    inputs[0].shape() == [1, pixels, width]
+                        && inputs[1].shape() == [batch, pixels, n1 + 2]
+                        && inputs[2].shape() == [batch, pixels, n2 + 2]
+                        && inputs[3].len() == batch * n1 * d
+                        && inputs[4].len() == batch * n2 * d,
+                    "TinysamMaskUpscaling: low-rank inputs {:?} do not fit {batch} prompts of \
+                     [{pixels}, {n1} + 2] and [{pixels}, {n2} + 2] coefficients",
+                    inputs
+                        .iter()
+                        .take(5)
+                        .map(|i| i.shape().to_vec())
+                        .collect::<Vec<_>>()
+                );
+                (batch, Some((low_rank, (n1, n2))))
+            }
+        };
         ensure!(
-            ts.len() == 3 && ts[1] == pixels && ts[2] == d,
-            "TinysamMaskUpscaling: image tokens {ts:?}, expected [B, {pixels}, {d}]"
+            hs.len() == 3 && hs[0] == batch && hs[2] == c2,
+            "TinysamMaskUpscaling: mask weights {hs:?} for {batch} prompts of {c2} channels"
         );
-        ensure!(
-            hs.len() == 3 && hs[0] == ts[0] && hs[2] == c2,
-            "TinysamMaskUpscaling: mask weights {hs:?} for {} prompts of {c2} channels",
-            ts[0]
-        );
-        let (batch, masks) = (ts[0], hs[1]);
+        let masks = hs[1];
         let mut out = Tensor::zero::<f32>(&[batch, masks, 4 * side, 4 * side])?;
         if batch == 0 || masks == 0 {
             return Ok(tvec!(out.into_tvalue()));
         }
-        let tokens_view = tokens.try_as_plain_ram()?;
-        let tokens = tokens_view.as_slice::<f32>()?;
-        let hyper_view = hyper.try_as_plain_ram()?;
-        let hyper = hyper_view.as_slice::<f32>()?;
+        let views = inputs
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<Vec<_>>>()?;
+        let slices = views
+            .iter()
+            .map(|v| v.as_slice::<f32>())
+            .collect::<TractResult<Vec<_>>>()?;
+        let hyper = slices.last().copied().context("mask weights")?;
         let isa = Isa::detect();
+        // Each prompt's basis (low-rank form).
+        let bases: Vec<PackedWeights> = match first {
+            None => Vec::new(),
+            Some((low_rank, (n1, n2))) => (0..batch)
+                .map(|b| {
+                    let values = [
+                        slices[3].get(b * n1 * d..(b + 1) * n1 * d),
+                        slices[4].get(b * n2 * d..(b + 1) * n2 * d),
+                    ];
+                    let [Some(v1), Some(v2)] = values else {
+                        return None;
+                    };
+                    low_rank.basis([v1, v2], |a, w, c| self.times(isa, a, w, c))
+                })
+                .collect::<Option<_>>()
+                .context("low-rank basis")?,
+        };
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
@@ -153,15 +309,38 @@ impl EvalOp for MaskUpscaling {
                 .chunks_exact(masks * c2)
                 .map(|h| kernel::mask_weights(h, c2).context("mask weights"))
                 .collect::<TractResult<_>>()?;
-            let work = batch * pixels * d;
-            tract_linalg::multithread::par_chunks_mut(&mut units, 1, work, |first, chunk| {
-                let mut scratch = Scratch::new(&self.weights, masks);
+            let basis_rows = first.map_or(0, |(_, (n1, n2))| n1 + n2 + 4);
+            let work = batch * pixels * self.weights.up1.n() * basis_rows.max(d);
+            tract_linalg::multithread::par_chunks_mut(&mut units, 1, work, |first_unit, chunk| {
+                let mut scratch = Scratch::new(&self.weights, masks, basis_rows);
                 for (i, planes) in chunk.iter_mut().enumerate() {
-                    let unit = first + i;
+                    let unit = first_unit + i;
                     let (b, row) = (unit / side, unit % side);
-                    let start = (b * pixels + row * side) * d;
+                    let first_product = match first {
+                        None => {
+                            let start = (b * pixels + row * side) * d;
+                            FirstProduct::Tokens(
+                                slices[0].get(start..start + side * d).context("tokens")?,
+                            )
+                        }
+                        Some((low_rank, (n1, n2))) => {
+                            let width = self.weights.up1.n();
+                            let rows = |input: usize, per: usize, prompt: usize| {
+                                let at = (prompt * pixels + row * side) * per;
+                                slices.get(input).and_then(|s| s.get(at..at + side * per))
+                            };
+                            FirstProduct::LowRank(LowRankRow {
+                                weights: (n1, n2),
+                                first: rows(1, n1 + 2, b).context("coefficients")?,
+                                second: rows(2, n2 + 2, b).context("coefficients")?,
+                                base: rows(0, width, 0).context("base")?,
+                                basis: bases.get(b).context("basis")?,
+                                constant: &low_rank.constant,
+                            })
+                        }
+                    };
                     let band = Band {
-                        tokens: tokens.get(start..start + side * d).context("tokens")?,
+                        first: first_product,
                         side,
                         hyper: prompts.get(b).context("mask weights")?,
                     };
@@ -181,19 +360,25 @@ impl TypedOp for MaskUpscaling {
             "TinysamMaskUpscaling is f32 only"
         );
         let side = 4 * self.side;
+        // The batch comes from the image tokens or the first coefficients.
+        let prompts = if self.low_rank.is_some() { 1 } else { 0 };
+        let (Some(prompts), Some(hyper)) = (inputs.get(prompts), inputs.last()) else {
+            bail!("TinysamMaskUpscaling: too few inputs");
+        };
         Ok(tvec!(f32::fact([
-            inputs[0].shape[0].clone(),
-            inputs[1].shape[1].clone(),
+            prompts.shape[0].clone(),
+            hyper.shape[1].clone(),
             side.into(),
             side.into()
         ])))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let masks = inputs[1].shape[1].to_usize().unwrap_or(1);
+        let facts = self.output_facts(inputs)?;
+        let masks = facts[0].shape[1].to_usize().unwrap_or(1);
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
-            inputs[0].shape[0].clone() * self.macs_per_prompt(masks)
+            facts[0].shape[0].clone() * self.macs_per_prompt(masks)
         )))
     }
 
@@ -398,6 +583,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MaskUpscaling>> {
         op: MaskUpscaling {
             side,
             weights: Arc::new(weights),
+            low_rank: None,
         },
     })))
 }

@@ -90,13 +90,16 @@ fn upscaling_speed() -> TractResult<()> {
 
 /// Not a test: `cargo test --release --lib upscaling_op_speed -- --ignored --nocapture` times
 /// the op alone at the default model's sizes (64² tokens × 256 → 64 → 32 channels, 3 masks),
-/// best of 20 at 1 and 2 threads.
+/// at full rank and in low rank for a one-point prompt (2 × 56 weights per token), best of 20
+/// at 1 and 2 threads.
 #[test]
 #[ignore]
 fn upscaling_op_speed() -> TractResult<()> {
+    use crate::model::ops::token_mixing::NormParams;
     use crate::model::test_support::pattern_values;
-    let (side, d, c1, c2, masks) = (64, 256, 64, 32, 3);
-    let op = MaskUpscaling {
+    let (side, d, c1, c2, masks, n) = (64, 256, 64, 32, 3, 56);
+    let pixels = side * side;
+    let full = MaskUpscaling {
         side,
         weights: Arc::new(kernel::Weights {
             up1: PackedWeights::pack(&pattern_values(d * 4 * c1, 1, 0.1), d, 4 * c1).expect("up1"),
@@ -108,22 +111,154 @@ fn upscaling_op_speed() -> TractResult<()> {
                 .expect("up2"),
             bias2: pattern_values(c2, 6, 0.1),
         }),
+        low_rank: None,
     };
-    let inputs = tvec![
-        pattern_tensor(&[1, side * side, d], 7, 3.0).into_tvalue(),
-        pattern_tensor(&[1, masks, c2], 8, 1.0).into_tvalue(),
+    let norm = |seed| NormParams {
+        eps: 1e-5,
+        gamma: Arc::new(pattern_values(d, seed, 1.0)),
+        beta: Arc::new(pattern_values(d, seed + 1, 0.1)),
+        bias: Arc::new(pattern_values(d, seed + 2, 0.1)),
+    };
+    let source = low_rank::LowRankSource {
+        frame_tokens_input: 0,
+        norms: [norm(20), norm(30)],
+        weights: (n, n),
+    };
+    let low = MaskUpscaling {
+        low_rank: Some(Arc::new(
+            low_rank::LowRank::new(&full.weights.up1, &source).expect("low rank"),
+        )),
+        ..full.clone()
+    };
+    let hyper = pattern_tensor(&[1, masks, c2], 8, 1.0).into_tvalue();
+    let cases = [
+        (
+            "full rank",
+            &full,
+            tvec![
+                pattern_tensor(&[1, pixels, d], 7, 3.0).into_tvalue(),
+                hyper.clone()
+            ],
+            full.macs_per_prompt(masks),
+        ),
+        (
+            "low rank",
+            &low,
+            tvec![
+                pattern_tensor(&[1, pixels, 4 * c1], 9, 3.0).into_tvalue(),
+                pattern_tensor(&[1, pixels, n + 2], 10, 0.1).into_tvalue(),
+                pattern_tensor(&[1, pixels, n + 2], 11, 0.1).into_tvalue(),
+                pattern_tensor(&[n, d], 12, 1.0).into_tvalue(),
+                pattern_tensor(&[n, d], 13, 1.0).into_tvalue(),
+                hyper,
+            ],
+            low.macs_per_prompt(masks),
+        ),
     ];
-    let macs = side * side * (d * 4 * c1 + 4 * c1 * 4 * c2 + 16 * c2 * masks);
-    for threads in [1, 2] {
-        crate::model::set_threads(threads);
-        let mut best = f64::MAX;
-        for _ in 0..20 {
-            let start = std::time::Instant::now();
-            op.eval(&EvalContext::out_of_plan(), inputs.clone())?;
-            best = best.min(start.elapsed().as_secs_f64() * 1e3);
+    for (name, op, inputs, macs) in cases {
+        for threads in [1, 2] {
+            crate::model::set_threads(threads);
+            let mut best = f64::MAX;
+            for _ in 0..20 {
+                let start = std::time::Instant::now();
+                op.eval(&EvalContext::out_of_plan(), inputs.clone())?;
+                best = best.min(start.elapsed().as_secs_f64() * 1e3);
+            }
+            let gmacs = macs as f64 / best / 1e6;
+            eprintln!(
+                "upscaling op, {name}, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s"
+            );
         }
-        let gmacs = macs as f64 / best / 1e6;
-        eprintln!("upscaling op, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s");
     }
     Ok(())
+}
+
+/// The decoder of the model in `dir` in its low-rank form against the full-rank split form, on
+/// an embedding of image-like scale: one-point prompts, several points, a box, a batch and a
+/// mask input, within 1e-5 of the logits' scale (issue 18 asks 1e-4 of the one graph, which
+/// `parity::split_decoder_matches_the_one_graph_decoder` checks end to end).
+fn low_rank_matches_full_rank(dir: &std::path::Path) -> TractResult<()> {
+    use crate::model::{DecoderGraph, DecoderInput, Embedding, Int8Matmul, Manifest, Precision};
+    let manifest = Manifest::load(dir)?;
+    let load = |graph| {
+        crate::model::Decoder::load(dir, &manifest, Precision::Fp32, Int8Matmul::Auto, graph)
+    };
+    let low = load(DecoderGraph::Auto)?;
+    let full = load(DecoderGraph::SplitFullRank)?;
+    assert!(
+        low.low_rank_upscaling(),
+        "{}: not in low rank",
+        dir.display()
+    );
+    assert!(!full.low_rank_upscaling());
+    let e = manifest.config.embedding_size();
+    let d = manifest.config.prompt_embed_dim;
+    let side = manifest.config.image_size as f32;
+    let tensor = pattern_tensor(&[1, d, e, e], 11, 1.5);
+    let geometry = crate::geometry::Geometry::new(
+        manifest.config.image_size as u32,
+        manifest.config.image_size as u32,
+        manifest.config.image_size as u32,
+    )?;
+    let embedding = Embedding::new(Arc::new(tensor), geometry);
+    let at = |f: f32| f * side;
+    let prompts: Vec<(Vec<[f32; 2]>, Vec<f32>)> = vec![
+        (vec![[at(0.3), at(0.6)], [0.0, 0.0]], vec![1.0, -1.0]),
+        (
+            vec![
+                [at(0.2), at(0.2)],
+                [at(0.7), at(0.4)],
+                [at(0.5), at(0.9)],
+                [0.0, 0.0],
+            ],
+            vec![1.0, 0.0, 1.0, -1.0],
+        ),
+        (vec![[at(0.1), at(0.2)], [at(0.8), at(0.7)]], vec![2.0, 3.0]),
+    ];
+    let m = low.mask_size();
+    let mut mask_input: Option<Vec<f32>> = None;
+    for (coords, labels) in &prompts {
+        for batch in [1, 3] {
+            let input = DecoderInput {
+                points_per_prompt: labels.len(),
+                coords: coords.repeat(batch),
+                labels: labels.repeat(batch),
+                mask_input: mask_input.clone(),
+            };
+            let got = low.decode(&embedding, &input)?;
+            let want = full.decode(&embedding, &input)?;
+            let (err, scale) = max_difference(
+                crate::model::decoder::f32_slice(&got.masks),
+                crate::model::decoder::f32_slice(&want.masks),
+            );
+            eprintln!(
+                "{}: {} points, batch {batch}, mask input {}: logits {err:e} of {scale}",
+                dir.display(),
+                labels.len(),
+                mask_input.is_some()
+            );
+            assert!(err <= 1e-5 * scale.max(1.0), "logits {err} of {scale}");
+            let (err, scale) = max_difference(
+                crate::model::decoder::f32_slice(&got.iou),
+                crate::model::decoder::f32_slice(&want.iou),
+            );
+            assert!(err <= 1e-5 * scale.max(1.0), "IoU {err} of {scale}");
+            if mask_input.is_none() {
+                mask_input = Some(want.mask(0, 0).get(..m * m).unwrap_or_default().to_vec());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn low_rank_upscaling_matches_full_rank_on_the_fixture() -> TractResult<()> {
+    low_rank_matches_full_rank(&fixture_dir())
+}
+
+/// The default model's sizes: 8 heads, 256 channels, whole product blocks of the basis.
+#[test]
+fn low_rank_upscaling_matches_full_rank_on_the_default_model() -> TractResult<()> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    low_rank_matches_full_rank(&dir)
 }

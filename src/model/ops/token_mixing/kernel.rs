@@ -3,7 +3,9 @@
 //! keeps them, or computed here from the tile's image tokens plus the positional encoding and
 //! the prompt's query rows), the softmax over each head's prompt tokens, written transposed as
 //! the rows of a product with the prompt's projected token values, then the bias, the residual
-//! and the LayerNorm.
+//! and the LayerNorm; optionally each image token's softmax weights and LayerNorm statistics too
+//! (the coefficients of the mask upscaling's low-rank first product, see
+//! `mask_upscaling::low_rank`).
 //!
 //! One generic body, compiled three times: with AVX-512F, with AVX2 + FMA (x86_64, chosen at
 //! run time) and plainly (NEON on aarch64).
@@ -94,27 +96,51 @@ impl Scratch {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn tile_avx512(m: Avx512, tile: &Tile<'_>, out: &mut [f32], s: &mut Scratch) {
-    mix::<true, _>(m, tile, out, s)
+pub(crate) unsafe fn tile_avx512(
+    m: Avx512,
+    tile: &Tile<'_>,
+    out: &mut [f32],
+    coefficients: &mut [f32],
+    s: &mut Scratch,
+) {
+    mix::<true, _>(m, tile, out, coefficients, s)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn tile_avx2(m: Avx2, tile: &Tile<'_>, out: &mut [f32], s: &mut Scratch) {
-    mix::<true, _>(m, tile, out, s)
+pub(crate) unsafe fn tile_avx2(
+    m: Avx2,
+    tile: &Tile<'_>,
+    out: &mut [f32],
+    coefficients: &mut [f32],
+    s: &mut Scratch,
+) {
+    mix::<true, _>(m, tile, out, coefficients, s)
 }
 
-pub(crate) fn tile_portable(tile: &Tile<'_>, out: &mut [f32], s: &mut Scratch) {
+pub(crate) fn tile_portable(
+    tile: &Tile<'_>,
+    out: &mut [f32],
+    coefficients: &mut [f32],
+    s: &mut Scratch,
+) {
     #[cfg(target_arch = "aarch64")]
-    mix::<true, _>(super::super::gemm::Neon, tile, out, s);
+    mix::<true, _>(super::super::gemm::Neon, tile, out, coefficients, s);
     #[cfg(not(target_arch = "aarch64"))]
-    mix::<false, _>(super::super::gemm::Scalar, tile, out, s);
+    mix::<false, _>(super::super::gemm::Scalar, tile, out, coefficients, s);
 }
 
 /// `out` (the tile's rows of `D`) = LayerNorm(softmax-weighted sum of the token values + bias +
-/// residual).
+/// residual). Unless `coefficients` is empty, it gets one row of `H·T + 2` per image token: the
+/// softmax weights in (head, token) order, then the LayerNorm's mean and scale `1 / σ`.
 #[inline(always)]
-fn mix<const FMA: bool, M: Micro>(m: M, tile: &Tile<'_>, out: &mut [f32], scratch: &mut Scratch) {
+fn mix<const FMA: bool, M: Micro>(
+    m: M,
+    tile: &Tile<'_>,
+    out: &mut [f32],
+    coefficients: &mut [f32],
+    scratch: &mut Scratch,
+) {
     let (h, t) = (tile.heads, tile.tokens);
     let d = tile.values.n();
     let rows = out.len() / d;
@@ -201,10 +227,20 @@ fn mix<const FMA: bool, M: Micro>(m: M, tile: &Tile<'_>, out: &mut [f32], scratc
     }
     product(m, weights, tile.values, out, block);
     let Norm { eps, gamma, beta } = tile.norm;
-    for (row, residual) in out.chunks_exact_mut(d).zip(tile.residual.chunks_exact(d)) {
+    let mut coefficients = coefficients.chunks_exact_mut(ht + 2);
+    for (pixel, (row, residual)) in out
+        .chunks_exact_mut(d)
+        .zip(tile.residual.chunks_exact(d))
+        .enumerate()
+    {
         for ((x, &b), &r) in row.iter_mut().zip(tile.bias).zip(residual) {
             *x = r + (*x + b);
         }
-        layer_norm::<FMA>(row, eps, gamma, beta, |x| x);
+        let (mean, scale) = layer_norm::<FMA>(row, eps, gamma, beta, |x| x);
+        if let Some(c) = coefficients.next() {
+            c[..ht].copy_from_slice(&weights[pixel * ht..(pixel + 1) * ht]);
+            c[ht] = mean;
+            c[ht + 1] = scale;
+        }
     }
 }

@@ -54,11 +54,28 @@ pub enum LogitsSource {
     PerHead(usize),
 }
 
+/// An [`ImageToTokenOutput`]'s output bias and LayerNorm: `LayerNorm(x + bias)` is
+/// `(x + bias − μ) · γ / √(σ² + ε) + β`.
+#[derive(Debug, Clone)]
+pub struct NormParams {
+    /// ε inside the root.
+    pub eps: f32,
+    /// γ, one per channel.
+    pub gamma: Arc<Vec<f32>>,
+    /// β, one per channel.
+    pub beta: Arc<Vec<f32>>,
+    /// The output projection's bias, added before the residual.
+    pub bias: Arc<Vec<f32>>,
+}
+
 /// `LayerNorm(residual + bias + Σ_{h,t} softmax_t(scores)[h, t, p] · values[h, t, :])` for
 /// every image token `p`: scores `[B, H, T, P]` (an input, or computed from the residual, see
 /// [`LogitsSource`]), values `[B, H, T, D]`, residual `[B or 1, P, D]` → `[B, P, D]` (without
 /// the leading `B` axis on scores, queries and values for a batch of one, as tract declutters
-/// it).
+/// it). With [`coefficients`](Self::coefficients), a second output `[B, P, H·T + 2]` holds each
+/// image token's softmax weights (in the values' (head, token) row order), then the LayerNorm's
+/// mean and scale `1 / √(variance + ε)`: what the mask upscaling's low-rank first product needs
+/// (`mask_upscaling::low_rank`).
 #[derive(Debug, Clone)]
 pub struct ImageToTokenOutput {
     /// Heads (H).
@@ -73,6 +90,8 @@ pub struct ImageToTokenOutput {
     pub batched: bool,
     /// Where the logits come from.
     pub logits: LogitsSource,
+    /// Whether the op also gives each image token's weights and LayerNorm statistics.
+    pub coefficients: bool,
     bias: Arc<Vec<f32>>,
     /// The LayerNorm after the residual: ε, γ and β (absent ones in the graph as 1 and 0).
     eps: f32,
@@ -83,15 +102,21 @@ pub struct ImageToTokenOutput {
 // tract wants ops `Eq`: the float parameters compare by their bits.
 impl PartialEq for ImageToTokenOutput {
     fn eq(&self, other: &ImageToTokenOutput) -> bool {
-        (self.heads, self.tokens, self.pixels, self.dim, self.batched)
-            == (
-                other.heads,
-                other.tokens,
-                other.pixels,
-                other.dim,
-                other.batched,
-            )
-            && self.eps.to_bits() == other.eps.to_bits()
+        (
+            self.heads,
+            self.tokens,
+            self.pixels,
+            self.dim,
+            self.batched,
+            self.coefficients,
+        ) == (
+            other.heads,
+            other.tokens,
+            other.pixels,
+            other.dim,
+            other.batched,
+            other.coefficients,
+        ) && self.eps.to_bits() == other.eps.to_bits()
             && match (&self.logits, &other.logits) {
                 (LogitsSource::Input, LogitsSource::Input) => true,
                 (LogitsSource::FromKeys(a), LogitsSource::FromKeys(b)) => same_bits(a, b),
@@ -112,26 +137,48 @@ impl ImageToTokenOutput {
         format!("tinysam_token_mixing_{}", Isa::detect())
     }
 
-    fn tile(&self, isa: Isa, tile: &Tile<'_>, out: &mut [f32], scratch: &mut Scratch) {
+    /// The LayerNorm after the residual and the output bias before it.
+    pub fn norm(&self) -> NormParams {
+        NormParams {
+            eps: self.eps,
+            gamma: self.gamma.clone(),
+            beta: self.beta.clone(),
+            bias: self.bias.clone(),
+        }
+    }
+
+    /// Values per image token of the coefficients output: `H·T` weights, mean, scale.
+    pub fn coefficient_width(&self) -> usize {
+        self.heads * self.tokens + 2
+    }
+
+    fn tile(
+        &self,
+        isa: Isa,
+        tile: &Tile<'_>,
+        out: &mut [f32],
+        coefficients: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
         #[cfg(target_arch = "x86_64")]
         match isa {
             Isa::Avx512 => {
                 if let Some(m) = Avx512::detect() {
                     // SAFETY: `Isa::detect` found AVX-512F and FMA on this CPU.
-                    return unsafe { kernel::tile_avx512(m, tile, out, scratch) };
+                    return unsafe { kernel::tile_avx512(m, tile, out, coefficients, scratch) };
                 }
             }
             Isa::Avx2 => {
                 if let Some(m) = Avx2::detect() {
                     // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
-                    return unsafe { kernel::tile_avx2(m, tile, out, scratch) };
+                    return unsafe { kernel::tile_avx2(m, tile, out, coefficients, scratch) };
                 }
             }
             Isa::Portable => {}
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = isa;
-        kernel::tile_portable(tile, out, scratch)
+        kernel::tile_portable(tile, out, coefficients, scratch)
     }
 }
 
@@ -250,63 +297,79 @@ impl EvalOp for ImageToTokenOutput {
                 .context("query rows")?,
         };
         let mut out = Tensor::zero::<f32>(&[batch, p, d])?;
+        let width = self.coefficient_width();
+        let mut coefficients =
+            Tensor::zero::<f32>(&[batch, p, if self.coefficients { width } else { 0 }])?;
         let isa = Isa::detect();
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
+            let mut coefficients_view = coefficients.try_as_plain_ram_mut()?;
+            let coefficients = coefficients_view.as_slice_mut::<f32>()?;
+            // Each tile's rows of the output and of the coefficients (empty without them).
+            let tile_width = if self.coefficients { TILE * width } else { 0 };
+            let mut tiles: Vec<(&mut [f32], &mut [f32])> = data
+                .chunks_exact_mut(TILE * d)
+                .zip(
+                    coefficients
+                        .chunks_exact_mut(tile_width.max(1))
+                        .map(Some)
+                        .chain(std::iter::repeat_with(|| None)),
+                )
+                .map(|(out, c)| (out, c.unwrap_or_default()))
+                .collect();
             let work = batch * p * ht * d;
             let tiles_per_prompt = p / TILE;
-            tract_linalg::multithread::par_chunks_mut(
-                data,
-                TILE * d,
-                work,
-                |first_tile, chunk| {
-                    let mut scratch = Scratch::new(h, t, d);
-                    for (i, out) in chunk.chunks_exact_mut(TILE * d).enumerate() {
-                        let tile = first_tile + i;
-                        let (b, start) = (tile / tiles_per_prompt, tile % tiles_per_prompt * TILE);
-                        let rb = if residual_batch == 1 { 0 } else { b };
-                        let at = (rb * p + start) * d;
-                        let logits = match &self.logits {
-                            LogitsSource::PerHead(_) => Logits::PerHead {
-                                queries: &queries,
-                                keys: second.context("per-head keys")?,
-                                pixels: p,
-                                first: start,
-                            },
-                            LogitsSource::FromKeys(pe) => Logits::FromKeys {
-                                queries: queries.get(b).context("query rows")?,
-                                bias: second
-                                    .and_then(|bias| bias.get(b * ht..(b + 1) * ht))
-                                    .context("row bias")?,
-                                pe: pe.get(start * d..(start + TILE) * d).context("pe")?,
-                            },
-                            LogitsSource::Input => Logits::Given {
-                                all: first.get(b * ht * p..(b + 1) * ht * p).context("scores")?,
-                                pixels: p,
-                                first: start,
-                            },
-                        };
-                        let job = Tile {
-                            logits,
-                            heads: h,
-                            tokens: t,
-                            values: packed.get(b).context("values")?,
-                            residual: residual.get(at..at + TILE * d).context("residual")?,
-                            bias: &self.bias,
-                            norm: Norm {
-                                eps: self.eps,
-                                gamma: &self.gamma,
-                                beta: &self.beta,
-                            },
-                        };
-                        self.tile(isa, &job, out, &mut scratch);
-                    }
-                    Ok(())
-                },
-            )?;
+            tract_linalg::multithread::par_chunks_mut(&mut tiles, 1, work, |first_tile, chunk| {
+                let mut scratch = Scratch::new(h, t, d);
+                for (i, (out, coefficients)) in chunk.iter_mut().enumerate() {
+                    let tile = first_tile + i;
+                    let (b, start) = (tile / tiles_per_prompt, tile % tiles_per_prompt * TILE);
+                    let rb = if residual_batch == 1 { 0 } else { b };
+                    let at = (rb * p + start) * d;
+                    let logits = match &self.logits {
+                        LogitsSource::PerHead(_) => Logits::PerHead {
+                            queries: &queries,
+                            keys: second.context("per-head keys")?,
+                            pixels: p,
+                            first: start,
+                        },
+                        LogitsSource::FromKeys(pe) => Logits::FromKeys {
+                            queries: queries.get(b).context("query rows")?,
+                            bias: second
+                                .and_then(|bias| bias.get(b * ht..(b + 1) * ht))
+                                .context("row bias")?,
+                            pe: pe.get(start * d..(start + TILE) * d).context("pe")?,
+                        },
+                        LogitsSource::Input => Logits::Given {
+                            all: first.get(b * ht * p..(b + 1) * ht * p).context("scores")?,
+                            pixels: p,
+                            first: start,
+                        },
+                    };
+                    let job = Tile {
+                        logits,
+                        heads: h,
+                        tokens: t,
+                        values: packed.get(b).context("values")?,
+                        residual: residual.get(at..at + TILE * d).context("residual")?,
+                        bias: &self.bias,
+                        norm: Norm {
+                            eps: self.eps,
+                            gamma: &self.gamma,
+                            beta: &self.beta,
+                        },
+                    };
+                    self.tile(isa, &job, out, coefficients, &mut scratch);
+                }
+                Ok(())
+            })?;
         }
-        Ok(tvec!(out.into_tvalue()))
+        if self.coefficients {
+            Ok(tvec!(out.into_tvalue(), coefficients.into_tvalue()))
+        } else {
+            Ok(tvec!(out.into_tvalue()))
+        }
     }
 }
 
@@ -321,11 +384,16 @@ impl TypedOp for ImageToTokenOutput {
         } else {
             1.into()
         };
-        Ok(tvec!(f32::fact([
-            batch,
-            self.pixels.into(),
-            self.dim.into()
-        ])))
+        let out = f32::fact([batch.clone(), self.pixels.into(), self.dim.into()]);
+        if self.coefficients {
+            let width = self.coefficient_width();
+            Ok(tvec!(
+                out,
+                f32::fact([batch, self.pixels.into(), width.into()])
+            ))
+        } else {
+            Ok(tvec!(out))
+        }
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -474,6 +542,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<ImageToTokenOut
             dim: d,
             batched,
             logits: LogitsSource::Input,
+            coefficients: false,
             bias: Arc::new(bias),
             eps: norm_op.eps,
             gamma: Arc::new(

@@ -91,6 +91,7 @@ fn token_mixing_op_speed() -> TractResult<()> {
         dim: d,
         batched: false,
         logits,
+        coefficients: false,
         bias: Arc::new(vec![0.01; d]),
         eps: 1e-5,
         gamma: Arc::new(vec![1.0; d]),
