@@ -27,13 +27,19 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Pack `b`, `k` rows of `n` values, row-major; `None` if the sizes do not fit.
-    pub fn pack(b: &[f32], k: usize, n: usize) -> Option<PackedWeights> {
-        let mut packed = PackedWeights {
+    /// A matrix of nothing, to be filled by [`PackedWeights::repack`] or
+    /// [`PackedWeights::repack_transposed`].
+    pub fn empty() -> PackedWeights {
+        PackedWeights {
             k: 0,
             n: 0,
             panels: Vec::new(),
-        };
+        }
+    }
+
+    /// Pack `b`, `k` rows of `n` values, row-major; `None` if the sizes do not fit.
+    pub fn pack(b: &[f32], k: usize, n: usize) -> Option<PackedWeights> {
+        let mut packed = PackedWeights::empty();
         packed.repack(b, k, n)?;
         Some(packed)
     }
@@ -56,6 +62,32 @@ impl PackedWeights {
             }
         }
         (self.k, self.n) = (k, n);
+        Some(())
+    }
+
+    /// Pack the transpose of `a` (`rows` rows of `cols` values, row-major), i.e. a `cols ×
+    /// rows` matrix, into this value, reusing its allocation: for activations that serve as
+    /// the wide operand of a product with a few weight rows. `None` (and `self` unchanged) if
+    /// the sizes do not fit.
+    pub fn repack_transposed(&mut self, a: &[f32], rows: usize, cols: usize) -> Option<()> {
+        if rows == 0 || cols == 0 || rows.checked_mul(cols)? != a.len() {
+            return None;
+        }
+        let count = rows.div_ceil(PANEL);
+        self.panels.clear();
+        self.panels.resize(count * cols * PANEL, 0.0);
+        for (panel, block) in self
+            .panels
+            .chunks_exact_mut(cols * PANEL)
+            .zip(a.chunks(PANEL * cols))
+        {
+            for (j, row) in block.chunks_exact(cols).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    panel[i * PANEL + j] = v;
+                }
+            }
+        }
+        (self.k, self.n) = (cols, rows);
         Some(())
     }
 

@@ -1,8 +1,9 @@
 //! The arithmetic of [`super::MaskUpscaling`] for one row of the image-token grid of one prompt,
 //! free of tract (so that `benches/pi5_mca.py` can compile it alone): per tile of [`TILE`]
 //! tokens, the first transposed convolution as a product, bias, LayerNorm and GELU, the second
-//! transposed convolution as a product, bias and GELU, and the product with the mask weights
-//! (see [`mask_weights`]), written straight to the mask planes, all while the tile is in cache.
+//! transposed convolution as a product, bias and GELU, and the product of the prompt's few mask
+//! weight rows with the tile's pixels (packed as the product's wide operand), written straight
+//! to the mask planes, all while the tile is in cache.
 //! The first product is either the image tokens times its weight, or its low-rank form
 //! ([`LowRankRow`], see `super::low_rank`).
 //!
@@ -62,12 +63,13 @@ impl Weights {
 }
 
 /// Per-task buffers: one product block, the tile's low-rank coefficients, the tile after each
-/// transposed convolution, its mask values.
+/// transposed convolution, its pixels packed for the mask product, its mask values.
 pub(crate) struct Scratch {
     block: Vec<f32>,
     coefficients: Vec<f32>,
     up1: Vec<f32>,
     up2: Vec<f32>,
+    pixels: PackedWeights,
     masks: Vec<f32>,
 }
 
@@ -81,6 +83,7 @@ impl Scratch {
             coefficients: vec![0f32; TILE * basis_rows],
             up1: vec![0f32; TILE * w.up1.n()],
             up2: vec![0f32; TILE * 4 * w.up2.n()],
+            pixels: PackedWeights::empty(),
             masks: vec![0f32; TILE * 16 * masks],
         }
     }
@@ -112,30 +115,12 @@ pub(crate) enum FirstProduct<'a> {
     LowRank(LowRankRow<'a>),
 }
 
-/// One prompt's mask weights (`K` rows of `C2`) as the block-diagonal `4·C2 × 4·K` matrix that
-/// maps a row of the second product (4 sub-pixels of `C2` channels) to its 4 × K mask values,
-/// in (sub-pixel, mask) order: a product at the kernel's full rate instead of 4·K short dot
-/// products per row. `None` if the sizes do not fit.
-pub(crate) fn mask_weights(hyper: &[f32], c2: usize) -> Option<PackedWeights> {
-    let k = hyper.len().checked_div(c2)?;
-    let mut blocks = vec![0f32; 4 * c2 * 4 * k];
-    for s in 0..4 {
-        for (m, row) in hyper.chunks_exact(c2).enumerate() {
-            for (c, &h) in row.iter().enumerate() {
-                blocks[(s * c2 + c) * 4 * k + s * k + m] = h;
-            }
-        }
-    }
-    PackedWeights::pack(&blocks, 4 * c2, 4 * k)
-}
-
-/// One grid row's first-product input and one prompt's mask weights ([`mask_weights`]):
-/// the 4 mask rows of this grid row in each of the `K` planes (`planes[k]`: 4 rows of
-/// `4 · side`).
+/// One grid row's first-product input and one prompt's mask weights (`K` rows of `C2`): the
+/// 4 mask rows of this grid row in each of the `K` planes (`planes[k]`: 4 rows of `4 · side`).
 pub(crate) struct Band<'a> {
     pub(crate) first: FirstProduct<'a>,
     pub(crate) side: usize,
-    pub(crate) hyper: &'a PackedWeights,
+    pub(crate) hyper: &'a [f32],
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -183,13 +168,14 @@ fn upscale<const FMA: bool, M: Micro>(
     scratch: &mut Scratch,
 ) {
     let (d, c1, c2) = (w.up1.k(), w.c1(), w.c2());
-    let masks = band.hyper.n() / 4;
+    let masks = band.hyper.len() / c2;
     let width = 4 * band.side;
     let Scratch {
         block,
         coefficients,
         up1,
         up2,
+        pixels,
         masks: values,
     } = scratch;
     for (tile, first) in (0..band.side).step_by(TILE).enumerate() {
@@ -213,19 +199,23 @@ fn upscale<const FMA: bool, M: Micro>(
                 *x = gelu_exact(*x + b);
             }
         }
-        let values = &mut values[..t * 16 * masks];
-        product(m, up2, band.hyper, values, block);
-        // Row q of the second product is (token, dy, dx), its values (dy2, dx2, mask); the
-        // mask row is 2·dy + dy2, the column 4·token + 2·dx + dx2.
-        for (q, row) in values.chunks_exact(4 * masks).enumerate() {
-            let token = tile * TILE + q / 4;
-            let (dy, dx) = (q >> 1 & 1, q & 1);
-            for (s, sub) in row.chunks_exact(masks).enumerate() {
-                let at = (2 * dy + (s >> 1)) * width + 4 * token + 2 * dx + (s & 1);
-                for (plane, &v) in planes.iter_mut().zip(sub) {
-                    if let Some(out) = plane.get_mut(at) {
-                        *out = v;
-                    }
+        // The K mask rows times the tile's 16·t pixels (rows of C2 channels, in (token, dy,
+        // dx, dy2, dx2) order) as the product's wide operand: no zero padding of K.
+        let count = t * 16;
+        let values = &mut values[..masks * count];
+        if pixels.repack_transposed(up2, count, c2).is_none() {
+            return;
+        }
+        product(m, band.hyper, pixels, values, block);
+        // Pixel q of the tile is (token, dy, dx, dy2, dx2): mask row 2·dy + dy2, column
+        // 4·token + 2·dx + dx2.
+        for (plane, row) in planes.iter_mut().zip(values.chunks_exact(count)) {
+            for (q, &v) in row.iter().enumerate() {
+                let token = tile * TILE + q / 16;
+                let (dy, dx, dy2, dx2) = (q >> 3 & 1, q >> 2 & 1, q >> 1 & 1, q & 1);
+                let at = (2 * dy + dy2) * width + 4 * token + 2 * dx + dx2;
+                if let Some(out) = plane.get_mut(at) {
+                    *out = v;
                 }
             }
         }

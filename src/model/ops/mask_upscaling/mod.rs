@@ -305,10 +305,7 @@ impl EvalOp for MaskUpscaling {
                     unit.push(run);
                 }
             }
-            let prompts: Vec<PackedWeights> = hyper
-                .chunks_exact(masks * c2)
-                .map(|h| kernel::mask_weights(h, c2).context("mask weights"))
-                .collect::<TractResult<_>>()?;
+            let prompts: Vec<&[f32]> = hyper.chunks_exact(masks * c2).collect();
             let basis_rows = first.map_or(0, |(_, (n1, n2))| n1 + n2 + 4);
             let work = batch * pixels * self.weights.up1.n() * basis_rows.max(d);
             tract_linalg::multithread::par_chunks_mut(&mut units, 1, work, |first_unit, chunk| {
@@ -342,7 +339,7 @@ impl EvalOp for MaskUpscaling {
                     let band = Band {
                         first: first_product,
                         side,
-                        hyper: prompts.get(b).context("mask weights")?,
+                        hyper: prompts.get(b).copied().context("mask weights")?,
                     };
                     self.band(isa, &band, planes, &mut scratch);
                 }
