@@ -262,3 +262,33 @@ fn low_rank_upscaling_matches_full_rank_on_the_default_model() -> TractResult<()
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default");
     low_rank_matches_full_rank(&dir)
 }
+
+/// Graphs not in the shape the low-rank form needs are left as they are, with the reason: a
+/// per-prompt graph whose image->token outputs are still tract's nodes, and a mask graph whose
+/// upscaling is.
+#[test]
+fn graphs_without_our_ops_stay_at_full_rank() -> TractResult<()> {
+    let (mut prompt, _) = decluttered_prompt_graph(&fixture_dir(), 1, 2);
+    let outputs = prompt.output_outlets()?.to_vec();
+    let found = low_rank::expose_coefficients(&mut prompt)?;
+    assert!(found.is_err(), "{found:?}");
+    assert_eq!(prompt.output_outlets()?, outputs.as_slice());
+
+    let (masks, tokens, _) = decluttered_mask_graph(&fixture_dir(), 1);
+    let d = *tokens.last().unwrap_or(&0);
+    let norm = || crate::model::ops::token_mixing::NormParams {
+        eps: 1e-5,
+        gamma: Arc::new(vec![1.0; d]),
+        beta: Arc::new(vec![0.0; d]),
+        bias: Arc::new(vec![0.0; d]),
+    };
+    let source = low_rank::LowRankSource {
+        frame_tokens_input: 0,
+        norms: [norm(), norm()],
+        weights: (14, 14),
+    };
+    let extra = [vec![1, 4, 16], vec![1, 4, 16], vec![2, 7, d], vec![2, 7, d]];
+    let built = low_rank::low_rank_mask_model(&masks, &source, &extra)?;
+    assert!(built.is_err(), "a mask graph of tract's nodes was rebuilt");
+    Ok(())
+}
