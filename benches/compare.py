@@ -84,7 +84,7 @@ def timed(runs: int, budget: float, f) -> list[float]:
 def worker_onnxruntime(args) -> dict:
     import onnxruntime as ort
 
-    manifest, cfg, image, side = load_inputs(args.model, args.image)
+    _manifest, cfg, image, side = load_inputs(args.model, args.image)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
@@ -193,7 +193,7 @@ def run_engine(args, engine: str, precision: str, threads: int, variant: str = "
     print(f"  {engine} {precision} {variant}, {threads} thread(s) ...", file=sys.stderr, flush=True)
     started = time.monotonic()
     env = dict(os.environ, RUST_LOG="warn")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"  {engine} {precision} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return {"engine": engine, "variant": variant, "decoder": decoder, "encoder_precision": precision, "threads": threads,
@@ -211,7 +211,7 @@ def cpu_description() -> tuple[str, str, float | None]:
     """CPU model, the SIMD flags that matter here, and the clock in MHz (if reported)."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
     mhz = re.search(r"cpu MHz\s*:\s*([\d.]+)", text)
     wanted = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
               "amx_tile", "amx_int8", "amx_bf16"]
@@ -243,12 +243,12 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
     lines = [
         "# Engines side by side",
         "",
-        f"Made by `{' '.join(['models/.venv/bin/python', 'benches/compare.py'] + args.argv)}` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d} (git {git_rev()}), {elapsed_s / 60:.0f} min.",
+        (f"Made by `{' '.join(['models/.venv/bin/python', 'benches/compare.py'] + args.argv)}` on "
+         f"{datetime.now(timezone.utc):%Y-%m-%d} (git {git_rev()}), {elapsed_s / 60:.0f} min."),
         "",
-        f"- Model: `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}` "
-        f"({manifest['config']['name']}, weights: {manifest['weights'].get('kind')}); the same ONNX files for every "
-        f"engine. Image: `{args.image or 'synthetic 640x480 pattern'}`.",
+        (f"- Model: `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}` "
+         f"({manifest['config']['name']}, weights: {manifest['weights'].get('kind')}); the same ONNX files for every "
+         f"engine. Image: `{args.image or 'synthetic 640x480 pattern'}`."),
         f"- CPU: {cpu}, {os.cpu_count()} cores visible"
         + (f", {mhz:.0f} MHz reported" if mhz else "")
         + f". SIMD flags: {flags}. tract ISA: {tract_isa}.",
@@ -287,6 +287,8 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
                 name += " (tract's int8 kernels)" if r.get("variant") == "tract" else " (our int8 kernels)"
             if r["engine"] == "tract" and r.get("decoder") == "one-graph":
                 name += " (one-graph decoder)"
+            if r["engine"] == "tract" and r.get("decoder") == "split-full-rank":
+                name += " (split decoder, full-rank upscaling)"
             if "error" in r:
                 lines.append(f"| {name} | {r['encoder_precision']} | failed: {r['error']} |")
                 continue
@@ -352,6 +354,8 @@ def ratios(rows: list[dict], batches: list[int]) -> list[str]:
              dec("tract", "fp32", b), dec("onnxruntime", "fp32", b)),
             (f"decoder b={b}: tract FP32 split / tract FP32 one-graph (before -> after)",
              dec("tract", "fp32", b), dec("tract", "fp32", b, decoder="one-graph")),
+            (f"decoder b={b}: tract FP32 split, low-rank / full-rank upscaling (before -> after)",
+             dec("tract", "fp32", b), dec("tract", "fp32", b, decoder="split-full-rank")),
             (f"decoder b={b}: onnxruntime FP32 split / one-graph (the split's gain on onnxruntime)",
              dec("onnxruntime", "fp32", b, "split"), dec("onnxruntime", "fp32", b)),
             (f"decoder b={b}: tract FP32 split / onnxruntime FP32 split (same graphs)",
@@ -376,7 +380,8 @@ def locked_version(crate: str) -> str:
 
 def git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
     except OSError:
         return "?"
 
