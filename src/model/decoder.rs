@@ -211,6 +211,13 @@ enum Graphs {
 /// without mask input and kept with it.
 pub struct FrameTensors(Vec<Arc<Tensor>>);
 
+/// A batch's plan, its inputs and (split form) the per-frame tensors they came from.
+type BatchInputs = (
+    Arc<TypedRunnableModel>,
+    TVec<TValue>,
+    Option<Arc<FrameTensors>>,
+);
+
 /// The split form's mask upscaling in low rank, once the first plans found it.
 struct LowRank {
     /// What the per-prompt plans expose.
@@ -777,11 +784,7 @@ impl Decoder {
         embedding: &Embedding,
         input: &DecoderInput,
         frame: Option<&Arc<FrameTensors>>,
-    ) -> Result<(
-        Arc<TypedRunnableModel>,
-        TVec<TValue>,
-        Option<Arc<FrameTensors>>,
-    )> {
+    ) -> Result<BatchInputs> {
         let n = input.points_per_prompt;
         let b = input.batch();
         if n == 0 || b == 0 || input.coords.len() != b * n || input.labels.len() != b * n {
@@ -966,8 +969,18 @@ impl Decoder {
         }
         let s = kept.len();
         let logits = MaskLogits {
-            masks: Arc::new(Tensor::from_shape(&[s, k, m, m], &masks).map_err(infer_err)?),
-            iou: Arc::new(Tensor::from_shape(&[s, k], &iou).map_err(infer_err)?),
+            // The collected values become the tensors as they are (a batch of 64 prompts is
+            // 50 MB of logits: not copied again).
+            masks: Arc::new(
+                tract_ndarray::Array4::from_shape_vec((s, k, m, m), masks)
+                    .map_err(|e| infer_err(e.into()))?
+                    .into_tensor(),
+            ),
+            iou: Arc::new(
+                tract_ndarray::Array2::from_shape_vec((s, k), iou)
+                    .map_err(|e| infer_err(e.into()))?
+                    .into_tensor(),
+            ),
             masks_per_prompt: k,
             size: m,
         };

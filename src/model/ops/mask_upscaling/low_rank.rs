@@ -17,8 +17,8 @@
 //!
 //! The first transposed convolution is linear (`k₂ · U`, a `D × 4·C1` matrix), so each image
 //! token's first product is `r₁r₂ · base + coefficients · basis + constant`, where
-//! - `base = (γ₂γ₁ ⊙ k₀) · U` is per frame ([`LowRank::base`]),
-//! - `basis` is the prompt's `n₁ + n₂ + 4` rows mapped through `U` ([`LowRank::basis`]),
+//! - `base = (γ₂γ₁ ⊙ k₀) · U` is per frame ([`MaskUpscaling::frame_base`]),
+//! - `basis` is the prompt's `n₁ + n₂ + 4` rows mapped through `U` (`LowRank::basis`),
 //! - `constant = β₂ · U`.
 //!
 //! The per-prompt multiply-adds per image token fall from `D · 4·C1` (256 · 256) to
