@@ -78,7 +78,7 @@ fn token_mixing_speed() -> TractResult<()> {
 
 /// Not a test: `cargo test --release --lib token_mixing_op_speed -- --ignored --nocapture` times
 /// the op alone at the default model's sizes (8 heads x 7 tokens, 4 096 image tokens, 256
-/// channels), logits given and logits from keys + pe, best of 20 at 1 and 2 threads.
+/// channels), logits given, from keys + pe and per head (c = 16), best of 20 at 1 and 2 threads.
 #[test]
 #[ignore]
 fn token_mixing_op_speed() -> TractResult<()> {
@@ -119,6 +119,17 @@ fn token_mixing_op_speed() -> TractResult<()> {
                 pattern_tensor(&[1, p, d], 3, 1.0).into_tvalue(),
             ],
             2 * h * t * p * d,
+        ),
+        (
+            "logits per head",
+            op(LogitsSource::PerHead(16)),
+            tvec![
+                pattern_tensor(&[t, h, 16], 1, 0.5).into_tvalue(),
+                pattern_tensor(&[1, h, p, 16], 4, 1.0).into_tvalue(),
+                pattern_tensor(&[h, t, d], 2, 1.0).into_tvalue(),
+                pattern_tensor(&[1, p, d], 3, 1.0).into_tvalue(),
+            ],
+            h * t * p * (d + 16),
         ),
     ];
     for threads in [1, 2] {
