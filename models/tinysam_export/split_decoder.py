@@ -209,14 +209,21 @@ class PromptGraph(nn.Module):
             queries = block.norm3(queries + block.mlp(queries))
             keys = block.norm4(keys + _image_to_token(block.cross_attn_image_to_token, keys_pe, queries + point_pe, queries))
 
+        # The final attention only for the tokens read after it: the IoU token and the mask
+        # tokens of the multimask outputs (1..); the point tokens' rows and mask token 0's would
+        # be computed and dropped (attention rows, the projection, the residual and the
+        # LayerNorm are each per token, so this is exact).
         keys_pe = keys + self.key_pe
-        queries = tr.norm_final_attn(queries + _token_to_image(tr.final_attn_token_to_image, queries + point_pe, keys, keys_pe))
+        n = 1 + dec.num_mask_tokens
+        used = torch.cat([queries[:, :1], queries[:, 2:n]], dim=1)
+        used_pe = torch.cat([point_pe[:, :1], point_pe[:, 2:n]], dim=1)
+        used = tr.norm_final_attn(used + _token_to_image(tr.final_attn_token_to_image, used + used_pe, keys, keys_pe))
 
-        iou_out = queries[:, 0, :]
-        mask_out = queries[:, 1 : 1 + dec.num_mask_tokens, :]
-        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        iou_out = used[:, 0, :]
+        mask_out = used[:, 1:, :]
+        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps[1:])], dim=1)
         iou = dec.iou_prediction_head(iou_out)
-        return keys, hyper[:, 1:], iou[:, 1:]
+        return keys, hyper, iou[:, 1:]
 
 
 class MasksGraph(nn.Module):
