@@ -215,8 +215,12 @@ class PromptGraph(nn.Module):
         # LayerNorm are each per token, so this is exact).
         keys_pe = keys + self.key_pe
         n = 1 + dec.num_mask_tokens
-        used = torch.cat([queries[:, :1], queries[:, 2:n]], dim=1)
-        used_pe = torch.cat([point_pe[:, :1], point_pe[:, 2:n]], dim=1)
+
+        def read(t):  # the IoU token and mask tokens 1.. of (B, T, D)
+            return torch.cat([t[:, :1], t[:, 2:n]], dim=1)
+
+        used = read(queries)
+        used_pe = read(point_pe)
         used = tr.norm_final_attn(used + _token_to_image(tr.final_attn_token_to_image, used + used_pe, keys, keys_pe))
 
         iou_out = used[:, 0, :]

@@ -67,21 +67,22 @@ impl MaskUpscaling {
         self.weights.up1.k()
     }
 
-    /// Multiply-adds per prompt.
-    pub fn macs_per_prompt(&self, masks: usize) -> usize {
+    /// Multiply-adds per prompt of `masks` masks; in the low-rank form with a basis of
+    /// `basis_rows` rows (`n₁ + n₂ + 4`, the two coefficient widths summed), which the full-rank
+    /// form ignores.
+    pub fn macs_per_prompt<D>(&self, masks: usize, basis_rows: D) -> D
+    where
+        D: From<usize> + std::ops::Add<Output = D> + std::ops::Mul<usize, Output = D>,
+    {
         let w = &self.weights;
         let pixels = self.side * self.side;
-        // The low-rank form's basis for a one-point prompt: 2 × 8 heads × 7 tokens + 4 rows.
+        let rest = pixels * (4 * w.up2.k() * w.up2.n() + 16 * w.bias2.len() * masks);
         let first = match &self.low_rank {
-            Some(_) => (2 * 56 + 4 + 1) * w.up1.n(),
-            None => w.up1.k() * w.up1.n(),
+            // The basis rows, and the per-frame base's one.
+            Some(_) => (basis_rows + D::from(1)) * (pixels * w.up1.n()),
+            None => D::from(pixels * w.up1.k() * w.up1.n()),
         };
-        pixels * (first + 4 * w.up2.k() * w.up2.n() + 16 * w.bias2.len() * masks)
-    }
-
-    /// Whether the op takes the low-rank inputs (see [`low_rank`]).
-    pub fn is_low_rank(&self) -> bool {
-        self.low_rank.is_some()
+        first + D::from(rest)
     }
 
     /// The low-rank form's per-frame base `[1, side², 4·C1]` of the per-frame image tokens
@@ -373,9 +374,15 @@ impl TypedOp for MaskUpscaling {
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let facts = self.output_facts(inputs)?;
         let masks = facts[0].shape[1].to_usize().unwrap_or(1);
+        let basis_rows: TDim = match (&self.low_rank, inputs.get(1), inputs.get(2)) {
+            (Some(_), Some(first), Some(second)) => {
+                first.shape[2].clone() + second.shape[2].clone()
+            }
+            _ => 0.into(),
+        };
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
-            facts[0].shape[0].clone() * self.macs_per_prompt(masks)
+            facts[0].shape[0].clone() * self.macs_per_prompt(masks, basis_rows)
         )))
     }
 

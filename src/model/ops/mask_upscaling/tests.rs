@@ -139,7 +139,7 @@ fn upscaling_op_speed() -> TractResult<()> {
                 pattern_tensor(&[1, pixels, d], 7, 3.0).into_tvalue(),
                 hyper.clone()
             ],
-            full.macs_per_prompt(masks),
+            full.macs_per_prompt(masks, 0),
         ),
         (
             "low rank",
@@ -152,7 +152,7 @@ fn upscaling_op_speed() -> TractResult<()> {
                 pattern_tensor(&[n, d], 13, 1.0).into_tvalue(),
                 hyper,
             ],
-            low.macs_per_prompt(masks),
+            low.macs_per_prompt(masks, 2 * n + 4),
         ),
     ];
     for (name, op, inputs, macs) in cases {

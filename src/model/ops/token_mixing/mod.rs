@@ -307,17 +307,18 @@ impl EvalOp for ImageToTokenOutput {
             let mut coefficients_view = coefficients.try_as_plain_ram_mut()?;
             let coefficients = coefficients_view.as_slice_mut::<f32>()?;
             // Each tile's rows of the output and of the coefficients (empty without them).
-            let tile_width = if self.coefficients { TILE * width } else { 0 };
             let mut tiles: Vec<(&mut [f32], &mut [f32])> = data
                 .chunks_exact_mut(TILE * d)
-                .zip(
-                    coefficients
-                        .chunks_exact_mut(tile_width.max(1))
-                        .map(Some)
-                        .chain(std::iter::repeat_with(|| None)),
-                )
-                .map(|(out, c)| (out, c.unwrap_or_default()))
+                .map(|out| (out, Default::default()))
                 .collect();
+            if self.coefficients {
+                for ((_, c), rows) in tiles
+                    .iter_mut()
+                    .zip(coefficients.chunks_exact_mut(TILE * width))
+                {
+                    *c = rows;
+                }
+            }
             let work = batch * p * ht * d;
             let tiles_per_prompt = p / TILE;
             tract_linalg::multithread::par_chunks_mut(&mut tiles, 1, work, |first_tile, chunk| {
