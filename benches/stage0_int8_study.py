@@ -83,7 +83,7 @@ def main() -> None:
             t0 = time.time()
             out = Path(tmp) / "encoder.int8.onnx"
             q.float_nodes = keep_float(float_groups)
-            options = q.QuantOptions(per_channel=per_channel, float_stem=False)
+            options = q.QuantOptions(rule="statistics", per_channel=per_channel, float_stem=False)
             q.quantize(fp32_enc, out, encoder_feeds(cfg, calib), options, options.encoder_calibration)
             share = q.integer_mac_share(out)["integer_share"]
             report = fidelity_report(cfg, (fp32_enc, fp32_dec), (out, fp32_dec), photos)

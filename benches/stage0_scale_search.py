@@ -85,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base.onnx"
         q.float_nodes = keep_float(["patch_embed", "merge"])
-        options = q.QuantOptions(float_stem=False)
+        options = q.QuantOptions(rule="statistics", float_stem=False)
         q.quantize(fp32_enc, base, encoder_feeds(cfg, calib), options, options.encoder_calibration)
         model = onnx.load(str(base))
         inits = {i.name: i for i in model.graph.initializer}

@@ -14,6 +14,7 @@ from tinysam_export.__main__ import main
 from tinysam_export.build import BuildRequest, build
 from tinysam_export.config import TEST
 from tinysam_export.export import ExportError
+from tinysam_export.quantize import QuantOptions
 from tinysam_export.weights import synthetic_model
 
 
@@ -52,8 +53,17 @@ def test_failed_build_leaves_no_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(build_module, "quantize", _failing_quantize)
     out = tmp_path / "model"
     with pytest.raises(ExportError) as err:
-        build(BuildRequest(cfg=TEST, out_dir=out, use_shared_images=False))
+        build(BuildRequest(cfg=TEST, out_dir=out, use_shared_images=False, quant=QuantOptions(rule="statistics")))
     assert str(err.value) == "quantizing the encoder: RuntimeError: quantizer exploded"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_search_names_its_stage_and_leaves_no_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_module.ptq, "write_qoperator", _failing_quantize)
+    out = tmp_path / "model"
+    with pytest.raises(ExportError) as err:
+        build(BuildRequest(cfg=TEST, out_dir=out, use_shared_images=False))
+    assert str(err.value) == "searching the encoder's quantization scales: RuntimeError: quantizer exploded"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -63,7 +73,7 @@ def test_failed_build_keeps_the_previous_directory(tmp_path, monkeypatch):
     out.mkdir()
     (out / "manifest.json").write_text("previous")
     with pytest.raises(ExportError):
-        build(BuildRequest(cfg=TEST, out_dir=out, use_shared_images=False))
+        build(BuildRequest(cfg=TEST, out_dir=out, use_shared_images=False, quant=QuantOptions(rule="statistics")))
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert (out / "manifest.json").read_text() == "previous"
 

@@ -31,11 +31,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--config", choices=sorted(CONFIGS), default="full", help="full TinySAM or the reduced test size")
     e.add_argument("--out", type=Path, required=True, help="output model directory")
     e.add_argument("--compact", action="store_true", help="keep both encoders but only the chosen decoder")
-    e.add_argument("--decoder", choices=["auto", "int8", "fp32"], default="auto", help="shipped decoder precision")
-    e.add_argument("--per-channel", action="store_true", help="per-channel weight scales (slower in tract)")
+    e.add_argument("--decoder", choices=["auto", "int8", "fp32"], default="auto",
+                   help="shipped decoder precision (auto: the faster in the runtime, FP32 while only it has the split form)")
+    e.add_argument("--quantization", choices=["search", "statistics"], default="search",
+                   help="encoder scales: output-distance search (TinySAM's PTQ) or onnxruntime's statistics")
+    e.add_argument("--calibration-images", type=int, default=8, metavar="N",
+                   help="calibration photos of the search (statistics: at most 6)")
+    e.add_argument("--float-group", action="append", default=[], metavar="GROUP",
+                   help="search: keep this layer group float (patch_embed, layers.0.blocks.0, ..., neck)")
+    e.add_argument("--per-channel", action="store_true", help="statistics: per-channel weight scales")
     e.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="percentile",
-                   help="encoder activation-range method (the decoder always uses min/max)")
-    e.add_argument("--int8-stem", action="store_true", help="quantize the encoder stem too (lower fidelity)")
+                   help="statistics: encoder activation-range method (the decoder always uses min/max)")
+    e.add_argument("--int8-stem", action="store_true",
+                   help="quantize the encoder stem too (better for size, slower in the runtime until it has int8 MBConv)")
     e.add_argument("--calibration-image", type=Path, action="append", default=[], help="extra calibration photo")
 
     s = sub.add_parser("split-decoder", help="add the decoder's per-frame, per-prompt and mask graphs to a model directory")
@@ -55,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "export" and args.calibration_images < 1:
+        parser.error("--calibration-images must be at least 1")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -70,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint=args.checkpoint,
                     seed=args.seed,
                     quant=QuantOptions(
+                        rule=args.quantization,
+                        calibration_images=args.calibration_images,
+                        float_groups=tuple(args.float_group),
                         per_channel=args.per_channel,
                         encoder_calibration=args.calibration,
                         float_stem=not args.int8_stem,

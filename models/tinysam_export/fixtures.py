@@ -89,7 +89,7 @@ def write_fixtures(out: Path) -> None:
     # per precision, so fidelity does not matter here.
     build(
         BuildRequest(
-            cfg=TEST, out_dir=model_dir, seed=0, quant=QuantOptions(float_stem=False, quantize_attention_matmuls=True), keep_fp32=True,
+            cfg=TEST, out_dir=model_dir, seed=0, quant=QuantOptions(rule="statistics", float_stem=False, quantize_attention_matmuls=True), keep_fp32=True,
             decoder_precision="int8", enforce_fidelity=False, use_shared_images=False,
         )
     )

@@ -37,10 +37,17 @@ def read_rgb(path: Path) -> Photo:
 
 
 def skimage_photos(names: list[str]) -> list[Photo]:
-    """Photos bundled in scikit-image's wheel (available offline)."""
+    """Photos bundled in scikit-image's wheel (available offline); `stereo_motorcycle` is its
+    left view."""
     from skimage import data
 
-    return [Photo(f"skimage:{n}", np.ascontiguousarray(getattr(data, n)()[..., :3])) for n in names]
+    def rgb(name: str) -> np.ndarray:
+        image = getattr(data, name)()
+        if isinstance(image, tuple):
+            image = image[0]
+        return np.ascontiguousarray(image[..., :3])
+
+    return [Photo(f"skimage:{n}", rgb(n)) for n in names]
 
 
 def shared_photos(folder: Path = SHARED_IMAGES) -> list[Photo]:
@@ -51,10 +58,25 @@ def shared_photos(folder: Path = SHARED_IMAGES) -> list[Photo]:
     return [read_rgb(p) for p in sorted(folder.glob("*.jpg"))]
 
 
-def calibration_set(extra: list[Path] | None = None, use_shared: bool = True) -> list[Photo]:
-    """Photos the quantizer calibrates on."""
-    photos = (shared_photos() if use_shared else []) + skimage_photos(["astronaut", "coffee", "chelsea"])
-    return photos + [read_rgb(p) for p in extra or []]
+CALIBRATION_PHOTOS = ["astronaut", "coffee", "chelsea", "retina", "stereo_motorcycle"]
+"""scikit-image photos the quantizer calibrates on, after the team's (none is in the evaluation set)."""
+
+
+STATISTICS_PHOTOS = CALIBRATION_PHOTOS[:3]
+"""scikit-image photos of the statistics rule (onnxruntime's calibrators keep every activation)."""
+
+
+def calibration_set(
+    extra: list[Path] | None = None, use_shared: bool = True, count: int | None = None,
+    bundled_names: list[str] = CALIBRATION_PHOTOS,
+) -> list[Photo]:
+    """Photos the quantizer calibrates on: the team's, scikit-image's `bundled_names`, then
+    `extra`; the first `count` of them (all without it). The user's `extra` photos are always kept."""
+    own = [read_rgb(p) for p in extra or []]
+    bundled = (shared_photos() if use_shared else []) + skimage_photos(bundled_names)
+    if count is not None:
+        bundled = bundled[: max(count - len(own), 0)]
+    return bundled + own
 
 
 def evaluation_set(use_shared: bool = True) -> list[Photo]:

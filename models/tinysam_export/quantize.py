@@ -31,23 +31,47 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Knobs of the quantizer; the defaults are the measured choice for tract."""
+    """Knobs of the quantizer; the defaults are the measured choice for tract.
 
+    `rule` picks how the encoder's scales are found: "search" (the default) is the
+    output-distance search of `ptq.py`, which quantizes the stem too and ignores the
+    statistics-rule knobs below; "statistics" is onnxruntime's calibration with them.
+    """
+
+    rule: str = "search"
+    calibration_images: int = 8
+    # Layer groups the search keeps float whatever their error (e.g. "patch_embed").
+    float_groups: tuple[str, ...] = ()
     per_channel: bool = False
     encoder_calibration: str = "percentile"  # or "minmax", "entropy"
     # Histogram methods need equal-shaped samples; decoder batches vary, so min/max there.
     decoder_calibration: str = "minmax"
     quantize_attention_matmuls: bool = False
     quantize_depthwise: bool = False
-    # The stem (patch embedding + MBConv stage 0, ~19% of encoder MACs) stays float: measured on
-    # the synthetic-weight model, its int8 noise compounds through the whole encoder (embedding
-    # cosine 0.95 -> 0.99 on the test model when it is float). `--int8-stem` quantizes it.
+    # The stem (patch embedding + MBConv stage 0, ~17% of encoder MACs) stays float under both
+    # rules: its int8 noise compounds through the whole encoder (the synthetic default model's
+    # most sensitive layers, benches/ptq-results.md), and the runtime's fused float stem and
+    # MBConv ops are faster than its integer form until issue 21 brings int8 ones.
+    # `--int8-stem` quantizes it.
     float_stem: bool = True
 
     def to_dict(self) -> dict:
         """Plain-JSON form, for manifests."""
+        if self.rule == "search":
+            return {
+                "format": "QOperator",
+                "rule": "search",
+                "op_types": ["Conv", "MatMul"],
+                "activations": "int8 symmetric per-tensor, scales searched",
+                "weights": "int8 symmetric, per-channel for Conv, per-tensor for MatMul, scales searched",
+                "attention_matmuls": "float",
+                "depthwise_conv": "float",
+                "stem": "float" if self.float_stem else "int8",
+                "decoder_calibration": self.decoder_calibration,
+            }
         return {
             "format": "QOperator",
+            "rule": "statistics",
             "op_types": ["Conv", "MatMul"],
             "activations": "int8 symmetric per-tensor",
             "weights": "int8 symmetric " + ("per-channel" if self.per_channel else "per-tensor"),

@@ -95,6 +95,7 @@ def _compare(reference: OnnxPipeline, candidate: OnnxPipeline, photo: Photo, ref
             {
                 "prompt": prompt.name,
                 "best_mask": best,
+                "best_mask_agrees": int(np.argmax(ci[0])) == best,
                 "mask_iou": mask_iou(rm[0, best, :rows, :cols] > 0, cm[0, best, :rows, :cols] > 0),
                 "iou_score_error": float(abs(ri[0, best] - ci[0, best])),
             }
@@ -131,6 +132,7 @@ def fidelity_report(
             "mean_mask_iou": float(np.mean(ious)),
             "min_mask_iou": float(np.min(ious)),
             "mean_iou_score_error": float(np.mean([r["iou_score_error"] for r in rows])),
+            "best_mask_agreement": float(np.mean([r["best_mask_agrees"] for r in rows])),
             "prompts": len(rows),
         }
 
