@@ -229,8 +229,9 @@ fn fused_blocks_equal_tracts_subgraphs_on_the_fixture() -> TractResult<()> {
 }
 
 /// The shipped model at 1024²: its INT8 file keeps stage 0 float (the two MBConv blocks and
-/// the first patch merging; the later merges have int8 products). Only on x86_64 (under qemu
-/// the encoder takes minutes).
+/// the first patch merging) and the second patch merging, which the quantization search found
+/// over its error budget (`models/default/manifest.json`); the last merge has int8 products.
+/// Only on x86_64 (under qemu the encoder takes minutes).
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn fused_blocks_equal_tracts_subgraphs_on_the_default_model() -> TractResult<()> {
@@ -239,7 +240,7 @@ fn fused_blocks_equal_tracts_subgraphs_on_the_default_model() -> TractResult<()>
     eprintln!(
         "default model: {mbconv} MBConv, {merging} patch merging, largest relative error {err:e}"
     );
-    assert_eq!((mbconv, merging), (2, 1));
+    assert_eq!((mbconv, merging), (2, 2));
     assert!(err < 1e-5, "relative error {err}");
     Ok(())
 }
