@@ -54,6 +54,23 @@ def test_every_dense_product_is_matched_to_its_module(built_test_dir, test_model
     assert np.allclose(w, by_path["layers.0.blocks.0.conv1.c"].module.weight.detach().numpy(), atol=1e-5)
 
 
+def rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+
+def three_ways(searched, layers, x, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The embedding of `x` from onnxruntime on `layers` written as QOperator, from the PyTorch
+    emulation of the same quantization, and in FP32."""
+    cal, _, fp32_onnx, _ = searched
+    ptq.write_qoperator(fp32_onnx, path, layers)
+    got = session(path).run(None, {"image": x})[0]
+    with ptq.FakeQuant(layers), torch.no_grad():
+        want = cal.encoder(torch.from_numpy(x)).numpy()
+    with torch.no_grad():
+        fp32 = cal.encoder(torch.from_numpy(x)).numpy()
+    return got, want, fp32
+
+
 def test_emitted_graph_computes_what_the_search_evaluated(searched, tmp_path):
     """onnxruntime on the written QOperator encoder equals the PyTorch emulation the scales were
     searched with: one layer at a time of each kind, and the first 20 layers together.
@@ -73,34 +90,16 @@ def test_emitted_graph_computes_what_the_search_evaluated(searched, tmp_path):
         "3x3 conv without bias": [by_path["neck.2"]],
     }
     for name, layers in cases.items():
-        path = tmp_path / "part.onnx"
-        ptq.write_qoperator(cal_fp32(searched), path, layers)
-        got = session(path).run(None, {"image": x})[0]
-        with ptq.FakeQuant(layers), torch.no_grad():
-            want = cal.encoder(torch.from_numpy(x)).numpy()
-        with torch.no_grad():
-            fp32 = cal.encoder(torch.from_numpy(x)).numpy()
+        got, want, fp32 = three_ways(searched, layers, x, tmp_path / "part.onnx")
         # A rounding tie broken the other way moves one value by one step (1/127 of its range):
         # the RMS difference stays far below the quantization's own.
-        rms = lambda a: float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
         rel = rms(got - want) / rms(want)
         assert rel < 2e-3, (name, rel)
         assert rms(fp32 - want) / rms(want) > 10 * rel, name
     # Stem, stage 0 and the first transformer stage together: flips compound through the
     # sensitive layers, so the check is that the two differ far less than either from FP32.
-    layers = cal.layers[:20]
-    path = tmp_path / "prefix.onnx"
-    ptq.write_qoperator(cal_fp32(searched), path, layers)
-    got = session(path).run(None, {"image": x})[0]
-    with ptq.FakeQuant(layers), torch.no_grad():
-        want = cal.encoder(torch.from_numpy(x)).numpy()
-    with torch.no_grad():
-        fp32 = cal.encoder(torch.from_numpy(x)).numpy()
+    got, want, fp32 = three_ways(searched, cal.layers[:20], x, tmp_path / "prefix.onnx")
     assert rms(got - want) < 0.1 * rms(fp32 - want), (rms(got - want), rms(fp32 - want))
-
-
-def cal_fp32(searched) -> Path:
-    return searched[2]
 
 
 def test_search_beats_max_range_scales_on_the_final_outputs(searched):
