@@ -206,6 +206,12 @@ def _fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), INT8_MIN, INT8_MAX) * scale
 
 
+def _int32_bias(bias: torch.Tensor, in_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
+    """A convolution's bias as QLinearConv holds it: int32 at the input x weight scale."""
+    step = in_scale * w_scale
+    return torch.round(bias / step) * step
+
+
 def _input_rows(layer: Layer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The sampled rows of a layer's input as the product sees them (im2col rows for a conv)."""
     if layer.op == "MatMul":
@@ -339,7 +345,7 @@ def _search_layer(layer: Layer, in_scale_fixed: float | None, opts: SearchOption
         wq = _fake_quant(w, w_scale[:, None])
         y = xq @ wq.T
         if b is not None:  # the int32 bias of QLinearConv, at the input x weight scale
-            y = y + torch.round(b / (in_scale * w_scale)) * (in_scale * w_scale)
+            y = y + _int32_bias(b, in_scale, w_scale)
         return y
 
     def channel_loss(y: torch.Tensor, out_scale: float) -> torch.Tensor:
@@ -385,30 +391,30 @@ class FakeQuant:
     def __init__(self, layers: list[Layer]):
         self.layers = layers
         self.handles = []
+        # Each layer's float weight and integer-op bias (or None), restored on exit.
+        self.saved: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def __enter__(self):
         for layer in self.layers:
             self.handles.append(layer.module.register_forward_pre_hook(self._pre(layer)))
             self.handles.append(layer.module.register_forward_hook(self._post(layer)))
-            w = layer.module.weight
-            layer.saved = w.detach().clone()
+            w, b = layer.module.weight, layer.bias
+            self.saved.append((w.detach().clone(), None if b is None else b.clone()))
             shape = (-1,) + (1,) * (w.ndim - 1)
             with torch.no_grad():
                 w.copy_(_fake_quant(w, layer.weight_scale.reshape(shape)))
-                if layer.bias is not None:
-                    s = (layer.in_scale * layer.weight_scale)
-                    layer.saved_bias = layer.module.bias.detach().clone()
-                    layer.module.bias.copy_(torch.round(layer.module.bias / s) * s)
+                if b is not None:
+                    layer.module.bias.copy_(_int32_bias(b, layer.in_scale, layer.weight_scale))
         return self
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
         with torch.no_grad():
-            for layer in self.layers:
-                layer.module.weight.copy_(layer.saved)
-                if layer.bias is not None:
-                    layer.module.bias.copy_(layer.saved_bias)
+            for layer, (w, b) in zip(self.layers, self.saved, strict=True):
+                layer.module.weight.copy_(w)
+                if b is not None:
+                    layer.module.bias.copy_(b)
 
     @staticmethod
     def _pre(layer: Layer):
@@ -420,8 +426,6 @@ class FakeQuant:
     @staticmethod
     def _post(layer: Layer):
         def hook(module, args, y):
-            if layer.out_scale is None:  # an experiment's float output
-                return y
             if layer.op == "MatMul" and module.bias is not None:
                 return _fake_quant(y - module.bias, layer.out_scale) + module.bias
             return _fake_quant(y, layer.out_scale)
@@ -464,6 +468,12 @@ def search(model: Sam, cfg: ModelConfig, encoder_onnx: Path, photos: list[Photo]
     materialize_shared_initializers(graph)
     torch.manual_seed(opts.seed)
     cal = Calibration(model, cfg, lambda enc: quantizable_layers(graph, enc), opts)
+    groups: dict[str, list[Layer]] = {}
+    for layer in cal.layers:
+        groups.setdefault(layer.group, []).append(layer)
+    unknown = sorted(set(opts.float_groups) - set(groups))
+    if unknown:
+        raise ValueError(f"no layer group named {', '.join(unknown)}; the groups are {', '.join(groups)}")
     log.info("output-distance search: %d layers on %d photos", len(cal.layers), len(photos))
     inputs = cal.sample(photos)
     search_scales(cal.layers, opts)
@@ -473,19 +483,15 @@ def search(model: Sam, cfg: ModelConfig, encoder_onnx: Path, photos: list[Photo]
         with FakeQuant(layers), torch.no_grad():
             return output_distance(reference, cal.reference_outputs(inputs))
 
-    groups: dict[str, list[Layer]] = {}
-    for layer in cal.layers:
-        groups.setdefault(layer.group, []).append(layer)
-    unknown = sorted(set(opts.float_groups) - set(groups))
-    if unknown:
-        raise ValueError(f"no layer group named {', '.join(unknown)}; the groups are {', '.join(groups)}")
     group_distance = {g: distance(ls) for g, ls in tqdm(groups.items(), desc="group sensitivity", leave=False)}
     float_groups = [
         g for g, d in group_distance.items()
         if d > opts.group_budget or g in opts.float_groups or (opts.float_stem and is_stem_group(g))
     ]
-    result = SearchResult(cal.layers, float_groups, group_distance, distance(cal.layers), 0.0, opts)
-    result.distance_kept = distance(result.integer_layers()) if float_groups else result.distance_all
+    distance_all = distance(cal.layers)
+    integer = [ly for ly in cal.layers if ly.group not in float_groups]
+    distance_kept = distance(integer) if float_groups else distance_all
+    result = SearchResult(cal.layers, float_groups, group_distance, distance_all, distance_kept, opts)
     for g, d in group_distance.items():
         log.info("group %-24s output distance %.5f%s", g, d, "  (kept float)" if g in float_groups else "")
     log.info("all integer: %.5f; with %d group(s) float: %.5f", result.distance_all, len(float_groups), result.distance_kept)
