@@ -281,10 +281,10 @@ def _build_into(req: BuildRequest, out: Path) -> dict:
     decoder_precision = req.decoder_precision
     if decoder_precision == "auto":
         # The runtime's fast decoder is the FP32 per-frame + per-prompt pair (with its own fused
-        # ops); the INT8 decoder is one graph and, in tract, 6x slower at batch 1 and ~50x at
-        # batch 64 per prompt (118.8 vs 18-22 ms, 1027 vs ~20 ms on the default model,
-        # `tinysam bench`, 2 threads). So FP32 ships whatever the INT8 decoder's fidelity, until
-        # the split decoder has an INT8 form.
+        # ops); the INT8 decoder is one graph and, in tract, ~4x slower at batch 1 and ~50x at
+        # batch 64 per prompt (112 vs 29 ms, 1 131 vs 21 ms on the default model, 2 threads,
+        # benches/ptq-speed-results.md). So FP32 ships whatever the INT8 decoder's fidelity,
+        # until the split decoder has an INT8 form.
         decoder_precision = "fp32"
     report["chosen"] = {"encoder": "int8", "decoder": decoder_precision}
     if search_report is not None:
