@@ -11,6 +11,9 @@ use crate::protocol::{
     StatusRequest, Subscribe, Welcome, MAX_SERVER_BODY, PROTOCOL_VERSION,
 };
 
+/// How long [`Client::connect`] looks for the server's reason after the hello could not be sent.
+const REFUSAL_WAIT: Duration = Duration::from_secs(2);
+
 /// What can go wrong on the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -57,11 +60,19 @@ impl Client {
                 limits: protocol::Limits::current(),
             },
         };
-        client.send(&ClientMessage::Hello(Hello {
+        let hello = client.send(&ClientMessage::Hello(Hello {
             min_version: PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             client: name.chars().take(protocol::MAX_NAME_LEN).collect(),
-        }))?;
+        }));
+        if let Err(sent) = hello {
+            // A server that refuses a client (at its cap, say) writes why and closes at once,
+            // possibly before the hello arrives: the reason is the better error.
+            return Err(match client.recv(Some(REFUSAL_WAIT)) {
+                Ok(ServerMessage::Error(e)) => ClientError::Server(e),
+                _ => sent,
+            });
+        }
         match client.recv(Some(Duration::from_secs(10)))? {
             ServerMessage::Welcome(w) => client.welcome = w,
             ServerMessage::Error(e) => return Err(ClientError::Server(e)),
