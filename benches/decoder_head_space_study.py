@@ -104,10 +104,15 @@ def stats(y, norm):
     return mu, r
 
 
-def attention_in_head_space(attn, q_in, scale_r, coeff, basis, frame_k, frame_v, key_pe_k, key_const):
-    """SAM's attention(q_in, x + pe, x) for image tokens x = scale_r * x0' + coeff . basis + key_const,
-    from per-frame head-space tensors: frame_k = x0' Wk^T, frame_v = x0' Wv^T, key_pe_k =
-    (key_const + pe) Wk^T + bk; per prompt only the basis (n x D) goes through the projections."""
+def attention_in_head_space(attn, q_in, low_rank, x0_scaled, key_const, key_pe):
+    """SAM's attention(q_in, x + pe, x) for image tokens x = r * x0' + coeff . basis + key_const,
+    `low_rank` = (r, coeff, basis), from per-frame head-space tensors: x0' Wk^T and x0' Wv^T (per
+    frame), (key_const + pe) Wk^T + bk (a constant of the model); per prompt only the basis
+    (n x D) goes through the projections."""
+    scale_r, coeff, basis = low_rank
+    frame_k = x0_scaled @ attn.k_proj.weight.T
+    frame_v = x0_scaled @ attn.v_proj.weight.T
+    key_pe_k = (key_const + key_pe) @ attn.k_proj.weight.T + attn.k_proj.bias
     h = attn.num_heads
     q = attn._heads(attn.q_proj(q_in))  # (B, H, T, c)
     c = q.shape[-1]
@@ -156,17 +161,7 @@ def main():
         x0g = image_tokens * g1
         coeff = torch.cat([r1 * s["A1"], r1, -r1 * mu1], dim=-1)
         basis = torch.cat([g1 * s["R1"], (g1 * s["o1"]).expand(2, 1, -1), g1.expand(2, 1, -1)], dim=1)
-        got = attention_in_head_space(
-            att,
-            s["t2i_q_in"],
-            r1,
-            coeff,
-            basis,
-            x0g @ att.k_proj.weight.T,
-            x0g @ att.v_proj.weight.T,
-            (b1 + key_pe) @ att.k_proj.weight.T + att.k_proj.bias,
-            b1,
-        )
+        got = attention_in_head_space(att, s["t2i_q_in"], (r1, coeff, basis), x0g, b1, key_pe)
         diff_block2 = ((got - s["t2i_out"]).abs().max() / s["t2i_out"].abs().max()).item()
 
         # Final: x2 = r1 r2 (g1 g2 x0) + c . B + b2 (the upscaling's 116 coefficients)
@@ -185,17 +180,7 @@ def main():
             ],
             dim=1,
         )
-        got = attention_in_head_space(
-            fin,
-            s["final_q_in"],
-            rr,
-            coeff2,
-            basis2,
-            x0gg @ fin.k_proj.weight.T,
-            x0gg @ fin.v_proj.weight.T,
-            (b2 + key_pe) @ fin.k_proj.weight.T + fin.k_proj.bias,
-            b2,
-        )
+        got = attention_in_head_space(fin, s["final_q_in"], (rr, coeff2, basis2), x0gg, b2, key_pe)
         diff_final = ((got - s["final_out"]).abs().max() / s["final_out"].abs().max()).item()
         print(
             f"- {str(dtype).removeprefix('torch.')}: block 2 token->image attention, largest difference / largest value: "
