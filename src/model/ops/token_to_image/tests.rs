@@ -151,10 +151,42 @@ fn token_to_image_speed() -> TractResult<()> {
 
 /// Not a test: `cargo test --release --lib token_to_image_op_speed -- --ignored --nocapture`
 /// times the op alone at the default model's sizes (56 query rows, 4 096 image tokens, 256
-/// channels), best of 20, at 1 and 2 threads.
+/// channels; and the first block's 8 heads of 7 rows × 16 over per-frame keys and values), best
+/// of 20, at 1 and 2 threads.
 #[test]
 #[ignore]
 fn token_to_image_op_speed() -> TractResult<()> {
+    let (h, t, p, c) = (8, 7, 4096, 16);
+    let per_head = TokenToImageAttention {
+        heads: h,
+        rows: t,
+        pixels: p,
+        dim: c,
+        batched: false,
+        separate_values: true,
+        key_pe: None,
+    };
+    let inputs = [(1, t * h * c), (2, h * p * c), (3, h * p * c)]
+        .map(|(seed, n)| pattern_values(n, seed, 1.0));
+    let queries = Tensor::from_shape(&[t, h, c], &inputs[0])?.into_tvalue();
+    let keys = Tensor::from_shape(&[1, h, p, c], &inputs[1])?.into_tvalue();
+    let values = Tensor::from_shape(&[1, h, p, c], &inputs[2])?.into_tvalue();
+    for threads in [1, 2] {
+        crate::model::set_threads(threads);
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let started = std::time::Instant::now();
+            per_head.eval(
+                &EvalContext::out_of_plan(),
+                tvec!(queries.clone(), keys.clone(), values.clone()),
+            )?;
+            best = best.min(started.elapsed().as_secs_f64() * 1e3);
+        }
+        let gmacs = (2 * h * t * p * c) as f64 / best / 1e6;
+        eprintln!(
+            "token->image op, {h} heads of {t} rows × {c}, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s"
+        );
+    }
     let (r, p, d) = (56, 4096, 256);
     let op = TokenToImageAttention {
         heads: 1,
