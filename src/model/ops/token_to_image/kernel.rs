@@ -9,7 +9,7 @@
 //! run time) and plainly (NEON on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::exp_fused;
+use super::super::fastmath::{exp_fused, lane_sum};
 use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -44,7 +44,6 @@ pub(crate) struct Part<'a> {
 pub(crate) struct Scratch {
     keys_pe: Vec<f32>,
     scores: Vec<f32>,
-    tile_max: Vec<f32>,
     weights: Vec<f32>,
     tile_keys: PackedWeights,
     mixed: Vec<f32>,
@@ -57,7 +56,6 @@ impl Scratch {
         Some(Scratch {
             keys_pe: vec![0f32; TILE * dim],
             scores: vec![0f32; TILE * rows],
-            tile_max: vec![0f32; rows],
             weights: vec![0f32; rows * TILE],
             tile_keys: PackedWeights::pack(&vec![0f32; TILE * dim], TILE, dim)?,
             mixed: vec![0f32; rows * dim],
@@ -120,7 +118,6 @@ fn part<const FMA: bool, M: Micro>(
     let Scratch {
         keys_pe,
         scores,
-        tile_max,
         weights,
         tile_keys,
         mixed,
@@ -144,32 +141,28 @@ fn part<const FMA: bool, M: Micro>(
             None => keys,
         };
         product(m, rows, job.queries, scores, block);
-        // Where a query row's maximum grows, rescale what it has summed so far.
-        tile_max.copy_from_slice(&scores[..r]);
-        for row in scores.chunks_exact(r).skip(1) {
-            for (t, &v) in tile_max.iter_mut().zip(row) {
-                *t = if v > *t { v } else { *t };
-            }
-        }
-        for (j, (mx, &t)) in max.iter_mut().zip(tile_max.iter()).enumerate() {
-            if t > *mx {
-                // A first maximum (-inf before) gives e^-87: the sums it scales are still 0.
-                let scale = exp_fused::<FMA>(*mx - t);
-                *mx = t;
+        // One row of TILE logits per query row: the maxima, exponentials and sums below run
+        // along it (along the query rows they would not vectorise with SAM's first block's 7).
+        transpose(scores, TILE, r, weights);
+        for (j, row) in weights.chunks_exact_mut(TILE).enumerate() {
+            let tile_max = lane_max(row);
+            if tile_max > max[j] {
+                // Where a query row's maximum grows, rescale what it has summed so far. A first
+                // maximum (-inf before) gives e^-87: the sums it scales are still 0.
+                let scale = exp_fused::<FMA>(max[j] - tile_max);
+                max[j] = tile_max;
                 sum[j] *= scale;
                 for a in &mut acc[j * d..(j + 1) * d] {
                     *a *= scale;
                 }
             }
-        }
-        for row in scores.chunks_exact_mut(r) {
-            for ((x, &mx), total) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+            let mx = max[j];
+            for x in row.iter_mut() {
                 *x = exp_fused::<FMA>(*x - mx);
-                *total += *x;
             }
+            sum[j] += lane_sum(row, |x| x);
         }
         // Weighted sum of the tile's values: the weights as rows (one per query row).
-        transpose(scores, TILE, r, weights);
         tile_keys.repack(values, TILE, d)?;
         product(m, weights, tile_keys, mixed, block);
         for (a, &x) in acc.iter_mut().zip(mixed.iter()) {
@@ -177,6 +170,25 @@ fn part<const FMA: bool, M: Micro>(
         }
     }
     Some(())
+}
+
+/// The largest value of `a` (−∞ for none; NaNs are passed over), in [`LANES`] running maxima
+/// so that it vectorises.
+#[inline(always)]
+fn lane_max(a: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let mut chunks = a.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (t, &v) in top.iter_mut().zip(chunk) {
+            *t = if v > *t { v } else { *t };
+        }
+    }
+    for (t, &v) in top.iter_mut().zip(chunks.remainder()) {
+        *t = if v > *t { v } else { *t };
+    }
+    top.into_iter()
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
 }
 
 /// `out` (`R × D`) = the softmax-weighted sums of the keys: the parts' running states
