@@ -172,7 +172,7 @@ fn part<const FMA: bool, M: Micro>(
     Some(())
 }
 
-/// The largest value of `a` (−∞ for none; NaNs are passed over), in [`LANES`] running maxima
+/// The largest value of `a` (−∞ for none; NaNs are passed over), in 16 running maxima
 /// so that it vectorises.
 #[inline(always)]
 fn lane_max(a: &[f32]) -> f32 {
