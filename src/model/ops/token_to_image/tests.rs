@@ -149,6 +149,28 @@ fn token_to_image_speed() -> TractResult<()> {
     )
 }
 
+/// Best of 20 runs of `op` on `inputs` at 1 and 2 threads, printed with `label` and the rate of
+/// its `macs` multiply-adds.
+fn time_op(
+    label: &str,
+    op: &TokenToImageAttention,
+    inputs: TVec<TValue>,
+    macs: usize,
+) -> TractResult<()> {
+    for threads in [1, 2] {
+        crate::model::set_threads(threads);
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let started = std::time::Instant::now();
+            op.eval(&EvalContext::out_of_plan(), inputs.clone())?;
+            best = best.min(started.elapsed().as_secs_f64() * 1e3);
+        }
+        let gmacs = macs as f64 / best / 1e6;
+        eprintln!("{label}, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s");
+    }
+    Ok(())
+}
+
 /// Not a test: `cargo test --release --lib token_to_image_op_speed -- --ignored --nocapture`
 /// times the op alone at the default model's sizes (56 query rows, 4 096 image tokens, 256
 /// channels; and the first block's 8 heads of 7 rows × 16 over per-frame keys and values), best
@@ -166,27 +188,18 @@ fn token_to_image_op_speed() -> TractResult<()> {
         separate_values: true,
         key_pe: None,
     };
-    let inputs = [(1, t * h * c), (2, h * p * c), (3, h * p * c)]
-        .map(|(seed, n)| pattern_values(n, seed, 1.0));
-    let queries = Tensor::from_shape(&[t, h, c], &inputs[0])?.into_tvalue();
-    let keys = Tensor::from_shape(&[1, h, p, c], &inputs[1])?.into_tvalue();
-    let values = Tensor::from_shape(&[1, h, p, c], &inputs[2])?.into_tvalue();
-    for threads in [1, 2] {
-        crate::model::set_threads(threads);
-        let mut best = f64::MAX;
-        for _ in 0..20 {
-            let started = std::time::Instant::now();
-            per_head.eval(
-                &EvalContext::out_of_plan(),
-                tvec!(queries.clone(), keys.clone(), values.clone()),
-            )?;
-            best = best.min(started.elapsed().as_secs_f64() * 1e3);
-        }
-        let gmacs = (2 * h * t * p * c) as f64 / best / 1e6;
-        eprintln!(
-            "token->image op, {h} heads of {t} rows × {c}, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s"
-        );
-    }
+    let tensor = |shape: &[usize], seed| {
+        let n = shape.iter().product();
+        Tensor::from_shape(shape, &pattern_values(n, seed, 1.0)).map(Tensor::into_tvalue)
+    };
+    let inputs = tvec![
+        tensor(&[t, h, c], 1)?,
+        tensor(&[1, h, p, c], 2)?,
+        tensor(&[1, h, p, c], 3)?
+    ];
+    let label = format!("token->image op, {h} heads of {t} rows × {c}");
+    time_op(&label, &per_head, inputs, 2 * h * t * p * c)?;
+
     let (r, p, d) = (56, 4096, 256);
     let op = TokenToImageAttention {
         heads: 1,
@@ -199,21 +212,5 @@ fn token_to_image_op_speed() -> TractResult<()> {
     };
     let queries = Tensor::from_shape(&[r, d], &pattern_values(r * d, 1, 0.2))?.into_tvalue();
     let keys = Tensor::from_shape(&[1, p, d], &pattern_values(p * d, 2, 1.0))?.into_tvalue();
-    for threads in [1, 2] {
-        crate::model::set_threads(threads);
-        let mut best = f64::MAX;
-        for _ in 0..20 {
-            let t = std::time::Instant::now();
-            op.eval(
-                &EvalContext::out_of_plan(),
-                tvec!(queries.clone(), keys.clone()),
-            )?;
-            best = best.min(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let gmacs = (2 * r * p * d) as f64 / best / 1e6;
-        eprintln!(
-            "token->image op, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s"
-        );
-    }
-    Ok(())
+    time_op("token->image op", &op, tvec![queries, keys], 2 * r * p * d)
 }
