@@ -110,23 +110,39 @@ pub fn layer_norm<const FMA: bool>(
     (mean, scale)
 }
 
-/// Partial sums of [`lane_sum`].
+/// Running partials of [`lane_sum`] and [`lane_max`].
 const LANES: usize = 16;
 
-/// `Σ f(a_i)` in `LANES` partial sums (vectorisable, unlike one running sum), added pairwise.
+/// `a` folded into `LANES` running partials, each starting at `init`, value `i` into partial
+/// `i mod LANES` (vectorisable, unlike one running value).
 #[inline(always)]
-pub fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
+fn lanes(a: &[f32], init: f32, step: impl Fn(f32, f32) -> f32) -> [f32; LANES] {
+    let mut acc = [init; LANES];
     let mut chunks = a.chunks_exact(LANES);
     for chunk in &mut chunks {
         for l in 0..LANES {
-            acc[l] += f(chunk[l]);
+            acc[l] = step(acc[l], chunk[l]);
         }
     }
     for (l, &x) in chunks.remainder().iter().enumerate() {
-        acc[l] += f(x);
+        acc[l] = step(acc[l], x);
     }
-    pairwise(acc)
+    acc
+}
+
+/// `Σ f(a_i)` in `LANES` partial sums, added pairwise.
+#[inline(always)]
+pub fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    pairwise(lanes(a, 0.0, |acc, x| acc + f(x)))
+}
+
+/// The largest value of `a` (−∞ for none; NaNs are passed over), in `LANES` running maxima.
+#[inline(always)]
+pub fn lane_max(a: &[f32]) -> f32 {
+    let above = |m: f32, v: f32| if v > m { v } else { m };
+    lanes(a, f32::NEG_INFINITY, above)
+        .into_iter()
+        .fold(f32::NEG_INFINITY, above)
 }
 
 /// The sum of the lanes, halving the width each step.

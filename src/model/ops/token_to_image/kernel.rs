@@ -9,7 +9,7 @@
 //! run time) and plainly (NEON on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{exp_fused, lane_sum};
+use super::super::fastmath::{exp_fused, lane_max, lane_sum};
 use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -170,25 +170,6 @@ fn part<const FMA: bool, M: Micro>(
         }
     }
     Some(())
-}
-
-/// The largest value of `a` (−∞ for none; NaNs are passed over), in 16 running maxima
-/// so that it vectorises.
-#[inline(always)]
-fn lane_max(a: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut top = [f32::NEG_INFINITY; LANES];
-    let mut chunks = a.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (t, &v) in top.iter_mut().zip(chunk) {
-            *t = if v > *t { v } else { *t };
-        }
-    }
-    for (t, &v) in top.iter_mut().zip(chunks.remainder()) {
-        *t = if v > *t { v } else { *t };
-    }
-    top.into_iter()
-        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
 }
 
 /// `out` (`R × D`) = the softmax-weighted sums of the keys: the parts' running states
