@@ -269,6 +269,24 @@ pub(crate) fn best_of_8(model: TypedModel, inputs: &TVec<TValue>) -> TractResult
     Ok(best)
 }
 
+/// The fastest of 20 evaluations of `op` alone on `inputs`, in milliseconds (on the threads
+/// last set with [`crate::model::set_threads`]).
+pub(crate) fn op_best_of_20(
+    op: &impl tract_onnx::tract_core::internal::EvalOp,
+    inputs: &TVec<TValue>,
+) -> TractResult<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        op.eval(
+            &tract_onnx::tract_core::internal::EvalContext::out_of_plan(),
+            inputs.clone(),
+        )?;
+        best = best.min(started.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(best)
+}
+
 /// Run `tract_nodes` and `ours` on `inputs` and check that every output agrees within 1e-5 of
 /// its scale (at least 1); `label` names the case in the printed differences.
 pub(crate) fn assert_outputs_agree(

@@ -159,12 +159,7 @@ fn time_op(
 ) -> TractResult<()> {
     for threads in [1, 2] {
         crate::model::set_threads(threads);
-        let mut best = f64::MAX;
-        for _ in 0..20 {
-            let started = std::time::Instant::now();
-            op.eval(&EvalContext::out_of_plan(), inputs.clone())?;
-            best = best.min(started.elapsed().as_secs_f64() * 1e3);
-        }
+        let best = crate::model::test_support::op_best_of_20(op, &inputs)?;
         let gmacs = macs as f64 / best / 1e6;
         eprintln!("{label}, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s");
     }
