@@ -15,8 +15,9 @@ command -v cargo-deb >/dev/null ||
 deb=$(cargo deb --no-build --strip --fast -Z gz --compress-system "$@" 2>/dev/null | tail -n 1)
 echo "built $deb ($(du -h "$deb" | cut -f1))"
 contents=$(dpkg-deb -c "$deb")
-for f in usr/bin/tinysamd usr/bin/tinysam etc/tinysamd/config.toml \
-    lib/systemd/system/tinysamd.service usr/share/tinysam-edge/model/manifest.json \
+for f in usr/bin/tinysamd usr/bin/tinysam usr/bin/tinysam-ros2 etc/tinysamd/config.toml \
+    lib/systemd/system/tinysamd.service lib/systemd/system/tinysam-ros2.service \
+    usr/share/tinysam-edge/model/manifest.json \
     usr/share/tinysam-edge/model/encoder.int8.onnx; do
     # cargo-deb puts units under usr/lib on merged-/usr systems.
     alt=${f/#lib\/systemd/usr/lib/systemd}
@@ -33,6 +34,8 @@ dpkg-deb -x "$deb" "$root"
 # pattern in place of the device's camera.
 "$root/usr/bin/tinysamd" --config "$root/etc/tinysamd/config.toml" --check-config \
     --model "$root/usr/share/tinysam-edge/model" --source synthetic >/dev/null
+# The bridge reads the same file (its [ros2] table and the socket).
+"$root/usr/bin/tinysam-ros2" --config "$root/etc/tinysamd/config.toml" --check-config >/dev/null
 "$root/usr/bin/tinysamd" --model "$root/usr/share/tinysam-edge/model" --source synthetic \
     --socket "$root/d.sock" --stats-interval 0 2>"$root/log" &
 pid=$!

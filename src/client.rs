@@ -135,6 +135,19 @@ impl Client {
         self.send(&ClientMessage::PromptRequest(req))
     }
 
+    /// A second handle on this connection, for sending from another thread while this one
+    /// waits in [`Client::recv`].
+    pub fn sender(&self) -> Result<ClientSender, ClientError> {
+        let stream = self
+            .stream
+            .try_clone()
+            .map_err(|e| ClientError::Io(self.path.clone(), e))?;
+        Ok(ClientSender {
+            stream,
+            path: self.path.clone(),
+        })
+    }
+
     /// Ask for and wait for a status report.
     pub fn status(&mut self, request_id: u32) -> Result<Status, ClientError> {
         self.send(&ClientMessage::StatusRequest(StatusRequest { request_id }))?;
@@ -145,5 +158,27 @@ impl Client {
                 _ => continue,
             }
         }
+    }
+}
+
+/// The sending half of a [`Client`]'s connection (see [`Client::sender`]).
+pub struct ClientSender {
+    stream: UnixStream,
+    path: String,
+}
+
+impl ClientSender {
+    /// Send one message.
+    pub fn send(&mut self, msg: &ClientMessage) -> Result<(), ClientError> {
+        self.stream
+            .write_all(&msg.encode())
+            .map_err(|e| ClientError::Io(self.path.clone(), e))
+    }
+
+    /// Close the connection both ways: a [`Client::recv`] waiting on it returns
+    /// [`ClientError::Closed`].
+    pub fn shutdown(&self) {
+        // Already closed by the peer is as good.
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }

@@ -223,6 +223,250 @@ impl Default for EverythingConfig {
     }
 }
 
+/// `[ros2]`: the `tinysam-ros2` bridge (the daemon checks this table but does not use it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ros2Config {
+    /// Middleware: `dds` (ROS 2's default RMW, interoperates with Fast DDS and Cyclone DDS) or
+    /// `zenoh` (`rmw_zenoh`; needs a build with the `zenoh` feature).
+    pub transport: String,
+    /// ROS domain id 0..=232; -1: `$ROS_DOMAIN_ID`, else 0.
+    pub domain_id: i64,
+    /// Node namespace, `/` or `/a/b`.
+    pub namespace: String,
+    /// Node name; topics are `<namespace>/<node>/masks` and so on.
+    pub node_name: String,
+    /// `header.frame_id` of everything published.
+    pub frame_id: String,
+    /// Segment everything in every frame.
+    pub everything: bool,
+    /// Standing points `"x,y[,label]"`, joined into one prompt (or into the first box's).
+    pub points: Vec<String>,
+    /// Standing boxes `"x0,y0,x1,y1"`, one prompt each.
+    pub boxes: Vec<String>,
+    /// Most standing results per second; 0: every frame.
+    pub max_rate_hz: f32,
+    /// Publish the `mono16` label image on `~/masks` (detections are always published).
+    pub publish_masks: bool,
+    /// Zenoh router to connect to (transport `zenoh`).
+    pub zenoh_router: String,
+}
+
+impl Default for Ros2Config {
+    fn default() -> Self {
+        Ros2Config {
+            transport: "dds".into(),
+            domain_id: -1,
+            namespace: "/".into(),
+            node_name: "tinysam".into(),
+            frame_id: "camera".into(),
+            everything: false,
+            points: Vec::new(),
+            boxes: Vec::new(),
+            max_rate_hz: 0.0,
+            publish_masks: true,
+            zenoh_router: "tcp/127.0.0.1:7447".into(),
+        }
+    }
+}
+
+/// The ROS 2 middleware of the bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ros2Transport {
+    /// DDS (RTPS), ROS 2's default.
+    Dds,
+    /// Zenoh, for `rmw_zenoh` systems.
+    Zenoh,
+}
+
+/// `[ros2]`, checked and resolved.
+#[derive(Debug, Clone)]
+pub struct Ros2Settings {
+    /// Middleware.
+    pub transport: Ros2Transport,
+    /// Domain id (the file's, else `$ROS_DOMAIN_ID`, else 0).
+    pub domain_id: u16,
+    /// Node namespace.
+    pub namespace: String,
+    /// Node name.
+    pub node_name: String,
+    /// `header.frame_id`.
+    pub frame_id: String,
+    /// Standing prompts.
+    pub standing: crate::ros2::Standing,
+    /// Most standing results per second (0: every frame).
+    pub max_rate_hz: f32,
+    /// Whether to publish the label image.
+    pub publish_masks: bool,
+    /// Zenoh router endpoint.
+    pub zenoh_router: String,
+}
+
+/// A ROS name token: a letter or `_` first, then letters, digits and single `_`s.
+fn is_ros_token(token: &str) -> bool {
+    token.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && token.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !token.contains("__")
+}
+
+impl Ros2Config {
+    /// Check every value; `ros_domain_id` is `$ROS_DOMAIN_ID` as the environment has it.
+    pub fn validate(&self, ros_domain_id: Option<&str>) -> Result<Ros2Settings, ConfigError> {
+        let invalid = |key: &'static str, value: String, reason: &str| ConfigError::Invalid {
+            key,
+            value,
+            reason: reason.into(),
+        };
+        let transport = match self.transport.as_str() {
+            "dds" => Ros2Transport::Dds,
+            "zenoh" => Ros2Transport::Zenoh,
+            other => {
+                return Err(invalid(
+                    "ros2.transport",
+                    format!("{other:?}"),
+                    "expected dds or zenoh",
+                ))
+            }
+        };
+        // 232: the highest id whose RTPS ports (7400 + 250 x id + offsets) fit in 16 bits.
+        let domain_id = match (
+            self.domain_id,
+            ros_domain_id.filter(|v| !v.trim().is_empty()),
+        ) {
+            (-1, None) => 0,
+            (-1, Some(env)) => env
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|d| *d <= 232)
+                .ok_or_else(|| {
+                    invalid(
+                        "ros2.domain_id",
+                        format!("ROS_DOMAIN_ID={env:?}"),
+                        "ROS_DOMAIN_ID must be 0..=232",
+                    )
+                })?,
+            (id, _) => u16::try_from(id)
+                .ok()
+                .filter(|d| *d <= 232)
+                .ok_or_else(|| {
+                    invalid(
+                        "ros2.domain_id",
+                        id.to_string(),
+                        "must be 0..=232, or -1 for $ROS_DOMAIN_ID",
+                    )
+                })?,
+        };
+        let namespace_ok = self.namespace == "/"
+            || self
+                .namespace
+                .strip_prefix('/')
+                .is_some_and(|rest| rest.split('/').all(is_ros_token));
+        if !namespace_ok {
+            return Err(invalid(
+                "ros2.namespace",
+                format!("{:?}", self.namespace),
+                "expected / or /name[/name...] (letters, digits, _)",
+            ));
+        }
+        if !is_ros_token(&self.node_name) {
+            return Err(invalid(
+                "ros2.node_name",
+                format!("{:?}", self.node_name),
+                "expected a letter or _ then letters, digits, single _",
+            ));
+        }
+        if self.frame_id.is_empty() || self.frame_id.len() > 256 {
+            return Err(invalid(
+                "ros2.frame_id",
+                format!("{:?}", self.frame_id),
+                "must be 1..=256 bytes",
+            ));
+        }
+        let points = self
+            .points
+            .iter()
+            .map(|p| {
+                p.parse::<crate::prompt::PromptPoint>()
+                    .ok()
+                    .filter(|q| q.x.is_finite() && q.y.is_finite() && q.x >= 0.0 && q.y >= 0.0)
+                    .ok_or_else(|| {
+                        invalid(
+                            "ros2.points",
+                            format!("{p:?}"),
+                            "expected \"x,y[,label]\" with x, y >= 0 and label 1 or 0",
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let boxes = self
+            .boxes
+            .iter()
+            .map(|b| {
+                b.parse::<crate::prompt::BoxPrompt>()
+                    .ok()
+                    .filter(|q| {
+                        [q.x0, q.y0, q.x1, q.y1]
+                            .iter()
+                            .all(|v| v.is_finite() && *v >= 0.0)
+                            && q.x0 < q.x1
+                            && q.y0 < q.y1
+                    })
+                    .ok_or_else(|| {
+                        invalid(
+                            "ros2.boxes",
+                            format!("{b:?}"),
+                            "expected \"x0,y0,x1,y1\" with 0 <= x0 < x1, 0 <= y0 < y1",
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if points.len() > crate::protocol::MAX_POINTS || boxes.len() > crate::protocol::MAX_PROMPTS
+        {
+            return Err(invalid(
+                "ros2.points",
+                format!("{} points, {} boxes", points.len(), boxes.len()),
+                "too many for one subscription",
+            ));
+        }
+        let standing = match (self.everything, points.is_empty() && boxes.is_empty()) {
+            (true, false) => {
+                return Err(invalid(
+                    "ros2.everything",
+                    "true".into(),
+                    "cannot be combined with points or boxes",
+                ))
+            }
+            (true, true) => crate::ros2::Standing::Everything,
+            (false, true) => crate::ros2::Standing::Nothing,
+            (false, false) => crate::ros2::Standing::Prompts(
+                crate::protocol::WirePrompt::from_points_and_boxes(&points, &boxes),
+            ),
+        };
+        let rate = self.max_rate_hz;
+        if !(rate == 0.0
+            || (crate::protocol::MIN_RATE_HZ..=crate::protocol::MAX_RATE_HZ).contains(&rate))
+        {
+            return Err(invalid(
+                "ros2.max_rate_hz",
+                rate.to_string(),
+                "must be 0 (every frame) or 0.001..=1000",
+            ));
+        }
+        Ok(Ros2Settings {
+            transport,
+            domain_id,
+            namespace: self.namespace.clone(),
+            node_name: self.node_name.clone(),
+            frame_id: self.frame_id.clone(),
+            standing,
+            max_rate_hz: rate,
+            publish_masks: self.publish_masks,
+            zenoh_router: self.zenoh_router.clone(),
+        })
+    }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -237,6 +481,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// `[everything]`.
     pub everything: EverythingConfig,
+    /// `[ros2]` (the bridge's).
+    pub ros2: Ros2Config,
 }
 
 /// The parts of a [`Config`] that code uses, checked and converted.
@@ -305,6 +551,9 @@ impl Config {
             value,
             reason: reason.into(),
         };
+        // The bridge's table, checked here too so that `tinysamd --check-config` names its
+        // mistakes (the environment's ROS_DOMAIN_ID is the bridge's business).
+        self.ros2.validate(None)?;
         let s = &self.source;
         let source = SourceKind::parse(&s.uri)?;
         for (key, v) in [("source.width", s.width), ("source.height", s.height)] {
@@ -590,6 +839,61 @@ mod tests {
 
     fn parse(text: &str) -> Result<Settings, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))?.validate()
+    }
+
+    /// The bridge's table: the domain id from the file, then the environment, then 0; every
+    /// malformed value named by its key; standing prompts as `tinysam sub` builds them.
+    #[test]
+    fn ros2_table_is_checked() {
+        let ros2 = |text: &str, env: Option<&str>| {
+            Config::from_toml(text, Path::new("t.toml")).and_then(|c| c.ros2.validate(env))
+        };
+        assert_eq!(ros2("", None).unwrap().domain_id, 0);
+        assert_eq!(ros2("", Some("42")).unwrap().domain_id, 42);
+        assert_eq!(
+            ros2("[ros2]\ndomain_id = 7", Some("42")).unwrap().domain_id,
+            7
+        );
+        let s = ros2(
+            "[ros2]\npoints = [\"10,20\", \"30,40,0\"]\nboxes = [\"1,2,50,60\", \"5,5,9,9\"]",
+            None,
+        )
+        .unwrap();
+        let crate::ros2::Standing::Prompts(p) = s.standing else {
+            panic!("standing prompts expected")
+        };
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].points, [(10.0, 20.0, 1), (30.0, 40.0, 0)]);
+        assert_eq!(p[1].bbox, Some([5.0, 5.0, 9.0, 9.0]));
+        assert_eq!(
+            ros2("[ros2]\neverything = true", None).unwrap().standing,
+            crate::ros2::Standing::Everything
+        );
+        for (text, env, key) in [
+            ("[ros2]\ndomain_id = 233", None, "ros2.domain_id"),
+            ("[ros2]\ndomain_id = -2", None, "ros2.domain_id"),
+            ("", Some("banana"), "ros2.domain_id"),
+            ("[ros2]\ntransport = \"xrce\"", None, "ros2.transport"),
+            ("[ros2]\nnamespace = \"robot\"", None, "ros2.namespace"),
+            ("[ros2]\nnamespace = \"/a//b\"", None, "ros2.namespace"),
+            ("[ros2]\nnode_name = \"2fast\"", None, "ros2.node_name"),
+            ("[ros2]\nframe_id = \"\"", None, "ros2.frame_id"),
+            ("[ros2]\npoints = [\"1,nan\"]", None, "ros2.points"),
+            ("[ros2]\nboxes = [\"5,5,1,9\"]", None, "ros2.boxes"),
+            (
+                "[ros2]\neverything = true\npoints = [\"1,2\"]",
+                None,
+                "ros2.everything",
+            ),
+            ("[ros2]\nmax_rate_hz = -1", None, "ros2.max_rate_hz"),
+        ] {
+            match ros2(text, env) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text} {env:?}: {other:?}"),
+            }
+        }
+        // The daemon refuses a file with a bad [ros2] table too.
+        assert!(parse("[ros2]\nnode_name = \"a-b\"").is_err());
     }
 
     #[test]

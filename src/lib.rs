@@ -26,6 +26,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod protocol;
 pub mod ring;
+pub mod ros2;
 pub mod scheduler;
 pub mod segmenter;
 pub mod server;

@@ -187,6 +187,21 @@ pub struct BoxPrompt {
     pub y1: f32,
 }
 
+impl std::fmt::Display for PromptPoint {
+    /// `x,y,label`, as [`PromptPoint::from_str`] reads it back (exactly: f32 prints round-trip).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let label = u8::from(self.label == PointLabel::Foreground);
+        write!(f, "{},{},{label}", self.x, self.y)
+    }
+}
+
+impl std::fmt::Display for BoxPrompt {
+    /// `x0,y0,x1,y1`, as [`BoxPrompt::from_str`] reads it back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{},{},{}", self.x0, self.y0, self.x1, self.y1)
+    }
+}
+
 impl FromStr for BoxPrompt {
     type Err = PromptError;
 

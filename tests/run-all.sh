@@ -205,7 +205,8 @@ setup_python() {
         uv venv -q --python "$(command -v python3)" "$VENV" || return 1
     fi
     say "installing the model toolchain's Python packages (torch brings ~3 GB of CUDA libraries)"
-    uv pip install -q --python "$VENV/bin/python" -e "$ROOT/models[dev]" -e "$ROOT/clients/python[dev]"
+    uv pip install -q --python "$VENV/bin/python" -e "$ROOT/models[dev]" -e "$ROOT/clients/python[dev]" \
+        -r "$ROOT/tests/ros2/requirements.txt"
 }
 
 # --- Rust ---------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ run_parallel "vm camera: aarch64 (vivid)|FORMATS=yuyv bash cross/vm/run.sh aarch
 run_suite "debian package (arm64)" bash debian/check.sh --target aarch64-unknown-linux-gnu --variant arm64
 run_suite "debian package (amd64)" bash debian/check.sh
 run_suite "systemd units" bash systemd/check.sh \
-    "$BIN_DIR/tinysamd"
+    "$BIN_DIR/tinysamd" "$BIN_DIR/tinysam-ros2"
 
 # --- Python (model toolchain) -------------------------------------------------------------
 if [ "${SKIP_PYTHON:-0}" = "1" ]; then
@@ -323,6 +324,8 @@ elif join_suite "python: environment (uv)"; then
     # Talks to the tinysamd and tinysam binaries built by the Rust tests above.
     export TINYSAM_BIN_DIR=$BIN_DIR
     run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
+    # tinysam-ros2 against Cyclone DDS, each in a network namespace of its own (needs root).
+    run_suite "ros2: DDS peer (Cyclone, netns)" "$VENV/bin/python" -m pytest -q tests/ros2
 fi
 # Every command the README shows, run as written (placeholders filled, on the test model) or
 # skipped by a named rule; needs the binaries built above (and the Python client, if installed).

@@ -11,5 +11,6 @@ mod parity;
 mod pixel;
 mod reference;
 mod rle;
+mod ros2;
 mod tinysamd;
 mod wire;

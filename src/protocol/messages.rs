@@ -30,6 +30,37 @@ pub struct WirePrompt {
 }
 
 impl WirePrompt {
+    /// Prompts as `tinysam sub` and `tinysam-ros2` take them on the command line: each box its
+    /// own prompt, the points joining the first (or making the only prompt when there is no box).
+    pub fn from_points_and_boxes(
+        points: &[crate::prompt::PromptPoint],
+        boxes: &[crate::prompt::BoxPrompt],
+    ) -> Vec<WirePrompt> {
+        use crate::prompt::PointLabel;
+        let wire_points: Vec<(f32, f32, u8)> = points
+            .iter()
+            .map(|p| (p.x, p.y, u8::from(p.label == PointLabel::Foreground)))
+            .collect();
+        if boxes.is_empty() {
+            return vec![WirePrompt {
+                points: wire_points,
+                bbox: None,
+            }];
+        }
+        boxes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| WirePrompt {
+                points: if i == 0 {
+                    wire_points.clone()
+                } else {
+                    Vec::new()
+                },
+                bbox: Some([b.x0, b.y0, b.x1, b.y1]),
+            })
+            .collect()
+    }
+
     /// The library's prompt (bounds against the frame are checked when it is decoded).
     pub fn to_prompt(&self) -> crate::prompt::Prompt {
         use crate::prompt::{BoxPrompt, PointLabel, Prompt, PromptPoint};

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tinysam_edge::client::{Client, ClientError};
 use tinysam_edge::postprocess::rle::Rle;
-use tinysam_edge::prompt::{BoxPrompt, PointLabel, PromptPoint};
+use tinysam_edge::prompt::{BoxPrompt, PromptPoint};
 use tinysam_edge::protocol::{
     ClientMessage, MaskEncoding, Masks, PromptRequest, ServerMessage, StatusRequest, Subscribe,
     SubscribeMode, WirePrompt,
@@ -85,31 +85,6 @@ pub struct SubArgs {
     timeout: f32,
 }
 
-fn wire_prompts(points: &[PromptPoint], boxes: &[BoxPrompt]) -> Vec<WirePrompt> {
-    let wire_points: Vec<(f32, f32, u8)> = points
-        .iter()
-        .map(|p| (p.x, p.y, u8::from(p.label == PointLabel::Foreground)))
-        .collect();
-    if boxes.is_empty() {
-        return vec![WirePrompt {
-            points: wire_points,
-            bbox: None,
-        }];
-    }
-    boxes
-        .iter()
-        .enumerate()
-        .map(|(i, b)| WirePrompt {
-            points: if i == 0 {
-                wire_points.clone()
-            } else {
-                Vec::new()
-            },
-            bbox: Some([b.x0, b.y0, b.x1, b.y1]),
-        })
-        .collect()
-}
-
 fn mask_pixels(
     m: &tinysam_edge::protocol::WireMask,
     w: u32,
@@ -182,7 +157,7 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let encoding = MaskEncoding::from(args.encoding);
-    let prompts = wire_prompts(&args.points, &args.boxes);
+    let prompts = WirePrompt::from_points_and_boxes(&args.points, &args.boxes);
     if args.once {
         if args.points.is_empty() && args.boxes.is_empty() {
             bail!("--once needs --point or --box");

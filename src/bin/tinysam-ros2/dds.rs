@@ -1,0 +1,144 @@
+//! The DDS side of the bridge (RustDDS through `ros2-client`): the node, its two publishers and
+//! two prompt subscriptions, the node's spinner (graph and discovery bookkeeping, so that
+//! `ros2 node list` shows it), and the loop that hands arriving prompts to the bridge.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ros2_client::dds::{Context, ContextOptions, Publisher, Subscription};
+use ros2_client::qos::{History, QosProfile, WhenFull};
+use ros2_client::{MessageTypeName, Name, NodeName, NodeOptions};
+use serde::de::DeserializeOwned;
+use tinysam_edge::config::Ros2Settings;
+use tinysam_edge::ros2::messages::{Detection2DArray, Image, PointStamped, RosMessage};
+use tinysam_edge::ros2::{Bridge, FrameOutput, Publish};
+
+/// How often the prompt subscriptions are polled.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The sensor-data profile for images: best effort, only the newest kept.
+const IMAGE_QOS: QosProfile = QosProfile::subscription_default();
+/// Detections and prompts: reliable, the last 10 kept (ROS 2's default profile).
+const RELIABLE_QOS: QosProfile = QosProfile::publisher_default()
+    .reliability_reliable(WhenFull::DEFAULT)
+    .history(History::KeepLast { depth: 10 });
+
+/// The bridge's publishers.
+struct Publishers {
+    masks: Publisher<Image>,
+    detections: Publisher<Detection2DArray>,
+}
+
+impl Publish for Publishers {
+    fn publish(&self, output: FrameOutput) -> Result<(), String> {
+        if let Some(image) = output.label_image {
+            self.masks
+                .publish(image)
+                .map_err(|e| format!("~/masks: {e:?}"))?;
+        }
+        self.detections
+            .publish(output.detections)
+            .map_err(|e| format!("~/detections: {e:?}"))
+    }
+}
+
+fn type_name<M: RosMessage>() -> MessageTypeName {
+    MessageTypeName::new(M::PACKAGE, M::TYPE)
+}
+
+/// Take every waiting message of `subscription` to `handle`; unreadable ones are counted.
+fn drain<M: DeserializeOwned + 'static>(
+    subscription: &Subscription<M>,
+    topic: &str,
+    bridge: &Bridge,
+    handle: impl Fn(&M),
+) {
+    loop {
+        match subscription.take() {
+            Ok(Some((message, _info))) => handle(&message),
+            Ok(None) => return,
+            // The reader moves past a sample it could not read.
+            Err(e) => bridge.reject_unreadable(topic, &format!("{e:?}")),
+        }
+    }
+}
+
+/// Run the node until `stop` is set: the bridge on its own thread, prompts polled on this one.
+pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> anyhow::Result<()> {
+    let context = Context::with_options(ContextOptions::new().domain_id(settings.domain_id))
+        .map_err(|e| anyhow::anyhow!("starting DDS on domain {}: {e:?}", settings.domain_id))?;
+    let node_name = NodeName::new(&settings.namespace, &settings.node_name)
+        .map_err(|e| anyhow::anyhow!("node name: {e:?}"))?;
+    let mut node = context
+        .new_node(node_name, NodeOptions::new().enable_rosout(true))
+        .map_err(|e| anyhow::anyhow!("creating the node: {e:?}"))?;
+    // Topics in the node's private namespace (`~/masks`): `<namespace>/<node>/masks`.
+    let private = match settings.namespace.as_str() {
+        "/" => format!("/{}", settings.node_name),
+        ns => format!("{ns}/{}", settings.node_name),
+    };
+    let topic = |name: &str, type_name: MessageTypeName, qos: &QosProfile| {
+        let full = Name::new(&private, name).map_err(|e| anyhow::anyhow!("topic {name}: {e:?}"))?;
+        node.create_topic(&full, type_name, qos)
+            .map_err(|e| anyhow::anyhow!("topic {private}/{name}: {e:?}"))
+    };
+    let masks_topic = topic("masks", type_name::<Image>(), &IMAGE_QOS)?;
+    let detections_topic = topic("detections", type_name::<Detection2DArray>(), &RELIABLE_QOS)?;
+    let prompts_topic = topic("prompts", type_name::<Detection2DArray>(), &RELIABLE_QOS)?;
+    let points_topic = topic("points", type_name::<PointStamped>(), &RELIABLE_QOS)?;
+    let publishers = Publishers {
+        masks: node
+            .create_publisher(&masks_topic, None)
+            .map_err(|e| anyhow::anyhow!("publisher ~/masks: {e:?}"))?,
+        detections: node
+            .create_publisher(&detections_topic, None)
+            .map_err(|e| anyhow::anyhow!("publisher ~/detections: {e:?}"))?,
+    };
+    let prompts: Subscription<Detection2DArray> = node
+        .create_subscription(&prompts_topic, None)
+        .map_err(|e| anyhow::anyhow!("subscription ~/prompts: {e:?}"))?;
+    let points: Subscription<PointStamped> = node
+        .create_subscription(&points_topic, None)
+        .map_err(|e| anyhow::anyhow!("subscription ~/points: {e:?}"))?;
+    let spinner = node
+        .spinner()
+        .map_err(|e| anyhow::anyhow!("node spinner: {e:?}"))?;
+    std::thread::Builder::new()
+        .name("ros2-spinner".into())
+        .spawn(move || {
+            if let Err(e) = futures::executor::block_on(spinner.spin()) {
+                log::warn!("ROS 2 node spinner stopped: {e:?}");
+            }
+        })
+        .context("starting the spinner thread")?;
+    log::info!(
+        "node {} on DDS domain {}: publishing {private}/masks, {private}/detections; \
+         prompts on {private}/prompts, {private}/points",
+        node.fully_qualified_name(),
+        settings.domain_id
+    );
+    std::thread::scope(|scope| {
+        let bridge_ref: &Bridge = bridge;
+        let publishers = &publishers;
+        let daemon = std::thread::Builder::new()
+            .name("daemon-link".into())
+            .spawn_scoped(scope, move || bridge_ref.run(publishers))
+            .context("starting the daemon link")?;
+        while !stop.load(Ordering::SeqCst) && !daemon.is_finished() {
+            drain(&prompts, "~/prompts", bridge, |m| {
+                bridge.submit_detections(m)
+            });
+            drain(&points, "~/points", bridge, |m| bridge.submit_point(m));
+            std::thread::sleep(POLL);
+        }
+        bridge.stop();
+        daemon
+            .join()
+            .map_err(|_| anyhow::anyhow!("the daemon link thread panicked"))
+    })?;
+    // Dropping the node stops its spinner.
+    drop(node);
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! `tinysam-ros2`: the ROS 2 bridge. A client of `tinysamd`'s socket and a ROS 2 node (`tinysam`
+//! by default) that a stock ROS 2 system sees as any other: it publishes every result as a
+//! `mono16` label image (`~/masks`) and a `vision_msgs/Detection2DArray` (`~/detections`), and
+//! answers box prompts (`~/prompts`, `Detection2DArray`) and point prompts (`~/points`,
+//! `geometry_msgs/PointStamped`) on the newest frame. No ROS installation: the middleware is
+//! RustDDS through `ros2-client`.
+//!
+//! Flags and the config file's `[ros2]` table become `Ros2Settings`; the daemon side is
+//! `tinysam_edge::ros2::Bridge`, the middleware side is [`dds`]. Runs until SIGTERM/SIGINT.
+//! Exit codes: 0 clean stop, 1 failure (the middleware would not start), 78 bad configuration.
+
+mod dds;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tinysam_edge::config::{Config, ConfigError, Ros2Transport};
+use tinysam_edge::error_chain;
+use tinysam_edge::prompt::{BoxPrompt, PromptPoint};
+use tinysam_edge::ros2::{Bridge, BridgeOptions};
+
+/// systemd's EX_CONFIG: the unit does not restart on it.
+const EXIT_CONFIG: u8 = 78;
+
+/// ROS 2 bridge for tinysamd: masks and detections out, box and point prompts in, over DDS.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file: its `[ros2]` table and the socket of `[socket]` (docs/config.md).
+    #[arg(long, env = "TINYSAMD_CONFIG")]
+    config: Option<PathBuf>,
+    /// tinysamd's socket (default: as tinysamd picks it).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Segment everything in every frame.
+    #[arg(long, conflicts_with_all = ["points", "boxes"])]
+    everything: bool,
+    /// A standing point `x,y[,label]` in frame pixels; repeat for more points in one prompt.
+    #[arg(long = "point")]
+    points: Vec<PromptPoint>,
+    /// A standing box `x0,y0,x1,y1`; each box is its own prompt (points join the first).
+    #[arg(long = "box")]
+    boxes: Vec<BoxPrompt>,
+    /// Most standing results per second (0: every frame).
+    #[arg(long)]
+    max_rate: Option<f32>,
+    /// ROS domain id 0..=232 (default: $ROS_DOMAIN_ID, else 0).
+    #[arg(long)]
+    domain_id: Option<i64>,
+    /// Node namespace (`/` or `/robot1`).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Node name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// `header.frame_id` of everything published.
+    #[arg(long)]
+    frame_id: Option<String>,
+    /// Publish detections only, not the label image.
+    #[arg(long)]
+    no_masks: bool,
+    /// Middleware: dds or zenoh.
+    #[arg(long)]
+    transport: Option<String>,
+    /// Validate the configuration, print the effective `[ros2]` table, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// A configuration problem (exit 78).
+#[derive(Debug)]
+struct ConfigFailure(String);
+
+impl std::fmt::Display for ConfigFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigFailure {}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    let r = &mut config.ros2;
+    if args.everything {
+        r.everything = true;
+        r.points.clear();
+        r.boxes.clear();
+    }
+    if !args.points.is_empty() || !args.boxes.is_empty() {
+        r.everything = false;
+        r.points = args.points.iter().map(|p| p.to_string()).collect();
+        r.boxes = args.boxes.iter().map(|b| b.to_string()).collect();
+    }
+    if let Some(v) = args.max_rate {
+        r.max_rate_hz = v;
+    }
+    if let Some(v) = args.domain_id {
+        r.domain_id = v;
+    }
+    if let Some(v) = &args.namespace {
+        r.namespace = v.clone();
+    }
+    if let Some(v) = &args.node_name {
+        r.node_name = v.clone();
+    }
+    if let Some(v) = &args.frame_id {
+        r.frame_id = v.clone();
+    }
+    if args.no_masks {
+        r.publish_masks = false;
+    }
+    if let Some(v) = &args.transport {
+        r.transport = v.clone();
+    }
+    let env_domain = std::env::var("ROS_DOMAIN_ID").ok();
+    let settings = config.ros2.validate(env_domain.as_deref())?;
+    let socket = args.socket.clone().unwrap_or_else(|| {
+        if config.socket.path.as_os_str().is_empty() {
+            tinysam_edge::config::default_socket_path()
+        } else {
+            config.socket.path.clone()
+        }
+    });
+    if args.check_config {
+        println!(
+            "# socket {}, domain id {}\n[ros2]\n{}",
+            socket.display(),
+            settings.domain_id,
+            toml::to_string(&config.ros2).context("printing the configuration")?
+        );
+        return Ok(());
+    }
+    if settings.transport == Ros2Transport::Zenoh {
+        return Err(ConfigFailure(
+            "ros2.transport = \"zenoh\": this build has only the DDS middleware".into(),
+        )
+        .into());
+    }
+    let bridge = Arc::new(Bridge::new(BridgeOptions {
+        socket,
+        client_name: format!("tinysam-ros2 {}", settings.node_name),
+        standing: settings.standing.clone(),
+        max_rate_hz: settings.max_rate_hz,
+        frame_id: settings.frame_id.clone(),
+        publish_masks: settings.publish_masks,
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    dds::run(&settings, &bridge, &stop)?;
+    let c = &bridge.counters;
+    log::info!(
+        "stopped: {} results published, {} prompts sent, {} refused, {} dropped",
+        c.published.load(Ordering::Relaxed),
+        c.prompts_sent.load(Ordering::Relaxed),
+        c.prompts_rejected.load(Ordering::Relaxed),
+        c.prompts_dropped.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let under_systemd =
+        std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    let mut logger = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,rustdds=warn,ros2_client=warn"),
+    );
+    if under_systemd {
+        logger.format_timestamp(None);
+    }
+    logger.init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tinysam-ros2: error: {}", error_chain(e.as_ref()));
+            let config = e
+                .chain()
+                .any(|c| c.is::<ConfigError>() || c.is::<ConfigFailure>());
+            if config {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! Between the daemon's results and ROS 2 messages: a frame's masks become a `mono16` label
+//! image and a `Detection2DArray`; `Detection2DArray` boxes and `PointStamped` points become
+//! prompts, checked against the frame first. Pure functions: no sockets, no middleware.
+
+use crate::postprocess::rle::Rle;
+use crate::protocol::{Masks, WireMask, WirePrompt, MAX_PROMPTS};
+
+use super::messages::{
+    BoundingBox2D, Detection2D, Detection2DArray, Header, Image, ObjectHypothesis,
+    ObjectHypothesisWithPose, Point2D, PointStamped, Pose2D, Time,
+};
+
+/// Largest frame side the bridge accepts from the daemon (the daemon's own limit).
+const MAX_SIDE: u32 = 8192;
+
+/// A result the bridge cannot turn into messages.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The frame size is zero or beyond 8192 on a side.
+    #[error("frame size {width}x{height} is outside 1..={MAX_SIDE} per side")]
+    FrameSize {
+        /// Width.
+        width: u32,
+        /// Height.
+        height: u32,
+    },
+    /// More masks than a `mono16` label can tell apart.
+    #[error("{0} masks: a mono16 label image holds at most 65535")]
+    TooManyMasks(usize),
+    /// A mask carries no pixels in an encoding the label image can use.
+    #[error("mask {index} has no RLE or bitmap pixels")]
+    NoPixels {
+        /// Its index in the result.
+        index: usize,
+    },
+    /// A mask's pixels do not decode to the frame's size.
+    #[error("mask {index}: {reason}")]
+    BadPixels {
+        /// Its index in the result.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A prompt that was not sent to the daemon, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedPrompt {
+    /// Index of the detection in its message (0 for a point).
+    pub index: usize,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Prompts taken from one ROS message: those to send (with the index of the detection each came
+/// from) and those refused.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptBatch {
+    /// Prompts for the daemon, in order.
+    pub prompts: Vec<WirePrompt>,
+    /// For each prompt, the index of the detection (or point) it came from.
+    pub sources: Vec<usize>,
+    /// Refused ones.
+    pub rejected: Vec<RejectedPrompt>,
+}
+
+/// Width and height of the frames prompts refer to, when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSize {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// The system-clock stamp of a capture: `capture_ns` is CLOCK_MONOTONIC (the daemon's and V4L2's
+/// clock), mapped through the two clocks read now. A capture "in the future" (clock skew between
+/// reads) is stamped now.
+pub fn stamp_from_capture(capture_ns: u64, monotonic_now_ns: u64, realtime_now_ns: u64) -> Time {
+    let age = monotonic_now_ns.saturating_sub(capture_ns);
+    let at = realtime_now_ns.saturating_sub(age);
+    Time {
+        sec: i32::try_from(at / 1_000_000_000).unwrap_or(i32::MAX),
+        nanosec: (at % 1_000_000_000) as u32,
+    }
+}
+
+/// Nanoseconds since the Unix epoch on the system clock (0 if the clock is before 1970).
+pub fn realtime_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// What the detections of a result answer: standing or requested prompts (each detection's
+/// `class_id` is its prompt's index), or segment-everything.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answering<'a> {
+    /// Prompts: the class id of mask `m` is `class_ids[m.prompt]` (its prompt's index in the
+    /// message it came from), or `m.prompt` itself when the list is shorter.
+    Prompts(&'a [usize]),
+    /// Segment-everything.
+    Everything,
+}
+
+/// One `Detection2D` per mask, in the result's order: `id` is the mask's label value
+/// (`1 + index`, as in [`label_image`]), `bbox` its box in frame pixels, the hypothesis' score
+/// the predicted IoU and its class id the prompt index (or `everything`).
+pub fn detections(masks: &Masks, header: &Header, answering: &Answering) -> Detection2DArray {
+    let detections = masks
+        .masks
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let class_id = match answering {
+                Answering::Everything => "everything".to_string(),
+                Answering::Prompts(ids) => usize::try_from(m.prompt)
+                    .ok()
+                    .and_then(|p| ids.get(p).copied().or(Some(p)))
+                    .map_or_else(|| m.prompt.to_string(), |p| p.to_string()),
+            };
+            let [x, y, w, h] = m.bbox.map(f64::from);
+            Detection2D {
+                header: header.clone(),
+                results: vec![ObjectHypothesisWithPose {
+                    hypothesis: ObjectHypothesis {
+                        class_id,
+                        score: f64::from(m.score),
+                    },
+                    ..Default::default()
+                }],
+                bbox: BoundingBox2D {
+                    center: Pose2D {
+                        position: Point2D {
+                            x: x + w / 2.0,
+                            y: y + h / 2.0,
+                        },
+                        theta: 0.0,
+                    },
+                    size_x: w,
+                    size_y: h,
+                },
+                id: (i + 1).to_string(),
+            }
+        })
+        .collect();
+    Detection2DArray {
+        header: header.clone(),
+        detections,
+    }
+}
+
+/// Row-major 0/1 pixels of a mask (RLE or bitmap encodings).
+fn mask_pixels(
+    index: usize,
+    m: &WireMask,
+    width: u32,
+    height: u32,
+) -> Result<Vec<u8>, ConvertError> {
+    let bad = |reason: String| ConvertError::BadPixels { index, reason };
+    if let Some(counts) = &m.rle {
+        let rle = Rle::from_compressed(counts, width, height).map_err(|e| bad(e.to_string()))?;
+        return rle.decode().map_err(|e| bad(e.to_string()));
+    }
+    if let Some(bitmap) = &m.bitmap {
+        let expected = width as usize * height as usize;
+        if bitmap.len() != expected {
+            return Err(bad(format!(
+                "bitmap of {} bytes, the frame has {expected} pixels",
+                bitmap.len()
+            )));
+        }
+        return Ok(bitmap.iter().map(|&v| u8::from(v != 0)).collect());
+    }
+    Err(ConvertError::NoPixels { index })
+}
+
+/// The `mono16` label image of a result: pixel = 1 + index of the highest-scoring mask covering
+/// it (ties: the earlier mask), 0 where no mask is; little-endian, `step` = 2 × width.
+pub fn label_image(masks: &Masks, header: &Header) -> Result<Image, ConvertError> {
+    let (width, height) = (masks.width, masks.height);
+    if !(1..=MAX_SIDE).contains(&width) || !(1..=MAX_SIDE).contains(&height) {
+        return Err(ConvertError::FrameSize { width, height });
+    }
+    if masks.masks.len() > usize::from(u16::MAX) {
+        return Err(ConvertError::TooManyMasks(masks.masks.len()));
+    }
+    let mut labels = vec![0u16; width as usize * height as usize];
+    // Paint from the lowest score up, so that the highest-scoring mask is painted last; among
+    // equal scores the earlier mask is painted last.
+    let mut order: Vec<usize> = (0..masks.masks.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (masks.masks[a].score, masks.masks[b].score);
+        sa.total_cmp(&sb).then(b.cmp(&a))
+    });
+    for i in order {
+        let pixels = mask_pixels(i, &masks.masks[i], width, height)?;
+        // i < 65535 (checked above), so the label fits.
+        let label = (i + 1) as u16;
+        for (out, &p) in labels.iter_mut().zip(&pixels) {
+            if p != 0 {
+                *out = label;
+            }
+        }
+    }
+    let data = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(Image {
+        header: header.clone(),
+        height,
+        width,
+        encoding: "mono16".into(),
+        is_bigendian: 0,
+        step: width * 2,
+        data,
+    })
+}
+
+/// Box prompts from a `Detection2DArray` (each detection's `bbox`, the Isaac ROS Segment Anything
+/// convention): axis-aligned boxes with finite, positive sizes; a box partly outside a known frame
+/// is clipped to it, one wholly outside is refused. At most [`MAX_PROMPTS`] are sent.
+pub fn prompts_from_detections(msg: &Detection2DArray, frame: Option<FrameSize>) -> PromptBatch {
+    let mut batch = PromptBatch::default();
+    for (index, det) in msg.detections.iter().enumerate() {
+        let reject = |reason: String| RejectedPrompt { index, reason };
+        let b = &det.bbox;
+        let (cx, cy) = (b.center.position.x, b.center.position.y);
+        let values = [cx, cy, b.size_x, b.size_y, b.center.theta];
+        let prompt = if values.iter().any(|v| !v.is_finite()) {
+            Err(reject(format!(
+                "box centre ({cx}, {cy}), size {} x {}, theta {}: not all finite numbers",
+                b.size_x, b.size_y, b.center.theta
+            )))
+        } else if b.center.theta != 0.0 {
+            Err(reject(format!(
+                "box rotated by {} rad: only axis-aligned boxes are prompts",
+                b.center.theta
+            )))
+        } else if b.size_x <= 0.0 || b.size_y <= 0.0 {
+            Err(reject(format!(
+                "box size {} x {} is not positive",
+                b.size_x, b.size_y
+            )))
+        } else if batch.prompts.len() >= MAX_PROMPTS {
+            Err(reject(format!(
+                "more than {MAX_PROMPTS} prompts in one message"
+            )))
+        } else {
+            let (mut x0, mut y0) = (cx - b.size_x / 2.0, cy - b.size_y / 2.0);
+            let (mut x1, mut y1) = (cx + b.size_x / 2.0, cy + b.size_y / 2.0);
+            let mut inside = true;
+            if let Some(f) = frame {
+                let (w, h) = (f64::from(f.width), f64::from(f.height));
+                inside = x1 > 0.0 && y1 > 0.0 && x0 < w && y0 < h;
+                (x0, y0, x1, y1) = (x0.max(0.0), y0.max(0.0), x1.min(w), y1.min(h));
+            }
+            if inside {
+                Ok([x0, y0, x1, y1].map(|v| v as f32))
+            } else {
+                Err(reject(format!(
+                    "box [{x0}, {y0}, {x1}, {y1}] lies outside the {}x{} frame",
+                    frame.map_or(0, |f| f.width),
+                    frame.map_or(0, |f| f.height)
+                )))
+            }
+        };
+        match prompt {
+            Ok(bbox) => {
+                batch.prompts.push(WirePrompt {
+                    points: Vec::new(),
+                    bbox: Some(bbox),
+                });
+                batch.sources.push(index);
+            }
+            Err(r) => batch.rejected.push(r),
+        }
+    }
+    batch
+}
+
+/// A foreground point prompt from a `PointStamped` (`x`, `y` in frame pixels; `z` ignored),
+/// refused when not finite or outside a known frame.
+pub fn prompt_from_point(msg: &PointStamped, frame: Option<FrameSize>) -> PromptBatch {
+    let (x, y) = (msg.point.x, msg.point.y);
+    let reject = |reason: String| PromptBatch {
+        rejected: vec![RejectedPrompt { index: 0, reason }],
+        ..Default::default()
+    };
+    if !x.is_finite() || !y.is_finite() {
+        return reject(format!("point ({x}, {y}) is not finite"));
+    }
+    if let Some(f) = frame {
+        if x < 0.0 || y < 0.0 || x >= f64::from(f.width) || y >= f64::from(f.height) {
+            return reject(format!(
+                "point ({x}, {y}) lies outside the {}x{} frame",
+                f.width, f.height
+            ));
+        }
+    } else if x < 0.0 || y < 0.0 || x > f64::from(MAX_SIDE) || y > f64::from(MAX_SIDE) {
+        return reject(format!("point ({x}, {y}) lies outside any frame"));
+    }
+    PromptBatch {
+        prompts: vec![WirePrompt {
+            points: vec![(x as f32, y as f32, 1)],
+            bbox: None,
+        }],
+        sources: vec![0],
+        rejected: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::WireMask;
+
+    fn mask(score: f32, pixels: &[u8], width: u32, height: u32, prompt: u32) -> WireMask {
+        let rle = Rle::encode(pixels, width, height);
+        WireMask {
+            prompt,
+            output: 0,
+            score,
+            stability: 1.0,
+            bbox: [0, 0, 0, 0],
+            area: rle.area(),
+            rle: Some(rle.to_compressed()),
+            bitmap: None,
+            polygons: None,
+        }
+    }
+
+    fn masks(list: Vec<WireMask>, width: u32, height: u32) -> Masks {
+        Masks {
+            subscription: Some(1),
+            request_id: None,
+            frame_seq: 5,
+            capture_ns: 0,
+            width,
+            height,
+            dropped: 0,
+            masks: list,
+            refused: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn label_image_gives_overlaps_to_the_higher_score() {
+        // 4x2 frame; mask 0 (score 0.5) covers columns 0..3, mask 1 (0.9) columns 2..4,
+        // mask 2 (0.5, a tie with mask 0) columns 0..1 of row 1.
+        let a = [1, 1, 1, 0, 1, 1, 1, 0];
+        let b = [0, 0, 1, 1, 0, 0, 1, 1];
+        let c = [0, 0, 0, 0, 1, 0, 0, 0];
+        let m = masks(
+            vec![
+                mask(0.5, &a, 4, 2, 0),
+                mask(0.9, &b, 4, 2, 1),
+                mask(0.5, &c, 4, 2, 2),
+            ],
+            4,
+            2,
+        );
+        let image = label_image(&m, &Header::default()).unwrap();
+        let got: Vec<u16> = image
+            .data
+            .chunks_exact(2)
+            .map(|p| u16::from_le_bytes([p[0], p[1]]))
+            .collect();
+        assert_eq!(got, [1, 1, 2, 2, 1, 1, 2, 2]);
+        assert_eq!((image.width, image.height, image.step), (4, 2, 8));
+    }
+
+    #[test]
+    fn label_image_refuses_what_it_cannot_draw() {
+        let mut bad = mask(0.5, &[1, 0], 2, 1, 0);
+        bad.rle = None;
+        assert!(matches!(
+            label_image(&masks(vec![bad], 2, 1), &Header::default()),
+            Err(ConvertError::NoPixels { index: 0 })
+        ));
+        let mut short = mask(0.5, &[1, 0], 2, 1, 0);
+        short.rle = None;
+        short.bitmap = Some(vec![255]);
+        assert!(matches!(
+            label_image(&masks(vec![short], 2, 1), &Header::default()),
+            Err(ConvertError::BadPixels { .. })
+        ));
+        // An RLE of another size.
+        let other = mask(0.5, &[1, 0, 1], 3, 1, 0);
+        assert!(label_image(&masks(vec![other], 2, 1), &Header::default()).is_err());
+        assert!(matches!(
+            label_image(&masks(Vec::new(), 0, 10), &Header::default()),
+            Err(ConvertError::FrameSize { .. })
+        ));
+    }
+
+    #[test]
+    fn detections_carry_boxes_scores_and_indices() {
+        let mut m0 = mask(0.25, &[1, 0], 2, 1, 1);
+        m0.bbox = [10, 20, 30, 40];
+        let m = masks(vec![m0], 2, 1);
+        let header = Header {
+            stamp: Time { sec: 3, nanosec: 4 },
+            frame_id: "cam".into(),
+        };
+        let d = detections(&m, &header, &Answering::Prompts(&[7, 9]));
+        let det = &d.detections[0];
+        assert_eq!(det.id, "1");
+        assert_eq!(det.results[0].hypothesis.class_id, "9");
+        assert_eq!(det.results[0].hypothesis.score, 0.25);
+        assert_eq!(det.results[0].pose.pose.orientation.w, 1.0);
+        assert_eq!(det.bbox.center.position, Point2D { x: 25.0, y: 40.0 });
+        assert_eq!((det.bbox.size_x, det.bbox.size_y), (30.0, 40.0));
+        assert_eq!(det.header, header);
+        // Without a source list the prompt index itself; everything-mode says so.
+        let d = detections(&m, &header, &Answering::Prompts(&[]));
+        assert_eq!(d.detections[0].results[0].hypothesis.class_id, "1");
+        let d = detections(&m, &header, &Answering::Everything);
+        assert_eq!(d.detections[0].results[0].hypothesis.class_id, "everything");
+    }
+
+    fn detection(cx: f64, cy: f64, w: f64, h: f64, theta: f64) -> Detection2D {
+        Detection2D {
+            bbox: BoundingBox2D {
+                center: Pose2D {
+                    position: Point2D { x: cx, y: cy },
+                    theta,
+                },
+                size_x: w,
+                size_y: h,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn box_prompts_are_checked_and_clipped() {
+        let frame = Some(FrameSize {
+            width: 100,
+            height: 50,
+        });
+        let msg = Detection2DArray {
+            detections: vec![
+                detection(50.0, 25.0, 20.0, 10.0, 0.0),
+                detection(f64::NAN, 25.0, 20.0, 10.0, 0.0),
+                detection(50.0, 25.0, f64::INFINITY, 10.0, 0.0),
+                detection(50.0, 25.0, 20.0, 10.0, 0.3),
+                detection(50.0, 25.0, 0.0, 10.0, 0.0),
+                detection(-50.0, 25.0, 20.0, 10.0, 0.0),
+                detection(95.0, 48.0, 20.0, 10.0, 0.0),
+            ],
+            ..Default::default()
+        };
+        let batch = prompts_from_detections(&msg, frame);
+        assert_eq!(batch.sources, [0, 6]);
+        assert_eq!(batch.prompts[0].bbox, Some([40.0, 20.0, 60.0, 30.0]));
+        // Partly outside: clipped to the frame.
+        assert_eq!(batch.prompts[1].bbox, Some([85.0, 43.0, 100.0, 50.0]));
+        let rejected: Vec<usize> = batch.rejected.iter().map(|r| r.index).collect();
+        assert_eq!(rejected, [1, 2, 3, 4, 5]);
+        assert!(batch.rejected[2].reason.contains("rotated"));
+        // More than MAX_PROMPTS: the rest refused.
+        let many = Detection2DArray {
+            detections: vec![detection(5.0, 5.0, 2.0, 2.0, 0.0); MAX_PROMPTS + 3],
+            ..Default::default()
+        };
+        let batch = prompts_from_detections(&many, frame);
+        assert_eq!(
+            (batch.prompts.len(), batch.rejected.len()),
+            (MAX_PROMPTS, 3)
+        );
+    }
+
+    #[test]
+    fn point_prompts_are_checked() {
+        let frame = Some(FrameSize {
+            width: 100,
+            height: 50,
+        });
+        let point = |x: f64, y: f64| PointStamped {
+            point: super::super::messages::Point { x, y, z: 9.0 },
+            ..Default::default()
+        };
+        let ok = prompt_from_point(&point(10.5, 20.0), frame);
+        assert_eq!(ok.prompts[0].points, [(10.5, 20.0, 1)]);
+        for (x, y) in [(f64::NAN, 1.0), (100.0, 1.0), (-1.0, 1.0), (1.0, 50.0)] {
+            let b = prompt_from_point(&point(x, y), frame);
+            assert!(b.prompts.is_empty() && b.rejected.len() == 1, "{x},{y}");
+        }
+        // Without a known frame only the absurd ones are refused.
+        assert_eq!(prompt_from_point(&point(500.0, 1.0), None).prompts.len(), 1);
+        assert!(prompt_from_point(&point(1e12, 1.0), None)
+            .prompts
+            .is_empty());
+    }
+
+    #[test]
+    fn stamps_map_the_monotonic_capture_to_the_system_clock() {
+        let t = stamp_from_capture(1_000, 3_000, 10_000_000_500);
+        assert_eq!((t.sec, t.nanosec), (9, 999_998_500));
+        // A capture after "now" (the clocks were read in between) is stamped now.
+        let t = stamp_from_capture(5_000, 3_000, 10_000_000_500);
+        assert_eq!((t.sec, t.nanosec), (10, 500));
+        // Past 2038 the seconds saturate instead of wrapping.
+        assert_eq!(stamp_from_capture(0, 0, u64::MAX).sec, i32::MAX);
+    }
+}
