@@ -1,4 +1,4 @@
-//! The `tinysam` binary end to end on the fixture model.
+//! The `tinysam` and `tinysam-ros2` binaries end to end on the fixture model.
 
 use std::process::Command;
 
@@ -254,4 +254,46 @@ fn vm_script_finds_binaries_through_cargo_before_downloading() {
         downloaded.is_empty(),
         "downloads before the check: {downloaded:?}"
     );
+}
+
+/// `tinysam-ros2` refuses a bad configuration before touching the network, with the key named
+/// and systemd's EX_CONFIG (78), and prints a good one with `--check-config`.
+#[test]
+fn ros2_bridge_checks_its_configuration() {
+    let bridge = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tinysam-ros2"));
+        c.env_remove("TINYSAMD_CONFIG").env_remove("ROS_DOMAIN_ID");
+        c
+    };
+    for (args, env, needle) in [
+        (vec!["--domain-id", "300"], None, "ros2.domain_id"),
+        (vec!["--check-config"], Some("x1"), "ROS_DOMAIN_ID"),
+        (vec!["--namespace", "robot"], None, "ros2.namespace"),
+        (vec!["--box", "9,9,1,1"], None, "ros2.boxes"),
+        (vec!["--transport", "zenoh"], None, "zenoh"),
+    ] {
+        let mut cmd = bridge();
+        cmd.args(&args);
+        if let Some(v) = env {
+            cmd.env("ROS_DOMAIN_ID", v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let out = bridge()
+        .args(["--check-config", "--point", "10,20", "--node-name", "seg"])
+        .env("ROS_DOMAIN_ID", "5")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("domain id 5"), "{stdout}");
+    assert!(stdout.contains("node_name = \"seg\""), "{stdout}");
+    assert!(stdout.contains("\"10,20,1\""), "{stdout}");
 }

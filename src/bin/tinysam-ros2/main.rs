@@ -10,6 +10,8 @@
 //! Exit codes: 0 clean stop, 1 failure (the middleware would not start), 78 bad configuration.
 
 mod dds;
+#[path = "../shared/prompt_flags.rs"]
+mod prompt_flags;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,15 +23,16 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tinysam_edge::config::{Config, ConfigError, Ros2Transport};
 use tinysam_edge::error_chain;
-use tinysam_edge::prompt::{BoxPrompt, PromptPoint};
 use tinysam_edge::ros2::{Bridge, BridgeOptions};
+
+use crate::prompt_flags::PromptFlags;
 
 /// systemd's EX_CONFIG: the unit does not restart on it.
 const EXIT_CONFIG: u8 = 78;
 
 /// ROS 2 bridge for tinysamd: masks and detections out, box and point prompts in, over DDS.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// TOML config file: its `[ros2]` table and the socket of `[socket]` (docs/config.md).
     #[arg(long, env = "TINYSAMD_CONFIG")]
@@ -37,15 +40,8 @@ struct Args {
     /// tinysamd's socket (default: as tinysamd picks it).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Segment everything in every frame.
-    #[arg(long, conflicts_with_all = ["points", "boxes"])]
-    everything: bool,
-    /// A standing point `x,y[,label]` in frame pixels; repeat for more points in one prompt.
-    #[arg(long = "point")]
-    points: Vec<PromptPoint>,
-    /// A standing box `x0,y0,x1,y1`; each box is its own prompt (points join the first).
-    #[arg(long = "box")]
-    boxes: Vec<BoxPrompt>,
+    #[command(flatten)]
+    prompts: PromptFlags,
     /// Most standing results per second (0: every frame).
     #[arg(long)]
     max_rate: Option<f32>,
@@ -90,15 +86,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => Config::default(),
     };
     let r = &mut config.ros2;
-    if args.everything {
+    if args.prompts.everything {
         r.everything = true;
         r.points.clear();
         r.boxes.clear();
     }
-    if !args.points.is_empty() || !args.boxes.is_empty() {
+    if !args.prompts.points.is_empty() || !args.prompts.boxes.is_empty() {
         r.everything = false;
-        r.points = args.points.iter().map(|p| p.to_string()).collect();
-        r.boxes = args.boxes.iter().map(|b| b.to_string()).collect();
+        r.points = args.prompts.points.iter().map(|p| p.to_string()).collect();
+        r.boxes = args.prompts.boxes.iter().map(|b| b.to_string()).collect();
     }
     if let Some(v) = args.max_rate {
         r.max_rate_hz = v;

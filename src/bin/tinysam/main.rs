@@ -3,6 +3,8 @@
 mod bench;
 mod bench_daemon;
 mod bench_raw;
+#[path = "../shared/prompt_flags.rs"]
+mod prompt_flags;
 mod sub;
 
 use std::path::{Path, PathBuf};

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::prompt_flags::PromptFlags;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tinysam_edge::client::{Client, ClientError};
 use tinysam_edge::postprocess::rle::Rle;
-use tinysam_edge::prompt::{BoxPrompt, PromptPoint};
 use tinysam_edge::protocol::{
     ClientMessage, MaskEncoding, Masks, PromptRequest, ServerMessage, StatusRequest, Subscribe,
     SubscribeMode, WirePrompt,
@@ -42,15 +42,8 @@ pub struct SubArgs {
     /// Daemon socket (default: as tinysamd picks it).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Segment everything in every frame.
-    #[arg(long, conflicts_with_all = ["points", "boxes"])]
-    everything: bool,
-    /// A point `x,y[,label]` in frame pixels; repeat for more points in the same prompt.
-    #[arg(long = "point")]
-    points: Vec<PromptPoint>,
-    /// A box `x0,y0,x1,y1`; each box is its own prompt (points join the first).
-    #[arg(long = "box")]
-    boxes: Vec<BoxPrompt>,
+    #[command(flatten)]
+    prompts: PromptFlags,
     /// Ask once (for `--frame` or the newest frame) instead of subscribing.
     #[arg(long)]
     once: bool,
@@ -157,9 +150,9 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let encoding = MaskEncoding::from(args.encoding);
-    let prompts = WirePrompt::from_points_and_boxes(&args.points, &args.boxes);
+    let prompts = WirePrompt::from_points_and_boxes(&args.prompts.points, &args.prompts.boxes);
     if args.once {
-        if args.points.is_empty() && args.boxes.is_empty() {
+        if args.prompts.points.is_empty() && args.prompts.boxes.is_empty() {
             bail!("--once needs --point or --box");
         }
         client.request(PromptRequest {
@@ -170,9 +163,9 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
             multimask: args.multimask,
         })?;
     } else {
-        let mode = if args.everything {
+        let mode = if args.prompts.everything {
             SubscribeMode::Everything
-        } else if args.points.is_empty() && args.boxes.is_empty() {
+        } else if args.prompts.points.is_empty() && args.prompts.boxes.is_empty() {
             bail!("give --everything, --point or --box (or --status)");
         } else {
             SubscribeMode::Prompts
