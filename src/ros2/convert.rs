@@ -150,27 +150,56 @@ pub fn detections(masks: &Masks, header: &Header, answering: &Answering) -> Dete
     }
 }
 
-/// Row-major 0/1 pixels of a mask (RLE or bitmap encodings).
-fn mask_pixels(
+/// Paint `label` on the pixels of mask `index` (RLE or bitmap encodings) in the row-major
+/// `labels` of a `width` × `height` frame. An RLE is painted run by run, touching only the mask's
+/// own pixels: a frame-size pass per mask would cost 100 passes over the frame for an everything
+/// result of 100 masks (70 ms at 1280 × 720 on x86, `label_image_speed`).
+fn paint(
+    labels: &mut [u16],
+    label: u16,
     index: usize,
     m: &WireMask,
     width: u32,
     height: u32,
-) -> Result<Vec<u8>, ConvertError> {
+) -> Result<(), ConvertError> {
     let bad = |reason: String| ConvertError::BadPixels { index, reason };
+    let (w, h) = (width as usize, height as usize);
     if let Some(counts) = &m.rle {
         let rle = Rle::from_compressed(counts, width, height).map_err(|e| bad(e.to_string()))?;
-        return rle.decode().map_err(|e| bad(e.to_string()));
-    }
-    if let Some(bitmap) = &m.bitmap {
-        let expected = width as usize * height as usize;
-        if bitmap.len() != expected {
+        let covered: u64 = rle.counts.iter().map(|&c| u64::from(c)).sum();
+        if covered != labels.len() as u64 {
             return Err(bad(format!(
-                "bitmap of {} bytes, the frame has {expected} pixels",
-                bitmap.len()
+                "RLE runs cover {covered} pixels, the frame has {}",
+                labels.len()
             )));
         }
-        return Ok(bitmap.iter().map(|&v| u8::from(v != 0)).collect());
+        // Column-major runs, zeros first; every run ends inside the frame (they sum to it).
+        let mut pos = 0usize;
+        for (i, &c) in rle.counts.iter().enumerate() {
+            let end = pos + c as usize;
+            if i % 2 == 1 {
+                for p in pos..end {
+                    labels[(p % h) * w + p / h] = label;
+                }
+            }
+            pos = end;
+        }
+        return Ok(());
+    }
+    if let Some(bitmap) = &m.bitmap {
+        if bitmap.len() != labels.len() {
+            return Err(bad(format!(
+                "bitmap of {} bytes, the frame has {} pixels",
+                bitmap.len(),
+                labels.len()
+            )));
+        }
+        for (out, &p) in labels.iter_mut().zip(bitmap) {
+            if p != 0 {
+                *out = label;
+            }
+        }
+        return Ok(());
     }
     Err(ConvertError::NoPixels { index })
 }
@@ -194,14 +223,15 @@ pub fn label_image(masks: &Masks, header: &Header) -> Result<Image, ConvertError
         sa.total_cmp(&sb).then(b.cmp(&a))
     });
     for i in order {
-        let pixels = mask_pixels(i, &masks.masks[i], width, height)?;
         // i < 65535 (checked above), so the label fits.
-        let label = (i + 1) as u16;
-        for (out, &p) in labels.iter_mut().zip(&pixels) {
-            if p != 0 {
-                *out = label;
-            }
-        }
+        paint(
+            &mut labels,
+            (i + 1) as u16,
+            i,
+            &masks.masks[i],
+            width,
+            height,
+        )?;
     }
     let data = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
     Ok(Image {
@@ -490,6 +520,36 @@ mod tests {
         assert!(prompt_from_point(&point(1e12, 1.0), None)
             .prompts
             .is_empty());
+    }
+
+    /// The bridge's cost per result in everything-mode: a 1280 x 720 frame with 100 masks of
+    /// 5 % of the frame each. `cargo test --release --lib label_image_speed -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore]
+    fn label_image_speed() {
+        let (w, h) = (1280u32, 720u32);
+        let list: Vec<WireMask> = (0..100u32)
+            .map(|i| {
+                let mut pixels = vec![0u8; (w * h) as usize];
+                let (x0, y0) = ((i * 97) % (w - 290), (i * 53) % (h - 160));
+                for y in y0..y0 + 160 {
+                    for x in x0..x0 + 288 {
+                        pixels[(y * w + x) as usize] = 1;
+                    }
+                }
+                mask(i as f32 / 100.0, &pixels, w, h, i)
+            })
+            .collect();
+        let m = masks(list, w, h);
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let image = label_image(&m, &Header::default()).unwrap();
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(image.data.len(), (w * h * 2) as usize);
+        }
+        println!("label image, 100 masks at {w}x{h}: {best:.1} ms (best of 5)");
     }
 
     #[test]
