@@ -287,18 +287,10 @@ run_suite "daemon smoke (default model)" smoke_daemon
 run_suite "aarch64: clippy, test build" without_warnings bash cross/test.sh --no-run
 run_suite "aarch64: tests under qemu (A76, A53)" bash cross/test.sh
 run_suite "aarch64: release build (glibc <= 2.31)" bash cross/build.sh
-# The benchmark command on aarch64, as a functional check only: qemu timings mean nothing.
-# One batch size: each size is a decoder plan to build (12 s under qemu), and batched decoding
-# on aarch64 is checked by the parity tests above.
-bench_aarch64() {
-    local out
-    out=$(qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu \
-        "$TARGET_DIR/aarch64-unknown-linux-gnu/release/tinysam" bench --json - \
-        --model tests/fixtures/test_model --precisions int8 --runs 1 --batches 1) || return 1
-    echo "$out"
-    echo "$out" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert "dotprod" in r["isa"] and r["encoder_ms"] and r["decoder_ms"]["1"], r'
-}
-run_suite "aarch64: bench under qemu (functional)" bench_aarch64
+# (No run of `tinysam bench` under qemu: it checked the bench command's arch-independent code on
+# aarch64 for ~33 s, and bought back part of what the ROS 2 bridge's middleware costs each
+# build, tests/TIMINGS.md. aarch64's kernel choice is checked by the A76/A53 tests and the VM's
+# daemon, its encoder and decoder by the parity tests; the README walk runs the bench on x86.)
 # A real V4L2 driver (vivid) in a VM: the binaries built above, Debian's kernel, qemu-system TCG.
 # The two VMs side by side: each keeps ~1.2 of the 2 cores busy (TCG idles while the guest waits
 # for camera frames), so together they take ~2/3 of their sum. Each pixel format is read in one
