@@ -172,6 +172,17 @@ impl Default for SocketConfig {
     }
 }
 
+impl SocketConfig {
+    /// The socket path: `path`, or [`default_socket_path`] when it is empty.
+    pub fn resolved_path(&self) -> PathBuf {
+        if self.path.as_os_str().is_empty() {
+            default_socket_path()
+        } else {
+            self.path.clone()
+        }
+    }
+}
+
 /// `[pipeline]`: buffering between stages.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -624,11 +635,7 @@ impl Config {
             self.model.dir.clone()
         };
         let k = &self.socket;
-        let socket_path = if k.path.as_os_str().is_empty() {
-            default_socket_path()
-        } else {
-            k.path.clone()
-        };
+        let socket_path = k.resolved_path();
         // sun_path holds 108 bytes including the terminating NUL.
         if socket_path.as_os_str().len() >= 108 {
             return Err(invalid(

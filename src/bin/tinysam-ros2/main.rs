@@ -119,13 +119,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let env_domain = std::env::var("ROS_DOMAIN_ID").ok();
     let settings = config.ros2.validate(env_domain.as_deref())?;
-    let socket = args.socket.clone().unwrap_or_else(|| {
-        if config.socket.path.as_os_str().is_empty() {
-            tinysam_edge::config::default_socket_path()
-        } else {
-            config.socket.path.clone()
-        }
-    });
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| config.socket.resolved_path());
     if args.check_config {
         println!(
             "# socket {}, domain id {}\n[ros2]\n{}",
