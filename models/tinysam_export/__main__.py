@@ -1,4 +1,4 @@
-"""Command line: `python -m tinysam_export {export,fixtures} ...`."""
+"""Command line: `python -m tinysam_export {export,split-decoder,distill,fixtures,reference-fixtures} ...`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import CONFIGS
+from .config import CONFIGS, TEACHER_CONFIGS
+from .distill import DistillError
 from .export import ExportError, one_line
 from .images import ImageError
 from .quantize import QuantOptions
@@ -49,6 +50,36 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("split-decoder", help="add the decoder's per-frame, per-prompt and mask graphs to a model directory")
     s.add_argument("--model", type=Path, required=True, help="model directory with manifest.json")
     s.add_argument("--checkpoint", type=Path, help="the checkpoint the directory was built from (not for synthetic weights)")
+
+    d = sub.add_parser("distill", help="train a TinySAM student from a SAM-family teacher (full-stage distillation)")
+    d.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (sam_vit_h/l/b .pth, tinysam.pth ...)")
+    d.add_argument("--teacher-arch", choices=list(TEACHER_CONFIGS), required=True, help="the teacher's architecture")
+    d.add_argument("--images", type=Path, required=True, help="folder of training images (searched recursively)")
+    d.add_argument("--out", type=Path, required=True, help="run folder: student.pth, state.pt, log.jsonl, summary.json")
+    d.add_argument("--config", choices=sorted(CONFIGS), default="full", help="the student's size")
+    d.add_argument("--init", type=Path, help="start from this TinySAM checkpoint instead of synthetic weights")
+    d.add_argument("--seed", type=int, default=1, help="seed of the student's synthetic start, splits and prompts")
+    d.add_argument("--decoder-init", choices=["teacher", "student"], default="teacher",
+                   help="without --init: start the student's prompt encoder and decoder from the teacher's")
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--prompts-per-image", type=int, default=64)
+    d.add_argument("--rounds", type=int, default=3, help="prompt rounds per image: 1 random, then hard-sampled points")
+    d.add_argument("--box-fraction", type=float, default=0.5, help="share of prompts turned into boxes")
+    d.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (cosine decay to a tenth)")
+    d.add_argument("--embedding-weight", type=float, default=1.0, help="image-embedding distance (0: off)")
+    d.add_argument("--token-weight", type=float, default=1.0, help="decoder output-token distance (0: off)")
+    d.add_argument("--output-weight", type=float, default=1.0, help="mask and IoU output loss (0: off)")
+    d.add_argument("--mask-loss", choices=["logits", "focal-dice"], default="logits",
+                   help="distance of the mask logits, or SAM's focal + dice against the teacher's best mask")
+    d.add_argument("--freeze-decoder", action="store_true",
+                   help="train the image encoder only (the decoder's terms still shape it, through the frozen decoder)")
+    d.add_argument("--val-images", type=Path, help="held-out images (default: a share of --images)")
+    d.add_argument("--val-fraction", type=float, default=0.1, help="share of --images held out without --val-images")
+    d.add_argument("--val-prompts", type=int, default=32, help="prompts per held-out image")
+    d.add_argument("--cache", type=Path, help="teacher-embedding cache folder (default OUT/teacher-cache)")
+    d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    d.add_argument("--save-every", type=int, default=200, metavar="STEPS", help="resumable state every N images")
+    d.add_argument("--restart", action="store_true", help="ignore a run already in --out and start over")
 
     f = sub.add_parser("fixtures", help="write the test-size models and golden tensors for the Rust tests")
     f.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "tests" / "fixtures")
@@ -94,6 +125,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(json.dumps(manifest["fidelity"], indent=2))
+        elif args.command == "distill":
+            from .distill import DistillOptions, LossWeights, distill
+
+            summary = distill(
+                DistillOptions(
+                    teacher=args.teacher, teacher_arch=args.teacher_arch, images=args.images, out=args.out,
+                    student_config=args.config, init=args.init, seed=args.seed, decoder_init=args.decoder_init,
+                    epochs=args.epochs, prompts_per_image=args.prompts_per_image, rounds=args.rounds,
+                    box_fraction=args.box_fraction, lr=args.lr,
+                    weights=LossWeights(args.embedding_weight, args.token_weight, args.output_weight),
+                    mask_loss=args.mask_loss, val_images=args.val_images, val_fraction=args.val_fraction,
+                    val_prompts=args.val_prompts, cache=args.cache, device=args.device,
+                    freeze_decoder=args.freeze_decoder, save_every=max(args.save_every, 1), restart=args.restart,
+                )
+            )
+            print(json.dumps(summary, indent=2))
         elif args.command == "split-decoder":
             from .build import add_split_decoder
 
@@ -106,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             from .reference_fixtures import write_reference_fixtures
 
             write_reference_fixtures(args.out)
-    except (CheckpointError, ImageError, FidelityError, ExportError, ValueError) as e:
+    except (CheckpointError, ImageError, FidelityError, ExportError, DistillError, ValueError) as e:
         log.error("%s", e)
         log.debug("traceback", exc_info=True)
         return 1

@@ -1,9 +1,23 @@
-"""Architecture hyper-parameters of TinySAM (`vit_t`) and of the reduced test configuration."""
+"""Architecture hyper-parameters of TinySAM (`vit_t`), of SAM's ViT teachers, and of the reduced
+test configurations."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VitConfig:
+    """SAM's plain-ViT image encoder (ViT-B/L/H): the teachers of distillation."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,8 @@ class ModelConfig:
     iou_head_hidden_dim: int = 256
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    vit: VitConfig | None = None
+    """Set for SAM's ViT encoders; None for TinyViT (the fields above describe it then)."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -44,6 +60,8 @@ class ModelConfig:
         """Plain-JSON form, for manifests."""
         d = dataclasses.asdict(self)
         d.pop("extra")
+        if d["vit"] is None:
+            d.pop("vit")
         return d
 
 
@@ -67,3 +85,17 @@ TEST = ModelConfig(
 """The same graph at a quarter of the width and input size, for fast tests and fixtures."""
 
 CONFIGS = {"full": FULL, "test": TEST}
+
+SAM_VIT_B = ModelConfig(name="sam_vit_b", vit=VitConfig(768, 12, 12, (2, 5, 8, 11)))
+SAM_VIT_L = ModelConfig(name="sam_vit_l", vit=VitConfig(1024, 24, 16, (5, 11, 17, 23)))
+SAM_VIT_H = ModelConfig(name="sam_vit_h", vit=VitConfig(1280, 32, 16, (7, 15, 23, 31)))
+SAM_VIT_TEST = dataclasses.replace(
+    TEST, name="sam_vit_test", vit=VitConfig(48, 4, 2, (1, 3), window_size=6)
+)
+"""A four-block ViT at the test configuration's size and prompt width: a teacher for fast tests
+(6-wide windows on the 16x16 grid, so window padding is exercised)."""
+
+TEACHER_CONFIGS = {"vit_h": SAM_VIT_H, "vit_l": SAM_VIT_L, "vit_b": SAM_VIT_B, "vit_t": FULL, "vit_test": SAM_VIT_TEST,
+                   "test": TEST}
+"""Teacher architectures of `distill --teacher-arch`: SAM's ViTs, TinySAM/MobileSAM (`vit_t`) and
+the two reduced test sizes."""

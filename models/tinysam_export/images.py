@@ -45,6 +45,8 @@ def skimage_photos(names: list[str]) -> list[Photo]:
         image = getattr(data, name)()
         if isinstance(image, tuple):
             image = image[0]
+        if image.ndim == 2:  # grey photos (camera, ...)
+            image = np.stack([image] * 3, axis=-1)
         return np.ascontiguousarray(image[..., :3])
 
     return [Photo(f"skimage:{n}", rgb(n)) for n in names]

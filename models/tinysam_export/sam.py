@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .preprocess import preprocess
+from .sam_vit import ImageEncoderViT
 from .tiny_vit import LayerNorm2d, TinyViT
 
 
@@ -221,6 +222,12 @@ class MaskDecoder(nn.Module):
         the prompt batch instead of being repeated, so the image-side projections of the first
         layer run once per batch.
         """
+        masks, iou, _ = self.predict(image_embeddings, image_pe, sparse, dense)
+        return masks, iou
+
+    def predict(self, image_embeddings, image_pe, sparse, dense):
+        """`forward`, plus the output tokens after the two-way transformer: (B, 1 + 4, D), the IoU
+        token then the mask tokens (what distillation's token term compares)."""
         b = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         out_tokens = out_tokens.unsqueeze(0).expand(b, -1, -1)
@@ -237,7 +244,7 @@ class MaskDecoder(nn.Module):
         _, uc, uh, uw = up.shape
         masks = (hyper @ up.reshape(b, uc, uh * uw)).reshape(b, -1, uh, uw)
         iou = self.iou_prediction_head(iou_out)
-        return masks[:, 1:], iou[:, 1:]
+        return masks[:, 1:], iou[:, 1:], hs[:, : 1 + self.num_mask_tokens, :]
 
 
 class Sam(nn.Module):
@@ -246,7 +253,7 @@ class Sam(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_encoder = TinyViT(cfg)
+        self.image_encoder = ImageEncoderViT(cfg) if cfg.vit is not None else TinyViT(cfg)
         self.prompt_encoder = PromptEncoder(cfg)
         self.mask_decoder = MaskDecoder(cfg)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)

@@ -96,6 +96,12 @@ def synthetic_model(cfg: ModelConfig, seed: int) -> Sam:
             m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
         if hasattr(m, "attention_biases"):
             m.attention_biases.copy_(0.5 * torch.randn(m.attention_biases.shape, generator=gen))
+        if hasattr(m, "rel_pos_h"):  # SAM ViT teachers: position terms are zero-initialised there
+            m.rel_pos_h.copy_(0.1 * torch.randn(m.rel_pos_h.shape, generator=gen))
+            m.rel_pos_w.copy_(0.1 * torch.randn(m.rel_pos_w.shape, generator=gen))
+    if cfg.vit is not None:
+        enc = model.image_encoder
+        enc.pos_embed.copy_(0.5 * torch.randn(enc.pos_embed.shape, generator=gen))
     _damp_residual_branches(model)
     _measure_batchnorm(model)
     _scale_decoder_outputs(model, gen)
@@ -106,10 +112,16 @@ def _damp_residual_branches(model: Sam) -> None:
     """Shrink every residual branch's output, as training does (TinyViT even starts MBConv's last
     BatchNorm at zero): the skip path carries the signal and no block dominates it. Without this a
     random network is far more sensitive to small perturbations than a trained one."""
+    from .sam_vit import VitBlock
     from .tiny_vit import MBConv, TinyViTBlock
 
     for m in model.image_encoder.modules():
-        if isinstance(m, MBConv):
+        if isinstance(m, VitBlock):
+            m.attn.proj.weight.mul_(0.25)
+            m.attn.proj.bias.mul_(0.25)
+            m.mlp.lin2.weight.mul_(0.25)
+            m.mlp.lin2.bias.mul_(0.25)
+        elif isinstance(m, MBConv):
             m.conv3.bn.weight.mul_(0.25)
         elif isinstance(m, TinyViTBlock):
             m.attn.proj.weight.mul_(0.25)
