@@ -39,6 +39,8 @@ SKIP = [
     (r"^cd models$|^cd \.\. && ", "the model toolchain needs a real checkpoint; its export is tested by models/tests"),
     (r"^python3 -m venv \.venv", "the test command builds models/.venv itself"),
     (r"^\.venv/bin/python -m tinysam_export export --checkpoint", "needs a real checkpoint (not downloadable here)"),
+    (r"^\.venv/bin/python -m tinysam_export distill ",
+     "needs a real teacher checkpoint and a GPU; models/tests/test_distill.py runs it on the reduced test models"),
     (r"--source v4l2:", "needs a camera: the VM suites run the daemon on vivid"),
     (r"^tinysam-ros2 (?!.*--check-config)",
      "DDS discovery is multicast: tests run the bridge only in network namespaces (tests/ros2)"),

@@ -312,9 +312,10 @@ if [ "${SKIP_PYTHON:-0}" = "1" ]; then
     record "python: models/tests" skipped
     record "python: clients/python" skipped
 elif join_suite "python: environment (uv)"; then
-    run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
-    # Talks to the tinysamd and tinysam binaries built by the Rust tests above.
+    # Both suites talk to the tinysamd and tinysam binaries built by the Rust tests above (the
+    # model toolchain's tests run a distilled checkpoint in `tinysam segment`).
     export TINYSAM_BIN_DIR=$BIN_DIR
+    run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
     run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
     # tinysam-ros2 against Cyclone DDS, each in a network namespace of its own (needs root).
     run_suite "ros2: DDS peer (Cyclone, netns)" "$VENV/bin/python" -m pytest -q tests/ros2

@@ -263,3 +263,25 @@ def test_a_distilled_checkpoint_exports_and_runs_in_tinysam_segment(workspace, r
     assert result["model"] == "tinysam_test"
     masks = [m for p in result["prompts"] for m in p["masks"]]
     assert masks and all(0 < m["score"] < 2 and m["area"] > 0 for m in masks)
+
+
+def test_bad_requests_fail_with_one_line_naming_the_problem(workspace, tmp_path, caplog):
+    from tinysam_export.__main__ import main
+
+    base = ["distill", "--teacher", str(workspace / "teacher.pth"), "--teacher-arch", "vit_test", "--config", "test",
+            "--images", str(workspace / "train"), "--val-images", str(workspace / "val")]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "frame.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cases = [
+        (["--images", str(tmp_path / "nowhere")], "image folder not found"),
+        (["--teacher-arch", "vit_b"], "differ in image_size"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--output-weight", "0", "--token-weight", "0", "--embedding-weight", "0"], "not all zero"),
+        (["--images", str(broken)], "cannot read image"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        caplog.clear()
+        args = base + ["--out", str(tmp_path / f"out{i}")] + change
+        assert main(args) == 1, change
+        assert message in caplog.text, (change, caplog.text)
