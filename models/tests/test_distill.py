@@ -247,7 +247,7 @@ def test_a_distilled_checkpoint_exports_and_runs_in_tinysam_segment(workspace, r
     load_checkpoint(TEST, student)  # TinySAM's layout, strictly
     model_dir = tmp_path / "model"
     manifest = build(BuildRequest(cfg=TEST, out_dir=model_dir, checkpoint=student, use_shared_images=False,
-                                  quant=QuantOptions(calibration_images=2)))
+                                  quant=QuantOptions(calibration_images=1)))
     assert manifest["weights"]["kind"] == "checkpoint"
     binary = Path(os.environ.get("TINYSAM_BIN_DIR", REPO / "target" / "release")) / "tinysam"
     if not binary.exists():
