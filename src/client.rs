@@ -1,15 +1,18 @@
 //! A blocking Rust client for the daemon's socket: handshake, subscribe, prompt, status.
 //! Used by `tinysam sub` and the integration tests; other languages follow `docs/protocol.md`.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    self, ClientMessage, ErrorReply, Hello, PromptRequest, ProtocolError, ServerMessage, Status,
-    StatusRequest, Subscribe, Welcome, MAX_SERVER_BODY, PROTOCOL_VERSION,
+    self, ClientMessage, ErrorReply, Header, Hello, PromptRequest, ProtocolError, ServerMessage,
+    Status, StatusRequest, Subscribe, Welcome, HEADER_LEN, MAX_SERVER_BODY, PROTOCOL_VERSION,
 };
+
+/// Bytes asked of the socket per read while a message is incomplete.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// How long [`Client::connect`] looks for the server's reason after the hello could not be sent.
 const REFUSAL_WAIT: Duration = Duration::from_secs(2);
@@ -41,6 +44,9 @@ pub enum ClientError {
 pub struct Client {
     stream: UnixStream,
     path: String,
+    /// Bytes received but not yet returned as a message: a [`Client::recv`] whose time runs out
+    /// in the middle of a message keeps what arrived, and the next call completes it.
+    inbox: Vec<u8>,
     /// The server's handshake answer.
     pub welcome: Welcome,
 }
@@ -53,6 +59,7 @@ impl Client {
         let mut client = Client {
             stream,
             path: shown,
+            inbox: Vec::new(),
             welcome: Welcome {
                 version: 0,
                 server: String::new(),
@@ -94,26 +101,58 @@ impl Client {
     }
 
     /// Receive one message, waiting at most `timeout` (forever with `None`).
+    ///
+    /// A timeout loses nothing: bytes of a message that has not fully arrived stay buffered for
+    /// the next call, so polling with short timeouts is safe.
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<ServerMessage, ClientError> {
-        self.stream
-            .set_read_timeout(timeout)
-            .map_err(|e| ClientError::Io(self.path.clone(), e))?;
-        match protocol::read_frame(&mut self.stream, MAX_SERVER_BODY) {
-            Ok(Some((header, body))) => Ok(ServerMessage::decode(header.kind, &body)?),
-            Ok(None) => Err(ClientError::Closed),
-            Err(ProtocolError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(ClientError::Timeout(timeout.unwrap_or_default()))
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut chunk = vec![0u8; READ_CHUNK];
+        loop {
+            if let Some((kind, end)) = self.complete_message()? {
+                let decoded = ServerMessage::decode(kind, &self.inbox[HEADER_LEN..end]);
+                self.inbox.drain(..end);
+                return Ok(decoded?);
             }
-            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                Err(ClientError::Closed)
+            let wait = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    // `set_read_timeout` refuses a zero duration.
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Err(ClientError::Timeout(timeout.unwrap_or_default())),
+                },
+                None => None,
+            };
+            self.stream
+                .set_read_timeout(wait)
+                .map_err(|e| ClientError::Io(self.path.clone(), e))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) if self.inbox.is_empty() => return Err(ClientError::Closed),
+                Ok(0) => return Err(ProtocolError::Truncated.into()),
+                Ok(n) => self
+                    .inbox
+                    .extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Err(e) => match e.kind() {
+                    std::io::ErrorKind::Interrupted => {}
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        return Err(ClientError::Timeout(timeout.unwrap_or_default()))
+                    }
+                    std::io::ErrorKind::ConnectionReset => return Err(ClientError::Closed),
+                    _ => return Err(ProtocolError::Io(e).into()),
+                },
             }
-            Err(e) => Err(e.into()),
         }
+    }
+
+    /// The kind and end offset of the first message in `inbox`, once all of it has arrived.
+    fn complete_message(&self) -> Result<Option<(u16, usize)>, ProtocolError> {
+        let Some(head) = self.inbox.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let header = Header::parse(head, MAX_SERVER_BODY)?;
+        let end = usize::try_from(header.length)
+            .ok()
+            .and_then(|len| len.checked_add(HEADER_LEN))
+            .ok_or(ProtocolError::Truncated)?;
+        Ok((self.inbox.len() >= end).then_some((header.kind, end)))
     }
 
     /// Start a subscription and wait for its confirmation.
@@ -180,5 +219,73 @@ impl ClientSender {
     pub fn shutdown(&self) {
         // Already closed by the peer is as good.
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::sync::mpsc;
+
+    /// A server that sends its messages in pieces, each after the client reports a timeout:
+    /// every piece boundary (inside the header, inside the body) falls between two `recv` calls.
+    #[test]
+    fn a_timeout_in_the_middle_of_a_message_loses_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let first = ServerMessage::Error(ErrorReply {
+            id: Some(7),
+            code: protocol::ErrorCode::InvalidRequest,
+            message: "x".repeat(5000),
+        })
+        .encode();
+        let second = ServerMessage::Subscribed(protocol::Subscribed { id: 9 }).encode();
+        let (go, wait) = mpsc::channel::<()>();
+        let pieces = [
+            first[..5].to_vec(),
+            first[5..40].to_vec(),
+            first[40..].to_vec(),
+        ];
+        let server = std::thread::spawn(move || {
+            let (mut peer, _) = listener.accept().expect("accept");
+            protocol::read_frame(&mut peer, 1 << 16).expect("hello");
+            let welcome = Welcome {
+                version: PROTOCOL_VERSION,
+                server: "test".into(),
+                client_id: 1,
+                limits: protocol::Limits::current(),
+            };
+            peer.write_all(&ServerMessage::Welcome(welcome).encode())
+                .expect("welcome");
+            for (i, piece) in pieces.iter().enumerate() {
+                if i > 0 {
+                    wait.recv().expect("client timed out");
+                }
+                peer.write_all(piece).expect("piece");
+            }
+            peer.write_all(&second).expect("second");
+            wait.recv().ok(); // keep the connection open until the client is done
+        });
+        let mut client = Client::connect(&path, "t").expect("connect");
+        for _ in 0..2 {
+            let got = client.recv(Some(Duration::from_millis(30)));
+            assert!(matches!(got, Err(ClientError::Timeout(_))), "{got:?}");
+            go.send(()).expect("server");
+        }
+        match client.recv(Some(Duration::from_secs(10))).expect("first") {
+            ServerMessage::Error(e) => {
+                assert_eq!((e.id, e.message.len()), (Some(7), 5000));
+            }
+            other => panic!("{other:?}"),
+        }
+        let second = client.recv(Some(Duration::from_secs(10))).expect("second");
+        assert_eq!(
+            second,
+            ServerMessage::Subscribed(protocol::Subscribed { id: 9 })
+        );
+        go.send(()).expect("server");
+        server.join().expect("server thread");
     }
 }

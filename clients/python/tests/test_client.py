@@ -121,3 +121,54 @@ def test_errors_are_typed(daemon):
         assert e.value.code == "invalid_request"
         # The connection is still usable after an error.
         assert c.status(3)["request_id"] == 3
+
+
+def test_a_timeout_in_the_middle_of_a_message_loses_nothing(tmp_path):
+    """A server sends its messages in pieces, each after the client's recv has timed out: the
+    boundaries fall inside the header and inside the body."""
+    import socket
+    import struct
+    import threading
+
+    import msgpack
+
+    from tinysam_client.client import HEADER, KIND, MAGIC, VERSION
+
+    def frame(kind, body):
+        payload = msgpack.packb(body, use_bin_type=True)
+        return HEADER.pack(MAGIC, VERSION, KIND[kind], len(payload)) + payload
+
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    first = frame("error", {"id": 7, "code": "invalid_request", "message": "x" * 5000})
+    second = frame("subscribed", {"id": 9})
+    timed_out = threading.Semaphore(0)
+
+    def serve():
+        peer, _ = listener.accept()
+        head = peer.recv(HEADER.size, socket.MSG_WAITALL)
+        peer.recv(struct.unpack("<I", head[8:12])[0], socket.MSG_WAITALL)
+        peer.sendall(frame("welcome", {"version": VERSION, "server": "test", "client_id": 1, "limits": {}}))
+        for i, piece in enumerate((first[:5], first[5:40], first[40:])):
+            if i:
+                timed_out.acquire()
+            peer.sendall(piece)
+        peer.sendall(second)
+        timed_out.acquire()
+        peer.close()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    client = Client(path, timeout=10)
+    for _ in range(2):
+        with pytest.raises(socket.timeout):
+            client.recv(timeout=0.03)
+        timed_out.release()
+    kind, body = client.recv(timeout=10)
+    assert (kind, body["id"], len(body["message"])) == ("error", 7, 5000)
+    assert client.recv(timeout=10) == ("subscribed", {"id": 9})
+    timed_out.release()
+    server.join()
+    listener.close()

@@ -63,6 +63,8 @@ class Client:
     def __init__(self, path=DEFAULT_SOCKET, name="python", timeout=30.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        # Bytes received but not yet returned: a timeout in the middle of a message keeps them.
+        self._inbox = bytearray()
         self.sock.connect(path)
         self.send("hello", {"min_version": VERSION, "max_version": VERSION, "client": name[:64]})
         kind, body = self.recv()
@@ -89,26 +91,29 @@ class Client:
         payload = msgpack.packb(body, use_bin_type=True)
         self.sock.sendall(HEADER.pack(MAGIC, VERSION, KIND[kind], len(payload)) + payload)
 
-    def _read_exact(self, n):
-        chunks = []
-        while n:
-            chunk = self.sock.recv(min(n, 1 << 20))
+    def _fill(self, n):
+        """Receive until the inbox holds at least n bytes (a timeout keeps what arrived)."""
+        while len(self._inbox) < n:
+            chunk = self.sock.recv(min(n - len(self._inbox), 1 << 20))
             if not chunk:
                 raise ConnectionError("tinysamd closed the connection")
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
+            self._inbox += chunk
 
     def recv(self, timeout=None):
-        """Next message as (kind name, dict)."""
+        """Next message as (kind name, dict). A `socket.timeout` loses nothing: the part of a
+        message that had arrived stays buffered for the next call."""
         if timeout is not None:
             self.sock.settimeout(timeout)
-        magic, version, kind, length = HEADER.unpack(self._read_exact(HEADER.size))
+        self._fill(HEADER.size)
+        magic, version, kind, length = HEADER.unpack(bytes(self._inbox[: HEADER.size]))
         if magic != MAGIC or version != VERSION:
             raise ProtocolError("bad header %r v%d" % (magic, version))
         if length > MAX_SERVER_BODY:
             raise ProtocolError("message of %d bytes is over the limit" % length)
-        body = msgpack.unpackb(self._read_exact(length), raw=False)
+        self._fill(HEADER.size + length)
+        payload = bytes(self._inbox[HEADER.size : HEADER.size + length])
+        del self._inbox[: HEADER.size + length]
+        body = msgpack.unpackb(payload, raw=False)
         return KIND_NAME.get(kind, str(kind)), body
 
     def _wait(self, want, match):
