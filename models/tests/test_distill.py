@@ -4,9 +4,13 @@ resume, and a distilled checkpoint exports and runs in `tinysam segment`."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from tinysam_export.distill import (
     DistillError,
     DistillOptions,
     LossWeights,
+    Prompts,
     distill,
     random_point_prompts,
     sample_hard_points,
@@ -143,6 +148,59 @@ def test_sam_vit_b_loads_in_the_official_layout(tmp_path):
     loaded = load_checkpoint(SAM_VIT_B, path).state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def _metas_modeling(monkeypatch):
+    """`segment_anything.modeling` of Meta's package (PyPI segment-anything 1.0), imported without
+    the package's `__init__`, which pulls in torchvision for the predictor we do not use."""
+    spec = importlib.util.find_spec("segment_anything")
+    package = types.ModuleType("segment_anything")
+    package.__path__ = list(spec.submodule_search_locations)
+    monkeypatch.setitem(sys.modules, "segment_anything", package)
+    return importlib.import_module("segment_anything.modeling")
+
+
+@torch.no_grad()
+def test_vit_teacher_computes_what_metas_code_computes(monkeypatch):
+    """The reduced ViT teacher's weights load strictly into Meta's `Sam` built with the same
+    sizes; its encoder and its decoder (multimask outputs) give the same numbers."""
+    meta = _metas_modeling(monkeypatch)
+    cfg, vit = SAM_VIT_TEST, SAM_VIT_TEST.vit
+    ours = synthetic_model(cfg, 0)
+    theirs = meta.Sam(
+        image_encoder=meta.ImageEncoderViT(
+            depth=vit.depth, embed_dim=vit.embed_dim, img_size=cfg.image_size, mlp_ratio=vit.mlp_ratio,
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), num_heads=vit.num_heads,
+            patch_size=vit.patch_size, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=vit.global_attn_indexes, window_size=vit.window_size,
+            out_chans=cfg.prompt_embed_dim,
+        ),
+        prompt_encoder=meta.PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim, image_embedding_size=(cfg.embedding_size,) * 2,
+            input_image_size=(cfg.image_size,) * 2, mask_in_chans=16,
+        ),
+        mask_decoder=meta.MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=cfg.prompt_embed_dim, iou_head_depth=3,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+            transformer=meta.TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim,
+                                               mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_heads),
+        ),
+    ).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.from_numpy(preprocess(skimage_photos(["astronaut"])[0].rgb, cfg))
+    embedding = ours.image_encoder(x)
+    assert torch.allclose(embedding, theirs.image_encoder(x), atol=1e-5)
+    coords = torch.tensor([[[60.0, 80.0], [0.0, 0.0]], [[10.0, 10.0], [200.0, 150.0]]])
+    labels = torch.tensor([[1.0, -1.0], [2.0, 3.0]])
+    ours_masks, ours_iou, _ = Decoding(ours, embedding)(Prompts(coords, labels))
+    sparse = ours.prompt_encoder.embed_points(coords, labels)
+    dense = ours.prompt_encoder.embed_mask(torch.zeros(1, 1, 64, 64), torch.zeros(1))
+    their_masks, their_iou = theirs.mask_decoder(
+        image_embeddings=embedding, image_pe=theirs.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense.expand(2, -1, -1, -1), multimask_output=True,
+    )
+    assert torch.allclose(ours_masks, their_masks, atol=1e-4)
+    assert torch.allclose(ours_iou, their_iou, atol=1e-5)
 
 
 def test_teacher_checkpoints_with_wrong_keys_or_shapes_are_refused_by_name(tmp_path):
