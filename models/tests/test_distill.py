@@ -297,6 +297,30 @@ def test_a_stopped_run_resumes_where_it_stopped(workspace, runs):
         distill(_options(workspace, "all", TERMS["all"], lr=5e-4))
 
 
+def test_a_run_stopped_mid_epoch_resumes_from_its_last_save_to_the_same_result(workspace, runs, monkeypatch):
+    """Stopped at its sixth image (state saved after the fourth), the run redoes images 5 and 6
+    and ends where the uninterrupted one-epoch run ended."""
+    from tinysam_export import distill as distill_module
+
+    real_step, calls = distill_module.train_step, []
+
+    def stop_at_the_sixth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    options = _options(workspace, "stopped", TERMS["all"], epochs=1, save_every=4)
+    monkeypatch.setattr(distill_module, "train_step", stop_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        distill(options)
+    monkeypatch.setattr(distill_module, "train_step", real_step)
+    summary = distill(options)
+    events = [json.loads(line) for line in (workspace / "stopped" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, TRAIN_SCENES + 1))
+    assert summary["after"] == runs["all-first-half"]["after"]
+
+
 def test_a_distilled_checkpoint_exports_and_runs_in_tinysam_segment(workspace, runs, tmp_path):
     from tinysam_export.build import BuildRequest, build
     from tinysam_export.quantize import QuantOptions

@@ -394,6 +394,18 @@ class JsonLog:
     def __init__(self, path: Path):
         self.path = path
 
+    def truncate(self, step: int, epoch: int) -> None:
+        """Forget what a stopped run logged after its saved state (steps past `step`, evaluations
+        past `epoch`): the resumed run logs them again."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("step", 0) <= step and event.get("epoch", 0) <= epoch + (event["event"] == "train"):
+                kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def write(self, **event) -> None:
         event["time"] = round(time.time(), 3)
         with open(self.path, "a") as f:
@@ -512,6 +524,7 @@ def distill(opts: DistillOptions) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_index, before = state["epoch"], state["index"], state["before"]
         log.info("resuming %s at epoch %d, image %d", opts.out, start_epoch + 1, start_index)
+        jlog.truncate(start_epoch * len(train_paths) + start_index, start_epoch)
     elif opts.restart:
         (opts.out / "log.jsonl").unlink(missing_ok=True)
     if before is None:
