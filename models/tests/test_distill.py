@@ -62,37 +62,13 @@ def workspace(tmp_path_factory) -> Path:
     """A synthetic SAM-ViT teacher checkpoint (the reduced `vit_test`) and folders of generated
     training and held-out scenes."""
     root = tmp_path_factory.mktemp("distill")
-    torch.save(balanced_teacher().state_dict(), root / "teacher.pth")
+    torch.save(synthetic_model(SAM_VIT_TEST, 0).state_dict(), root / "teacher.pth")
     rng = np.random.default_rng(5)
     for folder, count in (("train", TRAIN_SCENES), ("val", HELD_OUT_SCENES)):
         (root / folder).mkdir()
         for i in range(count):
             tabletop_scene(rng).save(root / folder / f"scene{i}.png")
     return root
-
-
-@torch.no_grad()
-def balanced_teacher() -> Sam:
-    """The synthetic `vit_test` teacher with masks that split the image.
-
-    Synthetic weights give masks covering ~95 % of every image (the upscaled image features share
-    a large mean that every hypernetwork output projects onto), so any student agrees with them.
-    Removing that mean direction from the hypernetworks' outputs leaves masks of about half the
-    image that follow the image features: something a student has to learn."""
-    model = synthetic_model(SAM_VIT_TEST, 0)
-    features = []
-    hook = model.mask_decoder.output_upscaling.register_forward_hook(lambda _m, _i, out: features.append(out))
-    for photo in skimage_photos(["astronaut", "coffee"]):
-        x, size = torch.from_numpy(preprocess(photo.rgb, SAM_VIT_TEST)), resized_size(*photo.rgb.shape[:2], 256)
-        Decoding(model, model.image_encoder(x))(random_point_prompts(4, size, torch.Generator().manual_seed(0)))
-    hook.remove()
-    mean = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]).mean(0)
-    unit = mean / mean.norm()
-    drop_mean = torch.eye(len(unit)) - torch.outer(unit, unit)
-    for mlp in model.mask_decoder.output_hypernetworks_mlps:
-        mlp.layers[-1].weight.copy_(drop_mean @ mlp.layers[-1].weight)
-        mlp.layers[-1].bias.copy_(drop_mean @ mlp.layers[-1].bias)
-    return model
 
 
 def _options(root: Path, name: str, weights: LossWeights, **changes) -> DistillOptions:
@@ -201,6 +177,20 @@ def test_vit_teacher_computes_what_metas_code_computes(monkeypatch):
     )
     assert torch.allclose(ours_masks, their_masks, atol=1e-4)
     assert torch.allclose(ours_iou, their_iou, atol=1e-5)
+
+
+@torch.no_grad()
+def test_synthetic_vit_teachers_make_masks_a_student_must_learn():
+    """Masks of synthetic ViT weights split the image instead of covering nearly all of it (which
+    any student would match): about half the image on photos the centring did not see."""
+    model = synthetic_model(SAM_VIT_TEST, 0)
+    for photo in skimage_photos(["rocket", "immunohistochemistry"]):
+        size = resized_size(*photo.rgb.shape[:2], SAM_VIT_TEST.image_size)
+        decode = Decoding(model, model.image_encoder(torch.from_numpy(preprocess(photo.rgb, SAM_VIT_TEST))))
+        masks, iou, _ = decode(random_point_prompts(16, size, torch.Generator().manual_seed(1)))
+        h, w = (-(-v // 4) for v in size)
+        area = (masks[torch.arange(16), iou.argmax(1), :h, :w] > 0).float().mean()
+        assert 0.25 < float(area) < 0.75, (photo.name, float(area))
 
 
 def test_teacher_checkpoints_with_wrong_keys_or_shapes_are_refused_by_name(tmp_path):
@@ -359,6 +349,7 @@ def test_bad_requests_fail_with_one_line_naming_the_problem(workspace, tmp_path,
         (["--images", str(tmp_path / "nowhere")], "image folder not found"),
         (["--teacher-arch", "vit_b"], "differ in image_size"),
         (["--lr", "nan"], "--lr must be a positive number"),
+        (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
         (["--output-weight", "0", "--token-weight", "0", "--embedding-weight", "0"], "not all zero"),
         (["--images", str(broken)], "cannot read image"),
     ]

@@ -467,6 +467,9 @@ def distill(opts: DistillOptions) -> dict:
         raise DistillError(f"loss weights must be finite, non-negative and not all zero: {w}")
     if opts.epochs < 1 or opts.prompts_per_image < 1 or opts.rounds < 1 or not 0 <= opts.box_fraction <= 1:
         raise DistillError("--epochs, --prompts-per-image and --rounds must be >= 1, --box-fraction in [0, 1]")
+    if not 0 < opts.val_fraction < 1 or opts.val_prompts < 1:
+        raise DistillError(f"--val-fraction must be in (0, 1) and --val-prompts >= 1, not {opts.val_fraction} and "
+                           f"{opts.val_prompts}")
     if not (math.isfinite(opts.lr) and opts.lr > 0):
         raise DistillError(f"--lr must be a positive number, not {opts.lr}")
     device = _pick_device(opts.device)

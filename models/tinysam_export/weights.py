@@ -105,6 +105,8 @@ def synthetic_model(cfg: ModelConfig, seed: int) -> Sam:
     _damp_residual_branches(model)
     _measure_batchnorm(model)
     _scale_decoder_outputs(model, gen)
+    if cfg.vit is not None:
+        _centre_vit_mask_features(model)
     return model.eval()
 
 
@@ -167,3 +169,35 @@ def _scale_decoder_outputs(model: Sam, gen: torch.Generator) -> None:
     head = dec.iou_prediction_head.layers[-1]
     head.weight.mul_(0.05)
     head.bias.fill_(0.88)
+
+
+def _centre_vit_mask_features(model: Sam) -> None:
+    """Synthetic SAM-ViT weights make masks that cover ~95 % of every image: the upscaled image
+    features share a large mean that every hypernetwork output projects onto, so a teacher of such
+    weights teaches nothing. Projecting that mean direction (measured on two photos, four seeded
+    points each) out of the hypernetworks' outputs leaves masks of about half the image that
+    follow the image features."""
+    from .preprocess import resized_size
+
+    cfg = model.cfg
+    dec, pe = model.mask_decoder, model.prompt_encoder
+    e = cfg.embedding_size
+    image_pe = pe.pe_layer.dense(e).unsqueeze(0)
+    dense = pe.embed_mask(torch.zeros((1, 1, 4 * e, 4 * e)), torch.zeros(1))
+    features = []
+    hook = dec.output_upscaling.register_forward_hook(lambda _m, _i, out: features.append(out))
+    for photo in calibration_photos()[:2]:
+        h, w = resized_size(photo.shape[0], photo.shape[1], cfg.image_size)
+        x, _ = model.preprocess(photo)
+        gen = torch.Generator().manual_seed(0)
+        xy = torch.rand((4, 2), generator=gen) * torch.tensor([w - 1, h - 1], dtype=torch.float32)
+        coords = torch.stack([xy, torch.zeros_like(xy)], 1)
+        labels = torch.tensor([[1.0, -1.0]]).repeat(4, 1)
+        dec(model.image_encoder(x), image_pe, pe.embed_points(coords, labels), dense)
+    hook.remove()
+    mean = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]).mean(0)
+    unit = mean / mean.norm()
+    drop_mean = torch.eye(len(unit)) - torch.outer(unit, unit)
+    for mlp in dec.output_hypernetworks_mlps:
+        mlp.layers[-1].weight.copy_(drop_mean @ mlp.layers[-1].weight)
+        mlp.layers[-1].bias.copy_(drop_mean @ mlp.layers[-1].bias)
