@@ -427,7 +427,8 @@ def evaluate(student: Sam, teacher: Sam, cache: TeacherCache, rows: list[int], v
         prompts = random_point_prompts(prompts_per_image, hw, gen)
         t_masks, t_iou, _ = t_dec(prompts)
         half = prompts_per_image // 2
-        boxes, ok = boxes_from_masks((t_masks[torch.arange(len(t_iou)), t_iou.argmax(1)] > 0).cpu())
+        best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
+        boxes, ok = boxes_from_masks((best > 0).cpu())
         take = torch.zeros(prompts_per_image, dtype=torch.bool)
         take[:half] = True
         take &= ok
@@ -517,7 +518,7 @@ def distill(opts: DistillOptions) -> dict:
     optimizer = torch.optim.Adam(trained, lr=opts.lr)
     start_epoch, start_index, before = 0, 0, None
     if state_path.is_file() and not opts.restart:
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch.load(state_path, map_location=device, weights_only=True)
         if state["fingerprint"] != fingerprint:
             raise DistillError(
                 f"{opts.out} holds a run with other settings, teacher or images: rerun with --restart to "
@@ -593,7 +594,8 @@ def train_step(student: Sam, teacher: Sam, cache: TeacherCache, row: int, valid:
         prompts = random_point_prompts(opts.prompts_per_image, valid, gen)
         with torch.no_grad():
             t_masks, t_iou, _ = t_dec(prompts)
-        boxes, ok = boxes_from_masks((t_masks[torch.arange(len(t_iou)), t_iou.argmax(1)] > 0).cpu())
+        best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
+        boxes, ok = boxes_from_masks((best > 0).cpu())
         take = (torch.rand(opts.prompts_per_image, generator=gen) < opts.box_fraction) & ok
         prompts.coords[take] = boxes[take]
         prompts.labels[take] = torch.tensor([2.0, 3.0])
