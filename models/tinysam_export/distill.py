@@ -427,8 +427,8 @@ def evaluate(student: Sam, teacher: Sam, cache: TeacherCache, rows: list[int], v
         prompts = random_point_prompts(prompts_per_image, hw, gen)
         t_masks, t_iou, _ = t_dec(prompts)
         half = prompts_per_image // 2
-        best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
-        boxes, ok = boxes_from_masks((best > 0).cpu())
+        teacher_best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
+        boxes, ok = boxes_from_masks((teacher_best > 0).cpu())
         take = torch.zeros(prompts_per_image, dtype=torch.bool)
         take[:half] = True
         take &= ok
@@ -594,8 +594,8 @@ def train_step(student: Sam, teacher: Sam, cache: TeacherCache, row: int, valid:
         prompts = random_point_prompts(opts.prompts_per_image, valid, gen)
         with torch.no_grad():
             t_masks, t_iou, _ = t_dec(prompts)
-        best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
-        boxes, ok = boxes_from_masks((best > 0).cpu())
+        teacher_best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
+        boxes, ok = boxes_from_masks((teacher_best > 0).cpu())
         take = (torch.rand(opts.prompts_per_image, generator=gen) < opts.box_fraction) & ok
         prompts.coords[take] = boxes[take]
         prompts.labels[take] = torch.tensor([2.0, 3.0])
