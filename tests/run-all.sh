@@ -309,12 +309,16 @@ run_suite "systemd units" bash systemd/check.sh \
 
 # --- Python (model toolchain) -------------------------------------------------------------
 if [ "${SKIP_PYTHON:-0}" = "1" ]; then
+    record "python: models lint (ruff)" skipped
     record "python: models/tests" skipped
     record "python: clients/python" skipped
 elif join_suite "python: environment (uv)"; then
     # Both suites talk to the tinysamd and tinysam binaries built by the Rust tests above (the
     # model toolchain's tests run a distilled checkpoint in `tinysam segment`).
     export TINYSAM_BIN_DIR=$BIN_DIR
+    # The model toolchain's lint (ruff pinned in models/pyproject.toml; run from models/ so
+    # that tinysam_export counts as first-party in the import order).
+    run_suite "python: models lint (ruff)" bash -c "cd '$ROOT/models' && '$VENV/bin/ruff' check ."
     run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
     run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
     # tinysam-ros2 against Cyclone DDS, each in a network namespace of its own (needs root).

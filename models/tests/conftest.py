@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinysam_export.build import BuildRequest, build  # noqa: E402
-from tinysam_export.config import TEST  # noqa: E402
-from tinysam_export.weights import synthetic_model  # noqa: E402
+from tinysam_export.build import BuildRequest, build
+from tinysam_export.config import TEST
+from tinysam_export.weights import synthetic_model
 
 REPO = Path(__file__).resolve().parents[2]
 

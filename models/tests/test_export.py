@@ -30,7 +30,7 @@ def test_fp32_onnx_matches_pytorch_on_real_photos(test_model, built_test_dir):
         mask = np.zeros((1, 1, 64, 64), np.float32)
         flag = np.zeros(1, np.float32)
         want = [t.numpy() for t in dgraph(torch.from_numpy(ref), *(torch.from_numpy(a) for a in (coords, labels, mask, flag)))]
-        feeds = dict(image_embeddings=ref, point_coords=coords, point_labels=labels, mask_input=mask, has_mask_input=flag)
+        feeds = {"image_embeddings": ref, "point_coords": coords, "point_labels": labels, "mask_input": mask, "has_mask_input": flag}
         for g, w in zip(dec.run(None, feeds), want):
             assert np.max(np.abs(g - w)) / max(1.0, np.max(np.abs(w))) < 1e-4
 
@@ -88,8 +88,8 @@ def test_split_decoder_chains_to_the_one_graph_decoder_on_real_photos(built_test
             mask = np.full((1, 1, 64, 64), 3.0 * flag, np.float32)
             mask[..., :32] *= -1
             has = np.array([flag], np.float32)
-            want = one.run(None, dict(image_embeddings=emb, point_coords=coords, point_labels=labels, mask_input=mask,
-                                      has_mask_input=has))
+            want = one.run(None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels, "mask_input": mask,
+                                      "has_mask_input": has})
             per_frame = frame.run(None, dict(zip(FRAME_INPUTS, (emb, mask, has))))
             tokens, weights, iou = prompt.run(None, dict(zip(PROMPT_INPUTS, (*per_frame, coords, labels))))
             (got_masks,) = masks.run(None, dict(zip(MASKS_INPUTS, (tokens, weights))))

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from tinysam_export import ptq
 from tinysam_export.config import TEST
 from tinysam_export.images import skimage_photos

@@ -8,6 +8,7 @@ import logging
 import onnx
 import pytest
 import torch
+
 from tinysam_export import build as build_module
 from tinysam_export.__main__ import main
 from tinysam_export.build import BuildRequest, build

@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ class BuildRequest:
     checkpoint: Path | None = None
     seed: int = 0
     opset: int = DEFAULT_OPSET
-    quant: QuantOptions = QuantOptions()
+    quant: QuantOptions = field(default_factory=QuantOptions)
     keep_fp32: bool = True
     decoder_precision: str = "auto"  # "int8", "fp32" or "auto" (the runtime's faster: fp32 today)
     calibration_prompts: int = 24

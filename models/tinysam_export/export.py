@@ -97,8 +97,17 @@ def export_split_decoder(model: Sam, frame_out: Path, prompt_out: Path, masks_ou
     """Write the decoder's per-frame, per-prompt and mask graphs and check that, chained, they give
     the outputs of the one-graph decoder `reference` (onnxruntime, 1e-4 scaled), with and without a
     mask input, at several batch and point counts."""
-    from .split_decoder import (FRAME_INPUTS, FRAME_OUTPUTS, MASKS_INPUTS, MASKS_OUTPUTS, PROMPT_INPUTS,
-                                PROMPT_OUTPUTS, FrameGraph, MasksGraph, PromptGraph)
+    from .split_decoder import (
+        FRAME_INPUTS,
+        FRAME_OUTPUTS,
+        MASKS_INPUTS,
+        MASKS_OUTPUTS,
+        PROMPT_INPUTS,
+        PROMPT_OUTPUTS,
+        FrameGraph,
+        MasksGraph,
+        PromptGraph,
+    )
 
     frame, prompt, masks = FrameGraph(model).eval(), PromptGraph(model).eval(), MasksGraph(model).eval()
     emb, coords, labels, mask, flag = decoder_example(model)

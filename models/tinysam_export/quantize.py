@@ -115,9 +115,9 @@ def float_nodes(model: onnx.ModelProto, options: QuantOptions) -> list[str]:
                 keep.append(node.name)
         if node.op_type == "Conv" and options.float_stem and is_stem(node.name):
             keep.append(node.name)
-        if node.op_type == "MatMul" and not options.quantize_attention_matmuls:
-            if not any(i in inits for i in node.input):
-                keep.append(node.name)
+        weightless = not any(i in inits for i in node.input)
+        if node.op_type == "MatMul" and not options.quantize_attention_matmuls and weightless:
+            keep.append(node.name)
     return keep
 
 
