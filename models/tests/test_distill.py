@@ -19,18 +19,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from tinysam_export.config import SAM_VIT_B, SAM_VIT_TEST, TEST
-from tinysam_export.distill import (
-    Decoding,
-    DistillError,
-    DistillOptions,
-    LossWeights,
-    Prompts,
-    distill,
-    random_point_prompts,
-    sample_hard_points,
-)
+from tinysam_export.distill import DistillError, DistillOptions, LossWeights, distill, sample_hard_points
 from tinysam_export.images import skimage_photos
 from tinysam_export.preprocess import preprocess, resized_size
+from tinysam_export.prompting import Decoding, Prompts, random_point_prompts
 from tinysam_export.sam import Sam
 from tinysam_export.sam_vit import VitAttention
 from tinysam_export.weights import CheckpointError, load_checkpoint, synthetic_model

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from .config import CONFIGS, TEACHER_CONFIGS, ModelConfig
 from .images import ImageError, read_rgb
 from .preprocess import preprocess, resized_size
+from .prompting import Decoding, Prompts, random_point_prompts
 from .sam import Sam
 from .weights import file_sha256, load_checkpoint, synthetic_model
 
@@ -166,7 +167,7 @@ class TeacherCache:
         """Compute the missing rows with the teacher's encoder; returns how many it computed."""
         todo = self.missing()
         for i in tqdm(todo, desc="teacher embeddings", unit="img", disable=None):
-            x, _ = load_input(self.images[i], teacher.cfg)
+            x = load_input(self.images[i], teacher.cfg)
             self.embeddings[i] = teacher.image_encoder(x.to(device)).squeeze(0).cpu().numpy().astype(np.float16)
             self.done[i] = True
             if i % 16 == 0:
@@ -192,37 +193,13 @@ def image_size(path: Path) -> tuple[int, int]:
         raise ImageError(f"cannot read image {path}: {e}") from e
 
 
-def load_input(path: Path, cfg: ModelConfig) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Preprocessed (1, 3, S, S) tensor of an image file and its (h, w) inside the model frame."""
-    rgb = read_rgb(path).rgb
-    return torch.from_numpy(preprocess(rgb, cfg)), resized_size(rgb.shape[0], rgb.shape[1], cfg.image_size)
+def load_input(path: Path, cfg: ModelConfig) -> torch.Tensor:
+    """Preprocessed (1, 3, S, S) tensor of an image file."""
+    return torch.from_numpy(preprocess(read_rgb(path).rgb, cfg))
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
-
-
-@dataclass
-class Prompts:
-    """A batch of prompts in the decoder's point form: (P, L, 2) model-pixel coords, (P, L) labels
-    (1 foreground, 0 background, 2/3 box corners, -1 padding)."""
-
-    coords: torch.Tensor
-    labels: torch.Tensor
-
-    def append(self, coords: torch.Tensor, labels: torch.Tensor) -> Prompts:
-        """Add one point per prompt ((P, 2) coords, (P,) labels)."""
-        return Prompts(torch.cat([self.coords, coords[:, None]], 1), torch.cat([self.labels, labels[:, None]], 1))
-
-
-def random_point_prompts(count: int, valid: tuple[int, int], gen: torch.Generator) -> Prompts:
-    """`count` single foreground points uniform over the valid (h, w) area, each with the padding
-    point SAM's predictor adds when there is no box."""
-    h, w = valid
-    xy = torch.rand((count, 2), generator=gen) * torch.tensor([w - 1, h - 1], dtype=torch.float32)
-    coords = torch.stack([xy, torch.zeros_like(xy)], 1)
-    labels = torch.tensor([[1.0, -1.0]]).repeat(count, 1)
-    return Prompts(coords, labels)
 
 
 def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +213,19 @@ def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         boxes[i, 0] = torch.tensor([xs.min() * 4.0, ys.min() * 4.0])
         boxes[i, 1] = torch.tensor([xs.max() * 4.0 + 3.0, ys.max() * 4.0 + 3.0])
     return boxes, ok
+
+
+@torch.no_grad()
+def box_some_prompts(prompts: Prompts, teacher: Decoding, chosen: torch.Tensor) -> torch.Tensor:
+    """Turn the `chosen` (P,) prompts into boxes around the teacher's best answer to them, where
+    that answer is not empty; returns which prompts became boxes."""
+    masks, iou, _ = teacher(prompts)
+    best = masks[torch.arange(len(iou), device=iou.device), iou.argmax(1)]
+    boxes, ok = boxes_from_masks((best > 0).cpu())
+    take = chosen & ok
+    prompts.coords[take] = boxes[take]
+    prompts.labels[take] = torch.tensor([2.0, 3.0])
+    return take
 
 
 def sample_hard_points(
@@ -277,23 +267,6 @@ def valid_cells(valid: tuple[int, int], size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Models and losses
-
-
-class Decoding:
-    """A model's prompt encoder and mask decoder on a fixed image embedding."""
-
-    def __init__(self, model: Sam, embedding: torch.Tensor):
-        e = model.cfg.embedding_size
-        self.model = model
-        self.embedding = embedding
-        self.image_pe = model.prompt_encoder.pe_layer.dense(e).unsqueeze(0).to(embedding.device)
-        no_mask = torch.zeros((1, 1, 4 * e, 4 * e), device=embedding.device)
-        self.dense = model.prompt_encoder.embed_mask(no_mask, torch.zeros(1, device=embedding.device))
-
-    def __call__(self, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dev = self.embedding.device
-        sparse = self.model.prompt_encoder.embed_points(prompts.coords.to(dev), prompts.labels.to(dev))
-        return self.model.mask_decoder.predict(self.embedding, self.image_pe, sparse, self.dense)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -421,21 +394,14 @@ def evaluate(student: Sam, teacher: Sam, cache: TeacherCache, rows: list[int], v
     ious, best, is_box = [], [], []
     for row, hw in zip(rows, valid):
         gen = torch.Generator().manual_seed(seed * 100_003 + row)
-        x, _ = load_input(cache.images[row], student.cfg)
+        x = load_input(cache.images[row], student.cfg)
         s_dec = Decoding(student, student.image_encoder(x.to(device)))
         t_dec = Decoding(teacher, cache.get(row, device))
         prompts = random_point_prompts(prompts_per_image, hw, gen)
+        first_half = torch.arange(prompts_per_image) < prompts_per_image // 2
+        take = box_some_prompts(prompts, t_dec, first_half)
         t_masks, t_iou, _ = t_dec(prompts)
-        half = prompts_per_image // 2
-        teacher_best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
-        boxes, ok = boxes_from_masks((teacher_best > 0).cpu())
-        take = torch.zeros(prompts_per_image, dtype=torch.bool)
-        take[:half] = True
-        take &= ok
-        prompts.coords[take] = boxes[take]
-        prompts.labels[take] = torch.tensor([2.0, 3.0])
         cells = valid_cells(hw, t_masks.shape[-1]).to(device)
-        t_masks, t_iou, _ = t_dec(prompts)
         s_masks, s_iou, _ = s_dec(prompts)
         rows_ = torch.arange(len(t_iou), device=device)
         target = (t_masks[rows_, t_iou.argmax(1)] > 0) & cells
@@ -531,9 +497,16 @@ def distill(opts: DistillOptions) -> dict:
         jlog.truncate(start_epoch * len(train_paths) + start_index, start_epoch)
     elif opts.restart:
         (opts.out / "log.jsonl").unlink(missing_ok=True)
+    def held_out() -> dict:
+        return evaluate(student, teacher, cache, val_rows, [valid[r] for r in val_rows], opts.val_prompts,
+                        opts.seed, device)
+
+    def save_state(epoch: int, index: int) -> None:
+        _atomic_save({"student": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                      "index": index, "before": before, "fingerprint": fingerprint}, state_path)
+
     if before is None:
-        before = evaluate(student, teacher, cache, val_rows, [valid[r] for r in val_rows], opts.val_prompts,
-                          opts.seed, device)
+        before = held_out()
         jlog.write(event="eval", epoch=0, **before)
         log.info("before: held-out mIoU vs teacher %.3f (best of 3: %.3f)", before["miou"], before["miou_best"])
 
@@ -557,17 +530,14 @@ def distill(opts: DistillOptions) -> dict:
             bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
             jlog.write(event="train", epoch=epoch + 1, step=step + 1, **terms)
             if (index + 1) % opts.save_every == 0 and index + 1 < steps_per_epoch:
-                _atomic_save({"student": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                              "index": index + 1, "before": before, "fingerprint": fingerprint}, state_path)
+                save_state(epoch, index + 1)
         start_index = 0
-        after = evaluate(student, teacher, cache, val_rows, [valid[r] for r in val_rows], opts.val_prompts,
-                         opts.seed, device)
+        after = held_out()
         jlog.write(event="eval", epoch=epoch + 1, **after)
         log.info("epoch %d: held-out mIoU vs teacher %.3f (best of 3: %.3f)", epoch + 1, after["miou"],
                  after["miou_best"])
         _atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, student_path)
-        _atomic_save({"student": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                      "index": 0, "before": before, "fingerprint": fingerprint}, state_path)
+        save_state(epoch + 1, 0)
     summary = {"before": before, "after": after, "epochs": opts.epochs, "train_images": len(train_paths),
                "val_images": len(val_paths), "student": str(student_path), "student_config": scfg.name,
                "teacher_arch": opts.teacher_arch, "weights": dataclasses.asdict(opts.weights),
@@ -580,7 +550,7 @@ def train_step(student: Sam, teacher: Sam, cache: TeacherCache, row: int, valid:
                opts: DistillOptions, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, dict]:
     """Forward passes and losses of one image: the weighted loss and each term's value."""
     w = opts.weights
-    x, _ = load_input(cache.images[row], student.cfg)
+    x = load_input(cache.images[row], student.cfg)
     s_emb = student.image_encoder(x.to(device))
     t_emb = cache.get(row, device)
     loss = torch.zeros((), device=device)
@@ -592,21 +562,15 @@ def train_step(student: Sam, teacher: Sam, cache: TeacherCache, row: int, valid:
     if w.any_decoder_term():
         s_dec, t_dec = Decoding(student, s_emb), Decoding(teacher, t_emb)
         prompts = random_point_prompts(opts.prompts_per_image, valid, gen)
-        with torch.no_grad():
-            t_masks, t_iou, _ = t_dec(prompts)
-        teacher_best = t_masks[torch.arange(len(t_iou), device=t_iou.device), t_iou.argmax(1)]
-        boxes, ok = boxes_from_masks((teacher_best > 0).cpu())
-        take = (torch.rand(opts.prompts_per_image, generator=gen) < opts.box_fraction) & ok
-        prompts.coords[take] = boxes[take]
-        prompts.labels[take] = torch.tensor([2.0, 3.0])
-        cells = valid_cells(valid, t_masks.shape[-1]).to(device)
+        box_some_prompts(prompts, t_dec, torch.rand(opts.prompts_per_image, generator=gen) < opts.box_fraction)
+        cells = valid_cells(valid, student.cfg.low_res_mask_size)
         tok_sum = out_sum = torch.zeros((), device=device)
         for r in range(opts.rounds):
             res = round_losses(s_dec, t_dec, prompts, opts.mask_loss)
             tok_sum = tok_sum + res.tokens
             out_sum = out_sum + res.output
             if r + 1 < opts.rounds:
-                coords, labels = sample_hard_points(res.student_masks.cpu(), res.teacher_masks.cpu(), cells.cpu(), gen)
+                coords, labels = sample_hard_points(res.student_masks.cpu(), res.teacher_masks.cpu(), cells, gen)
                 prompts = prompts.append(coords, labels)
         loss = loss + (w.tokens * tok_sum + w.output * out_sum) / opts.rounds
         terms["tokens"] = float(tok_sum.detach()) / opts.rounds

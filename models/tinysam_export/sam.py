@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .preprocess import preprocess
-from .sam_vit import ImageEncoderViT
+from .sam_vit import ImageEncoderViT, MLPBlock
 from .tiny_vit import LayerNorm2d, TinyViT
 
 
@@ -112,18 +112,6 @@ class SamAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
 
-class MLPBlock(nn.Module):
-    """Two linear layers with ReLU, the transformer's feed-forward."""
-
-    def __init__(self, dim: int, mlp_dim: int):
-        super().__init__()
-        self.lin1 = nn.Linear(dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(F.relu(self.lin1(x)))
-
-
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image, MLP, image->token attention."""
 
@@ -133,7 +121,7 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn_token_to_image = SamAttention(dim, heads, 2)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, mlp_dim)
+        self.mlp = MLPBlock(dim, mlp_dim, F.relu)
         self.norm3 = nn.LayerNorm(dim)
         self.norm4 = nn.LayerNorm(dim)
         self.cross_attn_image_to_token = SamAttention(dim, heads, 2)

@@ -10,6 +10,8 @@ neck down to the prompt width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,16 +58,18 @@ class VitAttention(nn.Module):
         return self.proj(out)
 
 
-class VitMlp(nn.Module):
-    """The block's feed-forward: lin1, GELU, lin2."""
+class MLPBlock(nn.Module):
+    """Feed-forward of SAM's transformers: lin1, `activation`, lin2 (GELU in the ViT encoder's
+    blocks, ReLU in the mask decoder's two-way transformer)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, activation: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.lin1 = nn.Linear(dim, hidden)
         self.lin2 = nn.Linear(hidden, dim)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(F.gelu(self.lin1(x)))
+        return self.lin2(self.activation(self.lin1(x)))
 
 
 def split_windows(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -98,7 +102,7 @@ class VitBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = VitAttention(dim, num_heads, window if window > 0 else grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = VitMlp(dim, int(dim * mlp_ratio))
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), F.gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x

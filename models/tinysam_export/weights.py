@@ -118,27 +118,24 @@ def _damp_residual_branches(model: Sam) -> None:
     from .tiny_vit import MBConv, TinyViTBlock
 
     for m in model.image_encoder.modules():
-        if isinstance(m, VitBlock):
-            m.attn.proj.weight.mul_(0.25)
-            m.attn.proj.bias.mul_(0.25)
-            m.mlp.lin2.weight.mul_(0.25)
-            m.mlp.lin2.bias.mul_(0.25)
-        elif isinstance(m, MBConv):
+        if isinstance(m, MBConv):
             m.conv3.bn.weight.mul_(0.25)
-        elif isinstance(m, TinyViTBlock):
-            m.attn.proj.weight.mul_(0.25)
-            m.attn.proj.bias.mul_(0.25)
-            m.mlp.fc2.weight.mul_(0.25)
-            m.mlp.fc2.bias.mul_(0.25)
+        elif isinstance(m, (TinyViTBlock, VitBlock)):
+            mlp_out = m.mlp.fc2 if isinstance(m, TinyViTBlock) else m.mlp.lin2
+            for layer in (m.attn.proj, mlp_out):
+                layer.weight.mul_(0.25)
+                layer.bias.mul_(0.25)
 
 
 def _measure_batchnorm(model: Sam) -> None:
     """Run the encoder in train mode over real photos so running mean/var are true statistics."""
     enc = model.image_encoder
-    for m in enc.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
+    norms = [m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:  # SAM's ViTs: nothing to measure, and the encodes would cost minutes at ViT-H
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
     enc.train()
     for photo in calibration_photos():
         x, _ = model.preprocess(photo)
@@ -148,19 +145,13 @@ def _measure_batchnorm(model: Sam) -> None:
 
 def _scale_decoder_outputs(model: Sam, gen: torch.Generator) -> None:
     """Scale the hypernetworks so mask logits have a SAM-like spread; bias the IoU head to ~0.88."""
-    cfg = model.cfg
+    from .prompting import Decoding, Prompts
+
     dec = model.mask_decoder
-    pe = model.prompt_encoder
     x, _ = model.preprocess(calibration_photos()[0])
-    emb = model.image_encoder(x)
-    e = cfg.embedding_size
-    image_pe = pe.pe_layer.dense(e).unsqueeze(0)
-    s = cfg.image_size
+    s = model.cfg.image_size
     coords = torch.rand((8, 1, 2), generator=gen) * s * 0.8 + s * 0.1
-    labels = torch.ones((8, 1))
-    sparse = pe.embed_points(coords, labels)
-    dense = pe.embed_mask(torch.zeros((1, 1, 4 * e, 4 * e)), torch.zeros(1))
-    masks, _ = dec(emb, image_pe, sparse, dense)
+    masks, _, _ = Decoding(model, model.image_encoder(x))(Prompts(coords, torch.ones((8, 1))))
     std = float(masks.std())
     for mlp in dec.output_hypernetworks_mlps:
         last = mlp.layers[-1]
@@ -178,22 +169,15 @@ def _centre_vit_mask_features(model: Sam) -> None:
     points each) out of the hypernetworks' outputs leaves masks of about half the image that
     follow the image features."""
     from .preprocess import resized_size
+    from .prompting import Decoding, random_point_prompts
 
-    cfg = model.cfg
-    dec, pe = model.mask_decoder, model.prompt_encoder
-    e = cfg.embedding_size
-    image_pe = pe.pe_layer.dense(e).unsqueeze(0)
-    dense = pe.embed_mask(torch.zeros((1, 1, 4 * e, 4 * e)), torch.zeros(1))
+    dec = model.mask_decoder
     features = []
     hook = dec.output_upscaling.register_forward_hook(lambda _m, _i, out: features.append(out))
     for photo in calibration_photos()[:2]:
-        h, w = resized_size(photo.shape[0], photo.shape[1], cfg.image_size)
+        size = resized_size(photo.shape[0], photo.shape[1], model.cfg.image_size)
         x, _ = model.preprocess(photo)
-        gen = torch.Generator().manual_seed(0)
-        xy = torch.rand((4, 2), generator=gen) * torch.tensor([w - 1, h - 1], dtype=torch.float32)
-        coords = torch.stack([xy, torch.zeros_like(xy)], 1)
-        labels = torch.tensor([[1.0, -1.0]]).repeat(4, 1)
-        dec(model.image_encoder(x), image_pe, pe.embed_points(coords, labels), dense)
+        Decoding(model, model.image_encoder(x))(random_point_prompts(4, size, torch.Generator().manual_seed(0)))
     hook.remove()
     mean = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]).mean(0)
     unit = mean / mean.norm()
