@@ -106,7 +106,6 @@ impl Client {
     /// the next call, so polling with short timeouts is safe.
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<ServerMessage, ClientError> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut chunk = vec![0u8; READ_CHUNK];
         loop {
             if let Some((kind, end)) = self.complete_message()? {
                 let decoded = ServerMessage::decode(kind, &self.inbox[HEADER_LEN..end]);
@@ -124,12 +123,15 @@ impl Client {
             self.stream
                 .set_read_timeout(wait)
                 .map_err(|e| ClientError::Io(self.path.clone(), e))?;
-            match self.stream.read(&mut chunk) {
+            // Read straight into the inbox's tail; what was not filled is cut off again below.
+            let filled = self.inbox.len();
+            self.inbox.resize(filled + READ_CHUNK, 0);
+            let read = self.stream.read(&mut self.inbox[filled..]);
+            self.inbox.truncate(filled + *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) if self.inbox.is_empty() => return Err(ClientError::Closed),
                 Ok(0) => return Err(ProtocolError::Truncated.into()),
-                Ok(n) => self
-                    .inbox
-                    .extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Ok(_) => {}
                 Err(e) => match e.kind() {
                     std::io::ErrorKind::Interrupted => {}
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
