@@ -259,7 +259,9 @@ pub struct Ros2Config {
     pub max_rate_hz: f32,
     /// Publish the `mono16` label image on `~/masks` (detections are always published).
     pub publish_masks: bool,
-    /// Zenoh router to connect to (transport `zenoh`).
+    /// Zenoh router to connect to (transport `zenoh`): `tcp/<host>:<port>`, rmw_zenohd's
+    /// `tcp/127.0.0.1:7447` by default. `$ZENOH_SESSION_CONFIG_URI` replaces the whole session
+    /// configuration, as it does for rmw_zenoh.
     pub zenoh_router: String,
 }
 
@@ -311,6 +313,16 @@ pub struct Ros2Settings {
     pub publish_masks: bool,
     /// Zenoh router endpoint.
     pub zenoh_router: String,
+}
+
+impl Ros2Settings {
+    /// The node's private namespace, where `~/masks` lives: `<namespace>/<node>`.
+    pub fn private_namespace(&self) -> String {
+        match self.namespace.as_str() {
+            "/" => format!("/{}", self.node_name),
+            ns => format!("{ns}/{}", self.node_name),
+        }
+    }
 }
 
 /// A ROS name token: a letter or `_` first, then letters, digits and single `_`s.
@@ -454,6 +466,23 @@ impl Ros2Config {
                 crate::protocol::WirePrompt::from_points_and_boxes(&points, &boxes),
             ),
         };
+        // TCP is the one Zenoh transport the bridge is built with (rmw_zenoh's default).
+        let router_ok = self
+            .zenoh_router
+            .strip_prefix("tcp/")
+            .and_then(|address| address.rsplit_once(':'))
+            .is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains(char::is_whitespace)
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+        if !router_ok {
+            return Err(invalid(
+                "ros2.zenoh_router",
+                format!("{:?}", self.zenoh_router),
+                "expected tcp/<host>:<port>, e.g. tcp/127.0.0.1:7447",
+            ));
+        }
         let rate = self.max_rate_hz;
         if !(rate == 0.0
             || (crate::protocol::MIN_RATE_HZ..=crate::protocol::MAX_RATE_HZ).contains(&rate))
@@ -881,6 +910,26 @@ mod tests {
             ("[ros2]\ndomain_id = -2", None, "ros2.domain_id"),
             ("", Some("banana"), "ros2.domain_id"),
             ("[ros2]\ntransport = \"xrce\"", None, "ros2.transport"),
+            (
+                "[ros2]\nzenoh_router = \"udp/1.2.3.4:7447\"",
+                None,
+                "ros2.zenoh_router",
+            ),
+            (
+                "[ros2]\nzenoh_router = \"tcp/1.2.3.4\"",
+                None,
+                "ros2.zenoh_router",
+            ),
+            (
+                "[ros2]\nzenoh_router = \"tcp/:7447\"",
+                None,
+                "ros2.zenoh_router",
+            ),
+            (
+                "[ros2]\nzenoh_router = \"tcp/host:0\"",
+                None,
+                "ros2.zenoh_router",
+            ),
             ("[ros2]\nnamespace = \"robot\"", None, "ros2.namespace"),
             ("[ros2]\nnamespace = \"/a//b\"", None, "ros2.namespace"),
             ("[ros2]\nnode_name = \"2fast\"", None, "ros2.node_name"),

@@ -270,7 +270,12 @@ fn ros2_bridge_checks_its_configuration() {
         (vec!["--check-config"], Some("x1"), "ROS_DOMAIN_ID"),
         (vec!["--namespace", "robot"], None, "ros2.namespace"),
         (vec!["--box", "9,9,1,1"], None, "ros2.boxes"),
-        (vec!["--transport", "zenoh"], None, "zenoh"),
+        (vec!["--transport", "xrce"], None, "ros2.transport"),
+        (
+            vec!["--transport", "zenoh", "--zenoh-router", "udp/10.0.0.1:7447"],
+            None,
+            "ros2.zenoh_router",
+        ),
     ] {
         let mut cmd = bridge();
         cmd.args(&args);

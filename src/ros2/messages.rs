@@ -8,6 +8,8 @@ use serde::de::{Error as _, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::type_hash::{self, MessageDescription};
+
 /// A message type's ROS 2 name: `package/msg/Type`, which DDS spells
 /// `package::msg::dds_::Type_`.
 pub trait RosMessage {
@@ -15,13 +17,16 @@ pub trait RosMessage {
     const PACKAGE: &'static str;
     /// The type, e.g. `Image`.
     const TYPE: &'static str;
+    /// Its REP-2016 description, for the type hash `rmw_zenoh` keys carry.
+    const DESCRIPTION: &'static MessageDescription;
 }
 
 macro_rules! ros_message {
-    ($ty:ty, $package:literal, $name:literal) => {
+    ($ty:ty, $package:literal, $name:literal, $description:ident) => {
         impl RosMessage for $ty {
             const PACKAGE: &'static str = $package;
             const TYPE: &'static str = $name;
+            const DESCRIPTION: &'static MessageDescription = &type_hash::$description;
         }
     };
 }
@@ -63,7 +68,7 @@ pub struct Image {
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
-ros_message!(Image, "sensor_msgs", "Image");
+ros_message!(Image, "sensor_msgs", "Image", IMAGE);
 
 /// `geometry_msgs/Point`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -84,7 +89,7 @@ pub struct PointStamped {
     /// The point.
     pub point: Point,
 }
-ros_message!(PointStamped, "geometry_msgs", "PointStamped");
+ros_message!(PointStamped, "geometry_msgs", "PointStamped", POINT_STAMPED);
 
 /// `geometry_msgs/Quaternion`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -240,7 +245,12 @@ pub struct Detection2DArray {
     /// Detections.
     pub detections: Vec<Detection2D>,
 }
-ros_message!(Detection2DArray, "vision_msgs", "Detection2DArray");
+ros_message!(
+    Detection2DArray,
+    "vision_msgs",
+    "Detection2DArray",
+    DETECTION_2D_ARRAY
+);
 
 /// The DDS topic type name of `M`, as ROS 2 middlewares register it
 /// (`sensor_msgs::msg::dds_::Image_`).

@@ -2,9 +2,8 @@
 //! two prompt subscriptions, the node's spinner (graph and discovery bookkeeping, so that
 //! `ros2 node list` shows it), and the loop that hands arriving prompts to the bridge.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use ros2_client::dds::{Context, ContextOptions, Publisher, Subscription};
@@ -14,9 +13,6 @@ use serde::de::DeserializeOwned;
 use tinysam_edge::config::Ros2Settings;
 use tinysam_edge::ros2::messages::{Detection2DArray, Image, PointStamped, RosMessage};
 use tinysam_edge::ros2::{Bridge, FrameOutput, Publish};
-
-/// How often the prompt subscriptions are polled.
-const POLL: Duration = Duration::from_millis(10);
 
 /// The sensor-data profile for images: best effort, only the newest kept.
 const IMAGE_QOS: QosProfile = QosProfile::subscription_default();
@@ -75,10 +71,7 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
         .new_node(node_name, NodeOptions::new().enable_rosout(true))
         .map_err(|e| anyhow::anyhow!("creating the node: {e:?}"))?;
     // Topics in the node's private namespace (`~/masks`): `<namespace>/<node>/masks`.
-    let private = match settings.namespace.as_str() {
-        "/" => format!("/{}", settings.node_name),
-        ns => format!("{ns}/{}", settings.node_name),
-    };
+    let private = settings.private_namespace();
     let topic = |name: &str, type_name: MessageTypeName, qos: &QosProfile| {
         let full = Name::new(&private, name).map_err(|e| anyhow::anyhow!("topic {name}: {e:?}"))?;
         node.create_topic(&full, type_name, qos)
@@ -119,24 +112,11 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
         node.fully_qualified_name(),
         settings.domain_id
     );
-    std::thread::scope(|scope| {
-        let bridge_ref: &Bridge = bridge;
-        let publishers = &publishers;
-        let daemon = std::thread::Builder::new()
-            .name("daemon-link".into())
-            .spawn_scoped(scope, move || bridge_ref.run(publishers))
-            .context("starting the daemon link")?;
-        while !stop.load(Ordering::SeqCst) && !daemon.is_finished() {
-            drain(&prompts, "~/prompts", bridge, |m| {
-                bridge.submit_detections(m)
-            });
-            drain(&points, "~/points", bridge, |m| bridge.submit_point(m));
-            std::thread::sleep(POLL);
-        }
-        bridge.stop();
-        daemon
-            .join()
-            .map_err(|_| anyhow::anyhow!("the daemon link thread panicked"))
+    crate::serve(bridge, stop, &publishers, || {
+        drain(&prompts, "~/prompts", bridge, |m| {
+            bridge.submit_detections(m)
+        });
+        drain(&points, "~/points", bridge, |m| bridge.submit_point(m));
     })?;
     // Dropping the node stops its spinner.
     drop(node);

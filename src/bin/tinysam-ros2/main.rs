@@ -3,34 +3,40 @@
 //! `mono16` label image (`~/masks`) and a `vision_msgs/Detection2DArray` (`~/detections`), and
 //! answers box prompts (`~/prompts`, `Detection2DArray`) and point prompts (`~/points`,
 //! `geometry_msgs/PointStamped`) on the newest frame. No ROS installation: the middleware is
-//! RustDDS through `ros2-client`.
+//! RustDDS through `ros2-client` ([`dds`]), or Zenoh laid out as `rmw_zenoh` does ([`zenoh`],
+//! the `zenoh` feature, on by default), chosen by `ros2.transport`.
 //!
 //! Flags and the config file's `[ros2]` table become `Ros2Settings`; the daemon side is
-//! `tinysam_edge::ros2::Bridge`, the middleware side is [`dds`]. Runs until SIGTERM/SIGINT.
+//! `tinysam_edge::ros2::Bridge`, the middleware side is [`dds`] or [`zenoh`]. Runs until
+//! SIGTERM/SIGINT.
 //! Exit codes: 0 clean stop, 1 failure (the middleware would not start), 78 bad configuration.
 
 mod dds;
 #[path = "../shared/prompt_flags.rs"]
 mod prompt_flags;
+#[cfg(feature = "zenoh")]
+mod zenoh;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tinysam_edge::config::{Config, ConfigError, Ros2Transport};
 use tinysam_edge::error_chain;
-use tinysam_edge::ros2::{Bridge, BridgeOptions};
+use tinysam_edge::ros2::{Bridge, BridgeOptions, Publish};
 
 use crate::prompt_flags::PromptFlags;
 
 /// systemd's EX_CONFIG: the unit does not restart on it.
 const EXIT_CONFIG: u8 = 78;
 
-/// ROS 2 bridge for tinysamd: masks and detections out, box and point prompts in, over DDS.
+/// ROS 2 bridge for tinysamd: masks and detections out, box and point prompts in, over DDS or
+/// Zenoh (rmw_zenoh).
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -63,6 +69,10 @@ struct Args {
     /// Middleware: dds or zenoh.
     #[arg(long)]
     transport: Option<String>,
+    /// The Zenoh router to connect to (transport zenoh; default tcp/127.0.0.1:7447, as
+    /// rmw_zenohd listens). `$ZENOH_SESSION_CONFIG_URI` replaces the whole session config.
+    #[arg(long)]
+    zenoh_router: Option<String>,
     /// Validate the configuration, print the effective `[ros2]` table, and exit.
     #[arg(long)]
     check_config: bool,
@@ -117,6 +127,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(v) = &args.transport {
         r.transport = v.clone();
     }
+    if let Some(v) = &args.zenoh_router {
+        r.zenoh_router = v.clone();
+    }
     let env_domain = std::env::var("ROS_DOMAIN_ID").ok();
     let settings = config.ros2.validate(env_domain.as_deref())?;
     let socket = args
@@ -132,12 +145,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if settings.transport == Ros2Transport::Zenoh {
-        return Err(ConfigFailure(
-            "ros2.transport = \"zenoh\": this build has only the DDS middleware".into(),
-        )
-        .into());
-    }
     let bridge = Arc::new(Bridge::new(BridgeOptions {
         socket,
         client_name: format!("tinysam-ros2 {}", settings.node_name),
@@ -151,7 +158,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing signal handlers")?;
     }
-    dds::run(&settings, &bridge, &stop)?;
+    match settings.transport {
+        Ros2Transport::Dds => dds::run(&settings, &bridge, &stop)?,
+        #[cfg(feature = "zenoh")]
+        Ros2Transport::Zenoh => zenoh::run(&settings, &bridge, &stop)?,
+        #[cfg(not(feature = "zenoh"))]
+        Ros2Transport::Zenoh => {
+            return Err(ConfigFailure(
+                "ros2.transport = \"zenoh\": this build has only the DDS middleware \
+                 (built without the `zenoh` feature)"
+                    .into(),
+            )
+            .into())
+        }
+    }
     let c = &bridge.counters;
     log::info!(
         "stopped: {} results published, {} prompts sent, {} refused, {} dropped",
@@ -161,6 +181,33 @@ fn run(args: Args) -> anyhow::Result<()> {
         c.prompts_dropped.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// How often a middleware's prompt subscriptions are polled.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Run the bridge's daemon link on its own thread, publishing through `publishers`, and call
+/// `poll_prompts` every [`POLL`] on this one, until `stop` is set or the link ends.
+fn serve(
+    bridge: &Bridge,
+    stop: &AtomicBool,
+    publishers: &(impl Publish + Sync),
+    mut poll_prompts: impl FnMut(),
+) -> anyhow::Result<()> {
+    std::thread::scope(|scope| {
+        let daemon = std::thread::Builder::new()
+            .name("daemon-link".into())
+            .spawn_scoped(scope, move || bridge.run(publishers))
+            .context("starting the daemon link")?;
+        while !stop.load(Ordering::SeqCst) && !daemon.is_finished() {
+            poll_prompts();
+            std::thread::sleep(POLL);
+        }
+        bridge.stop();
+        daemon
+            .join()
+            .map_err(|_| anyhow::anyhow!("the daemon link thread panicked"))
+    })
 }
 
 fn main() -> ExitCode {
