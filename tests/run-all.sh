@@ -312,6 +312,8 @@ if [ "${SKIP_PYTHON:-0}" = "1" ]; then
     record "python: models lint (ruff)" skipped
     record "python: models/tests" skipped
     record "python: clients/python" skipped
+    record "ros2: DDS peer (Cyclone, netns)" skipped
+    record "ros2: Zenoh peer (router on 127.0.0.1)" skipped
 elif join_suite "python: environment (uv)"; then
     # Both suites talk to the tinysamd and tinysam binaries built by the Rust tests above (the
     # model toolchain's tests run a distilled checkpoint in `tinysam segment`).
@@ -321,8 +323,11 @@ elif join_suite "python: environment (uv)"; then
     run_suite "python: models lint (ruff)" bash -c "cd '$ROOT/models' && '$VENV/bin/ruff' check ."
     run_suite "python: models/tests" "$VENV/bin/python" -m pytest -q models/tests
     run_suite "python: clients/python" "$VENV/bin/python" -m pytest -q clients/python/tests
-    # tinysam-ros2 against Cyclone DDS, each in a network namespace of its own (needs root).
-    run_suite "ros2: DDS peer (Cyclone, netns)" "$VENV/bin/python" -m pytest -q tests/ros2
+    # tinysam-ros2 against Cyclone DDS, each in a network namespace of its own (needs root),
+    # and against an rmw_zenoh-style peer through a Zenoh router on 127.0.0.1.
+    run_suite "ros2: DDS peer (Cyclone, netns)" "$VENV/bin/python" -m pytest -q tests/ros2/test_dds_peer.py
+    run_suite "ros2: Zenoh peer (router on 127.0.0.1)" "$VENV/bin/python" -m pytest -q \
+        tests/ros2/test_zenoh_peer.py
 fi
 # Every command the README shows, run as written (placeholders filled, on the test model) or
 # skipped by a named rule; needs the binaries built above (and the Python client, if installed).

@@ -154,6 +154,50 @@ def box_detection(x0, y0, x1, y1, header):
     )
 
 
+def image_entry(m, out, index):
+    """A received label image as a log line; the first 50 are also saved as `.npy` under `out`."""
+    entry = {
+        "topic": "masks",
+        "t": time.time(),
+        "stamp": [m.header.stamp.sec, m.header.stamp.nanosec],
+        "frame_id": m.header.frame_id,
+        "width": m.width,
+        "height": m.height,
+        "encoding": m.encoding,
+        "is_bigendian": m.is_bigendian,
+        "step": m.step,
+    }
+    if index < 50:
+        data = np.frombuffer(bytes(m.data), "<u2").reshape(m.height, m.width)
+        name = f"masks-{index:03d}.npy"
+        np.save(out / name, data)
+        entry["npy"] = name
+    return entry
+
+
+def detections_entry(m):
+    """A received Detection2DArray as a log line."""
+    return {
+        "topic": "detections",
+        "t": time.time(),
+        "stamp": [m.header.stamp.sec, m.header.stamp.nanosec],
+        "frame_id": m.header.frame_id,
+        "detections": [
+            {
+                "id": d.id,
+                "frame_id": d.header.frame_id,
+                "class_id": d.results[0].hypothesis.class_id if d.results else None,
+                "score": d.results[0].hypothesis.score if d.results else math.nan,
+                "center": [d.bbox.center.position.x, d.bbox.center.position.y],
+                "theta": d.bbox.center.theta,
+                "size": [d.bbox.size_x, d.bbox.size_y],
+                "orientation_w": d.results[0].pose.pose.orientation.w if d.results else None,
+            }
+            for d in m.detections
+        ],
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=pathlib.Path, required=True)
@@ -198,53 +242,12 @@ def main():
             if garbage is not None:
                 garbage.write(TruncatedArray(header=header))
         for m in masks.take(N=10):
-            if not isinstance(m, Image):
-                continue
-            entry = {
-                "topic": "masks",
-                "t": time.time(),
-                "stamp": [m.header.stamp.sec, m.header.stamp.nanosec],
-                "frame_id": m.header.frame_id,
-                "width": m.width,
-                "height": m.height,
-                "encoding": m.encoding,
-                "is_bigendian": m.is_bigendian,
-                "step": m.step,
-            }
-            if images < 50:
-                data = np.frombuffer(bytes(m.data), "<u2").reshape(m.height, m.width)
-                name = f"masks-{images:03d}.npy"
-                np.save(args.out / name, data)
-                entry["npy"] = name
+            if isinstance(m, Image):
+                log.write(json.dumps(image_entry(m, args.out, images)) + "\n")
                 images += 1
-            log.write(json.dumps(entry) + "\n")
         for m in detections.take(N=10):
-            if not isinstance(m, Detection2DArray):
-                continue
-            log.write(
-                json.dumps(
-                    {
-                        "topic": "detections",
-                        "t": time.time(),
-                        "stamp": [m.header.stamp.sec, m.header.stamp.nanosec],
-                        "frame_id": m.header.frame_id,
-                        "detections": [
-                            {
-                                "id": d.id,
-                                "frame_id": d.header.frame_id,
-                                "class_id": d.results[0].hypothesis.class_id if d.results else None,
-                                "score": d.results[0].hypothesis.score if d.results else math.nan,
-                                "center": [d.bbox.center.position.x, d.bbox.center.position.y],
-                                "theta": d.bbox.center.theta,
-                                "size": [d.bbox.size_x, d.bbox.size_y],
-                                "orientation_w": d.results[0].pose.pose.orientation.w if d.results else None,
-                            }
-                            for d in m.detections
-                        ],
-                    }
-                )
-                + "\n"
-            )
+            if isinstance(m, Detection2DArray):
+                log.write(json.dumps(detections_entry(m)) + "\n")
         time.sleep(0.02)
 
 

@@ -1,0 +1,158 @@
+"""`tinysam-ros2 --transport zenoh` against an independent rmw_zenoh-style peer (`zenoh_peer.py`:
+Eclipse Zenoh's Python binding, keys and type hashes computed there from the `.msg` definitions).
+
+The topology is rmw_zenoh's: a router (rmw_zenohd's role, here `zenoh_peer.py --router`) on
+127.0.0.1, the bridge a peer connected to it, the test's peer a client of it. Every session has
+multicast scouting off and listens on 127.0.0.1 only, so nothing leaves loopback.
+
+Needs the `eclipse-zenoh` and `cyclonedds` wheels (tests/ros2/requirements.txt) and a bridge built
+with the `zenoh` feature (the default).
+"""
+
+import json
+import socket
+import sys
+import time
+
+import numpy as np
+from common import (
+    PEER_DIR,
+    binary,
+    expected_detections,
+    expected_labels,
+    messages,
+    published,
+    spawn,
+    stop_process,
+    sub,
+    wait_for,
+)
+from zenoh_peer import type_hash
+
+PEER = PEER_DIR / "zenoh_peer.py"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bridge(daemon, endpoint, tmp_path, *args):
+    return spawn([binary("tinysam-ros2"), "--socket", str(daemon.socket), "--transport", "zenoh",
+                  "--zenoh-router", endpoint, *args], tmp_path / "bridge.log")
+
+
+def _graph(out):
+    try:
+        return json.loads((out / "graph.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def test_standing_prompts_reach_a_zenoh_peer_with_rmw_zenoh_keys_and_graph(daemon, tmp_path):
+    endpoint = f"tcp/127.0.0.1:{_free_port()}"
+    prompts = ["--point", "100,75", "--box", "20,20,150,120", "--box", "120,30,190,140"]
+    # The bridge first: it must wait for a router that is not there yet.
+    bridge = _bridge(daemon, endpoint, tmp_path, *prompts)
+    time.sleep(1.0)
+    router = spawn([sys.executable, str(PEER), "--router", endpoint], tmp_path / "router.log")
+    out = tmp_path / "peer"
+    peer = spawn([sys.executable, str(PEER), "--connect", endpoint, "--out", str(out)], tmp_path / "peer.log")
+    procs = {"tinysam-ros2": bridge, "router": router, "peer": peer}
+    try:
+        reference = sub(daemon, *prompts, "--count", "2")
+        assert all(r["masks"] == reference[0]["masks"] for r in reference), "the still frame's masks vary"
+        expected = expected_detections(reference[0], ["0", "1"])
+        assert len(expected) == 2
+
+        # The peer subscribed with the exact type hashes, as rmw_zenoh does: these arrived because
+        # the bridge's keys carry the real ones.
+        detections = wait_for("detections at the peer", lambda: messages(out, "detections")[:3], procs)
+        for entry in detections:
+            assert entry["frame_id"] == "camera"
+            assert abs(entry["stamp"][0] + entry["stamp"][1] * 1e-9 - time.time()) < 60
+            assert published(entry) == expected
+            assert abs(entry["attachment"]["time_ns"] * 1e-9 - time.time()) < 60
+        sequences = [e["attachment"]["sequence"] for e in detections]
+        assert sequences == sorted(set(sequences)) and sequences[0] >= 1, sequences
+
+        images = wait_for("label images at the peer", lambda: messages(out, "masks")[:2], procs)
+        labels = expected_labels(reference[0])
+        for entry in images:
+            assert (entry["width"], entry["height"], entry["step"]) == (200, 150, 400)
+            assert (entry["encoding"], entry["is_bigendian"]) == ("mono16", 0)
+            got = np.load(out / entry["npy"])
+            assert (got == labels).all(), f"label image differs at {int((got != labels).sum())} pixels"
+
+        # The ROS graph, as `ros2 node list` / `ros2 topic list -t` build it from liveliness tokens.
+        def bridge_graph():
+            tokens = [t.split("/") for t in _graph(out)]
+            node = [t for t in tokens if len(t) == 9 and t[5] == "NN" and t[8] == "tinysam"]
+            entities = {(t[5], t[9], t[10], t[11], t[12]) for t in tokens if len(t) == 13}
+            return (node, entities) if node and len(entities) >= 4 else None
+
+        node, entities = wait_for("the bridge's liveliness tokens", bridge_graph, procs)
+        assert node[0][1] == "0" and node[0][7] == "%", node
+        image, detections_type = "sensor_msgs/msg/Image", "vision_msgs/msg/Detection2DArray"
+        expect = {
+            ("MP", "%tinysam%masks", "sensor_msgs::msg::dds_::Image_", type_hash(image), "2::,1:,:,:,,"),
+            ("MP", "%tinysam%detections", "vision_msgs::msg::dds_::Detection2DArray_",
+             type_hash(detections_type), "::,10:,:,:,,"),
+            ("MS", "%tinysam%prompts", "vision_msgs::msg::dds_::Detection2DArray_",
+             type_hash(detections_type), "::,10:,:,:,,"),
+            ("MS", "%tinysam%points", "geometry_msgs::msg::dds_::PointStamped_",
+             type_hash("geometry_msgs/msg/PointStamped"), "::,10:,:,:,,"),
+        }
+        assert expect <= entities, entities
+
+        # The daemon restarts: the bridge reconnects and the peer hears from it again.
+        daemon.stop()
+        restarted = time.time()
+        daemon.start()
+        after = wait_for("detections after the restart",
+                         lambda: messages(out, "detections", since=restarted + 0.5)[:1], procs)
+        assert published(after[0]) == expected
+    finally:
+        bridge_status = stop_process(bridge)
+        stop_process(peer)
+        stop_process(router)
+    log = (tmp_path / "bridge.log").read_text()
+    assert "on Zenoh" in log, log
+    assert log.count("connected to tinysamd") == 2, log
+    assert "panicked" not in log, log
+    assert bridge_status == 0, log
+
+
+def test_prompts_from_a_zenoh_peer_are_answered_and_bad_ones_counted(daemon, tmp_path):
+    endpoint = f"tcp/127.0.0.1:{_free_port()}"
+    router = spawn([sys.executable, str(PEER), "--router", endpoint], tmp_path / "router.log")
+    bridge = _bridge(daemon, endpoint, tmp_path, "--frame-id", "cam0")
+    out = tmp_path / "peer"
+    # Index 0: a NaN box, index 1: a good box, index 2: a box outside the 200 x 150 frame; a point;
+    # and a payload that is not a Detection2DArray at all.
+    peer = spawn([sys.executable, str(PEER), "--connect", endpoint, "--out", str(out),
+                  "--boxes", "nan,1,2,3;20,20,150,120;500,500,600,600", "--point", "100,75", "--garbage"],
+                 tmp_path / "peer.log")
+    procs = {"tinysam-ros2": bridge, "router": router, "peer": peer}
+    try:
+        box = expected_detections(sub(daemon, "--once", "--box", "20,20,150,120")[0], ["1"])
+        point = expected_detections(sub(daemon, "--once", "--point", "100,75")[0], ["0"])
+
+        def answers():
+            seen = [published(e) for e in messages(out, "detections")]
+            return seen if box in seen and point in seen else None
+
+        wait_for("answers to the box and point prompts", answers, procs)
+        assert all(e["frame_id"] == "cam0" for e in messages(out, "detections"))
+        assert bridge.poll() is None
+    finally:
+        bridge_status = stop_process(bridge)
+        stop_process(peer)
+        stop_process(router)
+    log = (tmp_path / "bridge.log").read_text()
+    assert "not all finite numbers" in log, log
+    assert "outside the 200x150 frame" in log, log
+    assert "unreadable message on ~/prompts" in log, log
+    assert "panicked" not in log, log
+    assert bridge_status == 0, log
