@@ -272,7 +272,12 @@ fn ros2_bridge_checks_its_configuration() {
         (vec!["--box", "9,9,1,1"], None, "ros2.boxes"),
         (vec!["--transport", "xrce"], None, "ros2.transport"),
         (
-            vec!["--transport", "zenoh", "--zenoh-router", "udp/10.0.0.1:7447"],
+            vec![
+                "--transport",
+                "zenoh",
+                "--zenoh-router",
+                "udp/10.0.0.1:7447",
+            ],
             None,
             "ros2.zenoh_router",
         ),
