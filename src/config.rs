@@ -259,6 +259,9 @@ pub struct Ros2Config {
     pub max_rate_hz: f32,
     /// Publish the `mono16` label image on `~/masks` (detections are always published).
     pub publish_masks: bool,
+    /// Publish the masks over the frame, JPEG, on `~/overlay` (for RViz; the daemon then sends
+    /// every result's frame).
+    pub publish_overlay: bool,
     /// Zenoh router to connect to (transport `zenoh`): `tcp/<host>:<port>`, rmw_zenohd's
     /// `tcp/127.0.0.1:7447` by default. `$ZENOH_SESSION_CONFIG_URI` replaces the whole session
     /// configuration, as it does for rmw_zenoh.
@@ -278,6 +281,7 @@ impl Default for Ros2Config {
             boxes: Vec::new(),
             max_rate_hz: 0.0,
             publish_masks: true,
+            publish_overlay: false,
             zenoh_router: "tcp/127.0.0.1:7447".into(),
         }
     }
@@ -311,6 +315,8 @@ pub struct Ros2Settings {
     pub max_rate_hz: f32,
     /// Whether to publish the label image.
     pub publish_masks: bool,
+    /// Whether to publish the overlay.
+    pub publish_overlay: bool,
     /// Zenoh router endpoint.
     pub zenoh_router: String,
 }
@@ -502,6 +508,7 @@ impl Ros2Config {
             standing,
             max_rate_hz: rate,
             publish_masks: self.publish_masks,
+            publish_overlay: self.publish_overlay,
             zenoh_router: self.zenoh_router.clone(),
         })
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 
+use crate::picture::FramePicture;
 use crate::postprocess::{MaskEncoding, MaskResult};
 use crate::prompt::Prompt;
 use crate::scheduler::ClientId;
@@ -69,6 +70,8 @@ pub struct MaskBatch {
     pub encoding: MaskEncoding,
     /// Prompts of a request that were refused: (prompt index, why).
     pub refused: Vec<(u32, String)>,
+    /// The frame's picture, when the subscription or request asked for frames.
+    pub picture: Option<Arc<FramePicture>>,
 }
 
 /// What a client's writer thread sends.
@@ -120,6 +123,8 @@ pub struct Subscription {
     pub encoding: MaskEncoding,
     /// Three masks per prompt instead of one.
     pub multimask: bool,
+    /// Each result carries the frame (JPEG).
+    pub frames: bool,
     /// Shortest time between two results (from the rate cap).
     pub min_interval: Option<Duration>,
     last_sent: Option<Instant>,
@@ -134,6 +139,7 @@ impl Subscription {
         prompts: Vec<Prompt>,
         encoding: MaskEncoding,
         multimask: bool,
+        frames: bool,
         max_rate_hz: f32,
     ) -> Subscription {
         Subscription {
@@ -142,6 +148,7 @@ impl Subscription {
             prompts,
             encoding,
             multimask,
+            frames,
             min_interval: min_interval(max_rate_hz),
             last_sent: None,
             reported_invalid: false,
@@ -420,6 +427,7 @@ mod tests {
             vec![],
             MaskEncoding::Bbox,
             false,
+            false,
             2.0,
         );
         hub.subscribe(id, sub).unwrap();
@@ -473,6 +481,7 @@ mod tests {
                 vec![],
                 MaskEncoding::Rle,
                 false,
+                false,
                 0.0,
             );
             hub.subscribe(a, s).unwrap();
@@ -482,6 +491,7 @@ mod tests {
             SubscriptionKind::OnDemand,
             vec![],
             MaskEncoding::Rle,
+            false,
             false,
             0.0,
         );

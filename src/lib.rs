@@ -19,6 +19,7 @@ pub mod latest;
 pub mod metrics;
 pub mod model;
 pub mod overlay;
+pub mod picture;
 pub mod pipeline;
 pub mod pixel;
 pub mod postprocess;

@@ -24,6 +24,43 @@ pub fn color(i: usize) -> [u8; 3] {
     PALETTE[i % PALETTE.len()]
 }
 
+/// Blend a label image over `frame` (`labels`: one value per pixel, row-major, 0 = none, `l` =
+/// mask `l - 1`): each labelled pixel half its colour ([`color`] of `l - 1`), its region's edge
+/// (a 4-neighbour with another label, or the frame's border) in full colour. `false` (and the
+/// frame unchanged) if the sizes differ.
+pub fn draw_labels(frame: &mut RgbImage, labels: &[u16]) -> bool {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    if labels.len() != w * h {
+        return false;
+    }
+    let label = |x: usize, y: usize| labels[y * w + x];
+    for (x, y, px) in frame.enumerate_pixels_mut() {
+        let (x, y) = (x as usize, y as usize);
+        let l = label(x, y);
+        if l == 0 {
+            continue;
+        }
+        let c = color(usize::from(l) - 1);
+        let edge = x == 0
+            || y == 0
+            || x + 1 == w
+            || y + 1 == h
+            || label(x - 1, y) != l
+            || label(x + 1, y) != l
+            || label(x, y - 1) != l
+            || label(x, y + 1) != l;
+        *px = if edge {
+            Rgb(c)
+        } else {
+            Rgb(std::array::from_fn(|k| {
+                // (a + b) / 2 of two bytes: at most 255.
+                ((u16::from(px.0[k]) + u16::from(c[k])) / 2) as u8
+            }))
+        };
+    }
+    true
+}
+
 /// Blend each mask over `frame` (alpha 0.5) and outline it.
 pub fn draw_masks(frame: &mut RgbImage, masks: &[&BinaryMask]) {
     for (i, mask) in masks.iter().enumerate() {
@@ -91,5 +128,37 @@ pub fn draw_prompts(frame: &mut RgbImage, prompts: &[Prompt]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_half_blended_inside_and_outlined() {
+        // 5x4 frame of grey 100; label 1 on a 3x3 block at (1, 0), label 2 at (4, 3).
+        let mut frame = RgbImage::from_pixel(5, 4, Rgb([100, 100, 100]));
+        let mut labels = vec![0u16; 20];
+        for y in 0..3 {
+            for x in 1..4 {
+                labels[y * 5 + x] = 1;
+            }
+        }
+        labels[3 * 5 + 4] = 2;
+        assert!(draw_labels(&mut frame, &labels));
+        let c0 = color(0);
+        let half = Rgb(c0.map(|v| ((u16::from(v) + 100) / 2) as u8));
+        // The block's centre (2, 1) is inside; its other pixels are on an edge.
+        assert_eq!(*frame.get_pixel(2, 1), half);
+        assert_eq!(*frame.get_pixel(1, 1), Rgb(c0));
+        assert_eq!(
+            *frame.get_pixel(2, 0),
+            Rgb(c0),
+            "the frame's border is an edge"
+        );
+        assert_eq!(*frame.get_pixel(4, 3), Rgb(color(1)));
+        assert_eq!(*frame.get_pixel(0, 0), Rgb([100, 100, 100]));
+        assert!(!draw_labels(&mut frame, &labels[..19]));
     }
 }

@@ -25,6 +25,7 @@ use crate::hub::{
 };
 use crate::latest::{LatestReceiver, LatestSender};
 use crate::metrics::{Counters, Metrics, Stage};
+use crate::picture::FramePicture;
 use crate::postprocess::MaskResult;
 use crate::prompt::Prompt;
 use crate::ring::{EmbeddingRing, EncodedFrame};
@@ -448,6 +449,7 @@ impl Encoder {
                 width,
                 height,
                 embedding,
+                picture: Arc::new(FramePicture::new(frame.image)),
             });
             ring.push(encoded.clone());
             metrics.frame_encoded();
@@ -667,6 +669,7 @@ impl MaskWorker {
                 masks: Arc::new(masks),
                 encoding: job.encoding,
                 refused,
+                picture: job.frames.then(|| frame.picture.clone()),
             })
         }
     }
@@ -731,6 +734,7 @@ impl MaskWorker {
                         masks: Arc::new(masks),
                         encoding: sub.encoding,
                         refused: Vec::new(),
+                        picture: sub.frames.then(|| frame.picture.clone()),
                     }),
                 );
             }
@@ -795,6 +799,7 @@ impl MaskWorker {
                                 masks: masks.clone(),
                                 encoding: sub.encoding,
                                 refused: Vec::new(),
+                                picture: sub.frames.then(|| frame.picture.clone()),
                             }),
                         );
                     }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::hub::{Failure, FailureKind};
 use crate::model::Embedding;
+use crate::picture::FramePicture;
 
 /// A frame after the encoder.
 pub struct EncodedFrame {
@@ -19,6 +20,8 @@ pub struct EncodedFrame {
     pub height: u32,
     /// The image embedding.
     pub embedding: Embedding,
+    /// The frame's pixels, for results that carry the frame.
+    pub picture: Arc<FramePicture>,
 }
 
 /// Why the ring has no embedding for a frame.

@@ -41,6 +41,8 @@ pub struct PromptJob {
     pub encoding: MaskEncoding,
     /// Three masks per prompt.
     pub multimask: bool,
+    /// The answer carries the frame (JPEG).
+    pub frames: bool,
 }
 
 /// Why a request was not queued.
@@ -259,6 +261,7 @@ mod tests {
             prompts: Vec::new(),
             encoding: MaskEncoding::Rle,
             multimask: false,
+            frames: false,
         }
     }
 

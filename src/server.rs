@@ -653,6 +653,7 @@ impl ClientReader {
                     prompts,
                     s.encoding,
                     s.multimask,
+                    s.frames,
                     s.max_rate_hz,
                 );
                 let mode = s.mode;
@@ -683,6 +684,7 @@ impl ClientReader {
                     prompts: r.prompts.iter().map(|p| p.to_prompt()).collect(),
                     encoding: r.encoding,
                     multimask: r.multimask,
+                    frames: r.frames,
                 };
                 match self.ctx.requests.submit(job) {
                     Ok(()) => true,
@@ -739,6 +741,13 @@ fn wire_mask(prompt: u32, mask: &MaskResult, encoding: MaskEncoding) -> WireMask
 }
 
 fn encode_masks(batch: &MaskBatch, dropped: u64) -> ServerMessage {
+    let frame_jpeg = batch.picture.as_ref().and_then(|p| match p.jpeg() {
+        Ok(jpeg) => Some(jpeg.to_vec()),
+        Err(e) => {
+            log::error!("frame {}: {e}; the result goes without it", batch.frame.seq);
+            None
+        }
+    });
     let masks: Vec<WireMask> = batch
         .masks
         .iter()
@@ -762,6 +771,7 @@ fn encode_masks(batch: &MaskBatch, dropped: u64) -> ServerMessage {
                 message: message.clone(),
             })
             .collect(),
+        frame_jpeg,
     })
 }
 

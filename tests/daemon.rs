@@ -76,6 +76,7 @@ pub fn subscribe(client: &mut Client, id: u32, mode: SubscribeMode, encoding: Ma
             encoding,
             max_rate_hz: 0.0,
             multimask: false,
+            frames: false,
         })
         .unwrap();
 }
@@ -135,6 +136,65 @@ fn frames_flow_in_order_with_standing_prompts() {
         .any(|s| s.stage == "encode" && s.count >= 5));
     daemon.shutdown(Duration::from_secs(1));
     assert!(!dir.path().join("d.sock").exists(), "socket file removed");
+}
+
+/// A subscription or request that asks for frames gets each result's frame as JPEG (encoded once,
+/// shared); one that does not, gets none. The frame is the source's picture.
+#[test]
+fn results_carry_their_frame_when_asked() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let png = crate::util::fixtures().join("golden/frame.png");
+    let source = format!("uri = \"file:{}\"\nfps = 5", png.display());
+    let daemon = start(settings(dir.path(), &source, ""), DaemonOptions::default());
+    let mut with = Client::connect(&socket(&daemon), "frames").unwrap();
+    with.subscribe(Subscribe {
+        id: 1,
+        mode: SubscribeMode::Prompts,
+        prompts: vec![point_prompt(100.0, 75.0)],
+        encoding: MaskEncoding::Rle,
+        max_rate_hz: 0.0,
+        multimask: false,
+        frames: true,
+    })
+    .unwrap();
+    let mut without = Client::connect(&socket(&daemon), "no frames").unwrap();
+    subscribe(&mut without, 1, SubscribeMode::Prompts, MaskEncoding::Rle);
+    let m = next_masks(&mut with);
+    let jpeg = m.frame_jpeg.clone().expect("the frame");
+    let got = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg)
+        .unwrap()
+        .to_rgb8();
+    let want = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions());
+    assert_eq!(got.dimensions(), (m.width, m.height));
+    let diff: Vec<u32> = got
+        .pixels()
+        .zip(want.pixels())
+        .flat_map(|(a, b)| a.0.iter().zip(b.0).map(|(&a, b)| u32::from(a.abs_diff(b))))
+        .collect();
+    let mean = f64::from(diff.iter().sum::<u32>()) / diff.len() as f64;
+    // Quality 85 on this textured fixture: ~3 grey levels on average (2.98 decoded by PIL).
+    assert!(mean < 5.0, "JPEG vs the source: mean difference {mean}");
+    assert_eq!(next_masks(&mut without).frame_jpeg, None);
+    // A request on the same frame: the same JPEG (encoded once for the frame).
+    with.request(PromptRequest {
+        request_id: 7,
+        frame_seq: Some(m.frame_seq),
+        prompts: vec![point_prompt(50.0, 50.0)],
+        encoding: MaskEncoding::Rle,
+        multimask: false,
+        frames: true,
+    })
+    .unwrap();
+    let answer = loop {
+        let r = next_masks(&mut with);
+        if r.request_id == Some(7) {
+            break r;
+        }
+    };
+    assert_eq!(answer.frame_jpeg.as_deref(), Some(jpeg.as_slice()));
+    daemon.shutdown(Duration::from_secs(1));
 }
 
 /// The service watchdog's view (`Daemon::stalled`): an encoder inside one frame for longer than
@@ -273,6 +333,7 @@ fn the_ring_answers_prompts_for_recent_frames() {
             prompts: vec![point_prompt(100.0, 120.0)],
             encoding: MaskEncoding::Rle,
             multimask: true,
+            frames: false,
         })
         .unwrap();
         c.recv(Some(Duration::from_secs(20))).unwrap()
@@ -309,6 +370,7 @@ fn the_ring_answers_prompts_for_recent_frames() {
         prompts: vec![point_prompt(5000.0, 1.0)],
         encoding: MaskEncoding::Rle,
         multimask: false,
+        frames: false,
     })
     .unwrap();
     let ServerMessage::Error(e) = c.recv(Some(Duration::from_secs(20))).unwrap() else {
@@ -331,6 +393,7 @@ fn the_ring_answers_prompts_for_recent_frames() {
         ],
         encoding: MaskEncoding::Bbox,
         multimask: false,
+        frames: false,
     })
     .unwrap();
     let ServerMessage::Masks(m) = c.recv(Some(Duration::from_secs(20))).unwrap() else {
@@ -512,6 +575,7 @@ fn a_flood_does_not_hold_back_another_clients_request() {
         prompts: vec![point_prompt(100.0 + id as f32, 120.0)],
         encoding: MaskEncoding::Bbox,
         multimask: false,
+        frames: false,
     };
     let mut flood = Client::connect(&path, "flood").unwrap();
     let mut single = Client::connect(&path, "single").unwrap();
@@ -668,6 +732,7 @@ fn requests_decoded_together_get_the_masks_they_get_alone() {
             prompts: points.iter().map(|&(x, y)| point_prompt(x, y)).collect(),
             encoding: MaskEncoding::Rle,
             multimask,
+            frames: false,
         };
     let answer = |c: &mut Client| match c.recv(Some(Duration::from_secs(60))).unwrap() {
         ServerMessage::Masks(m) => m,

@@ -95,6 +95,7 @@ fn bridge_publishes_answers_refuses_and_reconnects() {
         max_rate_hz: 0.0,
         frame_id: "cam0".into(),
         publish_masks: true,
+        publish_overlay: true,
     }));
     let recorder = Arc::new(Recorder::default());
     let runner = {
@@ -133,6 +134,28 @@ fn bridge_publishes_answers_refuses_and_reconnects() {
     assert_eq!(image.header, d.header);
     let pixels = labels(&out);
     assert!(pixels.iter().all(|&v| v <= 2));
+    // The overlay: the frame (sent by the daemon) with the labels drawn over it.
+    let overlay = out.overlay.as_ref().expect("an overlay");
+    assert_eq!(
+        (overlay.format.as_str(), &overlay.header),
+        ("jpeg", &d.header)
+    );
+    let picture = image::load_from_memory(&overlay.data).unwrap().to_rgb8();
+    assert_eq!(picture.dimensions(), (320, 240));
+    // Inside label 1's region (4-neighbours labelled alike), the red of colour 0 (230) is half
+    // the pixel: at least 115, less the JPEG's error.
+    let interior: Vec<u8> = (1..239usize)
+        .flat_map(|y| (1..319usize).map(move |x| (x, y)))
+        .filter(|&(x, y)| {
+            [(x, y), (x - 1, y), (x + 1, y), (x, y - 1), (x, y + 1)]
+                .iter()
+                .all(|&(a, b)| pixels[b * 320 + a] == 1)
+        })
+        .map(|(x, y)| picture.get_pixel(x as u32, y as u32).0[0])
+        .collect();
+    assert!(!interior.is_empty());
+    let red = interior.iter().map(|&r| f64::from(r)).sum::<f64>() / interior.len() as f64;
+    assert!(red >= 105.0, "mean red inside label 1: {red}");
     // Each labelled region lies inside its detection's box.
     for (i, det) in d.detections.iter().enumerate() {
         let b = &det.bbox;
@@ -176,6 +199,10 @@ fn bridge_publishes_answers_refuses_and_reconnects() {
         ..Default::default()
     });
     let answer = recorder.wait_for("prompt answer", |o| o.detections.detections.len() == 1);
+    assert!(
+        answer.overlay.is_some(),
+        "prompt answers carry the overlay too"
+    );
     assert_eq!(
         answer.detections.detections[0].results[0]
             .hypothesis

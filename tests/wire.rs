@@ -98,6 +98,7 @@ fn malformed_messages_get_typed_errors() {
         encoding: MaskEncoding::Rle,
         max_rate_hz: 0.0,
         multimask: false,
+        frames: false,
     }))
     .unwrap();
     expect_error(&mut c, ErrorCode::InvalidRequest);
@@ -125,6 +126,7 @@ fn malformed_messages_get_typed_errors() {
         encoding: MaskEncoding::Bbox,
         max_rate_hz: 0.0,
         multimask: false,
+        frames: false,
     }))
     .unwrap();
     expect_error(&mut c, ErrorCode::TooMany);
@@ -277,6 +279,7 @@ fn eight_mixed_subscribers_and_a_stalled_one() {
         }],
         encoding: MaskEncoding::Rle,
         multimask: false,
+        frames: false,
     })
     .unwrap();
     let m = next_masks(od);
@@ -307,6 +310,7 @@ fn eight_mixed_subscribers_and_a_stalled_one() {
                 encoding: MaskEncoding::Bitmap,
                 max_rate_hz: 0.0,
                 multimask: true,
+                frames: false,
             })
             .encode(),
         )
@@ -369,6 +373,7 @@ fn slots_come_back_and_idle_connections_close() {
             encoding: MaskEncoding::Bbox,
             max_rate_hz: 1e-20,
             multimask: false,
+            frames: false,
         }))
         .unwrap();
         expect_error(&mut c, ErrorCode::InvalidRequest);

@@ -155,6 +155,9 @@ pub struct Subscribe {
     /// All three masks per prompt instead of the best.
     #[serde(default)]
     pub multimask: bool,
+    /// Each result carries the frame it was computed on, as JPEG (`Masks::frame_jpeg`).
+    #[serde(default)]
+    pub frames: bool,
 }
 
 /// Server → client: a subscription is active.
@@ -187,6 +190,9 @@ pub struct PromptRequest {
     /// All three masks per prompt instead of the best.
     #[serde(default)]
     pub multimask: bool,
+    /// The answer carries the frame it was computed on, as JPEG (`Masks::frame_jpeg`).
+    #[serde(default)]
+    pub frames: bool,
 }
 
 /// Client → server: ask for a status report.
@@ -245,6 +251,9 @@ pub struct Masks {
     /// a request whose every prompt is refused gets an `error invalid_prompt` instead.
     #[serde(default)]
     pub refused: Vec<RefusedPrompt>,
+    /// The frame as JPEG, when the subscription or request asked for `frames`.
+    #[serde(default, with = "serde_bytes")]
+    pub frame_jpeg: Option<Vec<u8>>,
 }
 
 /// A prompt the model could not take for this frame, and why.

@@ -194,6 +194,7 @@ mod tests {
             encoding: MaskEncoding::Polygon,
             max_rate_hz: 5.0,
             multimask: true,
+            frames: false,
         })
     }
 
@@ -216,6 +217,7 @@ mod tests {
                 }],
                 encoding: MaskEncoding::Bitmap,
                 multimask: false,
+                frames: false,
             }),
             ClientMessage::StatusRequest(StatusRequest { request_id: 9 }),
             ClientMessage::Bye,
@@ -247,6 +249,7 @@ mod tests {
                 code: ErrorCode::InvalidPrompt,
                 message: "outside".into(),
             }],
+            frame_jpeg: None,
         });
         let bytes = masks.encode();
         let header =
@@ -318,6 +321,7 @@ mod tests {
             encoding: MaskEncoding::Rle,
             max_rate_hz: 0.0,
             multimask: false,
+            frames: false,
         });
         assert_eq!(
             parse_client_bytes(&too_many.encode()).unwrap_err().code(),
@@ -332,6 +336,7 @@ mod tests {
             }],
             encoding: MaskEncoding::Rle,
             multimask: false,
+            frames: false,
         });
         assert_eq!(
             parse_client_bytes(&nan.encode()).unwrap_err().code(),
@@ -351,6 +356,7 @@ mod tests {
                 encoding: MaskEncoding::Rle,
                 max_rate_hz,
                 multimask: false,
+                frames: false,
             })
             .encode()
         };
@@ -393,6 +399,7 @@ mod tests {
                 prompts: vec![WirePrompt { points, bbox: None }],
                 encoding: MaskEncoding::Rle,
                 multimask: false,
+                frames: false,
             });
             prop_assert_eq!(parse_client_bytes(&m.encode()).unwrap(), m);
         }

@@ -1,6 +1,7 @@
 //! The bridge's daemon side: one connection to `tinysamd` at a time, kept up across daemon
-//! restarts; every result it receives becomes a label image and a `Detection2DArray` handed to a
-//! [`Publish`] (the middleware, in the `tinysam-ros2` binary; a recorder in tests); prompts from
+//! restarts; every result it receives becomes a label image, a `Detection2DArray` and, when asked
+//! for, a JPEG overlay of the masks on the frame (the daemon then sends each result's frame),
+//! handed to a [`Publish`] (the middleware, in the `tinysam-ros2` binary; a recorder in tests); prompts from
 //! ROS topics become prompt requests on the newest frame.
 //!
 //! Threads: [`Bridge::run`] owns the connection and blocks in its receive; a keep-alive thread per
@@ -22,7 +23,7 @@ use crate::protocol::{
 };
 
 use super::convert::{self, Answering, FrameSize, PromptBatch, RejectedPrompt};
-use super::messages::{Detection2DArray, Header, Image, PointStamped};
+use super::messages::{CompressedImage, Detection2DArray, Header, Image, PointStamped};
 
 /// Between two status requests on an idle connection.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -47,6 +48,8 @@ pub struct FrameOutput {
     pub label_image: Option<Image>,
     /// One detection per mask.
     pub detections: Detection2DArray,
+    /// The masks over the frame, JPEG (`None` when the overlay is off or could not be drawn).
+    pub overlay: Option<CompressedImage>,
 }
 
 /// Where results go: the middleware's publishers.
@@ -81,6 +84,8 @@ pub struct BridgeOptions {
     pub frame_id: String,
     /// Whether to draw the label image (detections are always published).
     pub publish_masks: bool,
+    /// Whether to ask the daemon for the frames and publish the masks drawn over them.
+    pub publish_overlay: bool,
 }
 
 /// Running totals, for logs and tests.
@@ -92,7 +97,7 @@ pub struct Counters {
     pub published: AtomicU64,
     /// Results the publisher failed on.
     pub publish_errors: AtomicU64,
-    /// Results whose label image could not be drawn.
+    /// Results whose label image or overlay could not be drawn.
     pub convert_errors: AtomicU64,
     /// Prompts sent to the daemon.
     pub prompts_sent: AtomicU64,
@@ -207,6 +212,7 @@ impl Bridge {
             encoding: MaskEncoding::Rle,
             max_rate_hz: self.options.max_rate_hz,
             multimask: false,
+            frames: self.options.publish_overlay,
         })?;
         bump(&self.counters.connections, 1);
         log::info!(
@@ -330,9 +336,22 @@ impl Bridge {
         } else {
             None
         };
+        let overlay = if self.options.publish_overlay {
+            match convert::overlay(masks, &header) {
+                Ok(image) => Some(image),
+                Err(e) => {
+                    let n = bump(&self.counters.convert_errors, 1);
+                    log::warn!("frame {}: no overlay: {e} ({n} so far)", masks.frame_seq);
+                    None
+                }
+            }
+        } else {
+            None
+        };
         match sink.publish(FrameOutput {
             label_image,
             detections,
+            overlay,
         }) {
             Ok(()) => {
                 bump(&self.counters.published, 1);
@@ -414,6 +433,7 @@ impl Bridge {
             prompts: batch.prompts,
             encoding: MaskEncoding::Rle,
             multimask: false,
+            frames: self.options.publish_overlay,
         });
         let mut link = locked(&self.link);
         let sent = match link.as_mut() {

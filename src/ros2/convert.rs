@@ -1,12 +1,13 @@
 //! Between the daemon's results and ROS 2 messages: a frame's masks become a `mono16` label
-//! image and a `Detection2DArray`; `Detection2DArray` boxes and `PointStamped` points become
-//! prompts, checked against the frame first. Pure functions: no sockets, no middleware.
+//! image, a `Detection2DArray` and (with the frame) a JPEG overlay; `Detection2DArray` boxes and
+//! `PointStamped` points become prompts, checked against the frame first. Pure functions: no
+//! sockets, no middleware.
 
 use crate::postprocess::rle::Rle;
 use crate::protocol::{Masks, WireMask, WirePrompt, MAX_PROMPTS};
 
 use super::messages::{
-    BoundingBox2D, Detection2D, Detection2DArray, Header, Image, ObjectHypothesis,
+    BoundingBox2D, CompressedImage, Detection2D, Detection2DArray, Header, Image, ObjectHypothesis,
     ObjectHypothesisWithPose, Point2D, PointStamped, Pose2D, Time,
 };
 
@@ -41,6 +42,12 @@ pub enum ConvertError {
         /// What is wrong.
         reason: String,
     },
+    /// The result carries no frame (the overlay needs one).
+    #[error("the result carries no frame")]
+    NoFrame,
+    /// The frame does not decode, or not to the result's size.
+    #[error("the frame: {0}")]
+    BadFrame(String),
 }
 
 /// A prompt that was not sent to the daemon, and why.
@@ -207,6 +214,55 @@ fn paint(
 /// The `mono16` label image of a result: pixel = 1 + index of the highest-scoring mask covering
 /// it (ties: the earlier mask), 0 where no mask is; little-endian, `step` = 2 × width.
 pub fn label_image(masks: &Masks, header: &Header) -> Result<Image, ConvertError> {
+    let labels = labels(masks)?;
+    let data = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(Image {
+        header: header.clone(),
+        height: masks.height,
+        width: masks.width,
+        encoding: "mono16".into(),
+        is_bigendian: 0,
+        step: masks.width * 2,
+        data,
+    })
+}
+
+/// JPEG quality of the overlay.
+const OVERLAY_QUALITY: u8 = 80;
+
+/// The result's masks over its frame (`Masks::frame_jpeg`), as a JPEG `CompressedImage`: the
+/// label image's regions ([`label_image`]: the highest-scoring mask wins) blended half over the
+/// frame in the palette of [`crate::overlay`], mask `i` in colour `i` (its detection's `id` is
+/// `i + 1`), outlined in full colour.
+pub fn overlay(masks: &Masks, header: &Header) -> Result<CompressedImage, ConvertError> {
+    let jpeg = masks.frame_jpeg.as_deref().ok_or(ConvertError::NoFrame)?;
+    let labels = labels(masks)?;
+    let mut frame = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
+        .map_err(|e| ConvertError::BadFrame(e.to_string()))?
+        .to_rgb8();
+    if !crate::overlay::draw_labels(&mut frame, &labels) {
+        return Err(ConvertError::BadFrame(format!(
+            "{}x{}, the result is {}x{}",
+            frame.width(),
+            frame.height(),
+            masks.width,
+            masks.height
+        )));
+    }
+    let mut data = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut data, OVERLAY_QUALITY)
+        .encode_image(&frame)
+        .map_err(|e| ConvertError::BadFrame(format!("encoding the overlay: {e}")))?;
+    Ok(CompressedImage {
+        header: header.clone(),
+        format: "jpeg".into(),
+        data,
+    })
+}
+
+/// The label of every pixel, row-major: 1 + index of the highest-scoring mask covering it (ties:
+/// the earlier mask), 0 where no mask is.
+fn labels(masks: &Masks) -> Result<Vec<u16>, ConvertError> {
     let (width, height) = (masks.width, masks.height);
     if !(1..=MAX_SIDE).contains(&width) || !(1..=MAX_SIDE).contains(&height) {
         return Err(ConvertError::FrameSize { width, height });
@@ -233,16 +289,7 @@ pub fn label_image(masks: &Masks, header: &Header) -> Result<Image, ConvertError
             height,
         )?;
     }
-    let data = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok(Image {
-        header: header.clone(),
-        height,
-        width,
-        encoding: "mono16".into(),
-        is_bigendian: 0,
-        step: width * 2,
-        data,
-    })
+    Ok(labels)
 }
 
 /// Box prompts from a `Detection2DArray` (each detection's `bbox`, the Isaac ROS Segment Anything
@@ -369,6 +416,7 @@ mod tests {
             dropped: 0,
             masks: list,
             refused: Vec::new(),
+            frame_jpeg: None,
         }
     }
 
@@ -419,6 +467,82 @@ mod tests {
         assert!(matches!(
             label_image(&masks(Vec::new(), 0, 10), &Header::default()),
             Err(ConvertError::FrameSize { .. })
+        ));
+    }
+
+    /// A 40x30 frame as JPEG (quality 100): a smooth gradient, so that JPEG's error stays small.
+    fn frame_jpeg(width: u32, height: u32) -> (image::RgbImage, Vec<u8>) {
+        let frame = image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 4) as u8, 100])
+        });
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 100)
+            .encode_image(&frame)
+            .unwrap();
+        (frame, jpeg)
+    }
+
+    #[test]
+    fn overlay_blends_the_label_image_over_the_frame() {
+        let (w, h) = (40u32, 30u32);
+        // Mask 0: a 20x10 block at (4, 6); mask 1, higher score, overlapping its right part.
+        let block = |x0: u32, y0: u32, bw: u32, bh: u32| -> Vec<u8> {
+            (0..w * h)
+                .map(|p| {
+                    let (x, y) = (p % w, p / w);
+                    u8::from(x >= x0 && x < x0 + bw && y >= y0 && y < y0 + bh)
+                })
+                .collect()
+        };
+        let mut m = masks(
+            vec![
+                mask(0.5, &block(4, 6, 20, 10), w, h, 0),
+                mask(0.9, &block(18, 8, 12, 12), w, h, 1),
+            ],
+            w,
+            h,
+        );
+        let header = Header {
+            frame_id: "cam".into(),
+            ..Default::default()
+        };
+        assert!(matches!(overlay(&m, &header), Err(ConvertError::NoFrame)));
+        let (frame, jpeg) = frame_jpeg(w, h);
+        m.frame_jpeg = Some(jpeg);
+        let out = overlay(&m, &header).unwrap();
+        assert_eq!((out.format.as_str(), &out.header), ("jpeg", &header));
+        let got = image::load_from_memory(&out.data).unwrap().to_rgb8();
+        assert_eq!(got.dimensions(), (w, h));
+        // What it should be: the label image blended by `draw_labels`, from the exact frame.
+        let labels = labels(&m).unwrap();
+        let mut expected = frame.clone();
+        assert!(crate::overlay::draw_labels(&mut expected, &labels));
+        let diff: Vec<u32> = got
+            .pixels()
+            .zip(expected.pixels())
+            .flat_map(|(a, b)| a.0.iter().zip(b.0).map(|(&a, b)| u32::from(a.abs_diff(b))))
+            .collect();
+        let mean = f64::from(diff.iter().sum::<u32>()) / diff.len() as f64;
+        assert!(mean < 4.0, "mean difference {mean}");
+        // An interior pixel of mask 1 is half its colour; one of no mask is the frame's.
+        let (x, y) = (24, 14);
+        assert_eq!(labels[(y * w + x) as usize], 2);
+        let c = crate::overlay::color(1);
+        let f = frame.get_pixel(x, y).0;
+        for k in 0..3 {
+            let want = (i32::from(f[k]) + i32::from(c[k])) / 2;
+            assert!((i32::from(got.get_pixel(x, y).0[k]) - want).abs() <= 12);
+        }
+        // A frame of another size, or not a JPEG, is an error.
+        m.frame_jpeg = Some(frame_jpeg(20, 30).1);
+        assert!(matches!(
+            overlay(&m, &header),
+            Err(ConvertError::BadFrame(_))
+        ));
+        m.frame_jpeg = Some(vec![0xff, 0xd8, 1, 2, 3]);
+        assert!(matches!(
+            overlay(&m, &header),
+            Err(ConvertError::BadFrame(_))
         ));
     }
 

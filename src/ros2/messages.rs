@@ -70,6 +70,25 @@ pub struct Image {
 }
 ros_message!(Image, "sensor_msgs", "Image", IMAGE);
 
+/// `sensor_msgs/CompressedImage`: an encoded picture (`format` `jpeg` here), for viewers such as
+/// RViz and `rqt_image_view`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompressedImage {
+    /// Capture time and camera frame.
+    pub header: Header,
+    /// The encoding: `jpeg`.
+    pub format: String,
+    /// The encoded picture.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+ros_message!(
+    CompressedImage,
+    "sensor_msgs",
+    "CompressedImage",
+    COMPRESSED_IMAGE
+);
+
 /// `geometry_msgs/Point`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Point {

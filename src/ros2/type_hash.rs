@@ -154,6 +154,15 @@ pub static IMAGE: MessageDescription = MessageDescription {
         ("data", PrimitiveSequence(UINT8)),
     ],
 };
+/// `sensor_msgs/msg/CompressedImage`.
+pub static COMPRESSED_IMAGE: MessageDescription = MessageDescription {
+    name: "sensor_msgs/msg/CompressedImage",
+    fields: &[
+        ("header", Nested(&HEADER)),
+        ("format", Primitive(STRING)),
+        ("data", PrimitiveSequence(UINT8)),
+    ],
+};
 /// `geometry_msgs/msg/Point`.
 pub static POINT: MessageDescription = MessageDescription {
     name: "geometry_msgs/msg/Point",
@@ -259,7 +268,7 @@ mod tests {
     /// `*__TYPE_HASH` constants of the generated C headers).
     #[test]
     fn hashes_are_the_ones_rosidl_generates() {
-        let known: [(&'static MessageDescription, &str); 7] = [
+        let known: [(&'static MessageDescription, &str); 8] = [
             (
                 &TIME,
                 "b106235e25a4c5ed35098aa0a61a3ee9c9b18d197f398b0e4206cea9acf9c197",
@@ -271,6 +280,10 @@ mod tests {
             (
                 &IMAGE,
                 "d31d41a9a4c4bc8eae9be757b0beed306564f7526c88ea6a4588fb9582527d47",
+            ),
+            (
+                &COMPRESSED_IMAGE,
+                "15640771531571185e2efc8a100baf923961a4d15d5569652e6cb6691e8e371a",
             ),
             (
                 &POINT,

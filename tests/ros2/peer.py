@@ -53,6 +53,13 @@ class Image(IdlStruct, typename="sensor_msgs::msg::dds_::Image_"):
 
 
 @dataclass
+class CompressedImage(IdlStruct, typename="sensor_msgs::msg::dds_::CompressedImage_"):
+    header: Header
+    format: str
+    data: types.sequence[types.uint8]
+
+
+@dataclass
 class Point(IdlStruct, typename="geometry_msgs::msg::dds_::Point_"):
     x: float
     y: float

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 from common import (
+    FRAME,
     PEER_DIR,
     binary,
     expected_detections,
@@ -30,6 +31,35 @@ from common import (
 from zenoh_peer import type_hash
 
 PEER = PEER_DIR / "zenoh_peer.py"
+
+# The overlay's palette (src/overlay.rs): mask i in colour i (cycled).
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]])
+
+
+def _overlay_parts(labels):
+    """Where the documented overlay differs: each label's interior (half its colour), its edge (a
+    4-neighbour with another label, or the frame's border: full colour), and no label."""
+    padded = np.pad(labels, 1, constant_values=-1)
+    inner = padded[1:-1, 1:-1]
+    edge = ((padded[:-2, 1:-1] != inner) | (padded[2:, 1:-1] != inner)
+            | (padded[1:-1, :-2] != inner) | (padded[1:-1, 2:] != inner))
+    parts = {"none": labels == 0}
+    for label in np.unique(labels[labels > 0]):
+        parts[f"{label} inside"] = (labels == label) & ~edge
+        parts[f"{label} edge"] = (labels == label) & edge
+    return {name: mask for name, mask in parts.items() if mask.any()}
+
+
+def _expected_overlay(frame, labels):
+    """The documented overlay: each labelled pixel half its mask's colour, its region's edge in
+    full colour."""
+    out = frame.astype(np.int32)
+    for name, mask in _overlay_parts(labels).items():
+        if name != "none":
+            color = PALETTE[(int(name.split()[0]) - 1) % len(PALETTE)]
+            out[mask] = color if name.endswith("edge") else (out[mask] + color) // 2
+    return out
 
 
 def _free_port():
@@ -54,7 +84,7 @@ def test_standing_prompts_reach_a_zenoh_peer_with_rmw_zenoh_keys_and_graph(daemo
     endpoint = f"tcp/127.0.0.1:{_free_port()}"
     prompts = ["--point", "100,75", "--box", "20,20,150,120", "--box", "120,30,190,140"]
     # The bridge first: it must wait for a router that is not there yet.
-    bridge = _bridge(daemon, endpoint, tmp_path, *prompts)
+    bridge = _bridge(daemon, endpoint, tmp_path, *prompts, "--overlay")
     time.sleep(1.0)
     router = spawn([sys.executable, str(PEER), "--router", endpoint], tmp_path / "router.log")
     out = tmp_path / "peer"
@@ -85,12 +115,33 @@ def test_standing_prompts_reach_a_zenoh_peer_with_rmw_zenoh_keys_and_graph(daemo
             got = np.load(out / entry["npy"])
             assert (got == labels).all(), f"label image differs at {int((got != labels).sum())} pixels"
 
+        # The overlay: the frame (JPEG from the daemon) with those labels drawn over it.
+        from PIL import Image as Picture
+
+        overlays = wait_for("overlays at the peer", lambda: [e for e in messages(out, "overlay") if "file" in e][:2],
+                            procs)
+        expected_overlay = _expected_overlay(np.asarray(Picture.open(FRAME).convert("RGB")), labels.astype(np.int64))
+        for entry in overlays:
+            assert (entry["format"], entry["frame_id"]) == ("jpeg", "camera")
+            picture = np.asarray(Picture.open(out / entry["file"]).convert("RGB")).astype(np.int32)
+            assert picture.shape == (150, 200, 3)
+            # Two JPEG generations of a textured frame leave per-pixel errors of ~10 grey levels,
+            # and chroma subsampling smears the one-pixel outlines into their neighbours; each
+            # part's mean colour survives that (measured: regions within 4, outlines within 11;
+            # a palette off by one mask is 19-116 off).
+            for name, mask in _overlay_parts(labels).items():
+                if mask.sum() < 500:
+                    continue  # too few pixels for a mean that JPEG's blocks do not dominate
+                error = np.abs(picture[mask].mean(axis=0) - expected_overlay[mask].mean(axis=0)).max()
+                bound = 16 if name.endswith("edge") else 5
+                assert error < bound, f"overlay, {name}: mean colour off by {error:.1f}"
+
         # The ROS graph, as `ros2 node list` / `ros2 topic list -t` build it from liveliness tokens.
         def bridge_graph():
             tokens = [t.split("/") for t in _graph(out)]
             node = [t for t in tokens if len(t) == 9 and t[5] == "NN" and t[8] == "tinysam"]
             entities = {(t[5], t[9], t[10], t[11], t[12]) for t in tokens if len(t) == 13}
-            return (node, entities) if node and len(entities) >= 4 else None
+            return (node, entities) if node and len(entities) >= 5 else None
 
         node, entities = wait_for("the bridge's liveliness tokens", bridge_graph, procs)
         assert node[0][1] == "0" and node[0][7] == "%", node
@@ -103,6 +154,8 @@ def test_standing_prompts_reach_a_zenoh_peer_with_rmw_zenoh_keys_and_graph(daemo
              type_hash(detections_type), "::,10:,:,:,,"),
             ("MS", "%tinysam%points", "geometry_msgs::msg::dds_::PointStamped_",
              type_hash("geometry_msgs/msg/PointStamped"), "::,10:,:,:,,"),
+            ("MP", "%tinysam%overlay%compressed", "sensor_msgs::msg::dds_::CompressedImage_",
+             type_hash("sensor_msgs/msg/CompressedImage"), "2::,1:,:,:,,"),
         }
         assert expect <= entities, entities
 

@@ -9,8 +9,8 @@ Two roles:
         a Zenoh router (as rmw_zenohd is) listening there, multicast scouting off, until SIGTERM;
 
     python zenoh_peer.py --connect tcp/127.0.0.1:PORT --out DIR [--boxes ...] [--point x,y] [--garbage]
-        a client of that router that subscribes to `tinysam/masks` and `tinysam/detections` with
-        their exact type hashes (as rmw_zenoh's subscribers do) and writes what arrives to
+        a client of that router that subscribes to `tinysam/masks`, `tinysam/detections` and
+        `tinysam/overlay/compressed` (its JPEGs saved as overlay-NNN.jpg) with their exact type hashes (as rmw_zenoh's subscribers do) and writes what arrives to
         DIR/messages.jsonl (as peer.py does, plus each message's attachment), the ROS graph's
         liveliness tokens to DIR/graph.json, and once a second publishes the prompts asked for.
 """
@@ -25,6 +25,7 @@ import time
 
 import zenoh
 from peer import (
+    CompressedImage,
     Detection2DArray,
     Header,
     Image,
@@ -55,6 +56,9 @@ TYPES = {
         _field("header", NESTED, "std_msgs/msg/Header"), _field("height", UINT32), _field("width", UINT32),
         _field("encoding", STRING), _field("is_bigendian", UINT8), _field("step", UINT32),
         _field("data", UINT8 + SEQUENCE),
+    ],
+    "sensor_msgs/msg/CompressedImage": [
+        _field("header", NESTED, "std_msgs/msg/Header"), _field("format", STRING), _field("data", UINT8 + SEQUENCE),
     ],
     "geometry_msgs/msg/Point": [_field(c, FLOAT64) for c in "xyz"],
     "geometry_msgs/msg/PointStamped": [
@@ -180,6 +184,18 @@ def main():
         images.append(1)
         log.write(json.dumps(entry) + "\n")
 
+    overlays = []
+
+    def on_overlay(sample):
+        m = CompressedImage.deserialize(sample.payload.to_bytes())
+        entry = {"topic": "overlay", "t": time.time(), "format": m.format, "frame_id": m.header.frame_id,
+                 "attachment": _parse_attachment(sample)}
+        if len(overlays) < 20:
+            entry["file"] = f"overlay-{len(overlays):03d}.jpg"
+            (args.out / entry["file"]).write_bytes(bytes(m.data))
+        overlays.append(1)
+        log.write(json.dumps(entry) + "\n")
+
     def on_detections(sample):
         entry = detections_entry(Detection2DArray.deserialize(sample.payload.to_bytes()))
         entry["attachment"] = _parse_attachment(sample)
@@ -189,6 +205,7 @@ def main():
     subscribers = [
         session.declare_subscriber(key(d, "/tinysam/masks", "sensor_msgs/msg/Image"), on_masks),
         session.declare_subscriber(key(d, "/tinysam/detections", "vision_msgs/msg/Detection2DArray"), on_detections),
+        session.declare_subscriber(key(d, "/tinysam/overlay/compressed", "sensor_msgs/msg/CompressedImage"), on_overlay),
     ]
     prompts_key = key(d, "/tinysam/prompts", "vision_msgs/msg/Detection2DArray")
     prompts = session.declare_publisher(prompts_key)

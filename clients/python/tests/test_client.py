@@ -1,5 +1,6 @@
 """The Python client against pycocotools and against a real tinysamd (fixture model)."""
 
+import io
 import json
 import os
 import pathlib
@@ -105,6 +106,20 @@ def test_python_and_rust_clients_decode_the_same_mask(daemon):
     assert rust["frame_seq"] == rle["frame_seq"] == seq
     assert (ours == theirs).all()
     assert (ours == mask_to_numpy(bitmap["masks"][0], w, h)).all()
+
+
+def test_frames_come_as_jpeg_when_asked(daemon):
+    picture = pytest.importorskip("PIL.Image")
+    with Client(str(daemon), name="pytest-frames") as c:
+        c.subscribe(1, "prompts", prompts=[{"points": [[160, 120, 1]]}], frames=True)
+        result = next(iter(c.results(count=1)))
+        jpeg = result["frame_jpeg"]
+        assert picture.open(io.BytesIO(jpeg)).size == (320, 240)
+        seq = result["frame_seq"]
+        same = c.prompt(8, [{"points": [[10, 10, 1]]}], frame_seq=seq, frames=True)
+        assert same["frame_jpeg"] == jpeg  # one JPEG per frame, whoever asks
+        plain = c.prompt(9, [{"points": [[10, 10, 1]]}], frame_seq=seq)
+        assert plain.get("frame_jpeg") is None
 
 
 def test_errors_are_typed(daemon):

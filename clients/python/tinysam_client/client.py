@@ -124,11 +124,14 @@ class Client:
             if kind == want and match(body):
                 return body
 
-    def subscribe(self, sub_id, mode, prompts=(), encoding="rle", max_rate_hz=0.0, multimask=False):
+    def subscribe(self, sub_id, mode, prompts=(), encoding="rle", max_rate_hz=0.0, multimask=False,
+                  frames=False):
         """Start a subscription: mode "everything", "prompts" or "on_demand".
 
         A prompt is {"points": [[x, y, label], ...], "box": [x0, y0, x1, y1]} in frame pixels
         (label 1 foreground, 0 background). Encoding: "rle", "bitmap", "polygon", "bbox".
+        With frames=True each result also carries the frame it was computed on, as JPEG bytes
+        under "frame_jpeg".
         """
         self.send(
             "subscribe",
@@ -139,6 +142,7 @@ class Client:
                 "encoding": encoding,
                 "max_rate_hz": float(max_rate_hz),
                 "multimask": bool(multimask),
+                "frames": bool(frames),
             },
         )
         self._wait("subscribed", lambda b: b["id"] == sub_id)
@@ -147,12 +151,13 @@ class Client:
         self.send("unsubscribe", {"id": sub_id})
         self._wait("subscribed", lambda b: b["id"] == sub_id)
 
-    def prompt(self, request_id, prompts, frame_seq=None, encoding="rle", multimask=False):
+    def prompt(self, request_id, prompts, frame_seq=None, encoding="rle", multimask=False, frames=False):
         """Segment `prompts` on frame `frame_seq` (None: newest) and wait for the masks.
 
         Returns the `masks` message: its "masks" answer the prompts the model took, and its
         "refused" (possibly absent) lists the others as {prompt, code, message}; when every
-        prompt is refused, ServerError (code "invalid_prompt") is raised instead.
+        prompt is refused, ServerError (code "invalid_prompt") is raised instead. With
+        frames=True it also carries the frame as JPEG bytes under "frame_jpeg".
         """
         self.send(
             "prompt_request",
@@ -162,6 +167,7 @@ class Client:
                 "prompts": [_prompt(p) for p in prompts],
                 "encoding": encoding,
                 "multimask": bool(multimask),
+                "frames": bool(frames),
             },
         )
         return self._wait("masks", lambda b: b.get("request_id") == request_id)

@@ -11,7 +11,9 @@ use ros2_client::qos::{History, QosProfile, WhenFull};
 use ros2_client::{MessageTypeName, Name, NodeName, NodeOptions};
 use serde::de::DeserializeOwned;
 use tinysam_edge::config::Ros2Settings;
-use tinysam_edge::ros2::messages::{Detection2DArray, Image, PointStamped, RosMessage};
+use tinysam_edge::ros2::messages::{
+    CompressedImage, Detection2DArray, Image, PointStamped, RosMessage,
+};
 use tinysam_edge::ros2::{Bridge, FrameOutput, Publish};
 
 /// The sensor-data profile for images: best effort, only the newest kept.
@@ -25,6 +27,7 @@ const RELIABLE_QOS: QosProfile = QosProfile::publisher_default()
 struct Publishers {
     masks: Publisher<Image>,
     detections: Publisher<Detection2DArray>,
+    overlay: Option<Publisher<CompressedImage>>,
 }
 
 impl Publish for Publishers {
@@ -33,6 +36,11 @@ impl Publish for Publishers {
             self.masks
                 .publish(image)
                 .map_err(|e| format!("~/masks: {e:?}"))?;
+        }
+        if let (Some(publisher), Some(image)) = (&self.overlay, output.overlay) {
+            publisher
+                .publish(image)
+                .map_err(|e| format!("~/overlay: {e:?}"))?;
         }
         self.detections
             .publish(output.detections)
@@ -73,7 +81,12 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
     // Topics in the node's private namespace (`~/masks`): `<namespace>/<node>/masks`.
     let private = settings.private_namespace();
     let topic = |name: &str, type_name: MessageTypeName, qos: &QosProfile| {
-        let full = Name::new(&private, name).map_err(|e| anyhow::anyhow!("topic {name}: {e:?}"))?;
+        let (namespace, base) = match name.rsplit_once('/') {
+            Some((dir, base)) => (format!("{private}/{dir}"), base),
+            None => (private.clone(), name),
+        };
+        let full =
+            Name::new(&namespace, base).map_err(|e| anyhow::anyhow!("topic {name}: {e:?}"))?;
         node.create_topic(&full, type_name, qos)
             .map_err(|e| anyhow::anyhow!("topic {private}/{name}: {e:?}"))
     };
@@ -81,6 +94,16 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
     let detections_topic = topic("detections", type_name::<Detection2DArray>(), &RELIABLE_QOS)?;
     let prompts_topic = topic("prompts", type_name::<Detection2DArray>(), &RELIABLE_QOS)?;
     let points_topic = topic("points", type_name::<PointStamped>(), &RELIABLE_QOS)?;
+    let overlay_topic = settings
+        .publish_overlay
+        .then(|| {
+            topic(
+                crate::OVERLAY_TOPIC,
+                type_name::<CompressedImage>(),
+                &IMAGE_QOS,
+            )
+        })
+        .transpose()?;
     let publishers = Publishers {
         masks: node
             .create_publisher(&masks_topic, None)
@@ -88,6 +111,13 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
         detections: node
             .create_publisher(&detections_topic, None)
             .map_err(|e| anyhow::anyhow!("publisher ~/detections: {e:?}"))?,
+        overlay: match overlay_topic {
+            Some(topic) => Some(
+                node.create_publisher(&topic, None)
+                    .map_err(|e| anyhow::anyhow!("publisher ~/overlay: {e:?}"))?,
+            ),
+            None => None,
+        },
     };
     let prompts: Subscription<Detection2DArray> = node
         .create_subscription(&prompts_topic, None)
@@ -107,10 +137,10 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
         })
         .context("starting the spinner thread")?;
     log::info!(
-        "node {} on DDS domain {}: publishing {private}/masks, {private}/detections; \
-         prompts on {private}/prompts, {private}/points",
+        "node {} on DDS domain {}: publishing {}; prompts on {private}/prompts, {private}/points",
         node.fully_qualified_name(),
-        settings.domain_id
+        settings.domain_id,
+        crate::published_topics(settings)
     );
     crate::serve(bridge, stop, &publishers, || {
         drain(&prompts, "~/prompts", bridge, |m| {

@@ -26,7 +26,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tinysam_edge::config::{Config, ConfigError, Ros2Transport};
+use tinysam_edge::config::{Config, ConfigError, Ros2Settings, Ros2Transport};
 use tinysam_edge::error_chain;
 use tinysam_edge::ros2::{Bridge, BridgeOptions, Publish};
 
@@ -66,6 +66,9 @@ struct Args {
     /// Publish detections only, not the label image.
     #[arg(long)]
     no_masks: bool,
+    /// Also publish the masks drawn over the frame (JPEG) on `~/overlay/compressed`, for RViz.
+    #[arg(long)]
+    overlay: bool,
     /// Middleware: dds or zenoh.
     #[arg(long)]
     transport: Option<String>,
@@ -124,6 +127,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.no_masks {
         r.publish_masks = false;
     }
+    if args.overlay {
+        r.publish_overlay = true;
+    }
     if let Some(v) = &args.transport {
         r.transport = v.clone();
     }
@@ -152,6 +158,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_rate_hz: settings.max_rate_hz,
         frame_id: settings.frame_id.clone(),
         publish_masks: settings.publish_masks,
+        publish_overlay: settings.publish_overlay,
     }));
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [SIGTERM, SIGINT] {
@@ -181,6 +188,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         c.prompts_dropped.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// The overlay's topic under the node's: image_transport's `compressed` transport of the base
+/// topic `~/overlay`, the name RViz's Image display and `rqt_image_view` subscribe to.
+const OVERLAY_TOPIC: &str = "overlay/compressed";
+
+/// The topics the node publishes, for its start-up log line.
+fn published_topics(settings: &Ros2Settings) -> String {
+    let private = settings.private_namespace();
+    let mut topics = vec![format!("{private}/detections")];
+    if settings.publish_masks {
+        topics.push(format!("{private}/masks"));
+    }
+    if settings.publish_overlay {
+        topics.push(format!("{private}/{OVERLAY_TOPIC}"));
+    }
+    topics.join(", ")
 }
 
 /// How often a middleware's prompt subscriptions are polled.

@@ -17,7 +17,9 @@ use anyhow::Context as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tinysam_edge::config::Ros2Settings;
-use tinysam_edge::ros2::messages::{Detection2DArray, Image, PointStamped, RosMessage};
+use tinysam_edge::ros2::messages::{
+    CompressedImage, Detection2DArray, Image, PointStamped, RosMessage,
+};
 use tinysam_edge::ros2::rmw_zenoh::{self, EntityKind, NodeIds, Qos};
 use tinysam_edge::ros2::{Bridge, FrameOutput, Publish};
 use zenoh::handlers::FifoChannelHandler;
@@ -83,6 +85,7 @@ impl<M: RosMessage + Serialize> Publisher<M> {
 struct Publishers {
     masks: Publisher<Image>,
     detections: Publisher<Detection2DArray>,
+    overlay: Option<Publisher<CompressedImage>>,
 }
 
 impl Publish for Publishers {
@@ -91,6 +94,11 @@ impl Publish for Publishers {
             self.masks
                 .publish(image)
                 .map_err(|e| format!("~/masks: {e}"))?;
+        }
+        if let (Some(publisher), Some(image)) = (&self.overlay, &output.overlay) {
+            publisher
+                .publish(image)
+                .map_err(|e| format!("~/overlay: {e}"))?;
         }
         self.detections
             .publish(&output.detections)
@@ -200,14 +208,25 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
     let publishers = Publishers {
         masks: Publisher::declare(&session, &ids, 1, &topic("masks"), Qos::SensorData)?,
         detections: Publisher::declare(&session, &ids, 2, &topic("detections"), Qos::Reliable)?,
+        overlay: match settings.publish_overlay {
+            true => Some(Publisher::declare(
+                &session,
+                &ids,
+                5,
+                &topic(crate::OVERLAY_TOPIC),
+                Qos::SensorData,
+            )?),
+            false => None,
+        },
     };
     let prompts = Subscription::<Detection2DArray>::declare(&session, &ids, 3, &topic("prompts"))?;
     let points = Subscription::<PointStamped>::declare(&session, &ids, 4, &topic("points"))?;
     log::info!(
-        "node {private} on Zenoh (domain {}, session {}): publishing {private}/masks, \
-         {private}/detections; prompts on {private}/prompts, {private}/points",
+        "node {private} on Zenoh (domain {}, session {}): publishing {}; prompts on \
+         {private}/prompts, {private}/points",
         settings.domain_id,
-        ids.session
+        ids.session,
+        crate::published_topics(settings)
     );
     crate::serve(bridge, stop, &publishers, || {
         prompts.drain("~/prompts", bridge, |m| bridge.submit_detections(m));

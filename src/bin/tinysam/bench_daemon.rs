@@ -53,6 +53,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
         encoding: MaskEncoding::Rle,
         max_rate_hz: 0.0,
         multimask: false,
+        frames: false,
     })?;
     let frames = args.runs.max(2);
     let mut latencies = Vec::with_capacity(frames);

@@ -71,6 +71,9 @@ pub struct SubArgs {
     /// Write each mask as a PNG into this directory (rle and bitmap encodings).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Ask for each result's frame and write it as frameNNNNNN.jpg beside the masks.
+    #[arg(long, requires = "out")]
+    frames: bool,
     /// Give up after this many seconds without a result while the daemon makes no progress
     /// (it encodes no new frame): a slow model on a slow machine is waited for, a stuck daemon
     /// is not.
@@ -98,7 +101,12 @@ fn mask_pixels(
 
 fn report(masks: &Masks, args: &SubArgs) -> anyhow::Result<()> {
     if args.json {
-        println!("{}", serde_json::to_string(masks)?);
+        // The frame goes to --out, not into the JSON line.
+        let line = Masks {
+            frame_jpeg: None,
+            ..masks.clone()
+        };
+        println!("{}", serde_json::to_string(&line)?);
     } else {
         let latency_ms =
             tinysam_edge::monotonic_now_ns().saturating_sub(masks.capture_ns) as f64 / 1e6;
@@ -119,6 +127,10 @@ fn report(masks: &Masks, args: &SubArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(jpeg) = &masks.frame_jpeg {
+            let path = dir.join(format!("frame{:06}.jpg", masks.frame_seq));
+            std::fs::write(&path, jpeg).with_context(|| format!("writing {}", path.display()))?;
+        }
         for (i, m) in masks.masks.iter().enumerate() {
             if let Some(pixels) = mask_pixels(m, masks.width, masks.height)? {
                 let path = dir.join(format!("frame{:06}-mask{i}.png", masks.frame_seq));
@@ -161,6 +173,7 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
             prompts,
             encoding,
             multimask: args.multimask,
+            frames: args.frames,
         })?;
     } else {
         let mode = if args.prompts.everything {
@@ -181,6 +194,7 @@ pub fn run(args: SubArgs) -> anyhow::Result<()> {
             encoding,
             max_rate_hz: args.max_rate,
             multimask: args.multimask,
+            frames: args.frames,
         })?;
     }
     let timeout = Duration::try_from_secs_f32(args.timeout.max(0.1))
