@@ -150,3 +150,75 @@ def expected_labels(result):
     return labels
 
 
+
+
+# The standing prompts of the standing-result tests: two masks on the still frame.
+STANDING = ["--point", "100,75", "--box", "20,20,150,120", "--box", "120,30,190,140"]
+# What the prompt tests' peers publish: index 0 a NaN box, index 1 a good box, index 2 a box
+# outside the 200 x 150 frame; a point; and a message that is not a Detection2DArray at all.
+PEER_PROMPTS = ["--boxes", "nan,1,2,3;20,20,150,120;500,500,600,600", "--point", "100,75", "--garbage"]
+
+
+def check_standing_results(daemon, out, procs):
+    """The peer's detections and label images for the STANDING prompts equal what `tinysam sub`
+    receives; returns (the detections entries, the expected detections, the label image)."""
+    reference = sub(daemon, *STANDING, "--count", "2")
+    assert all(r["masks"] == reference[0]["masks"] for r in reference), "the still frame's masks vary"
+    expected = expected_detections(reference[0], ["0", "1"])
+    assert len(expected) == 2
+
+    detections = wait_for("detections at the peer", lambda: messages(out, "detections")[:3], procs)
+    for entry in detections:
+        assert entry["frame_id"] == "camera"
+        assert abs(entry["stamp"][0] + entry["stamp"][1] * 1e-9 - time.time()) < 60
+        assert published(entry) == expected
+        assert all(d["theta"] == 0 and d["orientation_w"] == 1 and d["frame_id"] == "camera"
+                   for d in entry["detections"])
+
+    images = wait_for("label images at the peer", lambda: messages(out, "masks")[:2], procs)
+    labels = expected_labels(reference[0])
+    for entry in images:
+        assert (entry["width"], entry["height"], entry["step"]) == (200, 150, 400)
+        assert (entry["encoding"], entry["is_bigendian"]) == ("mono16", 0)
+        got = np.load(out / entry["npy"])
+        assert (got == labels).all(), f"label image differs at {int((got != labels).sum())} pixels"
+    return detections, expected, labels
+
+
+def check_daemon_restart(daemon, out, procs, expected):
+    """The daemon restarts: the bridge reconnects and the peer hears from it again."""
+    daemon.stop()
+    restarted = time.time()
+    daemon.start()
+    after = wait_for("detections after the restart",
+                     lambda: messages(out, "detections", since=restarted + 0.5)[:1], procs)
+    assert published(after[0]) == expected
+
+
+def check_prompt_answers(daemon, out, procs):
+    """The good box and the point of PEER_PROMPTS are answered, with their class ids, under the
+    bridge's `--frame-id cam0`."""
+    box = expected_detections(sub(daemon, "--once", "--box", "20,20,150,120")[0], ["1"])
+    point = expected_detections(sub(daemon, "--once", "--point", "100,75")[0], ["0"])
+
+    def answers():
+        seen = [published(e) for e in messages(out, "detections")]
+        return seen if box in seen and point in seen else None
+
+    wait_for("answers to the box and point prompts", answers, procs)
+    assert all(e["frame_id"] == "cam0" for e in messages(out, "detections"))
+
+
+def check_bridge_log(tmp_path, status, *, restarts=False, refusals=False):
+    """The bridge stopped cleanly, never panicked, connected once (twice across a daemon
+    restart) and, after PEER_PROMPTS, logged each refusal."""
+    log = (tmp_path / "bridge.log").read_text()
+    if restarts:
+        assert log.count("connected to tinysamd") == 2, log
+    if refusals:
+        assert "not all finite numbers" in log, log
+        assert "outside the 200x150 frame" in log, log
+        assert "unreadable message on ~/prompts" in log, log
+    assert "panicked" not in log, log
+    assert status == 0, log
+    return log

@@ -205,18 +205,24 @@ def detections_entry(m):
     }
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=pathlib.Path, required=True)
+def peer_arguments(ap):
+    """The options both peers take; returns a list that becomes non-empty on SIGTERM."""
+    ap.add_argument("--out", type=pathlib.Path)
     ap.add_argument("--domain", type=int, default=0)
     ap.add_argument("--boxes", default="", help="x0,y0,x1,y1;... (nan allowed: a malformed box)")
     ap.add_argument("--point", default="", help="x,y")
     ap.add_argument("--garbage", action="store_true")
     ap.add_argument("--seconds", type=float, default=600)
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    return stop
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    stop = peer_arguments(ap)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
 
     dp = DomainParticipant(args.domain)
     best_effort = Qos(Policy.Reliability.BestEffort, Policy.History.KeepLast(1))

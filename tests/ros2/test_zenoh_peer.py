@@ -18,14 +18,16 @@ import numpy as np
 from common import (
     FRAME,
     PEER_DIR,
+    PEER_PROMPTS,
+    STANDING,
     binary,
-    expected_detections,
-    expected_labels,
+    check_bridge_log,
+    check_daemon_restart,
+    check_prompt_answers,
+    check_standing_results,
     messages,
-    published,
     spawn,
     stop_process,
-    sub,
     wait_for,
 )
 from zenoh_peer import type_hash
@@ -82,38 +84,21 @@ def _graph(out):
 
 def test_standing_prompts_reach_a_zenoh_peer_with_rmw_zenoh_keys_and_graph(daemon, tmp_path):
     endpoint = f"tcp/127.0.0.1:{_free_port()}"
-    prompts = ["--point", "100,75", "--box", "20,20,150,120", "--box", "120,30,190,140"]
     # The bridge first: it must wait for a router that is not there yet.
-    bridge = _bridge(daemon, endpoint, tmp_path, *prompts, "--overlay")
+    bridge = _bridge(daemon, endpoint, tmp_path, *STANDING, "--overlay")
     time.sleep(1.0)
     router = spawn([sys.executable, str(PEER), "--router", endpoint], tmp_path / "router.log")
     out = tmp_path / "peer"
     peer = spawn([sys.executable, str(PEER), "--connect", endpoint, "--out", str(out)], tmp_path / "peer.log")
     procs = {"tinysam-ros2": bridge, "router": router, "peer": peer}
     try:
-        reference = sub(daemon, *prompts, "--count", "2")
-        assert all(r["masks"] == reference[0]["masks"] for r in reference), "the still frame's masks vary"
-        expected = expected_detections(reference[0], ["0", "1"])
-        assert len(expected) == 2
-
         # The peer subscribed with the exact type hashes, as rmw_zenoh does: these arrived because
         # the bridge's keys carry the real ones.
-        detections = wait_for("detections at the peer", lambda: messages(out, "detections")[:3], procs)
+        detections, expected, labels = check_standing_results(daemon, out, procs)
         for entry in detections:
-            assert entry["frame_id"] == "camera"
-            assert abs(entry["stamp"][0] + entry["stamp"][1] * 1e-9 - time.time()) < 60
-            assert published(entry) == expected
             assert abs(entry["attachment"]["time_ns"] * 1e-9 - time.time()) < 60
         sequences = [e["attachment"]["sequence"] for e in detections]
         assert sequences == sorted(set(sequences)) and sequences[0] >= 1, sequences
-
-        images = wait_for("label images at the peer", lambda: messages(out, "masks")[:2], procs)
-        labels = expected_labels(reference[0])
-        for entry in images:
-            assert (entry["width"], entry["height"], entry["step"]) == (200, 150, 400)
-            assert (entry["encoding"], entry["is_bigendian"]) == ("mono16", 0)
-            got = np.load(out / entry["npy"])
-            assert (got == labels).all(), f"label image differs at {int((got != labels).sum())} pixels"
 
         # The overlay: the frame (JPEG from the daemon) with those labels drawn over it.
         from PIL import Image as Picture
@@ -159,22 +144,13 @@ def test_standing_prompts_reach_a_zenoh_peer_with_rmw_zenoh_keys_and_graph(daemo
         }
         assert expect <= entities, entities
 
-        # The daemon restarts: the bridge reconnects and the peer hears from it again.
-        daemon.stop()
-        restarted = time.time()
-        daemon.start()
-        after = wait_for("detections after the restart",
-                         lambda: messages(out, "detections", since=restarted + 0.5)[:1], procs)
-        assert published(after[0]) == expected
+        check_daemon_restart(daemon, out, procs, expected)
     finally:
         bridge_status = stop_process(bridge)
         stop_process(peer)
         stop_process(router)
-    log = (tmp_path / "bridge.log").read_text()
+    log = check_bridge_log(tmp_path, bridge_status, restarts=True)
     assert "on Zenoh" in log, log
-    assert log.count("connected to tinysamd") == 2, log
-    assert "panicked" not in log, log
-    assert bridge_status == 0, log
 
 
 def test_prompts_from_a_zenoh_peer_are_answered_and_bad_ones_counted(daemon, tmp_path):
@@ -182,30 +158,14 @@ def test_prompts_from_a_zenoh_peer_are_answered_and_bad_ones_counted(daemon, tmp
     router = spawn([sys.executable, str(PEER), "--router", endpoint], tmp_path / "router.log")
     bridge = _bridge(daemon, endpoint, tmp_path, "--frame-id", "cam0")
     out = tmp_path / "peer"
-    # Index 0: a NaN box, index 1: a good box, index 2: a box outside the 200 x 150 frame; a point;
-    # and a payload that is not a Detection2DArray at all.
-    peer = spawn([sys.executable, str(PEER), "--connect", endpoint, "--out", str(out),
-                  "--boxes", "nan,1,2,3;20,20,150,120;500,500,600,600", "--point", "100,75", "--garbage"],
+    peer = spawn([sys.executable, str(PEER), "--connect", endpoint, "--out", str(out), *PEER_PROMPTS],
                  tmp_path / "peer.log")
     procs = {"tinysam-ros2": bridge, "router": router, "peer": peer}
     try:
-        box = expected_detections(sub(daemon, "--once", "--box", "20,20,150,120")[0], ["1"])
-        point = expected_detections(sub(daemon, "--once", "--point", "100,75")[0], ["0"])
-
-        def answers():
-            seen = [published(e) for e in messages(out, "detections")]
-            return seen if box in seen and point in seen else None
-
-        wait_for("answers to the box and point prompts", answers, procs)
-        assert all(e["frame_id"] == "cam0" for e in messages(out, "detections"))
+        check_prompt_answers(daemon, out, procs)
         assert bridge.poll() is None
     finally:
         bridge_status = stop_process(bridge)
         stop_process(peer)
         stop_process(router)
-    log = (tmp_path / "bridge.log").read_text()
-    assert "not all finite numbers" in log, log
-    assert "outside the 200x150 frame" in log, log
-    assert "unreadable message on ~/prompts" in log, log
-    assert "panicked" not in log, log
-    assert bridge_status == 0, log
+    check_bridge_log(tmp_path, bridge_status, refusals=True)

@@ -18,8 +18,6 @@ Two roles:
 import argparse
 import hashlib
 import json
-import pathlib
-import signal
 import struct
 import time
 
@@ -36,6 +34,7 @@ from peer import (
     box_detection,
     detections_entry,
     image_entry,
+    peer_arguments,
 )
 
 # REP-2016 field type ids.
@@ -148,15 +147,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--router", help="be a router listening on this endpoint")
     ap.add_argument("--connect", help="the router's endpoint")
-    ap.add_argument("--out", type=pathlib.Path)
-    ap.add_argument("--domain", type=int, default=0)
-    ap.add_argument("--boxes", default="", help="x0,y0,x1,y1;... (nan allowed: a malformed box)")
-    ap.add_argument("--point", default="", help="x,y")
-    ap.add_argument("--garbage", action="store_true")
-    ap.add_argument("--seconds", type=float, default=600)
+    stop = peer_arguments(ap)
     args = ap.parse_args()
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     end = time.time() + args.seconds
 
     if args.router:

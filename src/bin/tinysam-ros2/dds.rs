@@ -10,11 +10,14 @@ use ros2_client::dds::{Context, ContextOptions, Publisher, Subscription};
 use ros2_client::qos::{History, QosProfile, WhenFull};
 use ros2_client::{MessageTypeName, Name, NodeName, NodeOptions};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tinysam_edge::config::Ros2Settings;
 use tinysam_edge::ros2::messages::{
     CompressedImage, Detection2DArray, Image, PointStamped, RosMessage,
 };
-use tinysam_edge::ros2::{Bridge, FrameOutput, Publish};
+use tinysam_edge::ros2::Bridge;
+
+use crate::{Publishers, TopicPublisher};
 
 /// The sensor-data profile for images: best effort, only the newest kept.
 const IMAGE_QOS: QosProfile = QosProfile::subscription_default();
@@ -23,28 +26,10 @@ const RELIABLE_QOS: QosProfile = QosProfile::publisher_default()
     .reliability_reliable(WhenFull::DEFAULT)
     .history(History::KeepLast { depth: 10 });
 
-/// The bridge's publishers.
-struct Publishers {
-    masks: Publisher<Image>,
-    detections: Publisher<Detection2DArray>,
-    overlay: Option<Publisher<CompressedImage>>,
-}
-
-impl Publish for Publishers {
-    fn publish(&self, output: FrameOutput) -> Result<(), String> {
-        if let Some(image) = output.label_image {
-            self.masks
-                .publish(image)
-                .map_err(|e| format!("~/masks: {e:?}"))?;
-        }
-        if let (Some(publisher), Some(image)) = (&self.overlay, output.overlay) {
-            publisher
-                .publish(image)
-                .map_err(|e| format!("~/overlay: {e:?}"))?;
-        }
-        self.detections
-            .publish(output.detections)
-            .map_err(|e| format!("~/detections: {e:?}"))
+impl<M: Serialize> TopicPublisher<M> for Publisher<M> {
+    fn send(&self, message: M) -> Result<(), String> {
+        // Display, not Debug: a write error's Debug form carries the whole message (an image).
+        self.publish(message).map_err(|e| e.to_string())
     }
 }
 

@@ -28,7 +28,8 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tinysam_edge::config::{Config, ConfigError, Ros2Settings, Ros2Transport};
 use tinysam_edge::error_chain;
-use tinysam_edge::ros2::{Bridge, BridgeOptions, Publish};
+use tinysam_edge::ros2::messages::{CompressedImage, Detection2DArray, Image};
+use tinysam_edge::ros2::{Bridge, BridgeOptions, FrameOutput, Publish};
 
 use crate::prompt_flags::PromptFlags;
 
@@ -193,6 +194,42 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// The overlay's topic under the node's: image_transport's `compressed` transport of the base
 /// topic `~/overlay`, the name RViz's Image display and `rqt_image_view` subscribe to.
 const OVERLAY_TOPIC: &str = "overlay/compressed";
+
+/// One topic's publisher, whatever the middleware.
+trait TopicPublisher<M> {
+    /// Publish `message`; the error says why not.
+    fn send(&self, message: M) -> Result<(), String>;
+}
+
+/// The bridge's publishers on one middleware: what [`Bridge::run`] publishes each result to.
+struct Publishers<P, Q, R> {
+    masks: P,
+    detections: Q,
+    overlay: Option<R>,
+}
+
+impl<P, Q, R> Publish for Publishers<P, Q, R>
+where
+    P: TopicPublisher<Image>,
+    Q: TopicPublisher<Detection2DArray>,
+    R: TopicPublisher<CompressedImage>,
+{
+    fn publish(&self, output: FrameOutput) -> Result<(), String> {
+        if let Some(image) = output.label_image {
+            self.masks
+                .send(image)
+                .map_err(|e| format!("~/masks: {e}"))?;
+        }
+        if let (Some(publisher), Some(image)) = (&self.overlay, output.overlay) {
+            publisher
+                .send(image)
+                .map_err(|e| format!("~/{OVERLAY_TOPIC}: {e}"))?;
+        }
+        self.detections
+            .send(output.detections)
+            .map_err(|e| format!("~/detections: {e}"))
+    }
+}
 
 /// The topics the node publishes, for its start-up log line.
 fn published_topics(settings: &Ros2Settings) -> String {

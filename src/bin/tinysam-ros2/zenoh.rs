@@ -21,7 +21,9 @@ use tinysam_edge::ros2::messages::{
     CompressedImage, Detection2DArray, Image, PointStamped, RosMessage,
 };
 use tinysam_edge::ros2::rmw_zenoh::{self, EntityKind, NodeIds, Qos};
-use tinysam_edge::ros2::{Bridge, FrameOutput, Publish};
+use tinysam_edge::ros2::Bridge;
+
+use crate::{Publishers, TopicPublisher};
 use zenoh::handlers::FifoChannelHandler;
 use zenoh::liveliness::LivelinessToken;
 use zenoh::pubsub::Subscriber;
@@ -81,28 +83,9 @@ impl<M: RosMessage + Serialize> Publisher<M> {
     }
 }
 
-/// The bridge's publishers.
-struct Publishers {
-    masks: Publisher<Image>,
-    detections: Publisher<Detection2DArray>,
-    overlay: Option<Publisher<CompressedImage>>,
-}
-
-impl Publish for Publishers {
-    fn publish(&self, output: FrameOutput) -> Result<(), String> {
-        if let Some(image) = &output.label_image {
-            self.masks
-                .publish(image)
-                .map_err(|e| format!("~/masks: {e}"))?;
-        }
-        if let (Some(publisher), Some(image)) = (&self.overlay, &output.overlay) {
-            publisher
-                .publish(image)
-                .map_err(|e| format!("~/overlay: {e}"))?;
-        }
-        self.detections
-            .publish(&output.detections)
-            .map_err(|e| format!("~/detections: {e}"))
+impl<M: RosMessage + Serialize> TopicPublisher<M> for Publisher<M> {
+    fn send(&self, message: M) -> Result<(), String> {
+        self.publish(&message)
     }
 }
 
@@ -206,10 +189,16 @@ pub fn run(settings: &Ros2Settings, bridge: &Arc<Bridge>, stop: &AtomicBool) -> 
     let private = settings.private_namespace();
     let topic = |name: &str| format!("{private}/{name}");
     let publishers = Publishers {
-        masks: Publisher::declare(&session, &ids, 1, &topic("masks"), Qos::SensorData)?,
-        detections: Publisher::declare(&session, &ids, 2, &topic("detections"), Qos::Reliable)?,
+        masks: Publisher::<Image>::declare(&session, &ids, 1, &topic("masks"), Qos::SensorData)?,
+        detections: Publisher::<Detection2DArray>::declare(
+            &session,
+            &ids,
+            2,
+            &topic("detections"),
+            Qos::Reliable,
+        )?,
         overlay: match settings.publish_overlay {
-            true => Some(Publisher::declare(
+            true => Some(Publisher::<CompressedImage>::declare(
                 &session,
                 &ids,
                 5,
