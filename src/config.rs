@@ -259,8 +259,8 @@ pub struct Ros2Config {
     pub max_rate_hz: f32,
     /// Publish the `mono16` label image on `~/masks` (detections are always published).
     pub publish_masks: bool,
-    /// Publish the masks over the frame, JPEG, on `~/overlay` (for RViz; the daemon then sends
-    /// every result's frame).
+    /// Publish the masks over the frame, JPEG, on `~/overlay/compressed` (for RViz; the daemon
+    /// then sends every result's frame).
     pub publish_overlay: bool,
     /// Zenoh router to connect to (transport `zenoh`): `tcp/<host>:<port>`, rmw_zenohd's
     /// `tcp/127.0.0.1:7447` by default. `$ZENOH_SESSION_CONFIG_URI` replaces the whole session

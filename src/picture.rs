@@ -39,11 +39,6 @@ impl FramePicture {
         }
     }
 
-    /// The pixels.
-    pub fn image(&self) -> &RgbImage {
-        &self.image
-    }
-
     /// The frame as JPEG ([`JPEG_QUALITY`]), encoded by the first caller; an encoder error is
     /// kept and returned to every caller.
     pub fn jpeg(&self) -> Result<Arc<[u8]>, String> {

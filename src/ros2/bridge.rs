@@ -321,32 +321,34 @@ impl Bridge {
             (None, _) => Answering::Prompts(&[]),
         };
         let detections = convert::detections(masks, &header, &answering);
-        let label_image = if self.options.publish_masks {
-            match convert::label_image(masks, &header) {
-                Ok(image) => Some(image),
-                Err(e) => {
-                    let n = bump(&self.counters.convert_errors, 1);
-                    log::warn!(
-                        "frame {}: no label image: {e} ({n} so far)",
-                        masks.frame_seq
-                    );
-                    None
-                }
+        // The label image and the overlay are drawn from the same labels, computed once.
+        let (want_masks, want_overlay) = (self.options.publish_masks, self.options.publish_overlay);
+        let labels = match (want_masks || want_overlay).then(|| convert::labels(masks)) {
+            Some(Ok(labels)) => Some(labels),
+            Some(Err(e)) => {
+                let n = bump(&self.counters.convert_errors, 1);
+                log::warn!(
+                    "frame {}: no label image or overlay: {e} ({n} so far)",
+                    masks.frame_seq
+                );
+                None
             }
-        } else {
-            None
+            None => None,
         };
-        let overlay = if self.options.publish_overlay {
-            match convert::overlay(masks, &header) {
+        let label_image = labels
+            .as_deref()
+            .filter(|_| want_masks)
+            .map(|l| convert::label_image(masks, l, &header));
+        let overlay = match labels.as_deref().filter(|_| want_overlay) {
+            Some(l) => match convert::overlay(masks, l, &header) {
                 Ok(image) => Some(image),
                 Err(e) => {
                     let n = bump(&self.counters.convert_errors, 1);
                     log::warn!("frame {}: no overlay: {e} ({n} so far)", masks.frame_seq);
                     None
                 }
-            }
-        } else {
-            None
+            },
+            None => None,
         };
         match sink.publish(FrameOutput {
             label_image,

@@ -211,36 +211,36 @@ fn paint(
     Err(ConvertError::NoPixels { index })
 }
 
-/// The `mono16` label image of a result: pixel = 1 + index of the highest-scoring mask covering
-/// it (ties: the earlier mask), 0 where no mask is; little-endian, `step` = 2 × width.
-pub fn label_image(masks: &Masks, header: &Header) -> Result<Image, ConvertError> {
-    let labels = labels(masks)?;
-    let data = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok(Image {
+/// The `mono16` label image of a result from its [`labels`]: little-endian, `step` = 2 × width.
+pub fn label_image(masks: &Masks, labels: &[u16], header: &Header) -> Image {
+    Image {
         header: header.clone(),
         height: masks.height,
         width: masks.width,
         encoding: "mono16".into(),
         is_bigendian: 0,
-        step: masks.width * 2,
-        data,
-    })
+        step: masks.width.saturating_mul(2),
+        data: labels.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
 }
 
 /// JPEG quality of the overlay.
 const OVERLAY_QUALITY: u8 = 80;
 
 /// The result's masks over its frame (`Masks::frame_jpeg`), as a JPEG `CompressedImage`: the
-/// label image's regions ([`label_image`]: the highest-scoring mask wins) blended half over the
-/// frame in the palette of [`crate::overlay`], mask `i` in colour `i` (its detection's `id` is
-/// `i + 1`), outlined in full colour.
-pub fn overlay(masks: &Masks, header: &Header) -> Result<CompressedImage, ConvertError> {
+/// regions of its [`labels`] (the highest-scoring mask wins) blended half over the frame in the
+/// palette of [`crate::overlay`], mask `i` in colour `i` (its detection's `id` is `i + 1`),
+/// outlined in full colour. The frame is decoded strictly ([`crate::pixel::decode_image`]): a
+/// truncated or corrupt JPEG is an error, not a partly grey overlay.
+pub fn overlay(
+    masks: &Masks,
+    labels: &[u16],
+    header: &Header,
+) -> Result<CompressedImage, ConvertError> {
     let jpeg = masks.frame_jpeg.as_deref().ok_or(ConvertError::NoFrame)?;
-    let labels = labels(masks)?;
-    let mut frame = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
-        .map_err(|e| ConvertError::BadFrame(e.to_string()))?
-        .to_rgb8();
-    if !crate::overlay::draw_labels(&mut frame, &labels) {
+    let mut frame =
+        crate::pixel::decode_image(jpeg).map_err(|e| ConvertError::BadFrame(e.to_string()))?;
+    if !crate::overlay::draw_labels(&mut frame, labels) {
         return Err(ConvertError::BadFrame(format!(
             "{}x{}, the result is {}x{}",
             frame.width(),
@@ -260,9 +260,10 @@ pub fn overlay(masks: &Masks, header: &Header) -> Result<CompressedImage, Conver
     })
 }
 
-/// The label of every pixel, row-major: 1 + index of the highest-scoring mask covering it (ties:
-/// the earlier mask), 0 where no mask is.
-fn labels(masks: &Masks) -> Result<Vec<u16>, ConvertError> {
+/// The label of every pixel of a result, row-major: 1 + index of the highest-scoring mask
+/// covering it (ties: the earlier mask), 0 where no mask is. Both the label image and the overlay
+/// are drawn from it.
+pub fn labels(masks: &Masks) -> Result<Vec<u16>, ConvertError> {
     let (width, height) = (masks.width, masks.height);
     if !(1..=MAX_SIDE).contains(&width) || !(1..=MAX_SIDE).contains(&height) {
         return Err(ConvertError::FrameSize { width, height });
@@ -436,7 +437,7 @@ mod tests {
             4,
             2,
         );
-        let image = label_image(&m, &Header::default()).unwrap();
+        let image = label_image(&m, &labels(&m).unwrap(), &Header::default());
         let got: Vec<u16> = image
             .data
             .chunks_exact(2)
@@ -451,21 +452,21 @@ mod tests {
         let mut bad = mask(0.5, &[1, 0], 2, 1, 0);
         bad.rle = None;
         assert!(matches!(
-            label_image(&masks(vec![bad], 2, 1), &Header::default()),
+            labels(&masks(vec![bad], 2, 1)),
             Err(ConvertError::NoPixels { index: 0 })
         ));
         let mut short = mask(0.5, &[1, 0], 2, 1, 0);
         short.rle = None;
         short.bitmap = Some(vec![255]);
         assert!(matches!(
-            label_image(&masks(vec![short], 2, 1), &Header::default()),
+            labels(&masks(vec![short], 2, 1)),
             Err(ConvertError::BadPixels { .. })
         ));
         // An RLE of another size.
         let other = mask(0.5, &[1, 0, 1], 3, 1, 0);
-        assert!(label_image(&masks(vec![other], 2, 1), &Header::default()).is_err());
+        assert!(labels(&masks(vec![other], 2, 1)).is_err());
         assert!(matches!(
-            label_image(&masks(Vec::new(), 0, 10), &Header::default()),
+            labels(&masks(Vec::new(), 0, 10)),
             Err(ConvertError::FrameSize { .. })
         ));
     }
@@ -506,15 +507,18 @@ mod tests {
             frame_id: "cam".into(),
             ..Default::default()
         };
-        assert!(matches!(overlay(&m, &header), Err(ConvertError::NoFrame)));
+        let labels = labels(&m).unwrap();
+        assert!(matches!(
+            overlay(&m, &labels, &header),
+            Err(ConvertError::NoFrame)
+        ));
         let (frame, jpeg) = frame_jpeg(w, h);
         m.frame_jpeg = Some(jpeg);
-        let out = overlay(&m, &header).unwrap();
+        let out = overlay(&m, &labels, &header).unwrap();
         assert_eq!((out.format.as_str(), &out.header), ("jpeg", &header));
         let got = image::load_from_memory(&out.data).unwrap().to_rgb8();
         assert_eq!(got.dimensions(), (w, h));
         // What it should be: the label image blended by `draw_labels`, from the exact frame.
-        let labels = labels(&m).unwrap();
         let mut expected = frame.clone();
         assert!(crate::overlay::draw_labels(&mut expected, &labels));
         let diff: Vec<u32> = got
@@ -536,12 +540,12 @@ mod tests {
         // A frame of another size, or not a JPEG, is an error.
         m.frame_jpeg = Some(frame_jpeg(20, 30).1);
         assert!(matches!(
-            overlay(&m, &header),
+            overlay(&m, &labels, &header),
             Err(ConvertError::BadFrame(_))
         ));
         m.frame_jpeg = Some(vec![0xff, 0xd8, 1, 2, 3]);
         assert!(matches!(
-            overlay(&m, &header),
+            overlay(&m, &labels, &header),
             Err(ConvertError::BadFrame(_))
         ));
     }
@@ -669,7 +673,7 @@ mod tests {
         let mut best = f64::INFINITY;
         for _ in 0..5 {
             let t = std::time::Instant::now();
-            let image = label_image(&m, &Header::default()).unwrap();
+            let image = label_image(&m, &labels(&m).unwrap(), &Header::default());
             best = best.min(t.elapsed().as_secs_f64() * 1e3);
             assert_eq!(image.data.len(), (w * h * 2) as usize);
         }

@@ -11,12 +11,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tinysam_edge::config::Ros2Settings;
+use tinysam_edge::ros2::convert;
 use tinysam_edge::ros2::messages::{
     CompressedImage, Detection2DArray, Image, PointStamped, RosMessage,
 };
@@ -72,9 +72,7 @@ impl<M: RosMessage + Serialize> Publisher<M> {
             .sequence
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let now = i64::try_from(convert::realtime_now_ns()).unwrap_or(i64::MAX);
         self.inner
             .put(payload)
             .attachment(rmw_zenoh::attachment(sequence, now, &self.gid))
