@@ -193,18 +193,18 @@ pub(crate) fn attend<const FMA: bool, const R: usize, const WIDE: bool>(
             }
             continue;
         }
-        // With AVX2 and 32-value heads, two rows at a time in registers (8 independent
-        // chains: one row alone is 4, half what it takes to keep both FMA pipes busy).
-        // `FMA && !WIDE` on x86_64 is `head_avx2` only: `head_portable` has FMA there only on
-        // aarch64.
-        #[cfg(target_arch = "x86_64")]
+        // With 32-value heads (TinyViT's) on AVX2 or NEON, two rows at a time in registers:
+        // 8 (AVX2) or 16 (NEON) independent chains, where one row alone has 4, half of what
+        // keeps two FMA pipes busy. `FMA && !WIDE` is `head_avx2` on x86_64 (`head_portable`
+        // has FMA there only on aarch64) and `head_portable` on aarch64.
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         if FMA && !WIDE && R % 2 == 0 && d == 32 {
             for pair in 0..valid.div_ceil(2) {
                 let rr = 2 * pair;
-                // SAFETY: this is `head_avx2` (AVX2 and FMA present, see above); p holds R ≥
-                // rr + 2 rows of `cols ≥ n` scores, v holds n rows of 32 values.
+                // SAFETY: AVX2 and FMA are present on x86_64 (see above); p holds R ≥ rr + 2
+                // rows of `cols ≥ n` scores, v holds n rows of 32 values.
                 let sums = unsafe {
-                    weighted_pair_avx2(&p[rr * cols..(rr + 1) * cols + n], cols, &v[..n * 32], n)
+                    weighted_pair(&p[rr * cols..(rr + 1) * cols + n], cols, &v[..n * 32], n)
                 };
                 for (r, sum) in sums.iter().enumerate().take(valid - rr) {
                     let o = &mut out[(r0 + rr + r) * head.out_stride + head.out_at..][..d];
@@ -457,7 +457,7 @@ unsafe fn weighted_block_avx512(p: &[f32], cols: usize, v: &[f32], n: usize) -> 
 /// AVX2 and FMA present; `p` holds at least `cols + n` values, `v` at least `32 · n`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_pair_avx2(p: &[f32], cols: usize, v: &[f32], n: usize) -> [[f32; 32]; 2] {
+unsafe fn weighted_pair(p: &[f32], cols: usize, v: &[f32], n: usize) -> [[f32; 32]; 2] {
     use std::arch::x86_64::*;
     debug_assert!(p.len() >= cols + n && v.len() >= 32 * n);
     let z = _mm256_setzero_ps();
@@ -490,4 +490,39 @@ unsafe fn weighted_pair_avx2(p: &[f32], cols: usize, v: &[f32], n: usize) -> [[f
         }
     }
     sums
+}
+
+/// `Σ_j p[r][j] · v[j]` for the 2 rows `r` of `p` (`cols` apart) over the `n` rows of `v` (32
+/// values each): 16 accumulators in registers (of NEON's 32), each v row loaded once for both.
+///
+/// # Safety
+/// `p` holds at least `cols + n` values, `v` at least `32 · n`.
+#[cfg(target_arch = "aarch64")]
+unsafe fn weighted_pair(p: &[f32], cols: usize, v: &[f32], n: usize) -> [[f32; 32]; 2] {
+    use std::arch::aarch64::*;
+    debug_assert!(p.len() >= cols + n && v.len() >= 32 * n);
+    let (pp, vp) = (p.as_ptr(), v.as_ptr());
+    // SAFETY (all reads and writes): j < n, inside `p` and `v` per the contract; each sum row
+    // holds 32 values.
+    unsafe {
+        let z = vdupq_n_f32(0.0);
+        let mut a = [z; 8];
+        let mut b = [z; 8];
+        for j in 0..n {
+            let row = vp.add(32 * j);
+            let vr: [float32x4_t; 8] = std::array::from_fn(|c| vld1q_f32(row.add(4 * c)));
+            let (wa, wb) = (*pp.add(j), *pp.add(cols + j));
+            for c in 0..8 {
+                a[c] = vfmaq_n_f32(a[c], vr[c], wa);
+                b[c] = vfmaq_n_f32(b[c], vr[c], wb);
+            }
+        }
+        let mut sums = [[0f32; 32]; 2];
+        for (sum, acc) in sums.iter_mut().zip([a, b]) {
+            for (c, x) in acc.into_iter().enumerate() {
+                vst1q_f32(sum.as_mut_ptr().add(4 * c), x);
+            }
+        }
+        sums
+    }
 }

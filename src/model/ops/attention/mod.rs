@@ -753,6 +753,7 @@ mod tests {
             .collect();
         for (heads, n, d, bias) in [
             (2, 49, 32, true),
+            (2, 7, 32, false),
             (1, 13, 24, false),
             (3, 5, 16, true),
             (1, 20, 20, true),
