@@ -159,6 +159,9 @@ pub fn block_scratch(k: usize, rows: usize) -> Vec<f32> {
 pub trait Micro: Copy {
     /// Rows per block.
     const R: usize;
+    /// Whether code compiled for this kernel has fused multiply-adds (for the element-wise
+    /// work around the products, e.g. [`super::fastmath::gelu`]).
+    const FMA: bool;
     /// `out[r] = Σ_i a[r][i] · panel[i]` for `R` rows of `a` (row `r` starts at `r · lda`,
     /// `k = panel.len() / PANEL` values each) and one panel (`k` rows of [`PANEL`]); `out`
     /// holds `R` rows of [`PANEL`]. Panics if `a` is too short.
@@ -241,6 +244,7 @@ pub struct Scalar;
 
 impl Micro for Scalar {
     const R: usize = 2;
+    const FMA: bool = false;
 
     fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {
         let k = panel.len() / PANEL;
@@ -272,6 +276,7 @@ impl Avx512 {
 #[cfg(target_arch = "x86_64")]
 impl Micro for Avx512 {
     const R: usize = 8;
+    const FMA: bool = true;
 
     #[inline(always)]
     fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {
@@ -301,6 +306,7 @@ impl Avx2 {
 #[cfg(target_arch = "x86_64")]
 impl Micro for Avx2 {
     const R: usize = 3;
+    const FMA: bool = true;
 
     #[inline(always)]
     fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {
@@ -321,6 +327,7 @@ pub struct Neon;
 #[cfg(target_arch = "aarch64")]
 impl Micro for Neon {
     const R: usize = 3;
+    const FMA: bool = true;
 
     #[inline(always)]
     fn block(self, a: &[f32], lda: usize, panel: &[f32], out: &mut [f32]) {

@@ -14,6 +14,7 @@ use tract_onnx::tract_core::internal::*;
 
 use super::op::{OutAxis, QMatMulOp};
 use super::Layout;
+use crate::model::ops::fastmath;
 pub use crate::model::ops::fastmath::{erf, gelu_exact};
 use crate::model::ops::graph::{bias_add_after, is_gelu_exact, sole_consumer, Isa};
 
@@ -76,24 +77,30 @@ pub(super) fn apply_rows(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu:
                 apply_rows_avx2(rows, n, bias, gelu)
             }
         }
-        _ => apply_rows_generic(rows, n, bias, gelu),
+        // aarch64 always has fused multiply-adds; elsewhere they would be libm calls.
+        _ => apply_rows_generic::<{ cfg!(target_arch = "aarch64") }>(rows, n, bias, gelu),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn apply_rows_avx512(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
-    apply_rows_generic(rows, n, bias, gelu)
+    apply_rows_generic::<true>(rows, n, bias, gelu)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn apply_rows_avx2(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
-    apply_rows_generic(rows, n, bias, gelu)
+    apply_rows_generic::<true>(rows, n, bias, gelu)
 }
 
 #[inline(always)]
-fn apply_rows_generic(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bool) {
+fn apply_rows_generic<const FMA: bool>(
+    rows: &mut [f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    gelu: bool,
+) {
     for row in rows.chunks_exact_mut(n) {
         if let Some(bias) = bias {
             for (x, &b) in row.iter_mut().zip(bias) {
@@ -102,7 +109,7 @@ fn apply_rows_generic(rows: &mut [f32], n: usize, bias: Option<&[f32]>, gelu: bo
         }
         if gelu {
             for x in row.iter_mut() {
-                *x = gelu_exact(*x);
+                *x = fastmath::gelu(FMA, *x);
             }
         }
     }

@@ -11,7 +11,7 @@
 //! run time) and plainly (NEON with fused multiply-adds on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{gelu_exact, layer_norm};
+use super::super::fastmath::{gelu, layer_norm};
 use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -196,7 +196,7 @@ fn upscale<const FMA: bool, M: Micro>(
         product(m, up1, &w.up2, up2, block);
         for pixel in up2.chunks_exact_mut(c2) {
             for (x, &b) in pixel.iter_mut().zip(&w.bias2) {
-                *x = gelu_exact(*x + b);
+                *x = gelu(FMA, *x + b);
             }
         }
         // The K mask rows times the tile's 16·t pixels (rows of C2 channels, in (token, dy,
@@ -299,5 +299,5 @@ fn normalise<const FMA: bool>(row: &mut [f32], w: &Weights) {
     for (x, &b) in row.iter_mut().zip(&w.bias1) {
         *x += b;
     }
-    layer_norm::<FMA>(row, w.eps, &w.gamma, &w.beta, gelu_exact);
+    layer_norm::<FMA>(row, w.eps, &w.gamma, &w.beta, |x| gelu(FMA, x));
 }

@@ -12,7 +12,7 @@
 //! run time) and plainly (NEON with fused multiply-adds on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{gelu_exact, madd};
+use super::super::fastmath::{gelu, madd};
 use super::super::gemm::{
     block_scratch, product, same_bits, transpose, transpose_strided, Micro, PackedWeights,
 };
@@ -265,7 +265,7 @@ fn band<const FMA: bool, M: Micro>(
                     let projected = &planes[c * out_width..(c + 1) * out_width];
                     let bias = w.project_bias[c];
                     for ((o, &p), &r) in plane_row.iter_mut().zip(projected).zip(residual) {
-                        *o = gelu_exact((p + bias) + r);
+                        *o = gelu(FMA, (p + bias) + r);
                     }
                 }
             }
@@ -306,7 +306,7 @@ fn expand_row<M: Micro>(
     product(m, row, &w.expand, dst, block);
     for pixel in dst.chunks_exact_mut(w.hidden()) {
         for (v, &b) in pixel.iter_mut().zip(&w.expand_bias) {
-            *v = gelu_exact(*v + b);
+            *v = gelu(M::FMA, *v + b);
         }
     }
 }
@@ -342,7 +342,7 @@ fn depthwise_row<const FMA: bool>(
             }
         }
         for a in acc.iter_mut() {
-            *a = gelu_exact(*a);
+            *a = gelu(FMA, *a);
         }
     }
 }

@@ -11,7 +11,7 @@
 //! run time) and plainly (NEON with fused multiply-adds on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::gelu_exact;
+use super::super::fastmath::gelu;
 use super::super::gemm::{block_scratch, product, same_bits, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -276,7 +276,7 @@ fn middle_row<M: Micro>(
     product(m, patches, &w.first, dst, block);
     for pixel in dst.chunks_exact_mut(w.middle()) {
         for (v, &b) in pixel.iter_mut().zip(&w.first_bias) {
-            *v = gelu_exact(*v + b);
+            *v = gelu(M::FMA, *v + b);
         }
     }
 }
