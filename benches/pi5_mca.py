@@ -193,8 +193,12 @@ def main() -> int:
             if any(re.match(r"\s+shl\s+v\d+\.4s, v\d+\.4s, #23", l) for l in block):  # 2^n of exp
                 rows.append(("attention exp (fastmath.rs, rustc cortex-a76)", "cortex-a76", block, "exp", 8))
             elif macs(block) >= 64:
-                rows.append(("attention f32 product loop (kernel.rs, rustc cortex-a76)", "cortex-a76", block,
-                             "attention", 8))
+                # The weighted sums (two rows at a time, NEON intrinsics) load eight vectors of v per
+                # step; the scores loop two of kᵀ.
+                vector_loads = sum(2 if re.match(r"\s+ldp\s+q", l) else 0 for l in block)
+                what = ("weighted sums, 2 rows (kernel.rs, NEON intrinsics)" if vector_loads >= 8
+                        else "scores, 4 rows (kernel.rs, rustc cortex-a76)")
+                rows.append((f"attention f32 {what}", "cortex-a76", block, "attention", 8))
     table = ["| kernel loop | core | instructions | MACs / iteration | cycles / iteration (llvm-mca) | "
              "MACs / cycle | core peak |", "|---|---|---|---|---|---|---|"]
     rates: dict[str, list[float]] = {}
