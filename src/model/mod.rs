@@ -481,6 +481,10 @@ fn optimize_unguarded(
     if logits > 0 {
         log::debug!("{stage}: {logits} image->token outputs compute their own logits");
     }
+    let quantizes = qmatmul::rewrite_quantize(&mut typed).map_err(load_err)?;
+    if quantizes > 0 {
+        log::debug!("{stage}: {quantizes} quantizations on TinysamQuantize");
+    }
     // Last: the other rewrites match some of the same axis ops.
     let gathers = ops::rewrite_row_gathers(&mut typed).map_err(load_err)?;
     if gathers > 0 {

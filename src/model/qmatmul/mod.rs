@@ -29,6 +29,7 @@ pub mod epilogue;
 mod neon;
 mod op;
 mod portable;
+pub mod quantize_op;
 pub mod rewrite;
 mod vnni;
 
@@ -39,6 +40,7 @@ use tract_linalg::multithread::{current_tract_executor, Executor};
 pub use conv::{patch_order, Im2Col, PaddedImage, QConvOp};
 pub use epilogue::{fuse_epilogues, rewrite_gelu, Epilogue, GeluOp};
 pub use op::{as_int8_op, chain_products, fold_layer_norms, Int8Op, QMatMulOp};
+pub use quantize_op::{rewrite_quantize, QuantizeOp};
 pub use rewrite::{
     compare_with_tract, fuse_quantization, rewrite_quantized_matmuls, Agreement, RewriteReport,
 };
