@@ -198,7 +198,7 @@ pub(crate) fn attend<const FMA: bool, const R: usize, const WIDE: bool>(
         // keeps two FMA pipes busy. `FMA && !WIDE` is `head_avx2` on x86_64 (`head_portable`
         // has FMA there only on aarch64) and `head_portable` on aarch64.
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-        if FMA && !WIDE && R % 2 == 0 && d == 32 {
+        if FMA && !WIDE && R.is_multiple_of(2) && d == 32 {
             for pair in 0..valid.div_ceil(2) {
                 let rr = 2 * pair;
                 // SAFETY: AVX2 and FMA are present on x86_64 (see above); p holds R ≥ rr + 2
