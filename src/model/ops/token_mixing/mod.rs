@@ -296,10 +296,26 @@ impl EvalOp for ImageToTokenOutput {
                 .collect::<Option<_>>()
                 .context("query rows")?,
         };
-        let mut out = Tensor::zero::<f32>(&[batch, p, d])?;
+        ensure!(
+            p.is_multiple_of(TILE),
+            "TinysamImageToTokenOutput: {p} image tokens are not a multiple of {TILE}"
+        );
         let width = self.coefficient_width();
-        let mut coefficients =
-            Tensor::zero::<f32>(&[batch, p, if self.coefficients { width } else { 0 }])?;
+        // Not zeroed first (4 MB and 1 MB a prompt): every tile writes its rows whole.
+        // SAFETY: f32 has no invalid bit patterns; the tiles cover all `batch · p` image tokens
+        // (p is a multiple of TILE, checked above), and each writes its TILE output rows (the
+        // product, then the LayerNorm in place) and, with coefficients, its TILE rows of
+        // `width` values, before the tensors are read; on an error they are dropped unread.
+        let (mut out, mut coefficients) = unsafe {
+            (
+                Tensor::uninitialized::<f32>(&[batch, p, d])?,
+                Tensor::uninitialized::<f32>(&[
+                    batch,
+                    p,
+                    if self.coefficients { width } else { 0 },
+                ])?,
+            )
+        };
         let isa = Isa::detect();
         {
             let mut view = out.try_as_plain_ram_mut()?;
