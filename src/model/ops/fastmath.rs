@@ -62,32 +62,22 @@ pub fn exp_fused<const FMA: bool>(x: f32) -> f32 {
     p * scale
 }
 
-/// `0.5 · x · (1 + erf(x / √2))`, the order of operations of tract's `GeluExact`.
-#[inline(always)]
-pub fn gelu_exact(x: f32) -> f32 {
-    gelu(false, x)
-}
-
-/// [`gelu_exact`], with erf's polynomial in fused multiply-adds where `fused` says the calling
-/// code has them (a constant at every call site: FMA compiled in, or aarch64). Half the
-/// polynomial's instructions; the result moves by rounding only (within 1e-6 of tract's, as
-/// the unfused form).
+/// `0.5 · x · (1 + erf(x / √2))`, the order of operations of tract's `GeluExact`, with erf's
+/// polynomial in fused multiply-adds where `fused` says the calling code has them (a constant
+/// at every call site: FMA compiled in, or aarch64). The fused form has half the polynomial's
+/// instructions; it moves the result by rounding only (within 1e-6 of tract's, as the unfused
+/// form).
 #[inline(always)]
 pub fn gelu(fused: bool, x: f32) -> f32 {
-    (x * 0.5) * (erf_with(fused, x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+    (x * 0.5) * (erf(fused, x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
 }
 
 /// erf by Abramowitz & Stegun 7.1.28 (absolute error below 3e-7), the approximation tract's
-/// `Erf` uses, in a branch-free form the compiler vectorises.
-#[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    erf_with(false, x)
-}
-
-/// [`erf`], the polynomial in fused multiply-adds where `fused` (see [`gelu`]).
+/// `Erf` uses, in a branch-free form the compiler vectorises; the polynomial in fused
+/// multiply-adds where `fused` (see [`gelu`]).
 #[inline(always)]
 #[allow(clippy::excessive_precision)]
-pub fn erf_with(fused: bool, x: f32) -> f32 {
+pub fn erf(fused: bool, x: f32) -> f32 {
     const A: [f32; 6] = [
         0.070_523_078_4,
         0.042_282_012_3,

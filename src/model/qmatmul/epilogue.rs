@@ -15,7 +15,6 @@ use tract_onnx::tract_core::internal::*;
 use super::op::{OutAxis, QMatMulOp};
 use super::Layout;
 use crate::model::ops::fastmath;
-pub use crate::model::ops::fastmath::{erf, gelu_exact};
 use crate::model::ops::graph::{bias_add_after, is_gelu_exact, sole_consumer, Isa};
 
 /// Per-column bias and optional GELU applied to an f32 output of `n` columns.
