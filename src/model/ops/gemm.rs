@@ -51,9 +51,7 @@ impl PackedWeights {
         if k == 0 || n == 0 || k.checked_mul(n)? != b.len() {
             return None;
         }
-        let count = n.div_ceil(PANEL);
-        self.panels.clear();
-        self.panels.resize(count * k * PANEL, 0.0);
+        self.reset_panels(n.div_ceil(PANEL) * k * PANEL, n, k);
         for (p, panel) in self.panels.chunks_exact_mut(k * PANEL).enumerate() {
             let c0 = p * PANEL;
             let width = PANEL.min(n - c0);
@@ -73,9 +71,7 @@ impl PackedWeights {
         if rows == 0 || cols == 0 || rows.checked_mul(cols)? != a.len() {
             return None;
         }
-        let count = rows.div_ceil(PANEL);
-        self.panels.clear();
-        self.panels.resize(count * cols * PANEL, 0.0);
+        self.reset_panels(rows.div_ceil(PANEL) * cols * PANEL, rows, cols);
         for (panel, block) in self
             .panels
             .chunks_exact_mut(cols * PANEL)
@@ -89,6 +85,20 @@ impl PackedWeights {
         }
         (self.k, self.n) = (cols, rows);
         Some(())
+    }
+
+    /// Panels of `len` values for a matrix of `columns` columns in panels of `k` rows, ready to
+    /// be overwritten: every value a repack writes is written, so only the padding columns of
+    /// a partial last panel must be zero. A buffer of the same size (the loop case) keeps its
+    /// values and zeroes that last panel alone; any other is zeroed whole.
+    fn reset_panels(&mut self, len: usize, columns: usize, k: usize) {
+        if self.panels.len() != len {
+            self.panels.clear();
+            self.panels.resize(len, 0.0);
+        } else if !columns.is_multiple_of(PANEL) {
+            let last = len - k * PANEL;
+            self.panels[last..].fill(0.0);
+        }
     }
 
     /// The matrix again, `k` rows of `n` values, row-major.
@@ -198,8 +208,14 @@ pub fn product<M: Micro>(m: M, a: &[f32], w: &PackedWeights, c: &mut [f32], scra
             m.block(block, k, panel, acc);
             let c0 = p * PANEL;
             let width = PANEL.min(n - c0);
+            // A full panel's width is a constant, so its copy is a few vector moves rather than
+            // a call to memmove per row.
             for (row, acc) in out.chunks_exact_mut(n).zip(acc.chunks_exact(PANEL)) {
-                row[c0..c0 + width].copy_from_slice(&acc[..width]);
+                if width == PANEL {
+                    row[c0..c0 + PANEL].copy_from_slice(&acc[..PANEL]);
+                } else {
+                    row[c0..c0 + width].copy_from_slice(&acc[..width]);
+                }
             }
         }
     }
