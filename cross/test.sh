@@ -19,7 +19,8 @@
 # on the default model (300 s under qemu, 2026-12-04: two decoders of the default model built and
 # run 12 times each): the same comparison on the fixture runs here, on the same kernels. And the
 # ROS 2 bridge's daemon link against an in-process daemon (socket and thread Rust, timing-bound
-# like daemon::; its conversions' unit tests run here).
+# like daemon::; its conversions' unit tests run here). And the split decoder's profile (which
+# plans `tinysam bench --profile` runs: plan bookkeeping, like the plans test above).
 #
 # The Cortex-A76 runs everything else, our kernels for both kinds of core among it: the kernel
 # tests run every kernel the CPU supports, and an A76 supports the portable ones as well as the
@@ -36,6 +37,7 @@ cross_setup
 cd "$ROOT"
 skip=(--skip cli:: --skip tinysamd:: --skip daemon:: --skip wire::
     --skip parity::prepared_plans_leave_nothing_to_build_while_serving
+    --skip parity::split_decoder_profile_runs_the_plans_decode_runs
     --skip everything::hierarchical_skips_exactly_the_done_points
     --skip everything::small_region_cleanup_keeps_masks_consistent
     --skip row_gather::tests::the_fixture_encoders_keep_their_embeddings

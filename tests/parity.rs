@@ -520,6 +520,61 @@ fn prepared_plans_leave_nothing_to_build_while_serving() {
     }
 }
 
+/// `tinysam bench --profile` profiles the split decoder as `decode` runs it: a batch in chunks of
+/// `SPLIT_CHUNK` prompts on the prepared one-prompt plans (no plan for the whole batch is
+/// built), each node listed once with its time summed over the chunks.
+#[test]
+fn split_decoder_profile_runs_the_plans_decode_runs() {
+    use std::collections::HashSet;
+    use tinysam_edge::model::{DecoderForm, DecoderGraph, DecoderInput};
+
+    let seg = fresh_fp32(DecoderGraph::Auto);
+    let emb = embed_golden_input(&seg.model);
+    let decoder = &seg.model.decoder;
+    assert_eq!(decoder.form(), DecoderForm::Split);
+    decoder.prepare_plans(1).unwrap();
+    let built = decoder.plans_built();
+    // One point per prompt and SAM's padding point, as `Prompt::to_model` makes them.
+    let batch = |b: usize| DecoderInput {
+        points_per_prompt: 2,
+        coords: (0..b)
+            .flat_map(|i| [[40.0 + 30.0 * i as f32, 60.0], [0.0, 0.0]])
+            .collect(),
+        labels: [1.0, -1.0].repeat(b),
+        mask_input: None,
+    };
+    let nodes = |b: usize| -> Vec<String> {
+        let times = decoder.profile(&emb, &batch(b)).unwrap();
+        assert!(
+            times.windows(2).all(|w| w[0].time >= w[1].time),
+            "slowest first"
+        );
+        times.into_iter().map(|t| t.node).collect()
+    };
+    let (one, three) = (nodes(1), nodes(3));
+    assert_eq!(
+        decoder.plans_built(),
+        built,
+        "profiling built a plan decode never runs"
+    );
+    let unique: HashSet<&String> = three.iter().collect();
+    assert_eq!(unique.len(), three.len(), "a node listed twice");
+    assert_eq!(unique, one.iter().collect::<HashSet<_>>());
+    assert!(
+        three.iter().any(|n| n.starts_with("masks:")),
+        "mask graph profiled"
+    );
+    assert!(decoder
+        .profile(
+            &emb,
+            &DecoderInput {
+                labels: vec![1.0],
+                ..batch(3)
+            }
+        )
+        .is_err());
+}
+
 /// The one-graph decoder pads a batch up to its plan's size and runs large ones in chunks: each
 /// prompt's logits are those it gets alone.
 #[test]

@@ -719,32 +719,76 @@ impl Decoder {
         Ok((mask, has_mask))
     }
 
-    /// Per-node times of one run of the plans that decode `input` (per-frame tensors computed
-    /// and kept first), slowest first; the split form's mask-graph nodes are named `masks:…`.
+    /// Per-node times of the plans that decode `input` as [`Decoder::decode`] runs them, slowest
+    /// first; the split form's mask-graph nodes are named `masks:…`. The split form runs a
+    /// batch in chunks of [`SPLIT_CHUNK`] prompts on the plans of that size, so it is profiled
+    /// chunk by chunk on those plans (one thread, the chunks one after the other), each node's
+    /// time summed over the chunks; the per-frame tensors are computed once, before, and not
+    /// timed. The one-graph form runs the batch's own plan once.
     pub fn profile(
         &self,
         embedding: &Embedding,
         input: &DecoderInput,
     ) -> Result<Vec<super::profile::NodeTime>> {
-        let (plan, inputs, frame) = self.batch_inputs(embedding, input, None)?;
-        let (mut times, outputs) =
-            super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
-        if let Graphs::Split {
+        let Graphs::Split {
             masks, masks_path, ..
         } = &self.graphs
-        {
+        else {
+            let (plan, inputs, _) = self.batch_inputs(embedding, input, None)?;
+            let (times, _) = super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
+            return Ok(times);
+        };
+        let (b, n) = (input.batch(), input.points_per_prompt);
+        // A malformed batch gets batch_inputs' error from its first chunk.
+        let well_formed = n > 0 && input.coords.len() == b * n && input.labels.len() == b * n;
+        let chunks = if well_formed {
+            b.div_ceil(SPLIT_CHUNK)
+        } else {
+            1
+        };
+        let mut frame = None;
+        let mut times: Vec<super::profile::NodeTime> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for c in 0..chunks {
+            let chunk = if well_formed {
+                let (first, end) = (c * SPLIT_CHUNK, ((c + 1) * SPLIT_CHUNK).min(b));
+                DecoderInput {
+                    points_per_prompt: n,
+                    coords: input.coords[first * n..end * n].to_vec(),
+                    labels: input.labels[first * n..end * n].to_vec(),
+                    mask_input: input.mask_input.clone(),
+                }
+            } else {
+                input.clone()
+            };
+            let (plan, inputs, kept) = self.batch_inputs(embedding, &chunk, frame.as_ref())?;
+            let (prompt_times, outputs) =
+                super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
             let outputs: Vec<Tensor> = outputs.into_iter().map(|t| t.into_tensor()).collect();
             let shapes: Vec<Vec<usize>> = outputs.iter().map(|t| t.shape().to_vec()).collect();
-            let plan = self.mask_plan((masks, masks_path), &shapes)?;
-            let inputs = self.mask_plan_inputs(frame.as_deref(), outputs)?;
+            let mask_plan = self.mask_plan((masks, masks_path), &shapes)?;
+            let mask_inputs = self.mask_plan_inputs(kept.as_deref(), outputs)?;
             let (mask_times, _) =
-                super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
-            times.extend(mask_times.into_iter().map(|mut t| {
-                t.node = format!("masks:{}", t.node);
-                t
-            }));
-            times.sort_by_key(|t| std::cmp::Reverse(t.time));
+                super::profile::profile_values(&mask_plan, mask_inputs).map_err(infer_err)?;
+            let chunk_times =
+                prompt_times
+                    .into_iter()
+                    .chain(mask_times.into_iter().map(|mut t| {
+                        t.node = format!("masks:{}", t.node);
+                        t
+                    }));
+            for t in chunk_times {
+                match index.get(&t.node).and_then(|&i| times.get_mut(i)) {
+                    Some(sum) => sum.time += t.time,
+                    None => {
+                        index.insert(t.node.clone(), times.len());
+                        times.push(t);
+                    }
+                }
+            }
+            frame = kept;
         }
+        times.sort_by_key(|t| std::cmp::Reverse(t.time));
         Ok(times)
     }
 

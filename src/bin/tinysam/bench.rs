@@ -325,8 +325,13 @@ fn print_decoder_profile(
     let decoder = &seg.model.decoder;
     let times = decoder.profile(emb, &input)?;
     let total: Duration = times.iter().map(|t| t.time).sum();
+    // The split form decodes a batch in chunks (`Decoder::profile` runs them as `decode` does).
+    let chunks = match decoder.form() {
+        model::DecoderForm::Split => format!(" in chunks of {}", model::decoder::SPLIT_CHUNK),
+        model::DecoderForm::OneGraph => String::new(),
+    };
     let title = format!(
-        "decoder ({} {}, batch {}, encoder {p}): {:.1} ms,",
+        "decoder ({} {}, batch {}{chunks}, encoder {p}): {:.1} ms,",
         decoder.form(),
         decoder.precision,
         prompts.len(),
