@@ -67,6 +67,28 @@ impl DecoderInput {
             .checked_div(self.points_per_prompt)
             .unwrap_or(0)
     }
+
+    /// Whether the coordinates and labels hold `points_per_prompt` points for every prompt.
+    fn well_formed(&self) -> bool {
+        let points = self.batch() * self.points_per_prompt;
+        self.coords.len() == points && self.labels.len() == points
+    }
+
+    /// Chunk `c` of the batch cut into chunks of [`SPLIT_CHUNK`] prompts, as the split form
+    /// runs it: the chunk's prompts (indices in this batch) and the chunk as a batch of its own,
+    /// with the same mask input. Panics if the batch is not well formed or has no chunk `c`.
+    fn split_chunk(&self, c: usize) -> (std::ops::Range<usize>, DecoderInput) {
+        let n = self.points_per_prompt;
+        let first = c * SPLIT_CHUNK;
+        let end = (first + SPLIT_CHUNK).min(self.batch());
+        let chunk = DecoderInput {
+            points_per_prompt: n,
+            coords: self.coords[first * n..end * n].to_vec(),
+            labels: self.labels[first * n..end * n].to_vec(),
+            mask_input: self.mask_input.clone(),
+        };
+        (first..end, chunk)
+    }
 }
 
 /// Decoder output for a batch: (B, K, m, m) logits and (B, K) predicted IoU.
@@ -738,29 +760,16 @@ impl Decoder {
             let (times, _) = super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
             return Ok(times);
         };
-        let (b, n) = (input.batch(), input.points_per_prompt);
-        // A malformed batch gets batch_inputs' error from its first chunk.
-        let well_formed = n > 0 && input.coords.len() == b * n && input.labels.len() == b * n;
-        let chunks = if well_formed {
-            b.div_ceil(SPLIT_CHUNK)
-        } else {
-            1
-        };
+        let b = input.batch();
+        if input.points_per_prompt == 0 || b == 0 || !input.well_formed() {
+            // batch_inputs names what is wrong with the batch.
+            self.batch_inputs(embedding, input, None)?;
+        }
         let mut frame = None;
         let mut times: Vec<super::profile::NodeTime> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        for c in 0..chunks {
-            let chunk = if well_formed {
-                let (first, end) = (c * SPLIT_CHUNK, ((c + 1) * SPLIT_CHUNK).min(b));
-                DecoderInput {
-                    points_per_prompt: n,
-                    coords: input.coords[first * n..end * n].to_vec(),
-                    labels: input.labels[first * n..end * n].to_vec(),
-                    mask_input: input.mask_input.clone(),
-                }
-            } else {
-                input.clone()
-            };
+        for c in 0..b.div_ceil(SPLIT_CHUNK) {
+            let (_, chunk) = input.split_chunk(c);
             let (plan, inputs, kept) = self.batch_inputs(embedding, &chunk, frame.as_ref())?;
             let (prompt_times, outputs) =
                 super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
@@ -921,9 +930,8 @@ impl Decoder {
         input: &DecoderInput,
         min_iou: Option<f32>,
     ) -> Result<(MaskLogits, Vec<usize>)> {
-        let (b, n) = (input.batch(), input.points_per_prompt);
+        let b = input.batch();
         let (k, m) = (self.masks_per_prompt, self.mask_size);
-        let well_formed = input.coords.len() == b * n && input.labels.len() == b * n;
         let promising = |iou: &[f32]| min_iou.is_none_or(|t| iou.iter().any(|&v| v > t));
         let mut masks = Vec::new();
         let mut iou = Vec::new();
@@ -935,21 +943,15 @@ impl Decoder {
                 masks_path,
                 frame: frame_plan,
                 ..
-            } if well_formed => {
+            } if input.well_formed() => {
                 // The per-frame tensors once for every chunk (with a mask input they are not
                 // kept with the embedding).
                 let frame =
                     self.frame_tensors(frame_plan, embedding, input.mask_input.as_deref())?;
                 let chunks = b.div_ceil(SPLIT_CHUNK);
                 let decoded = spread_over_threads(chunks, |c| {
-                    let first = c * SPLIT_CHUNK;
-                    let end = (first + SPLIT_CHUNK).min(b);
-                    let chunk = DecoderInput {
-                        points_per_prompt: n,
-                        coords: input.coords[first * n..end * n].to_vec(),
-                        labels: input.labels[first * n..end * n].to_vec(),
-                        mask_input: input.mask_input.clone(),
-                    };
+                    let (prompts, chunk) = input.split_chunk(c);
+                    let (first, end) = (prompts.start, prompts.end);
                     let outputs = self.run_prompts(embedding, &chunk, &frame)?;
                     let scores = outputs
                         .get(2)
