@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Installed once per machine (~/.cargo/bin), a pinned version so every machine packages alike;
 # without its liblzma and ELF-parsing features (C code and crates to compile on every fresh CI
-# machine): the check below compresses with the system's gzip.
+# machine): the check below compresses with the system's gzip. A debug build (`--debug`): it
+# compiles in 20 s instead of ~40-80 s on a fresh machine, and packages as fast, since its work is
+# copying files and running the system's strip, gzip or xz (tests/TIMINGS.md, 2026-12-05).
 command -v cargo-deb >/dev/null ||
-    cargo install cargo-deb --version 3.8.0 --locked --quiet --no-default-features
+    cargo install cargo-deb --version 3.8.0 --locked --quiet --no-default-features --debug
 # The check packages with `gzip -1` (`--fast -Z gz --compress-system`): the same files, control
 # data and maintainer scripts as a release package (`cargo deb`, xz), but ~3 s to compress the
 # default model's 74 MB of incompressible float weights instead of 40-100 s (tests/TIMINGS.md).
