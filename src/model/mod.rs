@@ -437,6 +437,10 @@ fn optimize_unguarded(
     if norms > 0 {
         log::debug!("{stage}: {norms} LayerNorms on TinysamLayerNorm");
     }
+    let channel_norms = ops::rewrite_channel_layer_norm(&mut typed).map_err(load_err)?;
+    if channel_norms > 0 {
+        log::debug!("{stage}: {channel_norms} channel LayerNorms on TinysamChannelLayerNorm");
+    }
     let folded = qmatmul::fold_layer_norms(&mut typed).map_err(load_err)?;
     if folded > 0 {
         log::debug!("{stage}: {folded} LayerNorms normalise rows as an int8 product packs them");

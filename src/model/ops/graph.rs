@@ -61,16 +61,10 @@ pub(crate) fn const_operand<M: BinMiniOp>(
     Ok(None)
 }
 
-/// The values of an f32 constant shaped `[1, …, 1, n]` with at most `rank` axes: one per
-/// column of a rank-`rank` tensor it broadcasts over without changing its shape.
-pub(crate) fn row_vector(t: &Tensor, n: usize, rank: usize) -> TractResult<Option<Vec<f32>>> {
-    axis_vector(t, n, rank, 0)
-}
-
 /// The values of an f32 constant shaped `[1, …, 1, n]` followed by `trailing` axes of 1, with
 /// at most `rank` axes: one per index of the axis `trailing + 1` from the end of a rank-`rank`
-/// tensor it broadcasts over without changing its shape (`trailing = 0`: a [`row_vector`];
-/// `trailing = 2`: one per channel of a CHW map).
+/// tensor it broadcasts over without changing its shape (`trailing = 0`: one per column of
+/// rows; `trailing = 2`: one per channel of a CHW map).
 pub(crate) fn axis_vector(
     t: &Tensor,
     n: usize,

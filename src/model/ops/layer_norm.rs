@@ -18,7 +18,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
 
-use super::graph::{const_operand, row_vector, sole_consumer};
+use super::graph::{axis_vector, const_operand, sole_consumer};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 
 /// `(x - mean) / sqrt(var + eps) · γ + β` over the last axis (`γ`, `β` one per element of it,
@@ -201,7 +201,7 @@ pub fn rewrite_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
         let Some(rms) = node.op_as::<RmsNorm>() else {
             continue;
         };
-        let Some(plan) = plan(model, node, rms)? else {
+        let Some(plan) = plan(model, node, rms, 0)? else {
             continue;
         };
         let mut patch = TypedModelPatch::new(format!("layer norm at {}", node.name));
@@ -216,17 +216,22 @@ pub fn rewrite_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// (input, last outlet of the chain, op) for the chain around `rms_node`.
+///
+/// The chain normalises the axis `trailing + 1` from the end: 0 for rows (the last axis), 2 for
+/// the channels of an NCHW map.
 fn plan(
     model: &TypedModel,
     rms_node: &TypedNode,
     rms: &RmsNorm,
+    trailing: usize,
 ) -> TractResult<Option<(OutletId, OutletId, LayerNormOp)>> {
     let d_fact = model.outlet_fact(rms_node.inputs[0])?;
     let rank = d_fact.rank();
-    if d_fact.datum_type != f32::datum_type() || rank == 0 || rms.axis + 1 != rank {
+    if d_fact.datum_type != f32::datum_type() || rms.axis + 1 + trailing != rank {
         return Ok(None);
     }
-    let Some(c) = d_fact.shape[rank - 1].to_usize().ok() else {
+    let axis = rms.axis;
+    let Some(c) = d_fact.shape[axis].to_usize().ok() else {
         return Ok(None);
     };
     // d = Sub(x, mean), mean = Mul(Reduce<Sum>(x), 1/c)
@@ -252,7 +257,7 @@ fn plan(
     let sum = model.node(sum_outlet.node);
     let sum_ok = sum
         .op_as::<Reduce>()
-        .is_some_and(|r| r.reducer == Reducer::Sum && r.axes.as_slice() == [rank - 1])
+        .is_some_and(|r| r.reducer == Reducer::Sum && r.axes.as_slice() == [axis])
         && sum.inputs.first() == Some(&x);
     // The mean and the sum feed only this chain.
     if !recip_ok
@@ -272,7 +277,7 @@ fn plan(
     let mut last = OutletId::new(rms_node.id, 0);
     if let Some(next) = sole_consumer(model, last) {
         if let Some((g, _)) = const_operand::<Mul>(model, model.node(next))? {
-            if let Some(g) = row_vector(&g, c, rank)? {
+            if let Some(g) = axis_vector(&g, c, rank, trailing)? {
                 op.gamma = Some(Arc::new(g));
                 last = OutletId::new(next, 0);
             }
@@ -280,13 +285,181 @@ fn plan(
     }
     if let Some(next) = sole_consumer(model, last) {
         if let Some((b, _)) = const_operand::<Add>(model, model.node(next))? {
-            if let Some(b) = row_vector(&b, c, rank)? {
+            if let Some(b) = axis_vector(&b, c, rank, trailing)? {
                 op.beta = Some(Arc::new(b));
                 last = OutletId::new(next, 0);
             }
         }
     }
     Ok(Some((x, last, op)))
+}
+
+/// [`LayerNormOp`]'s normalisation over the channels of an `N × C × …` map (axis 1, every axis
+/// after it one pixel): the neck's `LayerNorm2d`. tract runs that chain as five passes on one
+/// thread; this op runs each block of pixels of every channel plane at once, threaded over the
+/// blocks, with the arithmetic of tract's chain over a non-last axis: sums in channel order, the
+/// mean of squares scaled by the output/input length ratio, `1 / sqrt(ms + eps)`, then γ and β
+/// as two roundings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelLayerNormOp {
+    /// ε, 1/C, γ and β, one per channel.
+    pub norm: LayerNormOp,
+}
+
+/// Pixels of one task: 16 cache lines of each channel plane.
+const PIXEL_BLOCK: usize = 256;
+
+impl Op for ChannelLayerNormOp {
+    fn name(&self) -> StaticName {
+        "TinysamChannelLayerNorm".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let mut info = self.norm.info()?;
+        info.push("over axis 1 (channels), threaded over pixel blocks".into());
+        Ok(info)
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ChannelLayerNormOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1, "TinysamChannelLayerNorm takes one input");
+        let mut t = inputs
+            .into_iter()
+            .next()
+            .context("one input")?
+            .into_tensor();
+        ensure!(
+            t.rank() >= 2,
+            "a channel LayerNorm needs N × C × …, got {:?}",
+            t.shape()
+        );
+        let c = t.shape()[1];
+        let inner: usize = t.shape()[2..].iter().product();
+        for v in [&self.norm.gamma, &self.norm.beta].into_iter().flatten() {
+            ensure!(
+                v.len() == c,
+                "LayerNorm over {c} channels with {} parameters",
+                v.len()
+            );
+        }
+        if c == 0 || inner == 0 || t.len() == 0 {
+            return Ok(tvec!(t.into_tvalue()));
+        }
+        // tract's mean of squares: the sum times output length / input length.
+        let norm = (t.len() / c) as f32 / t.len() as f32;
+        {
+            let mut view = t.try_as_plain_ram_mut()?;
+            let data = view.as_slice_mut::<f32>()?;
+            // Every image's channel planes, cut into blocks of pixels: task b gets block b of
+            // each plane of its image.
+            let mut tasks: Vec<Vec<&mut [f32]>> = Vec::new();
+            for image in data.chunks_exact_mut(c * inner) {
+                let first = tasks.len();
+                tasks.extend((0..inner.div_ceil(PIXEL_BLOCK)).map(|_| Vec::with_capacity(c)));
+                for plane in image.chunks_exact_mut(inner) {
+                    for (task, block) in
+                        tasks[first..].iter_mut().zip(plane.chunks_mut(PIXEL_BLOCK))
+                    {
+                        task.push(block);
+                    }
+                }
+            }
+            let run = |planes: &mut Vec<&mut [f32]>| self.normalise_block(planes, norm);
+            match tract_linalg::multithread::current_tract_executor() {
+                tract_linalg::multithread::Executor::MultiThread(pool) if tasks.len() > 1 => {
+                    use rayon::prelude::*;
+                    pool.install(|| tasks.par_iter_mut().for_each(run));
+                }
+                _ => tasks.iter_mut().for_each(run),
+            }
+        }
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl ChannelLayerNormOp {
+    /// Normalise one block of pixels, given as the same pixels of every channel plane in channel
+    /// order; `norm` turns a sum of squares into their mean as tract does.
+    fn normalise_block(&self, planes: &mut [&mut [f32]], norm: f32) {
+        let Some(width) = planes.first().map(|p| p.len()) else {
+            return;
+        };
+        let mut sum = [0f32; PIXEL_BLOCK];
+        let sum = &mut sum[..width];
+        for plane in planes.iter() {
+            for (s, &x) in sum.iter_mut().zip(plane.iter()) {
+                *s += x;
+            }
+        }
+        let mut squares = [0f32; PIXEL_BLOCK];
+        let squares = &mut squares[..width];
+        for plane in planes.iter_mut() {
+            for ((x, &s), q) in plane.iter_mut().zip(sum.iter()).zip(squares.iter_mut()) {
+                *x -= s * self.norm.recip;
+                *q += *x * *x;
+            }
+        }
+        // 1 / sqrt(mean of squares + ε), per pixel.
+        for q in squares.iter_mut() {
+            *q = (*q * norm + self.norm.eps).sqrt().recip();
+        }
+        let (gamma, beta) = (self.norm.gamma.as_deref(), self.norm.beta.as_deref());
+        for (ch, plane) in planes.iter_mut().enumerate() {
+            for (x, &r) in plane.iter_mut().zip(squares.iter()) {
+                *x *= r;
+            }
+            if let Some(g) = gamma.and_then(|g| g.get(ch)) {
+                plane.iter_mut().for_each(|x| *x *= g);
+            }
+            if let Some(b) = beta.and_then(|b| b.get(ch)) {
+                plane.iter_mut().for_each(|x| *x += b);
+            }
+        }
+    }
+}
+
+impl TypedOp for ChannelLayerNormOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs[0].datum_type == f32::datum_type() && inputs[0].rank() == 4,
+            "TinysamChannelLayerNorm is f32 N × C × H × W only"
+        );
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// Replace every `Reduce<Sum> → Mul(1/C) → Sub → RmsNorm → Mul(γ)? → Add(β)?` chain over axis 1
+/// of an f32 `N × C × H × W` map by [`ChannelLayerNormOp`]; returns how many.
+pub fn rewrite_channel_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(rms) = node.op_as::<RmsNorm>() else {
+            continue;
+        };
+        if model.outlet_fact(node.inputs[0])?.rank() != 4 {
+            continue;
+        }
+        let Some((x, last, norm)) = plan(model, node, rms, 2)? else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::new(format!("channel layer norm at {}", node.name));
+        let tap = patch.tap_model(model, x)?;
+        let op = ChannelLayerNormOp { norm };
+        let out = patch.wire_node(format!("{}.channel_layer_norm", node.name), op, &[tap])?[0];
+        patch.shunt_outside(model, last, out)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    model.compact()?;
+    Ok(replaced)
 }
 
 #[cfg(test)]
@@ -314,6 +487,76 @@ mod tests {
             "fixture FP32 encoder: {n} LayerNorms fused, largest difference {err:e} of {scale}"
         );
         assert_eq!(err, 0.0, "{err} of {scale}");
+        Ok(())
+    }
+
+    /// The fixture's encoders (FP32 and INT8) with the neck's channel LayerNorms on our op
+    /// against the same graphs with tract's chains.
+    #[test]
+    fn channel_layer_norms_keep_the_fixture_encoders_output() -> TractResult<()> {
+        for precision in [Precision::Fp32, Precision::Int8] {
+            let (tract_chains, s) = decluttered_encoder(&fixture_dir(), precision);
+            let mut ours = tract_chains.clone();
+            let n = rewrite_channel_layer_norm(&mut ours)?;
+            assert_eq!(
+                n, 2,
+                "{precision:?}: {n} channel LayerNorms replaced, the neck has 2"
+            );
+            let input = pattern_input(s);
+            let (err, scale) = max_difference(
+                &run_first_output(ours, &input)?,
+                &run_first_output(tract_chains, &input)?,
+            );
+            eprintln!("fixture {precision:?} encoder: largest difference {err:e} of {scale}");
+            assert_eq!(err, 0.0, "{precision:?}: {err} of {scale}");
+        }
+        Ok(())
+    }
+
+    /// Odd shapes (a block wider than the map, a last block that is partial, two images) against
+    /// the definition, and threaded equal to single-threaded to the bit.
+    #[test]
+    fn channels_normalise_like_the_definition() -> TractResult<()> {
+        use crate::model::test_support::pattern_tensor;
+        for shape in [[1, 5, 3, 7], [2, 3, 17, 19], [1, 1, 2, 2]] {
+            let c = shape[1];
+            let op = ChannelLayerNormOp {
+                norm: LayerNormOp {
+                    eps: 1e-6,
+                    recip: 1.0 / c as f32,
+                    gamma: Some(Arc::new((0..c).map(|i| 0.5 + i as f32).collect())),
+                    beta: Some(Arc::new((0..c).map(|i| i as f32 * 0.1 - 0.2).collect())),
+                },
+            };
+            let x = pattern_tensor(&shape, 3, 4.0);
+            let run = |threads: usize| -> TractResult<Vec<f32>> {
+                let executor = if threads > 1 {
+                    tract_linalg::multithread::Executor::multithread(threads)
+                } else {
+                    tract_linalg::multithread::Executor::SingleThread
+                };
+                tract_linalg::multithread::multithread_tract_scope(executor, || {
+                    let y = op.eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))?;
+                    Ok(y[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+                })
+            };
+            let (one, two) = (run(1)?, run(2)?);
+            assert_eq!(one, two, "{shape:?}: threaded differs");
+            let xs = x.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+            let inner = shape[2] * shape[3];
+            for (i, &got) in one.iter().enumerate() {
+                let (image, ch, pixel) = (i / (c * inner), i / inner % c, i % inner);
+                let lane = |k: usize| f64::from(xs[(image * c + k) * inner + pixel]);
+                let mean = (0..c).map(lane).sum::<f64>() / c as f64;
+                let var = (0..c).map(|k| (lane(k) - mean).powi(2)).sum::<f64>() / c as f64;
+                let want = (lane(ch) - mean) / (var + 1e-6).sqrt() * (0.5 + ch as f64)
+                    + (ch as f64 * 0.1 - 0.2);
+                assert!(
+                    (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{shape:?} [{i}]: {got} vs {want}"
+                );
+            }
+        }
         Ok(())
     }
 

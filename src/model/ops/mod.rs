@@ -29,7 +29,9 @@ pub use attention::{
     fuse_attention_quantization, rewrite_window_attention, AttentionQuant, AttentionReport,
     WindowAttention,
 };
-pub use layer_norm::{rewrite_layer_norm, LayerNormOp};
+pub use layer_norm::{
+    rewrite_channel_layer_norm, rewrite_layer_norm, ChannelLayerNormOp, LayerNormOp,
+};
 pub use mask_upscaling::{rewrite_mask_upscaling, MaskUpscaling};
 pub use mbconv::{rewrite_mbconv, MbConv};
 pub use row_gather::{rewrite_row_gathers, RowGather};

@@ -585,3 +585,75 @@ fn qmatmul_speed() {
         );
     });
 }
+
+/// Not a test: `cargo test --release --lib qconv_speed -- --ignored --nocapture` times the
+/// neck's 3×3 convolution (256 → 256 channels on 64 × 64, f32 in and out) on this CPU's fastest
+/// kernel at 1 and 2 threads: the padded HWC copy and the product apart, best of 5.
+#[test]
+#[ignore]
+fn qconv_speed() {
+    use super::conv::ConvGeometry;
+    let geometry = ConvGeometry {
+        input: [256, 64, 64],
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pad_before: [1, 1],
+        output: [64, 64],
+    };
+    let (k, n) = (geometry.depth(), 256);
+    let kernel = Kernel::detect();
+    let packed = PackedB::from_row_major(kernel, k, n, &values(k * n, 2));
+    let requant = Requant {
+        bias: (0..n).map(|j| j as i32 * 37 - 200).collect(),
+        scale: vec![0.0001; n],
+        zero_point: 0,
+    };
+    let q = Quantize {
+        scale: 50.0,
+        zero_point: 0,
+    };
+    let dq = Dequantize {
+        scale: 0.05,
+        zero_point: 0,
+    };
+    let x: Vec<f32> = values(256 * 64 * 64, 1)
+        .iter()
+        .map(|&v| v as f32 * 0.02)
+        .collect();
+    let time = |f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    for threads in [1, 2] {
+        let executor = tract_linalg::multithread::Executor::multithread(threads);
+        tract_linalg::multithread::multithread_tract_scope(executor, || {
+            let pad_ms = time(&mut || {
+                std::hint::black_box(PaddedImage::new(Activations::F32(&x, q), geometry));
+            });
+            let padded = PaddedImage::new(Activations::F32(&x, q), geometry);
+            let patches = Im2Col { image: &padded };
+            let mut y = vec![0f32; n * 64 * 64];
+            let product_ms = time(&mut || {
+                let out = Output::F32(&mut y, dq);
+                qmatmul(&patches, &packed, &requant, out, Layout::ColMajor).unwrap();
+            });
+            let mut y = vec![0f32; n * 64 * 64];
+            let row_major_ms = time(&mut || {
+                let out = Output::F32(&mut y, dq);
+                qmatmul(&patches, &packed, &requant, out, Layout::RowMajor).unwrap();
+            });
+            eprintln!(
+                "{} neck 3x3 ({:.2} GMAC), {threads} thread(s): padded copy {pad_ms:.2} ms, \
+                 product {product_ms:.2} ms (column-major out), {row_major_ms:.2} ms (row-major)",
+                kernel.report_name(),
+                (geometry.pixels() * k * n) as f64 / 1e9
+            );
+        });
+    }
+}
