@@ -195,19 +195,34 @@ impl TypedOp for LayerNormOp {
 /// Replace every `Reduce<Sum> → Mul(1/C) → Sub → RmsNorm → Mul(γ)? → Add(β)?` chain over the
 /// last axis of an f32 tensor by [`LayerNormOp`]; returns how many.
 pub fn rewrite_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
+    replace_chains(model, 0, "layer_norm", |norm| Box::new(norm))
+}
+
+/// Replace each LayerNorm chain over the axis `trailing + 1` from the end (see [`plan`]) by the
+/// op `wrap` makes of its parameters, named after the chain's `RmsNorm` and `suffix`; a chain
+/// over the channels (`trailing > 0`) must be over axis 1. Returns how many.
+fn replace_chains(
+    model: &mut TypedModel,
+    trailing: usize,
+    suffix: &str,
+    wrap: impl Fn(LayerNormOp) -> Box<dyn TypedOp>,
+) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(rms) = node.op_as::<RmsNorm>() else {
             continue;
         };
-        let Some(plan) = plan(model, node, rms, 0)? else {
+        if trailing > 0 && rms.axis != 1 {
+            continue;
+        }
+        let Some((x, last, norm)) = plan(model, node, rms, trailing)? else {
             continue;
         };
-        let mut patch = TypedModelPatch::new(format!("layer norm at {}", node.name));
-        let tap = patch.tap_model(model, plan.0)?;
-        let out = patch.wire_node(format!("{}.layer_norm", node.name), plan.2, &[tap])?[0];
-        patch.shunt_outside(model, plan.1, out)?;
+        let mut patch = TypedModelPatch::new(format!("{suffix} at {}", node.name));
+        let tap = patch.tap_model(model, x)?;
+        let out = patch.wire_node(format!("{}.{suffix}", node.name), wrap(norm), &[tap])?[0];
+        patch.shunt_outside(model, last, out)?;
         patch.apply(model)?;
         replaced += 1;
     }
@@ -438,28 +453,9 @@ impl TypedOp for ChannelLayerNormOp {
 /// Replace every `Reduce<Sum> → Mul(1/C) → Sub → RmsNorm → Mul(γ)? → Add(β)?` chain over axis 1
 /// of an f32 `N × C × H × W` map by [`ChannelLayerNormOp`]; returns how many.
 pub fn rewrite_channel_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(rms) = node.op_as::<RmsNorm>() else {
-            continue;
-        };
-        if model.outlet_fact(node.inputs[0])?.rank() != 4 {
-            continue;
-        }
-        let Some((x, last, norm)) = plan(model, node, rms, 2)? else {
-            continue;
-        };
-        let mut patch = TypedModelPatch::new(format!("channel layer norm at {}", node.name));
-        let tap = patch.tap_model(model, x)?;
-        let op = ChannelLayerNormOp { norm };
-        let out = patch.wire_node(format!("{}.channel_layer_norm", node.name), op, &[tap])?[0];
-        patch.shunt_outside(model, last, out)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    model.compact()?;
-    Ok(replaced)
+    replace_chains(model, 2, "channel_layer_norm", |norm| {
+        Box::new(ChannelLayerNormOp { norm })
+    })
 }
 
 #[cfg(test)]

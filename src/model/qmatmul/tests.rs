@@ -516,33 +516,12 @@ fn qmatmul_speed() {
     let a = values(m * k, 1);
     let af: Vec<f32> = a.iter().map(|&v| v as f32 * 0.02).collect();
     let packed = PackedB::from_row_major(kernel, k, n, &values(k * n, 2));
-    let requant = Requant {
-        bias: (0..n).map(|j| j as i32 * 37 - 200).collect(),
-        scale: vec![0.0007; n],
-        zero_point: 0,
-    };
-    let q = Quantize {
-        scale: 50.0,
-        zero_point: 0,
-    };
-    let dq = Dequantize {
-        scale: 0.05,
-        zero_point: 0,
-    };
+    let (requant, q, dq) = speed_requantization(n, 0.0007);
     let epilogue = super::Epilogue {
         bias: Some(std::sync::Arc::new(
             (0..n).map(|j| j as f32 * 0.01).collect(),
         )),
         gelu: true,
-    };
-    let time = |f: &mut dyn FnMut()| {
-        (0..5)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .fold(f64::MAX, f64::min)
     };
     let executor = tract_linalg::multithread::Executor::multithread(2);
     tract_linalg::multithread::multithread_tract_scope(executor, || {
@@ -553,7 +532,7 @@ fn qmatmul_speed() {
         };
         let (a_i8, a_f32) = (rows(Activations::I8(&a)), rows(Activations::F32(&af, q)));
         let mut c8 = vec![0i8; m * n];
-        let i8_ms = time(&mut || {
+        let i8_ms = best_of_5(&mut || {
             qmatmul(
                 &a_i8,
                 &packed,
@@ -568,14 +547,14 @@ fn qmatmul_speed() {
             let out = Output::F32(cf, dq);
             qmatmul_then(&a_f32, &packed, &requant, out, Layout::RowMajor, finish).unwrap();
         };
-        let f32_ms = time(&mut || f32_out(None, &mut cf));
-        let gelu_ms = time(&mut || {
+        let f32_ms = best_of_5(&mut || f32_out(None, &mut cf));
+        let gelu_ms = best_of_5(&mut || {
             f32_out(None, &mut cf);
             epilogue.apply(&mut cf, n).unwrap();
         });
         let bias = epilogue.bias.as_deref().map(Vec::as_slice);
         let finish = |rows: &mut [f32]| super::epilogue::apply_rows(rows, n, bias, true);
-        let fused_ms = time(&mut || f32_out(Some(&finish), &mut cf));
+        let fused_ms = best_of_5(&mut || f32_out(Some(&finish), &mut cf));
         let gmac = (m * k * n) as f64 / 1e9;
         eprintln!(
             "{} m={m} k={k} n={n}, 2 threads: i8->i8 {i8_ms:.1} ms ({:.0} GMAC/s), f32->f32 \
@@ -604,47 +583,26 @@ fn qconv_speed() {
     let (k, n) = (geometry.depth(), 256);
     let kernel = Kernel::detect();
     let packed = PackedB::from_row_major(kernel, k, n, &values(k * n, 2));
-    let requant = Requant {
-        bias: (0..n).map(|j| j as i32 * 37 - 200).collect(),
-        scale: vec![0.0001; n],
-        zero_point: 0,
-    };
-    let q = Quantize {
-        scale: 50.0,
-        zero_point: 0,
-    };
-    let dq = Dequantize {
-        scale: 0.05,
-        zero_point: 0,
-    };
+    let (requant, q, dq) = speed_requantization(n, 0.0001);
     let x: Vec<f32> = values(256 * 64 * 64, 1)
         .iter()
         .map(|&v| v as f32 * 0.02)
         .collect();
-    let time = |f: &mut dyn FnMut()| {
-        (0..5)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .fold(f64::MAX, f64::min)
-    };
     for threads in [1, 2] {
         let executor = tract_linalg::multithread::Executor::multithread(threads);
         tract_linalg::multithread::multithread_tract_scope(executor, || {
-            let pad_ms = time(&mut || {
+            let pad_ms = best_of_5(&mut || {
                 std::hint::black_box(PaddedImage::new(Activations::F32(&x, q), geometry));
             });
             let padded = PaddedImage::new(Activations::F32(&x, q), geometry);
             let patches = Im2Col { image: &padded };
             let mut y = vec![0f32; n * 64 * 64];
-            let product_ms = time(&mut || {
+            let product_ms = best_of_5(&mut || {
                 let out = Output::F32(&mut y, dq);
                 qmatmul(&patches, &packed, &requant, out, Layout::ColMajor).unwrap();
             });
             let mut y = vec![0f32; n * 64 * 64];
-            let row_major_ms = time(&mut || {
+            let row_major_ms = best_of_5(&mut || {
                 let out = Output::F32(&mut y, dq);
                 qmatmul(&patches, &packed, &requant, out, Layout::RowMajor).unwrap();
             });
@@ -656,4 +614,34 @@ fn qconv_speed() {
             );
         });
     }
+}
+
+/// The speed tools' requantization of `n` columns (bias per column, `scale` for all), input
+/// quantization and output dequantization.
+fn speed_requantization(n: usize, scale: f32) -> (Requant, Quantize, Dequantize) {
+    let requant = Requant {
+        bias: (0..n).map(|j| j as i32 * 37 - 200).collect(),
+        scale: vec![scale; n],
+        zero_point: 0,
+    };
+    let q = Quantize {
+        scale: 50.0,
+        zero_point: 0,
+    };
+    let dq = Dequantize {
+        scale: 0.05,
+        zero_point: 0,
+    };
+    (requant, q, dq)
+}
+
+/// The shortest of 5 runs of `f`, in ms.
+fn best_of_5(f: &mut dyn FnMut()) -> f64 {
+    (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::MAX, f64::min)
 }
