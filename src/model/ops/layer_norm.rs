@@ -73,13 +73,7 @@ impl EvalOp for LayerNormOp {
             .context("one input")?
             .into_tensor();
         let c = t.shape().last().copied().unwrap_or(0);
-        for v in [&self.gamma, &self.beta].into_iter().flatten() {
-            ensure!(
-                v.len() == c,
-                "LayerNorm over {c} values with {} parameters",
-                v.len()
-            );
-        }
+        self.check_parameters(c)?;
         if c == 0 {
             return Ok(tvec!(t.into_tvalue()));
         }
@@ -97,6 +91,18 @@ impl EvalOp for LayerNormOp {
 }
 
 impl LayerNormOp {
+    /// γ and β (where present) hold one value per element of the `c` normalised.
+    fn check_parameters(&self, c: usize) -> TractResult<()> {
+        for v in [&self.gamma, &self.beta].into_iter().flatten() {
+            ensure!(
+                v.len() == c,
+                "LayerNorm over {c} values with {} parameters",
+                v.len()
+            );
+        }
+        Ok(())
+    }
+
     /// Whether its mean factor is 1/`c` (to f32 rounding): it normalises rows of `c` values.
     pub(crate) fn averages_over(&self, c: usize) -> bool {
         c > 0 && (self.recip - 1.0 / c as f32).abs() <= f32::EPSILON / c as f32
@@ -355,13 +361,7 @@ impl EvalOp for ChannelLayerNormOp {
         );
         let c = t.shape()[1];
         let inner: usize = t.shape()[2..].iter().product();
-        for v in [&self.norm.gamma, &self.norm.beta].into_iter().flatten() {
-            ensure!(
-                v.len() == c,
-                "LayerNorm over {c} channels with {} parameters",
-                v.len()
-            );
-        }
+        self.norm.check_parameters(c)?;
         if c == 0 || inner == 0 || t.len() == 0 {
             return Ok(tvec!(t.into_tvalue()));
         }
@@ -423,16 +423,21 @@ impl ChannelLayerNormOp {
         for q in squares.iter_mut() {
             *q = (*q * norm + self.norm.eps).sqrt().recip();
         }
+        // Scaled, times γ, plus β: the roundings of tract's multiplies and add, in one pass
+        // over each plane (an absent γ or β is skipped, not applied as 1 or 0: `-0 + 0` is `+0`).
         let (gamma, beta) = (self.norm.gamma.as_deref(), self.norm.beta.as_deref());
         for (ch, plane) in planes.iter_mut().enumerate() {
+            let g = gamma.and_then(|g| g.get(ch)).copied();
+            let b = beta.and_then(|b| b.get(ch)).copied();
             for (x, &r) in plane.iter_mut().zip(squares.iter()) {
-                *x *= r;
-            }
-            if let Some(g) = gamma.and_then(|g| g.get(ch)) {
-                plane.iter_mut().for_each(|x| *x *= g);
-            }
-            if let Some(b) = beta.and_then(|b| b.get(ch)) {
-                plane.iter_mut().for_each(|x| *x += b);
+                let mut y = *x * r;
+                if let Some(g) = g {
+                    y *= g;
+                }
+                if let Some(b) = b {
+                    y += b;
+                }
+                *x = y;
             }
         }
     }
