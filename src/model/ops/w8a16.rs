@@ -1,0 +1,691 @@
+//! Integer products of 16-bit activations and 8-bit weights (W8A16) for our fused float ops:
+//! `C = A·W` with `W` quantized once at load (symmetric, one scale per output column) and each
+//! row of `A` quantized to i16 as it is used (symmetric, one scale per row, from the row's
+//! largest magnitude).
+//!
+//! Why 16 bits on the activation side: the convolution blocks of TinySAM's stage 0 lose mask
+//! fidelity at 8-bit activations with per-tensor scales (`benches/stage0-int8-results.md`:
+//! their GELU maps' channels differ widely in range), while the weights quantize to 8 bits with
+//! no measurable loss. At 16 bits per row the activation error is ~2⁻¹⁵ of the row's largest
+//! value, and the products still run on integer units: AVX-512 VNNI's `vpdpwssd` and AVX2's
+//! `vpmaddwd` multiply i16 pairs into i32 lanes, twice the multiply-adds an instruction of f32
+//! fused multiply-adds (AVX2's int8 kernel widens to i16 pairs too, so it costs the same there).
+//!
+//! Layout: `W` (`k × n`) is packed in panels of [`PANEL`] columns; within a panel, for each pair
+//! of depths `(2j, 2j + 1)`, each column's two weights sit side by side as i16, so one 32-bit
+//! lane holds a column's pair and one broadcast 32-bit value holds a row's pair of activations.
+//! `k` is padded to even with zero weights. Every kernel computes the same exact i32 sums and
+//! dequantizes them the same way, `(acc as f32 · row scale) · column scale`, so all give the
+//! same bits.
+//!
+//! Free of tract, as [`super::gemm`] is.
+#![allow(unsafe_code)]
+
+/// Columns per packed panel: two AVX-512 registers of i32 lanes.
+pub const PANEL: usize = 32;
+/// Rows per tile of the widest kernel.
+pub const MAX_ROWS: usize = 8;
+
+/// The kernels, chosen at run time from what the CPU reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum W8A16Kernel {
+    /// AVX-512F + VNNI: `vpdpwssd`, 8 rows × 32 columns.
+    Vnni,
+    /// AVX2: `vpmaddwd` + `vpaddd`, 4 rows × 16 columns.
+    Avx2,
+    /// Plain Rust that compilers vectorise (NEON widening multiplies on aarch64).
+    Portable,
+}
+
+impl W8A16Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> W8A16Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                return W8A16Kernel::Vnni;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return W8A16Kernel::Avx2;
+            }
+        }
+        W8A16Kernel::Portable
+    }
+
+    /// Whether this CPU runs it.
+    pub fn is_supported(self) -> bool {
+        match self {
+            W8A16Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            W8A16Kernel::Vnni => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            W8A16Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every kernel this CPU runs, the fastest first.
+    pub fn supported() -> Vec<W8A16Kernel> {
+        [W8A16Kernel::Vnni, W8A16Kernel::Avx2, W8A16Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
+    }
+
+    /// Its name in kernel tables: `w8a16_vnni`, `w8a16_avx2`, `w8a16_portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            W8A16Kernel::Vnni => "w8a16_vnni",
+            W8A16Kernel::Avx2 => "w8a16_avx2",
+            W8A16Kernel::Portable => "w8a16_portable",
+        }
+    }
+
+    /// Rows per tile.
+    fn rows(self) -> usize {
+        match self {
+            W8A16Kernel::Vnni => 8,
+            W8A16Kernel::Avx2 => 4,
+            W8A16Kernel::Portable => 4,
+        }
+    }
+}
+
+/// A `k × n` weight matrix quantized to i8 per column and packed (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct W8Weights {
+    k: usize,
+    n: usize,
+    /// Per panel: `⌈k / 2⌉` depth pairs × [`PANEL`] columns × 2 values.
+    panels: Vec<i16>,
+    /// One per column, padded with zeros to whole panels: the weight is `q · scale`.
+    scales: Vec<f32>,
+    /// The largest activation magnitude (in quantized units) whose products cannot overflow an
+    /// i32 sum over `k`: 32767 for `k ≤ 516`.
+    activation_limit: i16,
+}
+
+impl Eq for W8Weights {}
+
+impl W8Weights {
+    /// Quantize and pack `w`, `k` rows of `n` values, row-major: each column scaled so that its
+    /// largest magnitude is 127, rounded to nearest even. `None` if the sizes do not fit. A
+    /// column of zeros (or of non-finite values) gets the scale 0 and zero weights.
+    pub fn quantize(w: &[f32], k: usize, n: usize) -> Option<W8Weights> {
+        if k == 0 || n == 0 || k.checked_mul(n)? != w.len() {
+            return None;
+        }
+        let pairs = k.div_ceil(2);
+        let panels_n = n.div_ceil(PANEL);
+        let mut scales = vec![0f32; panels_n * PANEL];
+        let mut inverse = vec![0f32; n];
+        for c in 0..n {
+            let largest = (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max);
+            if largest > 0.0 && largest.is_finite() {
+                scales[c] = largest / 127.0;
+                inverse[c] = 127.0 / largest;
+            }
+        }
+        let mut panels = vec![0i16; panels_n * pairs * PANEL * 2];
+        for (p, panel) in panels.chunks_exact_mut(pairs * PANEL * 2).enumerate() {
+            for (j, pair) in panel.chunks_exact_mut(PANEL * 2).enumerate() {
+                for (i, col) in pair.chunks_exact_mut(2).enumerate() {
+                    let c = p * PANEL + i;
+                    if c >= n {
+                        break;
+                    }
+                    for (d, v) in col.iter_mut().enumerate() {
+                        let r = 2 * j + d;
+                        if r < k {
+                            let q = (w[r * n + c] * inverse[c]).round_ties_even();
+                            // NaN gives 0; the scale makes |q| ≤ 127 for finite weights.
+                            *v = q.clamp(-127.0, 127.0) as i16;
+                        }
+                    }
+                }
+            }
+        }
+        // |Σ| ≤ 2·pairs · limit · 127 must stay below 2^31.
+        // Depths past ~2 million would leave the activations under 10 bits: refused.
+        let limit = (i32::MAX as usize / (2 * pairs * 127)).min(i16::MAX as usize);
+        if limit < 1024 {
+            return None;
+        }
+        Some(W8Weights {
+            k,
+            n,
+            panels,
+            scales,
+            activation_limit: i16::try_from(limit).ok()?,
+        })
+    }
+
+    /// Rows of the matrix (the products' inner dimension).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the matrix.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// i16 values per quantized activation row: `k` rounded up to even.
+    pub fn row_stride(&self) -> usize {
+        self.k.div_ceil(2) * 2
+    }
+
+    /// The weights as they are used, `k` rows of `n` values (quantized and scaled back).
+    pub fn dequantized(&self) -> Vec<f32> {
+        let (k, n, pairs) = (self.k, self.n, self.k.div_ceil(2));
+        let mut w = vec![0f32; k * n];
+        for r in 0..k {
+            for c in 0..n {
+                let (p, i) = (c / PANEL, c % PANEL);
+                let q = self.panels[((p * pairs + r / 2) * PANEL + i) * 2 + r % 2];
+                w[r * n + c] = f32::from(q) * self.scales[c];
+            }
+        }
+        w
+    }
+}
+
+/// Rows of activations quantized to i16 for a product with a [`W8Weights`]: reusable buffers,
+/// one per task.
+#[derive(Debug, Default, Clone)]
+pub struct A16Rows {
+    /// Row-major, `stride` values a row (the depth padded to even with zeros), then zero rows up
+    /// to a whole tile.
+    values: Vec<i16>,
+    /// One per row (and per padding row): the activation is `q · scale`.
+    scales: Vec<f32>,
+    rows: usize,
+    stride: usize,
+}
+
+impl A16Rows {
+    /// Empty buffers.
+    pub fn new() -> A16Rows {
+        A16Rows::default()
+    }
+
+    /// Quantize `a` (rows of `w.k()` values, row-major) for a product with `w`: each row scaled
+    /// so that its largest magnitude is `w`'s activation limit, rounded to nearest even. A row
+    /// of zeros (or with a non-finite largest value) gets the scale 0. Panics if `a` is not whole
+    /// rows.
+    #[inline(always)]
+    pub fn quantize(&mut self, a: &[f32], w: &W8Weights) {
+        let k = w.k;
+        assert!(k > 0 && a.len().is_multiple_of(k));
+        let rows = a.len() / k;
+        let stride = w.row_stride();
+        let padded = rows.div_ceil(MAX_ROWS) * MAX_ROWS;
+        self.values.clear();
+        self.values.resize(padded * stride, 0);
+        self.scales.clear();
+        self.scales.resize(padded, 0.0);
+        let limit = f32::from(w.activation_limit);
+        for ((src, dst), scale) in a
+            .chunks_exact(k)
+            .zip(self.values.chunks_exact_mut(stride))
+            .zip(self.scales.iter_mut())
+        {
+            // In 16 running maxima, which vectorise (one running value would not).
+            let mut lanes = [0f32; 16];
+            let mut chunks = src.chunks_exact(16);
+            for chunk in &mut chunks {
+                for (m, &x) in lanes.iter_mut().zip(chunk) {
+                    let x = x.abs();
+                    // Not `max`: NaN is passed over either way, but this form vectorises.
+                    *m = if x > *m { x } else { *m };
+                }
+            }
+            for (m, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+                let x = x.abs();
+                *m = if x > *m { x } else { *m };
+            }
+            let largest = lanes.into_iter().fold(0f32, f32::max);
+            if !(largest > 0.0 && largest.is_finite()) {
+                continue;
+            }
+            let inverse = limit / largest;
+            *scale = largest / limit;
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = round_to_i16(x * inverse);
+            }
+        }
+        self.rows = rows;
+        self.stride = stride;
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// `v` rounded to the nearest integer (ties to even), for `|v| ≤ 2^22`, as i16 (the caller keeps
+/// `|v|` within i16); NaN gives 0. Adding 1.5 · 2^23 leaves the rounded integer in the low
+/// mantissa bits: plain adds and integer subtracts, which vectorise on every target (a
+/// rounding instruction and a saturating conversion would not on x86's SSE2 baseline).
+#[inline(always)]
+fn round_to_i16(v: f32) -> i16 {
+    const SHIFTER: f32 = 12_582_912.0;
+    let bits = (v + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits());
+    // `v == v` is false for NaN only.
+    #[allow(clippy::eq_op)]
+    let q = if v == v { bits as i16 } else { 0 };
+    q
+}
+
+/// `c = A·W` for the rows in `a` (quantized for `w`), `c` row-major `a.rows() × w.n()`, on
+/// `kernel` (which must be supported by this CPU; see [`W8A16Kernel::detect`]). Panics if the
+/// sizes do not fit.
+pub fn product(kernel: W8A16Kernel, a: &A16Rows, w: &W8Weights, c: &mut [f32]) {
+    let (m, n) = (a.rows, w.n);
+    assert!(a.stride == w.row_stride() && c.len() == m * n);
+    assert!(a.values.len() >= m.div_ceil(MAX_ROWS) * MAX_ROWS * a.stride);
+    assert!(kernel.is_supported());
+    let pairs = a.stride / 2;
+    let mr = kernel.rows();
+    let mut tile = [0f32; MAX_ROWS * PANEL];
+    for (p, panel) in w.panels.chunks_exact(pairs * PANEL * 2).enumerate() {
+        let c0 = p * PANEL;
+        let width = PANEL.min(n - c0);
+        let scales = &w.scales[c0..c0 + PANEL];
+        for r0 in (0..m).step_by(mr) {
+            let rows = mr.min(m - r0);
+            let a_rows = &a.values[r0 * a.stride..(r0 + mr) * a.stride];
+            let a_scales = &a.scales[r0..r0 + mr];
+            let direct = rows == mr && width == PANEL;
+            // Whole tiles are written in place, partial ones through `tile`.
+            let (out, out_stride): (&mut [f32], usize) = if direct {
+                (&mut c[r0 * n + c0..], n)
+            } else {
+                (&mut tile[..], PANEL)
+            };
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX-512F and VNNI (asserted above); `a_rows` holds 8 rows
+                // of `pairs` pairs, `panel` `pairs` × 32 columns, `out` 8 rows of 32 values at
+                // `out_stride` (a whole tile inside `c`, or `tile`).
+                W8A16Kernel::Vnni => unsafe {
+                    tile_vnni(a_rows, a_scales, panel, scales, pairs, out, out_stride)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above, AVX2 and 4 rows.
+                W8A16Kernel::Avx2 => unsafe {
+                    tile_avx2(a_rows, a_scales, panel, scales, pairs, out, out_stride)
+                },
+                _ => tile_portable(a_rows, a_scales, panel, scales, pairs, out, out_stride),
+            }
+            if !direct {
+                for r in 0..rows {
+                    let at = (r0 + r) * n + c0;
+                    c[at..at + width].copy_from_slice(&tile[r * PANEL..r * PANEL + width]);
+                }
+            }
+        }
+    }
+}
+
+/// 4 rows × [`PANEL`] columns in plain Rust, in a form compilers vectorise: 8 columns at a time
+/// (4 × 16 i32 accumulators, which fit NEON's registers), each column's two sums (even and odd
+/// depths) in adjacent lanes, by widening i16 multiply-adds (NEON's `smlal`); the two sums are
+/// added at the end.
+#[inline(always)]
+fn tile_portable(
+    a: &[i16],
+    a_scales: &[f32],
+    panel: &[i16],
+    scales: &[f32],
+    pairs: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    const MR: usize = 4;
+    const COLS: usize = 8;
+    let stride = pairs * 2;
+    for part in 0..PANEL / COLS {
+        let mut acc = [[0i32; COLS * 2]; MR];
+        for (j, b) in panel.chunks_exact(PANEL * 2).take(pairs).enumerate() {
+            let Some(b) = b
+                .get(part * COLS * 2..)
+                .and_then(|b| b.first_chunk::<{ COLS * 2 }>())
+            else {
+                continue;
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let Some(&[a0, a1]) = a.get(r * stride + 2 * j..).and_then(|a| a.first_chunk())
+                else {
+                    continue;
+                };
+                let pattern: [i16; COLS * 2] =
+                    std::array::from_fn(|c| if c % 2 == 0 { a0 } else { a1 });
+                for ((acc, &x), &y) in acc.iter_mut().zip(&pattern).zip(b) {
+                    *acc += i32::from(x) * i32::from(y);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let at = r * out_stride + part * COLS;
+            let row = &mut out[at..at + COLS];
+            let scales = &scales[part * COLS..];
+            for ((o, pair), &s) in row.iter_mut().zip(acc.chunks_exact(2)).zip(scales) {
+                *o = ((pair[0] + pair[1]) as f32 * a_scales[r]) * s;
+            }
+        }
+    }
+}
+
+/// 8 rows × 32 columns on `vpdpwssd`.
+///
+/// # Safety
+/// AVX-512F and VNNI present; `a` holds 8 rows of `2 · pairs` values, `panel` `pairs` × 64,
+/// `a_scales` 8 and `scales` 32 values; `out` 8 rows of 32 values `out_stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn tile_vnni(
+    a: &[i16],
+    a_scales: &[f32],
+    panel: &[i16],
+    scales: &[f32],
+    pairs: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 8;
+    debug_assert!(a.len() >= MR * pairs * 2 && panel.len() >= pairs * PANEL * 2);
+    debug_assert!(out.len() >= (MR - 1) * out_stride + PANEL);
+    let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+    let (ap, bp) = (a.as_ptr(), panel.as_ptr());
+    let stride = pairs * 2;
+    for j in 0..pairs {
+        // SAFETY (all reads): j < pairs, so the pair's 64 weights and each row's two
+        // activations are inside the slices (the caller's contract).
+        let b = unsafe {
+            [
+                _mm512_loadu_si512(bp.add(j * PANEL * 2) as *const __m512i),
+                _mm512_loadu_si512(bp.add(j * PANEL * 2 + PANEL) as *const __m512i),
+            ]
+        };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let pair =
+                unsafe { std::ptr::read_unaligned(ap.add(r * stride + 2 * j) as *const i32) };
+            let av = _mm512_set1_epi32(pair);
+            acc[0] = _mm512_dpwssd_epi32(acc[0], av, b[0]);
+            acc[1] = _mm512_dpwssd_epi32(acc[1], av, b[1]);
+        }
+    }
+    // SAFETY: 32 column scales (the caller's contract).
+    let sv = unsafe {
+        [
+            _mm512_loadu_ps(scales.as_ptr()),
+            _mm512_loadu_ps(scales.as_ptr().add(16)),
+        ]
+    };
+    let op = out.as_mut_ptr();
+    for (r, acc) in acc.iter().enumerate() {
+        let rs = _mm512_set1_ps(a_scales[r]);
+        for h in 0..2 {
+            let v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[h]), rs), sv[h]);
+            // SAFETY: row r's 32 values are inside `out` (the caller's contract).
+            unsafe { _mm512_storeu_ps(op.add(r * out_stride + 16 * h), v) };
+        }
+    }
+}
+
+/// 4 rows × 32 columns on `vpmaddwd`, in two halves of 16 columns (8 accumulators each).
+///
+/// # Safety
+/// AVX2 present; `a` holds 4 rows of `2 · pairs` values, `panel` `pairs` × 64, `a_scales` 4
+/// and `scales` 32 values; `out` 4 rows of 32 values `out_stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2(
+    a: &[i16],
+    a_scales: &[f32],
+    panel: &[i16],
+    scales: &[f32],
+    pairs: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 4;
+    debug_assert!(a.len() >= MR * pairs * 2 && panel.len() >= pairs * PANEL * 2);
+    debug_assert!(out.len() >= (MR - 1) * out_stride + PANEL);
+    let (ap, bp, op) = (a.as_ptr(), panel.as_ptr(), out.as_mut_ptr());
+    let stride = pairs * 2;
+    for half in 0..2 {
+        let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+        for j in 0..pairs {
+            // SAFETY (all reads): j < pairs and half < 2, inside the slices (the caller's
+            // contract).
+            let at = j * PANEL * 2 + half * PANEL;
+            let b = unsafe {
+                [
+                    _mm256_loadu_si256(bp.add(at) as *const __m256i),
+                    _mm256_loadu_si256(bp.add(at + 16) as *const __m256i),
+                ]
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair =
+                    unsafe { std::ptr::read_unaligned(ap.add(r * stride + 2 * j) as *const i32) };
+                let av = _mm256_set1_epi32(pair);
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b[0]));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b[1]));
+            }
+        }
+        // SAFETY: 32 column scales (the caller's contract).
+        let sv = unsafe {
+            [
+                _mm256_loadu_ps(scales.as_ptr().add(half * 16)),
+                _mm256_loadu_ps(scales.as_ptr().add(half * 16 + 8)),
+            ]
+        };
+        for (r, acc) in acc.iter().enumerate() {
+            let rs = _mm256_set1_ps(a_scales[r]);
+            for h in 0..2 {
+                let v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), rs), sv[h]);
+                // SAFETY: row r's 32 values are inside `out` (the caller's contract).
+                unsafe { _mm256_storeu_ps(op.add(r * out_stride + half * 16 + 8 * h), v) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [-1, 1].
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 20_001) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The exact sums of the quantized operands, dequantized as the kernels do.
+    fn reference(a: &A16Rows, w: &W8Weights) -> Vec<f32> {
+        let (m, n, k) = (a.rows, w.n, w.k);
+        let pairs = w.k.div_ceil(2);
+        let mut c = vec![0f32; m * n];
+        for r in 0..m {
+            for col in 0..n {
+                let (p, i) = (col / PANEL, col % PANEL);
+                let mut acc = 0i64;
+                for d in 0..k {
+                    let q = w.panels[((p * pairs + d / 2) * PANEL + i) * 2 + d % 2];
+                    acc += i64::from(a.values[r * a.stride + d]) * i64::from(q);
+                }
+                let acc = i32::try_from(acc).expect("the sum fits an i32");
+                c[r * n + col] = (acc as f32 * a.scales[r]) * w.scales[col];
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn every_kernel_gives_the_reference_bits() {
+        // Odd depths, partial panels, partial tiles, a zero row.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (7, 3, 5),
+            (13, 64, 256),
+            (9, 255, 64),
+            (16, 256, 33),
+        ] {
+            let w = W8Weights::quantize(&values(k * n, 1), k, n).expect("sizes fit");
+            let mut a_f = values(m * k, 2);
+            a_f[..k].fill(0.0);
+            let mut a = A16Rows::new();
+            a.quantize(&a_f, &w);
+            let expected = reference(&a, &w);
+            for kernel in W8A16Kernel::supported() {
+                let mut c = vec![f32::NAN; m * n];
+                product(kernel, &a, &w, &mut c);
+                let same = c
+                    .iter()
+                    .zip(&expected)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{kernel:?} at {m}×{k}×{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn products_are_close_to_the_float_ones() {
+        let (m, k, n) = (24, 256, 64);
+        let (a_f, w_f) = (values(m * k, 3), values(k * n, 4));
+        let w = W8Weights::quantize(&w_f, k, n).expect("sizes fit");
+        let mut a = A16Rows::new();
+        a.quantize(&a_f, &w);
+        let mut c = vec![0f32; m * n];
+        product(W8A16Kernel::detect(), &a, &w, &mut c);
+        // Against the float product: the weights' rounding, at most half a step of 1/127 of a
+        // column's largest weight per term, averages out over 256 terms.
+        let (mut err, mut norm) = (0f64, 0f64);
+        for r in 0..m {
+            for col in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|d| f64::from(a_f[r * k + d]) * f64::from(w_f[d * n + col]))
+                    .sum();
+                err += (f64::from(c[r * n + col]) - exact).powi(2);
+                norm += exact * exact;
+            }
+        }
+        let relative = (err / norm).sqrt();
+        assert!(relative < 0.01, "relative error {relative}");
+        // And exactly the product of the dequantized operands, up to f32 rounding.
+        let wd = w.dequantized();
+        for col in 0..n {
+            let exact: f64 = (0..k)
+                .map(|d| {
+                    let q = f64::from(a.values[d]) * f64::from(a.scales[0]);
+                    q * f64::from(wd[d * n + col])
+                })
+                .sum();
+            assert!((f64::from(c[col]) - exact).abs() < 1e-5, "column {col}");
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        for (v, q) in [
+            (-2.5, -2),
+            (-1.5, -2),
+            (-0.5, 0),
+            (0.5, 0),
+            (1.5, 2),
+            (0.499_999_97, 0),
+            (32_767.0, 32_767),
+            (-32_767.0, -32_767),
+            (f32::NAN, 0),
+        ] {
+            assert_eq!(round_to_i16(v), q, "{v}");
+        }
+    }
+
+    #[test]
+    fn odd_values_give_numbers_not_panics() {
+        let w = W8Weights::quantize(&[f32::NAN, 1.0, 0.0, 0.0], 2, 2).expect("sizes fit");
+        // Columns [NaN, 0] and [1, 0].
+        assert_eq!(w.scales[0], 0.0, "a column of NaN and zero has scale 0");
+        assert_eq!(w.scales[1], 1.0 / 127.0);
+        let mut a = A16Rows::new();
+        a.quantize(&[f32::INFINITY, 1.0, f32::NAN, 2.0], &w);
+        let mut c = vec![0f32; 4];
+        product(W8A16Kernel::detect(), &a, &w, &mut c);
+        assert_eq!(a.scales[0], 0.0, "a row with an infinity is zeroed");
+        assert!(c[2].is_finite() && c[3].is_finite(), "{c:?}");
+        assert!(W8Weights::quantize(&[1.0; 3], 2, 2).is_none());
+        assert!(W8Weights::quantize(&[], 0, 2).is_none());
+    }
+
+    #[test]
+    fn deep_products_cannot_overflow() {
+        let k = 4096;
+        let w = W8Weights::quantize(&vec![-1.0; k], k, 1).expect("sizes fit");
+        let mut a = A16Rows::new();
+        a.quantize(&vec![1.0; k], &w);
+        let mut c = vec![0f32; 1];
+        for kernel in W8A16Kernel::supported() {
+            product(kernel, &a, &w, &mut c);
+            assert!(
+                (c[0] + k as f32).abs() < 1e-2 * k as f32,
+                "{kernel:?}: {}",
+                c[0]
+            );
+        }
+    }
+}
+
+/// Speed of the quantization and of each kernel on stage 0's shapes (one image row of 256
+/// pixels): `cargo test --release --lib -- --ignored w8a16_speed --nocapture`.
+#[cfg(test)]
+#[test]
+#[ignore]
+fn w8a16_speed() {
+    let values = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    };
+    for (m, k, n) in [(256, 64, 256), (256, 256, 64)] {
+        let w = W8Weights::quantize(&values(k * n), k, n).expect("sizes");
+        let a_f = values(m * k);
+        let mut a = A16Rows::new();
+        let reps = 200;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            a.quantize(std::hint::black_box(&a_f), &w);
+        }
+        let q = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+        let mut c = vec![0f32; m * n];
+        for kernel in W8A16Kernel::supported() {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                product(kernel, std::hint::black_box(&a), &w, &mut c);
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            eprintln!(
+                "{m}×{k}×{n}: quantize {q:.1} µs, {kernel:?} {us:.1} µs ({:.1} GMAC/s)",
+                (m * k * n) as f64 / us / 1e3
+            );
+        }
+    }
+}
