@@ -505,7 +505,13 @@ impl Decoder {
             model
                 .set_input_fact(1, f32::fact(weights).into())
                 .map_err(load_err)?;
-            let mut typed = super::optimize(model, Role::DecoderMasks, path, self.int8)?;
+            let mut typed = super::optimize(
+                model,
+                Role::DecoderMasks,
+                path,
+                self.int8,
+                super::ConvBlocks::F32,
+            )?;
             if let Some(model) = self.low_rank_masks(&typed, prompt_outputs, path)? {
                 typed = model;
             }
@@ -609,7 +615,8 @@ impl Decoder {
         for (ix, fact) in facts.into_iter().enumerate() {
             model.set_input_fact(ix, fact).map_err(load_err)?;
         }
-        let mut typed = super::optimize(model, role, &self.path, self.int8)?;
+        let mut typed =
+            super::optimize(model, role, &self.path, self.int8, super::ConvBlocks::F32)?;
         if role == Role::DecoderPrompt {
             self.expose_low_rank(&mut typed, batch)?;
         }
@@ -1235,7 +1242,13 @@ fn frame_plan(
     for (ix, fact) in facts.into_iter().enumerate() {
         model.set_input_fact(ix, fact).map_err(load_err)?;
     }
-    let typed = super::optimize(model, Role::DecoderFrame, path, int8)?;
+    let typed = super::optimize(
+        model,
+        Role::DecoderFrame,
+        path,
+        int8,
+        super::ConvBlocks::F32,
+    )?;
     super::unpanic(|| typed.into_runnable()).map_err(load_err)
 }
 

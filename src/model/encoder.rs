@@ -72,6 +72,7 @@ impl Encoder {
         manifest: &Manifest,
         precision: Precision,
         int8: super::Int8Matmul,
+        conv_blocks: super::ConvBlocks,
     ) -> Result<Encoder> {
         let stage = stage_name(Role::Encoder);
         let (path, mut model) = parse_onnx(dir, manifest, Role::Encoder, precision)?;
@@ -84,7 +85,7 @@ impl Encoder {
         model
             .set_input_fact(0, f32::fact([1, 3, s, s]).into())
             .map_err(load_err)?;
-        let typed = super::optimize(model, Role::Encoder, &path, int8)?;
+        let typed = super::optimize(model, Role::Encoder, &path, int8, conv_blocks)?;
         let e = manifest.config.embedding_size();
         let d = manifest.config.prompt_embed_dim;
         let out_fact = typed.output_fact(0).map_err(load_err)?;

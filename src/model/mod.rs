@@ -35,6 +35,58 @@ pub struct PrecisionChoice {
     pub int8_matmul: Int8Matmul,
     /// Which form of the decoder runs prompts.
     pub decoder_graph: DecoderGraph,
+    /// How an INT8 encoder's convolution blocks run their 1×1 products.
+    pub conv_blocks: ConvBlocks,
+}
+
+/// How the convolution blocks of an INT8 encoder (stage 0's MBConvs and the patch merging
+/// after it, which the model's quantization leaves in f32) run their 1×1 products.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConvBlocks {
+    /// As W8A16 integer products ([`ops::w8a16`]: weights at 8 bits per output channel, each
+    /// pixel's activations at 16 bits) on the kernel that matches the int8 matmul's; in f32
+    /// when the int8 matmul is tract's. FP32 encoders keep f32.
+    #[default]
+    Auto,
+    /// In f32, as the graph has them.
+    F32,
+}
+
+impl ConvBlocks {
+    /// The W8A16 kernel for an INT8 graph whose products run on `int8`, or `None` for f32.
+    pub fn kernel(self, int8: Int8Matmul) -> Option<ops::w8a16::W8A16Kernel> {
+        use ops::w8a16::W8A16Kernel;
+        match (self, int8.kernel()?) {
+            (ConvBlocks::F32, _) => None,
+            (ConvBlocks::Auto, qmatmul::Kernel::Avx512Vnni) => Some(W8A16Kernel::Vnni),
+            (ConvBlocks::Auto, qmatmul::Kernel::Avx2) => Some(W8A16Kernel::Avx2),
+            (ConvBlocks::Auto, qmatmul::Kernel::Portable | qmatmul::Kernel::NeonDot) => {
+                Some(W8A16Kernel::Portable)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for ConvBlocks {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<ConvBlocks, String> {
+        match s {
+            "auto" | "w8a16" => Ok(ConvBlocks::Auto),
+            "f32" => Ok(ConvBlocks::F32),
+            other => Err(format!(
+                "unknown convolution-block products `{other}` (auto, w8a16, f32)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ConvBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConvBlocks::Auto => "auto",
+            ConvBlocks::F32 => "f32",
+        })
+    }
 }
 
 /// The form of the decoder that runs prompts.
@@ -138,7 +190,7 @@ impl Model {
     /// Load `dir` (with `manifest.json`) at the chosen precisions.
     pub fn load(dir: &Path, choice: PrecisionChoice) -> Result<Model> {
         let (manifest, enc_p, dec_p, int8) = resolve(dir, &choice)?;
-        let encoder = Encoder::load(dir, &manifest, enc_p, int8)?;
+        let encoder = Encoder::load(dir, &manifest, enc_p, int8, choice.conv_blocks)?;
         let decoder = Decoder::load(dir, &manifest, dec_p, int8, choice.decoder_graph)?;
         log::info!(
             "loaded {} from {} (encoder {enc_p}, decoder {dec_p} {}; weights: {})",
@@ -358,15 +410,16 @@ fn caught<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
 }
 
 /// Optimise a parsed graph for running; INT8 graphs get their quantized matmuls replaced by
-/// ours first (unless `int8` says tract's). A panic inside tract comes out as
-/// [`Error::ModelLoad`].
+/// ours first (unless `int8` says tract's), and their convolution blocks integer products as
+/// `conv_blocks` says. A panic inside tract comes out as [`Error::ModelLoad`].
 pub(crate) fn optimize(
     model: InferenceModel,
     role: Role,
     path: &Path,
     int8: Int8Matmul,
+    conv_blocks: ConvBlocks,
 ) -> Result<TypedModel> {
-    caught(|| optimize_unguarded(model, role, path, int8)).unwrap_or_else(|panic| {
+    caught(|| optimize_unguarded(model, role, path, int8, conv_blocks)).unwrap_or_else(|panic| {
         Err(Error::ModelLoad {
             stage: stage_name(role),
             path: path.to_path_buf(),
@@ -380,6 +433,7 @@ fn optimize_unguarded(
     role: Role,
     path: &Path,
     int8: Int8Matmul,
+    conv_blocks: ConvBlocks,
 ) -> Result<TypedModel> {
     let stage = stage_name(role);
     let load_err = |source| Error::ModelLoad {
@@ -391,6 +445,8 @@ fn optimize_unguarded(
         .into_typed()
         .and_then(|m| m.into_decluttered())
         .map_err(load_err)?;
+    // Integer convolution blocks in a quantized graph only.
+    let mut block_kernel = None;
     if let Some(kernel) = int8.kernel() {
         let mut report =
             qmatmul::rewrite_quantized_matmuls(&mut typed, kernel).map_err(load_err)?;
@@ -414,6 +470,9 @@ fn optimize_unguarded(
         }
         for (node, why) in &report.kept {
             log::debug!("{stage}: {node} left to tract: {why}");
+        }
+        if !report.replaced.is_empty() {
+            block_kernel = conv_blocks.kernel(int8);
         }
     }
     let attention = ops::rewrite_window_attention(&mut typed).map_err(load_err)?;
@@ -457,9 +516,12 @@ fn optimize_unguarded(
     if stems > 0 {
         log::debug!("{stage}: patch embedding on TinysamStem");
     }
-    let blocks = ops::rewrite_mbconv(&mut typed).map_err(load_err)?;
+    let blocks = ops::rewrite_mbconv(&mut typed, block_kernel).map_err(load_err)?;
     if blocks > 0 {
-        log::debug!("{stage}: {blocks} convolution blocks on TinysamMbConv");
+        log::debug!(
+            "{stage}: {blocks} convolution blocks on TinysamMbConv, {} products",
+            block_kernel.map_or("f32", |k| k.name())
+        );
     }
     let upscaling = ops::rewrite_mask_upscaling(&mut typed).map_err(load_err)?;
     if upscaling > 0 {

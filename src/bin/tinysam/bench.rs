@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// upscaling in low rank), one-graph, split-full-rank.
     #[arg(long, default_value = "auto")]
     pub decoder_graph: model::DecoderGraph,
+    /// Products of an INT8 encoder's convolution blocks (stage 0 and its patch merging):
+    /// auto (W8A16 integers on the int8 matmul's kernel family), f32.
+    #[arg(long, default_value = "auto")]
+    pub conv_blocks: model::ConvBlocks,
     /// Print the slowest encoder ops of each precision.
     #[arg(long)]
     pub profile: bool,
@@ -189,6 +193,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 decoder: Some(dec_p),
                 int8_matmul: args.int8_matmul,
                 decoder_graph: args.decoder_graph,
+                conv_blocks: args.conv_blocks,
             },
         )?;
         let seg = Segmenter::new(m);

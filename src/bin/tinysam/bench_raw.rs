@@ -49,6 +49,7 @@ pub fn run(args: &BenchArgs, out: &std::path::Path) -> anyhow::Result<()> {
             decoder: Some(dec_precision),
             int8_matmul: args.int8_matmul,
             decoder_graph: args.decoder_graph,
+            conv_blocks: args.conv_blocks,
         },
     )?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;

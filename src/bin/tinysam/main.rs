@@ -53,6 +53,10 @@ struct ModelArgs {
     /// upscaling in low rank), one-graph, split-full-rank.
     #[arg(long, default_value = "auto")]
     decoder_graph: model::DecoderGraph,
+    /// Products of an INT8 encoder's convolution blocks (stage 0 and its patch merging):
+    /// auto (W8A16 integers on the int8 matmul's kernel family), f32.
+    #[arg(long, default_value = "auto")]
+    conv_blocks: model::ConvBlocks,
 }
 
 fn default_threads() -> usize {
@@ -72,6 +76,7 @@ impl ModelArgs {
             decoder: self.decoder,
             int8_matmul: self.int8_matmul,
             decoder_graph: self.decoder_graph,
+            conv_blocks: self.conv_blocks,
         };
         Segmenter::load(&dir, choice)
             .with_context(|| format!("loading model directory {}", dir.display()))

@@ -18,6 +18,7 @@ use super::super::gemm::{
 };
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::w8a16::{self, A16Rows, W8A16Kernel, W8Weights};
 
 /// Taps of the depthwise convolution (3 × 3).
 pub(crate) const TAPS: usize = 9;
@@ -39,12 +40,24 @@ pub(crate) struct Weights {
     pub(crate) project: PackedWeights,
     /// Its bias, one per output channel.
     pub(crate) project_bias: Vec<f32>,
+    /// When set, both 1×1 products run in integers (W8A16) instead of f32.
+    pub(crate) integer: Option<IntegerProducts>,
+}
+
+/// The two 1×1 products as W8A16 ([`w8a16`]): weights quantized per output channel, each
+/// pixel's activations to i16 as it is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IntegerProducts {
+    pub(crate) kernel: W8A16Kernel,
+    pub(crate) expand: W8Weights,
+    pub(crate) project: W8Weights,
 }
 
 impl PartialEq for Weights {
     fn eq(&self, other: &Weights) -> bool {
         self.expand == other.expand
             && self.project == other.project
+            && self.integer == other.integer
             && [
                 &self.expand_bias,
                 &self.depthwise,
@@ -126,6 +139,10 @@ pub(crate) struct Scratch {
     projected: Vec<f32>,
     /// The same, channel-major (for CHW output).
     planes: Vec<f32>,
+    /// The rows of a product quantized to i16, when the products are integer.
+    quantized: A16Rows,
+    /// One hidden pixel of zeros: the depthwise taps outside the image read it.
+    zeros: Vec<f32>,
 }
 
 impl Scratch {
@@ -140,6 +157,8 @@ impl Scratch {
             mid: vec![0f32; out_width * w.hidden()],
             projected: vec![0f32; out_width * w.outputs()],
             planes: vec![0f32; out_width * w.outputs()],
+            quantized: A16Rows::new(),
+            zeros: vec![0f32; w.hidden()],
         }
     }
 }
@@ -226,6 +245,8 @@ fn band<const FMA: bool, M: Micro>(
         mid,
         projected,
         planes,
+        quantized,
+        zeros,
     } = scratch;
     let rows = match &out {
         Out::Residual(rows) => rows.len(),
@@ -250,13 +271,19 @@ fn band<const FMA: bool, M: Micro>(
                     yy,
                     row_in,
                     dst,
-                    block,
+                    (block, quantized),
                 );
                 ring_rows[slot] = yy;
             }
         }
-        depthwise_row::<FMA>(w, g, taps_rows, ring, mid);
-        product(m, mid, &w.project, projected, block);
+        depthwise_row::<FMA>(w, g, taps_rows, ring, zeros, mid);
+        match &w.integer {
+            Some(int) => {
+                quantized.quantize(mid, &int.project);
+                w8a16::product(int.kernel, quantized, &int.project, projected);
+            }
+            None => product(m, mid, &w.project, projected, block),
+        }
         match &mut out {
             Out::Residual(planes_rows) => {
                 transpose(projected, out_width, cout, planes);
@@ -293,7 +320,7 @@ fn expand_row<M: Micro>(
     yy: usize,
     row_in: &mut [f32],
     dst: &mut [f32],
-    block: &mut [f32],
+    (block, quantized): (&mut [f32], &mut A16Rows),
 ) {
     let cin = w.inputs();
     let row: &[f32] = if pixel_major {
@@ -303,7 +330,13 @@ fn expand_row<M: Micro>(
         transpose_strided(planes, (cin, width), height * width, yy * width, row_in);
         row_in
     };
-    product(m, row, &w.expand, dst, block);
+    match &w.integer {
+        Some(int) => {
+            quantized.quantize(row, &int.expand);
+            w8a16::product(int.kernel, quantized, &int.expand, dst);
+        }
+        None => product(m, row, &w.expand, dst, block),
+    }
     for pixel in dst.chunks_exact_mut(w.hidden()) {
         for (v, &b) in pixel.iter_mut().zip(&w.expand_bias) {
             *v = gelu(M::FMA, *v + b);
@@ -313,36 +346,61 @@ fn expand_row<M: Micro>(
 
 /// One output row of the depthwise convolution plus bias, then GELU, into `mid`
 /// (`out_width × hidden`), from the hidden rows `rows` (top, middle, bottom; `None` outside the
-/// image) held in `ring`.
+/// image) held in `ring`. Each pixel's channels go in blocks of [`DEPTHWISE_BLOCK`] whose sums
+/// stay in registers over the nine taps (independent chains for the FMA units' latency).
 #[inline(always)]
 fn depthwise_row<const FMA: bool>(
     w: &Weights,
     g: &Geometry,
     rows: [Option<usize>; 3],
     ring: &[f32],
+    zeros: &[f32],
     mid: &mut [f32],
 ) {
     let hidden = w.hidden();
     let row_len = g.width * hidden;
-    for (ox, acc) in mid.chunks_exact_mut(hidden).enumerate() {
-        acc.copy_from_slice(&w.depthwise_bias);
-        for (ky, yy) in rows.iter().enumerate() {
-            let Some(yy) = *yy else { continue };
-            let slot = yy % 3;
-            let row = &ring[slot * row_len..(slot + 1) * row_len];
-            for kx in 0..3 {
-                let Some(xx) = (ox * g.stride + kx).checked_sub(1).filter(|&x| x < g.width) else {
-                    continue;
-                };
-                let src = &row[xx * hidden..(xx + 1) * hidden];
-                let tap = &w.depthwise[(3 * ky + kx) * hidden..(3 * ky + kx + 1) * hidden];
+    for (ox, out) in mid.chunks_exact_mut(hidden).enumerate() {
+        // The nine taps in the order ky, kx: the pixel's channels (zeros outside the image)
+        // and the tap's weights.
+        let taps: [(&[f32], &[f32]); TAPS] = std::array::from_fn(|t| {
+            let (ky, kx) = (t / 3, t % 3);
+            let weights = &w.depthwise[t * hidden..(t + 1) * hidden];
+            let xx = (ox * g.stride + kx).checked_sub(1).filter(|&x| x < g.width);
+            match (rows[ky], xx) {
+                (Some(yy), Some(xx)) => {
+                    let at = (yy % 3) * row_len + xx * hidden;
+                    (&ring[at..at + hidden], weights)
+                }
+                _ => (zeros, weights),
+            }
+        });
+        let mut c0 = 0;
+        for block in out.chunks_exact_mut(DEPTHWISE_BLOCK) {
+            let mut acc: [f32; DEPTHWISE_BLOCK] = std::array::from_fn(|l| w.depthwise_bias[c0 + l]);
+            for &(src, tap) in &taps {
+                let (src, tap) = (
+                    &src[c0..c0 + DEPTHWISE_BLOCK],
+                    &tap[c0..c0 + DEPTHWISE_BLOCK],
+                );
                 for ((a, &v), &k) in acc.iter_mut().zip(src).zip(tap) {
                     *a = madd::<FMA>(v, k, *a);
                 }
             }
+            for (o, &a) in block.iter_mut().zip(&acc) {
+                *o = gelu(FMA, a);
+            }
+            c0 += DEPTHWISE_BLOCK;
         }
-        for a in acc.iter_mut() {
-            *a = gelu(FMA, *a);
+        // Channels past the last whole block.
+        for c in c0..hidden {
+            let mut a = w.depthwise_bias[c];
+            for &(src, tap) in &taps {
+                a = madd::<FMA>(src[c], tap[c], a);
+            }
+            out[c] = gelu(FMA, a);
         }
     }
 }
+
+/// Channels per register-held block of the depthwise convolution: four AVX-512 vectors.
+const DEPTHWISE_BLOCK: usize = 64;

@@ -36,8 +36,9 @@ use super::graph::{
     axis_bias_add_after, axis_op_chain, canonical, concrete_shape, indices_through, next_op,
     replace_chains, sole_consumer, Isa, Match, Replacement,
 };
+use super::w8a16::{W8A16Kernel, W8Weights};
 use crate::model::qmatmul::GeluOp;
-use kernel::{Geometry, Out, Scratch, Weights, TAPS};
+use kernel::{Geometry, IntegerProducts, Out, Scratch, Weights, TAPS};
 
 /// What follows the projection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,17 +62,35 @@ pub struct MbConv {
 }
 
 impl MbConv {
-    /// The kernel name reported in kernel tables, e.g. `tinysam_mbconv_avx512f`.
+    /// The kernel name reported in kernel tables, e.g. `tinysam_mbconv_avx512f`, or with
+    /// integer products `tinysam_mbconv_avx512f_w8a16_vnni`.
     pub fn kernel_name(&self) -> String {
-        format!("tinysam_mbconv_{}", Isa::detect())
+        match &self.weights.integer {
+            Some(int) => format!("tinysam_mbconv_{}_{}", Isa::detect(), int.kernel.name()),
+            None => format!("tinysam_mbconv_{}", Isa::detect()),
+        }
+    }
+
+    /// The kernel of its integer products, if they are integer.
+    pub fn integer_kernel(&self) -> Option<W8A16Kernel> {
+        self.weights.integer.as_ref().map(|int| int.kernel)
     }
 
     /// Multiply-adds per image.
     pub fn macs(&self) -> usize {
+        let (products, depthwise) = self.macs_by_part();
+        products + depthwise
+    }
+
+    /// Multiply-adds per image of the two 1×1 products and of the depthwise convolution.
+    fn macs_by_part(&self) -> (usize, usize) {
         let w = &self.weights;
         let g = &self.geometry;
         let (oh, ow) = g.output();
-        g.height * g.width * w.inputs() * w.hidden() + oh * ow * w.hidden() * (TAPS + w.outputs())
+        (
+            g.height * g.width * w.inputs() * w.hidden() + oh * ow * w.hidden() * w.outputs(),
+            oh * ow * w.hidden() * TAPS,
+        )
     }
 
     fn band(&self, isa: Isa, input: &[f32], first_row: usize, out: Out<'_, '_>) {
@@ -151,8 +170,12 @@ impl Op for MbConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let (w, g) = (&self.weights, &self.geometry);
+        let products = match &w.integer {
+            Some(int) => format!("W8A16 products on {}", int.kernel.name()),
+            None => "f32 products".to_string(),
+        };
         Ok(vec![format!(
-            "{}×{} × {} → {} → {} channels, depthwise stride {}, {:?}, kernel {}",
+            "{}×{} × {} → {} → {} channels, depthwise stride {}, {:?}, kernel {}, {products}",
             g.height,
             g.width,
             w.inputs(),
@@ -195,7 +218,15 @@ impl TypedOp for MbConv {
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        Ok(tvec!((Cost::FMA(f32::datum_type()), self.macs().into())))
+        // W8A16 products accumulate in i32; the depthwise convolution is f32 either way.
+        let (products, depthwise) = self.macs_by_part();
+        Ok(match self.weights.integer {
+            Some(_) => tvec!(
+                (Cost::FMA(i32::datum_type()), products.into()),
+                (Cost::FMA(f32::datum_type()), depthwise.into()),
+            ),
+            None => tvec!((Cost::FMA(f32::datum_type()), self.macs().into())),
+        })
     }
 
     as_op!();
@@ -203,9 +234,16 @@ impl TypedOp for MbConv {
 
 /// Replace TinyViT's MBConv and patch-merging chains (see the module docs) by [`MbConv`];
 /// returns how many. Run after `qmatmul::rewrite_gelu` (the chains' activations are our GELU).
-pub fn rewrite_mbconv(model: &mut TypedModel) -> TractResult<usize> {
+/// With `integer`, the blocks' two 1×1 products run as W8A16 on that kernel (see
+/// [`super::w8a16`]); without, in f32 as the graph has them.
+pub fn rewrite_mbconv(model: &mut TypedModel, integer: Option<W8A16Kernel>) -> TractResult<usize> {
     let starts = |node: &TypedNode| node.op_as::<EinSum>().is_some_and(is_expansion);
-    replace_chains(model, ("convolution block", "mbconv"), starts, plan)
+    replace_chains(
+        model,
+        ("convolution block", "mbconv"),
+        starts,
+        |model: &TypedModel, first| plan(model, first, integer),
+    )
 }
 
 // The 1×1 convolutions' einsum forms as tract declutters them, canonical (`graph::canonical`),
@@ -262,21 +300,34 @@ fn bias_after(
 /// A matched block.
 type Plan = Replacement<MbConv>;
 
-/// A constant `O × I` matrix (the 1×1 kernel as tract keeps it) packed as the `I × O` right
-/// operand of our products.
-fn pointwise_weights(t: &Tensor, o: usize, i: usize) -> TractResult<Option<PackedWeights>> {
+/// A constant `O × I` matrix (the 1×1 kernel as tract keeps it) as the `I × O` right operand of
+/// our products: packed for the f32 ones and, with `integer`, quantized for the W8A16 ones.
+fn pointwise_weights(
+    t: &Tensor,
+    o: usize,
+    i: usize,
+    integer: Option<W8A16Kernel>,
+) -> TractResult<Option<(PackedWeights, Option<W8Weights>)>> {
     if t.datum_type() != f32::datum_type() || t.shape() != [o, i] {
         return Ok(None);
     }
     let view = t.try_as_plain_ram()?;
     let w = view.as_slice::<f32>()?;
     let transposed: Vec<f32> = (0..i * o).map(|at| w[(at % o) * i + at / o]).collect();
-    Ok(PackedWeights::pack(&transposed, i, o))
+    let Some(packed) = PackedWeights::pack(&transposed, i, o) else {
+        return Ok(None);
+    };
+    let quantized = integer.and_then(|_| W8Weights::quantize(&transposed, i, o));
+    Ok(Some((packed, quantized)))
 }
 
 /// Match the block starting at the expansion product `first`: `Ok(None)` if `first` does not
 /// start one, `Err(reason)` if it starts like one but differs.
-fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MbConv>> {
+fn plan(
+    model: &TypedModel,
+    first: usize,
+    integer: Option<W8A16Kernel>,
+) -> TractResult<Match<MbConv>> {
     let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
     let start = model.node(first);
     let input = start.inputs[0];
@@ -301,7 +352,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MbConv>> {
         _ => return Ok(Ok(None)),
     };
     // Expansion, its bias, GELU: anything else is another 1×1 convolution.
-    let Some(expand) = pointwise_weights(&expand_k, hidden, cin)? else {
+    let Some((expand, expand_q)) = pointwise_weights(&expand_k, hidden, cin, integer)? else {
         return Ok(Ok(None));
     };
     let Some((bias1_node, expand_bias)) =
@@ -358,7 +409,7 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MbConv>> {
         [o, i] if i == hidden && o > 0 => o,
         ref other => return Ok(Err(format!("projection weight is {other:?}"))),
     };
-    let Some(project) = pointwise_weights(&project_k, cout, hidden)? else {
+    let Some((project, project_q)) = pointwise_weights(&project_k, cout, hidden, integer)? else {
         return Ok(Err("projection weight is not f32".into()));
     };
     let Some((bias3_node, project_bias)) =
@@ -373,6 +424,14 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MbConv>> {
         depthwise_bias,
         project,
         project_bias,
+        integer: match (integer, expand_q, project_q) {
+            (Some(kernel), Some(expand), Some(project)) => Some(IntegerProducts {
+                kernel,
+                expand,
+                project,
+            }),
+            _ => None,
+        },
     });
 
     // MBConv: the residual add of the block's input, then GELU.

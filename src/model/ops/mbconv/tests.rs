@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::decoder::f32_slice;
+use crate::model::ops::gemm::same_bits;
 use crate::model::qmatmul::rewrite_gelu;
 use crate::model::test_support::{
     decluttered_encoder, fixture_dir, gelu_f64 as gelu, golden_input, max_difference,
@@ -92,11 +93,16 @@ impl RawWeights {
         }
     }
 
-    fn op(&self, g: Geometry, finish: Finish) -> MbConv {
+    /// The op, with f32 products or (`integer`) W8A16 ones on that kernel.
+    fn op(&self, g: Geometry, finish: Finish, integer: Option<W8A16Kernel>) -> MbConv {
         let pack = |t: &[f32], o: usize, i: usize| {
             let t = Tensor::from_shape(&[o, i], t).expect("shape");
-            pointwise_weights(&t, o, i).expect("pack").expect("f32")
+            pointwise_weights(&t, o, i, integer)
+                .expect("pack")
+                .expect("f32")
         };
+        let (expand, expand_q) = pack(&self.expand, self.hidden, self.cin);
+        let (project, project_q) = pack(&self.project, self.cout, self.hidden);
         let c = self.hidden;
         let (oh, ow) = g.output();
         MbConv {
@@ -107,14 +113,19 @@ impl RawWeights {
                 Finish::Tokens => tvec![oh * ow, self.cout],
             },
             weights: Arc::new(Weights {
-                expand: pack(&self.expand, self.hidden, self.cin),
+                expand,
                 expand_bias: self.expand_bias.clone(),
                 depthwise: (0..TAPS * c)
                     .map(|at| self.depthwise[(at % c) * TAPS + at / c])
                     .collect(),
                 depthwise_bias: self.depthwise_bias.clone(),
-                project: pack(&self.project, self.cout, self.hidden),
+                project,
                 project_bias: self.project_bias.clone(),
+                integer: integer.map(|kernel| IntegerProducts {
+                    kernel,
+                    expand: expand_q.expect("quantized"),
+                    project: project_q.expect("quantized"),
+                }),
             }),
         }
     }
@@ -143,7 +154,7 @@ fn every_kernel_matches_a_double_precision_block() -> TractResult<()> {
             stride,
             pixel_major_input: pixel_major,
         };
-        let op = raw.op(g, finish);
+        let op = raw.op(g, finish, None);
         let planes = pattern(cin * height * width, 7, 2.0);
         let want = reference(&raw, &g, finish, &planes);
         // The same image pixel-major, where the block takes tokens.
@@ -168,6 +179,65 @@ fn every_kernel_matches_a_double_precision_block() -> TractResult<()> {
     Ok(())
 }
 
+/// With W8A16 products the block is the definition on the quantized weights, up to the
+/// activations' 16-bit rounding; every integer kernel gives the same bits.
+#[test]
+fn integer_products_follow_the_quantized_weights() -> TractResult<()> {
+    let kernels = W8A16Kernel::supported();
+    for (cin, hidden, cout, height, width, stride, finish) in [
+        (8, 32, 8, 7, 9, 1, Finish::Residual),
+        (6, 24, 10, 9, 8, 2, Finish::Tokens),
+        (5, 36, 33, 6, 7, 2, Finish::Tokens),
+    ] {
+        let raw = RawWeights::new(cin, hidden, cout);
+        let g = Geometry {
+            height,
+            width,
+            stride,
+            pixel_major_input: false,
+        };
+        let input = pattern(cin * height * width, 7, 2.0);
+        // The weights as the integer products see them.
+        let mut quantized = RawWeights::new(cin, hidden, cout);
+        let as_used = |w: &[f32], o: usize, i: usize| {
+            let t: Vec<f32> = (0..i * o).map(|at| w[(at % o) * i + at / o]).collect();
+            let dq = W8Weights::quantize(&t, i, o).expect("sizes").dequantized();
+            (0..o * i)
+                .map(|at| dq[(at % i) * o + at / i])
+                .collect::<Vec<f32>>()
+        };
+        quantized.expand = as_used(&raw.expand, hidden, cin);
+        quantized.project = as_used(&raw.project, cout, hidden);
+        let want = reference(&quantized, &g, finish, &input);
+        let float = reference(&raw, &g, finish, &input);
+        let mut first: Option<Vec<f32>> = None;
+        for &kernel in &kernels {
+            let op = raw.op(g, finish, Some(kernel));
+            let mut got = vec![0f32; want.len()];
+            op.run(Isa::detect(), &input, &mut got)?;
+            let (err, scale) = max_difference(&got, &want);
+            assert!(
+                err <= 2e-4 * scale.max(1.0),
+                "{kernel:?} {cin}→{hidden}→{cout}: {err} of {scale} from the quantized weights"
+            );
+            let (err, scale) = max_difference(&got, &float);
+            assert!(
+                err <= 3e-2 * scale.max(1.0),
+                "{kernel:?} {cin}→{hidden}→{cout}: {err} of {scale} from the f32 block"
+            );
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert!(
+                    same_bits(f, &got),
+                    "{kernel:?} differs from {:?}",
+                    kernels[0]
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn sizes_that_do_not_fit_are_an_error() {
     let raw = RawWeights::new(4, 8, 4);
@@ -177,7 +247,7 @@ fn sizes_that_do_not_fit_are_an_error() {
         stride: 1,
         pixel_major_input: false,
     };
-    let op = raw.op(g, Finish::Residual);
+    let op = raw.op(g, Finish::Residual, None);
     let mut out = vec![0f32; 36];
     assert!(op.run(Isa::detect(), &[0.0; 35], &mut out).is_err());
     assert!(op.run(Isa::detect(), &[0.0; 36], &mut out[..30]).is_err());
@@ -193,7 +263,7 @@ fn against_tract(dir: &std::path::Path, precision: Precision) -> TractResult<(us
     for id in typed.eval_order()? {
         let is_expansion = typed.node(id).op_as::<EinSum>().is_some_and(is_expansion);
         if is_expansion {
-            if let Ok(Some(p)) = plan(&typed, id)? {
+            if let Ok(Some(p)) = plan(&typed, id, None)? {
                 plans.push(p);
             }
         }
@@ -251,7 +321,7 @@ fn the_fixture_encoder_keeps_its_embedding() -> TractResult<()> {
     let (mut tract_blocks, s) = decluttered_encoder(&fixture_dir(), Precision::Fp32);
     rewrite_gelu(&mut tract_blocks)?;
     let mut ours = tract_blocks.clone();
-    assert_eq!(rewrite_mbconv(&mut ours)?, 5);
+    assert_eq!(rewrite_mbconv(&mut ours, None)?, 5);
     assert_eq!(
         ours.nodes().iter().filter(|n| n.op_is::<MbConv>()).count(),
         5
@@ -283,24 +353,29 @@ fn mbconv_speed() -> TractResult<()> {
             stride,
             pixel_major_input: false,
         };
-        let op = raw.op(g, finish);
         let input = pattern(cin * 256 * 256, 7, 2.0);
         let (oh, ow) = g.output();
         let mut out = vec![0f32; cout * oh * ow];
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-            if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
-                continue;
+        let integer = W8A16Kernel::supported().into_iter().map(Some);
+        for products in std::iter::once(None).chain(integer) {
+            let op = raw.op(g, finish, products);
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
+                    continue;
+                }
+                let mut best = f64::MAX;
+                for _ in 0..3 {
+                    let t = std::time::Instant::now();
+                    op.run(isa, &input, &mut out)?;
+                    best = best.min(t.elapsed().as_secs_f64() * 1e3);
+                }
+                eprintln!(
+                    "{cin} → {hidden} → {cout}, stride {stride}, {isa}, {} products: {best:.1} \
+                     ms, {:.1} GMAC/s",
+                    products.map_or("f32", |k| k.name()),
+                    op.macs() as f64 / best / 1e6
+                );
             }
-            let mut best = f64::MAX;
-            for _ in 0..3 {
-                let t = std::time::Instant::now();
-                op.run(isa, &input, &mut out)?;
-                best = best.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            eprintln!(
-                "{cin} → {hidden} → {cout}, stride {stride}, {isa}: {best:.1} ms, {:.1} GMAC/s",
-                op.macs() as f64 / best / 1e6
-            );
         }
     }
     Ok(())
