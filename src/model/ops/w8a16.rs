@@ -507,16 +507,8 @@ mod tests {
     use super::*;
 
     /// Deterministic values in about [-1, 1].
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 20_001) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        crate::model::test_support::pattern_values(len, seed, 1.0)
     }
 
     /// The exact sums of the quantized operands, dequantized as the kernels do.
@@ -660,11 +652,7 @@ mod tests {
 #[test]
 #[ignore]
 fn w8a16_speed() {
-    let values = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    };
+    let values = |len: usize| crate::model::test_support::pattern_values(len, 9, 1.0);
     for (m, k, n) in [(256, 64, 256), (256, 256, 64)] {
         let w = W8Weights::quantize(&values(k * n), k, n).expect("sizes");
         let a_f = values(m * k);
