@@ -604,10 +604,10 @@ fn one_graph_batches_of_any_size_give_each_prompts_own_logits() {
     }
 }
 
-/// The default model's INT8 encoder with its convolution blocks (stage 0 and its patch
-/// merging, f32 in the file) on W8A16 integer products, against the same encoder with f32
-/// blocks and against FP32: the embedding and the golden prompts' masks move by less than the
-/// INT8 file's own quantization moves them. Prints the figures. `TINYSAM_FIDELITY_IMAGES`
+/// The default model's INT8 encoder with its float convolutional front (stage 0's blocks, its
+/// patch merging and the stem's second convolution, f32 in the file) on W8A16 integer
+/// products, against the same encoder all f32 there and against FP32: the embedding and the
+/// golden prompts' masks stay as close to FP32 as the INT8 file's own quantization leaves them. Prints the figures. `TINYSAM_FIDELITY_IMAGES`
 /// (paths separated by `:`) adds photos. x86_64 only: under qemu a 1024² encoder takes minutes.
 #[cfg(target_arch = "x86_64")]
 #[test]

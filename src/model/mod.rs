@@ -35,12 +35,13 @@ pub struct PrecisionChoice {
     pub int8_matmul: Int8Matmul,
     /// Which form of the decoder runs prompts.
     pub decoder_graph: DecoderGraph,
-    /// How an INT8 encoder's convolution blocks run their 1×1 products.
+    /// How an INT8 encoder's float convolutional front (stem, stage 0) runs its products.
     pub conv_blocks: ConvBlocks,
 }
 
-/// How the convolution blocks of an INT8 encoder (stage 0's MBConvs and the patch merging
-/// after it, which the model's quantization leaves in f32) run their 1×1 products.
+/// How the convolutional front of an INT8 encoder, which the model's quantization leaves in
+/// f32, runs its products: stage 0's MBConv blocks and the patch merging after it (their 1×1
+/// products) and the patch embedding's second convolution (its first, on the image, stays f32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ConvBlocks {
     /// As W8A16 integer products ([`ops::w8a16`]: weights at 8 bits per output channel, each
@@ -512,9 +513,12 @@ fn optimize_unguarded(
     if gelus > 0 {
         log::debug!("{stage}: {gelus} GELUs on TinysamGelu");
     }
-    let stems = ops::rewrite_stem(&mut typed).map_err(load_err)?;
+    let stems = ops::rewrite_stem(&mut typed, block_kernel).map_err(load_err)?;
     if stems > 0 {
-        log::debug!("{stage}: patch embedding on TinysamStem");
+        log::debug!(
+            "{stage}: patch embedding on TinysamStem, {} products",
+            block_kernel.map_or("f32", |k| k.name())
+        );
     }
     let blocks = ops::rewrite_mbconv(&mut typed, block_kernel).map_err(load_err)?;
     if blocks > 0 {

@@ -38,8 +38,9 @@ pub struct BenchArgs {
     /// upscaling in low rank), one-graph, split-full-rank.
     #[arg(long, default_value = "auto")]
     pub decoder_graph: model::DecoderGraph,
-    /// Products of an INT8 encoder's convolution blocks (stage 0 and its patch merging):
-    /// auto (W8A16 integers on the int8 matmul's kernel family), f32.
+    /// Products of an INT8 encoder's float convolutional front (stage 0's blocks, its patch
+    /// merging, the stem's second convolution): auto (W8A16 integers on the int8 matmul's
+    /// kernel family), f32.
     #[arg(long, default_value = "auto")]
     pub conv_blocks: model::ConvBlocks,
     /// Print the slowest encoder ops of each precision.
@@ -267,7 +268,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 [i, s] => (*i, *s),
                 other => anyhow::bail!("--everything-thresholds takes two values, got {other:?}"),
             };
-            everything_table(&mut md, &dir, (p, args.int8_matmul), &frame, iou, stability)?;
+            everything_table(
+                &mut md,
+                &dir,
+                (p, args.int8_matmul, args.conv_blocks),
+                &frame,
+                iou,
+                stability,
+            )?;
         }
     }
     print!("{md}");
@@ -375,7 +383,7 @@ fn print_profile(title: &str, times: &[profile::NodeTime], slowest: usize) {
 fn everything_table(
     md: &mut String,
     dir: &std::path::Path,
-    (p, int8_matmul): (Precision, model::Int8Matmul),
+    (p, int8_matmul, conv_blocks): (Precision, model::Int8Matmul, model::ConvBlocks),
     frame: &image::RgbImage,
     pred_iou_thresh: f32,
     stability_score_thresh: f32,
@@ -389,6 +397,7 @@ fn everything_table(
             encoder: Some(p),
             decoder: Some(dec_p),
             int8_matmul,
+            conv_blocks,
             ..Default::default()
         },
     )?);

@@ -53,8 +53,9 @@ struct ModelArgs {
     /// upscaling in low rank), one-graph, split-full-rank.
     #[arg(long, default_value = "auto")]
     decoder_graph: model::DecoderGraph,
-    /// Products of an INT8 encoder's convolution blocks (stage 0 and its patch merging):
-    /// auto (W8A16 integers on the int8 matmul's kernel family), f32.
+    /// Products of an INT8 encoder's float convolutional front (stage 0's blocks, its patch
+    /// merging, the stem's second convolution): auto (W8A16 integers on the int8 matmul's
+    /// kernel family), f32.
     #[arg(long, default_value = "auto")]
     conv_blocks: model::ConvBlocks,
 }

@@ -270,6 +270,42 @@ impl A16Rows {
     }
 }
 
+/// A fused op's two products (its first, then its second) as W8A16 on one kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductPair {
+    /// The kernel both run on.
+    pub kernel: W8A16Kernel,
+    /// The op's first product.
+    pub first: W8Weights,
+    /// The op's second product.
+    pub second: W8Weights,
+}
+
+impl ProductPair {
+    /// `first` and `second` (each `k` rows of `n` values, row-major, with their sizes)
+    /// quantized for `kernel`; `None` if either does not fit.
+    pub fn quantize(
+        kernel: W8A16Kernel,
+        (first, k1, n1): (&[f32], usize, usize),
+        (second, k2, n2): (&[f32], usize, usize),
+    ) -> Option<ProductPair> {
+        Some(ProductPair {
+            kernel,
+            first: W8Weights::quantize(first, k1, n1)?,
+            second: W8Weights::quantize(second, k2, n2)?,
+        })
+    }
+}
+
+/// `c = a·w` with `a` (rows of `w.k()` values) quantized into `rows` first: the step a fused op
+/// takes per block of rows. Inlined, so that the quantization compiles with the caller's
+/// target features.
+#[inline(always)]
+pub fn multiply(kernel: W8A16Kernel, a: &[f32], w: &W8Weights, rows: &mut A16Rows, c: &mut [f32]) {
+    rows.quantize(a, w);
+    product(kernel, rows, w, c);
+}
+
 /// `v` rounded to the nearest integer (ties to even), for `|v| ≤ 2^22`, as i16 (the caller keeps
 /// `|v|` within i16); NaN gives 0. Adding 1.5 · 2^23 leaves the rounded integer in the low
 /// mantissa bits: plain adds and integer subtracts, which vectorise on every target (a

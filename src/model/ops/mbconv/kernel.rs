@@ -18,7 +18,7 @@ use super::super::gemm::{
 };
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
-use super::super::w8a16::{self, A16Rows, W8A16Kernel, W8Weights};
+use super::super::w8a16::{self, A16Rows, ProductPair};
 
 /// Taps of the depthwise convolution (3 × 3).
 pub(crate) const TAPS: usize = 9;
@@ -40,17 +40,9 @@ pub(crate) struct Weights {
     pub(crate) project: PackedWeights,
     /// Its bias, one per output channel.
     pub(crate) project_bias: Vec<f32>,
-    /// When set, both 1×1 products run in integers (W8A16) instead of f32.
-    pub(crate) integer: Option<IntegerProducts>,
-}
-
-/// The two 1×1 products as W8A16 ([`w8a16`]): weights quantized per output channel, each
-/// pixel's activations to i16 as it is used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct IntegerProducts {
-    pub(crate) kernel: W8A16Kernel,
-    pub(crate) expand: W8Weights,
-    pub(crate) project: W8Weights,
+    /// When set, both 1×1 products (expansion first, projection second) run in integers
+    /// (W8A16: [`w8a16`]) instead of f32.
+    pub(crate) integer: Option<ProductPair>,
 }
 
 impl PartialEq for Weights {
@@ -278,10 +270,7 @@ fn band<const FMA: bool, M: Micro>(
         }
         depthwise_row::<FMA>(w, g, taps_rows, ring, zeros, mid);
         match &w.integer {
-            Some(int) => {
-                quantized.quantize(mid, &int.project);
-                w8a16::product(int.kernel, quantized, &int.project, projected);
-            }
+            Some(int) => w8a16::multiply(int.kernel, mid, &int.second, quantized, projected),
             None => product(m, mid, &w.project, projected, block),
         }
         match &mut out {
@@ -331,10 +320,7 @@ fn expand_row<M: Micro>(
         row_in
     };
     match &w.integer {
-        Some(int) => {
-            quantized.quantize(row, &int.expand);
-            w8a16::product(int.kernel, quantized, &int.expand, dst);
-        }
+        Some(int) => w8a16::multiply(int.kernel, row, &int.first, quantized, dst),
         None => product(m, row, &w.expand, dst, block),
     }
     for pixel in dst.chunks_exact_mut(w.hidden()) {

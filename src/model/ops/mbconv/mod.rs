@@ -36,9 +36,9 @@ use super::graph::{
     axis_bias_add_after, axis_op_chain, canonical, concrete_shape, indices_through, next_op,
     replace_chains, sole_consumer, Isa, Match, Replacement,
 };
-use super::w8a16::{W8A16Kernel, W8Weights};
+use super::w8a16::{ProductPair, W8A16Kernel};
 use crate::model::qmatmul::GeluOp;
-use kernel::{Geometry, IntegerProducts, Out, Scratch, Weights, TAPS};
+use kernel::{Geometry, Out, Scratch, Weights, TAPS};
 
 /// What follows the projection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -301,24 +301,19 @@ fn bias_after(
 type Plan = Replacement<MbConv>;
 
 /// A constant `O × I` matrix (the 1×1 kernel as tract keeps it) as the `I × O` right operand of
-/// our products: packed for the f32 ones and, with `integer`, quantized for the W8A16 ones.
+/// our products, row-major, and packed for the f32 ones.
 fn pointwise_weights(
     t: &Tensor,
     o: usize,
     i: usize,
-    integer: Option<W8A16Kernel>,
-) -> TractResult<Option<(PackedWeights, Option<W8Weights>)>> {
+) -> TractResult<Option<(Vec<f32>, PackedWeights)>> {
     if t.datum_type() != f32::datum_type() || t.shape() != [o, i] {
         return Ok(None);
     }
     let view = t.try_as_plain_ram()?;
     let w = view.as_slice::<f32>()?;
     let transposed: Vec<f32> = (0..i * o).map(|at| w[(at % o) * i + at / o]).collect();
-    let Some(packed) = PackedWeights::pack(&transposed, i, o) else {
-        return Ok(None);
-    };
-    let quantized = integer.and_then(|_| W8Weights::quantize(&transposed, i, o));
-    Ok(Some((packed, quantized)))
+    Ok(PackedWeights::pack(&transposed, i, o).map(|packed| (transposed, packed)))
 }
 
 /// Match the block starting at the expansion product `first`: `Ok(None)` if `first` does not
@@ -352,7 +347,7 @@ fn plan(
         _ => return Ok(Ok(None)),
     };
     // Expansion, its bias, GELU: anything else is another 1×1 convolution.
-    let Some((expand, expand_q)) = pointwise_weights(&expand_k, hidden, cin, integer)? else {
+    let Some((expand_rows, expand)) = pointwise_weights(&expand_k, hidden, cin)? else {
         return Ok(Ok(None));
     };
     let Some((bias1_node, expand_bias)) =
@@ -409,7 +404,7 @@ fn plan(
         [o, i] if i == hidden && o > 0 => o,
         ref other => return Ok(Err(format!("projection weight is {other:?}"))),
     };
-    let Some((project, project_q)) = pointwise_weights(&project_k, cout, hidden, integer)? else {
+    let Some((project_rows, project)) = pointwise_weights(&project_k, cout, hidden)? else {
         return Ok(Err("projection weight is not f32".into()));
     };
     let Some((bias3_node, project_bias)) =
@@ -424,14 +419,13 @@ fn plan(
         depthwise_bias,
         project,
         project_bias,
-        integer: match (integer, expand_q, project_q) {
-            (Some(kernel), Some(expand), Some(project)) => Some(IntegerProducts {
+        integer: integer.and_then(|kernel| {
+            ProductPair::quantize(
                 kernel,
-                expand,
-                project,
-            }),
-            _ => None,
-        },
+                (&expand_rows, cin, hidden),
+                (&project_rows, hidden, cout),
+            )
+        }),
     });
 
     // MBConv: the residual add of the block's input, then GELU.

@@ -1,6 +1,7 @@
 use super::*;
 use crate::model::decoder::f32_slice;
 use crate::model::ops::gemm::same_bits;
+use crate::model::ops::w8a16::W8Weights;
 use crate::model::qmatmul::rewrite_gelu;
 use crate::model::test_support::{
     decluttered_encoder, fixture_dir, gelu_f64 as gelu, golden_input, max_difference,
@@ -97,12 +98,10 @@ impl RawWeights {
     fn op(&self, g: Geometry, finish: Finish, integer: Option<W8A16Kernel>) -> MbConv {
         let pack = |t: &[f32], o: usize, i: usize| {
             let t = Tensor::from_shape(&[o, i], t).expect("shape");
-            pointwise_weights(&t, o, i, integer)
-                .expect("pack")
-                .expect("f32")
+            pointwise_weights(&t, o, i).expect("pack").expect("f32")
         };
-        let (expand, expand_q) = pack(&self.expand, self.hidden, self.cin);
-        let (project, project_q) = pack(&self.project, self.cout, self.hidden);
+        let (expand_rows, expand) = pack(&self.expand, self.hidden, self.cin);
+        let (project_rows, project) = pack(&self.project, self.cout, self.hidden);
         let c = self.hidden;
         let (oh, ow) = g.output();
         MbConv {
@@ -121,10 +120,13 @@ impl RawWeights {
                 depthwise_bias: self.depthwise_bias.clone(),
                 project,
                 project_bias: self.project_bias.clone(),
-                integer: integer.map(|kernel| IntegerProducts {
-                    kernel,
-                    expand: expand_q.expect("quantized"),
-                    project: project_q.expect("quantized"),
+                integer: integer.map(|kernel| {
+                    ProductPair::quantize(
+                        kernel,
+                        (&expand_rows, self.cin, self.hidden),
+                        (&project_rows, self.hidden, self.cout),
+                    )
+                    .expect("quantized")
                 }),
             }),
         }

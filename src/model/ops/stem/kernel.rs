@@ -15,6 +15,7 @@ use super::super::fastmath::gelu;
 use super::super::gemm::{block_scratch, product, same_bits, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::w8a16::{self, A16Rows, W8A16Kernel, W8Weights};
 
 /// The most rows per product block of any kernel (scratch is sized for it).
 const MAX_ROWS: usize = 8;
@@ -28,6 +29,10 @@ pub(crate) struct Weights {
     /// Second convolution, `9 · C_mid × C_out`, patch values in (ky, kx, channel) order.
     pub(crate) second: PackedWeights,
     pub(crate) second_bias: Vec<f32>,
+    /// When set, the second convolution's product runs in integers (W8A16: [`w8a16`]) on this
+    /// kernel instead of f32. The first stays f32: its 27 weights a channel read the image, and
+    /// at 8 bits they cost the default model measurable fidelity (`docs/performance.md`).
+    pub(crate) integer: Option<(W8A16Kernel, W8Weights)>,
 }
 
 impl PartialEq for Weights {
@@ -36,6 +41,7 @@ impl PartialEq for Weights {
             && self.second == other.second
             && same_bits(&self.first_bias, &other.first_bias)
             && same_bits(&self.second_bias, &other.second_bias)
+            && self.integer == other.integer
     }
 }
 impl Eq for Weights {}
@@ -90,6 +96,8 @@ pub(crate) struct Scratch {
     /// One output row, pixel-major and channel-major.
     pixels: Vec<f32>,
     planes: Vec<f32>,
+    /// Patch rows quantized to i16, when the products are integer.
+    quantized: A16Rows,
 }
 
 impl Scratch {
@@ -104,6 +112,7 @@ impl Scratch {
             ring_rows: [usize::MAX; 3],
             pixels: vec![0f32; out_w * w.outputs()],
             planes: vec![0f32; out_w * w.outputs()],
+            quantized: A16Rows::new(),
         }
     }
 }
@@ -196,6 +205,7 @@ fn band<M: Micro>(
         ring_rows,
         pixels,
         planes,
+        quantized,
     } = scratch;
     let row_len = mid_w * cmid;
     for (i, out_planes) in rows.iter_mut().enumerate() {
@@ -227,7 +237,12 @@ fn band<M: Micro>(
                 }
             }
         }
-        product(m, patches, &w.second, pixels, block);
+        match &w.integer {
+            Some((kernel, weights)) => {
+                w8a16::multiply(*kernel, patches, weights, quantized, pixels)
+            }
+            None => product(m, patches, &w.second, pixels, block),
+        }
         for pixel in pixels.chunks_exact_mut(cout) {
             for (o, &b) in pixel.iter_mut().zip(&w.second_bias) {
                 *o += b;

@@ -26,6 +26,7 @@ use super::gemm::PackedWeights;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{concrete_shape, next_op, replace_chains, Isa, Match, Replacement};
+use super::w8a16::{W8A16Kernel, W8Weights};
 use crate::model::qmatmul::GeluOp;
 use kernel::{halved, Geometry, Scratch, Weights};
 
@@ -39,17 +40,30 @@ pub struct Stem {
 }
 
 impl Stem {
-    /// The kernel name reported in kernel tables, e.g. `tinysam_stem_avx512f`.
+    /// The kernel name reported in kernel tables, e.g. `tinysam_stem_avx512f`, or with integer
+    /// products `tinysam_stem_avx512f_w8a16_vnni`.
     pub fn kernel_name(&self) -> String {
-        format!("tinysam_stem_{}", Isa::detect())
+        match &self.weights.integer {
+            Some((kernel, _)) => format!("tinysam_stem_{}_{}", Isa::detect(), kernel.name()),
+            None => format!("tinysam_stem_{}", Isa::detect()),
+        }
     }
 
     /// Multiply-adds per image.
     pub fn macs(&self) -> usize {
+        let (first, second) = self.macs_by_convolution();
+        first + second
+    }
+
+    /// Multiply-adds per image of the first and of the second convolution.
+    fn macs_by_convolution(&self) -> (usize, usize) {
         let (w, g) = (&self.weights, &self.geometry);
         let (mh, mw) = g.middle();
         let (oh, ow) = g.output();
-        mh * mw * w.first.k() * w.first.n() + oh * ow * w.second.k() * w.second.n()
+        (
+            mh * mw * w.first.k() * w.first.n(),
+            oh * ow * w.second.k() * w.second.n(),
+        )
     }
 
     fn band(&self, isa: Isa, input: &[f32], first_row: usize, rows: &mut [Vec<&mut [f32]>]) {
@@ -118,7 +132,7 @@ impl Op for Stem {
         let (w, g) = (&self.weights, &self.geometry);
         let (oh, ow) = g.output();
         Ok(vec![format!(
-            "{}×{}×{} → {} → {}×{}×{}, kernel {}",
+            "{}×{}×{} → {} → {}×{}×{}, kernel {}, {}",
             w.inputs(),
             g.height,
             g.width,
@@ -126,7 +140,11 @@ impl Op for Stem {
             w.outputs(),
             oh,
             ow,
-            Isa::detect()
+            Isa::detect(),
+            match &w.integer {
+                Some((kernel, _)) => format!("second product W8A16 on {}", kernel.name()),
+                None => "f32 products".to_string(),
+            }
         )])
     }
 
@@ -161,17 +179,32 @@ impl TypedOp for Stem {
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        Ok(tvec!((Cost::FMA(f32::datum_type()), self.macs().into())))
+        // A W8A16 product accumulates in i32.
+        let (first, second) = self.macs_by_convolution();
+        Ok(match self.weights.integer {
+            Some(_) => tvec!(
+                (Cost::FMA(f32::datum_type()), first.into()),
+                (Cost::FMA(i32::datum_type()), second.into()),
+            ),
+            None => tvec!((Cost::FMA(f32::datum_type()), self.macs().into())),
+        })
     }
 
     as_op!();
 }
 
 /// Replace the patch embedding (see the module docs) by [`Stem`]; returns how many (0 or 1 in
-/// practice). Run after `qmatmul::rewrite_gelu`.
-pub fn rewrite_stem(model: &mut TypedModel) -> TractResult<usize> {
+/// practice). Run after `qmatmul::rewrite_gelu`. With `integer`, the second convolution's
+/// product runs as W8A16 on that kernel (see [`super::w8a16`]; the first stays f32);
+/// without, in f32 as the graph has them.
+pub fn rewrite_stem(model: &mut TypedModel, integer: Option<W8A16Kernel>) -> TractResult<usize> {
     let is_conv = |node: &TypedNode| node.op_is::<Conv>();
-    replace_chains(model, ("patch embedding", "stem"), is_conv, plan)
+    replace_chains(
+        model,
+        ("patch embedding", "stem"),
+        is_conv,
+        |model: &TypedModel, first| plan(model, first, integer),
+    )
 }
 
 /// A matched stem.
@@ -227,7 +260,11 @@ fn strided_conv(
 
 /// Match the stem starting at the convolution `first`: `Ok(None)` if `first` does not start
 /// one, `Err(reason)` if it starts like one but differs.
-fn plan(model: &TypedModel, first: usize) -> TractResult<Match<Stem>> {
+fn plan(
+    model: &TypedModel,
+    first: usize,
+    integer: Option<W8A16Kernel>,
+) -> TractResult<Match<Stem>> {
     let input = model.node(first).inputs[0];
     let Some(&[1, cin, height, width]) = concrete_shape(model, input)?.as_deref() else {
         return Ok(Ok(None));
@@ -288,6 +325,9 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Match<Stem>> {
                 first_bias,
                 second: second_w,
                 second_bias,
+                integer: integer.and_then(|kernel| {
+                    W8Weights::quantize(&second_rows, 9 * cmid, cout).map(|w| (kernel, w))
+                }),
             }),
         },
     })))

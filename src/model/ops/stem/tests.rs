@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::decoder::f32_slice;
+use crate::model::ops::w8a16::W8A16Kernel;
 use crate::model::qmatmul::rewrite_gelu;
 use crate::model::test_support::{
     decluttered_encoder, fixture_dir, gelu_f64 as gelu, golden_input, max_difference,
@@ -35,14 +36,13 @@ fn conv(input: &[f64], (c, h, w): (usize, usize, usize), kernel: &[f32], bias: &
     out
 }
 
-/// A [`Stem`] of random weights through `plan`, from a two-convolution graph built here, and
-/// the weights.
+/// A [`Stem`] of random weights through `plan` (with W8A16 products on `integer`), from a
+/// two-convolution graph built here, and the weights.
 fn stem(
-    cin: usize,
-    cmid: usize,
-    cout: usize,
+    (cin, cmid, cout): (usize, usize, usize),
     h: usize,
     w: usize,
+    integer: Option<W8A16Kernel>,
 ) -> TractResult<(Stem, [Vec<f32>; 4])> {
     let k0 = pattern(cmid * cin * 9, 1, 0.5);
     let b0 = pattern(cmid, 2, 0.3);
@@ -76,7 +76,7 @@ fn stem(
     let z = model.wire_node("conv1", conv_op(cmid, cout), &[g[0], w1, c1])?;
     model.select_output_outlets(&z)?;
     let first = model.node_by_name("conv0")?.id;
-    let plan = plan(&model, first)?
+    let plan = plan(&model, first, integer)?
         .map_err(|e| format_err!(e))?
         .context("not matched")?;
     Ok((plan.op, [k0, b0, k1, b1]))
@@ -94,7 +94,7 @@ fn every_kernel_matches_a_double_precision_stem() -> TractResult<()> {
         (2, 5, 33, 5, 7),
         (1, 1, 1, 1, 1),
     ] {
-        let (op, [k0, b0, k1, b1]) = stem(cin, cmid, cout, h, w)?;
+        let (op, [k0, b0, k1, b1]) = stem((cin, cmid, cout), h, w, None)?;
         let input = pattern(cin * h * w, 5, 2.0);
         let x: Vec<f64> = input.iter().map(|&v| f64::from(v)).collect();
         let mid: Vec<f64> = conv(&x, (cin, h, w), &k0, &b0)
@@ -118,9 +118,42 @@ fn every_kernel_matches_a_double_precision_stem() -> TractResult<()> {
     Ok(())
 }
 
+/// With its second product in W8A16 the stem stays within the weights' 8-bit rounding of the
+/// f32 stem, and every integer kernel gives the same bits.
+#[test]
+fn integer_products_stay_close_and_agree_across_kernels() -> TractResult<()> {
+    let kernels = W8A16Kernel::supported();
+    for (cin, cmid, cout, h, w) in [(3, 32, 64, 16, 16), (2, 5, 33, 5, 7)] {
+        let input = pattern(cin * h * w, 5, 2.0);
+        let (float, _) = stem((cin, cmid, cout), h, w, None)?;
+        let mut want = vec![0f32; cout * halved(halved(h)) * halved(halved(w))];
+        float.run(Isa::detect(), &input, &mut want)?;
+        let mut first: Option<Vec<f32>> = None;
+        for &kernel in &kernels {
+            let (op, _) = stem((cin, cmid, cout), h, w, Some(kernel))?;
+            let mut got = vec![0f32; want.len()];
+            op.run(Isa::detect(), &input, &mut got)?;
+            let (err, scale) = max_difference(&got, &want);
+            assert!(
+                err <= 3e-2 * scale.max(1.0),
+                "{kernel:?} {cin}→{cmid}→{cout}: {err} of {scale}"
+            );
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert!(
+                    f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kernel:?} differs from {:?}",
+                    kernels[0]
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn sizes_that_do_not_fit_are_an_error() -> TractResult<()> {
-    let (op, _) = stem(3, 4, 4, 8, 8)?;
+    let (op, _) = stem((3, 4, 4), 8, 8, None)?;
     let mut out = vec![0f32; 16];
     assert!(op.run(Isa::detect(), &[0.0; 191], &mut out).is_err());
     assert!(op.run(Isa::detect(), &[0.0; 192], &mut out[..15]).is_err());
@@ -135,7 +168,7 @@ fn against_tract(dir: &std::path::Path, precision: Precision) -> TractResult<f32
     let mut plans = Vec::new();
     for id in typed.eval_order()? {
         if typed.node(id).op_is::<Conv>() {
-            if let Ok(Some(p)) = plan(&typed, id)? {
+            if let Ok(Some(p)) = plan(&typed, id, None)? {
                 plans.push(p);
             }
         }
