@@ -10,12 +10,15 @@ scheduling model of the core is the one timing proxy this machine has.
 What is measured:
 - `sdot` int8 tile (`src/model/qmatmul/neon.rs`): its inline-assembly loop, as written.
 - portable int8 tile (`src/model/qmatmul/portable.rs`, what a Cortex-A53 runs), the attention
-  kernel (`src/model/ops/attention/kernel.rs`) and the decoder's f32 product micro-kernel
+  kernel (`src/model/ops/attention/kernel.rs`), the W8A16 tile of the INT8 encoder's stem and
+  MBConv stage (`src/model/ops/w8a16.rs`) and the decoder's f32 product micro-kernel
   (`src/model/ops/gemm.rs`, NEON): the real source files, compiled alone by rustc
   for the core (`-C target-cpu=...`) through a small wrapper crate, then the innermost loops of
   the compiled functions found in the assembly and given to llvm-mca.
 MACs per loop iteration are counted from the instructions (sdot on 16 bytes: 16; smlal/smlal2 and
-fmla on 4 lanes: 4). The encoder's modelled time divides the MACs each kernel class runs (from
+fmla on 4 lanes: 4). The W8A16 tile (x86's form of the INT8 stem and MBConv products) is
+measured to show why aarch64 keeps those products in f32: `smlal` does no more multiply-adds
+an instruction than `fmla`, and the A76 issues `fmla` on both vector pipes, `smlal` on one. The encoder's modelled time divides the MACs each kernel class runs (from
 `tinysam info` on this host: the graph, hence the split, is the same on aarch64) by the modelled
 rate on the Pi 5's four 2.4 GHz cores (our fused stem and MBConv ops at the rate of the gemm.rs
 micro-kernel they run on), and models tract's float products at the A76's f32 peak (2 x 128-bit
@@ -65,6 +68,12 @@ pub mod model {{
                 kernel::head_portable(h, out, s)
             }}
         }}
+        #[path = "{root}/src/model/ops/w8a16.rs"]
+        pub mod w8a16;
+        #[no_mangle]
+        pub fn mca_w8a16(a: &w8a16::A16Rows, w: &w8a16::W8Weights, c: &mut [f32]) {{
+            w8a16::product(w8a16::W8A16Kernel::Portable, a, w, c)
+        }}
         #[path = "{root}/src/model/ops/gemm.rs"]
         pub mod gemm;
         use gemm::Micro;
@@ -102,6 +111,13 @@ def function_body(asm: str, symbol: str) -> list[str]:
     end = next(i for i in range(start + 1, len(lines)) if lines[i].strip().startswith(".size") or
                lines[i].strip() == ".cfi_endproc")
     return lines[start:end]
+
+
+def followed(asm: str, symbol: str) -> list[str]:
+    """The body of `symbol`, or of the function it tail-calls (a wrapper that is one `b`)."""
+    body = function_body(asm, symbol)
+    calls = [m.group(1) for l in body if (m := re.match(r"\s+b\s+(_\w+)$", l))]
+    return function_body(asm, calls[0]) if len(calls) == 1 and len(body) < 16 else body
 
 
 def loops(body: list[str]) -> list[list[str]]:
@@ -162,7 +178,9 @@ def tinysam_macs() -> dict[str, float]:
         elif "attention" in name:
             key = "attention"
         elif name.startswith(("tinysam_mbconv", "tinysam_stem")):
-            key = "gemm"  # our fused stage-0 ops: products on the gemm.rs micro-kernel
+            # Our fused stage-0 ops: on aarch64 their products run on the gemm.rs micro-kernel
+            # (this x86 host runs them as W8A16, `_w8a16_` in the name; aarch64 keeps f32).
+            key = "gemm"
         else:
             key = "float"
         classes[key] += float(gmac)
@@ -185,6 +203,10 @@ def main() -> int:
             best = max(loops(body), key=macs)
             rows.append((f"int8 portable i16-pair tile 6x16 (portable.rs, rustc {cpu})", cpu, best,
                          "int8-portable", 8 if cpu == "cortex-a76" else 4))
+        for cpu, asm in (("cortex-a53", a53), ("cortex-a76", a76)):
+            body = followed(asm, "mca_w8a16")
+            rows.append((f"W8A16 portable tile 4x8 (w8a16.rs, rustc {cpu}; x86's INT8 stem and MBConv "
+                         "form, not chosen on aarch64)", cpu, max(loops(body), key=macs), "w8a16", 4))
         body = function_body(a76, "mca_gemm")
         rows.append(("f32 product micro-kernel 3x32 (gemm.rs, NEON intrinsics; decoder, stem, MBConv)", "cortex-a76",
                      max(loops(body), key=macs), "gemm", 8))
@@ -214,7 +236,7 @@ def main() -> int:
                 exp_lanes, exp_cycles = lanes, cyc / lanes
             table.append(f"| {name} | {cpu} | {len(block)} | {lanes} exps | {cyc:.2f} | {cyc / lanes:.1f} cycles per exp | - |")
             continue
-        if cpu == "cortex-a76" and cls != "int8-portable":
+        if cpu == "cortex-a76" and cls not in ("int8-portable", "w8a16"):
             rates.setdefault(cls, []).append(rate)
         table.append(f"| {name} | {cpu} | {len(block)} | {m} | {cyc:.2f} | {rate:.1f} | {peak} |")
     classes = tinysam_macs()

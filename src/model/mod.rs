@@ -45,8 +45,9 @@ pub struct PrecisionChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ConvBlocks {
     /// As W8A16 integer products ([`ops::w8a16`]: weights at 8 bits per output channel, each
-    /// pixel's activations at 16 bits) on the kernel that matches the int8 matmul's; in f32
-    /// when the int8 matmul is tract's. FP32 encoders keep f32.
+    /// pixel's activations at 16 bits) on the kernel that matches the int8 matmul's where one
+    /// is faster than f32 (x86_64 with AVX2 or VNNI, see [`ConvBlocks::kernel`]); in f32
+    /// otherwise and when the int8 matmul is tract's. FP32 encoders keep f32.
     #[default]
     Auto,
     /// In f32, as the graph has them.
@@ -55,15 +56,18 @@ pub enum ConvBlocks {
 
 impl ConvBlocks {
     /// The W8A16 kernel for an INT8 graph whose products run on `int8`, or `None` for f32.
+    /// Only x86_64's VNNI and AVX2 families have one worth running: on aarch64 NEON's i16
+    /// multiply-adds (`smlal`, 4 lanes) are no faster than its f32 ones (`fmla`, 4 lanes, on
+    /// both of a Cortex-A76's vector pipes where `smlal` has one), so W8A16 would only add its
+    /// quantization pass: the blocks stay f32 there (`benches/pi5-mca-results.md`), as without
+    /// AVX2.
     pub fn kernel(self, int8: Int8Matmul) -> Option<ops::w8a16::W8A16Kernel> {
         use ops::w8a16::W8A16Kernel;
         match (self, int8.kernel()?) {
-            (ConvBlocks::F32, _) => None,
             (ConvBlocks::Auto, qmatmul::Kernel::Avx512Vnni) => Some(W8A16Kernel::Vnni),
             (ConvBlocks::Auto, qmatmul::Kernel::Avx2) => Some(W8A16Kernel::Avx2),
-            (ConvBlocks::Auto, qmatmul::Kernel::Portable | qmatmul::Kernel::NeonDot) => {
-                Some(W8A16Kernel::Portable)
-            }
+            (ConvBlocks::Auto, qmatmul::Kernel::Portable | qmatmul::Kernel::NeonDot)
+            | (ConvBlocks::F32, _) => None,
         }
     }
 }

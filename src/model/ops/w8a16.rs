@@ -10,6 +10,9 @@
 //! value, and the products still run on integer units: AVX-512 VNNI's `vpdpwssd` and AVX2's
 //! `vpmaddwd` multiply i16 pairs into i32 lanes, twice the multiply-adds an instruction of f32
 //! fused multiply-adds (AVX2's int8 kernel widens to i16 pairs too, so it costs the same there).
+//! aarch64 has no such instruction: `sdot` is i8 only, and `smlal` does 4 i16 multiply-adds,
+//! as many as an f32 `fmla`, which a Cortex-A76 issues on both vector pipes and `smlal` on one;
+//! so there the runtime keeps these products in f32.
 //!
 //! Layout: `W` (`k × n`) is packed in panels of [`PANEL`] columns; within a panel, for each pair
 //! of depths `(2j, 2j + 1)`, each column's two weights sit side by side as i16, so one 32-bit
@@ -33,7 +36,9 @@ pub enum W8A16Kernel {
     Vnni,
     /// AVX2: `vpmaddwd` + `vpaddd`, 4 rows × 16 columns.
     Avx2,
-    /// Plain Rust that compilers vectorise (NEON widening multiplies on aarch64).
+    /// Plain Rust: the reference, and the fallback where neither x86 kernel runs. Not chosen
+    /// by the runtime: compiled for aarch64 it uses NEON's `smlal`, no faster than f32 `fmla`
+    /// there (see the module docs and `benches/pi5-mca-results.md`).
     Portable,
 }
 
@@ -373,8 +378,8 @@ pub fn product(kernel: W8A16Kernel, a: &A16Rows, w: &W8Weights, c: &mut [f32]) {
 
 /// 4 rows × [`PANEL`] columns in plain Rust, in a form compilers vectorise: 8 columns at a time
 /// (4 × 16 i32 accumulators, which fit NEON's registers), each column's two sums (even and odd
-/// depths) in adjacent lanes, by widening i16 multiply-adds (NEON's `smlal`); the two sums are
-/// added at the end.
+/// depths) in adjacent lanes, by widening i16 multiply-adds (NEON's `smlal`), each row's pairs
+/// sliced once so that the loop has no bounds checks; the two sums are added at the end.
 #[inline(always)]
 fn tile_portable(
     a: &[i16],
@@ -388,22 +393,22 @@ fn tile_portable(
     const MR: usize = 4;
     const COLS: usize = 8;
     let stride = pairs * 2;
+    // Each row's pairs, checked once here so that the loop below has no bounds checks.
+    let rows: [&[i16]; MR] = std::array::from_fn(|r| &a[r * stride..(r + 1) * stride]);
+    let panel = &panel[..pairs * PANEL * 2];
     for part in 0..PANEL / COLS {
         let mut acc = [[0i32; COLS * 2]; MR];
-        for (j, b) in panel.chunks_exact(PANEL * 2).take(pairs).enumerate() {
-            let Some(b) = b
-                .get(part * COLS * 2..)
-                .and_then(|b| b.first_chunk::<{ COLS * 2 }>())
-            else {
-                continue;
-            };
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let Some(&[a0, a1]) = a.get(r * stride + 2 * j..).and_then(|a| a.first_chunk())
-                else {
-                    continue;
-                };
-                let pattern: [i16; COLS * 2] =
-                    std::array::from_fn(|c| if c % 2 == 0 { a0 } else { a1 });
+        let pairs_of = |r: usize| rows[r].chunks_exact(2);
+        let steps = panel
+            .chunks_exact(PANEL * 2)
+            .zip(pairs_of(0))
+            .zip(pairs_of(1))
+            .zip(pairs_of(2))
+            .zip(pairs_of(3));
+        for ((((b, p0), p1), p2), p3) in steps {
+            let b = &b[part * COLS * 2..(part + 1) * COLS * 2];
+            for (acc, p) in acc.iter_mut().zip([p0, p1, p2, p3]) {
+                let pattern: [i16; COLS * 2] = std::array::from_fn(|c| p[c % 2]);
                 for ((acc, &x), &y) in acc.iter_mut().zip(&pattern).zip(b) {
                     *acc += i32::from(x) * i32::from(y);
                 }
