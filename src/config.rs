@@ -123,6 +123,9 @@ pub struct ModelConfig {
     /// INT8 matrix products: `auto` (ours, fastest kernel of this CPU), `tract` (tract's own
     /// kernels), or one of ours by name: `portable`, `avx2`, `vnni`, `sdot`.
     pub int8_matmul: String,
+    /// Products of an INT8 encoder's float convolutional front (stem, stage 0): `auto` (W8A16
+    /// integers where that is faster: x86_64 with AVX2 or VNNI), `f32`.
+    pub conv_blocks: String,
 }
 
 impl Default for ModelConfig {
@@ -133,6 +136,7 @@ impl Default for ModelConfig {
             decoder: "auto".into(),
             threads: 0,
             int8_matmul: "auto".into(),
+            conv_blocks: "auto".into(),
         }
     }
 }
@@ -551,6 +555,8 @@ pub struct Settings {
     pub threads: usize,
     /// INT8 matmul implementation.
     pub int8_matmul: crate::model::Int8Matmul,
+    /// How an INT8 encoder's float convolutional front runs its products.
+    pub conv_blocks: crate::model::ConvBlocks,
     /// Socket path (resolved).
     pub socket_path: PathBuf,
     /// Socket file mode.
@@ -643,6 +649,14 @@ impl Config {
                     "model.int8_matmul",
                     format!("{:?}", self.model.int8_matmul),
                     "expected auto, tract, portable, avx2, vnni or sdot",
+                )
+            })?;
+        let conv_blocks: crate::model::ConvBlocks =
+            self.model.conv_blocks.parse().map_err(|_| {
+                invalid(
+                    "model.conv_blocks",
+                    format!("{:?}", self.model.conv_blocks),
+                    "expected auto, w8a16 or f32",
                 )
             })?;
         if let Some(kernel) = int8_matmul.kernel() {
@@ -778,6 +792,7 @@ impl Config {
             encoder,
             decoder,
             int8_matmul,
+            conv_blocks,
             threads,
             socket_path,
             socket_mode,
@@ -973,6 +988,11 @@ mod tests {
         let cases = [
             ("[source]\nfps = 500", "source.fps", "500"),
             ("[model]\nint8_matmul = \"amx\"", "model.int8_matmul", "amx"),
+            (
+                "[model]\nconv_blocks = \"int4\"",
+                "model.conv_blocks",
+                "int4",
+            ),
             ("[source]\nwidth = 641", "source.width", "641"),
             ("[source]\nuri = \"usb:0\"", "source.uri", "usb:0"),
             ("[source]\nformat = \"h264\"", "source.format", "h264"),

@@ -119,6 +119,7 @@ impl Daemon {
                 encoder: settings.encoder,
                 decoder: settings.decoder,
                 int8_matmul: settings.int8_matmul,
+                conv_blocks: settings.conv_blocks,
                 ..Default::default()
             },
         )
@@ -309,6 +310,7 @@ impl Daemon {
             decoder,
             threads,
             int8_matmul,
+            conv_blocks,
             socket_path,
             socket_mode,
             socket_group,
@@ -333,6 +335,7 @@ impl Daemon {
             || *decoder != old.decoder
             || *threads != old.threads
             || *int8_matmul != old.int8_matmul
+            || *conv_blocks != old.conv_blocks
         {
             restart.push("model");
         }

@@ -612,3 +612,32 @@ pub fn default_model_dir() -> PathBuf {
         .cloned()
         .unwrap_or_else(|| PathBuf::from("models/default"))
 }
+
+#[cfg(test)]
+mod conv_blocks_tests {
+    use super::ops::w8a16::W8A16Kernel;
+    use super::qmatmul::Kernel;
+    use super::{ConvBlocks, Int8Matmul};
+
+    #[test]
+    fn w8a16_only_where_it_is_faster_than_f32() {
+        let auto = |kernel| ConvBlocks::Auto.kernel(Int8Matmul::Kernel(kernel));
+        assert_eq!(auto(Kernel::Avx512Vnni), Some(W8A16Kernel::Vnni));
+        assert_eq!(auto(Kernel::Avx2), Some(W8A16Kernel::Avx2));
+        // NEON's i16 products are no faster than its f32 ones; no AVX2, no fast form.
+        assert_eq!(auto(Kernel::NeonDot), None);
+        assert_eq!(auto(Kernel::Portable), None);
+        assert_eq!(ConvBlocks::Auto.kernel(Int8Matmul::Tract), None);
+        let f32_blocks = ConvBlocks::F32.kernel(Int8Matmul::Kernel(Kernel::Avx512Vnni));
+        assert_eq!(f32_blocks, None);
+    }
+
+    #[test]
+    fn names_parse_and_unknown_ones_are_named_in_the_error() {
+        assert_eq!("auto".parse(), Ok(ConvBlocks::Auto));
+        assert_eq!("w8a16".parse(), Ok(ConvBlocks::Auto));
+        assert_eq!("f32".parse(), Ok(ConvBlocks::F32));
+        let err = "int4".parse::<ConvBlocks>().unwrap_err();
+        assert!(err.contains("`int4`") && err.contains("f32"), "{err}");
+    }
+}

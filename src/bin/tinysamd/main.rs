@@ -285,6 +285,7 @@ fn check_config(mut effective: Config, settings: &Settings) -> anyhow::Result<()
         encoder: settings.encoder,
         decoder: settings.decoder,
         int8_matmul: settings.int8_matmul,
+        conv_blocks: settings.conv_blocks,
         ..Default::default()
     };
     match tinysam_edge::model::verify_files(&settings.model_dir, &choice) {
