@@ -343,3 +343,24 @@ pub(crate) fn assert_default_int8_encoder_unchanged(
     assert_eq!(err, 0.0, "the embedding moved by {err} of {scale}");
     Ok(())
 }
+
+/// The outputs `outputs` gives for each of `kernels` (W8A16 kernels this CPU runs), asserted
+/// bit-identical: the first kernel's, returned.
+pub(crate) fn same_bits_on_every_w8a16_kernel(
+    kernels: &[crate::model::ops::w8a16::W8A16Kernel],
+    mut outputs: impl FnMut(crate::model::ops::w8a16::W8A16Kernel) -> TractResult<Vec<f32>>,
+) -> TractResult<Vec<f32>> {
+    let mut first: Option<Vec<f32>> = None;
+    for &kernel in kernels {
+        let got = outputs(kernel)?;
+        match &first {
+            None => first = Some(got),
+            Some(f) => assert!(
+                f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{kernel:?} differs from {:?}",
+                kernels[0]
+            ),
+        }
+    }
+    first.ok_or_else(|| anyhow::anyhow!("no W8A16 kernel runs here"))
+}
