@@ -54,8 +54,8 @@ struct ModelArgs {
     #[arg(long, default_value = "auto")]
     decoder_graph: model::DecoderGraph,
     /// Products of an INT8 encoder's float convolutional front (stage 0's blocks, its patch
-    /// merging, the stem's second convolution): auto (W8A16 integers on the int8 matmul's
-    /// kernel family), f32.
+    /// merging, the stem's second convolution): auto (W8A16 integers where faster: x86_64 with
+    /// AVX2 or VNNI; f32 elsewhere), f32.
     #[arg(long, default_value = "auto")]
     conv_blocks: model::ConvBlocks,
 }
