@@ -356,7 +356,7 @@ pub(crate) fn same_bits_on_every_w8a16_kernel(
         match &first {
             None => first = Some(got),
             Some(f) => assert!(
-                f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                crate::model::ops::gemm::same_bits(f, &got),
                 "{kernel:?} differs from {:?}",
                 kernels[0]
             ),

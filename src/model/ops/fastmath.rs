@@ -158,6 +158,13 @@ pub fn lane_max(a: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, above)
 }
 
+/// The largest magnitude in `a` (0 for none; NaNs are passed over), in `LANES` running maxima.
+#[inline(always)]
+pub fn lane_max_abs(a: &[f32]) -> f32 {
+    let above = |m: f32, v: f32| if v.abs() > m { v.abs() } else { m };
+    lanes(a, 0.0, above).into_iter().fold(0.0, above)
+}
+
 /// The sum of the lanes, halving the width each step.
 #[inline(always)]
 fn pairwise(mut acc: [f32; LANES]) -> f32 {

@@ -24,6 +24,8 @@
 //! Free of tract, as [`super::gemm`] is.
 #![allow(unsafe_code)]
 
+use super::fastmath::lane_max_abs;
+
 /// Columns per packed panel: two AVX-512 registers of i32 lanes.
 pub const PANEL: usize = 32;
 /// Rows per tile of the widest kernel.
@@ -45,18 +47,10 @@ pub enum W8A16Kernel {
 impl W8A16Kernel {
     /// The fastest kernel this CPU runs.
     pub fn detect() -> W8A16Kernel {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-            {
-                return W8A16Kernel::Vnni;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return W8A16Kernel::Avx2;
-            }
-        }
-        W8A16Kernel::Portable
+        [W8A16Kernel::Vnni, W8A16Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.is_supported())
+            .unwrap_or(W8A16Kernel::Portable)
     }
 
     /// Whether this CPU runs it.
@@ -231,32 +225,25 @@ impl A16Rows {
         let rows = a.len() / k;
         let stride = w.row_stride();
         let padded = rows.div_ceil(MAX_ROWS) * MAX_ROWS;
-        self.values.clear();
+        // Every value is written below (rows, their padding to `stride`, the padding rows): the
+        // buffers are only resized, not cleared first.
         self.values.resize(padded * stride, 0);
-        self.scales.clear();
         self.scales.resize(padded, 0.0);
         let limit = f32::from(w.activation_limit);
+        let (used, padding) = self.values.split_at_mut(rows * stride);
+        padding.fill(0);
+        self.scales[rows..].fill(0.0);
         for ((src, dst), scale) in a
             .chunks_exact(k)
-            .zip(self.values.chunks_exact_mut(stride))
+            .zip(used.chunks_exact_mut(stride))
             .zip(self.scales.iter_mut())
         {
-            // In 16 running maxima, which vectorise (one running value would not).
-            let mut lanes = [0f32; 16];
-            let mut chunks = src.chunks_exact(16);
-            for chunk in &mut chunks {
-                for (m, &x) in lanes.iter_mut().zip(chunk) {
-                    let x = x.abs();
-                    // Not `max`: NaN is passed over either way, but this form vectorises.
-                    *m = if x > *m { x } else { *m };
-                }
-            }
-            for (m, &x) in lanes.iter_mut().zip(chunks.remainder()) {
-                let x = x.abs();
-                *m = if x > *m { x } else { *m };
-            }
-            let largest = lanes.into_iter().fold(0f32, f32::max);
+            let (dst, pad) = dst.split_at_mut(k);
+            pad.fill(0);
+            let largest = lane_max_abs(src);
             if !(largest > 0.0 && largest.is_finite()) {
+                dst.fill(0);
+                *scale = 0.0;
                 continue;
             }
             let inverse = limit / largest;
