@@ -87,6 +87,21 @@ impl PackedWeights {
         Some(())
     }
 
+    /// Make this a `k × n` matrix to be written in place, and return its panels: `⌈n /
+    /// PANEL⌉` panels of `k` rows of [`PANEL`] values, value `(i, j)` at `(j / PANEL · k + i) ·
+    /// PANEL + j % PANEL`. The caller writes every value it needs; the padding columns of a
+    /// partial last panel are zero. `None` (and `self` unchanged) if `k` or `n` is zero or the
+    /// size overflows.
+    pub fn fill(&mut self, k: usize, n: usize) -> Option<&mut [f32]> {
+        if k == 0 || n == 0 {
+            return None;
+        }
+        let len = n.div_ceil(PANEL).checked_mul(k)?.checked_mul(PANEL)?;
+        self.reset_panels(len, n, k);
+        (self.k, self.n) = (k, n);
+        Some(&mut self.panels)
+    }
+
     /// Panels of `len` values for a matrix of `columns` columns in panels of `k` rows, ready to
     /// be overwritten: every value a repack writes is written, so only the padding columns of
     /// a partial last panel must be zero. A buffer of the same size (the loop case) keeps its

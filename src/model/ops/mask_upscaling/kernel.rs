@@ -1,23 +1,29 @@
 //! The arithmetic of [`super::MaskUpscaling`] for one row of the image-token grid of one prompt,
-//! free of tract (so that `benches/pi5_mca.py` can compile it alone): per tile of [`TILE`]
-//! tokens, the first transposed convolution as a product, bias, LayerNorm and GELU, the second
-//! transposed convolution as a product, bias and GELU, and the product of the prompt's few mask
-//! weight rows with the tile's pixels (packed as the product's wide operand), written straight
-//! to the mask planes, all while the tile is in cache.
-//! The first product is either the image tokens times its weight, or its low-rank form
-//! ([`LowRankRow`], see `super::low_rank`).
+//! free of tract (so that `benches/pi5_mca.py` can compile it alone).
+//!
+//! Per tile of up to [`TILE`] tokens the work runs *transposed*, with the tile's tokens along
+//! the vector lanes: each product has a weight (or the prompt's basis) as its rows and the
+//! tile as its one packed panel, so
+//! - the first transposed convolution gives `4·C1` rows of the tile's tokens (as a product, or
+//!   in its low-rank form, [`LowRankRow`], see `super::low_rank`);
+//! - bias, LayerNorm over each sub-pixel's `C1` channels and GELU run along the tokens, with no
+//!   sum across the lanes of a vector, and write the second product's panel directly;
+//! - the second transposed convolution gives, per sub-pixel, `4·C2` rows of tokens; bias and
+//!   GELU write them as the panels of the mask product;
+//! - the prompt's few mask weight rows times those panels give each mask's values per
+//!   (sub-pixel, sub-sub-pixel), tokens contiguous, interleaved into the mask rows.
 //!
 //! One generic body, compiled three times: with AVX-512F, with AVX2 + FMA (x86_64, chosen at
 //! run time) and plainly (NEON with fused multiply-adds on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{gelu, layer_norm};
-use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights};
+use super::super::fastmath::{gelu, madd};
+use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights, PANEL};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
 
-/// Image tokens per tile: the tile's feature maps (16 × 256 and 64 × 128 values) stay in L1/L2.
-pub(crate) const TILE: usize = 16;
+/// Image tokens per tile: one panel of the products, the tokens along the vector lanes.
+pub(crate) const TILE: usize = PANEL;
 /// The most rows per product block of any kernel (scratch is sized for it).
 const MAX_ROWS: usize = 8;
 
@@ -37,6 +43,10 @@ pub(crate) struct Weights {
     pub(crate) up2: PackedWeights,
     /// Its bias, `C2`.
     pub(crate) bias2: Vec<f32>,
+    /// `up1` transposed, `4·C1` rows of `D` (the rows of the full-rank first product).
+    up1_rows: Vec<f32>,
+    /// `up2` transposed, `4·C2` rows of `C1` (the rows of the second product).
+    up2_rows: Vec<f32>,
 }
 
 impl PartialEq for Weights {
@@ -53,6 +63,32 @@ impl PartialEq for Weights {
 impl Eq for Weights {}
 
 impl Weights {
+    /// The parameters, with the products' transposed rows derived from `up1` and `up2`.
+    pub(crate) fn new(
+        up1: PackedWeights,
+        bias1: Vec<f32>,
+        (eps, gamma, beta): (f32, Vec<f32>, Vec<f32>),
+        up2: PackedWeights,
+        bias2: Vec<f32>,
+    ) -> Weights {
+        let transposed = |w: &PackedWeights| {
+            let mut rows = vec![0f32; w.k() * w.n()];
+            super::super::gemm::transpose(&w.unpack(), w.k(), w.n(), &mut rows);
+            rows
+        };
+        Weights {
+            up1_rows: transposed(&up1),
+            up2_rows: transposed(&up2),
+            up1,
+            bias1,
+            eps,
+            gamma,
+            beta,
+            up2,
+            bias2,
+        }
+    }
+
     fn c1(&self) -> usize {
         self.bias1.len()
     }
@@ -62,12 +98,16 @@ impl Weights {
     }
 }
 
-/// Per-task buffers: one product block, the tile's low-rank coefficients, the tile after each
-/// transposed convolution, its pixels packed for the mask product, its mask values.
+/// Per-task buffers: one product block, the tile's low-rank coefficients (token-major, then as
+/// a panel), the tile after the first product (`4·C1` rows of [`TILE`]), one sub-pixel's
+/// normalised channels as the second product's panel, its second product (`4·C2` rows of
+/// [`TILE`]), the mask product's panels and its values.
 pub(crate) struct Scratch {
     block: Vec<f32>,
     coefficients: Vec<f32>,
+    tile: PackedWeights,
     up1: Vec<f32>,
+    channels: PackedWeights,
     up2: Vec<f32>,
     pixels: PackedWeights,
     masks: Vec<f32>,
@@ -81,10 +121,12 @@ impl Scratch {
         Scratch {
             block: block_scratch(k, MAX_ROWS),
             coefficients: vec![0f32; TILE * basis_rows],
-            up1: vec![0f32; TILE * w.up1.n()],
-            up2: vec![0f32; TILE * 4 * w.up2.n()],
+            tile: PackedWeights::empty(),
+            up1: vec![0f32; w.up1.n() * TILE],
+            channels: PackedWeights::empty(),
+            up2: vec![0f32; w.up2.n() * TILE],
             pixels: PackedWeights::empty(),
-            masks: vec![0f32; TILE * 16 * masks],
+            masks: vec![0f32; 16 * TILE * masks],
         }
     }
 }
@@ -99,10 +141,10 @@ pub(crate) struct LowRankRow<'a> {
     pub(crate) first: &'a [f32],
     /// The second's: `side` rows of `n₂ + 2` (weights, μ₂, r₂).
     pub(crate) second: &'a [f32],
-    /// The per-frame base: `side` rows of `4·C1`.
+    /// The per-frame base of this grid row, transposed: `4·C1` rows of `side` tokens.
     pub(crate) base: &'a [f32],
-    /// This prompt's basis, `(n₁ + n₂ + 4) × 4·C1`, packed.
-    pub(crate) basis: &'a PackedWeights,
+    /// This prompt's basis, transposed: `4·C1` rows of `n₁ + n₂ + 4`.
+    pub(crate) basis: &'a [f32],
     /// Added to every token's first product, `4·C1`.
     pub(crate) constant: &'a [f32],
 }
@@ -173,71 +215,98 @@ fn upscale<const FMA: bool, M: Micro>(
     let Scratch {
         block,
         coefficients,
+        tile,
         up1,
+        channels,
         up2,
         pixels,
         masks: values,
     } = scratch;
-    for (tile, first) in (0..band.side).step_by(TILE).enumerate() {
+    for first in (0..band.side).step_by(TILE) {
         let t = TILE.min(band.side - first);
-        let up1 = &mut up1[..t * 4 * c1];
-        match &band.first {
-            FirstProduct::Tokens(tokens) => {
-                product(m, &tokens[first * d..(first + t) * d], &w.up1, up1, block)
-            }
+        // The first product: 4·C1 rows (sub-pixel, channel) of the tile's t tokens.
+        let up1 = &mut up1[..4 * c1 * t];
+        let filled = match &band.first {
+            FirstProduct::Tokens(tokens) => tile
+                .repack_transposed(&tokens[first * d..(first + t) * d], t, d)
+                .map(|()| product(m, &w.up1_rows, tile, up1, block)),
             FirstProduct::LowRank(row) => {
-                low_rank_first_product(m, row, (first, t), coefficients, up1, block)
+                low_rank_first_product(m, row, (first, t), coefficients, tile, up1, block)
             }
-        }
-        for row in up1.chunks_exact_mut(c1) {
-            normalise::<FMA>(row, w);
-        }
-        let up2 = &mut up2[..t * 16 * c2];
-        product(m, up1, &w.up2, up2, block);
-        for pixel in up2.chunks_exact_mut(c2) {
-            for (x, &b) in pixel.iter_mut().zip(&w.bias2) {
-                *x = gelu(FMA, *x + b);
-            }
-        }
-        // The K mask rows times the tile's 16·t pixels (rows of C2 channels, in (token, dy,
-        // dx, dy2, dx2) order) as the product's wide operand: no zero padding of K.
-        let count = t * 16;
-        let values = &mut values[..masks * count];
-        if pixels.repack_transposed(up2, count, c2).is_none() {
+        };
+        if filled.is_none() {
             return;
         }
+        // Per sub-pixel: LayerNorm and GELU along the tokens into the second product's panel,
+        // then the second product (4·C2 rows: sub-sub-pixel, channel), then bias and GELU into
+        // the mask product's panels (one per sub-pixel and sub-sub-pixel, C2 rows of tokens).
+        let Some(panels) = pixels.fill(c2, 16 * TILE) else {
+            return;
+        };
+        for (s, rows) in up1.chunks_exact(c1 * t).enumerate() {
+            let Some(normalised) = channels.fill(c1, t) else {
+                return;
+            };
+            normalise::<FMA>(rows, t, w, normalised);
+            let up2 = &mut up2[..4 * c2 * t];
+            product(m, &w.up2_rows, channels, up2, block);
+            for (s2, rows) in up2.chunks_exact(c2 * t).enumerate() {
+                let panel = &mut panels[(4 * s + s2) * c2 * PANEL..][..c2 * PANEL];
+                for ((row, out), &b) in rows
+                    .chunks_exact(t)
+                    .zip(panel.chunks_exact_mut(PANEL))
+                    .zip(&w.bias2)
+                {
+                    for (o, &x) in out.iter_mut().zip(row) {
+                        *o = gelu(FMA, x + b);
+                    }
+                }
+            }
+        }
+        let values = &mut values[..masks * 16 * TILE];
         product(m, band.hyper, pixels, values, block);
-        // Pixel q of the tile is (token, dy, dx, dy2, dx2): mask row 2·dy + dy2, column
-        // 4·token + 2·dx + dx2.
-        for (plane, row) in planes.iter_mut().zip(values.chunks_exact(count)) {
-            for (q, &v) in row.iter().enumerate() {
-                let token = tile * TILE + q / 16;
-                let (dy, dx, dy2, dx2) = (q >> 3 & 1, q >> 2 & 1, q >> 1 & 1, q & 1);
-                let at = (2 * dy + dy2) * width + 4 * token + 2 * dx + dx2;
-                if let Some(out) = plane.get_mut(at) {
-                    *out = v;
+        // Mask value (s, s2, token) with s = (dy, dx), s2 = (dy2, dx2) goes to mask row
+        // 2·dy + dy2, column 4·token + 2·dx + dx2.
+        for (plane, row) in planes.iter_mut().zip(values.chunks_exact(16 * TILE)) {
+            for dy in 0..2 {
+                for dy2 in 0..2 {
+                    let at = (2 * dy + dy2) * width + 4 * first;
+                    let Some(out) = plane.get_mut(at..at + 4 * t) else {
+                        return;
+                    };
+                    let run = |dx: usize, dx2: usize| {
+                        let p = 4 * (2 * dy + dx) + 2 * dy2 + dx2;
+                        &row[p * TILE..p * TILE + t]
+                    };
+                    let runs = [run(0, 0), run(0, 1), run(1, 0), run(1, 1)];
+                    for (j, quad) in out.chunks_exact_mut(4).enumerate() {
+                        for (o, r) in quad.iter_mut().zip(runs) {
+                            *o = r[j];
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// Tokens `first .. first + count` of a grid row: their first product, `count` rows of `4·C1`,
-/// from the low-rank form (see [`LowRankRow`]): the coefficient rows `[r₁r₂·a₁, r₂·a₂, r₁r₂,
-/// −r₁r₂μ₁, r₂, −r₂μ₂]` times the basis, plus `r₁r₂` times the base and the constant.
+/// Tokens `first .. first + count` of a grid row: their first product, `4·C1` rows of `count`
+/// values, from the low-rank form (see [`LowRankRow`]): the transposed basis times the
+/// coefficient rows `[r₁r₂·a₁, r₂·a₂, r₁r₂, −r₁r₂μ₁, r₂, −r₂μ₂]` as a panel, plus `r₁r₂` times
+/// the base and the constant. `None` if the sizes do not fit.
 #[inline(always)]
 fn low_rank_first_product<M: Micro>(
     m: M,
     row: &LowRankRow<'_>,
     (first, count): (usize, usize),
     coefficients: &mut [f32],
+    tile: &mut PackedWeights,
     up1: &mut [f32],
     block: &mut [f32],
-) {
-    let rows = row.basis.k();
-    let width = row.basis.n();
+) -> Option<()> {
     let (n1, n2) = row.weights;
-    let coefficients = &mut coefficients[..count * rows];
+    let rows = n1 + n2 + 4;
+    let coefficients = coefficients.get_mut(..count * rows)?;
     let mut scales = [0f32; TILE];
     for ((i, c), scale) in coefficients
         .chunks_exact_mut(rows)
@@ -245,8 +314,8 @@ fn low_rank_first_product<M: Micro>(
         .zip(scales.iter_mut())
     {
         let token = first + i;
-        let a1 = &row.first[token * (n1 + 2)..(token + 1) * (n1 + 2)];
-        let a2 = &row.second[token * (n2 + 2)..(token + 1) * (n2 + 2)];
+        let a1 = row.first.get(token * (n1 + 2)..(token + 1) * (n1 + 2))?;
+        let a2 = row.second.get(token * (n2 + 2)..(token + 1) * (n2 + 2))?;
         let (mean1, r1, mean2, r2) = (a1[n1], a1[n1 + 1], a2[n2], a2[n2 + 1]);
         let r12 = r1 * r2;
         for (c, &a) in c[..n1].iter_mut().zip(&a1[..n1]) {
@@ -258,13 +327,17 @@ fn low_rank_first_product<M: Micro>(
         c[n1 + n2..].copy_from_slice(&[r12, -r12 * mean1, r2, -r2 * mean2]);
         *scale = r12;
     }
-    product(m, coefficients, row.basis, up1, block);
-    for (i, (out, &scale)) in up1.chunks_exact_mut(width).zip(&scales).enumerate() {
-        let base = &row.base[(first + i) * width..(first + i + 1) * width];
-        for ((x, &b), &k) in out.iter_mut().zip(base).zip(row.constant) {
+    tile.repack_transposed(coefficients, count, rows)?;
+    product(m, row.basis, tile, up1, block);
+    let side = row.base.len() / (row.basis.len() / rows).max(1);
+    let scales = &scales[..count];
+    for ((r, out), &k) in up1.chunks_exact_mut(count).enumerate().zip(row.constant) {
+        let base = row.base.get(r * side + first..r * side + first + count)?;
+        for ((x, &b), &scale) in out.iter_mut().zip(base).zip(scales) {
             *x += scale * b + k;
         }
     }
+    Some(())
 }
 
 /// `c = a · w` for rows of any count (the per-frame base, each prompt's basis).
@@ -293,11 +366,43 @@ pub(crate) fn times_portable(a: &[f32], w: &PackedWeights, c: &mut [f32]) {
     times(super::super::gemm::Scalar, a, w, c);
 }
 
-/// Bias, LayerNorm over the row (SAM's `LayerNorm2d`), then GELU, in place.
+/// One sub-pixel of a tile: `C1` rows (channels) of `t` tokens; adds the bias, normalises each
+/// token over the channels (SAM's `LayerNorm2d`: mean, biased variance, ε inside the root),
+/// applies γ, β and GELU, and writes the channels as the rows of `out` (rows of [`PANEL`]).
+/// Every step runs along the tokens.
 #[inline(always)]
-fn normalise<const FMA: bool>(row: &mut [f32], w: &Weights) {
-    for (x, &b) in row.iter_mut().zip(&w.bias1) {
-        *x += b;
+fn normalise<const FMA: bool>(rows: &[f32], t: usize, w: &Weights, out: &mut [f32]) {
+    let n = w.c1() as f32;
+    let mut mean = [0f32; TILE];
+    let mean = &mut mean[..t];
+    for (row, &b) in rows.chunks_exact(t).zip(&w.bias1) {
+        for (m, &x) in mean.iter_mut().zip(row) {
+            *m += x + b;
+        }
     }
-    layer_norm::<FMA>(row, w.eps, &w.gamma, &w.beta, |x| gelu(FMA, x));
+    for m in mean.iter_mut() {
+        *m /= n;
+    }
+    let mut scale = [0f32; TILE];
+    let scale = &mut scale[..t];
+    for (row, &b) in rows.chunks_exact(t).zip(&w.bias1) {
+        for ((v, &x), &m) in scale.iter_mut().zip(row).zip(mean.iter()) {
+            let centred = x + b - m;
+            *v += centred * centred;
+        }
+    }
+    for v in scale.iter_mut() {
+        *v = 1.0 / (*v / n + w.eps).sqrt();
+    }
+    for (((row, o), &b), (&g, &beta)) in rows
+        .chunks_exact(t)
+        .zip(out.chunks_exact_mut(PANEL))
+        .zip(&w.bias1)
+        .zip(w.gamma.iter().zip(&w.beta))
+    {
+        for (((o, &x), &m), &r) in o.iter_mut().zip(row).zip(mean.iter()).zip(scale.iter()) {
+            let y = (x + b - m) * r;
+            *o = gelu(FMA, madd::<FMA>(y, g, beta));
+        }
+    }
 }

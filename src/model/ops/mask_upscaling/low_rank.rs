@@ -179,10 +179,10 @@ pub fn low_rank_mask_model(
     let Some(low_rank) = LowRank::new(&op.weights.up1, source) else {
         return Ok(Err("LayerNorm sizes do not fit the first product".into()));
     };
-    let pixels = op.side * op.side;
     let width = op.weights.up1.n();
     let mut model = TypedModel::default();
-    let mut wires = vec![model.add_source("upscaling_base", f32::fact([1, pixels, width]))?];
+    let mut wires =
+        vec![model.add_source("upscaling_base", f32::fact([1, op.side, width, op.side]))?];
     let names = [
         "first_coefficients",
         "second_coefficients",
@@ -323,14 +323,14 @@ impl LowRank {
         &self.first_map
     }
 
-    /// One prompt's basis, `n₁ + n₂ + 4` rows, packed: its two blocks' projected token values
-    /// (`n₁` and `n₂` rows of `D`) through their maps, then the fixed rows; `times(a, w, c)` is
-    /// the product `c = a · w`.
+    /// One prompt's basis, `n₁ + n₂ + 4` rows, transposed (`4·C1` rows of `n₁ + n₂ + 4`): its
+    /// two blocks' projected token values (`n₁` and `n₂` rows of `D`) through their maps, then
+    /// the fixed rows; `times(a, w, c)` is the product `c = a · w`.
     pub(crate) fn basis(
         &self,
         values: [&[f32]; 2],
         times: impl Fn(&[f32], &PackedWeights, &mut [f32]),
-    ) -> Option<PackedWeights> {
+    ) -> Option<Vec<f32>> {
         let width = self.first_map.n();
         let d = self.first_map.k();
         let (n1, n2) = (values[0].len() / d, values[1].len() / d);
@@ -344,6 +344,8 @@ impl LowRank {
         times(values[0], &self.first_map, first);
         times(values[1], &self.second_map, second);
         fixed.copy_from_slice(&self.fixed_rows);
-        PackedWeights::pack(&rows, rows_count, width)
+        let mut transposed = vec![0f32; rows.len()];
+        super::super::gemm::transpose(&rows, rows_count, width, &mut transposed);
+        Some(transposed)
     }
 }

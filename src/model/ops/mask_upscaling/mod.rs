@@ -46,7 +46,7 @@ use low_rank::LowRank;
 /// logits, as SAM's `output_upscaling` followed by the hypernetwork product.
 ///
 /// In the low-rank form (see [`low_rank`]) the inputs are instead the per-frame base `[1,
-/// side², 4·C1]`, the first and second image->token outputs' coefficients `[B, side², n + 2]`
+/// side, 4·C1, side]` (per grid row, transposed: see [`MaskUpscaling::frame_base`]), the first and second image->token outputs' coefficients `[B, side², n + 2]`
 /// and projected token values (`B · n · D` values each), and the mask weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaskUpscaling {
@@ -85,15 +85,18 @@ impl MaskUpscaling {
         first + D::from(rest)
     }
 
-    /// The low-rank form's per-frame base `[1, side², 4·C1]` of the per-frame image tokens
-    /// `tokens` (`[1, side², D]`): `(γ₂γ₁ ⊙ k₀) · U`, spread over tract's threads.
+    /// The low-rank form's per-frame base `(γ₂γ₁ ⊙ k₀) · U` of the per-frame image tokens
+    /// `tokens` (`[1, side², D]`), laid out as the kernel reads it: `[1, side, 4·C1, side]`,
+    /// each grid row's tokens transposed (its `4·C1` values per token as rows of `side`
+    /// tokens). Grid rows spread over tract's threads.
     pub fn frame_base(&self, tokens: &Tensor) -> TractResult<Tensor> {
         let low_rank = self
             .low_rank
             .as_ref()
             .context("TinysamMaskUpscaling: not in low-rank form")?;
         let map = low_rank.frame_map();
-        let (d, width, pixels) = (map.k(), map.n(), self.side * self.side);
+        let (d, width, side) = (map.k(), map.n(), self.side);
+        let pixels = side * side;
         ensure!(
             tokens.shape() == [1, pixels, d],
             "TinysamMaskUpscaling: per-frame image tokens {:?}, expected [1, {pixels}, {d}]",
@@ -101,22 +104,22 @@ impl MaskUpscaling {
         );
         let view = tokens.try_as_plain_ram()?;
         let tokens = view.as_slice::<f32>()?;
-        let mut base = Tensor::zero::<f32>(&[1, pixels, width])?;
+        let mut base = Tensor::zero::<f32>(&[1, side, width, side])?;
         {
             let mut out = base.try_as_plain_ram_mut()?;
             let out = out.as_slice_mut::<f32>()?;
             let isa = Isa::detect();
-            const ROWS: usize = 64;
             tract_linalg::multithread::par_chunks_mut(
                 out,
-                width,
+                width * side,
                 pixels * d * width,
                 |first, chunk| {
-                    for (i, rows) in chunk.chunks_mut(ROWS * width).enumerate() {
-                        let at = (first + i * ROWS) * d;
-                        let count = rows.len() / width;
-                        let a = tokens.get(at..at + count * d).context("tokens")?;
-                        self.times(isa, a, map, rows);
+                    let mut rows = vec![0f32; side * width];
+                    for (i, block) in chunk.chunks_exact_mut(width * side).enumerate() {
+                        let at = (first + i) * side * d;
+                        let a = tokens.get(at..at + side * d).context("tokens")?;
+                        self.times(isa, a, map, &mut rows);
+                        super::gemm::transpose(&rows, side, width, block);
                     }
                     Ok(())
                 },
@@ -239,7 +242,7 @@ impl EvalOp for MaskUpscaling {
                     );
                 };
                 ensure!(
-                    inputs[0].shape() == [1, pixels, width]
+                    inputs[0].shape() == [1, side, width, side]
                         && inputs[1].shape() == [batch, pixels, n1 + 2]
                         && inputs[2].shape() == [batch, pixels, n2 + 2]
                         && inputs[3].len() == batch * n1 * d
@@ -275,7 +278,7 @@ impl EvalOp for MaskUpscaling {
         let hyper = slices.last().copied().context("mask weights")?;
         let isa = Isa::detect();
         // Each prompt's basis (low-rank form).
-        let bases: Vec<PackedWeights> = match first {
+        let bases: Vec<Vec<f32>> = match first {
             None => Vec::new(),
             Some((low_rank, (n1, n2))) => (0..batch)
                 .map(|b| {
@@ -331,7 +334,9 @@ impl EvalOp for MaskUpscaling {
                                 weights: (n1, n2),
                                 first: rows(1, n1 + 2, b).context("coefficients")?,
                                 second: rows(2, n2 + 2, b).context("coefficients")?,
-                                base: rows(0, width, 0).context("base")?,
+                                base: slices[0]
+                                    .get(row * width * side..(row + 1) * width * side)
+                                    .context("base")?,
                                 basis: bases.get(b).context("basis")?,
                                 constant: &low_rank.constant,
                             })
@@ -564,19 +569,19 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MaskUpscaling>> {
         PackedWeights::pack(&values, rows, cols).context("weight sizes")
     };
     let ones = || vec![1f32; c1];
-    let weights = Weights {
-        up1: pack(&up1, d, 4 * c1)?,
+    let gamma = norm_op.gamma.as_deref().cloned().unwrap_or_else(ones);
+    let beta = norm_op
+        .beta
+        .as_deref()
+        .cloned()
+        .unwrap_or_else(|| vec![0f32; c1]);
+    let weights = Weights::new(
+        pack(&up1, d, 4 * c1)?,
         bias1,
-        eps: norm_op.eps,
-        gamma: norm_op.gamma.as_deref().cloned().unwrap_or_else(ones),
-        beta: norm_op
-            .beta
-            .as_deref()
-            .cloned()
-            .unwrap_or_else(|| vec![0f32; c1]),
-        up2: pack(&up2, c1, 4 * c2)?,
+        (norm_op.eps, gamma, beta),
+        pack(&up2, c1, 4 * c2)?,
         bias2,
-    };
+    );
     need!(
         weights.gamma.len() == c1 && weights.beta.len() == c1,
         "LayerNorm parameters are not one per channel"

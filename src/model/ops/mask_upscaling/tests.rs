@@ -101,16 +101,13 @@ fn upscaling_op_speed() -> TractResult<()> {
     let pixels = side * side;
     let full = MaskUpscaling {
         side,
-        weights: Arc::new(kernel::Weights {
-            up1: PackedWeights::pack(&pattern_values(d * 4 * c1, 1, 0.1), d, 4 * c1).expect("up1"),
-            bias1: pattern_values(c1, 2, 0.1),
-            eps: 1e-6,
-            gamma: pattern_values(c1, 3, 1.0),
-            beta: pattern_values(c1, 4, 0.1),
-            up2: PackedWeights::pack(&pattern_values(c1 * 4 * c2, 5, 0.2), c1, 4 * c2)
-                .expect("up2"),
-            bias2: pattern_values(c2, 6, 0.1),
-        }),
+        weights: Arc::new(kernel::Weights::new(
+            PackedWeights::pack(&pattern_values(d * 4 * c1, 1, 0.1), d, 4 * c1).expect("up1"),
+            pattern_values(c1, 2, 0.1),
+            (1e-6, pattern_values(c1, 3, 1.0), pattern_values(c1, 4, 0.1)),
+            PackedWeights::pack(&pattern_values(c1 * 4 * c2, 5, 0.2), c1, 4 * c2).expect("up2"),
+            pattern_values(c2, 6, 0.1),
+        )),
         low_rank: None,
     };
     let norm = |seed| NormParams {
@@ -145,7 +142,7 @@ fn upscaling_op_speed() -> TractResult<()> {
             "low rank",
             &low,
             tvec![
-                pattern_tensor(&[1, pixels, 4 * c1], 9, 3.0).into_tvalue(),
+                pattern_tensor(&[1, side, 4 * c1, side], 9, 3.0).into_tvalue(),
                 pattern_tensor(&[1, pixels, n + 2], 10, 0.1).into_tvalue(),
                 pattern_tensor(&[1, pixels, n + 2], 11, 0.1).into_tvalue(),
                 pattern_tensor(&[n, d], 12, 1.0).into_tvalue(),
