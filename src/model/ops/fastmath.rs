@@ -102,23 +102,57 @@ pub fn erf(fused: bool, x: f32) -> f32 {
     (1.0 - 1.0 / (p8 * p8)).copysign(x)
 }
 
-/// LayerNorm of one row in place, as SAM's (mean, biased variance, `ε` inside the root), then
-/// `γ`, `β` and `then` on each value (`gamma`, `beta`: one per value of the row). Returns the
-/// row's mean and the scale `1 / √(variance + ε)` it applied.
+/// `row = residual + (row + bias)`, then LayerNorm of it in place as SAM's (mean, biased
+/// variance, `ε` inside the root), then `γ` and `β` (`bias`, `residual`, `gamma`, `beta`: one
+/// per value of the row). Returns the row's mean and the scale `1 / √(variance + ε)` it
+/// applied.
+///
+/// Two passes over the row instead of four: the first adds the residual and sums the values and
+/// their squares, both shifted by the row's first value `K` so that the variance `Σ(x − K)²/n −
+/// (Σ(x − K)/n)²` does not cancel when the mean is large against the spread; the second
+/// normalises.
 #[inline(always)]
-pub fn layer_norm<const FMA: bool>(
+pub fn residual_layer_norm<const FMA: bool>(
     row: &mut [f32],
+    (residual, bias): (&[f32], &[f32]),
     eps: f32,
     gamma: &[f32],
     beta: &[f32],
-    then: impl Fn(f32) -> f32,
 ) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = lane_sum(row, |x| x) / n;
-    let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
+    let shift = match (row.first(), residual.first(), bias.first()) {
+        (Some(&x), Some(&r), Some(&b)) => r + (x + b),
+        _ => return (0.0, 0.0),
+    };
+    let mut sum = [0f32; LANES];
+    let mut squares = [0f32; LANES];
+    let add = |x: &mut [f32], r: &[f32], b: &[f32], sum: &mut [f32], squares: &mut [f32]| {
+        for ((((x, &r), &b), s), q) in x.iter_mut().zip(r).zip(b).zip(sum).zip(squares) {
+            *x = r + (*x + b);
+            let centred = *x - shift;
+            *s += centred;
+            *q = madd::<FMA>(centred, centred, *q);
+        }
+    };
+    let mut rows = row.chunks_exact_mut(LANES);
+    let mut residuals = residual.chunks_exact(LANES);
+    let mut biases = bias.chunks_exact(LANES);
+    for ((x, r), b) in (&mut rows).zip(&mut residuals).zip(&mut biases) {
+        add(x, r, b, &mut sum, &mut squares);
+    }
+    add(
+        rows.into_remainder(),
+        residuals.remainder(),
+        biases.remainder(),
+        &mut sum,
+        &mut squares,
+    );
+    let shifted_mean = pairwise(sum) / n;
+    let variance = (pairwise(squares) / n - shifted_mean * shifted_mean).max(0.0);
+    let mean = shift + shifted_mean;
     let scale = 1.0 / (variance + eps).sqrt();
     for ((x, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
-        *x = then(madd::<FMA>((*x - mean) * scale, g, b));
+        *x = madd::<FMA>((*x - mean) * scale, g, b);
     }
     (mean, scale)
 }
@@ -176,4 +210,64 @@ fn pairwise(mut acc: [f32; LANES]) -> f32 {
         half /= 2;
     }
     acc[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`residual_layer_norm`] against a two-pass LayerNorm in f64, on rows whose mean is large
+    /// against their spread (where a one-pass variance without the shift would cancel), of
+    /// lengths with and without a remainder after the lanes.
+    #[test]
+    fn residual_layer_norm_matches_a_two_pass_reference() {
+        for (len, offset) in [(256, 0.0), (256, 1000.0), (7, -300.0), (33, 5.0), (1, 2.0)] {
+            let values = |seed: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0)
+                    .collect()
+            };
+            let (mut row, residual, bias) = (values(1), values(2), values(3));
+            for x in row.iter_mut() {
+                *x += offset;
+            }
+            let (gamma, beta) = (values(4), values(5));
+            let sums: Vec<f64> = (0..len)
+                .map(|i| f64::from(residual[i]) + (f64::from(row[i]) + f64::from(bias[i])))
+                .collect();
+            let mean = sums.iter().sum::<f64>() / len as f64;
+            let variance = sums.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / len as f64;
+            let eps = 1e-5;
+            let scale = 1.0 / (variance + eps).sqrt();
+            let (got_mean, got_scale) = residual_layer_norm::<false>(
+                &mut row,
+                (&residual, &bias),
+                eps as f32,
+                &gamma,
+                &beta,
+            );
+            assert!((f64::from(got_mean) - mean).abs() <= 1e-6 * mean.abs().max(1.0));
+            assert!(
+                (f64::from(got_scale) - scale).abs() <= 1e-3 * scale,
+                "{len} {offset}"
+            );
+            for i in 0..len {
+                let want = (sums[i] - mean) * scale * f64::from(gamma[i]) + f64::from(beta[i]);
+                assert!(
+                    (f64::from(row[i]) - want).abs() <= 1e-3 * want.abs().max(1.0),
+                    "{len} {offset}: {i}: {} against {want}",
+                    row[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn residual_layer_norm_of_nothing_is_nothing() {
+        let mut row: [f32; 0] = [];
+        assert_eq!(
+            residual_layer_norm::<false>(&mut row, (&[], &[]), 1e-5, &[], &[]),
+            (0.0, 0.0)
+        );
+    }
 }

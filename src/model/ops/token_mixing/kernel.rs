@@ -11,7 +11,7 @@
 //! run time) and plainly (NEON on aarch64).
 #![allow(unsafe_code)]
 
-use super::super::fastmath::{exp_fused, layer_norm};
+use super::super::fastmath::{exp_fused, residual_layer_norm};
 use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
@@ -217,14 +217,17 @@ fn mix<const FMA: bool, M: Micro>(
             }
         }
         let recip = sum.map(|s| 1.0 / s);
+        // The weights as runs of image tokens per (head, token) column (vectorised), in
+        // `local`, transposed into rows per image token below.
         for token in 0..t {
             let e = &exps[token * TILE..token * TILE + rows];
-            let column = head * t + token;
-            for (r, (&e, &recip)) in e.iter().zip(&recip).enumerate() {
-                weights[r * ht + column] = e * recip;
+            let column = &mut local[(head * t + token) * rows..(head * t + token + 1) * rows];
+            for ((w, &e), &recip) in column.iter_mut().zip(e).zip(&recip) {
+                *w = e * recip;
             }
         }
     }
+    transpose(&local[..ht * rows], ht, rows, weights);
     product(m, weights, tile.values, out, block);
     let Norm { eps, gamma, beta } = tile.norm;
     let mut coefficients = coefficients.chunks_exact_mut(ht + 2);
@@ -233,10 +236,8 @@ fn mix<const FMA: bool, M: Micro>(
         .zip(tile.residual.chunks_exact(d))
         .enumerate()
     {
-        for ((x, &b), &r) in row.iter_mut().zip(tile.bias).zip(residual) {
-            *x = r + (*x + b);
-        }
-        let (mean, scale) = layer_norm::<FMA>(row, eps, gamma, beta, |x| x);
+        let (mean, scale) =
+            residual_layer_norm::<FMA>(row, (residual, tile.bias), eps, gamma, beta);
         if let Some(c) = coefficients.next() {
             c[..ht].copy_from_slice(&weights[pixel * ht..(pixel + 1) * ht]);
             c[ht] = mean;
