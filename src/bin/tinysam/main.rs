@@ -532,6 +532,8 @@ fn default_sigpipe() {
 fn main() -> ExitCode {
     default_sigpipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let tuning = tinysam_edge::allocator::keep_freed_memory();
+    log::debug!("allocator: {tuning:?}");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Segment(a) => segment(a),

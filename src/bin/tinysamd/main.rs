@@ -353,6 +353,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging();
+    let tuning = tinysam_edge::allocator::keep_freed_memory();
+    log::debug!("allocator: {tuning:?}");
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
