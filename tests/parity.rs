@@ -478,6 +478,7 @@ fn prompt_of(points: usize, boxed: bool) -> Prompt {
 #[test]
 fn prepared_plans_leave_nothing_to_build_while_serving() {
     use tinysam_edge::model::DecoderGraph;
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
 
     for graph in [DecoderGraph::Auto, DecoderGraph::OneGraph] {
         let seg = fresh_fp32(graph);
@@ -501,8 +502,9 @@ fn prepared_plans_leave_nothing_to_build_while_serving() {
                 }
             }
         }
-        // The split form runs every batch one prompt at a time on the plans above; the one graph
-        // pads to 4 and 16 and runs 70 as 64 + 6 (padded to 16).
+        // The daemon's batches: the split form gets one prompt per thread (its
+        // `unpadded_batch`, here 3 on 3 threads) and runs them one prompt at a time on the plans
+        // above; the one graph pads to 4 and 16 and runs 70 as 64 + 6 (padded to 16).
         let batches: &[usize] = match graph {
             DecoderGraph::OneGraph => &[2, 5, 70],
             _ => &[3],
@@ -511,7 +513,10 @@ fn prepared_plans_leave_nothing_to_build_while_serving() {
             let prompts: Vec<Prompt> = (0..batch)
                 .map(|i| Prompt::point(5.0 + (i % 19) as f32 * 10.0, 5.0 + (i / 19) as f32 * 30.0))
                 .collect();
-            assert_eq!(decode(&prompts).batch(), batch);
+            let threads = decoder.unpadded_batch(3);
+            assert!(graph == DecoderGraph::OneGraph || threads == batch);
+            let out = multithread_tract_scope(Executor::multithread(threads), || decode(&prompts));
+            assert_eq!(out.batch(), batch);
         }
         assert_eq!(decoder.plans_built(), built, "{graph:?}: a plan was built");
         decode(&[prompt_of(6, false)]);
@@ -520,13 +525,15 @@ fn prepared_plans_leave_nothing_to_build_while_serving() {
     }
 }
 
-/// `tinysam bench --profile` profiles the split decoder as `decode` runs it: a batch in chunks of
-/// `SPLIT_CHUNK` prompts on the prepared one-prompt plans (no plan for the whole batch is
-/// built), each node listed once with its time summed over the chunks.
+/// `tinysam bench --profile` profiles the split decoder as `decode` runs it: a batch in the
+/// chunks `decode` cuts it into (one prompt per thread on 3 threads: the prepared one-prompt
+/// plans; chunks of up to `SPLIT_CHUNK` prompts on one thread) and on no plan `decode` does not
+/// build, each node listed once with its time summed over the chunks.
 #[test]
 fn split_decoder_profile_runs_the_plans_decode_runs() {
     use std::collections::HashSet;
     use tinysam_edge::model::{DecoderForm, DecoderGraph, DecoderInput};
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
 
     let seg = fresh_fp32(DecoderGraph::Auto);
     let emb = embed_golden_input(&seg.model);
@@ -551,7 +558,8 @@ fn split_decoder_profile_runs_the_plans_decode_runs() {
         );
         times.into_iter().map(|t| t.node).collect()
     };
-    let (one, three) = (nodes(1), nodes(3));
+    let on_three_threads = |b| multithread_tract_scope(Executor::multithread(3), || nodes(b));
+    let (one, three) = (nodes(1), on_three_threads(3));
     assert_eq!(
         decoder.plans_built(),
         built,
@@ -560,6 +568,14 @@ fn split_decoder_profile_runs_the_plans_decode_runs() {
     let unique: HashSet<&String> = three.iter().collect();
     assert_eq!(unique.len(), three.len(), "a node listed twice");
     assert_eq!(unique, one.iter().collect::<HashSet<_>>());
+    // On one thread, 6 prompts run as chunks of 4 and 2: profiling them builds the plans
+    // decoding them does, and no other.
+    multithread_tract_scope(Executor::SingleThread, || decoder.decode(&emb, &batch(6))).unwrap();
+    let built = decoder.plans_built();
+    let six = multithread_tract_scope(Executor::SingleThread, || nodes(6));
+    assert_eq!(decoder.plans_built(), built, "profiling built another plan");
+    let unique: HashSet<&String> = six.iter().collect();
+    assert_eq!(unique.len(), six.len(), "a node listed twice");
     assert!(
         three.iter().any(|n| n.starts_with("masks:")),
         "mask graph profiled"

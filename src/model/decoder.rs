@@ -28,13 +28,22 @@ use crate::{Error, Result};
 /// follow).
 const PROMPT_OUTPUTS: usize = 3;
 
-/// Largest batch the per-prompt graph runs at once (larger ones run in chunks of this size).
-/// One: with our fused ops the per-prompt and mask graphs are no faster per prompt in batches of
-/// 4 than alone (15.1 against 16.0 ms and 5.35 against 5.4 ms on the default model,
-/// `benches/decoder-results.md` as of 8a00837; tried again with the token->image op: not faster
-/// in alternating runs), one at a time keeps 4 MB of image-side tensors per run instead of 16 and
-/// needs only the single-prompt plans, and a batch's chunks run side by side, one per thread.
-pub const SPLIT_CHUNK: usize = 1;
+/// Largest chunk of a batch the per-prompt graph runs at once, on one thread (see
+/// [`split_chunk_size`]: a batch is first spread over the threads, one prompt each, and only
+/// then grouped). Four: their token-side products share a pass over the weights, and since the
+/// allocator keeps freed memory (`crate::allocator`) the larger image-side tensors cost no page
+/// faults; a prompt at batch 64 takes 22.3-23.4 ms in chunks of 4 against 24.0-25.0 ms alone at
+/// one thread, 11.8-12.7 against 12.0-13.9 ms at two (`docs/performance.md`, 2026-12-05).
+/// Before that change chunks were no faster than single prompts (15.1 against 16.0 ms on
+/// 12-02, not faster in alternating runs on 12-04 and 12-05).
+pub const SPLIT_CHUNK: usize = 4;
+
+/// Prompts per chunk for a batch of `batch` prompts on `threads` threads: up to
+/// [`SPLIT_CHUNK`], but never so many that a thread would have no chunk (a batch of two on two
+/// threads runs as two single prompts side by side, as the daemon's request batches do).
+pub fn split_chunk_size(batch: usize, threads: usize) -> usize {
+    SPLIT_CHUNK.min(batch.div_ceil(threads.max(1))).max(1)
+}
 
 /// Plans kept before the least recently built is dropped (not counting those
 /// [`Decoder::prepare_plans`] built, which stay).
@@ -74,13 +83,13 @@ impl DecoderInput {
         self.coords.len() == points && self.labels.len() == points
     }
 
-    /// Chunk `c` of the batch cut into chunks of [`SPLIT_CHUNK`] prompts, as the split form
-    /// runs it: the chunk's prompts (indices in this batch) and the chunk as a batch of its own,
-    /// with the same mask input. Panics if the batch is not well formed or has no chunk `c`.
-    fn split_chunk(&self, c: usize) -> (std::ops::Range<usize>, DecoderInput) {
+    /// Chunk `c` of the batch cut into chunks of `size` prompts, as the split form runs it: the
+    /// chunk's prompts (indices in this batch) and the chunk as a batch of its own, with the same
+    /// mask input. Panics if the batch is not well formed or has no chunk `c`.
+    fn split_chunk(&self, c: usize, size: usize) -> (std::ops::Range<usize>, DecoderInput) {
         let n = self.points_per_prompt;
-        let first = c * SPLIT_CHUNK;
-        let end = (first + SPLIT_CHUNK).min(self.batch());
+        let first = c * size;
+        let end = (first + size).min(self.batch());
         let chunk = DecoderInput {
             points_per_prompt: n,
             coords: self.coords[first * n..end * n].to_vec(),
@@ -750,7 +759,8 @@ impl Decoder {
 
     /// Per-node times of the plans that decode `input` as [`Decoder::decode`] runs them, slowest
     /// first; the split form's mask-graph nodes are named `masks:…`. The split form runs a
-    /// batch in chunks of [`SPLIT_CHUNK`] prompts on the plans of that size, so it is profiled
+    /// batch in chunks of up to [`SPLIT_CHUNK`] prompts on the plans of that size
+    /// ([`split_chunk_size`] for tract's thread count), so it is profiled
     /// chunk by chunk on those plans (one thread, the chunks one after the other), each node's
     /// time summed over the chunks; the per-frame tensors are computed once, before, and not
     /// timed. The one-graph form runs the batch's own plan once.
@@ -775,8 +785,9 @@ impl Decoder {
         let mut frame = None;
         let mut times: Vec<super::profile::NodeTime> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        for c in 0..b.div_ceil(SPLIT_CHUNK) {
-            let (_, chunk) = input.split_chunk(c);
+        let size = split_chunk_size(b, decoding_threads());
+        for c in 0..b.div_ceil(size) {
+            let (_, chunk) = input.split_chunk(c, size);
             let (plan, inputs, kept) = self.batch_inputs(embedding, &chunk, frame.as_ref())?;
             let (prompt_times, outputs) =
                 super::profile::profile_values(&plan, inputs).map_err(infer_err)?;
@@ -811,6 +822,27 @@ impl Decoder {
     /// The mask plan's inputs from a per-prompt plan's `outputs` (on the per-frame tensors
     /// `frame`): image tokens and mask weights, or in the low-rank form the base, the
     /// coefficients, the values and the mask weights.
+    /// The per-prompt graph's outputs of a chunk cut down to one prompt, shaped as a one-prompt
+    /// run gives them: the low-rank form's projected token values have no batch axis then
+    /// (`[H, T, D]` instead of `[1, H, T, D]`), so that the one-prompt mask plan takes them.
+    fn as_one_prompt(&self, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if self.low_rank().is_none() {
+            return Ok(outputs);
+        }
+        let values = PROMPT_OUTPUTS + 2..PROMPT_OUTPUTS + low_rank::EXTRA_OUTPUTS;
+        outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| match t.shape() {
+                [1, rest @ ..] if values.contains(&i) => {
+                    let rest = rest.to_vec();
+                    t.into_shape(&rest).map_err(infer_err)
+                }
+                _ => Ok(t),
+            })
+            .collect()
+    }
+
     fn mask_plan_inputs(
         &self,
         frame: Option<&FrameTensors>,
@@ -911,10 +943,10 @@ impl Decoder {
 
     /// Decode one batch of prompts against `embedding`.
     ///
-    /// The per-prompt graph runs larger batches in chunks of [`SPLIT_CHUNK`] prompts (each
-    /// prompt has megabytes of image-side tensors, and a chunk that stays in cache runs faster
-    /// per prompt than one big batch), the chunks spread over tract's threads, one
-    /// single-threaded chunk per thread at a time.
+    /// The per-prompt graph runs larger batches in chunks of up to [`SPLIT_CHUNK`] prompts
+    /// ([`split_chunk_size`]: each prompt has megabytes of image-side tensors, and a small chunk
+    /// stays in cache), the chunks spread over tract's threads, one single-threaded chunk per
+    /// thread at a time.
     pub fn decode(&self, embedding: &Embedding, input: &DecoderInput) -> Result<MaskLogits> {
         Ok(self.decode_where(embedding, input, None)?.0)
     }
@@ -955,9 +987,10 @@ impl Decoder {
                 // kept with the embedding).
                 let frame =
                     self.frame_tensors(frame_plan, embedding, input.mask_input.as_deref())?;
-                let chunks = b.div_ceil(SPLIT_CHUNK);
+                let size = split_chunk_size(b, decoding_threads());
+                let chunks = b.div_ceil(size);
                 let decoded = spread_over_threads(chunks, |c| {
-                    let (prompts, chunk) = input.split_chunk(c);
+                    let (prompts, chunk) = input.split_chunk(c, size);
                     let (first, end) = (prompts.start, prompts.end);
                     let outputs = self.run_prompts(embedding, &chunk, &frame)?;
                     let scores = outputs
@@ -974,10 +1007,15 @@ impl Decoder {
                     let outputs = if keep.len() == end - first {
                         outputs
                     } else {
-                        outputs
+                        let selected = outputs
                             .iter()
                             .map(|t| select_rows(t, &keep))
-                            .collect::<Result<Vec<_>>>()?
+                            .collect::<Result<Vec<_>>>()?;
+                        if keep.len() == 1 {
+                            self.as_one_prompt(selected)?
+                        } else {
+                            selected
+                        }
                     };
                     let shapes: Vec<Vec<usize>> =
                         outputs.iter().map(|t| t.shape().to_vec()).collect();
@@ -1148,6 +1186,15 @@ impl Decoder {
 /// waits for them at every op (on 2 cores a prompt takes ~0.8x its one-thread time on both, two
 /// prompts side by side take their one-thread time). The first error is returned; jobs not yet
 /// started then do not start.
+/// Threads [`spread_over_threads`] runs chunks on: tract's pool's, or one.
+fn decoding_threads() -> usize {
+    use tract_linalg::multithread::{current_tract_executor, Executor};
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => pool.current_num_threads().max(1),
+        _ => 1,
+    }
+}
+
 fn spread_over_threads<T: Send>(
     count: usize,
     job: impl Fn(usize) -> Result<T> + Sync,
@@ -1273,4 +1320,21 @@ fn frame_output_shapes(frame: &TypedRunnableModel, path: &Path) -> Result<Vec<Ve
                 })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch is spread over the threads first, one prompt each, and grouped only beyond that.
+    #[test]
+    fn chunks_keep_every_thread_busy_first() {
+        assert_eq!(split_chunk_size(64, 2), SPLIT_CHUNK);
+        assert_eq!(split_chunk_size(2, 2), 1);
+        assert_eq!(split_chunk_size(3, 1), 3.min(SPLIT_CHUNK));
+        assert_eq!(split_chunk_size(6, 4), 2.min(SPLIT_CHUNK));
+        assert_eq!(split_chunk_size(1, 8), 1);
+        assert_eq!(split_chunk_size(0, 2), 1);
+        assert_eq!(split_chunk_size(5, 0), SPLIT_CHUNK);
+    }
 }

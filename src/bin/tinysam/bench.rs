@@ -340,7 +340,7 @@ fn print_decoder_profile(
     let total: Duration = times.iter().map(|t| t.time).sum();
     // The split form decodes a batch in chunks (`Decoder::profile` runs them as `decode` does).
     let chunks = match decoder.form() {
-        model::DecoderForm::Split => format!(" in chunks of {}", model::decoder::SPLIT_CHUNK),
+        model::DecoderForm::Split => format!(" in chunks of up to {}", model::decoder::SPLIT_CHUNK),
         model::DecoderForm::OneGraph => String::new(),
     };
     let title = format!(
