@@ -8,7 +8,7 @@
 //! fault in and zero, prompt after prompt, and with two threads the faults also wait on each
 //! other. Measured on the default model (`perf stat -e page-faults -- tinysam bench --threads 2
 //! --runs 3 --precisions int8 --batches 1,64`, see `docs/performance.md`): 230 000 faults with
-//! the defaults, 78 000 with the settings below, and a prompt at batch 64 5-10 % faster, peak RSS
+//! the defaults, 78 000 with the settings below, and a prompt at batch 64 3-8 % faster, peak RSS
 //! no higher. [`keep_freed_memory`] applies them; the binaries call it first thing.
 #![allow(unsafe_code)]
 
