@@ -40,6 +40,26 @@ pub enum ConfigError {
     },
 }
 
+/// The error for `key` = `value`, with what is expected.
+fn invalid(key: &'static str, value: String, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value,
+        reason: reason.into(),
+    }
+}
+
+/// `value` parsed by its type's `FromStr`, or the error naming `key` and the choices.
+fn choice<T: std::str::FromStr>(
+    key: &'static str,
+    value: &str,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?}"), expected))
+}
+
 /// Where frames come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
@@ -345,11 +365,6 @@ fn is_ros_token(token: &str) -> bool {
 impl Ros2Config {
     /// Check every value; `ros_domain_id` is `$ROS_DOMAIN_ID` as the environment has it.
     pub fn validate(&self, ros_domain_id: Option<&str>) -> Result<Ros2Settings, ConfigError> {
-        let invalid = |key: &'static str, value: String, reason: &str| ConfigError::Invalid {
-            key,
-            value,
-            reason: reason.into(),
-        };
         let transport = match self.transport.as_str() {
             "dds" => Ros2Transport::Dds,
             "zenoh" => Ros2Transport::Zenoh,
@@ -599,11 +614,6 @@ impl Config {
 
     /// Check every value and resolve defaults (socket path, model dir, threads).
     pub fn validate(&self) -> Result<Settings, ConfigError> {
-        let invalid = |key: &'static str, value: String, reason: &str| ConfigError::Invalid {
-            key,
-            value,
-            reason: reason.into(),
-        };
         // The bridge's table, checked here too so that `tinysamd --check-config` names its
         // mistakes (the environment's ROS_DOMAIN_ID is the bridge's business).
         self.ros2.validate(None)?;
@@ -643,22 +653,16 @@ impl Config {
         };
         let encoder = precision("model.encoder", &self.model.encoder)?;
         let decoder = precision("model.decoder", &self.model.decoder)?;
-        let int8_matmul: crate::model::Int8Matmul =
-            self.model.int8_matmul.parse().map_err(|_| {
-                invalid(
-                    "model.int8_matmul",
-                    format!("{:?}", self.model.int8_matmul),
-                    "expected auto, tract, portable, avx2, vnni or sdot",
-                )
-            })?;
-        let conv_blocks: crate::model::ConvBlocks =
-            self.model.conv_blocks.parse().map_err(|_| {
-                invalid(
-                    "model.conv_blocks",
-                    format!("{:?}", self.model.conv_blocks),
-                    "expected auto, w8a16 or f32",
-                )
-            })?;
+        let int8_matmul: crate::model::Int8Matmul = choice(
+            "model.int8_matmul",
+            &self.model.int8_matmul,
+            "expected auto, tract, portable, avx2, vnni or sdot",
+        )?;
+        let conv_blocks: crate::model::ConvBlocks = choice(
+            "model.conv_blocks",
+            &self.model.conv_blocks,
+            "expected auto, w8a16 or f32",
+        )?;
         if let Some(kernel) = int8_matmul.kernel() {
             if !kernel.is_supported() {
                 return Err(invalid(
