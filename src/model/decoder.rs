@@ -819,9 +819,6 @@ impl Decoder {
         Ok(times)
     }
 
-    /// The mask plan's inputs from a per-prompt plan's `outputs` (on the per-frame tensors
-    /// `frame`): image tokens and mask weights, or in the low-rank form the base, the
-    /// coefficients, the values and the mask weights.
     /// The per-prompt graph's outputs of a chunk cut down to one prompt, shaped as a one-prompt
     /// run gives them: the low-rank form's projected token values have no batch axis then
     /// (`[H, T, D]` instead of `[1, H, T, D]`), so that the one-prompt mask plan takes them.
@@ -843,6 +840,9 @@ impl Decoder {
             .collect()
     }
 
+    /// The mask plan's inputs from a per-prompt plan's `outputs` (on the per-frame tensors
+    /// `frame`): image tokens and mask weights, or in the low-rank form the base, the
+    /// coefficients, the values and the mask weights.
     fn mask_plan_inputs(
         &self,
         frame: Option<&FrameTensors>,
@@ -1179,13 +1179,6 @@ impl Decoder {
     }
 }
 
-/// `job(i)` for every `i < count`, in index order of the results: spread over tract's threads,
-/// each job running single-threaded, when tract runs on more than one thread and there is more
-/// than one job; in the caller's thread otherwise. Chunks of prompts are independent: one per
-/// core runs its ops with no hand-offs between threads, where one prompt spread over the cores
-/// waits for them at every op (on 2 cores a prompt takes ~0.8x its one-thread time on both, two
-/// prompts side by side take their one-thread time). The first error is returned; jobs not yet
-/// started then do not start.
 /// Threads [`spread_over_threads`] runs chunks on: tract's pool's, or one.
 fn decoding_threads() -> usize {
     use tract_linalg::multithread::{current_tract_executor, Executor};
@@ -1195,6 +1188,13 @@ fn decoding_threads() -> usize {
     }
 }
 
+/// `job(i)` for every `i < count`, in index order of the results: spread over tract's threads,
+/// each job running single-threaded, when tract runs on more than one thread and there is more
+/// than one job; in the caller's thread otherwise. Chunks of prompts are independent: one per
+/// core runs its ops with no hand-offs between threads, where one prompt spread over the cores
+/// waits for them at every op (on 2 cores a prompt takes ~0.8x its one-thread time on both, two
+/// prompts side by side take their one-thread time). The first error is returned; jobs not yet
+/// started then do not start.
 fn spread_over_threads<T: Send>(
     count: usize,
     job: impl Fn(usize) -> Result<T> + Sync,

@@ -230,9 +230,15 @@ fn upscale<const FMA: bool, M: Micro>(
             FirstProduct::Tokens(tokens) => tile
                 .repack_transposed(&tokens[first * d..(first + t) * d], t, d)
                 .map(|()| product(m, &w.up1_rows, tile, up1, block)),
-            FirstProduct::LowRank(row) => {
-                low_rank_first_product(m, row, (first, t), coefficients, tile, up1, block)
-            }
+            FirstProduct::LowRank(row) => low_rank_first_product(
+                m,
+                row,
+                (band.side, first, t),
+                coefficients,
+                tile,
+                up1,
+                block,
+            ),
         };
         if filled.is_none() {
             return;
@@ -290,7 +296,7 @@ fn upscale<const FMA: bool, M: Micro>(
     }
 }
 
-/// Tokens `first .. first + count` of a grid row: their first product, `4·C1` rows of `count`
+/// Tokens `first .. first + count` of a grid row of `side` tokens: their first product, `4·C1` rows of `count`
 /// values, from the low-rank form (see [`LowRankRow`]): the transposed basis times the
 /// coefficient rows `[r₁r₂·a₁, r₂·a₂, r₁r₂, −r₁r₂μ₁, r₂, −r₂μ₂]` as a panel, plus `r₁r₂` times
 /// the base and the constant. `None` if the sizes do not fit.
@@ -298,7 +304,7 @@ fn upscale<const FMA: bool, M: Micro>(
 fn low_rank_first_product<M: Micro>(
     m: M,
     row: &LowRankRow<'_>,
-    (first, count): (usize, usize),
+    (side, first, count): (usize, usize, usize),
     coefficients: &mut [f32],
     tile: &mut PackedWeights,
     up1: &mut [f32],
@@ -329,7 +335,6 @@ fn low_rank_first_product<M: Micro>(
     }
     tile.repack_transposed(coefficients, count, rows)?;
     product(m, row.basis, tile, up1, block);
-    let side = row.base.len() / (row.basis.len() / rows).max(1);
     let scales = &scales[..count];
     for ((r, out), &k) in up1.chunks_exact_mut(count).enumerate().zip(row.constant) {
         let base = row.base.get(r * side + first..r * side + first + count)?;

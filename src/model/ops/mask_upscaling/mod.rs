@@ -46,8 +46,9 @@ use low_rank::LowRank;
 /// logits, as SAM's `output_upscaling` followed by the hypernetwork product.
 ///
 /// In the low-rank form (see [`low_rank`]) the inputs are instead the per-frame base `[1,
-/// side, 4·C1, side]` (per grid row, transposed: see [`MaskUpscaling::frame_base`]), the first and second image->token outputs' coefficients `[B, side², n + 2]`
-/// and projected token values (`B · n · D` values each), and the mask weights.
+/// side, 4·C1, side]` (per grid row, transposed: see [`MaskUpscaling::frame_base`]), the first
+/// and second image->token outputs' coefficients `[B, side², n + 2]` and projected token values
+/// (`B · n · D` values each), and the mask weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaskUpscaling {
     /// Side of the image-token grid (64 for a 1024² input).
