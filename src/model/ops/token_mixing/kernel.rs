@@ -45,14 +45,18 @@ pub(crate) enum Logits<'a> {
         bias: &'a [f32],
         pe: &'a [f32],
     },
-    /// Computed here, head by head: the prompt's `[H, P, c]` per-frame keys (all of them; the
-    /// tile's rows start at image token `first`) times each head's query rows, transposed and
-    /// packed (`c × T`).
+    /// Computed here, head by head: the `[H, P, c]` per-frame keys (all of them; the tile's
+    /// rows start at image token `first`) times each head's query rows of the whole batch,
+    /// transposed and packed (`c × B·T`, prompt after prompt), of which this tile's prompt is
+    /// `prompt`. The keys are shared by the batch, so the logits of all its prompts come from
+    /// one product per head, kept in the scratch for the batch's other tiles at `first` (a task
+    /// runs them one after another).
     PerHead {
         queries: &'a [PackedWeights],
         keys: &'a [f32],
         pixels: usize,
         first: usize,
+        prompt: usize,
     },
 }
 
@@ -69,7 +73,9 @@ pub(crate) struct Tile<'a> {
 }
 
 /// Per-task buffers: the tile's image tokens plus positional encoding, its logits (tokens as
-/// rows, then transposed), its exponentials per head, its weights, a product block.
+/// rows, then transposed), its exponentials per head, its weights, a product block; and the
+/// per-head logits of a whole batch at one tile position ([`Logits::PerHead`]), with what they
+/// were computed from.
 pub(crate) struct Scratch {
     keys_pe: Vec<f32>,
     local: Vec<f32>,
@@ -77,6 +83,8 @@ pub(crate) struct Scratch {
     exps: Vec<f32>,
     weights: Vec<f32>,
     block: Vec<f32>,
+    batch_logits: Vec<f32>,
+    batch_logits_of: Option<(usize, usize, usize)>,
 }
 
 impl Scratch {
@@ -90,6 +98,8 @@ impl Scratch {
             exps: vec![0f32; tokens * TILE],
             weights: vec![0f32; TILE * rows],
             block: block_scratch(rows.max(dim), MAX_ROWS),
+            batch_logits: Vec::new(),
+            batch_logits_of: None,
         }
     }
 }
@@ -152,6 +162,8 @@ fn mix<const FMA: bool, M: Micro>(
         exps,
         weights,
         block,
+        batch_logits,
+        batch_logits_of,
     } = scratch;
     let weights = &mut weights[..rows * ht];
     // The logits as `[H·T]` runs of image tokens: `scores[row · stride + first ..]`.
@@ -177,18 +189,34 @@ fn mix<const FMA: bool, M: Micro>(
             keys,
             pixels,
             first,
+            prompt,
         } => {
-            for (head, q) in queries.iter().enumerate() {
-                let c = q.k();
-                let at = (head * pixels + first) * c;
-                let local = &mut local[..rows * t];
-                product(m, &keys[at..at + rows * c], q, local, block);
-                transpose(
-                    local,
-                    rows,
-                    t,
-                    &mut logits[head * t * rows..(head + 1) * t * rows],
-                );
+            // Per head: the tile's image tokens as rows, the batch's B·T query rows as columns.
+            let columns = queries.first().map_or(0, |q| q.n());
+            let per_head = rows * columns;
+            let of = (first, queries.as_ptr() as usize, keys.as_ptr() as usize);
+            if *batch_logits_of != Some(of) {
+                batch_logits.resize(h * per_head, 0.0);
+                for (head, (q, out)) in queries
+                    .iter()
+                    .zip(batch_logits.chunks_exact_mut(per_head))
+                    .enumerate()
+                {
+                    let c = q.k();
+                    let at = (head * pixels + first) * c;
+                    product(m, &keys[at..at + rows * c], q, out, block);
+                }
+                *batch_logits_of = Some(of);
+            }
+            // This prompt's T columns of each head, transposed into runs of image tokens.
+            for (head, all) in batch_logits.chunks_exact(per_head).enumerate() {
+                for token in 0..t {
+                    let column = prompt * t + token;
+                    let run = &mut logits[(head * t + token) * rows..(head * t + token + 1) * rows];
+                    for (x, row) in run.iter_mut().zip(all.chunks_exact(columns)) {
+                        *x = row[column];
+                    }
+                }
             }
             (&logits[..], rows, 0)
         }

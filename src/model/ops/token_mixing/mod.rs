@@ -49,8 +49,9 @@ pub enum LogitsSource {
     /// and one bias per row `[B, H·T]` as the first two inputs, and this positional encoding
     /// (`[P, D]`, a constant of the op).
     FromKeys(Arc<Vec<f32>>),
-    /// Computed per tile, head by head, for one prompt: the query rows `[T, H, c]` (the first
-    /// input) against per-frame keys `[1, H, P, c]` (the second), SAM's first block; holds `c`.
+    /// Computed per tile, head by head: the query rows `[T, H, c]` (batched `[B, T, H, c]`, the
+    /// first input) against per-frame keys `[1, H, P, c]` (the second), SAM's first block; holds
+    /// `c`.
     PerHead(usize),
 }
 
@@ -130,6 +131,10 @@ impl PartialEq for ImageToTokenOutput {
     }
 }
 impl Eq for ImageToTokenOutput {}
+
+/// A tile of the output: its index (prompt after prompt), its rows of the output and of the
+/// coefficients (empty without them).
+type TileRows<'a> = (usize, &'a mut [f32], &'a mut [f32]);
 
 impl ImageToTokenOutput {
     /// The kernel name reported in kernel tables, e.g. `tinysam_token_mixing_avx512f`.
@@ -255,7 +260,7 @@ impl EvalOp for ImageToTokenOutput {
                 row_bias.shape()
             ),
             (&LogitsSource::PerHead(c), Some(keys)) => ensure!(
-                !self.batched && keys.shape() == [1, h, p, c],
+                keys.shape() == [1, h, p, c],
                 "TinysamImageToTokenOutput: per-head keys {:?}, expected [1, {h}, {p}, {c}]",
                 keys.shape()
             ),
@@ -286,6 +291,7 @@ impl EvalOp for ImageToTokenOutput {
         // product.
         let queries: Vec<PackedWeights> = match self.logits {
             LogitsSource::Input => Vec::new(),
+            // Each head's query rows of the whole batch, prompt after prompt.
             LogitsSource::PerHead(c) => (0..h)
                 .map(|head| pack_head_columns(first, h, head, c))
                 .collect::<Option<_>>()
@@ -322,13 +328,13 @@ impl EvalOp for ImageToTokenOutput {
             let data = view.as_slice_mut::<f32>()?;
             let mut coefficients_view = coefficients.try_as_plain_ram_mut()?;
             let coefficients = coefficients_view.as_slice_mut::<f32>()?;
-            // Each tile's rows of the output and of the coefficients (empty without them).
-            let mut tiles: Vec<(&mut [f32], &mut [f32])> = data
+            let mut tiles: Vec<TileRows<'_>> = data
                 .chunks_exact_mut(TILE * d)
-                .map(|out| (out, Default::default()))
+                .enumerate()
+                .map(|(tile, out)| (tile, out, Default::default()))
                 .collect();
             if self.coefficients {
-                for ((_, c), rows) in tiles
+                for ((_, _, c), rows) in tiles
                     .iter_mut()
                     .zip(coefficients.chunks_exact_mut(TILE * width))
                 {
@@ -337,10 +343,22 @@ impl EvalOp for ImageToTokenOutput {
             }
             let work = batch * p * ht * d;
             let tiles_per_prompt = p / TILE;
-            tract_linalg::multithread::par_chunks_mut(&mut tiles, 1, work, |first_tile, chunk| {
+            // With per-head logits, a task takes the batch's tiles at one position, one prompt
+            // after another: their logits come from one product per head (see
+            // `kernel::Logits::PerHead`). Else a tile at a time, prompt after prompt.
+            let per_task = match self.logits {
+                LogitsSource::PerHead(_) => batch.max(1),
+                _ => 1,
+            };
+            if per_task > 1 {
+                tiles.sort_by_key(|&(tile, _, _)| {
+                    (tile % tiles_per_prompt, tile / tiles_per_prompt)
+                });
+            }
+            tract_linalg::multithread::par_chunks_mut(&mut tiles, per_task, work, |_, chunk| {
                 let mut scratch = Scratch::new(h, t, d);
-                for (i, (out, coefficients)) in chunk.iter_mut().enumerate() {
-                    let tile = first_tile + i;
+                for (tile, out, coefficients) in chunk.iter_mut() {
+                    let tile = *tile;
                     let (b, start) = (tile / tiles_per_prompt, tile % tiles_per_prompt * TILE);
                     let rb = if residual_batch == 1 { 0 } else { b };
                     let at = (rb * p + start) * d;
@@ -350,6 +368,7 @@ impl EvalOp for ImageToTokenOutput {
                             keys: second.context("per-head keys")?,
                             pixels: p,
                             first: start,
+                            prompt: b,
                         },
                         LogitsSource::FromKeys(pe) => Logits::FromKeys {
                             queries: queries.get(b).context("query rows")?,
@@ -616,7 +635,8 @@ fn plan_logits(model: &TypedModel, id: usize) -> TractResult<Match<ImageToTokenO
     };
     let batch = if op.batched { scores_shape[0] } else { 1 };
     let (add, after_add) = producer_before_axis_ops(model, scores);
-    if after_add.is_empty() && einsum_expr(model, add).as_deref() == Some(HEAD_LOGITS) {
+    let head_form = HEAD_LOGITS[usize::from(op.batched)];
+    if after_add.is_empty() && einsum_expr(model, add).as_deref() == Some(head_form) {
         return plan_head_logits(model, (id, op), add, [values, residual]);
     }
     let add_node = model.node(add);
@@ -680,8 +700,9 @@ fn plan_logits(model: &TypedModel, id: usize) -> TractResult<Match<ImageToTokenO
     Ok(Ok(None))
 }
 
-/// The first block's logits for one prompt: einsum node `logits` (`mbk,abnk->bmn`) of the query
-/// rows `[T, H, c]` and the per-frame keys `[1, H, P, c]` gives the op's `[H, T, P]` scores.
+/// The first block's logits: einsum node `logits` (`mbk,abnk->bmn`) of the query rows
+/// `[T, H, c]` and the per-frame keys `[1, H, P, c]` gives the op's `[H, T, P]` scores (batched,
+/// `pmbk,abnk->pbmn`: `[B, T, H, c]` queries give `[B, H, T, P]`).
 fn plan_head_logits(
     model: &TypedModel,
     (id, op): (usize, &ImageToTokenOutput),
@@ -694,8 +715,12 @@ fn plan_head_logits(
     let (queries, keys) = (node.inputs[0], node.inputs[1]);
     let queries_shape = shape_of(queries)?.unwrap_or_default();
     let c = queries_shape.last().copied().unwrap_or(0);
+    let tail = queries_shape.len().saturating_sub(3);
     need!(
-        !op.batched && queries_shape == [t, h, c] && c > 0 && c <= op.dim,
+        queries_shape.len() == 3 + usize::from(op.batched)
+            && queries_shape[tail..] == [t, h, c]
+            && c > 0
+            && c <= op.dim,
         "per-head queries are {queries_shape:?} for {h} heads of {t} tokens"
     );
     need!(

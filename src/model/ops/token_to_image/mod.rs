@@ -209,29 +209,35 @@ impl EvalOp for TokenToImageAttention {
             Some(v) => v.as_slice::<f32>()?,
             None => keys,
         };
-        // Each prompt's and head's query rows as the columns of the logits product.
+        // The query rows of one group of prompts that see the same keys as the columns of each
+        // head's logits product: the whole batch when the keys are shared (SAM's first block,
+        // per frame: one wide product instead of a narrow one per prompt; each row's values
+        // are the same), else each prompt.
+        let prompts_per_group = if keys_batch == 1 { batch.max(1) } else { 1 };
+        let groups = batch / prompts_per_group;
+        let r = prompts_per_group * t;
         let packed: Vec<PackedWeights> = queries
-            .chunks_exact(per_prompt)
+            .chunks_exact(prompts_per_group * per_prompt)
             .flat_map(|q| (0..h).map(move |head| pack_head_columns(q, h, head, c)))
             .collect::<Option<_>>()
             .context("query rows")?;
         let parts = p.div_ceil(PART);
-        let len = kernel::state_len(t, c).context("state size")?;
-        let mut states = vec![0f32; batch * h * parts * len];
+        let len = kernel::state_len(r, c).context("state size")?;
+        let mut states = vec![0f32; groups * h * parts * len];
         let isa = Isa::detect();
         let work = batch * h * t * p * c;
         tract_linalg::multithread::par_chunks_mut(&mut states, len, work, |first, chunk| {
-            let mut scratch = Scratch::new(t, c).context("scratch")?;
+            let mut scratch = Scratch::new(r, c).context("scratch")?;
             for (i, state) in chunk.chunks_exact_mut(len).enumerate() {
                 let unit = first + i;
-                let (prompt_head, part) = (unit / parts, unit % parts);
-                let (b, head) = (prompt_head / h, prompt_head % h);
-                let kb = if keys_batch == 1 { 0 } else { b };
+                let (group_head, part) = (unit / parts, unit % parts);
+                let (g, head) = (group_head / h, group_head % h);
+                let kb = if keys_batch == 1 { 0 } else { g };
                 let start = part * PART;
                 let end = (start + PART).min(p);
                 let at = ((kb * h + head) * p + start) * c..((kb * h + head) * p + end) * c;
                 let job = Part {
-                    queries: packed.get(prompt_head).context("query rows")?,
+                    queries: packed.get(group_head).context("query rows")?,
                     keys: keys.get(at.clone()).context("keys")?,
                     key_pe: match &self.key_pe {
                         Some(pe) => Some(pe.get(start * c..end * c).context("pe")?),
@@ -248,12 +254,14 @@ impl EvalOp for TokenToImageAttention {
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
-            let mut head_out = vec![0f32; t * c];
-            for (prompt_head, states) in states.chunks_exact(parts * len).enumerate() {
-                let (b, head) = (prompt_head / h, prompt_head % h);
-                kernel::finish(states, t, c, &mut head_out).context("finishing the softmax")?;
-                let prompt = &mut data[b * per_prompt..(b + 1) * per_prompt];
-                for (dst, src) in prompt.chunks_exact_mut(h * c).zip(head_out.chunks_exact(c)) {
+            let mut head_out = vec![0f32; r * c];
+            for (group_head, states) in states.chunks_exact(parts * len).enumerate() {
+                let (g, head) = (group_head / h, group_head % h);
+                kernel::finish(states, r, c, &mut head_out).context("finishing the softmax")?;
+                // The group's rows are its prompts' T rows one prompt after another, as the
+                // output has them.
+                let group = &mut data[g * r * h * c..(g + 1) * r * h * c];
+                for (dst, src) in group.chunks_exact_mut(h * c).zip(head_out.chunks_exact(c)) {
                     dst[head * c..(head + 1) * c].copy_from_slice(src);
                 }
             }
@@ -289,10 +297,11 @@ impl TypedOp for TokenToImageAttention {
 // (`mk,akn->mn`, `amk,akn->amn`).
 const LOGITS: [&str; 2] = ["abc,dec->abe", "abcd,aed->abce"];
 const WEIGHTED_SUM: [&str; 2] = ["ab,cbd->ad", "abc,acd->abd"];
-// The first block's per-head forms for one prompt: logits `mbk,abnk->bmn`, weighted sum
-// `bmk,abkn->mbn`.
-pub(crate) const HEAD_LOGITS: &str = "abc,dbec->bae";
-const HEAD_SUM: &str = "abc,dace->bae";
+// The first block's per-head forms, for one prompt and batched: logits `mbk,abnk->bmn`
+// (`pmbk,abnk->pbmn`), weighted sum `bmk,abkn->mbn` (`pbmk,abkn->pmbn`; the per-frame keys' and
+// values' leading 1 shares the batch's label).
+pub(crate) const HEAD_LOGITS: [&str; 2] = ["abc,dbec->bae", "abcd,aced->acbe"];
+const HEAD_SUM: [&str; 2] = ["abc,dace->bae", "abcd,abde->acbe"];
 
 /// Replace each token->image attention core (see the module docs) by
 /// [`TokenToImageAttention`]; returns how many. Chains that start like one but differ are
@@ -400,13 +409,17 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
     if op.axes.as_slice() != [rank.saturating_sub(1)]
         || op.kind != SoftmaxKind::Softmax
         || op.quant_output_dt.is_some()
-        || !(rank == 2 || rank == 3)
+        || !(2..=4).contains(&rank)
     {
         return Ok(Ok(None));
     }
     let (logits, reshapes) = producer_before_axis_ops(model, node.inputs[0]);
-    if reshapes.is_empty() && einsum_expr(model, logits).as_deref() == Some(HEAD_LOGITS) {
+    let expr = einsum_expr(model, logits);
+    if reshapes.is_empty() && HEAD_LOGITS.iter().any(|&e| expr.as_deref() == Some(e)) {
         return plan_per_head(model, softmax, logits, &shape);
+    }
+    if rank == 4 {
+        return Ok(Ok(None));
     }
     let batched = rank == 3;
     let (r, p) = (shape[rank - 2], shape[rank - 1]);
@@ -482,9 +495,11 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
     })))
 }
 
-/// The first block's per-head form (one prompt): logits `[H, T, P]` of queries `[T, H, c]`
-/// against the per-frame keys `[1, H, P, c]` (einsum `mbk,abnk->bmn`), the softmax
-/// `softmax`, and the weighted sum of the per-frame values `[1, H, P, c]` (`bmk,abkn->mbn`).
+/// The first block's per-head form: logits `[H, T, P]` of queries `[T, H, c]` against the
+/// per-frame keys `[1, H, P, c]` (einsum `mbk,abnk->bmn`), the softmax `softmax`, and the
+/// weighted sum of the per-frame values `[1, H, P, c]` (`bmk,abkn->mbn`); for a batch of B
+/// prompts the same with a leading `B` on logits, queries and the sum (the [`HEAD_LOGITS`] and
+/// [`HEAD_SUM`] forms).
 fn plan_per_head(
     model: &TypedModel,
     softmax: usize,
@@ -492,10 +507,17 @@ fn plan_per_head(
     shape: &[usize],
 ) -> TractResult<Match<TokenToImageAttention>> {
     let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
-    let &[h, t, p] = shape else {
-        return Ok(Err(format!("per-head logits are {shape:?}")));
+    let (lead, [h, t, p]): (&[usize], [usize; 3]) = match *shape {
+        [h, t, p] => (&[], [h, t, p]),
+        [_, h, t, p] => (&shape[..1], [h, t, p]),
+        _ => return Ok(Err(format!("per-head logits are {shape:?}"))),
     };
-    let sum = match weighted_sum_after(model, softmax, &[HEAD_SUM]) {
+    let batched = !lead.is_empty();
+    let forms = [HEAD_SUM[usize::from(batched)]];
+    if einsum_expr(model, logits).as_deref() != Some(HEAD_LOGITS[usize::from(batched)]) {
+        return Ok(Err(format!("per-head logits {shape:?} in another form")));
+    }
+    let sum = match weighted_sum_after(model, softmax, &forms) {
         Ok(Some(sum)) => sum,
         Ok(None) => return Ok(Ok(None)),
         Err(why) => return Ok(Err(why)),
@@ -513,9 +535,10 @@ fn plan_per_head(
     );
     let queries_shape = shape_of(queries)?.unwrap_or_default();
     let c = queries_shape.last().copied().unwrap_or(0);
+    let with_lead = |tail: [usize; 3]| [lead, &tail].concat();
     need!(
-        queries_shape == [t, h, c] && c > 0,
-        "queries are {queries_shape:?}, expected [{t}, {h}, c]"
+        queries_shape == with_lead([t, h, c]) && c > 0,
+        "queries are {queries_shape:?}, expected {lead:?} + [{t}, {h}, c]"
     );
     let want = Some(vec![1, h, p, c]);
     need!(
@@ -529,7 +552,7 @@ fn plan_per_head(
         "{p} image tokens are not a multiple of {TILE}"
     );
     need!(
-        shape_of(OutletId::new(sum, 0))? == Some(vec![t, h, c]),
+        shape_of(OutletId::new(sum, 0))? == Some(with_lead([t, h, c])),
         "the weighted sum gives {:?}",
         shape_of(OutletId::new(sum, 0))?
     );
@@ -541,7 +564,7 @@ fn plan_per_head(
             rows: t,
             pixels: p,
             dim: c,
-            batched: false,
+            batched,
             separate_values: true,
             key_pe: None,
         },
