@@ -1,6 +1,7 @@
 //! SAM's reference pre- and post-processing against the golden outputs of Pillow and PyTorch in
-//! `tests/fixtures/reference/` (`cd models && python -m tinysam_export reference-fixtures`): the
-//! longest-side resize bit for bit, the two-step mask interpolation to float rounding.
+//! `tests/fixtures/reference/` (`cd models && python -m tinysam_export reference-fixtures`): JPEG
+//! decoding and the longest-side resize bit for bit, the two-step mask interpolation to float
+//! rounding.
 
 use std::path::PathBuf;
 
@@ -58,6 +59,32 @@ fn resize_equals_pillow_bit_for_bit() {
         )
         .expect("sizes fit");
         let differing = ours
+            .iter()
+            .zip(expected.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differing, 0,
+            "{case}: {differing} values differ from Pillow's"
+        );
+    }
+}
+
+#[test]
+fn jpeg_decodes_as_pillow_does_bit_for_bit() {
+    let cases = cases();
+    let jpeg = field(&cases, "jpeg").as_array().expect("jpeg cases");
+    assert!(jpeg.len() >= 5);
+    for case in jpeg {
+        let bytes = std::fs::read(reference(field(case, "input").as_str().expect("name")))
+            .expect("input jpg");
+        let expected = image::open(reference(field(case, "expected").as_str().expect("name")))
+            .expect("expected png")
+            .to_rgb8();
+        let ours = tinysam_edge::pixel::decode_image(&bytes).expect("the JPEG decodes");
+        assert_eq!(ours.dimensions(), expected.dimensions(), "{case}");
+        let differing = ours
+            .as_raw()
             .iter()
             .zip(expected.as_raw())
             .filter(|(a, b)| a != b)

@@ -7,6 +7,9 @@
 * **Mask upsampling:** SAM's `postprocess_masks`: `F.interpolate` of the low-resolution logits to
   the model input size (bilinear, `align_corners=False`), crop of the padding, `F.interpolate` to
   the frame size, in float32.
+* **JPEG decoding:** `Image.open(...).convert("RGB")` of JPEGs that Pillow wrote (4:2:0, 4:2:2,
+  4:4:4, progressive, grey; odd sizes), as SAM's examples read a photo: Pillow's libjpeg-turbo
+  decode, which the runtime reproduces pixel for pixel.
 
 Deterministic: re-running `python -m tinysam_export reference-fixtures` rewrites the same files
 (`tests/fixtures/reference/`).
@@ -57,6 +60,17 @@ UPSAMPLE_CASES = [
 ]
 
 
+# (width, height, chroma subsampling as Pillow's `subsampling` (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0),
+# quality, progressive, grey).
+JPEG_CASES = [
+    (97, 61, 2, 90, False, False),
+    (33, 17, 1, 80, False, False),
+    (64, 48, 0, 95, False, False),
+    (200, 131, 2, 85, True, False),
+    (45, 30, 2, 90, False, True),
+]
+
+
 def _test_image(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """H x W x 3 uint8: noise on the left, a gradient on the right, a black and a white bar."""
     noise = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
@@ -91,7 +105,7 @@ def sam_postprocess(low: np.ndarray, frame_hw: tuple[int, int], model_size: int)
 
 
 def write_reference_fixtures(out: Path) -> None:
-    """Write the resize and upsampling golden cases under `out` (`tests/fixtures/reference`)."""
+    """Write the resize, upsampling and JPEG golden cases under `out` (`tests/fixtures/reference`)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(17)
     resize = []
@@ -119,12 +133,34 @@ def write_reference_fixtures(out: Path) -> None:
                 "model_size": size,
             }
         )
+    jpeg = []
+    for width, height, subsampling, quality, progressive, grey in JPEG_CASES:
+        picture = Image.fromarray(_test_image(width, height, rng))
+        if grey:
+            picture = picture.convert("L")
+        kind = "grey" if grey else f"sub{subsampling}" + ("_progressive" if progressive else "")
+        name = f"jpeg_{width}x{height}_{kind}_q{quality}"
+        options = {"quality": quality, "progressive": progressive}
+        if not grey:
+            options["subsampling"] = subsampling
+        picture.save(out / f"{name}.jpg", **options)
+        with Image.open(out / f"{name}.jpg") as written:
+            decoded = np.asarray(written.convert("RGB"))
+        Image.fromarray(decoded).save(out / f"{name}.decoded.png")
+        jpeg.append({"input": f"{name}.jpg", "expected": f"{name}.decoded.png"})
     cases = {
         "generated_by": "cd models && python -m tinysam_export reference-fixtures",
         "pillow": PIL.__version__,
         "torch": torch.__version__,
         "resize": resize,
         "upsample": upsample,
+        "jpeg": jpeg,
     }
     (out / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
-    log.info("wrote %d resize and %d upsampling cases under %s", len(resize), len(upsample), out)
+    log.info(
+        "wrote %d resize, %d upsampling and %d JPEG cases under %s",
+        len(resize),
+        len(upsample),
+        len(jpeg),
+        out,
+    )
