@@ -172,8 +172,8 @@ need_root_apt() { # packages...
     $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 }
 
-# bindgen (for the v4l crate) needs libclang.
-need_root_apt libclang-dev || { echo "could not install libclang-dev" >&2; exit 1; }
+# bindgen (for the v4l crate) needs libclang; the mozjpeg crate (still JPEGs) a C compiler.
+need_root_apt libclang-dev gcc || { echo "could not install libclang-dev and gcc" >&2; exit 1; }
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs), then re-run." >&2
