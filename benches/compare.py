@@ -240,10 +240,12 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
     enc_macs = enc_share.get("integer_macs", 0) + enc_share.get("float_macs", 0)
     dec_macs = dec_share.get("integer_macs", 0) + dec_share.get("float_macs", 0)
     tract_isa = next((r.get("isa") for r in results if r.get("isa")), "?")
+    ceiling = os.environ.get("TINYSAM_ISA", "")
     lines = [
         "# Engines side by side",
         "",
-        (f"Made by `{' '.join(['models/.venv/bin/python', 'benches/compare.py'] + args.argv)}` on "
+        (f"Made by `{'TINYSAM_ISA=' + ceiling + ' ' if ceiling else ''}"
+         f"{' '.join(['models/.venv/bin/python', 'benches/compare.py'] + args.argv)}` on "
          f"{datetime.now(timezone.utc):%Y-%m-%d} (git {git_rev()}), {elapsed_s / 60:.0f} min."),
         "",
         (f"- Model: `{args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model}` "
@@ -252,7 +254,10 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
         f"- CPU: {cpu}, {os.cpu_count()} cores visible"
         + (f", {mhz:.0f} MHz reported" if mhz else "")
         + f". SIMD flags: {flags}. tract ISA: {tract_isa}.",
-        ("  (AVX-512 VNNI present: our int8 products run on `vpdpbusd`, tract's FP32 on AVX-512.)"
+        (f"  (`TINYSAM_ISA={ceiling}`: our ops and kernels capped at {ceiling}, whatever the CPU has;"
+         " tract's and onnxruntime's own kernels are not.)"
+         if ceiling and ceiling != "native" else
+         "  (AVX-512 VNNI present: our int8 products run on `vpdpbusd`, tract's FP32 on AVX-512.)"
          if "avx512_vnni" in flags.split("(")[0] else
          "  (No AVX-512 VNNI exposed here: our int8 products run on AVX2 `vpmaddwd`.)"),
         f"- MACs (model toolchain's count): encoder {enc_macs / 1e9:.1f} GMAC per frame "

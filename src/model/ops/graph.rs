@@ -258,8 +258,8 @@ pub(crate) fn is_gelu_exact(node: &TypedNode) -> bool {
 }
 
 /// Which compiled form of our vectorised float code runs: one generic body compiled with the
-/// widest target features this CPU has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// widest target features this CPU has. Ordered narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 // The x86 forms exist (tests name them) but are only chosen on x86_64.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Isa {
@@ -272,19 +272,46 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
-    /// The widest form this CPU runs.
+    /// The widest form this CPU runs, within [`ceiling`].
     pub(crate) fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             let fma = std::arch::is_x86_feature_detected!("fma");
-            if fma && std::arch::is_x86_feature_detected!("avx512f") {
+            let cap = ceiling();
+            if fma && cap >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
                 return Isa::Avx512;
             }
-            if fma && std::arch::is_x86_feature_detected!("avx2") {
+            if fma && cap >= Isa::Avx2 && std::arch::is_x86_feature_detected!("avx2") {
                 return Isa::Avx2;
             }
         }
         Isa::Portable
+    }
+}
+
+/// The widest instruction set our ops and kernels may choose: `TINYSAM_ISA=avx2` (or
+/// `portable`) keeps them below AVX-512 and VNNI (or plain), so that a bigger x86 CPU can be
+/// measured as a smaller one (`benches/compare.py` runs an AVX-512/VNNI host as an AVX2-only one
+/// this way; tract's and onnxruntime's own kernels are not affected). Unset (or `native`): no
+/// limit. Read once; an unknown value is ignored with a warning.
+pub(crate) fn ceiling() -> Isa {
+    static CEILING: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *CEILING.get_or_init(|| {
+        let value = std::env::var("TINYSAM_ISA").ok();
+        parse_ceiling(value.as_deref()).unwrap_or_else(|other| {
+            log::warn!("TINYSAM_ISA={other}: not native, avx2 or portable; ignored");
+            Isa::Avx512
+        })
+    })
+}
+
+/// [`ceiling`]'s reading of `TINYSAM_ISA` (`None`: unset); the value itself if it names none.
+fn parse_ceiling(value: Option<&str>) -> Result<Isa, &str> {
+    match value {
+        None | Some("" | "native") => Ok(Isa::Avx512),
+        Some("avx2") => Ok(Isa::Avx2),
+        Some("portable") => Ok(Isa::Portable),
+        Some(other) => Err(other),
     }
 }
 
@@ -296,5 +323,21 @@ impl std::fmt::Display for Isa {
             Isa::Avx2 => "avx2+fma",
             Isa::Avx512 => "avx512f",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_ceiling, Isa};
+
+    #[test]
+    fn tinysam_isa_values() {
+        assert_eq!(parse_ceiling(None), Ok(Isa::Avx512));
+        assert_eq!(parse_ceiling(Some("native")), Ok(Isa::Avx512));
+        assert_eq!(parse_ceiling(Some("avx2")), Ok(Isa::Avx2));
+        assert_eq!(parse_ceiling(Some("portable")), Ok(Isa::Portable));
+        assert_eq!(parse_ceiling(Some("avx512")), Err("avx512"));
+        // The ceiling orders the forms narrowest first.
+        assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2 < Isa::Avx512);
     }
 }

@@ -59,9 +59,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs, unless `TINYSAM_INT8_KERNEL` names another
-    /// (`portable`, `avx2`, `vnni`, `sdot`); an unknown or unsupported name falls back to
-    /// detection.
+    /// The fastest kernel this CPU runs within `TINYSAM_ISA`'s ceiling (`avx2`: not VNNI,
+    /// `portable`: neither x86 kernel; see `ops::graph::ceiling`), unless `TINYSAM_INT8_KERNEL`
+    /// names another (`portable`, `avx2`, `vnni`, `sdot`); an unknown or unsupported name falls
+    /// back to detection.
     pub fn detect() -> Kernel {
         if let Ok(name) = std::env::var("TINYSAM_INT8_KERNEL") {
             match name.parse::<Kernel>() {
@@ -70,9 +71,15 @@ impl Kernel {
                 Err(e) => log::warn!("TINYSAM_INT8_KERNEL={name}: {e}"),
             }
         }
+        let cap = super::ops::graph::ceiling();
+        let allowed = |k: &Kernel| match k {
+            Kernel::Avx512Vnni => cap >= super::ops::graph::Isa::Avx512,
+            Kernel::Avx2 => cap >= super::ops::graph::Isa::Avx2,
+            Kernel::NeonDot | Kernel::Portable => true,
+        };
         [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::NeonDot]
             .into_iter()
-            .find(|k| k.is_supported())
+            .find(|k| allowed(k) && k.is_supported())
             .unwrap_or(Kernel::Portable)
     }
 
