@@ -585,6 +585,20 @@ pub fn native_isa() -> String {
     format!("{:?}", tract_linalg::isa::native())
 }
 
+/// The form our float ops run (`avx512f`, `avx2+fma`, `neon`, `portable`) and the int8 kernel,
+/// naming the `TINYSAM_ISA` cap when one is set, e.g. `avx512f, int8 on vnni` or `avx2+fma,
+/// int8 on avx2 (capped by TINYSAM_ISA=avx2)`.
+pub fn ops_isa() -> String {
+    let cap = std::env::var("TINYSAM_ISA").ok().filter(|v| !v.is_empty());
+    format!(
+        "{}, int8 on {}{}",
+        ops::graph::Isa::detect(),
+        qmatmul::Kernel::detect(),
+        cap.map(|v| format!(" (capped by TINYSAM_ISA={v})"))
+            .unwrap_or_default()
+    )
+}
+
 /// Make tract's matrix products use `threads` threads (1 = tract's default single thread).
 pub fn set_threads(threads: usize) {
     let executor = if threads > 1 {

@@ -480,6 +480,7 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         m.manifest.precisions(Role::Decoder)
     );
     println!("cpu isa    {}", model::native_isa());
+    println!("our ops    {}", model::ops_isa());
     println!(
         "decoding   {} ({}; MACs below per prompt of one point)",
         m.decoder.form(),
