@@ -96,6 +96,34 @@ fn jpeg_decodes_as_pillow_does_bit_for_bit() {
     }
 }
 
+/// A CMYK JPEG, which libjpeg does not turn into RGB (Pillow converts it itself): decoded all the
+/// same, close to Pillow's colours.
+#[test]
+fn cmyk_jpeg_decodes_close_to_pillow() {
+    let cases = cases();
+    let jpeg = field(&cases, "jpeg_cmyk").as_array().expect("cmyk cases");
+    assert!(!jpeg.is_empty());
+    for case in jpeg {
+        let bytes = std::fs::read(reference(field(case, "input").as_str().expect("name")))
+            .expect("input jpg");
+        let expected = image::open(reference(field(case, "expected").as_str().expect("name")))
+            .expect("expected png")
+            .to_rgb8();
+        let ours = tinysam_edge::pixel::decode_image(&bytes).expect("the CMYK JPEG decodes");
+        assert_eq!(ours.dimensions(), expected.dimensions(), "{case}");
+        let worst = ours
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap_or(0);
+        eprintln!("{case}: largest difference from Pillow {worst}");
+        // 1 here (the two conversions round differently).
+        assert!(worst <= 2, "{case}: a value {worst} away from Pillow's");
+    }
+}
+
 #[test]
 fn upsampling_equals_sams_two_steps() {
     let cases = cases();

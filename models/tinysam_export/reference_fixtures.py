@@ -148,6 +148,14 @@ def write_reference_fixtures(out: Path) -> None:
             decoded = np.asarray(written.convert("RGB"))
         Image.fromarray(decoded).save(out / f"{name}.decoded.png")
         jpeg.append({"input": f"{name}.jpg", "expected": f"{name}.decoded.png"})
+    # A CMYK JPEG (Pillow writes Adobe's inverted CMYK): libjpeg does not convert it to RGB, so
+    # the runtime decodes it otherwise; close to Pillow's conversion, not bit for bit.
+    cmyk = Image.fromarray(_test_image(48, 32, rng)).convert("CMYK")
+    cmyk.save(out / "jpeg_48x32_cmyk_q90.jpg", quality=90)
+    with Image.open(out / "jpeg_48x32_cmyk_q90.jpg") as written:
+        decoded = np.asarray(written.convert("RGB"))
+    Image.fromarray(decoded).save(out / "jpeg_48x32_cmyk_q90.decoded.png")
+    jpeg_cmyk = [{"input": "jpeg_48x32_cmyk_q90.jpg", "expected": "jpeg_48x32_cmyk_q90.decoded.png"}]
     cases = {
         "generated_by": "cd models && python -m tinysam_export reference-fixtures",
         "pillow": PIL.__version__,
@@ -155,6 +163,7 @@ def write_reference_fixtures(out: Path) -> None:
         "resize": resize,
         "upsample": upsample,
         "jpeg": jpeg,
+        "jpeg_cmyk": jpeg_cmyk,
     }
     (out / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
     log.info(

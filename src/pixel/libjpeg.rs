@@ -73,14 +73,21 @@ fn strict_errors() -> jpeg_error_mgr {
 }
 
 /// Decode a JPEG to RGB8 as libjpeg-turbo does by default; sides above `max_side` are refused
-/// before the pixels are allocated.
-pub(super) fn decode(bytes: &[u8], max_side: usize) -> Result<image::RgbImage, PixelError> {
+/// before the pixels are allocated. `Ok(None)` for a CMYK (or YCCK) JPEG, which libjpeg does not
+/// convert to RGB (Pillow converts it in its own code): the caller decodes it otherwise.
+pub(super) fn decode(bytes: &[u8], max_side: usize) -> Result<Option<image::RgbImage>, PixelError> {
     let bad = |why: String| PixelError::Image(format!("JPEG: {why}"));
     let decoded = catch_unwind(AssertUnwindSafe(|| {
         let header = mozjpeg::decompress::DecompressBuilder::new()
             .with_err(strict_errors())
             .from_mem(bytes)
             .map_err(|e| e.to_string())?;
+        if matches!(
+            header.color_space(),
+            mozjpeg_sys::J_COLOR_SPACE::JCS_CMYK | mozjpeg_sys::J_COLOR_SPACE::JCS_YCCK
+        ) {
+            return Ok(None);
+        }
         let (width, height) = header.size();
         if width == 0 || height == 0 || width > max_side || height > max_side {
             return Err(format!(
@@ -90,10 +97,11 @@ pub(super) fn decode(bytes: &[u8], max_side: usize) -> Result<image::RgbImage, P
         let mut started = header.rgb().map_err(|e| e.to_string())?;
         let rgb: Vec<u8> = started.read_scanlines().map_err(|e| e.to_string())?;
         started.finish().map_err(|e| e.to_string())?;
-        Ok((width, height, rgb))
+        Ok(Some((width, height, rgb)))
     }));
     let (width, height, rgb) = match decoded {
-        Ok(Ok(image)) => image,
+        Ok(Ok(Some(image))) => image,
+        Ok(Ok(None)) => return Ok(None),
         Ok(Err(why)) => return Err(bad(why)),
         Err(payload) => {
             return Err(bad(match payload.downcast::<Failure>() {
@@ -110,6 +118,7 @@ pub(super) fn decode(bytes: &[u8], max_side: usize) -> Result<image::RgbImage, P
     let (w, h) = (u32::try_from(width), u32::try_from(height));
     match (w, h) {
         (Ok(w), Ok(h)) => image::RgbImage::from_raw(w, h, rgb)
+            .map(Some)
             .ok_or_else(|| bad("size does not match its pixels".into())),
         _ => Err(bad(format!("{width}x{height} pixels"))),
     }

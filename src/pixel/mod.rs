@@ -295,15 +295,27 @@ pub fn mjpeg_to_rgb(src: &[u8], width: u32, height: u32, out: &mut [u8]) -> Resu
 
 /// Decode a still image (JPEG, PNG) to RGB8, strictly: a truncated or corrupt JPEG is an
 /// error, never a partly grey picture. JPEGs are decoded as libjpeg-turbo (and so Pillow and
-/// OpenCV) decodes them, pixel for pixel ([`libjpeg`]); other formats go through the `image`
+/// OpenCV) decodes them, pixel for pixel ([`libjpeg`]), except CMYK ones, which libjpeg does not
+/// turn into RGB: zune-jpeg (strict too) converts those; other formats go through the `image`
 /// crate, which refuses truncated PNGs itself.
 pub fn decode_image(bytes: &[u8]) -> Result<image::RgbImage, PixelError> {
-    if bytes.starts_with(&[0xFF, 0xD8]) {
-        return libjpeg::decode(bytes, MAX_JPEG_SIDE);
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return image::load_from_memory(bytes)
+            .map(|i| i.to_rgb8())
+            .map_err(|e| PixelError::Image(e.to_string()));
     }
-    image::load_from_memory(bytes)
-        .map(|i| i.to_rgb8())
-        .map_err(|e| PixelError::Image(e.to_string()))
+    if let Some(rgb) = libjpeg::decode(bytes, MAX_JPEG_SIDE)? {
+        return Ok(rgb);
+    }
+    let bad = |e: &dyn std::fmt::Display| PixelError::Image(format!("JPEG: {e}"));
+    let mut decoder = strict_jpeg(bytes);
+    decoder.decode_headers().map_err(|e| bad(&e))?;
+    let info = decoder.info().ok_or_else(|| bad(&"no frame header"))?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    // Both sides are at most MAX_JPEG_SIDE (checked by the decoder), so this cannot overflow.
+    let mut rgb = vec![0u8; usize::from(info.width) * usize::from(info.height) * 3];
+    decoder.decode_into(&mut rgb).map_err(|e| bad(&e))?;
+    image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| bad(&"size does not match its pixels"))
 }
 
 /// Read and decode an image file with [`decode_image`].
