@@ -29,6 +29,25 @@ fn field<'a>(case: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("case without {key}: {case}"))
 }
 
+/// The picture a case names under `key`, as RGB (decoded by the `image` crate: the golden PNGs).
+fn picture(case: &serde_json::Value, key: &str) -> image::RgbImage {
+    image::open(reference(field(case, key).as_str().expect("name")))
+        .unwrap_or_else(|e| panic!("{case}: {key}: {e}"))
+        .to_rgb8()
+}
+
+/// A JPEG case's file as `pixel::decode_image` decodes it, and Pillow's decode of it, of the same
+/// size.
+fn decoded_jpeg(case: &serde_json::Value) -> (image::RgbImage, image::RgbImage) {
+    let bytes =
+        std::fs::read(reference(field(case, "input").as_str().expect("name"))).expect("input jpg");
+    let ours = tinysam_edge::pixel::decode_image(&bytes)
+        .unwrap_or_else(|e| panic!("{case}: the JPEG does not decode: {e}"));
+    let expected = picture(case, "expected");
+    assert_eq!(ours.dimensions(), expected.dimensions(), "{case}");
+    (ours, expected)
+}
+
 fn size(case: &serde_json::Value, key: &str) -> u32 {
     let v = field(case, key).as_u64().expect("a size");
     u32::try_from(v).expect("a small size")
@@ -40,12 +59,7 @@ fn resize_equals_pillow_bit_for_bit() {
     let resize = field(&cases, "resize").as_array().expect("resize cases");
     assert!(resize.len() >= 8);
     for case in resize {
-        let input = image::open(reference(field(case, "input").as_str().expect("name")))
-            .expect("input png")
-            .to_rgb8();
-        let expected = image::open(reference(field(case, "expected").as_str().expect("name")))
-            .expect("expected png")
-            .to_rgb8();
+        let (input, expected) = (picture(case, "input"), picture(case, "expected"));
         let g = Geometry::new(input.width(), input.height(), size(case, "model_size")).unwrap();
         assert_eq!(
             (g.resized_width, g.resized_height),
@@ -76,13 +90,7 @@ fn jpeg_decodes_as_pillow_does_bit_for_bit() {
     let jpeg = field(&cases, "jpeg").as_array().expect("jpeg cases");
     assert!(jpeg.len() >= 5);
     for case in jpeg {
-        let bytes = std::fs::read(reference(field(case, "input").as_str().expect("name")))
-            .expect("input jpg");
-        let expected = image::open(reference(field(case, "expected").as_str().expect("name")))
-            .expect("expected png")
-            .to_rgb8();
-        let ours = tinysam_edge::pixel::decode_image(&bytes).expect("the JPEG decodes");
-        assert_eq!(ours.dimensions(), expected.dimensions(), "{case}");
+        let (ours, expected) = decoded_jpeg(case);
         let differing = ours
             .as_raw()
             .iter()
@@ -104,13 +112,7 @@ fn cmyk_jpeg_decodes_close_to_pillow() {
     let jpeg = field(&cases, "jpeg_cmyk").as_array().expect("cmyk cases");
     assert!(!jpeg.is_empty());
     for case in jpeg {
-        let bytes = std::fs::read(reference(field(case, "input").as_str().expect("name")))
-            .expect("input jpg");
-        let expected = image::open(reference(field(case, "expected").as_str().expect("name")))
-            .expect("expected png")
-            .to_rgb8();
-        let ours = tinysam_edge::pixel::decode_image(&bytes).expect("the CMYK JPEG decodes");
-        assert_eq!(ours.dimensions(), expected.dimensions(), "{case}");
+        let (ours, expected) = decoded_jpeg(case);
         let worst = ours
             .as_raw()
             .iter()
