@@ -586,16 +586,20 @@ pub fn native_isa() -> String {
 }
 
 /// The form our float ops run (`avx512f`, `avx2+fma`, `neon`, `portable`) and the int8 kernel,
-/// naming the `TINYSAM_ISA` cap when one is set, e.g. `avx512f, int8 on vnni` or `avx2+fma,
-/// int8 on avx2 (capped by TINYSAM_ISA=avx2)`.
+/// naming the `TINYSAM_ISA` cap when one applies (x86_64), e.g. `avx512f, int8 on vnni` or
+/// `avx2+fma, int8 on avx2 (capped at avx2+fma by TINYSAM_ISA)`.
 pub fn ops_isa() -> String {
-    let cap = std::env::var("TINYSAM_ISA").ok().filter(|v| !v.is_empty());
+    let ceiling = ops::graph::ceiling();
+    let capped = cfg!(target_arch = "x86_64") && ceiling < ops::graph::Isa::Avx512;
     format!(
         "{}, int8 on {}{}",
         ops::graph::Isa::detect(),
         qmatmul::Kernel::detect(),
-        cap.map(|v| format!(" (capped by TINYSAM_ISA={v})"))
-            .unwrap_or_default()
+        if capped {
+            format!(" (capped at {ceiling} by TINYSAM_ISA)")
+        } else {
+            String::new()
+        }
     )
 }
 

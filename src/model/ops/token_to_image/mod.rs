@@ -414,8 +414,15 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
         return Ok(Ok(None));
     }
     let (logits, reshapes) = producer_before_axis_ops(model, node.inputs[0]);
-    let expr = einsum_expr(model, logits);
-    if reshapes.is_empty() && HEAD_LOGITS.iter().any(|&e| expr.as_deref() == Some(e)) {
+    // The first block's per-head form: rank 3 for one prompt, 4 for a batch.
+    let head_form = rank
+        .checked_sub(3)
+        .and_then(|i| HEAD_LOGITS.get(i))
+        .copied();
+    if reshapes.is_empty()
+        && head_form.is_some()
+        && einsum_expr(model, logits).as_deref() == head_form
+    {
         return plan_per_head(model, softmax, logits, &shape);
     }
     if rank == 4 {
@@ -499,7 +506,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
 /// per-frame keys `[1, H, P, c]` (einsum `mbk,abnk->bmn`), the softmax `softmax`, and the
 /// weighted sum of the per-frame values `[1, H, P, c]` (`bmk,abkn->mbn`); for a batch of B
 /// prompts the same with a leading `B` on logits, queries and the sum (the [`HEAD_LOGITS`] and
-/// [`HEAD_SUM`] forms).
+/// [`HEAD_SUM`] forms; the caller has matched the logits' form to their rank).
 fn plan_per_head(
     model: &TypedModel,
     softmax: usize,
@@ -513,11 +520,7 @@ fn plan_per_head(
         _ => return Ok(Err(format!("per-head logits are {shape:?}"))),
     };
     let batched = !lead.is_empty();
-    let forms = [HEAD_SUM[usize::from(batched)]];
-    if einsum_expr(model, logits).as_deref() != Some(HEAD_LOGITS[usize::from(batched)]) {
-        return Ok(Err(format!("per-head logits {shape:?} in another form")));
-    }
-    let sum = match weighted_sum_after(model, softmax, &forms) {
+    let sum = match weighted_sum_after(model, softmax, &[HEAD_SUM[usize::from(batched)]]) {
         Ok(Some(sum)) => sum,
         Ok(None) => return Ok(Ok(None)),
         Err(why) => return Ok(Err(why)),
