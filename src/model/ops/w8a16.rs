@@ -363,6 +363,229 @@ pub fn product(kernel: W8A16Kernel, a: &A16Rows, w: &W8Weights, c: &mut [f32]) {
     }
 }
 
+/// A constant `rows × k` matrix as the *rows* of a product whose other operand is a panel of
+/// activations ([`A16Panel`]): the transposed form of [`W8Weights`], for fused ops that keep
+/// their tiles with tokens along the vector lanes (weights as rows, tokens as the panel). Each
+/// row quantized to i8 (symmetric, one scale per row, rounded to nearest even), stored as i16
+/// so that one 32-bit load holds a row's pair of depths, padded with zero rows to whole tiles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct W8Rows {
+    rows: usize,
+    k: usize,
+    /// Row-major, [`W8Rows::stride`] values a row, then zero rows up to a multiple of
+    /// [`MAX_ROWS`].
+    values: Vec<i16>,
+    /// One per row (and per padding row): the weight is `q · scale`.
+    scales: Vec<f32>,
+    /// As [`W8Weights`]'s: the largest activation (in quantized units) whose products cannot
+    /// overflow an i32 sum over `k`.
+    activation_limit: i16,
+}
+
+impl Eq for W8Rows {}
+
+impl W8Rows {
+    /// Quantize `w`, `rows` rows of `k` values, row-major: each row scaled so that its largest
+    /// magnitude is 127. `None` if the sizes do not fit. A row of zeros (or with a non-finite
+    /// value) gets the scale 0 and zero weights.
+    pub fn quantize(w: &[f32], rows: usize, k: usize) -> Option<W8Rows> {
+        if rows == 0 || k == 0 || rows.checked_mul(k)? != w.len() {
+            return None;
+        }
+        let stride = k.div_ceil(2) * 2;
+        let padded = rows.div_ceil(MAX_ROWS) * MAX_ROWS;
+        let mut values = vec![0i16; padded.checked_mul(stride)?];
+        let mut scales = vec![0f32; padded];
+        for ((src, dst), scale) in w
+            .chunks_exact(k)
+            .zip(values.chunks_exact_mut(stride))
+            .zip(scales.iter_mut())
+        {
+            let largest = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if !(largest > 0.0 && largest.is_finite() && src.iter().all(|v| v.is_finite())) {
+                continue;
+            }
+            *scale = largest / 127.0;
+            let inverse = 127.0 / largest;
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = (x * inverse).round_ties_even().clamp(-127.0, 127.0) as i16;
+            }
+        }
+        let limit = (i32::MAX as usize / (stride * 127)).min(i16::MAX as usize);
+        if limit < 1024 {
+            return None;
+        }
+        Some(W8Rows {
+            rows,
+            k,
+            values,
+            scales,
+            activation_limit: i16::try_from(limit).ok()?,
+        })
+    }
+
+    /// Rows of the matrix (of the product's result).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row (the products' inner dimension).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// i16 values per stored row: `k` rounded up to even.
+    fn stride(&self) -> usize {
+        self.k.div_ceil(2) * 2
+    }
+
+    /// The matrix as it is used, `rows` rows of `k` values (quantized and scaled back).
+    pub fn dequantized(&self) -> Vec<f32> {
+        let stride = self.stride();
+        (0..self.rows * self.k)
+            .map(|i| {
+                let (r, d) = (i / self.k, i % self.k);
+                f32::from(self.values[r * stride + d]) * self.scales[r]
+            })
+            .collect()
+    }
+}
+
+/// One panel of activations — `k` rows of [`PANEL`] columns, a column per token — quantized to
+/// i16 per column for a product with a [`W8Rows`]: reusable buffers, one per task. Laid out as
+/// [`W8Weights`]' panels are (each column's pair of depths side by side), so the same kernels
+/// run both forms.
+#[derive(Debug, Clone)]
+pub struct A16Panel {
+    /// `⌈k / 2⌉` depth pairs × [`PANEL`] columns × 2 values.
+    values: Vec<i16>,
+    /// One per column: the activation is `q · scale`.
+    scales: [f32; PANEL],
+    k: usize,
+}
+
+impl Default for A16Panel {
+    fn default() -> A16Panel {
+        A16Panel {
+            values: Vec::new(),
+            scales: [0.0; PANEL],
+            k: 0,
+        }
+    }
+}
+
+impl A16Panel {
+    /// Empty buffers.
+    pub fn new() -> A16Panel {
+        A16Panel::default()
+    }
+
+    /// Quantize `panel` (`w.k()` rows of [`PANEL`] values, row-major, of which the first `cols`
+    /// columns are used; the others become zeros) for a product with `w`: each column scaled so
+    /// that its largest magnitude is `w`'s activation limit, rounded to nearest even. A column of
+    /// zeros, or whose largest magnitude is not finite, gets the scale 0. Panics if `panel` is
+    /// not `w.k()` whole rows or `cols` exceeds [`PANEL`].
+    #[inline(always)]
+    pub fn quantize(&mut self, panel: &[f32], cols: usize, w: &W8Rows) {
+        let k = w.k;
+        assert!(panel.len() == k * PANEL && cols <= PANEL);
+        let limit = f32::from(w.activation_limit);
+        let mut largest = [0f32; PANEL];
+        for row in panel.chunks_exact(PANEL) {
+            for (m, &x) in largest.iter_mut().zip(row) {
+                // NaNs are passed over: they quantize to 0 below.
+                *m = if x.abs() > *m { x.abs() } else { *m };
+            }
+        }
+        let mut inverse = [0f32; PANEL];
+        for (i, ((&m, inv), scale)) in largest
+            .iter()
+            .zip(inverse.iter_mut())
+            .zip(self.scales.iter_mut())
+            .enumerate()
+        {
+            let used = i < cols && m > 0.0 && m.is_finite();
+            *inv = if used { limit / m } else { 0.0 };
+            *scale = if used { m / limit } else { 0.0 };
+        }
+        let pairs = k.div_ceil(2);
+        self.values.resize(pairs * PANEL * 2, 0);
+        self.k = k;
+        let zeros = [0f32; PANEL];
+        for (j, out) in self.values.chunks_exact_mut(PANEL * 2).enumerate() {
+            let even = &panel[2 * j * PANEL..(2 * j + 1) * PANEL];
+            let odd = panel
+                .get((2 * j + 1) * PANEL..(2 * j + 2) * PANEL)
+                .unwrap_or(&zeros);
+            for (((o, &e), &d), &inv) in out.chunks_exact_mut(2).zip(even).zip(odd).zip(&inverse) {
+                // Times 0 for unused columns: a NaN or infinity there gives NaN, which rounds
+                // to 0.
+                o[0] = round_to_i16(e * inv);
+                o[1] = round_to_i16(d * inv);
+            }
+        }
+    }
+}
+
+/// `c = W · P` on `kernel`: `w.rows()` rows of [`PANEL`] values, row `r` at `r · out_stride` in
+/// `c` (which must be supported by this CPU; see [`W8A16Kernel::detect`]). Panics if the
+/// sizes do not fit.
+#[inline(always)]
+pub fn rows_times_panel(
+    kernel: W8A16Kernel,
+    w: &W8Rows,
+    p: &A16Panel,
+    c: &mut [f32],
+    out_stride: usize,
+) {
+    let stride = w.stride();
+    let pairs = stride / 2;
+    assert!(p.k == w.k && p.values.len() == pairs * PANEL * 2);
+    assert!(out_stride >= PANEL && c.len() >= (w.rows - 1) * out_stride + PANEL);
+    assert!(kernel.is_supported());
+    let mr = kernel.rows();
+    let mut tile = [0f32; MAX_ROWS * PANEL];
+    for r0 in (0..w.rows).step_by(mr) {
+        let rows = mr.min(w.rows - r0);
+        // Whole padding rows exist up to a multiple of MAX_ROWS, hence of every kernel's rows.
+        let a_rows = &w.values[r0 * stride..(r0 + mr) * stride];
+        let a_scales = &w.scales[r0..r0 + mr];
+        let direct = rows == mr;
+        let (out, at_stride): (&mut [f32], usize) = if direct {
+            (&mut c[r0 * out_stride..], out_stride)
+        } else {
+            (&mut tile[..], PANEL)
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512F and VNNI (asserted above); `a_rows` holds 8 rows
+            // of `pairs` pairs, the panel `pairs` × 32 columns, `out` 8 rows of 32 values at
+            // `at_stride` (whole rows inside `c`, or `tile`).
+            W8A16Kernel::Vnni => unsafe {
+                tile_vnni(
+                    a_rows, a_scales, &p.values, &p.scales, pairs, out, at_stride,
+                )
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, AVX2 and 4 rows.
+            W8A16Kernel::Avx2 => unsafe {
+                tile_avx2(
+                    a_rows, a_scales, &p.values, &p.scales, pairs, out, at_stride,
+                )
+            },
+            _ => tile_portable(
+                a_rows, a_scales, &p.values, &p.scales, pairs, out, at_stride,
+            ),
+        }
+        if !direct {
+            for r in 0..rows {
+                let at = (r0 + r) * out_stride;
+                c[at..at + PANEL].copy_from_slice(&tile[r * PANEL..(r + 1) * PANEL]);
+            }
+        }
+    }
+}
+
 /// 4 rows × [`PANEL`] columns in plain Rust, in a form compilers vectorise: 8 columns at a time
 /// (4 × 16 i32 accumulators, which fit NEON's registers), each column's two sums (even and odd
 /// depths) in adjacent lanes, by widening i16 multiply-adds (NEON's `smlal`), each row's pairs
@@ -654,6 +877,107 @@ mod tests {
         assert!(c[2].is_finite() && c[3].is_finite(), "{c:?}");
         assert!(W8Weights::quantize(&[1.0; 3], 2, 2).is_none());
         assert!(W8Weights::quantize(&[], 0, 2).is_none());
+    }
+
+    /// The exact sums of [`rows_times_panel`]'s quantized operands, dequantized as the kernels
+    /// do: `w.rows()` rows of [`PANEL`].
+    fn rows_reference(w: &W8Rows, p: &A16Panel) -> Vec<f32> {
+        let stride = w.stride();
+        let mut c = vec![0f32; w.rows * PANEL];
+        for r in 0..w.rows {
+            for col in 0..PANEL {
+                let acc: i64 = (0..w.k)
+                    .map(|d| {
+                        let q = p.values[((d / 2) * PANEL + col) * 2 + d % 2];
+                        i64::from(w.values[r * stride + d]) * i64::from(q)
+                    })
+                    .sum();
+                let acc = i32::try_from(acc).expect("the sum fits an i32");
+                c[r * PANEL + col] = (acc as f32 * w.scales[r]) * p.scales[col];
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn rows_times_panel_gives_the_reference_bits_on_every_kernel() {
+        // Odd depths, partial tiles of rows, partial panels, a zero column; `c` wider than a
+        // panel (the caller's stride).
+        for (rows, k, cols, out_stride) in [
+            (1, 1, 1, PANEL),
+            (5, 3, 7, PANEL),
+            (128, 64, 32, PANEL),
+            (13, 255, 17, 40),
+        ] {
+            let w = W8Rows::quantize(&values(rows * k, 5), rows, k).expect("sizes fit");
+            let mut panel = values(k * PANEL, 6);
+            for row in panel.chunks_exact_mut(PANEL) {
+                row[0] = 0.0;
+            }
+            let mut p = A16Panel::new();
+            p.quantize(&panel, cols, &w);
+            assert_eq!(p.scales[0], 0.0, "a zero column has scale 0");
+            assert!(p.scales[cols..].iter().all(|&s| s == 0.0), "unused columns");
+            let expected = rows_reference(&w, &p);
+            for kernel in W8A16Kernel::supported() {
+                let mut c = vec![f32::NAN; (rows - 1) * out_stride + PANEL];
+                rows_times_panel(kernel, &w, &p, &mut c, out_stride);
+                for r in 0..rows {
+                    let got = &c[r * out_stride..r * out_stride + PANEL];
+                    let want = &expected[r * PANEL..(r + 1) * PANEL];
+                    let same = got
+                        .iter()
+                        .zip(want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{kernel:?} at {rows}×{k}×{cols}, row {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_times_panel_is_close_to_the_float_product() {
+        let (rows, k) = (128, 64);
+        let (w_f, panel) = (values(rows * k, 7), values(k * PANEL, 8));
+        let w = W8Rows::quantize(&w_f, rows, k).expect("sizes fit");
+        let mut p = A16Panel::new();
+        p.quantize(&panel, PANEL, &w);
+        let mut c = vec![0f32; rows * PANEL];
+        rows_times_panel(W8A16Kernel::detect(), &w, &p, &mut c, PANEL);
+        let (mut err, mut norm) = (0f64, 0f64);
+        let wd = w.dequantized();
+        for r in 0..rows {
+            for col in 0..PANEL {
+                let term = |d: usize, wv: f32| f64::from(wv) * f64::from(panel[d * PANEL + col]);
+                let exact: f64 = (0..k).map(|d| term(d, w_f[r * k + d])).sum();
+                err += (f64::from(c[r * PANEL + col]) - exact).powi(2);
+                norm += exact * exact;
+                // The activations at 16 bits: the dequantized weights' product, up to ~2⁻¹⁵
+                // of each column's largest activation per term.
+                let with_quantized: f64 = (0..k).map(|d| term(d, wd[r * k + d])).sum();
+                let close = (f64::from(c[r * PANEL + col]) - with_quantized).abs() < 1e-3;
+                assert!(close, "row {r}, column {col}");
+            }
+        }
+        let relative = (err / norm).sqrt();
+        assert!(relative < 0.01, "relative error {relative}");
+    }
+
+    #[test]
+    fn odd_panel_values_give_numbers_not_panics() {
+        let w = W8Rows::quantize(&[1.0, 2.0, f32::NAN, 1.0], 2, 2).expect("sizes fit");
+        assert_eq!(w.scales[1], 0.0, "a row with a NaN is zeroed");
+        let mut panel = vec![1.0f32; 2 * PANEL];
+        panel[0] = f32::INFINITY;
+        panel[PANEL + 1] = f32::NAN;
+        let mut p = A16Panel::new();
+        p.quantize(&panel, PANEL, &w);
+        assert_eq!(p.scales[0], 0.0, "a column with an infinity is zeroed");
+        let mut c = vec![0f32; 2 * PANEL];
+        rows_times_panel(W8A16Kernel::detect(), &w, &p, &mut c, PANEL);
+        assert!(c.iter().all(|v| v.is_finite()), "{c:?}");
+        assert!(W8Rows::quantize(&[1.0; 3], 2, 2).is_none());
+        assert!(W8Rows::quantize(&[], 0, 2).is_none());
     }
 
     #[test]
