@@ -234,6 +234,9 @@ enum Graphs {
         masks: Box<InferenceModel>,
         /// The mask graph's file, for its errors.
         masks_path: PathBuf,
+        /// Whether the graphs are FP32 files loaded as the INT8 decoder: their constant-weight
+        /// products quantized at load (see [`Manifest::has_decoder_quantized_at_load`]).
+        quantized_at_load: bool,
     },
 }
 
@@ -296,10 +299,11 @@ impl Decoder {
         let e = manifest.config.embedding_size();
         let embedding_shape = [1, manifest.config.prompt_embed_dim, e, e];
         let mask_size = manifest.config.low_res_mask_size();
+        let loadable = |role| manifest.loadable(role, precision);
         let split = graph != super::DecoderGraph::OneGraph
-            && manifest.file(Role::DecoderFrame, precision).is_some()
-            && manifest.file(Role::DecoderPrompt, precision).is_some()
-            && manifest.file(Role::DecoderMasks, precision).is_some();
+            && loadable(Role::DecoderFrame).is_some()
+            && loadable(Role::DecoderPrompt).is_some()
+            && loadable(Role::DecoderMasks).is_some();
         let (path, prompts, graphs) = if split {
             let (frame_path, frame) = parse_onnx(dir, manifest, Role::DecoderFrame, precision)?;
             let frame = frame_plan(frame, &frame_path, embedding_shape, mask_size, int8)?;
@@ -311,6 +315,7 @@ impl Decoder {
                 frame_shapes,
                 masks: Box::new(masks),
                 masks_path,
+                quantized_at_load: loadable(Role::DecoderMasks).is_some_and(|(_, q)| q),
             };
             (path, prompts, graphs)
         } else {
@@ -369,6 +374,19 @@ impl Decoder {
             Graphs::One => DecoderForm::OneGraph,
             Graphs::Split { .. } => DecoderForm::Split,
         }
+    }
+
+    /// Whether this is the INT8 decoder quantized at load: the FP32 split graphs with their
+    /// constant-weight products in integers (today the mask upscaling's second transposed
+    /// convolution, as W8A16 on x86_64; see [`Manifest::has_decoder_quantized_at_load`]).
+    pub fn quantized_at_load(&self) -> bool {
+        matches!(
+            self.graphs,
+            Graphs::Split {
+                quantized_at_load: true,
+                ..
+            }
+        )
     }
 
     /// The smallest prompt batch that keeps `threads` inference threads busy without padding:
@@ -519,7 +537,14 @@ impl Decoder {
                 Role::DecoderMasks,
                 path,
                 self.int8,
-                super::ConvBlocks::F32,
+                // The INT8 decoder's mask upscaling runs its constant-weight product as W8A16
+                // where the int8 products have a kernel for it (x86_64), as the INT8 encoder's
+                // float convolution blocks do.
+                if self.quantized_at_load() {
+                    super::ConvBlocks::Auto
+                } else {
+                    super::ConvBlocks::F32
+                },
             )?;
             if let Some(model) = self.low_rank_masks(&typed, prompt_outputs, path)? {
                 typed = model;

@@ -197,7 +197,7 @@ impl Manifest {
         }
         for role in [Role::Encoder, Role::Decoder] {
             let p = self.default_precision(role);
-            if self.file(role, p).is_none() {
+            if !self.loadable_precisions(role).contains(&p) {
                 return Err(invalid(format!(
                     "default {role:?} precision {p} has no file entry"
                 )));
@@ -223,7 +223,7 @@ impl Manifest {
             .find(|f| f.role == role && f.precision == precision)
     }
 
-    /// The precisions available for `role`.
+    /// The precisions of the files listed for `role`.
     pub fn precisions(&self, role: Role) -> Vec<Precision> {
         self.files
             .iter()
@@ -232,8 +232,131 @@ impl Manifest {
             .collect()
     }
 
+    /// The file a load of `role` at `precision` parses, and whether the runtime quantizes its
+    /// constant-weight products as it loads: the directory's own entry (`false`), or — for the
+    /// split decoder's three graphs at INT8 when the directory has no INT8 split decoder of its
+    /// own — the FP32 entry (`true`; see [`Manifest::has_decoder_quantized_at_load`]).
+    pub fn loadable(&self, role: Role, precision: Precision) -> Option<(&ModelFile, bool)> {
+        if let Some(file) = self.file(role, precision) {
+            return Some((file, false));
+        }
+        let split = matches!(
+            role,
+            Role::DecoderFrame | Role::DecoderPrompt | Role::DecoderMasks
+        );
+        if split && precision == Precision::Int8 && self.has_decoder_quantized_at_load() {
+            return self.file(role, Precision::Fp32).map(|f| (f, true));
+        }
+        None
+    }
+
+    /// Whether the INT8 decoder is the FP32 split decoder with its constant-weight products
+    /// quantized at load (the runtime's dynamic quantization: weights at 8 bits per output
+    /// channel, activations at 16 bits per token, see `ops::w8a16`): the directory lists the
+    /// three FP32 split graphs and no INT8 decoder file of its own (an exported INT8 decoder,
+    /// one graph or split, is what `int8` loads when there is one).
+    pub fn has_decoder_quantized_at_load(&self) -> bool {
+        const SPLIT: [Role; 3] = [Role::DecoderFrame, Role::DecoderPrompt, Role::DecoderMasks];
+        SPLIT
+            .iter()
+            .all(|&r| self.file(r, Precision::Fp32).is_some())
+            && [
+                Role::Decoder,
+                Role::DecoderFrame,
+                Role::DecoderPrompt,
+                Role::DecoderMasks,
+            ]
+            .iter()
+            .all(|&r| self.file(r, Precision::Int8).is_none())
+    }
+
+    /// The precisions a load can choose for `role`: those of its files, and for the decoder
+    /// INT8 when it is quantized at load.
+    pub fn loadable_precisions(&self, role: Role) -> Vec<Precision> {
+        let mut found = self.precisions(role);
+        if role == Role::Decoder
+            && !found.contains(&Precision::Int8)
+            && self.has_decoder_quantized_at_load()
+        {
+            found.push(Precision::Int8);
+        }
+        found
+    }
+
     /// Full path of a file entry.
     pub fn path_of(dir: &Path, file: &ModelFile) -> PathBuf {
         dir.join(&file.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest listing `files` (role, precision), defaults FP32.
+    fn listing(files: &[(Role, Precision)]) -> Manifest {
+        let file = |&(role, precision): &(Role, Precision)| {
+            serde_json::json!({
+                "role": role, "precision": precision, "path": format!("{role:?}.{precision}.onnx"),
+                "sha256": "", "inputs": [], "outputs": []
+            })
+        };
+        serde_json::from_value(serde_json::json!({
+            "format": MANIFEST_FORMAT,
+            "model": "m",
+            "config": {"image_size": 1024, "prompt_embed_dim": 256, "num_multimask_outputs": 3},
+            "weights": {},
+            "preprocess": {
+                "input": "", "image_size": 1024,
+                "pixel_mean": [0.0, 0.0, 0.0], "pixel_std": [1.0, 1.0, 1.0]
+            },
+            "default": {"encoder": "fp32", "decoder": "fp32"},
+            "files": files.iter().map(file).collect::<Vec<_>>(),
+        }))
+        .expect("a valid manifest")
+    }
+
+    const SPLIT_FP32: [(Role, Precision); 4] = [
+        (Role::Decoder, Precision::Fp32),
+        (Role::DecoderFrame, Precision::Fp32),
+        (Role::DecoderPrompt, Precision::Fp32),
+        (Role::DecoderMasks, Precision::Fp32),
+    ];
+
+    #[test]
+    fn the_int8_decoder_is_the_fp32_split_decoder_quantized_at_load() {
+        let m = listing(&SPLIT_FP32);
+        assert!(m.has_decoder_quantized_at_load());
+        assert_eq!(
+            m.loadable_precisions(Role::Decoder),
+            [Precision::Fp32, Precision::Int8]
+        );
+        let (file, quantized) = m
+            .loadable(Role::DecoderMasks, Precision::Int8)
+            .expect("loadable");
+        assert!(quantized && file.precision == Precision::Fp32);
+        let (_, quantized) = m
+            .loadable(Role::DecoderMasks, Precision::Fp32)
+            .expect("loadable");
+        assert!(!quantized);
+        // The one graph has no integer form of its own.
+        assert!(m.loadable(Role::Decoder, Precision::Int8).is_none());
+        assert_eq!(m.precisions(Role::Decoder), [Precision::Fp32]);
+    }
+
+    #[test]
+    fn an_exported_int8_decoder_or_a_missing_split_graph_has_no_quantized_at_load_form() {
+        let mut with_int8 = SPLIT_FP32.to_vec();
+        with_int8.push((Role::Decoder, Precision::Int8));
+        let m = listing(&with_int8);
+        assert!(!m.has_decoder_quantized_at_load());
+        assert!(m.loadable(Role::DecoderMasks, Precision::Int8).is_none());
+        assert_eq!(
+            m.loadable_precisions(Role::Decoder),
+            [Precision::Fp32, Precision::Int8]
+        );
+        let m = listing(&SPLIT_FP32[..3]);
+        assert!(!m.has_decoder_quantized_at_load());
+        assert_eq!(m.loadable_precisions(Role::Decoder), [Precision::Fp32]);
     }
 }

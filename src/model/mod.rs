@@ -240,8 +240,8 @@ pub(crate) fn parse_onnx(
     precision: Precision,
 ) -> Result<(PathBuf, InferenceModel)> {
     let stage = stage_name(role);
-    let entry = manifest
-        .file(role, precision)
+    let (entry, _) = manifest
+        .loadable(role, precision)
         .ok_or_else(|| Error::Manifest {
             path: dir.join("manifest.json"),
             reason: format!(
@@ -345,22 +345,30 @@ pub fn verify_files(dir: &Path, choice: &PrecisionChoice) -> Result<VerifiedMode
             reason: format!("it lists no {encoder} encoder"),
         });
     }
-    if manifest.file(Role::Decoder, decoder).is_none() {
+    if !manifest
+        .loadable_precisions(Role::Decoder)
+        .contains(&decoder)
+    {
         return Err(Error::ModelMismatch {
             path: dir.join("manifest.json"),
             reason: format!("it lists no {decoder} decoder"),
         });
     }
+    // Every file a load could parse at those precisions (an INT8 decoder quantized at load is
+    // the FP32 split decoder's files).
     let mut files = Vec::new();
-    for entry in &manifest.files {
-        let wanted = if entry.role == Role::Encoder {
-            encoder
-        } else {
-            decoder
-        };
-        if entry.precision != wanted {
-            continue;
-        }
+    let roles = [
+        (Role::Encoder, encoder),
+        (Role::Decoder, decoder),
+        (Role::DecoderFrame, decoder),
+        (Role::DecoderPrompt, decoder),
+        (Role::DecoderMasks, decoder),
+    ];
+    for entry in roles
+        .into_iter()
+        .filter_map(|(role, precision)| manifest.loadable(role, precision))
+        .map(|(entry, _)| entry)
+    {
         let path = dir.join(&entry.path);
         verify_sha256(&path, &entry.sha256)?;
         files.push(path);
@@ -531,7 +539,11 @@ fn optimize_unguarded(
             block_kernel.map_or("f32", |k| k.name())
         );
     }
-    let upscaling = ops::rewrite_mask_upscaling(&mut typed).map_err(load_err)?;
+    let upscaling_kernel = match role {
+        Role::DecoderMasks => conv_blocks.kernel(int8),
+        _ => None,
+    };
+    let upscaling = ops::rewrite_mask_upscaling(&mut typed, upscaling_kernel).map_err(load_err)?;
     if upscaling > 0 {
         log::debug!("{stage}: mask upscaling on TinysamMaskUpscaling");
     }

@@ -110,9 +110,10 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-/// `p` for the decoder when the directory has it, else the manifest's default decoder.
+/// `p` for the decoder when the directory has it (as a file, or the INT8 decoder quantized at
+/// load), else the manifest's default decoder.
 pub fn decoder_precision(manifest: &model::Manifest, p: Precision) -> Precision {
-    if manifest.file(Role::Decoder, p).is_some() {
+    if manifest.loadable_precisions(Role::Decoder).contains(&p) {
         p
     } else {
         manifest.default_precision(Role::Decoder)

@@ -476,8 +476,8 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     );
     println!(
         "available  encoder {:?}, decoder {:?}",
-        m.manifest.precisions(Role::Encoder),
-        m.manifest.precisions(Role::Decoder)
+        m.manifest.loadable_precisions(Role::Encoder),
+        m.manifest.loadable_precisions(Role::Decoder)
     );
     println!("cpu isa    {}", model::native_isa());
     println!("our ops    {}", model::ops_isa());

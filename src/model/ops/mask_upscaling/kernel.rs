@@ -21,6 +21,7 @@ use super::super::fastmath::{gelu, madd};
 use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights, PANEL};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::w8a16::{rows_times_panel, A16Panel, W8A16Kernel, W8Rows};
 
 /// Image tokens per tile: one panel of the products, the tokens along the vector lanes.
 pub(crate) const TILE: usize = PANEL;
@@ -47,12 +48,17 @@ pub(crate) struct Weights {
     up1_rows: Vec<f32>,
     /// `up2` transposed, `4·C2` rows of `C1` (the rows of the second product).
     up2_rows: Vec<f32>,
+    /// When set, the second product runs in integers on this kernel: `up2_rows` at 8 bits per
+    /// row, each tile's normalised channels at 16 bits per token (W8A16, see
+    /// [`super::super::w8a16`]).
+    pub(crate) integer: Option<(W8A16Kernel, W8Rows)>,
 }
 
 impl PartialEq for Weights {
     fn eq(&self, other: &Weights) -> bool {
         self.up1 == other.up1
             && self.up2 == other.up2
+            && self.integer == other.integer
             && self.eps.to_bits() == other.eps.to_bits()
             && [&self.bias1, &self.gamma, &self.beta, &self.bias2]
                 .into_iter()
@@ -63,22 +69,31 @@ impl PartialEq for Weights {
 impl Eq for Weights {}
 
 impl Weights {
-    /// The parameters, with the products' transposed rows derived from `up1` and `up2`.
+    /// The parameters, with the products' transposed rows derived from `up1` and `up2`, and
+    /// the second product's integer form on `integer` when given (`None` if its rows do not
+    /// quantize: never for SAM's sizes).
     pub(crate) fn new(
         up1: PackedWeights,
         bias1: Vec<f32>,
         (eps, gamma, beta): (f32, Vec<f32>, Vec<f32>),
         up2: PackedWeights,
         bias2: Vec<f32>,
-    ) -> Weights {
+        integer: Option<W8A16Kernel>,
+    ) -> Option<Weights> {
         let transposed = |w: &PackedWeights| {
             let mut rows = vec![0f32; w.k() * w.n()];
             super::super::gemm::transpose(&w.unpack(), w.k(), w.n(), &mut rows);
             rows
         };
-        Weights {
+        let up2_rows = transposed(&up2);
+        let integer = match integer {
+            Some(kernel) => Some((kernel, W8Rows::quantize(&up2_rows, up2.n(), up2.k())?)),
+            None => None,
+        };
+        Some(Weights {
             up1_rows: transposed(&up1),
-            up2_rows: transposed(&up2),
+            up2_rows,
+            integer,
             up1,
             bias1,
             eps,
@@ -86,7 +101,7 @@ impl Weights {
             beta,
             up2,
             bias2,
-        }
+        })
     }
 
     fn c1(&self) -> usize {
@@ -111,6 +126,7 @@ pub(crate) struct Scratch {
     up2: Vec<f32>,
     pixels: PackedWeights,
     masks: Vec<f32>,
+    quantized: A16Panel,
 }
 
 impl Scratch {
@@ -127,6 +143,7 @@ impl Scratch {
             up2: vec![0f32; w.up2.n() * TILE],
             pixels: PackedWeights::empty(),
             masks: vec![0f32; 16 * TILE * masks],
+            quantized: A16Panel::new(),
         }
     }
 }
@@ -221,6 +238,7 @@ fn upscale<const FMA: bool, M: Micro>(
         up2,
         pixels,
         masks: values,
+        quantized,
     } = scratch;
     for first in (0..band.side).step_by(TILE) {
         let t = TILE.min(band.side - first);
@@ -254,16 +272,26 @@ fn upscale<const FMA: bool, M: Micro>(
                 return;
             };
             normalise::<FMA>(rows, t, w, normalised);
-            let up2 = &mut up2[..4 * c2 * t];
-            product(m, &w.up2_rows, channels, up2, block);
-            for (s2, rows) in up2.chunks_exact(c2 * t).enumerate() {
+            // The second product's rows: `t` values each, or a whole panel in integers.
+            let stride = match &w.integer {
+                Some((kernel, rows)) => {
+                    quantized.quantize(normalised, t, rows);
+                    rows_times_panel(*kernel, rows, quantized, up2, PANEL);
+                    PANEL
+                }
+                None => {
+                    product(m, &w.up2_rows, channels, &mut up2[..4 * c2 * t], block);
+                    t
+                }
+            };
+            for (s2, rows) in up2[..4 * c2 * stride].chunks_exact(c2 * stride).enumerate() {
                 let panel = &mut panels[(4 * s + s2) * c2 * PANEL..][..c2 * PANEL];
                 for ((row, out), &b) in rows
-                    .chunks_exact(t)
+                    .chunks_exact(stride)
                     .zip(panel.chunks_exact_mut(PANEL))
                     .zip(&w.bias2)
                 {
-                    for (o, &x) in out.iter_mut().zip(row) {
+                    for (o, &x) in out.iter_mut().zip(&row[..t]) {
                         *o = gelu(FMA, x + b);
                     }
                 }

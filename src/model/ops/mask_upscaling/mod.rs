@@ -38,6 +38,7 @@ use super::graph::{
     replace_chains, Isa, Match, Replacement,
 };
 use super::layer_norm::LayerNormOp;
+use super::w8a16::W8A16Kernel;
 use crate::model::qmatmul::GeluOp;
 use kernel::{Band, FirstProduct, LowRankRow, Scratch, Weights};
 use low_rank::LowRank;
@@ -58,9 +59,13 @@ pub struct MaskUpscaling {
 }
 
 impl MaskUpscaling {
-    /// The kernel name reported in kernel tables, e.g. `tinysam_upscaling_avx512f`.
+    /// The kernel name reported in kernel tables, e.g. `tinysam_upscaling_avx512f`, or with an
+    /// integer second product `tinysam_upscaling_avx512f_w8a16_vnni`.
     pub fn kernel_name(&self) -> String {
-        format!("tinysam_upscaling_{}", Isa::detect())
+        match &self.weights.integer {
+            Some((kernel, _)) => format!("tinysam_upscaling_{}_{}", Isa::detect(), kernel.name()),
+            None => format!("tinysam_upscaling_{}", Isa::detect()),
+        }
     }
 
     /// Width of the image tokens (D).
@@ -184,7 +189,7 @@ impl Op for MaskUpscaling {
     fn info(&self) -> TractResult<Vec<String>> {
         let w = &self.weights;
         Ok(vec![format!(
-            "{}² tokens × {} → {} → {} channels{}, kernel {}",
+            "{}² tokens × {} → {} → {} channels{}, kernel {}{}",
             self.side,
             w.up1.k(),
             w.bias1.len(),
@@ -194,7 +199,11 @@ impl Op for MaskUpscaling {
             } else {
                 ""
             },
-            Isa::detect()
+            Isa::detect(),
+            match &w.integer {
+                Some((kernel, _)) => format!(", second product W8A16 on {}", kernel.name()),
+                None => String::new(),
+            }
         )])
     }
 
@@ -397,8 +406,12 @@ impl TypedOp for MaskUpscaling {
 
 /// Replace the mask graph's upscaling chain (see the module docs) by [`MaskUpscaling`];
 /// returns how many (0 or 1 in practice). Chains that start like one but differ are logged
-/// with the reason and left to tract.
-pub fn rewrite_mask_upscaling(model: &mut TypedModel) -> TractResult<usize> {
+/// with the reason and left to tract. With `integer`, the second transposed convolution's
+/// product runs as W8A16 on that kernel (see [`super::w8a16`]); without, in f32.
+pub fn rewrite_mask_upscaling(
+    model: &mut TypedModel,
+    integer: Option<W8A16Kernel>,
+) -> TractResult<usize> {
     let is_first_product = |node: &TypedNode| {
         node.op_as::<EinSum>()
             .is_some_and(|e| FIRST_PRODUCT.contains(&canonical(&e.axes.to_string()).as_str()))
@@ -407,7 +420,7 @@ pub fn rewrite_mask_upscaling(model: &mut TypedModel) -> TractResult<usize> {
         model,
         ("mask upscaling", "upscaling"),
         is_first_product,
-        plan,
+        |model: &TypedModel, first| plan(model, first, integer),
     )
 }
 
@@ -432,7 +445,11 @@ type Plan = Replacement<MaskUpscaling>;
 
 /// Match the upscaling chain starting at the product `first`: `Ok(None)` if `first` does not
 /// start one, `Err(reason)` if it starts like one but differs.
-fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MaskUpscaling>> {
+fn plan(
+    model: &TypedModel,
+    first: usize,
+    integer: Option<W8A16Kernel>,
+) -> TractResult<Match<MaskUpscaling>> {
     let shape_of = |outlet: OutletId| concrete_shape(model, outlet);
     let start = model.node(first);
     let tokens = start.inputs[0];
@@ -582,7 +599,11 @@ fn plan(model: &TypedModel, first: usize) -> TractResult<Match<MaskUpscaling>> {
         (norm_op.eps, gamma, beta),
         pack(&up2, c1, 4 * c2)?,
         bias2,
+        integer,
     );
+    let Some(weights) = weights else {
+        return Ok(Err("the second product's weights do not quantize".into()));
+    };
     need!(
         weights.gamma.len() == c1 && weights.beta.len() == c1,
         "LayerNorm parameters are not one per channel"

@@ -9,7 +9,11 @@ use crate::model::test_support::{
 fn compare(dir: &std::path::Path, batch: usize) -> TractResult<()> {
     let (tract_nodes, tokens, weights) = decluttered_mask_graph(dir, batch);
     let mut ours = tract_nodes.clone();
-    assert_eq!(rewrite_mask_upscaling(&mut ours)?, 1, "chain not matched");
+    assert_eq!(
+        rewrite_mask_upscaling(&mut ours, None)?,
+        1,
+        "chain not matched"
+    );
     assert!(
         ours.nodes().iter().any(|n| n.op_is::<MaskUpscaling>()),
         "no TinysamMaskUpscaling in the graph"
@@ -18,7 +22,7 @@ fn compare(dir: &std::path::Path, batch: usize) -> TractResult<()> {
         pattern_tensor(&tokens, 1, 3.0),
         pattern_tensor(&weights, 2, 1.0),
     ];
-    let want = run_model(tract_nodes, &inputs)?;
+    let want = run_model(tract_nodes.clone(), &inputs)?;
     let got = run_model(ours, &inputs)?;
     let (err, scale) = max_difference(&got, &want);
     eprintln!(
@@ -26,6 +30,24 @@ fn compare(dir: &std::path::Path, batch: usize) -> TractResult<()> {
         dir.display()
     );
     assert!(err <= 1e-5 * scale.max(1.0), "{err} of {scale}");
+    // With the second product as W8A16 (the INT8 decoder's form): every kernel gives the same
+    // bits, within the 8-bit weights' rounding of tract's f32 values.
+    let mut first_kernel: Option<Vec<f32>> = None;
+    for kernel in W8A16Kernel::supported() {
+        let mut integer = tract_nodes.clone();
+        assert_eq!(rewrite_mask_upscaling(&mut integer, Some(kernel))?, 1);
+        let got = run_model(integer, &inputs)?;
+        let (err, scale) = max_difference(&got, &want);
+        eprintln!("  W8A16 on {kernel:?}: largest difference {err:e} of {scale}");
+        assert!(err <= 1e-2 * scale.max(1.0), "{kernel:?}: {err} of {scale}");
+        match &first_kernel {
+            None => first_kernel = Some(got),
+            Some(first) => assert!(
+                crate::model::ops::gemm::same_bits(first, &got),
+                "{kernel:?} differs from the first kernel"
+            ),
+        }
+    }
     Ok(())
 }
 
@@ -61,7 +83,7 @@ fn the_identity_is_not_sams_pixel_order() -> TractResult<()> {
 fn other_products_are_left_alone() -> TractResult<()> {
     // The decoder's per-prompt graph has many `[B, N, D] x [D, M]` products, none an upscaling.
     let (mut typed, _) = decluttered_prompt_graph(&fixture_dir(), 1, 2);
-    assert_eq!(rewrite_mask_upscaling(&mut typed)?, 0);
+    assert_eq!(rewrite_mask_upscaling(&mut typed, None)?, 0);
     Ok(())
 }
 
@@ -75,7 +97,7 @@ fn upscaling_speed() -> TractResult<()> {
     for batch in [1, 4] {
         let (tract_nodes, tokens, weights) = decluttered_mask_graph(&dir, batch);
         let mut ours = tract_nodes.clone();
-        rewrite_mask_upscaling(&mut ours)?;
+        rewrite_mask_upscaling(&mut ours, None)?;
         let inputs: TVec<TValue> = tvec![
             pattern_tensor(&tokens, 1, 3.0).into(),
             pattern_tensor(&weights, 2, 1.0).into()
@@ -101,13 +123,17 @@ fn upscaling_op_speed() -> TractResult<()> {
     let pixels = side * side;
     let full = MaskUpscaling {
         side,
-        weights: Arc::new(kernel::Weights::new(
-            PackedWeights::pack(&pattern_values(d * 4 * c1, 1, 0.1), d, 4 * c1).expect("up1"),
-            pattern_values(c1, 2, 0.1),
-            (1e-6, pattern_values(c1, 3, 1.0), pattern_values(c1, 4, 0.1)),
-            PackedWeights::pack(&pattern_values(c1 * 4 * c2, 5, 0.2), c1, 4 * c2).expect("up2"),
-            pattern_values(c2, 6, 0.1),
-        )),
+        weights: Arc::new(
+            kernel::Weights::new(
+                PackedWeights::pack(&pattern_values(d * 4 * c1, 1, 0.1), d, 4 * c1).expect("up1"),
+                pattern_values(c1, 2, 0.1),
+                (1e-6, pattern_values(c1, 3, 1.0), pattern_values(c1, 4, 0.1)),
+                PackedWeights::pack(&pattern_values(c1 * 4 * c2, 5, 0.2), c1, 4 * c2).expect("up2"),
+                pattern_values(c2, 6, 0.1),
+                None,
+            )
+            .expect("weights"),
+        ),
         low_rank: None,
     };
     let norm = |seed| NormParams {
@@ -127,7 +153,35 @@ fn upscaling_op_speed() -> TractResult<()> {
         )),
         ..full.clone()
     };
+    // The low-rank form with its second product as W8A16, where this CPU has a kernel for it.
+    let integer = W8A16Kernel::supported()
+        .into_iter()
+        .find(|k| *k != W8A16Kernel::Portable)
+        .map(|kernel| {
+            let w = &low.weights;
+            let weights = kernel::Weights::new(
+                w.up1.clone(),
+                w.bias1.clone(),
+                (w.eps, w.gamma.clone(), w.beta.clone()),
+                w.up2.clone(),
+                w.bias2.clone(),
+                Some(kernel),
+            )
+            .expect("weights");
+            MaskUpscaling {
+                weights: Arc::new(weights),
+                ..low.clone()
+            }
+        });
     let hyper = pattern_tensor(&[1, masks, c2], 8, 1.0).into_tvalue();
+    let low_inputs = tvec![
+        pattern_tensor(&[1, side, 4 * c1, side], 9, 3.0).into_tvalue(),
+        pattern_tensor(&[1, pixels, n + 2], 10, 0.1).into_tvalue(),
+        pattern_tensor(&[1, pixels, n + 2], 11, 0.1).into_tvalue(),
+        pattern_tensor(&[n, d], 12, 1.0).into_tvalue(),
+        pattern_tensor(&[n, d], 13, 1.0).into_tvalue(),
+        hyper.clone(),
+    ];
     let cases = [
         (
             "full rank",
@@ -141,18 +195,19 @@ fn upscaling_op_speed() -> TractResult<()> {
         (
             "low rank",
             &low,
-            tvec![
-                pattern_tensor(&[1, side, 4 * c1, side], 9, 3.0).into_tvalue(),
-                pattern_tensor(&[1, pixels, n + 2], 10, 0.1).into_tvalue(),
-                pattern_tensor(&[1, pixels, n + 2], 11, 0.1).into_tvalue(),
-                pattern_tensor(&[n, d], 12, 1.0).into_tvalue(),
-                pattern_tensor(&[n, d], 13, 1.0).into_tvalue(),
-                hyper,
-            ],
+            low_inputs.clone(),
             low.macs_per_prompt(masks, 2 * n + 4),
         ),
     ];
-    for (name, op, inputs, macs) in cases {
+    let integer_case = integer.as_ref().map(|op| {
+        (
+            "low rank, W8A16 second product",
+            op,
+            low_inputs,
+            op.macs_per_prompt(masks, 2 * n + 4),
+        )
+    });
+    for (name, op, inputs, macs) in cases.into_iter().chain(integer_case) {
         for threads in [1, 2] {
             crate::model::set_threads(threads);
             let best = crate::model::test_support::op_best_of_20(op, &inputs)?;
