@@ -185,3 +185,95 @@ fn fusing_quantization_changes_no_output() {
         .zip(&fused)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
 }
+
+/// The test model without its exported INT8 decoder: its INT8 decoder is then the FP32 split
+/// decoder quantized at load.
+fn model_without_int8_decoder(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(crate::util::test_model()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "decoder.int8.onnx" {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let files = manifest["files"].as_array_mut().unwrap();
+    files.retain(|f| f["path"] != "decoder.int8.onnx");
+    manifest["default"]["decoder"] = "fp32".into();
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+}
+
+/// The decoder's kernel report counts the low-rank mask upscaling (whose plan's widths are
+/// symbols), and the INT8 decoder's W8A16 product as integer where the int8 matmul has a W8A16
+/// kernel (x86_64 with AVX2 or VNNI); aarch64 runs it in f32. `--check-config`'s file check lists the FP32 split
+/// files for it.
+#[test]
+fn int8_decoder_quantized_at_load_reports_its_integer_product() {
+    use tinysam_edge::model::{verify_files, Model, PrecisionChoice};
+    let dir = tempfile::tempdir().unwrap();
+    model_without_int8_decoder(dir.path());
+    let report = |decoder| {
+        let choice = PrecisionChoice {
+            encoder: Some(Precision::Fp32),
+            decoder: Some(decoder),
+            ..Default::default()
+        };
+        let files = verify_files(dir.path(), &choice).unwrap().files;
+        let model = Model::load(dir.path(), choice).unwrap();
+        assert_eq!(
+            model.decoder.quantized_at_load(),
+            decoder == Precision::Int8
+        );
+        let mut all = kernels::KernelReport::default();
+        for (plan, symbols) in model.decoder.prompt_plans(1, 2).unwrap() {
+            all = all.merge(kernels::analyse_with(plan.model(), &symbols).unwrap());
+        }
+        (all, files)
+    };
+    let (fp32, fp32_files) = report(Precision::Fp32);
+    let (int8, int8_files) = report(Precision::Int8);
+    println!(
+        "fp32: {:?}\nint8: {:?}",
+        fp32.kernel_totals(),
+        int8.kernel_totals()
+    );
+    let upscaling = |r: &kernels::KernelReport| {
+        r.kernel_totals()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("tinysam_upscaling"))
+            .map(|(_, m)| m)
+            .sum::<u64>()
+    };
+    assert!(upscaling(&fp32) > 0, "{:?}", fp32.kernel_totals());
+    assert_eq!(upscaling(&fp32), upscaling(&int8));
+    assert_eq!(fp32.integer_macs, 0);
+    use tinysam_edge::model::{ConvBlocks, Int8Matmul};
+    if ConvBlocks::Auto
+        .kernel(Int8Matmul::Auto.resolved())
+        .is_some()
+    {
+        assert!(int8.integer_macs > 0 && int8.integer_macs < upscaling(&int8));
+    } else {
+        assert_eq!(int8.integer_macs, 0);
+    }
+    // The same decoder files are checked (the FP32 split graphs), not the one-graph decoder.
+    let names = |files: &[std::path::PathBuf]| -> Vec<String> {
+        let mut n: Vec<String> = files
+            .iter()
+            .filter_map(|f| f.file_name()?.to_str().map(String::from))
+            .filter(|n| n.starts_with("decoder."))
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(&int8_files),
+        [
+            "decoder.frame.fp32.onnx",
+            "decoder.masks.fp32.onnx",
+            "decoder.prompt.fp32.onnx"
+        ]
+    );
+    assert_eq!(names(&fp32_files).len(), 4, "{fp32_files:?}");
+}

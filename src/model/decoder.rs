@@ -461,20 +461,37 @@ impl Decoder {
 
     /// Every plan a batch of B prompts of N points runs, for kernel reports: the one above, and
     /// for the split form the mask plan after it (the per-frame plan, once per frame, is not
-    /// counted).
+    /// counted), each with the values of its symbols at that batch (the low-rank mask plan
+    /// serves every point count: its coefficient and value widths are symbols).
     pub fn prompt_plans(
         &self,
         batch: usize,
         points: usize,
-    ) -> Result<Vec<Arc<TypedRunnableModel>>> {
+    ) -> Result<Vec<(Arc<TypedRunnableModel>, SymbolValues)>> {
         let plan = self.plan(batch, points)?;
-        let mut plans = vec![plan.clone()];
+        let mut plans = vec![(plan.clone(), SymbolValues::default())];
         if let Graphs::Split {
             masks, masks_path, ..
         } = &self.graphs
         {
             let shapes = self.output_shapes(&plan)?;
-            plans.push(self.mask_plan((masks, masks_path), &shapes)?);
+            let mask_plan = self.mask_plan((masks, masks_path), &shapes)?;
+            // The mask plan's inputs after the first take the per-prompt outputs after the
+            // first PROMPT_OUTPUTS (see `mask_plan_inputs`): their symbols get those sizes.
+            let mut values = SymbolValues::default();
+            if self.low_rank().is_some() {
+                let model = mask_plan.model();
+                let extra = shapes.get(PROMPT_OUTPUTS..).unwrap_or_default();
+                for (outlet, shape) in model.inputs.iter().skip(1).zip(extra) {
+                    let fact = model.outlet_fact(*outlet).map_err(infer_err)?;
+                    for (dim, &n) in fact.shape.iter().zip(shape) {
+                        if let (TDim::Sym(symbol), Ok(n)) = (dim, i64::try_from(n)) {
+                            values = values.with(symbol, n);
+                        }
+                    }
+                }
+            }
+            plans.push((mask_plan, values));
         }
         Ok(plans)
     }

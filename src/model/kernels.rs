@@ -25,7 +25,7 @@ pub struct NodeKernel {
 }
 
 /// Kernel choices and MAC split of a graph.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct KernelReport {
     /// Every node with MAC cost, in evaluation order.
     pub nodes: Vec<NodeKernel>,
@@ -106,6 +106,11 @@ fn our_op_name(node: &TypedNode) -> Option<String> {
 
 /// Analyse an optimised graph with concrete shapes.
 pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
+    analyse_with(model, &SymbolValues::default())
+}
+
+/// Analyse an optimised graph whose symbols take `values`.
+pub fn analyse_with(model: &TypedModel, values: &SymbolValues) -> TractResult<KernelReport> {
     let mut nodes = Vec::new();
     let (mut integer_macs, mut float_macs) = (0u64, 0u64);
     let mut our_ops = Vec::new();
@@ -135,7 +140,7 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
         }
         for (cost, count) in node.op.cost(&inputs)? {
             let Cost::FMA(dt) = cost else { continue };
-            let macs = count.to_i64().unwrap_or(0).max(0) as u64;
+            let macs = count.eval(values).to_i64().unwrap_or(0).max(0) as u64;
             if macs == 0 {
                 continue;
             }

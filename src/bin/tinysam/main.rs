@@ -447,8 +447,8 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     let m = &seg.model;
     let enc = kernels::analyse(m.encoder.model())?;
     let mut dec: Option<kernels::KernelReport> = None;
-    for plan in m.decoder.prompt_plans(1, 2)? {
-        let report = kernels::analyse(plan.model())?;
+    for (plan, symbols) in m.decoder.prompt_plans(1, 2)? {
+        let report = kernels::analyse_with(plan.model(), &symbols)?;
         dec = Some(match dec {
             Some(d) => d.merge(report),
             None => report,

@@ -395,10 +395,21 @@ impl TypedOp for MaskUpscaling {
             }
             _ => 0.into(),
         };
-        Ok(tvec!((
-            Cost::FMA(f32::datum_type()),
-            facts[0].shape[0].clone() * self.macs_per_prompt(masks, basis_rows)
-        )))
+        let batch = facts[0].shape[0].clone();
+        let all = batch.clone() * self.macs_per_prompt(masks, basis_rows);
+        Ok(match &self.weights.integer {
+            // The W8A16 second product accumulates in i32.
+            Some(_) => {
+                let w = &self.weights;
+                let second = self.side * self.side * 4 * w.up2.k() * w.up2.n();
+                let second = batch * second;
+                tvec!(
+                    (Cost::FMA(f32::datum_type()), all - second.clone()),
+                    (Cost::FMA(i32::datum_type()), second),
+                )
+            }
+            None => tvec!((Cost::FMA(f32::datum_type()), all)),
+        })
     }
 
     as_op!();
