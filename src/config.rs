@@ -136,7 +136,8 @@ pub struct ModelConfig {
     pub dir: PathBuf,
     /// Encoder precision: `auto` (the manifest's), `int8`, `fp32`.
     pub encoder: String,
-    /// Decoder precision: `auto`, `int8`, `fp32`.
+    /// Decoder precision: `auto`, `int8`, `fp32`. A model directory without an INT8 decoder
+    /// file loads `int8` as its FP32 split decoder quantized at load.
     pub decoder: String,
     /// Inference threads; 0: all cores.
     pub threads: usize,
