@@ -482,8 +482,13 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     println!("cpu isa    {}", model::native_isa());
     println!("our ops    {}", model::ops_isa());
     println!(
-        "decoding   {} ({}; MACs below per prompt of one point)",
+        "decoding   {}{} ({}; MACs below per prompt of one point)",
         m.decoder.form(),
+        if m.decoder.quantized_at_load() {
+            ", INT8 quantized at load from the FP32 graphs"
+        } else {
+            ""
+        },
         m.decoder.path.display()
     );
     for (name, precision, rep) in [
