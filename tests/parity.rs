@@ -99,6 +99,29 @@ fn decode_golden(seg: &Segmenter, emb: &Embedding) -> MaskLogits {
     seg.decode(emb, &prompts, None).unwrap()
 }
 
+/// The golden prompts (placed on the 200 × 150 golden frame) scaled to `frame`, as model
+/// prompts on an embedding of `geometry`.
+#[cfg(target_arch = "x86_64")]
+fn golden_prompts_on(
+    frame: &RgbImage,
+    geometry: &Geometry,
+) -> Vec<tinysam_edge::prompt::ModelPrompt> {
+    let (sx, sy) = (frame.width() as f32 / 200.0, frame.height() as f32 / 150.0);
+    golden_prompts()
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            for pt in &mut p.points {
+                (pt.x, pt.y) = (pt.x * sx, pt.y * sy);
+            }
+            if let Some(b) = &mut p.bbox {
+                (b.x0, b.y0, b.x1, b.y1) = (b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy);
+            }
+            p.to_model(geometry, 64 * 64).unwrap()
+        })
+        .collect()
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.to_plain_array_view::<f32>()
         .unwrap()
@@ -679,20 +702,7 @@ fn w8a16_conv_blocks_keep_the_default_models_fidelity() {
         let cos_f32b = cosine(&v_f32b, &v_fp32);
         let cos_w8 = cosine(&v_w8, &v_fp32);
         let cos_between = cosine(&v_w8, &v_f32b);
-        let prompts: Vec<_> = golden_prompts()
-            .iter()
-            .map(|p| {
-                let (sx, sy) = (frame.width() as f32 / 200.0, frame.height() as f32 / 150.0);
-                let mut p = p.clone();
-                for pt in &mut p.points {
-                    (pt.x, pt.y) = (pt.x * sx, pt.y * sy);
-                }
-                if let Some(b) = &mut p.bbox {
-                    (b.x0, b.y0, b.x1, b.y1) = (b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy);
-                }
-                p.to_model(&e_fp32.geometry, 64 * 64).unwrap()
-            })
-            .collect();
+        let prompts = golden_prompts_on(frame, &e_fp32.geometry);
         let decode = |seg: &Segmenter, e: &Embedding| seg.decode(e, &prompts, None).unwrap();
         let (m_fp32, m_f32b, m_w8) = (
             decode(&fp32, &e_fp32),
@@ -768,20 +778,7 @@ fn int8_decoder_keeps_the_fp32_decoders_masks() {
     }
     for (i, frame) in frames.iter().enumerate() {
         let embedding = fp32.embed(frame).unwrap();
-        let prompts: Vec<_> = golden_prompts()
-            .iter()
-            .map(|p| {
-                let (sx, sy) = (frame.width() as f32 / 200.0, frame.height() as f32 / 150.0);
-                let mut p = p.clone();
-                for pt in &mut p.points {
-                    (pt.x, pt.y) = (pt.x * sx, pt.y * sy);
-                }
-                if let Some(b) = &mut p.bbox {
-                    (b.x0, b.y0, b.x1, b.y1) = (b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy);
-                }
-                p.to_model(&embedding.geometry, 64 * 64).unwrap()
-            })
-            .collect();
+        let prompts = golden_prompts_on(frame, &embedding.geometry);
         let want = fp32.decode(&embedding, &prompts, None).unwrap();
         let got = int8.decode(&embedding, &prompts, None).unwrap();
         let (mut worst_iou, mut mean_iou, mut worst_logit, mut worst_score) =
