@@ -746,10 +746,10 @@ fn w8a16_conv_blocks_keep_the_default_models_fidelity() {
     }
 }
 
-/// The default model's INT8 decoder — the FP32 split decoder with its constant-weight product
-/// (the mask upscaling's second transposed convolution) quantized at load, W8A16 on x86_64 —
-/// against the FP32 decoder on the same FP32 embedding: the golden prompts' masks stay within
-/// a few boundary pixels of FP32's and their IoU scores are FP32's. Prints the figures; `TINYSAM_FIDELITY_IMAGES` (paths separated by
+/// The default model's INT8 decoder — the FP32 split decoder quantized at load: the mask
+/// upscaling's second transposed convolution and the image->token weighted sums as W8A16 on
+/// x86_64 — against the FP32 decoder on the same FP32 embedding: the golden prompts' masks stay
+/// within a few boundary pixels of FP32's and their IoU scores within 1e-4. Prints the figures; `TINYSAM_FIDELITY_IMAGES` (paths separated by
 /// `:`) adds photos. x86_64 only: aarch64 runs that product in f32 (the same values as FP32).
 #[cfg(target_arch = "x86_64")]
 #[test]
@@ -821,8 +821,9 @@ fn int8_decoder_keeps_the_fp32_decoders_masks() {
             want.batch(),
             want.masks_per_prompt
         );
-        // The IoU head does not read the upscaled masks: its scores are FP32's exactly.
-        assert_eq!(worst_score, 0.0, "IoU scores moved");
+        // The IoU head reads the tokens after the W8A16 image->token outputs, not the upscaled
+        // masks: its scores move by ~2e-6.
+        assert!(worst_score <= 1e-4, "IoU scores moved by {worst_score}");
         // Measured on the default model: mean 0.997, worst 0.996 (the frame here and the three
         // `../shared` photos), logits within 0.2 on their ±13 scale; the INT8 encoder alone
         // moves the masks ten times as much (best-mask IoU 0.96 vs FP32, the manifest's

@@ -666,8 +666,14 @@ impl Decoder {
         for (ix, fact) in facts.into_iter().enumerate() {
             model.set_input_fact(ix, fact).map_err(load_err)?;
         }
-        let mut typed =
-            super::optimize(model, role, &self.path, self.int8, super::ConvBlocks::F32)?;
+        // The INT8 decoder's per-prompt graph runs its image->token weighted sums as W8A16
+        // (see the mask plan's note).
+        let conv_blocks = if role == Role::DecoderPrompt && self.quantized_at_load() {
+            super::ConvBlocks::Auto
+        } else {
+            super::ConvBlocks::F32
+        };
+        let mut typed = super::optimize(model, role, &self.path, self.int8, conv_blocks)?;
         if role == Role::DecoderPrompt {
             self.expose_low_rank(&mut typed, batch)?;
         }

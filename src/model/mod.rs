@@ -567,6 +567,14 @@ fn optimize_unguarded(
     if logits > 0 {
         log::debug!("{stage}: {logits} image->token outputs compute their own logits");
     }
+    if let (Role::DecoderPrompt, Some(kernel)) = (role, conv_blocks.kernel(int8)) {
+        let integer =
+            ops::image_to_token_outputs_in_integers(&mut typed, kernel).map_err(load_err)?;
+        log::debug!(
+            "{stage}: {integer} image->token weighted sums as W8A16 on {}",
+            kernel.name()
+        );
+    }
     let quantizes = qmatmul::rewrite_quantize(&mut typed).map_err(load_err)?;
     if quantizes > 0 {
         log::debug!("{stage}: {quantizes} quantizations on TinysamQuantize");

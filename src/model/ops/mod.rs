@@ -40,7 +40,8 @@ pub use softmax::{rewrite_softmax, AxisSoftmax};
 pub use stem::{rewrite_stem, Stem};
 pub use token_depthwise::{rewrite_token_depthwise, TokenDepthwise};
 pub use token_mixing::{
-    rewrite_image_to_token_logits, rewrite_image_to_token_output, ImageToTokenOutput, LogitsSource,
+    image_to_token_outputs_in_integers, rewrite_image_to_token_logits,
+    rewrite_image_to_token_output, ImageToTokenOutput, LogitsSource,
 };
 pub use token_to_image::{rewrite_token_to_image, TokenToImageAttention};
 

@@ -15,6 +15,7 @@ use super::super::fastmath::{exp_fused, residual_layer_norm};
 use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::w8a16::{self, A16Rows, W8A16Kernel, W8Weights};
 
 /// Image tokens per tile.
 pub(crate) const TILE: usize = 32;
@@ -67,6 +68,9 @@ pub(crate) struct Tile<'a> {
     pub(crate) heads: usize,
     pub(crate) tokens: usize,
     pub(crate) values: &'a PackedWeights,
+    /// When set, the weighted sum runs in integers on this kernel: the values at 8 bits per
+    /// column (quantized once per prompt), the tile's weights at 16 bits per image token (W8A16).
+    pub(crate) integer: Option<(W8A16Kernel, &'a W8Weights)>,
     pub(crate) residual: &'a [f32],
     pub(crate) bias: &'a [f32],
     pub(crate) norm: Norm<'a>,
@@ -85,6 +89,7 @@ pub(crate) struct Scratch {
     block: Vec<f32>,
     batch_logits: Vec<f32>,
     batch_logits_of: Option<(usize, usize, usize)>,
+    quantized: A16Rows,
 }
 
 impl Scratch {
@@ -100,6 +105,7 @@ impl Scratch {
             block: block_scratch(rows.max(dim), MAX_ROWS),
             batch_logits: Vec::new(),
             batch_logits_of: None,
+            quantized: A16Rows::new(),
         }
     }
 }
@@ -164,6 +170,7 @@ fn mix<const FMA: bool, M: Micro>(
         block,
         batch_logits,
         batch_logits_of,
+        quantized,
     } = scratch;
     let weights = &mut weights[..rows * ht];
     // The logits as `[H·T]` runs of image tokens: `scores[row · stride + first ..]`.
@@ -256,7 +263,10 @@ fn mix<const FMA: bool, M: Micro>(
         }
     }
     transpose(&local[..ht * rows], ht, rows, weights);
-    product(m, weights, tile.values, out, block);
+    match tile.integer {
+        Some((kernel, values)) => w8a16::multiply(kernel, weights, values, quantized, out),
+        None => product(m, weights, tile.values, out, block),
+    }
     let Norm { eps, gamma, beta } = tile.norm;
     let mut coefficients = coefficients.chunks_exact_mut(ht + 2);
     for (pixel, (row, residual)) in out

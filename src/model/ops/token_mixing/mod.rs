@@ -38,6 +38,7 @@ use super::graph::{
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
 use super::token_to_image::{einsum_expr, keys_logits, HEAD_LOGITS};
+use super::w8a16::{W8A16Kernel, W8Weights};
 use kernel::{Logits, Norm, Scratch, Tile, TILE};
 
 /// Where the op's attention logits come from.
@@ -98,6 +99,10 @@ pub struct ImageToTokenOutput {
     eps: f32,
     gamma: Arc<Vec<f32>>,
     beta: Arc<Vec<f32>>,
+    /// When set, the weighted sum of the prompt's projected token values runs as W8A16 on this
+    /// kernel (see [`super::w8a16`]): the values at 8 bits per output channel, quantized once
+    /// per prompt, each image token's softmax weights at 16 bits.
+    pub integer: Option<W8A16Kernel>,
 }
 
 // tract wants ops `Eq`: the float parameters compare by their bits.
@@ -110,6 +115,7 @@ impl PartialEq for ImageToTokenOutput {
             self.dim,
             self.batched,
             self.coefficients,
+            self.integer,
         ) == (
             other.heads,
             other.tokens,
@@ -117,6 +123,7 @@ impl PartialEq for ImageToTokenOutput {
             other.dim,
             other.batched,
             other.coefficients,
+            other.integer,
         ) && self.eps.to_bits() == other.eps.to_bits()
             && match (&self.logits, &other.logits) {
                 (LogitsSource::Input, LogitsSource::Input) => true,
@@ -139,7 +146,10 @@ type TileRows<'a> = (usize, &'a mut [f32], &'a mut [f32]);
 impl ImageToTokenOutput {
     /// The kernel name reported in kernel tables, e.g. `tinysam_token_mixing_avx512f`.
     pub fn kernel_name(&self) -> String {
-        format!("tinysam_token_mixing_{}", Isa::detect())
+        match self.integer {
+            Some(kernel) => format!("tinysam_token_mixing_{}_{}", Isa::detect(), kernel.name()),
+            None => format!("tinysam_token_mixing_{}", Isa::detect()),
+        }
     }
 
     /// The LayerNorm after the residual and the output bias before it.
@@ -287,6 +297,13 @@ impl EvalOp for ImageToTokenOutput {
             .chunks_exact(ht * d)
             .map(|v| PackedWeights::pack(v, ht, d).context("token values"))
             .collect::<TractResult<_>>()?;
+        let quantized: Vec<W8Weights> = match self.integer {
+            Some(_) => values
+                .chunks_exact(ht * d)
+                .map(|v| W8Weights::quantize(v, ht, d).context("token values"))
+                .collect::<TractResult<_>>()?,
+            None => Vec::new(),
+        };
         // With logits computed here: each prompt's (or head's) query rows as the columns of a
         // product.
         let queries: Vec<PackedWeights> = match self.logits {
@@ -388,6 +405,12 @@ impl EvalOp for ImageToTokenOutput {
                         heads: h,
                         tokens: t,
                         values: packed.get(b).context("values")?,
+                        integer: match self.integer {
+                            Some(kernel) => {
+                                Some((kernel, quantized.get(b).context("quantized values")?))
+                            }
+                            None => None,
+                        },
                         residual: residual.get(at..at + TILE * d).context("residual")?,
                         bias: &self.bias,
                         norm: Norm {
@@ -438,8 +461,13 @@ impl TypedOp for ImageToTokenOutput {
         } else {
             1.into()
         };
+        // The weighted sum; in integers it accumulates in i32.
+        let accumulator = match self.integer {
+            Some(_) => i32::datum_type(),
+            None => f32::datum_type(),
+        };
         Ok(tvec!((
-            Cost::FMA(f32::datum_type()),
+            Cost::FMA(accumulator),
             batch * (self.heads * self.tokens * self.pixels * self.dim)
         )))
     }
@@ -579,6 +607,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<ImageToTokenOut
             batched,
             logits: LogitsSource::Input,
             coefficients: false,
+            integer: None,
             bias: Arc::new(bias),
             eps: norm_op.eps,
             gamma: Arc::new(
@@ -740,6 +769,27 @@ fn plan_head_logits(
             ..op.clone()
         },
     })))
+}
+
+/// Run every [`ImageToTokenOutput`] of `model` with its weighted sum as W8A16 on `kernel` (the
+/// INT8 decoder quantized at load); returns how many.
+pub fn image_to_token_outputs_in_integers(
+    model: &mut TypedModel,
+    kernel: W8A16Kernel,
+) -> TractResult<usize> {
+    let mut count = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node_mut(id);
+        if let Some(op) = node.op_as::<ImageToTokenOutput>() {
+            let op = ImageToTokenOutput {
+                integer: Some(kernel),
+                ..op.clone()
+            };
+            node.op = Box::new(op);
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// Whether the axis ops `chain` turn the `[.., H, T, P]` weights into `[.., P, H, T]` (any

@@ -54,6 +54,44 @@ fn fused_output_matches_the_default_models_prompt_graph() -> TractResult<()> {
     compare(&dir, 1, 2, true)
 }
 
+/// The fixture's per-prompt graph on our ops, with the image->token weighted sums as W8A16 (the
+/// INT8 decoder's form) against f32: every kernel gives the same bits, within the 8-bit values'
+/// rounding of the f32 outputs (image tokens, mask weights, IoU).
+#[test]
+fn integer_weighted_sums_stay_close_to_f32() -> TractResult<()> {
+    use crate::model::ops::w8a16::W8A16Kernel;
+    use crate::model::test_support::{max_difference, run_all_outputs};
+    for (batch, points) in [(1, 2), (3, 1)] {
+        let (mut f32_ops, inputs) = decluttered_prompt_graph(&fixture_dir(), batch, points);
+        rewrite_image_to_token_output(&mut f32_ops)?;
+        super::super::rewrite_token_to_image(&mut f32_ops)?;
+        rewrite_image_to_token_logits(&mut f32_ops)?;
+        let want = run_all_outputs(f32_ops.clone(), &inputs)?;
+        let mut first_kernel: Option<Vec<Vec<f32>>> = None;
+        for kernel in W8A16Kernel::supported() {
+            let mut integer = f32_ops.clone();
+            assert_eq!(image_to_token_outputs_in_integers(&mut integer, kernel)?, 2);
+            let got = run_all_outputs(integer, &inputs)?;
+            for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+                let (err, scale) = max_difference(got, want);
+                eprintln!("batch {batch}, {kernel:?}, output {i}: {err:e} of {scale}");
+                assert!(err <= 1e-2 * scale.max(1.0), "output {i}: {err} of {scale}");
+            }
+            match &first_kernel {
+                None => first_kernel = Some(got),
+                Some(first) => assert!(
+                    first
+                        .iter()
+                        .zip(&got)
+                        .all(|(a, b)| crate::model::ops::gemm::same_bits(a, b)),
+                    "{kernel:?} differs from the first kernel"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn other_orders_are_not_image_tokens_first() -> TractResult<()> {
     let (model, _) = decluttered_prompt_graph(&fixture_dir(), 1, 2);
@@ -89,6 +127,7 @@ fn token_mixing_op_speed() -> TractResult<()> {
         batched: false,
         logits,
         coefficients: false,
+        integer: None,
         bias: Arc::new(vec![0.01; d]),
         eps: 1e-5,
         gamma: Arc::new(vec![1.0; d]),
@@ -129,13 +168,35 @@ fn token_mixing_op_speed() -> TractResult<()> {
             h * t * p * (d + 16),
         ),
     ];
+    // Each case again with its weighted sum as W8A16, where this CPU has a kernel for it.
+    let integer: Vec<_> = crate::model::ops::w8a16::W8A16Kernel::supported()
+        .into_iter()
+        .find(|k| *k != crate::model::ops::w8a16::W8A16Kernel::Portable)
+        .map(|kernel| {
+            cases.iter().map(move |(name, op, inputs, macs)| {
+                let op = ImageToTokenOutput {
+                    integer: Some(kernel),
+                    ..op.clone()
+                };
+                (*name, op, inputs.clone(), *macs, " (W8A16 weighted sum)")
+            })
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+    let cases: Vec<_> = cases
+        .into_iter()
+        .map(|(name, op, inputs, macs)| (name, op, inputs, macs, ""))
+        .chain(integer)
+        .collect();
     for threads in [1, 2] {
         crate::model::set_threads(threads);
-        for (name, op, inputs, macs) in &cases {
+        for (name, op, inputs, macs, form) in &cases {
             let best = crate::model::test_support::op_best_of_20(op, inputs)?;
             let gmacs = *macs as f64 / best / 1e6;
             eprintln!(
-                "token mixing op, {name}, {threads} thread(s): best of 20 {best:.2} ms, {gmacs:.1} GMAC/s"
+                "token mixing op, {name}{form}, {threads} thread(s): best of 20 {best:.2} ms, \
+                 {gmacs:.1} GMAC/s"
             );
         }
     }
