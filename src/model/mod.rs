@@ -424,7 +424,9 @@ fn caught<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
 
 /// Optimise a parsed graph for running; INT8 graphs get their quantized matmuls replaced by
 /// ours first (unless `int8` says tract's), and their convolution blocks integer products as
-/// `conv_blocks` says. A panic inside tract comes out as [`Error::ModelLoad`].
+/// `conv_blocks` says. For the split decoder's per-prompt and mask graphs, `conv_blocks` is how
+/// the INT8 decoder quantized at load asks for its W8A16 products (`Auto`; `F32` otherwise). A
+/// panic inside tract comes out as [`Error::ModelLoad`].
 pub(crate) fn optimize(
     model: InferenceModel,
     role: Role,

@@ -150,18 +150,12 @@ impl W8Weights {
                 }
             }
         }
-        // |Σ| ≤ 2·pairs · limit · 127 must stay below 2^31.
-        // Depths past ~2 million would leave the activations under 10 bits: refused.
-        let limit = (i32::MAX as usize / (2 * pairs * 127)).min(i16::MAX as usize);
-        if limit < 1024 {
-            return None;
-        }
         Some(W8Weights {
             k,
             n,
             panels,
             scales,
-            activation_limit: i16::try_from(limit).ok()?,
+            activation_limit: activation_limit(pairs)?,
         })
     }
 
@@ -193,6 +187,18 @@ impl W8Weights {
         }
         w
     }
+}
+
+/// The largest activation magnitude (in quantized units) whose products with 8-bit weights
+/// cannot overflow an i32 sum over `pairs` depth pairs: `|Σ| ≤ 2·pairs · limit · 127` must stay
+/// below 2^31 (32767 for up to 258 pairs). `None` past ~2 million depths, which would leave the
+/// activations under 10 bits.
+fn activation_limit(pairs: usize) -> Option<i16> {
+    let limit = (i32::MAX as usize / pairs.checked_mul(2 * 127)?).min(i16::MAX as usize);
+    if limit < 1024 {
+        return None;
+    }
+    i16::try_from(limit).ok()
 }
 
 /// Rows of activations quantized to i16 for a product with a [`W8Weights`]: reusable buffers,
@@ -338,21 +344,14 @@ pub fn product(kernel: W8A16Kernel, a: &A16Rows, w: &W8Weights, c: &mut [f32]) {
             } else {
                 (&mut tile[..], PANEL)
             };
-            match kernel {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU has AVX-512F and VNNI (asserted above); `a_rows` holds 8 rows
-                // of `pairs` pairs, `panel` `pairs` × 32 columns, `out` 8 rows of 32 values at
-                // `out_stride` (a whole tile inside `c`, or `tile`).
-                W8A16Kernel::Vnni => unsafe {
-                    tile_vnni(a_rows, a_scales, panel, scales, pairs, out, out_stride)
-                },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above, AVX2 and 4 rows.
-                W8A16Kernel::Avx2 => unsafe {
-                    tile_avx2(a_rows, a_scales, panel, scales, pairs, out, out_stride)
-                },
-                _ => tile_portable(a_rows, a_scales, panel, scales, pairs, out, out_stride),
-            }
+            run_tile(
+                kernel,
+                (a_rows, a_scales),
+                (panel, scales),
+                pairs,
+                out,
+                out_stride,
+            );
             if !direct {
                 for r in 0..rows {
                     let at = (r0 + r) * n + c0;
@@ -411,16 +410,12 @@ impl W8Rows {
                 *d = (x * inverse).round_ties_even().clamp(-127.0, 127.0) as i16;
             }
         }
-        let limit = (i32::MAX as usize / (stride * 127)).min(i16::MAX as usize);
-        if limit < 1024 {
-            return None;
-        }
         Some(W8Rows {
             rows,
             k,
             values,
             scales,
-            activation_limit: i16::try_from(limit).ok()?,
+            activation_limit: activation_limit(stride / 2)?,
         })
     }
 
@@ -556,33 +551,54 @@ pub fn rows_times_panel(
         } else {
             (&mut tile[..], PANEL)
         };
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX-512F and VNNI (asserted above); `a_rows` holds 8 rows
-            // of `pairs` pairs, the panel `pairs` × 32 columns, `out` 8 rows of 32 values at
-            // `at_stride` (whole rows inside `c`, or `tile`).
-            W8A16Kernel::Vnni => unsafe {
-                tile_vnni(
-                    a_rows, a_scales, &p.values, &p.scales, pairs, out, at_stride,
-                )
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above, AVX2 and 4 rows.
-            W8A16Kernel::Avx2 => unsafe {
-                tile_avx2(
-                    a_rows, a_scales, &p.values, &p.scales, pairs, out, at_stride,
-                )
-            },
-            _ => tile_portable(
-                a_rows, a_scales, &p.values, &p.scales, pairs, out, at_stride,
-            ),
-        }
+        run_tile(
+            kernel,
+            (a_rows, a_scales),
+            (&p.values, &p.scales),
+            pairs,
+            out,
+            at_stride,
+        );
         if !direct {
             for r in 0..rows {
                 let at = (r0 + r) * out_stride;
                 c[at..at + PANEL].copy_from_slice(&tile[r * PANEL..(r + 1) * PANEL]);
             }
         }
+    }
+}
+
+/// One tile on `kernel`: its `kernel.rows()` rows of `a` (`2 · pairs` values each, with their
+/// scales) times the `pairs` × [`PANEL`] panel (with its column scales), into `out`, rows
+/// `out_stride` apart. Checks what the kernels read and write; panics if it does not fit or the
+/// CPU lacks the kernel.
+#[inline(always)]
+fn run_tile(
+    kernel: W8A16Kernel,
+    (a, a_scales): (&[i16], &[f32]),
+    (panel, scales): (&[i16], &[f32]),
+    pairs: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let mr = kernel.rows();
+    assert!(kernel.is_supported() && out_stride >= PANEL);
+    assert!(a.len() >= mr * pairs * 2 && a_scales.len() >= mr);
+    assert!(panel.len() >= pairs * PANEL * 2 && scales.len() >= PANEL);
+    assert!(out.len() >= (mr - 1) * out_stride + PANEL);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F and VNNI, and the slices hold what the kernel reads and
+        // writes (both checked above).
+        W8A16Kernel::Vnni => unsafe {
+            tile_vnni(a, a_scales, panel, scales, pairs, out, out_stride)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, AVX2 and 4 rows.
+        W8A16Kernel::Avx2 => unsafe {
+            tile_avx2(a, a_scales, panel, scales, pairs, out, out_stride)
+        },
+        _ => tile_portable(a, a_scales, panel, scales, pairs, out, out_stride),
     }
 }
 
