@@ -253,10 +253,15 @@ fn int8_decoder_quantized_at_load_reports_its_integer_product() {
         .kernel(Int8Matmul::Auto.resolved())
         .is_some()
     {
-        // The upscaling's second product and the image->token weighted sums, in integers.
+        // The upscaling's second product, the image->token weighted sums and the later
+        // token->image attentions' products, in integers.
         assert!(int8.integer_macs > 0 && int8.float_macs > 0);
         let totals = int8.kernel_totals();
-        for op in ["tinysam_upscaling", "tinysam_token_mixing"] {
+        for op in [
+            "tinysam_upscaling",
+            "tinysam_token_mixing",
+            "tinysam_token_to_image",
+        ] {
             let named = |(k, _): &&(String, u64)| k.starts_with(op) && k.contains("w8a16");
             assert!(totals.iter().any(|t| named(&t)), "{op}: {totals:?}");
         }

@@ -377,8 +377,9 @@ impl Decoder {
     }
 
     /// Whether this is the INT8 decoder quantized at load: the FP32 split graphs with their
-    /// constant-weight products in integers (today the mask upscaling's second transposed
-    /// convolution, as W8A16 on x86_64; see [`Manifest::has_decoder_quantized_at_load`]).
+    /// largest products in integers on the W8A16 kernels (x86_64: the mask upscaling's second
+    /// transposed convolution, the image->token weighted sums and the later token->image
+    /// attentions' two products; see [`Manifest::has_decoder_quantized_at_load`]).
     pub fn quantized_at_load(&self) -> bool {
         matches!(
             self.graphs,

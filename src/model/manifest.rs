@@ -250,9 +250,10 @@ impl Manifest {
         None
     }
 
-    /// Whether the INT8 decoder is the FP32 split decoder with its constant-weight products
-    /// quantized at load (the runtime's dynamic quantization: weights at 8 bits per output
-    /// channel, activations at 16 bits per token, see `ops::w8a16`): the directory lists the
+    /// Whether the INT8 decoder is the FP32 split decoder with its largest products quantized
+    /// at load (the runtime's dynamic quantization on the W8A16 kernels, see `ops::w8a16`:
+    /// constant weights at 8 bits per output channel, activations at 16 bits per token, products
+    /// of two activations at 12 bits a side): the directory lists the
     /// three FP32 split graphs and no INT8 decoder file of its own (an exported INT8 decoder,
     /// one graph or split, is what `int8` loads when there is one).
     pub fn has_decoder_quantized_at_load(&self) -> bool {

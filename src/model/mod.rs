@@ -576,6 +576,11 @@ fn optimize_unguarded(
             "{stage}: {integer} image->token weighted sums as W8A16 on {}",
             kernel.name()
         );
+        let integer = ops::token_to_image_in_integers(&mut typed, kernel).map_err(load_err)?;
+        log::debug!(
+            "{stage}: {integer} token->image attention cores' products as W8A16 on {}",
+            kernel.name()
+        );
     }
     let quantizes = qmatmul::rewrite_quantize(&mut typed).map_err(load_err)?;
     if quantizes > 0 {

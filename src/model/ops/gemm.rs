@@ -145,6 +145,14 @@ impl PackedWeights {
 /// of a logits product: its `T × c` rows transposed and packed as a `c × T` matrix. With one
 /// head, a `[T, c]` block. `None` if the sizes do not fit.
 pub fn pack_head_columns(q: &[f32], heads: usize, head: usize, c: usize) -> Option<PackedWeights> {
+    let (columns, t) = head_columns(q, heads, head, c)?;
+    PackedWeights::pack(&columns, c, t)
+}
+
+/// Head `head`'s query rows of `q` (`[T, heads, c]` row-major) as a `c × T` row-major matrix,
+/// with `T`: the columns of a logits product, before packing or quantizing. `None` if the sizes
+/// do not fit.
+pub fn head_columns(q: &[f32], heads: usize, head: usize, c: usize) -> Option<(Vec<f32>, usize)> {
     let width = heads.checked_mul(c)?;
     if width == 0 || head >= heads || !q.len().is_multiple_of(width) {
         return None;
@@ -156,7 +164,7 @@ pub fn pack_head_columns(q: &[f32], heads: usize, head: usize, c: usize) -> Opti
             columns[ci * t + ti] = v;
         }
     }
-    PackedWeights::pack(&columns, c, t)
+    Some((columns, t))
 }
 
 // Values compare by their bits (tract wants its ops `Eq`).

@@ -43,7 +43,9 @@ pub use token_mixing::{
     image_to_token_outputs_in_integers, rewrite_image_to_token_logits,
     rewrite_image_to_token_output, ImageToTokenOutput, LogitsSource,
 };
-pub use token_to_image::{rewrite_token_to_image, TokenToImageAttention};
+pub use token_to_image::{
+    rewrite_token_to_image, token_to_image_in_integers, TokenToImageAttention,
+};
 
 /// Whether two optional float vectors hold the same values bit for bit (how our ops with float
 /// parameters are `Eq`, as tract requires of ops).

@@ -117,9 +117,20 @@ impl W8Weights {
     /// largest magnitude is 127, rounded to nearest even. `None` if the sizes do not fit. A
     /// column of zeros (or of non-finite values) gets the scale 0 and zero weights.
     pub fn quantize(w: &[f32], k: usize, n: usize) -> Option<W8Weights> {
-        if k == 0 || n == 0 || k.checked_mul(n)? != w.len() {
+        W8Weights::quantize_levels(w, k, n, 127)
+    }
+
+    /// [`W8Weights::quantize`] with each column's largest magnitude at `levels` (1 to 2047)
+    /// instead of 127: wider weights on the same kernels (they hold each weight as i16), for
+    /// products of two activations where neither side is a constant that 8 bits represent well.
+    /// The activations' limit falls as the weights widen, so that the i32 sums still cannot
+    /// overflow: at 2047 levels (12 bits) and a depth of 256 the activations get 12 bits too.
+    /// `None` if the sizes do not fit or `levels` is out of range.
+    pub fn quantize_levels(w: &[f32], k: usize, n: usize, levels: i16) -> Option<W8Weights> {
+        if k == 0 || n == 0 || k.checked_mul(n)? != w.len() || !(1..=2047).contains(&levels) {
             return None;
         }
+        let top = f32::from(levels);
         let pairs = k.div_ceil(2);
         let panels_n = n.div_ceil(PANEL);
         let mut scales = vec![0f32; panels_n * PANEL];
@@ -127,8 +138,8 @@ impl W8Weights {
         for c in 0..n {
             let largest = (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max);
             if largest > 0.0 && largest.is_finite() {
-                scales[c] = largest / 127.0;
-                inverse[c] = 127.0 / largest;
+                scales[c] = largest / top;
+                inverse[c] = top / largest;
             }
         }
         let mut panels = vec![0i16; panels_n * pairs * PANEL * 2];
@@ -143,8 +154,8 @@ impl W8Weights {
                         let r = 2 * j + d;
                         if r < k {
                             let q = (w[r * n + c] * inverse[c]).round_ties_even();
-                            // NaN gives 0; the scale makes |q| ≤ 127 for finite weights.
-                            *v = q.clamp(-127.0, 127.0) as i16;
+                            // NaN gives 0; the scale makes |q| ≤ `levels` for finite weights.
+                            *v = q.clamp(-top, top) as i16;
                         }
                     }
                 }
@@ -155,8 +166,76 @@ impl W8Weights {
             n,
             panels,
             scales,
-            activation_limit: activation_limit(pairs)?,
+            activation_limit: activation_limit(pairs, levels)?,
         })
+    }
+
+    /// Quantize `w` (`k` rows of `n` values, row-major) into this matrix's buffers at `levels`,
+    /// with the same result as [`W8Weights::quantize_levels`]: for fused ops whose weight-side
+    /// operand changes per tile (a tile's image tokens), so that it allocates nothing once the
+    /// sizes are set and vectorises (a panel's 32 columns at a time; inlined, so with the
+    /// caller's target features). `None` if the sizes do not fit or `levels` is out of range.
+    #[inline(always)]
+    pub fn requantize(&mut self, w: &[f32], k: usize, n: usize, levels: i16) -> Option<()> {
+        if k == 0 || n == 0 || k.checked_mul(n)? != w.len() || !(1..=2047).contains(&levels) {
+            return None;
+        }
+        let top = f32::from(levels);
+        let pairs = k.div_ceil(2);
+        let panels_n = n.div_ceil(PANEL);
+        self.activation_limit = activation_limit(pairs, levels)?;
+        (self.k, self.n) = (k, n);
+        self.scales.resize(panels_n * PANEL, 0.0);
+        self.panels.resize(panels_n * pairs * PANEL * 2, 0);
+        let row = |r: usize| &w[r * n..(r + 1) * n];
+        for (p, (panel, scales)) in self
+            .panels
+            .chunks_exact_mut(pairs * PANEL * 2)
+            .zip(self.scales.chunks_exact_mut(PANEL))
+            .enumerate()
+        {
+            let c0 = p * PANEL;
+            let width = PANEL.min(n - c0);
+            let mut largest = [0f32; PANEL];
+            for r in 0..k {
+                for (m, &x) in largest.iter_mut().zip(&row(r)[c0..c0 + width]) {
+                    // NaN compares false and is skipped, as `f32::max` skips it.
+                    if x.abs() > *m {
+                        *m = x.abs();
+                    }
+                }
+            }
+            let mut inverse = [0f32; PANEL];
+            for ((s, i), &m) in scales.iter_mut().zip(inverse.iter_mut()).zip(&largest) {
+                (*s, *i) = if m > 0.0 && m.is_finite() {
+                    (m / top, top / m)
+                } else {
+                    (0.0, 0.0)
+                };
+            }
+            const ZEROS: [f32; PANEL] = [0f32; PANEL];
+            for (j, pair) in panel.chunks_exact_mut(PANEL * 2).enumerate() {
+                let first = &row(2 * j)[c0..c0 + width];
+                let second = if 2 * j + 1 < k {
+                    &row(2 * j + 1)[c0..c0 + width]
+                } else {
+                    &ZEROS[..width]
+                };
+                let (used, unused) = pair.split_at_mut(width * 2);
+                for (((q, &a), &b), &i) in used
+                    .chunks_exact_mut(2)
+                    .zip(first)
+                    .zip(second)
+                    .zip(&inverse)
+                {
+                    // |a · i| ≤ `levels` for finite values; NaN (and ∞ · 0) gives 0.
+                    q[0] = round_to_i16(a * i);
+                    q[1] = round_to_i16(b * i);
+                }
+                unused.fill(0);
+            }
+        }
+        Some(())
     }
 
     /// Rows of the matrix (the products' inner dimension).
@@ -189,12 +268,14 @@ impl W8Weights {
     }
 }
 
-/// The largest activation magnitude (in quantized units) whose products with 8-bit weights
-/// cannot overflow an i32 sum over `pairs` depth pairs: `|Σ| ≤ 2·pairs · limit · 127` must stay
-/// below 2^31 (32767 for up to 258 pairs). `None` past ~2 million depths, which would leave the
-/// activations under 10 bits.
-fn activation_limit(pairs: usize) -> Option<i16> {
-    let limit = (i32::MAX as usize / pairs.checked_mul(2 * 127)?).min(i16::MAX as usize);
+/// The largest activation magnitude (in quantized units) whose products with weights of up to
+/// `levels` (127 for 8 bits) cannot overflow an i32 sum over `pairs` depth pairs:
+/// `|Σ| ≤ 2·pairs · limit · levels` must stay below 2^31 (32767 for up to 258 pairs of 8-bit
+/// weights). `None` when that would leave the activations under 11 bits (past ~2 million depths
+/// at 8 bits).
+fn activation_limit(pairs: usize, levels: i16) -> Option<i16> {
+    let levels = usize::try_from(levels).ok().filter(|&l| l > 0)?;
+    let limit = (i32::MAX as usize / pairs.checked_mul(2 * levels)?).min(i16::MAX as usize);
     if limit < 1024 {
         return None;
     }
@@ -415,7 +496,7 @@ impl W8Rows {
             k,
             values,
             scales,
-            activation_limit: activation_limit(stride / 2)?,
+            activation_limit: activation_limit(stride / 2, 127)?,
         })
     }
 
@@ -860,6 +941,40 @@ mod tests {
                 .sum();
             assert!((f64::from(c[col]) - exact).abs() < 1e-5, "column {col}");
         }
+    }
+
+    #[test]
+    fn requantizing_in_place_equals_quantizing_anew() {
+        // One matrix reused across sizes (growing and shrinking, odd depths, partial panels)
+        // and levels (12 bits, 8 bits, 1) and odd values (NaN, an infinity, a zero column).
+        let mut reused = W8Weights::quantize(&[1.0], 1, 1).expect("sizes fit");
+        let sizes = [(64, 256, 5), (3, 5, 6), (64, 16, 7), (65, 33, 8), (1, 1, 9)];
+        for ((k, n, seed), levels) in sizes.into_iter().zip([2047, 127, 2047, 127, 1]) {
+            let mut w = values(k * n, seed);
+            w[0] = f32::NAN;
+            if k * n > 4 {
+                w[n - 1] = f32::INFINITY;
+            }
+            if n > 2 {
+                for r in 0..k {
+                    w[r * n + 2] = 0.0;
+                }
+            }
+            reused.requantize(&w, k, n, levels).expect("sizes fit");
+            let fresh = W8Weights::quantize_levels(&w, k, n, levels).expect("sizes fit");
+            assert_eq!(reused, fresh, "{k}×{n} at {levels}");
+        }
+        let bad = reused.requantize(&[0.0; 6], 4, 2, 127);
+        assert!(bad.is_none(), "6 values are not 4×2");
+        assert!(reused.requantize(&[], 0, 2, 127).is_none());
+        assert!(
+            reused.requantize(&[0.0; 4], 2, 2, 2048).is_none(),
+            "over 12 bits"
+        );
+        assert!(
+            W8Weights::quantize_levels(&[0.0; 4], 2, 2, 0).is_none(),
+            "no levels"
+        );
     }
 
     #[test]

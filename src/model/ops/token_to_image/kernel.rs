@@ -5,6 +5,13 @@
 //! and the weighted sum of the tile's keys added to the part's accumulator. [`finish`] combines
 //! the parts' running sums into the softmax-weighted sums.
 //!
+//! With [`Part::integer`] set (the INT8 decoder quantized at load) both products run in
+//! integers on the W8A16 kernels (see [`super::super::w8a16`]): the logits with the query rows
+//! at 12 bits per row (quantized once per prompt by the caller) and the tile's keys + pe at the
+//! bits the sum over their depth allows (12 for 256 channels) per image token; the weighted sum
+//! with the tile's values at 12 bits per channel (quantized per tile, as they change with the
+//! tile) and the softmax weights at 15 bits per query row. The softmax stays in f32.
+//!
 //! One generic body, compiled three times: with AVX-512F, with AVX2 + FMA (x86_64, chosen at
 //! run time) and plainly (NEON on aarch64).
 #![allow(unsafe_code)]
@@ -13,6 +20,7 @@ use super::super::fastmath::{exp_fused, lane_max, lane_sum};
 use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::w8a16::{self, A16Rows, W8A16Kernel, W8Weights};
 
 /// Image tokens per tile.
 pub(crate) const TILE: usize = 64;
@@ -37,10 +45,14 @@ pub(crate) struct Part<'a> {
     pub(crate) keys: &'a [f32],
     pub(crate) key_pe: Option<&'a [f32]>,
     pub(crate) values: &'a [f32],
+    /// When set, both products run in integers on this kernel, with these query rows (the
+    /// same as `queries`, `D × R`, at 12 bits per row).
+    pub(crate) integer: Option<(W8A16Kernel, &'a W8Weights)>,
 }
 
 /// Per-task buffers: a tile's keys with the positional encoding, its logits and weights, its
-/// keys packed, the tile's weighted sum and a product block.
+/// keys packed, the tile's weighted sum and a product block; for the integer products the
+/// tile's keys and weights at 16 bits and its values at 8.
 pub(crate) struct Scratch {
     keys_pe: Vec<f32>,
     scores: Vec<f32>,
@@ -48,6 +60,9 @@ pub(crate) struct Scratch {
     tile_keys: PackedWeights,
     mixed: Vec<f32>,
     block: Vec<f32>,
+    key_rows: A16Rows,
+    weight_rows: A16Rows,
+    tile_values: W8Weights,
 }
 
 impl Scratch {
@@ -60,6 +75,9 @@ impl Scratch {
             tile_keys: PackedWeights::pack(&vec![0f32; TILE * dim], TILE, dim)?,
             mixed: vec![0f32; rows * dim],
             block: block_scratch(dim.max(TILE), MAX_ROWS),
+            key_rows: A16Rows::new(),
+            weight_rows: A16Rows::new(),
+            tile_values: W8Weights::quantize(&vec![0f32; TILE * dim], TILE, dim)?,
         })
     }
 }
@@ -107,6 +125,9 @@ fn part<const FMA: bool, M: Micro>(
         || job.key_pe.is_some_and(|pe| pe.len() != n)
         || job.values.len() != n
         || !n.is_multiple_of(TILE * d)
+        || job
+            .integer
+            .is_some_and(|(kernel, q)| (q.k(), q.n()) != (d, r) || !kernel.is_supported())
     {
         return None;
     }
@@ -122,6 +143,9 @@ fn part<const FMA: bool, M: Micro>(
         tile_keys,
         mixed,
         block,
+        key_rows,
+        weight_rows,
+        tile_values,
     } = scratch;
     for (t, (keys, values)) in job
         .keys
@@ -140,7 +164,10 @@ fn part<const FMA: bool, M: Micro>(
             }
             None => keys,
         };
-        product(m, rows, job.queries, scores, block);
+        match job.integer {
+            Some((kernel, queries)) => w8a16::multiply(kernel, rows, queries, key_rows, scores),
+            None => product(m, rows, job.queries, scores, block),
+        }
         // One row of TILE logits per query row: the maxima, exponentials and sums below run
         // along it (along the query rows they would not vectorise with SAM's first block's 7).
         transpose(scores, TILE, r, weights);
@@ -163,8 +190,16 @@ fn part<const FMA: bool, M: Micro>(
             sum[j] += lane_sum(row, |x| x);
         }
         // Weighted sum of the tile's values: the weights as rows (one per query row).
-        tile_keys.repack(values, TILE, d)?;
-        product(m, weights, tile_keys, mixed, block);
+        match job.integer {
+            Some((kernel, _)) => {
+                tile_values.requantize(values, TILE, d, super::VALUE_LEVELS)?;
+                w8a16::multiply(kernel, weights, tile_values, weight_rows, mixed);
+            }
+            None => {
+                tile_keys.repack(values, TILE, d)?;
+                product(m, weights, tile_keys, mixed, block);
+            }
+        }
         for (a, &x) in acc.iter_mut().zip(mixed.iter()) {
             *a += x;
         }

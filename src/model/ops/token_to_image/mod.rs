@@ -28,13 +28,14 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use super::gemm::{pack_head_columns, PackedWeights};
+use super::gemm::{head_columns, pack_head_columns, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
     axis_op_chain, canonical, concrete_shape, const_operand, keeps_order, next_op,
     producer_before_axis_ops, replace_chains, sole_consumer, Isa, Match, Replacement,
 };
+use super::w8a16::{W8A16Kernel, W8Weights, PANEL as W8_PANEL};
 use kernel::{Part, Scratch, PART, TILE};
 
 /// `softmax_P(q · (keys + pe)ᵀ) · values` for every query row of every head: queries `[T, H, c]`
@@ -60,6 +61,12 @@ pub struct TokenToImageAttention {
     /// Whether the values are an input of their own (else the keys).
     pub separate_values: bool,
     key_pe: Option<Arc<Vec<f32>>>,
+    /// When set, both products run in integers on this W8A16 kernel (the INT8 decoder
+    /// quantized at load; see `kernel`): the logits with each prompt's query rows at 12 bits
+    /// per row ([`QUERY_LEVELS`], quantized once per call) and the image tokens + pe at 12 bits
+    /// per token (16 for the first block's 16-wide heads), the weighted sum with the image
+    /// tokens at 12 bits per channel and tile ([`VALUE_LEVELS`]) and the softmax weights at 15.
+    pub integer: Option<W8A16Kernel>,
 }
 
 // tract wants ops `Eq`: the positional encoding compares by its bits.
@@ -72,6 +79,7 @@ impl PartialEq for TokenToImageAttention {
             self.dim,
             self.batched,
             self.separate_values,
+            self.integer,
         ) == (
             other.heads,
             other.rows,
@@ -79,15 +87,20 @@ impl PartialEq for TokenToImageAttention {
             other.dim,
             other.batched,
             other.separate_values,
+            other.integer,
         ) && super::same_bits(&self.key_pe, &other.key_pe)
     }
 }
 impl Eq for TokenToImageAttention {}
 
 impl TokenToImageAttention {
-    /// The kernel name reported in kernel tables, e.g. `tinysam_token_to_image_avx512f`.
+    /// The kernel name reported in kernel tables, e.g. `tinysam_token_to_image_avx512f` (with
+    /// the W8A16 kernel's name appended when the products run in integers).
     pub fn kernel_name(&self) -> String {
-        format!("tinysam_token_to_image_{}", Isa::detect())
+        match self.integer {
+            Some(kernel) => format!("tinysam_token_to_image_{}_{}", Isa::detect(), kernel.name()),
+            None => format!("tinysam_token_to_image_{}", Isa::detect()),
+        }
     }
 
     fn part(
@@ -145,13 +158,17 @@ impl Op for TokenToImageAttention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} head(s) × {} query rows × {} image tokens × {}{}, online softmax, kernel {}",
+            "{} head(s) × {} query rows × {} image tokens × {}{}, online softmax, kernel {}{}",
             self.heads,
             self.rows,
             self.pixels,
             self.dim,
             if self.key_pe.is_some() { ", + pe" } else { "" },
-            Isa::detect()
+            Isa::detect(),
+            match self.integer {
+                Some(kernel) => format!(", products W8A16 on {}", kernel.name()),
+                None => String::new(),
+            }
         )])
     }
 
@@ -221,6 +238,20 @@ impl EvalOp for TokenToImageAttention {
             .flat_map(|q| (0..h).map(move |head| pack_head_columns(q, h, head, c)))
             .collect::<Option<_>>()
             .context("query rows")?;
+        // The same query rows at 12 bits per row (`c × r` row-major) for the integer products.
+        let quantized: Vec<W8Weights> = match self.integer {
+            Some(_) => queries
+                .chunks_exact(prompts_per_group * per_prompt)
+                .flat_map(|q| {
+                    (0..h).map(move |head| {
+                        let (columns, r) = head_columns(q, h, head, c)?;
+                        W8Weights::quantize_levels(&columns, c, r, QUERY_LEVELS)
+                    })
+                })
+                .collect::<Option<_>>()
+                .context("query rows")?,
+            None => Vec::new(),
+        };
         let parts = p.div_ceil(PART);
         let len = kernel::state_len(r, c).context("state size")?;
         let mut states = vec![0f32; groups * h * parts * len];
@@ -244,6 +275,12 @@ impl EvalOp for TokenToImageAttention {
                         None => None,
                     },
                     values: values.get(at).context("values")?,
+                    integer: match self.integer {
+                        Some(kernel) => {
+                            Some((kernel, quantized.get(group_head).context("query rows")?))
+                        }
+                        None => None,
+                    },
                 };
                 self.part(isa, &job, state, &mut scratch)
                     .context("TinysamTokenToImageAttention: part sizes")?;
@@ -282,9 +319,13 @@ impl TypedOp for TokenToImageAttention {
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        // Two products of R × P × D.
+        // Two products of R × P × D; in integers they accumulate in i32.
+        let accumulator = match self.integer {
+            Some(_) => i32::datum_type(),
+            None => f32::datum_type(),
+        };
         Ok(tvec!((
-            Cost::FMA(f32::datum_type()),
+            Cost::FMA(accumulator),
             self.batch_of(inputs[0]) * (2 * self.heads * self.rows * self.pixels * self.dim)
         )))
     }
@@ -314,6 +355,46 @@ pub fn rewrite_token_to_image(model: &mut TypedModel) -> TractResult<usize> {
         is_softmax,
         plan,
     )
+}
+
+/// The largest quantized magnitude of a query row (12 bits) in the integer logits. Both
+/// products multiply two operands that change per prompt (no constant that 8 bits represent
+/// well), and logit errors grow through the softmax's exponential: with both at 8 bits the op's
+/// output moved by up to 0.4 % of its scale on sharp logits
+/// (`tests::fused_attention_matches_its_definition`). The kernels hold the weight side as i16
+/// whatever its range, so wider costs no speed, only activation bits: with 12-bit query rows an
+/// i32 sum over 256 depths leaves the keys 12 bits.
+pub const QUERY_LEVELS: i16 = 2047;
+
+/// The largest quantized magnitude of a tile's values (12 bits, per channel) in the integer
+/// weighted sum; over a tile's 64 image tokens that leaves the softmax weights 15 bits.
+pub const VALUE_LEVELS: i16 = 2047;
+
+/// Run the [`TokenToImageAttention`]s of `model` whose heads fill whole panels of the W8A16
+/// kernels (SAM's later blocks: one head of 256) with their products in integers on `kernel`
+/// (the INT8 decoder quantized at load); returns how many. The first block's heads of 16 stay
+/// f32: half a panel wide, they ran slower in integers (`tests::token_to_image_op_speed`,
+/// AVX-512 + VNNI, 1 thread: 1.48 against 0.95 ms).
+pub fn token_to_image_in_integers(
+    model: &mut TypedModel,
+    kernel: W8A16Kernel,
+) -> TractResult<usize> {
+    let mut count = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node_mut(id);
+        if let Some(op) = node
+            .op_as::<TokenToImageAttention>()
+            .filter(|op| op.dim.is_multiple_of(W8_PANEL))
+        {
+            let op = TokenToImageAttention {
+                integer: Some(kernel),
+                ..op.clone()
+            };
+            node.op = Box::new(op);
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// A matched chain.
@@ -498,6 +579,7 @@ fn plan(model: &TypedModel, softmax: usize) -> TractResult<Match<TokenToImageAtt
             batched,
             separate_values: false,
             key_pe: Some(Arc::new(pe)),
+            integer: None,
         },
     })))
 }
@@ -570,6 +652,7 @@ fn plan_per_head(
             batched,
             separate_values: true,
             key_pe: None,
+            integer: None,
         },
     })))
 }
