@@ -40,9 +40,12 @@ pub(crate) enum Logits<'a> {
     },
     /// Computed here: `(residual + pe) · queries + bias` for the tile's image tokens, with the
     /// prompt's query rows transposed and packed (`D × H·T`), one bias per row and the tile's
-    /// rows of the positional encoding.
+    /// rows of the positional encoding. With `quantized` (the same query rows at 12 bits per
+    /// row) and [`Tile::integer`] set, the product runs in integers on that kernel, the tile's
+    /// image tokens + pe at 12 bits per token.
     FromKeys {
         queries: &'a PackedWeights,
+        quantized: Option<&'a W8Weights>,
         bias: &'a [f32],
         pe: &'a [f32],
     },
@@ -69,7 +72,8 @@ pub(crate) struct Tile<'a> {
     pub(crate) tokens: usize,
     pub(crate) values: &'a PackedWeights,
     /// When set, the weighted sum runs in integers on this kernel: the values at 8 bits per
-    /// column (quantized once per prompt), the tile's weights at 16 bits per image token (W8A16).
+    /// column (quantized once per prompt), the tile's weights at 16 bits per image token (W8A16);
+    /// so do logits computed from keys (see [`Logits::FromKeys`]).
     pub(crate) integer: Option<(W8A16Kernel, &'a W8Weights)>,
     pub(crate) residual: &'a [f32],
     pub(crate) bias: &'a [f32],
@@ -90,6 +94,7 @@ pub(crate) struct Scratch {
     batch_logits: Vec<f32>,
     batch_logits_of: Option<(usize, usize, usize)>,
     quantized: A16Rows,
+    quantized_keys: A16Rows,
 }
 
 impl Scratch {
@@ -106,6 +111,7 @@ impl Scratch {
             batch_logits: Vec::new(),
             batch_logits_of: None,
             quantized: A16Rows::new(),
+            quantized_keys: A16Rows::new(),
         }
     }
 }
@@ -171,18 +177,29 @@ fn mix<const FMA: bool, M: Micro>(
         batch_logits,
         batch_logits_of,
         quantized,
+        quantized_keys,
     } = scratch;
     let weights = &mut weights[..rows * ht];
     // The logits as `[H·T]` runs of image tokens: `scores[row · stride + first ..]`.
     let (scores, stride, first): (&[f32], usize, usize) = match tile.logits {
         Logits::Given { all, pixels, first } => (all, pixels, first),
-        Logits::FromKeys { queries, bias, pe } => {
+        Logits::FromKeys {
+            queries,
+            quantized,
+            bias,
+            pe,
+        } => {
             let keys_pe = &mut keys_pe[..rows * d];
             for ((x, &k), &p) in keys_pe.iter_mut().zip(tile.residual).zip(pe) {
                 *x = k + p;
             }
             let local = &mut local[..rows * ht];
-            product(m, keys_pe, queries, local, block);
+            match (tile.integer, quantized) {
+                (Some((kernel, _)), Some(queries)) => {
+                    w8a16::multiply(kernel, keys_pe, queries, quantized_keys, local)
+                }
+                _ => product(m, keys_pe, queries, local, block),
+            }
             for row in local.chunks_exact_mut(ht) {
                 for (x, &b) in row.iter_mut().zip(bias) {
                     *x += b;

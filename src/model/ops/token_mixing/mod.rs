@@ -28,7 +28,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
-use super::gemm::{pack_head_columns, same_bits, PackedWeights};
+use super::gemm::{head_columns, pack_head_columns, same_bits, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
@@ -37,7 +37,7 @@ use super::graph::{
 };
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
-use super::token_to_image::{einsum_expr, keys_logits, HEAD_LOGITS};
+use super::token_to_image::{einsum_expr, keys_logits, HEAD_LOGITS, QUERY_LEVELS};
 use super::w8a16::{W8A16Kernel, W8Weights};
 use kernel::{Logits, Norm, Scratch, Tile, TILE};
 
@@ -101,7 +101,9 @@ pub struct ImageToTokenOutput {
     beta: Arc<Vec<f32>>,
     /// When set, the weighted sum of the prompt's projected token values runs as W8A16 on this
     /// kernel (see [`super::w8a16`]): the values at 8 bits per output channel, quantized once
-    /// per prompt, each image token's softmax weights at 16 bits.
+    /// per prompt, each image token's softmax weights at 16 bits. So do logits computed from
+    /// keys ([`LogitsSource::FromKeys`]), at 12 bits a side: the prompt's query rows per row,
+    /// each image token + pe per token.
     pub integer: Option<W8A16Kernel>,
 }
 
@@ -319,6 +321,19 @@ impl EvalOp for ImageToTokenOutput {
                 .collect::<Option<_>>()
                 .context("query rows")?,
         };
+        // In integers, logits from keys take the same query rows at 12 bits per row (both sides
+        // of the product change per prompt; see `token_to_image::QUERY_LEVELS`).
+        let quantized_queries: Vec<W8Weights> = match (&self.logits, self.integer) {
+            (LogitsSource::FromKeys(_), Some(_)) => first
+                .chunks_exact(ht * d)
+                .map(|q| {
+                    let (columns, n) = head_columns(q, 1, 0, d)?;
+                    W8Weights::quantize_levels(&columns, d, n, QUERY_LEVELS)
+                })
+                .collect::<Option<_>>()
+                .context("query rows")?,
+            _ => Vec::new(),
+        };
         ensure!(
             p.is_multiple_of(TILE),
             "TinysamImageToTokenOutput: {p} image tokens are not a multiple of {TILE}"
@@ -389,6 +404,7 @@ impl EvalOp for ImageToTokenOutput {
                         },
                         LogitsSource::FromKeys(pe) => Logits::FromKeys {
                             queries: queries.get(b).context("query rows")?,
+                            quantized: quantized_queries.get(b),
                             bias: second
                                 .and_then(|bias| bias.get(b * ht..(b + 1) * ht))
                                 .context("row bias")?,
@@ -462,14 +478,20 @@ impl TypedOp for ImageToTokenOutput {
             1.into()
         };
         // The weighted sum; in integers it accumulates in i32.
-        let accumulator = match self.integer {
-            Some(_) => i32::datum_type(),
-            None => f32::datum_type(),
-        };
-        Ok(tvec!((
-            Cost::FMA(accumulator),
-            batch * (self.heads * self.tokens * self.pixels * self.dim)
-        )))
+        let (float, int) = (f32::datum_type(), i32::datum_type());
+        let accumulator = if self.integer.is_some() { int } else { float };
+        let rows = self.heads * self.tokens * self.pixels;
+        let mut costs = tvec!((Cost::FMA(accumulator), batch.clone() * (rows * self.dim)));
+        // Logits computed here (given ones are the graph's products): from keys over the whole
+        // width (in integers with the weighted sum), per head over the head's width.
+        match self.logits {
+            LogitsSource::Input => {}
+            LogitsSource::FromKeys(_) => {
+                costs.push((Cost::FMA(accumulator), batch * (rows * self.dim)))
+            }
+            LogitsSource::PerHead(c) => costs.push((Cost::FMA(float), batch * (rows * c))),
+        }
+        Ok(costs)
     }
 
     as_op!();

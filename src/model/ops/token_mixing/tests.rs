@@ -54,8 +54,9 @@ fn fused_output_matches_the_default_models_prompt_graph() -> TractResult<()> {
     compare(&dir, 1, 2, true)
 }
 
-/// The fixture's per-prompt graph on our ops, with the image->token weighted sums as W8A16 (the
-/// INT8 decoder's form) against f32: every kernel gives the same bits, within the 8-bit values'
+/// The fixture's per-prompt graph on our ops in the INT8 decoder's form (the image->token
+/// weighted sums and logits from keys, and the token->image attentions' products, in integers on
+/// the W8A16 kernels) against f32: every kernel gives the same bits, within the quantization's
 /// rounding of the f32 outputs (image tokens, mask weights, IoU).
 #[test]
 fn integer_weighted_sums_stay_close_to_f32() -> TractResult<()> {
@@ -71,6 +72,9 @@ fn integer_weighted_sums_stay_close_to_f32() -> TractResult<()> {
         for kernel in W8A16Kernel::supported() {
             let mut integer = f32_ops.clone();
             assert_eq!(image_to_token_outputs_in_integers(&mut integer, kernel)?, 2);
+            // The later two (the first block's heads are half a panel wide).
+            let later = super::super::token_to_image_in_integers(&mut integer, kernel)?;
+            assert_eq!(later, 2);
             let got = run_all_outputs(integer, &inputs)?;
             for (i, (got, want)) in got.iter().zip(&want).enumerate() {
                 let (err, scale) = max_difference(got, want);
@@ -168,7 +172,8 @@ fn token_mixing_op_speed() -> TractResult<()> {
             h * t * p * (d + 16),
         ),
     ];
-    // Each case again with its weighted sum as W8A16, where this CPU has a kernel for it.
+    // Each case again in the INT8 form (the weighted sum, and logits from keys, in integers)
+    // where this CPU has a kernel for it.
     let integer: Vec<_> = crate::model::ops::w8a16::W8A16Kernel::supported()
         .into_iter()
         .find(|k| *k != crate::model::ops::w8a16::W8A16Kernel::Portable)
@@ -178,7 +183,13 @@ fn token_mixing_op_speed() -> TractResult<()> {
                     integer: Some(kernel),
                     ..op.clone()
                 };
-                (*name, op, inputs.clone(), *macs, " (W8A16 weighted sum)")
+                (
+                    *name,
+                    op,
+                    inputs.clone(),
+                    *macs,
+                    " (W8A16; logits from keys too)",
+                )
             })
         })
         .into_iter()
