@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod everything;
+pub mod fidelity;
 pub mod geometry;
 pub mod heartbeat;
 pub mod hub;

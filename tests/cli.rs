@@ -307,3 +307,65 @@ fn ros2_bridge_checks_its_configuration() {
     assert!(stdout.contains("node_name = \"seg\""), "{stdout}");
     assert!(stdout.contains("\"10,20,1\""), "{stdout}");
 }
+
+#[test]
+fn fidelity_reports_every_mixture_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fidelity.json");
+    let out = tinysam()
+        .arg("fidelity")
+        .arg(fixtures().join("golden/frame.png"))
+        .arg("--model")
+        .arg(test_model())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("embedding cosine"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The fixture ships an exported INT8 decoder file.
+    assert_eq!(report["int8_decoder"], "file");
+    let share = report["integer_share"]["encoder"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share), "{share}");
+    let images = report["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["size"], serde_json::json!([150, 200]));
+    let cosine = images[0]["embedding_cosine"].as_f64().unwrap();
+    assert!(cosine > 0.9 && cosine <= 1.0 + 1e-9, "{cosine}");
+    for key in [
+        "int8_encoder_int8_decoder",
+        "int8_encoder_fp32_decoder",
+        "fp32_encoder_int8_decoder",
+    ] {
+        let rows = images[0]["mixtures"][key].as_array().unwrap();
+        assert_eq!(rows.len(), 7, "{key}: five points and two boxes");
+        for row in rows {
+            let iou = row["mask_iou"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&iou), "{key}: {row}");
+            assert!(row["iou_score_error"].as_f64().unwrap() >= 0.0);
+        }
+        let summary = &report["summary"][key];
+        assert_eq!(summary["prompts"], 7);
+        let mean = summary["mean_mask_iou"].as_f64().unwrap();
+        assert!(
+            mean >= summary["min_mask_iou"].as_f64().unwrap(),
+            "{summary}"
+        );
+    }
+    // A missing image is named.
+    assert_fails_with(
+        tinysam()
+            .arg("fidelity")
+            .arg(dir.path().join("missing.png"))
+            .arg("--model")
+            .arg(test_model()),
+        "missing.png",
+    );
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_daemon;
 mod bench_raw;
+mod fidelity;
 #[path = "../shared/prompt_flags.rs"]
 mod prompt_flags;
 mod sub;
@@ -94,6 +95,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Subscribe to a running tinysamd and print or save the masks it publishes.
     Sub(sub::SubArgs),
+    /// Compare the model's INT8 forms with its FP32 form as this runtime runs them: embedding
+    /// cosine, best-mask IoU, IoU-score error, best-mask agreement.
+    Fidelity(fidelity::FidelityArgs),
 }
 
 #[derive(Args)]
@@ -546,6 +550,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info(a),
         Command::Bench(a) => bench::run(a),
         Command::Sub(a) => sub::run(a),
+        Command::Fidelity(a) => fidelity::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
