@@ -746,11 +746,13 @@ fn w8a16_conv_blocks_keep_the_default_models_fidelity() {
     }
 }
 
-/// The default model's INT8 decoder — the FP32 split decoder quantized at load: the mask
-/// upscaling's second transposed convolution and the image->token weighted sums as W8A16 on
+/// The default model's INT8 decoder (its default) — the FP32 split decoder quantized at load:
+/// the mask upscaling's second transposed convolution, the image->token weighted sums and
+/// logits from keys, the later token->image attentions' products, on the W8A16 kernels of
 /// x86_64 — against the FP32 decoder on the same FP32 embedding: the golden prompts' masks stay
-/// within a few boundary pixels of FP32's and their IoU scores within 1e-4. Prints the figures; `TINYSAM_FIDELITY_IMAGES` (paths separated by
-/// `:`) adds photos. x86_64 only: aarch64 runs that product in f32 (the same values as FP32).
+/// within a few boundary pixels of FP32's and their IoU scores within 1e-4. Prints the figures;
+/// `TINYSAM_FIDELITY_IMAGES` (paths separated by `:`) adds photos. x86_64 only: aarch64 runs
+/// those products in f32 (the same values as FP32).
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn int8_decoder_keeps_the_fp32_decoders_masks() {

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import torch
 
+from tinysam_export.build import manifest_fidelity_key
 from tinysam_export.config import TEST
 from tinysam_export.images import skimage_photos
 from tinysam_export.preprocess import preprocess
@@ -37,10 +40,21 @@ def test_fp32_onnx_matches_pytorch_on_real_photos(test_model, built_test_dir):
 
 def test_int8_fidelity_above_threshold(built_test_dir):
     _, manifest = built_test_dir
-    chosen = manifest["default"]["decoder"]
-    key = "int8_encoder_int8_decoder" if chosen == "int8" else "int8_encoder_fp32_decoder"
+    key = manifest_fidelity_key(manifest)
     assert manifest["fidelity"][key]["mean_mask_iou"] >= MIN_MEAN_MASK_IOU
     assert manifest["fidelity"]["embedding_cosine_min"] > 0.95
+
+
+def test_auto_decoder_is_the_fp32_split_decoder_quantized_at_load(built_test_dir):
+    out, manifest = built_test_dir
+    assert manifest["default"] == {"encoder": "int8", "decoder": "int8"}
+    decoders = {(f["role"], f["precision"]) for f in manifest["files"] if f["role"].startswith("decoder")}
+    # No INT8 decoder file: the runtime loads INT8 as the FP32 split graphs quantized at load.
+    assert decoders == {("decoder", "fp32"), ("decoder_frame", "fp32"), ("decoder_prompt", "fp32"), ("decoder_masks", "fp32")}
+    assert not (out / "decoder.int8.onnx").exists()
+    chosen = json.loads((out / "fidelity.json").read_text())["chosen"]
+    assert chosen == {"encoder": "int8", "decoder": "int8", "decoder_form": "quantized at load"}
+    assert manifest_fidelity_key(manifest) == "int8_encoder_fp32_decoder"
 
 
 def test_quantized_graph_uses_qoperator_ops(built_test_dir):
@@ -63,8 +77,8 @@ def test_default_model_mac_share_and_fidelity(default_manifest):
     # The stem stays float by design (see quantize.QuantOptions.float_stem): ~75% integer.
     assert enc["mac_share"]["integer_share"] >= 0.7
     assert default_manifest["weights"]["kind"] == "synthetic"
-    chosen = default_manifest["default"]["decoder"]
-    key = "int8_encoder_int8_decoder" if chosen == "int8" else "int8_encoder_fp32_decoder"
+    key = manifest_fidelity_key(default_manifest)
+    assert key == "int8_encoder_fp32_decoder", "the default decoder is INT8 quantized at load"
     assert default_manifest["fidelity"][key]["mean_mask_iou"] >= MIN_MEAN_MASK_IOU
 
 

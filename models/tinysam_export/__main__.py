@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="output model directory")
     e.add_argument("--compact", action="store_true", help="keep both encoders but only the chosen decoder")
     e.add_argument("--decoder", choices=["auto", "int8", "fp32"], default="auto",
-                   help="shipped decoder precision (auto: the faster in the runtime, FP32 while only it has the split form)")
+                   help="shipped decoder (auto: INT8 as the runtime quantizes the FP32 split decoder at load; "
+                   "int8: the exported one-graph INT8 decoder, slow in tract; fp32)")
     e.add_argument("--quantization", choices=["search", "statistics"], default="search",
                    help="encoder scales: output-distance search (TinySAM's PTQ) or onnxruntime's statistics")
     e.add_argument("--calibration-images", type=int, default=8, metavar="N",

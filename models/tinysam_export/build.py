@@ -50,7 +50,9 @@ class BuildRequest:
     opset: int = DEFAULT_OPSET
     quant: QuantOptions = field(default_factory=QuantOptions)
     keep_fp32: bool = True
-    decoder_precision: str = "auto"  # "int8", "fp32" or "auto" (the runtime's faster: fp32 today)
+    # "auto": the runtime's INT8 decoder, the FP32 split decoder quantized at load (see
+    # `decoder_choice`); "int8": the exported one-graph INT8 decoder; "fp32".
+    decoder_precision: str = "auto"
     calibration_prompts: int = 24
     extra_calibration: tuple[Path, ...] = ()
     enforce_fidelity: bool = True
@@ -137,6 +139,40 @@ def split_decoder_paths(out: Path) -> dict[str, Path]:
         "decoder_prompt": out / "decoder.prompt.fp32.onnx",
         "decoder_masks": out / "decoder.masks.fp32.onnx",
     }
+
+
+def decoder_choice(requested: str) -> tuple[str, bool]:
+    """The shipped decoder precision for `--decoder` and whether the runtime quantizes it at load.
+
+    "auto" is the runtime's INT8 decoder: the FP32 per-frame + per-prompt graphs (shipped here),
+    with their largest products quantized as the runtime loads them (W8A16 on x86_64; f32 on
+    aarch64, where that is no faster): ~14 % less time per prompt than the FP32 decoder at mask
+    IoU 0.997 against it on the default model (`tinysam fidelity`,
+    benches/fidelity-runtime-results.md). The exported one-graph INT8 decoder ("int8") is 4-50x
+    slower in tract than the split FP32 decoder (benches/ptq-speed-results.md) and would take the
+    quantized-at-load decoder's place, so "auto" does not ship it.
+    """
+    if requested == "auto":
+        return "int8", True
+    return requested, False
+
+
+def fidelity_key(decoder_precision: str, at_load: bool) -> str:
+    """The fidelity report's entry that gates an export: onnxruntime measures the exported INT8
+    decoder, not the runtime's quantization at load, so with the latter the INT8 encoder with the
+    FP32 decoder (the INT8 decoder's own loss is the runtime's to report: `tinysam fidelity`)."""
+    if decoder_precision == "int8" and not at_load:
+        return "int8_encoder_int8_decoder"
+    return "int8_encoder_fp32_decoder"
+
+
+def manifest_fidelity_key(manifest: dict) -> str:
+    """`fidelity_key` of a written manifest: its default decoder is quantized at load when it is
+    INT8 and the directory has no INT8 decoder file (as the runtime decides)."""
+    files = {(f["role"], f["precision"]) for f in manifest["files"]}
+    decoder = manifest["default"]["decoder"]
+    at_load = decoder == "int8" and not any(p == "int8" and r.startswith("decoder") for r, p in files)
+    return fidelity_key(decoder, at_load)
 
 
 def split_decoder_entries(paths: dict[str, Path]) -> list[dict]:
@@ -278,26 +314,28 @@ def _build_into(req: BuildRequest, out: Path) -> dict:
             (paths["encoder", "int8"], paths["decoder", "int8"]),
             evaluation_set(req.use_shared_images),
         )
-    decoder_precision = req.decoder_precision
-    if decoder_precision == "auto":
-        # The runtime's fast decoder is the FP32 per-frame + per-prompt pair (with its own fused
-        # ops); the INT8 decoder is one graph and, in tract, ~4x slower at batch 1 and ~50x at
-        # batch 64 per prompt (112 vs 29 ms, 1 131 vs 21 ms on the default model, 2 threads,
-        # benches/ptq-speed-results.md). So FP32 ships whatever the INT8 decoder's fidelity,
-        # until the split decoder has an INT8 form.
-        decoder_precision = "fp32"
+    decoder_precision, at_load = decoder_choice(req.decoder_precision)
     report["chosen"] = {"encoder": "int8", "decoder": decoder_precision}
+    if at_load:
+        report["chosen"]["decoder_form"] = "quantized at load"
     if search_report is not None:
         report["search"] = search_report
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     if req.enforce_fidelity:
-        check_fidelity(report, decoder_precision)
+        check_fidelity(report, fidelity_key(decoder_precision, at_load))
 
     files = []
     for (role, precision), path in paths.items():
-        # Without keep_fp32: both encoders (the FP32 one is the fast path where tract's INT8
-        # kernels are slow, see README "Performance") and the decoder of the chosen precision.
-        shipped = req.keep_fp32 or role == "encoder" or precision == decoder_precision
+        # Both encoders (the FP32 one is the fast path where tract's INT8 kernels are slow, see
+        # README "Performance"); the decoder of the chosen precision, or every one with
+        # keep_fp32; never the one-graph INT8 decoder when the runtime quantizes the FP32 split
+        # decoder at load (a directory's INT8 decoder file is what `int8` loads).
+        if role == "encoder":
+            shipped = True
+        elif at_load:
+            shipped = precision == "fp32"
+        else:
+            shipped = req.keep_fp32 or precision == decoder_precision
         if not shipped:
             path.unlink()
             continue

@@ -325,6 +325,19 @@ mod tests {
     ];
 
     #[test]
+    fn the_default_models_default_decoder_is_int8_quantized_at_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+        let m = Manifest::load(&dir).expect("the default model's manifest");
+        assert_eq!(m.default_precision(Role::Encoder), Precision::Int8);
+        assert_eq!(m.default_precision(Role::Decoder), Precision::Int8);
+        assert!(m.has_decoder_quantized_at_load());
+        let (file, quantized) = m
+            .loadable(Role::DecoderPrompt, Precision::Int8)
+            .expect("loadable");
+        assert!(quantized && file.precision == Precision::Fp32);
+    }
+
+    #[test]
     fn the_int8_decoder_is_the_fp32_split_decoder_quantized_at_load() {
         let m = listing(&SPLIT_FP32);
         assert!(m.has_decoder_quantized_at_load());
