@@ -250,10 +250,10 @@ pub fn measure_frame(
 ) -> Result<FrameFidelity> {
     let reference_embedding = fp32.embed(frame)?;
     let int8_embedding = int8.embed(frame)?;
-    let geometry = reference_embedding.geometry.clone();
+    let geometry = reference_embedding.geometry;
     let embedding_cosine = cosine(&values(&reference_embedding)?, &values(&int8_embedding)?);
     let m = fp32.mask_size();
-    let mask_values = m.checked_mul(m).unwrap_or(usize::MAX);
+    let mask_values = m.saturating_mul(m);
     let prompts = fixed_prompts(frame.width(), frame.height());
     let names: Vec<String> = prompts.iter().map(|(n, _)| n.clone()).collect();
     let model_prompts: Vec<ModelPrompt> = prompts
@@ -261,7 +261,7 @@ pub fn measure_frame(
         .map(|(_, p)| p.to_model(&geometry, mask_values))
         .collect::<std::result::Result<_, _>>()?;
     // A fresh embedding per run, so that no decoder reuses another's per-frame tensors.
-    let fresh = |e: &Embedding| Embedding::new(e.tensor.clone(), e.geometry.clone());
+    let fresh = |e: &Embedding| Embedding::new(e.tensor.clone(), e.geometry);
     let decode = |segmenter: &Segmenter, embedding: &Embedding| {
         segmenter.decode(&fresh(embedding), &model_prompts, None)
     };
