@@ -264,7 +264,8 @@ def report(args, results: list[dict], manifest: dict, elapsed_s: float) -> str:
         f"({enc_share.get('integer_share', 0) * 100:.0f} % in quantized ops in the INT8 file); "
         + (f"decoder {dec_macs / 1e9:.2f} GMAC per prompt." if dec_macs else
            "decoder: not counted (the directory has no INT8 decoder file; tract's INT8 row runs the "
-           "FP32 split decoder quantized at load, its mask upscaling's constant-weight product W8A16)."),
+           "FP32 split decoder quantized at load, its largest products on the W8A16 kernels: "
+           "`tinysam info --decoder int8` counts them)."),
     ]
     lanes = 16 if "avx512f" in flags.split("(")[0] else 8
     if mhz:
