@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::geometry::Geometry;
 use crate::model::{Embedding, MaskLogits};
-use crate::prompt::{BoxPrompt, ModelPrompt, PointLabel, Prompt, PromptPoint};
+use crate::prompt::{BoxPrompt, PointLabel, Prompt, PromptPoint};
 use crate::segmenter::Segmenter;
 use crate::{Error, Result};
 
@@ -222,6 +222,9 @@ pub struct FrameFidelity {
     pub embedding_cosine: f64,
     /// Per mixture (its key in [`MIXTURES`]): the prompts' comparisons.
     pub mixtures: BTreeMap<String, Vec<PromptFidelity>>,
+    /// Fixed prompts this frame refuses (a box with no area inside a 1-pixel-wide frame), with
+    /// the reason.
+    pub skipped: Vec<String>,
 }
 
 /// Cosine similarity of two equally long vectors (in f64); 0 if either is all zeros.
@@ -254,12 +257,23 @@ pub fn measure_frame(
     let embedding_cosine = cosine(&values(&reference_embedding)?, &values(&int8_embedding)?);
     let m = fp32.mask_size();
     let mask_values = m.saturating_mul(m);
-    let prompts = fixed_prompts(frame.width(), frame.height());
-    let names: Vec<String> = prompts.iter().map(|(n, _)| n.clone()).collect();
-    let model_prompts: Vec<ModelPrompt> = prompts
-        .iter()
-        .map(|(_, p)| p.to_model(&geometry, mask_values))
-        .collect::<std::result::Result<_, _>>()?;
+    let (mut names, mut model_prompts, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, prompt) in fixed_prompts(frame.width(), frame.height()) {
+        match prompt.to_model(&geometry, mask_values) {
+            Ok(p) => {
+                names.push(name);
+                model_prompts.push(p);
+            }
+            Err(e) => skipped.push(format!("{name}: {e}")),
+        }
+    }
+    if model_prompts.is_empty() {
+        return Err(Error::Image(format!(
+            "no fixed prompt fits the {}x{} frame",
+            frame.width(),
+            frame.height()
+        )));
+    }
     // A fresh embedding per run, so that no decoder reuses another's per-frame tensors.
     let fresh = |e: &Embedding| Embedding::new(e.tensor.clone(), e.geometry);
     let decode = |segmenter: &Segmenter, embedding: &Embedding| {
@@ -286,6 +300,7 @@ pub fn measure_frame(
         size: [frame.height(), frame.width()],
         embedding_cosine,
         mixtures,
+        skipped,
     })
 }
 

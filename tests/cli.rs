@@ -359,6 +359,40 @@ fn fidelity_reports_every_mixture_as_json() {
             "{summary}"
         );
     }
+    // A frame one pixel wide keeps its points and skips the boxes, saying why.
+    let thin = dir.path().join("thin.png");
+    image::RgbImage::from_pixel(1, 40, image::Rgb([90, 120, 30]))
+        .save(&thin)
+        .unwrap();
+    let out = tinysam()
+        .arg("fidelity")
+        .arg(&thin)
+        .arg("--model")
+        .arg(test_model())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let thin_frame = &report["images"][0];
+    assert_eq!(
+        thin_frame["skipped"].as_array().unwrap().len(),
+        2,
+        "{thin_frame}"
+    );
+    assert_eq!(
+        thin_frame["mixtures"]["int8_encoder_int8_decoder"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
     // A missing image is named.
     assert_fails_with(
         tinysam()

@@ -83,6 +83,9 @@ pub fn run(args: FidelityArgs) -> anyhow::Result<()> {
                 println!("  {key:<27} {}", line(&s));
             }
         }
+        for skipped in &measured.skipped {
+            println!("  skipped {skipped}");
+        }
         images.push(measured);
     }
     let cosines: Vec<f64> = images.iter().map(|i| i.embedding_cosine).collect();
@@ -92,10 +95,8 @@ pub fn run(args: FidelityArgs) -> anyhow::Result<()> {
     summary.insert("embedding_cosine_mean".into(), mean_cosine.into());
     summary.insert("embedding_cosine_min".into(), min_cosine.into());
     println!(
-        "all {} image(s), {} prompts each: embedding cosine mean {mean_cosine:.4}, min \
-         {min_cosine:.4}",
+        "all {} image(s): embedding cosine mean {mean_cosine:.4}, min {min_cosine:.4}",
         images.len(),
-        fidelity::fixed_prompts(1, 1).len()
     );
     for (key, _, _) in MIXTURES {
         let rows = images.iter().filter_map(|i| i.mixtures.get(key)).flatten();
