@@ -308,28 +308,34 @@ fn ros2_bridge_checks_its_configuration() {
     assert!(stdout.contains("\"10,20,1\""), "{stdout}");
 }
 
-#[test]
-fn fidelity_reports_every_mixture_as_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("fidelity.json");
+/// `tinysam fidelity IMAGE --model <fixture> --json JSON`, which must succeed: its stdout and
+/// the report.
+fn fidelity_report(image: &std::path::Path, json: &std::path::Path) -> (String, serde_json::Value) {
     let out = tinysam()
         .arg("fidelity")
-        .arg(fixtures().join("golden/frame.png"))
+        .arg(image)
         .arg("--model")
         .arg(test_model())
         .arg("--json")
-        .arg(&json)
+        .arg(json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (stdout, report)
+}
+
+#[test]
+fn fidelity_reports_every_mixture_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fidelity.json");
+    let (stdout, report) = fidelity_report(&fixtures().join("golden/frame.png"), &json);
     assert!(stdout.contains("embedding cosine"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     // The fixture ships an exported INT8 decoder file.
     assert_eq!(report["int8_decoder"], "file");
     let share = report["integer_share"]["encoder"].as_f64().unwrap();
@@ -337,6 +343,7 @@ fn fidelity_reports_every_mixture_as_json() {
     let images = report["images"].as_array().unwrap();
     assert_eq!(images.len(), 1);
     assert_eq!(images[0]["size"], serde_json::json!([150, 200]));
+    assert_eq!(images[0]["skipped"], serde_json::json!([]));
     let cosine = images[0]["embedding_cosine"].as_f64().unwrap();
     assert!(cosine > 0.9 && cosine <= 1.0 + 1e-9, "{cosine}");
     for key in [
@@ -364,35 +371,12 @@ fn fidelity_reports_every_mixture_as_json() {
     image::RgbImage::from_pixel(1, 40, image::Rgb([90, 120, 30]))
         .save(&thin)
         .unwrap();
-    let out = tinysam()
-        .arg("fidelity")
-        .arg(&thin)
-        .arg("--model")
-        .arg(test_model())
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, report) = fidelity_report(&thin, &json);
     let thin_frame = &report["images"][0];
-    assert_eq!(
-        thin_frame["skipped"].as_array().unwrap().len(),
-        2,
-        "{thin_frame}"
-    );
-    assert_eq!(
-        thin_frame["mixtures"]["int8_encoder_int8_decoder"]
-            .as_array()
-            .unwrap()
-            .len(),
-        5
-    );
+    let skipped = thin_frame["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2, "{thin_frame}");
+    let rows = thin_frame["mixtures"]["int8_encoder_int8_decoder"].as_array();
+    assert_eq!(rows.map(Vec::len), Some(5), "{thin_frame}");
     // A missing image is named.
     assert_fails_with(
         tinysam()

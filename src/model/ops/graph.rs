@@ -13,6 +13,23 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::gelu_exact::GeluExact;
 
+/// Replace every op of type `O` in `model` for which `change` gives a new one (the same inputs
+/// and outputs: a setting of the op, not its shape); returns how many changed.
+pub(crate) fn change_ops<O: TypedOp>(
+    model: &mut TypedModel,
+    change: impl Fn(&O) -> Option<O>,
+) -> usize {
+    let mut count = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node_mut(id);
+        if let Some(op) = node.op_as::<O>().and_then(&change) {
+            node.op = Box::new(op);
+            count += 1;
+        }
+    }
+    count
+}
+
 /// The only node consuming `outlet`, if it has exactly one consumer.
 pub(crate) fn sole_consumer(model: &TypedModel, outlet: OutletId) -> Option<usize> {
     match model.outlet_successors(outlet) {

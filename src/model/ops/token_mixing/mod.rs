@@ -32,8 +32,9 @@ use super::gemm::{head_columns, pack_head_columns, same_bits, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
-    axis_op_chain, bias_add_after, canonical, concrete_shape, indices_through, keeps_order,
-    next_op, producer_before_axis_ops, replace_chains, sole_consumer, Isa, Match, Replacement,
+    axis_op_chain, bias_add_after, canonical, change_ops, concrete_shape, indices_through,
+    keeps_order, next_op, producer_before_axis_ops, replace_chains, sole_consumer, Isa, Match,
+    Replacement,
 };
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
@@ -799,19 +800,12 @@ pub fn image_to_token_outputs_in_integers(
     model: &mut TypedModel,
     kernel: W8A16Kernel,
 ) -> TractResult<usize> {
-    let mut count = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node_mut(id);
-        if let Some(op) = node.op_as::<ImageToTokenOutput>() {
-            let op = ImageToTokenOutput {
-                integer: Some(kernel),
-                ..op.clone()
-            };
-            node.op = Box::new(op);
-            count += 1;
-        }
-    }
-    Ok(count)
+    Ok(change_ops(model, |op: &ImageToTokenOutput| {
+        Some(ImageToTokenOutput {
+            integer: Some(kernel),
+            ..op.clone()
+        })
+    }))
 }
 
 /// Whether the axis ops `chain` turn the `[.., H, T, P]` weights into `[.., P, H, T]` (any

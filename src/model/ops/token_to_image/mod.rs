@@ -32,7 +32,7 @@ use super::gemm::{head_columns, pack_head_columns, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
-    axis_op_chain, canonical, concrete_shape, const_operand, keeps_order, next_op,
+    axis_op_chain, canonical, change_ops, concrete_shape, const_operand, keeps_order, next_op,
     producer_before_axis_ops, replace_chains, sole_consumer, Isa, Match, Replacement,
 };
 use super::w8a16::{W8A16Kernel, W8Weights, PANEL as W8_PANEL};
@@ -379,22 +379,14 @@ pub fn token_to_image_in_integers(
     model: &mut TypedModel,
     kernel: W8A16Kernel,
 ) -> TractResult<usize> {
-    let mut count = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node_mut(id);
-        if let Some(op) = node
-            .op_as::<TokenToImageAttention>()
-            .filter(|op| op.dim.is_multiple_of(W8_PANEL))
-        {
-            let op = TokenToImageAttention {
+    Ok(change_ops(model, |op: &TokenToImageAttention| {
+        op.dim
+            .is_multiple_of(W8_PANEL)
+            .then(|| TokenToImageAttention {
                 integer: Some(kernel),
                 ..op.clone()
-            };
-            node.op = Box::new(op);
-            count += 1;
-        }
-    }
-    Ok(count)
+            })
+    }))
 }
 
 /// A matched chain.
