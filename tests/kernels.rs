@@ -225,10 +225,7 @@ fn int8_decoder_quantized_at_load_reports_its_integer_product() {
             model.decoder.quantized_at_load(),
             decoder == Precision::Int8
         );
-        let mut all = kernels::KernelReport::default();
-        for (plan, symbols) in model.decoder.prompt_plans(1, 2).unwrap() {
-            all = all.merge(kernels::analyse_with(plan.model(), &symbols).unwrap());
-        }
+        let all = kernels::analyse_prompts(&model.decoder, 1, 2).unwrap();
         (all, files)
     };
     let (fp32, fp32_files) = report(Precision::Fp32);

@@ -109,6 +109,20 @@ pub fn analyse(model: &TypedModel) -> TractResult<KernelReport> {
     analyse_with(model, &SymbolValues::default())
 }
 
+/// Analyse every plan `decoder` runs for a batch of `batch` prompts of `points` points (see
+/// [`super::Decoder::prompt_plans`]), as one report.
+pub fn analyse_prompts(
+    decoder: &super::Decoder,
+    batch: usize,
+    points: usize,
+) -> TractResult<KernelReport> {
+    let mut report = KernelReport::default();
+    for (plan, symbols) in decoder.prompt_plans(batch, points)? {
+        report = report.merge(analyse_with(plan.model(), &symbols)?);
+    }
+    Ok(report)
+}
+
 /// Analyse an optimised graph whose symbols take `values`.
 pub fn analyse_with(model: &TypedModel, values: &SymbolValues) -> TractResult<KernelReport> {
     let mut nodes = Vec::new();

@@ -109,10 +109,7 @@ pub fn run(args: FidelityArgs) -> anyhow::Result<()> {
     let mut integer_share = BTreeMap::new();
     let encoder = model::kernels::analyse(int8.model.encoder.model())?;
     integer_share.insert("encoder", encoder.integer_share());
-    let mut decoder = model::kernels::KernelReport::default();
-    for (plan, symbols) in int8.model.decoder.prompt_plans(1, 2)? {
-        decoder = decoder.merge(model::kernels::analyse_with(plan.model(), &symbols)?);
-    }
+    let decoder = model::kernels::analyse_prompts(&int8.model.decoder, 1, 2)?;
     integer_share.insert("decoder", decoder.integer_share());
     let report = Report {
         model: manifest.model.clone(),

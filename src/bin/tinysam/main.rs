@@ -450,15 +450,7 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
     let seg = args.model.load()?;
     let m = &seg.model;
     let enc = kernels::analyse(m.encoder.model())?;
-    let mut dec: Option<kernels::KernelReport> = None;
-    for (plan, symbols) in m.decoder.prompt_plans(1, 2)? {
-        let report = kernels::analyse_with(plan.model(), &symbols)?;
-        dec = Some(match dec {
-            Some(d) => d.merge(report),
-            None => report,
-        });
-    }
-    let dec = dec.context("the decoder has no plan")?;
+    let dec = kernels::analyse_prompts(&m.decoder, 1, 2)?;
     if args.json {
         let v = serde_json::json!({
             "dir": m.dir,

@@ -127,51 +127,19 @@ impl W8Weights {
     /// overflow: at 2047 levels (12 bits) and a depth of 256 the activations get 12 bits too.
     /// `None` if the sizes do not fit or `levels` is out of range.
     pub fn quantize_levels(w: &[f32], k: usize, n: usize, levels: i16) -> Option<W8Weights> {
-        if k == 0 || n == 0 || k.checked_mul(n)? != w.len() || !(1..=2047).contains(&levels) {
-            return None;
-        }
-        let top = f32::from(levels);
-        let pairs = k.div_ceil(2);
-        let panels_n = n.div_ceil(PANEL);
-        let mut scales = vec![0f32; panels_n * PANEL];
-        let mut inverse = vec![0f32; n];
-        for c in 0..n {
-            let largest = (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max);
-            if largest > 0.0 && largest.is_finite() {
-                scales[c] = largest / top;
-                inverse[c] = top / largest;
-            }
-        }
-        let mut panels = vec![0i16; panels_n * pairs * PANEL * 2];
-        for (p, panel) in panels.chunks_exact_mut(pairs * PANEL * 2).enumerate() {
-            for (j, pair) in panel.chunks_exact_mut(PANEL * 2).enumerate() {
-                for (i, col) in pair.chunks_exact_mut(2).enumerate() {
-                    let c = p * PANEL + i;
-                    if c >= n {
-                        break;
-                    }
-                    for (d, v) in col.iter_mut().enumerate() {
-                        let r = 2 * j + d;
-                        if r < k {
-                            let q = (w[r * n + c] * inverse[c]).round_ties_even();
-                            // NaN gives 0; the scale makes |q| ≤ `levels` for finite weights.
-                            *v = q.clamp(-top, top) as i16;
-                        }
-                    }
-                }
-            }
-        }
-        Some(W8Weights {
-            k,
-            n,
-            panels,
-            scales,
-            activation_limit: activation_limit(pairs, levels)?,
-        })
+        let mut quantized = W8Weights {
+            k: 0,
+            n: 0,
+            panels: Vec::new(),
+            scales: Vec::new(),
+            activation_limit: 0,
+        };
+        quantized.requantize(w, k, n, levels)?;
+        Some(quantized)
     }
 
-    /// Quantize `w` (`k` rows of `n` values, row-major) into this matrix's buffers at `levels`,
-    /// with the same result as [`W8Weights::quantize_levels`]: for fused ops whose weight-side
+    /// Quantize `w` (`k` rows of `n` values, row-major) into this matrix's buffers at `levels`
+    /// (what [`W8Weights::quantize_levels`] does into new ones): for fused ops whose weight-side
     /// operand changes per tile (a tile's image tokens), so that it allocates nothing once the
     /// sizes are set and vectorises (a panel's 32 columns at a time; inlined, so with the
     /// caller's target features). `None` if the sizes do not fit or `levels` is out of range.
@@ -963,6 +931,26 @@ mod tests {
             reused.requantize(&w, k, n, levels).expect("sizes fit");
             let fresh = W8Weights::quantize_levels(&w, k, n, levels).expect("sizes fit");
             assert_eq!(reused, fresh, "{k}×{n} at {levels}");
+            // Against the definition, a column at a time: the largest finite magnitude at
+            // `levels`, rounded to nearest even; NaN and columns without a finite largest
+            // value give 0.
+            let top = f32::from(levels);
+            let got = fresh.dequantized();
+            for c in 0..n {
+                let largest = (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max);
+                for r in 0..k {
+                    let want = if largest > 0.0 && largest.is_finite() {
+                        let q = (w[r * n + c] * (top / largest)).round_ties_even();
+                        let q = if q.is_nan() { 0.0 } else { q.clamp(-top, top) };
+                        q * (largest / top)
+                    } else {
+                        0.0
+                    };
+                    let at = r * n + c;
+                    // Compared as numbers: a negative value rounding to 0 is -0 here, 0 there.
+                    assert_eq!(got[at], want, "{k}×{n} at {levels}: {at}");
+                }
+            }
         }
         let bad = reused.requantize(&[0.0; 6], 4, 2, 127);
         assert!(bad.is_none(), "6 values are not 4×2");

@@ -28,7 +28,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
-use super::gemm::{head_columns, pack_head_columns, same_bits, PackedWeights};
+use super::gemm::{pack_head_columns, same_bits, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{Avx2, Avx512};
 use super::graph::{
@@ -38,7 +38,7 @@ use super::graph::{
 };
 use super::layer_norm::LayerNormOp;
 use super::softmax::AxisSoftmax;
-use super::token_to_image::{einsum_expr, keys_logits, HEAD_LOGITS, QUERY_LEVELS};
+use super::token_to_image::{einsum_expr, keys_logits, quantize_head_columns, HEAD_LOGITS};
 use super::w8a16::{W8A16Kernel, W8Weights};
 use kernel::{Logits, Norm, Scratch, Tile, TILE};
 
@@ -327,10 +327,7 @@ impl EvalOp for ImageToTokenOutput {
         let quantized_queries: Vec<W8Weights> = match (&self.logits, self.integer) {
             (LogitsSource::FromKeys(_), Some(_)) => first
                 .chunks_exact(ht * d)
-                .map(|q| {
-                    let (columns, n) = head_columns(q, 1, 0, d)?;
-                    W8Weights::quantize_levels(&columns, d, n, QUERY_LEVELS)
-                })
+                .map(|q| quantize_head_columns(q, 1, 0, d))
                 .collect::<Option<_>>()
                 .context("query rows")?,
             _ => Vec::new(),

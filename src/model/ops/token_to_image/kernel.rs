@@ -52,7 +52,7 @@ pub(crate) struct Part<'a> {
 
 /// Per-task buffers: a tile's keys with the positional encoding, its logits and weights, its
 /// keys packed, the tile's weighted sum and a product block; for the integer products the
-/// tile's keys and weights at 16 bits and its values at 8.
+/// tile's keys + pe and weights as 16-bit rows and its values quantized per channel.
 pub(crate) struct Scratch {
     keys_pe: Vec<f32>,
     scores: Vec<f32>,

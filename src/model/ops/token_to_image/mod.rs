@@ -238,16 +238,11 @@ impl EvalOp for TokenToImageAttention {
             .flat_map(|q| (0..h).map(move |head| pack_head_columns(q, h, head, c)))
             .collect::<Option<_>>()
             .context("query rows")?;
-        // The same query rows at 12 bits per row (`c × r` row-major) for the integer products.
+        // The same query rows at 12 bits per row for the integer products.
         let quantized: Vec<W8Weights> = match self.integer {
             Some(_) => queries
                 .chunks_exact(prompts_per_group * per_prompt)
-                .flat_map(|q| {
-                    (0..h).map(move |head| {
-                        let (columns, r) = head_columns(q, h, head, c)?;
-                        W8Weights::quantize_levels(&columns, c, r, QUERY_LEVELS)
-                    })
-                })
+                .flat_map(|q| (0..h).map(move |head| quantize_head_columns(q, h, head, c)))
                 .collect::<Option<_>>()
                 .context("query rows")?,
             None => Vec::new(),
@@ -365,6 +360,18 @@ pub fn rewrite_token_to_image(model: &mut TypedModel) -> TractResult<usize> {
 /// whatever its range, so wider costs no speed, only activation bits: with 12-bit query rows an
 /// i32 sum over 256 depths leaves the keys 12 bits.
 pub const QUERY_LEVELS: i16 = 2047;
+
+/// [`pack_head_columns`]' matrix (head `head`'s query rows of `q` as the `c × T` columns of a
+/// logits product) quantized at [`QUERY_LEVELS`] per query row, for the integer logits.
+pub(crate) fn quantize_head_columns(
+    q: &[f32],
+    heads: usize,
+    head: usize,
+    c: usize,
+) -> Option<W8Weights> {
+    let (columns, t) = head_columns(q, heads, head, c)?;
+    W8Weights::quantize_levels(&columns, c, t, QUERY_LEVELS)
+}
 
 /// The largest quantized magnitude of a tile's values (12 bits, per channel) in the integer
 /// weighted sum; over a tile's 64 image tokens that leaves the softmax weights 15 bits.
