@@ -244,15 +244,10 @@ pub fn product<M: Micro>(m: M, a: &[f32], w: &PackedWeights, c: &mut [f32], scra
     }
 }
 
-/// `dst[c · rows + r] = src[r · cols + c]`: a `rows × cols` matrix transposed, in tiles that
-/// stay in L1.
-#[inline(always)]
-pub fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    transpose_strided(src, (rows, cols), cols, 0, dst);
-}
-
 /// `dst[c · rows + r] = src[offset + r · stride + c]` for `r < rows`, `c < cols`: `rows` runs
-/// of `cols` values, `stride` apart, transposed, in 8 × 8 tiles.
+/// of `cols` values, `stride` apart, transposed, in 8 × 8 tiles, value by value, for any value
+/// type (the int8 convolution's rows); f32 matrices move whole tiles in registers through
+/// [`super::transpose`].
 #[inline(always)]
 pub fn transpose_strided<T: Copy>(
     src: &[T],

@@ -24,6 +24,7 @@ pub mod stem;
 pub mod token_depthwise;
 pub mod token_mixing;
 pub mod token_to_image;
+pub mod transpose;
 pub mod w8a16;
 
 pub use attention::{

@@ -460,6 +460,7 @@ mod tests {
             (1, 1, 3),
             (1, 6, 17),
             (4, 1, 33),
+            (3, 4, 64),
         ] {
             let graph = token_conv_graph(h, w, c)?;
             let mut ours = graph.clone();
@@ -500,6 +501,46 @@ mod tests {
             assert!(op
                 .run(Isa::Portable, &data[1..], &mut vec![0f32; want.len()])
                 .is_err());
+        }
+        Ok(())
+    }
+
+    /// The op on the default model's largest sizes (stage 1: 128² tokens of 128 channels; stage
+    /// 3: 64² of 320) with each form, on one thread and on two:
+    /// `cargo test --release --lib token_depthwise_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn token_depthwise_speed() -> TractResult<()> {
+        for (side, c) in [(128, 128), (64, 320)] {
+            let graph = token_conv_graph(side, side, c)?;
+            let mut ours = graph;
+            rewrite_token_depthwise(&mut ours)?;
+            let op = ours
+                .nodes()
+                .iter()
+                .find_map(|n| n.op_as::<TokenDepthwise>())
+                .context("the op")?
+                .clone();
+            let input = crate::model::test_support::pattern_values(side * side * c, 7, 2.0);
+            let mut out = vec![0f32; input.len()];
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
+                    continue;
+                }
+                for threads in [1, 2] {
+                    let executor = tract_linalg::multithread::Executor::multithread(threads);
+                    let mut best = f64::MAX;
+                    tract_linalg::multithread::multithread_tract_scope(executor, || {
+                        for _ in 0..10 {
+                            let t = std::time::Instant::now();
+                            op.run(isa, &input, &mut out)?;
+                            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                        TractResult::Ok(())
+                    })?;
+                    eprintln!("{side}² tokens × {c}, {isa}, {threads} thread(s): {best:.2} ms");
+                }
+            }
         }
         Ok(())
     }

@@ -82,7 +82,7 @@ impl Weights {
     ) -> Option<Weights> {
         let transposed = |w: &PackedWeights| {
             let mut rows = vec![0f32; w.k() * w.n()];
-            super::super::gemm::transpose(&w.unpack(), w.k(), w.n(), &mut rows);
+            super::super::transpose::transpose(&w.unpack(), w.k(), w.n(), &mut rows);
             rows
         };
         let up2_rows = transposed(&up2);

@@ -345,7 +345,7 @@ impl LowRank {
         times(values[1], &self.second_map, second);
         fixed.copy_from_slice(&self.fixed_rows);
         let mut transposed = vec![0f32; rows.len()];
-        super::super::gemm::transpose(&rows, rows_count, width, &mut transposed);
+        super::super::transpose::transpose(&rows, rows_count, width, &mut transposed);
         Some(transposed)
     }
 }

@@ -125,7 +125,7 @@ impl MaskUpscaling {
                         let at = (first + i) * side * d;
                         let a = tokens.get(at..at + side * d).context("tokens")?;
                         self.times(isa, a, map, &mut rows);
-                        super::gemm::transpose(&rows, side, width, block);
+                        super::transpose::transpose(&rows, side, width, block);
                     }
                     Ok(())
                 },

@@ -13,11 +13,10 @@
 #![allow(unsafe_code)]
 
 use super::super::fastmath::{gelu, madd};
-use super::super::gemm::{
-    block_scratch, product, same_bits, transpose, transpose_strided, Micro, PackedWeights,
-};
+use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::transpose::{transpose, transpose_strided};
 use super::super::w8a16::{self, A16Rows, ProductPair};
 
 /// Taps of the depthwise convolution (3 × 3).
@@ -362,7 +361,8 @@ fn depthwise_row<const FMA: bool>(
         });
         let mut c0 = 0;
         for block in out.chunks_exact_mut(DEPTHWISE_BLOCK) {
-            let mut acc: [f32; DEPTHWISE_BLOCK] = std::array::from_fn(|l| w.depthwise_bias[c0 + l]);
+            let mut acc = [0f32; DEPTHWISE_BLOCK];
+            acc.copy_from_slice(&w.depthwise_bias[c0..c0 + DEPTHWISE_BLOCK]);
             for &(src, tap) in &taps {
                 let (src, tap) = (
                     &src[c0..c0 + DEPTHWISE_BLOCK],
@@ -372,10 +372,11 @@ fn depthwise_row<const FMA: bool>(
                     *a = madd::<FMA>(v, k, *a);
                 }
             }
-            for (o, &a) in block.iter_mut().zip(&acc) {
-                *o = gelu(FMA, a);
-            }
+            block.copy_from_slice(&acc);
             c0 += DEPTHWISE_BLOCK;
+        }
+        for o in out[..c0].iter_mut() {
+            *o = gelu(FMA, *o);
         }
         // Channels past the last whole block.
         for c in c0..hidden {

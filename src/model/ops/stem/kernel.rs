@@ -12,9 +12,10 @@
 #![allow(unsafe_code)]
 
 use super::super::fastmath::gelu;
-use super::super::gemm::{block_scratch, product, same_bits, transpose, Micro, PackedWeights};
+use super::super::gemm::{block_scratch, product, same_bits, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::transpose::transpose;
 use super::super::w8a16::{self, A16Rows, W8A16Kernel, W8Weights};
 
 /// The most rows per product block of any kernel (scratch is sized for it).

@@ -17,9 +17,10 @@
 #![allow(unsafe_code)]
 
 use super::super::fastmath::{exp_fused, lane_max, lane_sum};
-use super::super::gemm::{block_scratch, product, transpose, Micro, PackedWeights};
+use super::super::gemm::{block_scratch, product, Micro, PackedWeights};
 #[cfg(target_arch = "x86_64")]
 use super::super::gemm::{Avx2, Avx512};
+use super::super::transpose::transpose;
 use super::super::w8a16::{self, A16Rows, W8A16Kernel, W8Weights};
 
 /// Image tokens per tile.
