@@ -60,6 +60,8 @@ pub mod model {{
     pub mod ops {{
         #[path = "{root}/src/model/ops/fastmath.rs"]
         pub mod fastmath;
+        #[path = "{root}/src/model/ops/transpose.rs"]
+        pub mod transpose;
         pub mod attention {{
             #[path = "{root}/src/model/ops/attention/kernel.rs"]
             pub mod kernel;

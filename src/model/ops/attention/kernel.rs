@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 use super::super::fastmath::{exp_fused, madd};
+use super::super::transpose::transpose_strided;
 
 /// Query rows per block: 4 (6 with AVX-512's 32 vector registers: more chains, no spills).
 pub(crate) const ROWS: usize = 4;
@@ -100,6 +101,16 @@ pub(crate) fn attend<const FMA: bool, const R: usize, const WIDE: bool>(
     for (c, chunk) in kt[..cols * d].chunks_exact_mut(d * LANES).enumerate() {
         let t0 = c * LANES;
         let keys = LANES.min(n - t0);
+        if keys == LANES {
+            // A whole chunk: its keys' rows transposed in registers, then scaled (the same
+            // product per value as below).
+            let at = t0 * head.stride + head.k_at;
+            transpose_strided(head.input, (LANES, d), head.stride, at, chunk);
+            for x in chunk.iter_mut() {
+                *x *= head.scale;
+            }
+            continue;
+        }
         let rows: [&[f32]; LANES] = std::array::from_fn(|l| {
             if l < keys {
                 let at = (t0 + l) * head.stride + head.k_at;
