@@ -275,16 +275,30 @@ fn middle_row<M: Micro>(
     let k = 9 * cin;
     let patches = &mut patches[..mid_w * k];
     let rows = window(yy, g.height);
+    let plane_len = g.height * g.width;
     for (mx, patch) in patches.chunks_exact_mut(k).enumerate() {
         let cols = window(mx, g.width);
+        // Columns 2·mx − 1 ..= 2·mx + 1 all inside the image: each (channel, row) of the patch
+        // is three neighbouring values, copied at once.
+        let interior = match cols {
+            [Some(first), Some(_), Some(_)] => Some(first),
+            _ => None,
+        };
         for c in 0..cin {
-            let plane = &input[c * g.height * g.width..(c + 1) * g.height * g.width];
+            let plane = &input[c * plane_len..(c + 1) * plane_len];
             for (ky, y) in rows.iter().enumerate() {
-                for (kx, x) in cols.iter().enumerate() {
-                    patch[c * 9 + 3 * ky + kx] = match (y, x) {
-                        (Some(y), Some(x)) => plane[y * g.width + x],
-                        _ => 0.0,
-                    };
+                let dst = &mut patch[c * 9 + 3 * ky..c * 9 + 3 * ky + 3];
+                match (y, interior) {
+                    (Some(y), Some(first)) => {
+                        let at = y * g.width + first;
+                        dst.copy_from_slice(&plane[at..at + 3]);
+                    }
+                    (Some(y), None) => {
+                        for (d, x) in dst.iter_mut().zip(cols) {
+                            *d = x.map_or(0.0, |x| plane[y * g.width + x]);
+                        }
+                    }
+                    (None, _) => dst.fill(0.0),
                 }
             }
         }

@@ -197,3 +197,36 @@ fn the_fused_stem_equals_tracts_on_the_default_model() -> TractResult<()> {
     assert!(err < 1e-5, "relative error {err}");
     Ok(())
 }
+
+/// The stem on a 1024² frame (3 → 32 → 64 channels, the default model's) with each form, its
+/// second product in f32 and on each vector W8A16 kernel this CPU has:
+/// `cargo test --release --lib stem_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn stem_speed() -> TractResult<()> {
+    let side = 1024;
+    let input = pattern(3 * side * side, 5, 2.0);
+    let mut out = vec![0f32; 64 * halved(halved(side)) * halved(halved(side))];
+    let vector_kernels = W8A16Kernel::supported()
+        .into_iter()
+        .filter(|&k| k != W8A16Kernel::Portable);
+    for integer in std::iter::once(None).chain(vector_kernels.map(Some)) {
+        let (op, _) = stem((3, 32, 64), side, side, integer)?;
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
+                continue;
+            }
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                op.run(isa, &input, &mut out)?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let products = integer.map_or("f32", |k| k.name());
+            eprintln!(
+                "stem 3 → 32 → 64 on {side}², {isa}, second product {products}: {best:.1} ms"
+            );
+        }
+    }
+    Ok(())
+}
