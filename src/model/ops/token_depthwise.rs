@@ -446,6 +446,19 @@ mod tests {
         Ok(model)
     }
 
+    /// `graph` with its one convolution rewritten, and the op that took its place.
+    fn rewritten(graph: &TypedModel) -> TractResult<(TypedModel, TokenDepthwise)> {
+        let mut ours = graph.clone();
+        ensure!(rewrite_token_depthwise(&mut ours)? == 1, "not rewritten");
+        let op = ours
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<TokenDepthwise>())
+            .context("the op")?
+            .clone();
+        Ok((ours, op))
+    }
+
     #[test]
     fn tokens_convolve_with_tracts_values() -> TractResult<()> {
         let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
@@ -463,14 +476,7 @@ mod tests {
             (3, 4, 64),
         ] {
             let graph = token_conv_graph(h, w, c)?;
-            let mut ours = graph.clone();
-            assert_eq!(rewrite_token_depthwise(&mut ours)?, 1, "{h}x{w}x{c}");
-            let op = ours
-                .nodes()
-                .iter()
-                .find_map(|n| n.op_as::<TokenDepthwise>())
-                .context("the op")?
-                .clone();
+            let (ours, op) = rewritten(&graph).with_context(|| format!("{h}x{w}x{c}"))?;
             assert!(!ours
                 .nodes()
                 .iter()
@@ -512,15 +518,7 @@ mod tests {
     #[ignore = "a measurement, not a check"]
     fn token_depthwise_speed() -> TractResult<()> {
         for (side, c) in [(128, 128), (64, 320)] {
-            let graph = token_conv_graph(side, side, c)?;
-            let mut ours = graph;
-            rewrite_token_depthwise(&mut ours)?;
-            let op = ours
-                .nodes()
-                .iter()
-                .find_map(|n| n.op_as::<TokenDepthwise>())
-                .context("the op")?
-                .clone();
+            let (_, op) = rewritten(&token_conv_graph(side, side, c)?)?;
             let input = crate::model::test_support::pattern_values(side * side * c, 7, 2.0);
             let mut out = vec![0f32; input.len()];
             for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
