@@ -54,28 +54,22 @@ fn moved_in_tiles(
         rows.checked_mul(cols).is_some_and(|n| n <= dst.len()),
         "transpose: the destination holds too few values"
     );
+    assert!(
+        tile == 1 || tile == tile_side(),
+        "transpose: no {tile} x {tile} tiles here"
+    );
     let (whole_rows, whole_cols) = if tile > 1 {
         (rows / tile * tile, cols / tile * tile)
     } else {
         (0, 0)
     };
-    {
-        for r0 in (0..whole_rows).step_by(tile) {
-            for c0 in (0..whole_cols).step_by(tile) {
-                // SAFETY: rows r0 .. r0 + tile and columns c0 .. c0 + tile are inside the
-                // matrix, whose last source and destination values were checked above; the
-                // tile's kernel exists on this CPU (`tile_side` found it).
-                unsafe {
-                    move_tile(
-                        src,
-                        offset + r0 * stride + c0,
-                        stride,
-                        dst,
-                        c0 * rows + r0,
-                        rows,
-                    )
-                };
-            }
+    for r0 in (0..whole_rows).step_by(tile) {
+        for c0 in (0..whole_cols).step_by(tile) {
+            let (from, to) = (offset + r0 * stride + c0, c0 * rows + r0);
+            // SAFETY: rows r0 .. r0 + tile and columns c0 .. c0 + tile are inside the matrix,
+            // whose last source and destination values were checked above; the tile is this
+            // CPU's tile kernel's (checked above).
+            unsafe { move_tile(src, from, stride, dst, to, rows) };
         }
     }
     // The edges, value by value: the columns past the whole tiles (every row), then the rows
