@@ -304,6 +304,17 @@ impl Isa {
         }
         Isa::Portable
     }
+
+    /// Every form this CPU runs (within [`ceiling`]), narrowest first: the portable one and
+    /// each wider one up to [`Isa::detect`]'s. For tests that check or time each form.
+    #[cfg(test)]
+    pub(crate) fn runnable() -> Vec<Isa> {
+        let widest = Isa::detect();
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&isa| isa <= widest)
+            .collect()
+    }
 }
 
 /// The widest instruction set our ops and kernels may choose: `TINYSAM_ISA=avx2` (or

@@ -461,10 +461,7 @@ mod tests {
 
     #[test]
     fn tokens_convolve_with_tracts_values() -> TractResult<()> {
-        let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&i| i == Isa::Portable || Isa::detect() == Isa::Avx512 || i == Isa::detect())
-            .collect();
+        let isas = Isa::runnable();
         // Channels that fill no vector evenly, one-pixel images and rows.
         for (h, w, c) in [
             (5, 7, 16),
@@ -521,10 +518,7 @@ mod tests {
             let (_, op) = rewritten(&token_conv_graph(side, side, c)?)?;
             let input = crate::model::test_support::pattern_values(side * side * c, 7, 2.0);
             let mut out = vec![0f32; input.len()];
-            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-                if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
-                    continue;
-                }
+            for isa in Isa::runnable() {
                 for threads in [1, 2] {
                     let executor = tract_linalg::multithread::Executor::multithread(threads);
                     let mut best = f64::MAX;

@@ -928,10 +928,7 @@ mod tests {
                 )),
                 quant: AttentionQuant::default(),
             };
-            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-                if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
-                    continue;
-                }
+            for isa in Isa::runnable() {
                 let best = (0..5)
                     .map(|_| {
                         let t = std::time::Instant::now();

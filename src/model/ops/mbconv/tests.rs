@@ -134,10 +134,7 @@ impl RawWeights {
 
 #[test]
 fn every_kernel_matches_a_double_precision_block() -> TractResult<()> {
-    let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&i| i == Isa::Portable || Isa::detect() == Isa::Avx512 || i == Isa::detect())
-        .collect();
+    let isas = Isa::runnable();
     // Residual blocks (stride 1) and merging (stride 2, odd and even sides, channels that fill
     // no whole panel or product block).
     for (cin, hidden, cout, height, width, stride, finish, pixel_major) in [
@@ -352,10 +349,7 @@ fn mbconv_speed() -> TractResult<()> {
         let integer = W8A16Kernel::supported().into_iter().map(Some);
         for products in std::iter::once(None).chain(integer) {
             let op = raw.op(g, finish, products);
-            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-                if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
-                    continue;
-                }
+            for isa in Isa::runnable() {
                 let mut best = f64::MAX;
                 for _ in 0..3 {
                     let t = std::time::Instant::now();

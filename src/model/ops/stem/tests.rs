@@ -84,10 +84,7 @@ fn stem(
 
 #[test]
 fn every_kernel_matches_a_double_precision_stem() -> TractResult<()> {
-    let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&i| i == Isa::Portable || Isa::detect() == Isa::Avx512 || i == Isa::detect())
-        .collect();
+    let isas = Isa::runnable();
     for (cin, cmid, cout, h, w) in [
         (3, 32, 64, 16, 16),
         (3, 8, 12, 13, 10),
@@ -212,10 +209,7 @@ fn stem_speed() -> TractResult<()> {
         .filter(|&k| k != W8A16Kernel::Portable);
     for integer in std::iter::once(None).chain(vector_kernels.map(Some)) {
         let (op, _) = stem((3, 32, 64), side, side, integer)?;
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-            if isa != Isa::Portable && Isa::detect() != Isa::Avx512 && isa != Isa::detect() {
-                continue;
-            }
+        for isa in Isa::runnable() {
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let t = std::time::Instant::now();
